@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Rootlet ABI: the layout shared by the rootlet dispatchers, stages built
+ * with <rootlet/stage.h>, and the Rust agent (server/src/dataplane/abi.rs
+ * mirrors every definition here; change both together).
+ */
+#ifndef ROOTLET_ABI_H
+#define ROOTLET_ABI_H
+
+#include <linux/types.h>
+
+/* Compile-time maximum of stages in one rootlet. */
+#define ROOTLET_MAX_SLOTS 16
+
+/*
+ * Per-slot counters: one per XDP action (ABORTED, DROP, PASS, TX, REDIRECT)
+ * plus ROOTLET_COUNT_EMPTY, counted when a slot is enabled but holds no
+ * program (its owner exited): the placeholder proceeded.
+ */
+#define ROOTLET_NUM_COUNTERS 6
+#define ROOTLET_COUNT_EMPTY 5
+
+/* What a placeholder returns: "nothing here, go on". Never a real action. */
+#define ROOTLET_PROCEED 31
+
+/* "No next slot" in a chain. */
+#define ROOTLET_END ROOTLET_MAX_SLOTS
+
+/* freplace rootlet: read-only configuration set at load time. */
+struct rootlet_config {
+	__u32 num_positions;  /* stage_0 .. stage_{n-1} are called in order */
+	__u32 final_verdict;  /* returned when every stage proceeds */
+	__u32 slot_of[ROOTLET_MAX_SLOTS];      /* by position: the stable slot id */
+	__u32 proceed_mask[ROOTLET_MAX_SLOTS]; /* by position: bit a = go on after action a */
+};
+
+/* tail-call rootlet: one chain per generation parity, in a map. */
+struct rootlet_chain {
+	__u32 first;          /* slot id, or ROOTLET_END */
+	__u32 final_verdict;
+	__u32 next[ROOTLET_MAX_SLOTS];         /* by slot id: the next slot id or ROOTLET_END */
+	__u32 proceed_mask[ROOTLET_MAX_SLOTS]; /* by slot id */
+};
+
+/* tail-call rootlet: per-CPU state of the packet being processed. */
+struct rootlet_scratch {
+	__u32 gen; /* generation parity the packet entered with */
+	__u32 cur; /* slot id now running */
+};
+
+/* Stage mode, set at load time by the agent in ROOTLET_STAGE_MODE. */
+#define ROOTLET_MODE_RETURN 0 /* standalone XDP or freplace: return the verdict */
+#define ROOTLET_MODE_CHAIN 1  /* tail-call chain: count, then continue the chain */
+
+#endif

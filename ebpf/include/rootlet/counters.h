@@ -1,0 +1,45 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Per-slot, per-action packet counters, shared by both rootlets and by
+ * stages in tail-call mode: key = slot * ROOTLET_NUM_COUNTERS + counter.
+ */
+#ifndef ROOTLET_COUNTERS_H
+#define ROOTLET_COUNTERS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "abi.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ROOTLET_MAX_SLOTS * ROOTLET_NUM_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} rootlet_stats SEC(".maps");
+
+static __always_inline void rootlet_count(__u32 slot, int verdict)
+{
+	__u32 idx = verdict == ROOTLET_PROCEED ? ROOTLET_COUNT_EMPTY
+		  : (verdict >= XDP_ABORTED && verdict <= XDP_REDIRECT) ? (__u32)verdict
+		  : XDP_ABORTED;
+	__u32 key = slot * ROOTLET_NUM_COUNTERS + idx;
+	__u64 *n = bpf_map_lookup_elem(&rootlet_stats, &key);
+
+	if (n)
+		*n += 1;
+}
+
+/* An action the kernel does not know is an abort. */
+static __always_inline int rootlet_normalize(int verdict)
+{
+	return (verdict >= XDP_ABORTED && verdict <= XDP_REDIRECT) ? verdict : XDP_ABORTED;
+}
+
+static __always_inline int rootlet_proceeds(int verdict, __u32 mask)
+{
+	if (verdict == ROOTLET_PROCEED)
+		return 1;
+	return verdict >= 0 && verdict < 32 && (mask & (1u << verdict));
+}
+
+#endif

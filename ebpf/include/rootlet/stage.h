@@ -1,0 +1,122 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Write a Rootlet stage once, run it three ways.
+ *
+ *     #include <rootlet/stage.h>
+ *
+ *     ROOTLET_STAGE(my_stage)
+ *     {
+ *             ... look at ctx ...
+ *             return XDP_PASS;    // "proceed" by default
+ *     }
+ *
+ * The object is an ordinary SEC("xdp") program named my_stage. Loaded alone
+ * (ip link, libxdp, aya) it returns its verdict; loaded by Rootlet as a
+ * freplace stage it returns its verdict to the rootlet; loaded by Rootlet in
+ * tail-call mode (ROOTLET_STAGE_MODE = ROOTLET_MODE_CHAIN, set by the agent)
+ * it counts its verdict in the rootlet's per-slot counters and, if the
+ * verdict is in its proceed-on mask, tail-calls the next slot of the chain.
+ *
+ * The maps below are replaced by the interface's own maps when the agent
+ * loads the stage in tail-call mode; otherwise they are tiny and unused.
+ */
+#ifndef ROOTLET_STAGE_H
+#define ROOTLET_STAGE_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "counters.h"
+
+volatile const __u32 ROOTLET_STAGE_MODE = ROOTLET_MODE_RETURN;
+
+#define ROOTLET__SLOT_MAP(n)                                  \
+	struct {                                              \
+		__uint(type, BPF_MAP_TYPE_PROG_ARRAY);        \
+		__uint(max_entries, 2);                       \
+		__type(key, __u32);                           \
+		__type(value, __u32);                         \
+	} rootlet_slot_##n SEC(".maps")
+
+ROOTLET__SLOT_MAP(0);  ROOTLET__SLOT_MAP(1);  ROOTLET__SLOT_MAP(2);  ROOTLET__SLOT_MAP(3);
+ROOTLET__SLOT_MAP(4);  ROOTLET__SLOT_MAP(5);  ROOTLET__SLOT_MAP(6);  ROOTLET__SLOT_MAP(7);
+ROOTLET__SLOT_MAP(8);  ROOTLET__SLOT_MAP(9);  ROOTLET__SLOT_MAP(10); ROOTLET__SLOT_MAP(11);
+ROOTLET__SLOT_MAP(12); ROOTLET__SLOT_MAP(13); ROOTLET__SLOT_MAP(14); ROOTLET__SLOT_MAP(15);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct rootlet_chain);
+} rootlet_chains SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rootlet_scratch);
+} rootlet_scratch SEC(".maps");
+
+/* Enter slot `slot` of generation `gen`; returns only if the slot is empty. */
+static __always_inline void rootlet_tail_call_slot(struct xdp_md *ctx, __u32 slot, __u32 gen)
+{
+	switch (slot) {
+#define ROOTLET__CASE(n) case n: bpf_tail_call(ctx, &rootlet_slot_##n, gen); break
+	ROOTLET__CASE(0);  ROOTLET__CASE(1);  ROOTLET__CASE(2);  ROOTLET__CASE(3);
+	ROOTLET__CASE(4);  ROOTLET__CASE(5);  ROOTLET__CASE(6);  ROOTLET__CASE(7);
+	ROOTLET__CASE(8);  ROOTLET__CASE(9);  ROOTLET__CASE(10); ROOTLET__CASE(11);
+	ROOTLET__CASE(12); ROOTLET__CASE(13); ROOTLET__CASE(14); ROOTLET__CASE(15);
+#undef ROOTLET__CASE
+	}
+}
+
+/*
+ * Run the chain from `slot` on: tail-call it; if it is empty (the call
+ * returned) count the placeholder and go on. Returns the final verdict when
+ * the chain ends without a stage stopping it.
+ */
+static __always_inline int rootlet_chain_from(struct xdp_md *ctx, struct rootlet_scratch *s,
+					      const struct rootlet_chain *c, __u32 slot)
+{
+	for (int i = 0; i < ROOTLET_MAX_SLOTS; i++) {
+		if (slot >= ROOTLET_MAX_SLOTS)
+			break;
+		s->cur = slot;
+		rootlet_tail_call_slot(ctx, slot, s->gen);
+		rootlet_count(slot, ROOTLET_PROCEED);
+		slot = c->next[slot];
+	}
+	return c->final_verdict;
+}
+
+static __always_inline int rootlet_stage_return(struct xdp_md *ctx, int verdict)
+{
+	__u32 zero = 0;
+	struct rootlet_scratch *s;
+	struct rootlet_chain *c;
+	__u32 slot;
+
+	if (ROOTLET_STAGE_MODE != ROOTLET_MODE_CHAIN)
+		return verdict;
+
+	s = bpf_map_lookup_elem(&rootlet_scratch, &zero);
+	if (!s)
+		return rootlet_normalize(verdict);
+	c = bpf_map_lookup_elem(&rootlet_chains, &s->gen);
+	slot = s->cur;
+	if (!c || slot >= ROOTLET_MAX_SLOTS)
+		return rootlet_normalize(verdict);
+	rootlet_count(slot, verdict);
+	if (!rootlet_proceeds(verdict, c->proceed_mask[slot]))
+		return rootlet_normalize(verdict);
+	return rootlet_chain_from(ctx, s, c, c->next[slot]);
+}
+
+#define ROOTLET_STAGE(name)                                              \
+	static __always_inline int name##__body(struct xdp_md *ctx);     \
+	SEC("xdp") int name(struct xdp_md *ctx)                          \
+	{                                                                \
+		return rootlet_stage_return(ctx, name##__body(ctx));     \
+	}                                                                \
+	static __always_inline int name##__body(struct xdp_md *ctx)
+
+#endif

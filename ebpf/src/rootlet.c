@@ -1,0 +1,55 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * The freplace rootlet: an XDP dispatcher with ROOTLET_MAX_SLOTS placeholder
+ * functions stage_0 .. stage_15. The agent loads one instance per pipeline
+ * generation with ROOTLET_CONFIG set, replaces the placeholders of the
+ * enabled positions with stages (BPF_PROG_TYPE_EXT), and swaps the instance
+ * in with BPF_LINK_UPDATE. Positions past num_positions are dead code the
+ * verifier removes, because ROOTLET_CONFIG is frozen read-only data.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "rootlet/counters.h"
+
+volatile const struct rootlet_config ROOTLET_CONFIG = {
+	.num_positions = 0,
+	.final_verdict = XDP_PASS,
+};
+
+/* A placeholder: what runs in a position no stage (any longer) replaces. */
+#define PLACEHOLDER(n)                                           \
+	__attribute__((noinline)) int stage_##n(struct xdp_md *ctx) \
+	{                                                        \
+		volatile int ret = ROOTLET_PROCEED;              \
+		if (!ctx)                                        \
+			return XDP_ABORTED;                      \
+		return ret;                                      \
+	}
+
+PLACEHOLDER(0)  PLACEHOLDER(1)  PLACEHOLDER(2)  PLACEHOLDER(3)
+PLACEHOLDER(4)  PLACEHOLDER(5)  PLACEHOLDER(6)  PLACEHOLDER(7)
+PLACEHOLDER(8)  PLACEHOLDER(9)  PLACEHOLDER(10) PLACEHOLDER(11)
+PLACEHOLDER(12) PLACEHOLDER(13) PLACEHOLDER(14) PLACEHOLDER(15)
+
+SEC("xdp")
+int rootlet(struct xdp_md *ctx)
+{
+	__u32 n = ROOTLET_CONFIG.num_positions;
+	int ret;
+
+#define RUN(i)                                                             \
+	if (i >= n)                                                        \
+		goto done;                                                 \
+	ret = stage_##i(ctx);                                              \
+	rootlet_count(ROOTLET_CONFIG.slot_of[i], ret);                     \
+	if (!rootlet_proceeds(ret, ROOTLET_CONFIG.proceed_mask[i]))        \
+		return rootlet_normalize(ret);
+
+	RUN(0)  RUN(1)  RUN(2)  RUN(3)  RUN(4)  RUN(5)  RUN(6)  RUN(7)
+	RUN(8)  RUN(9)  RUN(10) RUN(11) RUN(12) RUN(13) RUN(14) RUN(15)
+#undef RUN
+done:
+	return ROOTLET_CONFIG.final_verdict;
+}
+
+char LICENSE[] SEC("license") = "GPL";

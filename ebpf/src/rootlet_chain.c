@@ -1,0 +1,42 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * The tail-call rootlet, for kernels that refuse BPF_PROG_TYPE_EXT. Stages
+ * live in per-slot program arrays indexed by generation parity; the chain
+ * (first slot, next slot, proceed-on masks, final verdict) of each parity is
+ * in rootlet_chains. The agent rebuilds the inactive parity, then flips
+ * rootlet_gen with one map update: a packet reads the generation once, at
+ * entry, and carries it in rootlet_scratch through every tail call, so it
+ * never sees a mix of two generations.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "rootlet/stage.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} rootlet_gen SEC(".maps");
+
+SEC("xdp")
+int rootlet_chain(struct xdp_md *ctx)
+{
+	__u32 zero = 0, parity;
+	struct rootlet_scratch *s;
+	struct rootlet_chain *c;
+	__u64 *gen;
+
+	gen = bpf_map_lookup_elem(&rootlet_gen, &zero);
+	s = bpf_map_lookup_elem(&rootlet_scratch, &zero);
+	if (!gen || !s)
+		return XDP_ABORTED;
+	parity = *gen & 1;
+	c = bpf_map_lookup_elem(&rootlet_chains, &parity);
+	if (!c)
+		return XDP_ABORTED;
+	s->gen = parity;
+	return rootlet_chain_from(ctx, s, c, c->first);
+}
+
+char LICENSE[] SEC("license") = "GPL";
