@@ -15,10 +15,18 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("L4LB", "src/l4lb.c", &[]),
     ("TEST_PASS", "src/test/verdict.c", &["-DVERDICT=XDP_PASS"]),
     ("TEST_DROP", "src/test/verdict.c", &["-DVERDICT=XDP_DROP"]),
-    ("TEST_ABORT", "src/test/verdict.c", &["-DVERDICT=XDP_ABORTED"]),
+    (
+        "TEST_ABORT",
+        "src/test/verdict.c",
+        &["-DVERDICT=XDP_ABORTED"],
+    ),
     ("TEST_TX", "src/test/verdict.c", &["-DVERDICT=XDP_TX"]),
     ("TEST_BAD_VERIFIER", "src/test/bad_verifier.c", &[]),
-    ("TEST_DDOS_INCOMPATIBLE", "src/test/ddos_incompatible.c", &[]),
+    (
+        "TEST_DDOS_INCOMPATIBLE",
+        "src/test/ddos_incompatible.c",
+        &[],
+    ),
     ("TEST_PLAIN", "src/test/plain.c", &[]),
     ("TEST_PROPRIETARY", "src/test/proprietary.c", &[]),
     ("TEST_BIGSTACK", "src/test/bigstack.c", &[]),
@@ -32,7 +40,12 @@ fn find_clang() -> Option<String> {
     }
     ["clang-19", "clang-18", "clang-17", "clang-16", "clang"]
         .into_iter()
-        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .map(str::to_owned)
 }
 
@@ -42,7 +55,8 @@ fn fail(msg: &str) -> ! {
 }
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     println!("cargo:rerun-if-env-changed=CLANG");
     println!("cargo:rerun-if-changed=src");
@@ -60,7 +74,9 @@ fn main() {
     for (name, src, extra) in OBJECTS {
         let obj = out.join(format!("{}.o", name.to_lowercase()));
         let output = Command::new(&clang)
-            .args(["-target", "bpf", "-g", "-O2", "-Wall", "-Werror", "-mcpu=v3"])
+            .args([
+                "-target", "bpf", "-g", "-O2", "-Wall", "-Werror", "-mcpu=v3",
+            ])
             .arg("-I")
             .arg(manifest.join("include"))
             .arg("-I")

@@ -66,12 +66,16 @@ ROOTLET_STAGE(l4lb)
 	if (p.ip->protocol == IPPROTO_UDP) {
 		struct udphdr *udp = p.l4;
 
+		if ((void *)(udp + 1) > p.end)
+			return XDP_PASS;
 		sport = udp->source;
 		dport = udp->dest;
 		l4sum = &udp->check;
 	} else {
 		struct tcphdr *tcp = p.l4;
 
+		if ((void *)(tcp + 1) > p.end)
+			return XDP_PASS;
 		sport = tcp->source;
 		dport = tcp->dest;
 		l4sum = &tcp->check;

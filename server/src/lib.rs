@@ -1,1 +1,2 @@
-
+//! rootletd, the per-host Rootlet agent, and the data plane layer it drives.
+pub mod dataplane;

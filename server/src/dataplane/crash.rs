@@ -1,0 +1,61 @@
+//! Crash injection: the steps of a change, in order, and a hook that aborts
+//! the process at a chosen one. Tests run a change in a child process with a
+//! crash point set, then adopt the state from a fresh process and check that
+//! the interface runs exactly the old or exactly the new pipeline.
+
+use serde::{Deserialize, Serialize};
+
+/// The steps of one change, in the order they happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Step {
+    /// The next generation is recorded as pending in the store.
+    StorePending,
+    /// freplace: the new rootlet instance is loaded and pinned.
+    RootletLoaded,
+    /// A stage is loaded (if new) and attached/placed for the new generation.
+    StageAttached,
+    /// Everything of the new generation is built; nothing is live yet.
+    Built,
+    /// The swap happened (BPF_LINK_UPDATE, or the generation flip).
+    Swapped,
+    /// The store records the new generation as committed.
+    StoreCommitted,
+    /// The old generation is released.
+    Released,
+}
+
+impl Step {
+    pub const ALL: [Step; 7] = [
+        Step::StorePending,
+        Step::RootletLoaded,
+        Step::StageAttached,
+        Step::Built,
+        Step::Swapped,
+        Step::StoreCommitted,
+        Step::Released,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::StorePending => "store-pending",
+            Step::RootletLoaded => "rootlet-loaded",
+            Step::StageAttached => "stage-attached",
+            Step::Built => "built",
+            Step::Swapped => "swapped",
+            Step::StoreCommitted => "store-committed",
+            Step::Released => "released",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|st| st.name() == s)
+    }
+}
+
+/// Aborts the process if `at` is `step`: what a crash there would leave.
+pub fn point(at: Option<Step>, step: Step) {
+    if at == Some(step) {
+        tracing::warn!(step = step.name(), "injected crash");
+        std::process::abort();
+    }
+}

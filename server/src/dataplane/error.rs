@@ -1,0 +1,81 @@
+//! The data plane's error type. Each variant keeps what an operator needs:
+//! the syscall and errno, the verifier log, the check that failed, the stage.
+
+use std::{io, path::PathBuf};
+
+use super::{object::CheckError, spec::PlanError, spec::RootletKey, sys::SysError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("interface `{ifname}` not found in network namespace {netns}")]
+    InterfaceNotFound { ifname: String, netns: String },
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("a rootlet is already loaded on {0}")]
+    RootletExists(RootletKey),
+    #[error("no rootlet on {0}")]
+    NoRootlet(RootletKey),
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    #[error("stage `{stage}`: {source}")]
+    Check {
+        stage: String,
+        #[source]
+        source: CheckError,
+    },
+    #[error("stage `{stage}`: the verifier rejected program `{program}`: {errno}\n{log}")]
+    Verifier {
+        stage: String,
+        program: String,
+        errno: io::Error,
+        log: String,
+    },
+    #[error(
+        "stage `{stage}`: cannot be placed at position {position} of {total} in tail-call mode: {reason}"
+    )]
+    Placement {
+        stage: String,
+        position: usize,
+        total: usize,
+        reason: &'static str,
+    },
+    #[error("loading {what}: {message}")]
+    Load { what: String, message: String },
+    #[error("kernel: {0}")]
+    Sys(#[from] SysError),
+    #[error("{what} at {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the {backend} backend is not available on this kernel: probe `{probe}` failed: {reason}"
+    )]
+    BackendUnavailable {
+        backend: super::spec::Backend,
+        probe: &'static str,
+        reason: String,
+    },
+    #[error(
+        "rootlet {key} has drifted: {reason}; it will not be changed until it is unloaded and loaded again"
+    )]
+    Drifted { key: RootletKey, reason: String },
+    #[error("version mismatch on {key}: expected {expected}, current is {current}")]
+    VersionMismatch {
+        key: RootletKey,
+        expected: u64,
+        current: u64,
+    },
+    #[error("store {path}: {message}")]
+    Store { path: PathBuf, message: String },
+    #[error("injected crash at {0:?}")]
+    InjectedCrash(super::crash::Step),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

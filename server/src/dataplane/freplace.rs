@@ -1,0 +1,236 @@
+//! The freplace backend. Every change builds a new rootlet instance (one
+//! *generation*), attaches every stage to it as an extension of the
+//! placeholder at the stage's position (new stages are loaded and verified
+//! against it; unchanged ones are only attached, not verified again), then
+//! swaps the instance in with BPF_LINK_UPDATE and releases the old one.
+//!
+//! Kernel objects of a generation: the rootlet instance (pinned at
+//! `gen-N/rootlet`), and per stage an extension program held by its link,
+//! pinned at `gen-N/slot-K` for pinned stages and held only by this process
+//! otherwise. A [`Built`] generation that is dropped before it is committed
+//! removes its pins, so a failed change leaves nothing behind.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::PathBuf,
+};
+
+use super::{
+    Ctx, abi,
+    btf::Btf,
+    crash::{self, Step},
+    error::{Error, Result},
+    loader::{Load, MapReuse, What},
+    pins,
+    spec::{Plan, RootletKey, Source, XdpAction},
+    store::Generation,
+    sys,
+};
+
+/// A stage attached to the live rootlet instance.
+#[derive(Debug)]
+pub struct Attached {
+    pub prog: OwnedFd,
+    pub link: OwnedFd,
+}
+
+/// The live generation of one rootlet.
+#[derive(Debug)]
+pub struct Live {
+    pub generation: u64,
+    pub rootlet: OwnedFd,
+    pub stages: BTreeMap<u32, Attached>,
+}
+
+/// Attaches extension `ext` in place of function `func` of `target`.
+pub fn attach(ext: BorrowedFd<'_>, target: BorrowedFd<'_>, func: &str) -> Result<OwnedFd> {
+    let (_btf, blob) = sys::prog_btf(target)?.ok_or_else(|| Error::Load {
+        what: "rootlet".into(),
+        message: "the rootlet program has no BTF".into(),
+    })?;
+    let id = Btf::parse(&blob)
+        .and_then(|b| b.func_id(func))
+        .map_err(|e| Error::Load {
+            what: "rootlet BTF".into(),
+            message: e.to_string(),
+        })?;
+    Ok(sys::ext_link_create(ext, target, id)?)
+}
+
+/// A generation built but not yet live. Dropping it uncommitted removes its
+/// pins; its programs and links go with the file descriptors.
+pub struct Built {
+    dir: PathBuf,
+    live: Option<Live>,
+}
+
+impl Built {
+    pub fn rootlet(&self) -> BorrowedFd<'_> {
+        self.live
+            .as_ref()
+            .map(|l| l.rootlet.as_fd())
+            .expect("built until committed")
+    }
+
+    /// The generation is live: keep its pins.
+    pub fn commit(mut self) -> Live {
+        self.live.take().expect("committed once")
+    }
+}
+
+impl Drop for Built {
+    fn drop(&mut self) {
+        if self.live.is_some() {
+            if let Err(e) = pins::remove(&self.dir) {
+                tracing::error!(dir = %self.dir.display(), error = %e, "cannot remove the pins of a failed generation");
+            }
+        }
+    }
+}
+
+/// Builds generation `next` of `key` from `plan`. `current` supplies the
+/// programs of unchanged stages; `keep` the maps kept across replacements.
+pub fn build(
+    ctx: &Ctx,
+    key: RootletKey,
+    next: &Generation,
+    final_verdict: XdpAction,
+    plan: &Plan,
+    current: Option<&Live>,
+    keep: &mut BTreeMap<u32, MapReuse>,
+) -> Result<Built> {
+    let dir = ctx.layout.gen_dir(key, next.number);
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Pin {
+        what: "generation directory",
+        path: dir.clone(),
+        source,
+    })?;
+    let mut built = Built { dir, live: None };
+
+    let config = abi::rootlet_config(&next.pipeline, final_verdict);
+    let mut shared = MapReuse::new(&ctx.layout)?;
+    shared.pinned(abi::STATS_MAP, ctx.layout.stats(key));
+    let target = Load {
+        bytes: rootlet_ebpf::ROOTLET,
+        what: What {
+            stage: None,
+            program: abi::FREPLACE_PROGRAM,
+        },
+        globals: vec![(abi::CONFIG_GLOBAL, &config, true)],
+        reuse: Some(&shared),
+    }
+    .xdp_target()?;
+    pin(
+        target.fd.as_fd(),
+        ctx.layout.gen_rootlet(key, next.number),
+        "rootlet instance",
+    )?;
+    crash::point(ctx.crash_at, Step::RootletLoaded);
+
+    let mut stages = BTreeMap::new();
+    for (position, stage) in next.pipeline.stages.iter().enumerate() {
+        let func = abi::placeholder(position);
+        let prog = match plan.sources.get(&stage.slot) {
+            Some(Source::New(spec)) => Load {
+                bytes: &spec.object,
+                what: What {
+                    stage: Some(&spec.name),
+                    program: &spec.program,
+                },
+                globals: vec![],
+                reuse: keep.get(&stage.slot),
+            }
+            .extension(&target, &func)?,
+            Some(Source::Existing) | None => {
+                let running = current
+                    .and_then(|c| c.stages.get(&stage.slot))
+                    .ok_or_else(|| Error::Load {
+                        what: format!("stage `{}`", stage.name),
+                        message: "its program is no longer loaded".into(),
+                    })?;
+                sys::dup(running.prog.as_fd())?
+            }
+        };
+        let link = attach(prog.as_fd(), target.fd.as_fd(), &func)?;
+        if stage.pin {
+            pin(
+                link.as_fd(),
+                ctx.layout.gen_slot_link(key, next.number, stage.slot),
+                "stage link",
+            )?;
+        }
+        stages.insert(stage.slot, Attached { prog, link });
+        crash::point(ctx.crash_at, Step::StageAttached);
+    }
+    built.live = Some(Live {
+        generation: next.number,
+        rootlet: target.fd,
+        stages,
+    });
+    crash::point(ctx.crash_at, Step::Built);
+    Ok(built)
+}
+
+fn pin(fd: BorrowedFd<'_>, path: PathBuf, what: &'static str) -> Result<()> {
+    sys::obj_pin(fd, &path).map_err(|e| Error::Pin {
+        what,
+        path,
+        source: e.source,
+    })
+}
+
+/// Releases a generation that is no longer live: its pins go, and with the
+/// file descriptors its links and rootlet instance.
+pub fn release(ctx: &Ctx, key: RootletKey, old: Live) {
+    let dir = ctx.layout.gen_dir(key, old.generation);
+    if let Err(e) = pins::remove(&dir) {
+        tracing::error!(dir = %dir.display(), error = %e, "cannot remove the pins of a released generation");
+    }
+    drop(old);
+}
+
+/// Finds which generation the XDP link runs (`live_prog_id`), removes the
+/// pins of every other generation, and opens the live one's objects. Stages
+/// of `pipeline` that were not pinned died with their owner and are left
+/// out. Returns None when no generation of ours is live (drift).
+pub fn adopt(
+    ctx: &Ctx,
+    key: RootletKey,
+    live_prog_id: u32,
+    generations: &[&Generation],
+) -> Result<Option<Live>> {
+    let mut found = None;
+    let on_disk = ctx.layout.generations(key).unwrap_or_default();
+    for &n in &on_disk {
+        let Ok(fd) = sys::obj_get(&ctx.layout.gen_rootlet(key, n)) else {
+            continue;
+        };
+        if sys::prog_info(fd.as_fd())?.id == live_prog_id {
+            found = Some((n, fd));
+        }
+    }
+    let Some((number, rootlet)) = found else {
+        return Ok(None);
+    };
+    for &n in on_disk.iter().filter(|&&n| n != number) {
+        tracing::info!(%key, generation = n, "removing the pins of a generation that is not live");
+        if let Err(e) = pins::remove(&ctx.layout.gen_dir(key, n)) {
+            tracing::error!(%key, generation = n, error = %e, "cannot remove stale generation");
+        }
+    }
+    let Some(generation) = generations.iter().find(|g| g.number == number) else {
+        return Ok(None);
+    };
+    let mut stages = BTreeMap::new();
+    for stage in generation.pipeline.stages.iter().filter(|s| s.pin) {
+        let link = sys::obj_get(&ctx.layout.gen_slot_link(key, number, stage.slot))?;
+        let prog = sys::prog_fd_by_id(sys::link_info(link.as_fd())?.prog_id)?;
+        stages.insert(stage.slot, Attached { prog, link });
+    }
+    Ok(Some(Live {
+        generation: number,
+        rootlet,
+        stages,
+    }))
+}

@@ -1,0 +1,225 @@
+//! Loading ELF objects with aya: a rootlet, an XDP stage, or a freplace
+//! stage against a rootlet placeholder. aya's `Ebpf` lives only for the
+//! duration of a load; what survives is the program's file descriptor.
+//!
+//! Maps are reused (rather than created) by pinning the existing map in a
+//! transient directory and pointing aya at that pin ([`MapReuse`]). One
+//! mechanism serves the rootlet's shared maps, the tail-call maps a stage
+//! shares with its rootlet, and a stage's maps kept across a replacement.
+
+use std::{
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::PathBuf,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aya::{
+    EbpfError, EbpfLoader,
+    programs::{Extension, ProgramError, Xdp},
+};
+
+use super::{
+    error::{Error, Result},
+    pins::{self, Layout},
+    sys,
+};
+
+/// Existing maps to use instead of creating new ones, by name.
+pub struct MapReuse {
+    dir: PathBuf,
+    maps: Vec<(String, PathBuf)>,
+}
+
+impl MapReuse {
+    pub fn new(layout: &Layout) -> Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = layout.tmp_dir().join(format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Pin {
+            what: "transient pin directory",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(MapReuse { dir, maps: vec![] })
+    }
+
+    /// Uses the map `fd` for the object's map `name`.
+    pub fn add(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<()> {
+        let path = self.dir.join(name);
+        sys::obj_pin(fd, &path)?;
+        self.maps.push((name.to_owned(), path));
+        Ok(())
+    }
+
+    /// Uses a pinned map for `name` (created and pinned there if absent).
+    pub fn pinned(&mut self, name: &str, path: PathBuf) {
+        self.maps.push((name.to_owned(), path));
+    }
+
+    fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        for (name, path) in &self.maps {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+    }
+}
+
+impl Drop for MapReuse {
+    fn drop(&mut self) {
+        if let Err(e) = pins::remove(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove transient pins");
+        }
+    }
+}
+
+/// What a load is for, in errors.
+pub struct What<'a> {
+    pub stage: Option<&'a str>,
+    pub program: &'a str,
+}
+
+fn load_error(what: &What<'_>, e: impl Into<LoadFailure>) -> Error {
+    match e.into() {
+        LoadFailure::Verifier { errno, log } => Error::Verifier {
+            stage: what.stage.unwrap_or("-").to_owned(),
+            program: what.program.to_owned(),
+            errno,
+            log,
+        },
+        LoadFailure::Other(message) => Error::Load {
+            what: match what.stage {
+                Some(s) => format!("stage `{s}` (program `{}`)", what.program),
+                None => format!("program `{}`", what.program),
+            },
+            message,
+        },
+    }
+}
+
+enum LoadFailure {
+    Verifier { errno: std::io::Error, log: String },
+    Other(String),
+}
+
+impl From<ProgramError> for LoadFailure {
+    fn from(e: ProgramError) -> Self {
+        match e {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => LoadFailure::Verifier {
+                errno: io_error,
+                log: verifier_log.to_string(),
+            },
+            other => LoadFailure::Other(error_chain(&other)),
+        }
+    }
+}
+
+impl From<EbpfError> for LoadFailure {
+    fn from(e: EbpfError) -> Self {
+        match e {
+            EbpfError::ProgramError(p) => p.into(),
+            other => LoadFailure::Other(error_chain(&other)),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// An object being loaded: globals to set and maps to reuse.
+pub struct Load<'a> {
+    pub bytes: &'a [u8],
+    pub what: What<'a>,
+    pub globals: Vec<(&'a str, &'a [u8], bool)>,
+    pub reuse: Option<&'a MapReuse>,
+}
+
+impl<'a> Load<'a> {
+    fn loader(&'a self) -> EbpfLoader<'a> {
+        let mut loader = EbpfLoader::new();
+        for &(name, value, must_exist) in &self.globals {
+            loader.override_global(name, value, must_exist);
+        }
+        if let Some(reuse) = self.reuse {
+            reuse.apply(&mut loader);
+        }
+        loader
+    }
+
+    /// Loads the object's program as an XDP program; returns its fd.
+    pub fn xdp(&self) -> Result<OwnedFd> {
+        let mut ebpf = self
+            .loader()
+            .load(self.bytes)
+            .map_err(|e| load_error(&self.what, e))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(self.what.program)
+            .ok_or_else(|| load_error(&self.what, LoadFailure::Other("no such program".into())))?
+            .try_into()
+            .map_err(|e: ProgramError| load_error(&self.what, e))?;
+        prog.load().map_err(|e| load_error(&self.what, e))?;
+        let fd = prog.fd().map_err(|e| load_error(&self.what, e))?;
+        Ok(sys::dup(fd.as_fd())?)
+    }
+
+    /// Loads the object and keeps aya's handle, for a rootlet that
+    /// extensions will be loaded against.
+    pub fn xdp_target(&self) -> Result<Target> {
+        let mut ebpf = self
+            .loader()
+            .load(self.bytes)
+            .map_err(|e| load_error(&self.what, e))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(self.what.program)
+            .ok_or_else(|| load_error(&self.what, LoadFailure::Other("no such program".into())))?
+            .try_into()
+            .map_err(|e: ProgramError| load_error(&self.what, e))?;
+        prog.load().map_err(|e| load_error(&self.what, e))?;
+        let fd = prog.fd().map_err(|e| load_error(&self.what, e))?;
+        let owned = sys::dup(fd.as_fd())?;
+        let aya_fd = fd
+            .try_clone()
+            .map_err(|e| load_error(&self.what, LoadFailure::Other(e.to_string())))?;
+        Ok(Target { fd: owned, aya_fd })
+    }
+
+    /// Loads the object's program as an extension of `func` in `target`.
+    pub fn extension(&self, target: &Target, func: &str) -> Result<OwnedFd> {
+        let mut loader = self.loader();
+        loader.extension(self.what.program);
+        let mut ebpf = loader
+            .load(self.bytes)
+            .map_err(|e| load_error(&self.what, e))?;
+        let ext: &mut Extension = ebpf
+            .program_mut(self.what.program)
+            .ok_or_else(|| load_error(&self.what, LoadFailure::Other("no such program".into())))?
+            .try_into()
+            .map_err(|e: ProgramError| load_error(&self.what, e))?;
+        let target_fd = target
+            .aya_fd
+            .try_clone()
+            .map_err(|e| load_error(&self.what, LoadFailure::Other(e.to_string())))?;
+        ext.load(target_fd, func)
+            .map_err(|e| load_error(&self.what, e))?;
+        let fd = ext.fd().map_err(|e| load_error(&self.what, e))?;
+        Ok(sys::dup(fd.as_fd())?)
+    }
+}
+
+/// A freshly loaded rootlet: our fd, and aya's (to load extensions against).
+pub struct Target {
+    pub fd: OwnedFd,
+    aya_fd: aya::programs::ProgramFd,
+}

@@ -1,0 +1,363 @@
+//! Checks on a stage's ELF object before anything touches the kernel: the
+//! program exists and is XDP, BTF is present, the signature is
+//! `int f(struct xdp_md *)`, the licence is GPL-compatible, it is not a
+//! rootlet, and its stack plus the rootlet's fits the kernel's limit. Also
+//! reads the map definitions, for the keep-maps compatibility check.
+
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+
+use super::{btf::Btf, btf::BtfError, sys::MapInfo};
+
+/// The kernel's per-program stack limit (MAX_BPF_STACK).
+pub const STACK_LIMIT: u32 = 512;
+
+/// Licences the kernel treats as GPL-compatible (license_is_gpl_compatible).
+const GPL_COMPATIBLE: &[&str] = &[
+    "GPL",
+    "GPL v2",
+    "GPL and additional rights",
+    "Dual BSD/GPL",
+    "Dual MIT/GPL",
+    "Dual MPL/GPL",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CheckError {
+    #[error("not a BPF ELF object: {0}")]
+    Elf(String),
+    #[error("no program `{program}` in the object (it has: {available})")]
+    NoProgram { program: String, available: String },
+    #[error("program `{program}` is not an XDP program (section kind {section})")]
+    NotXdp { program: String, section: String },
+    #[error("the object has no BTF (.BTF section); compile it with clang -g")]
+    NoBtf,
+    #[error("{0}")]
+    Signature(#[from] BtfError),
+    #[error("the object is a rootlet: a rootlet cannot be a stage of itself or of another rootlet")]
+    IsRootlet,
+    #[error("licence `{0}` is not GPL-compatible; the rootlet is GPL-2.0")]
+    License(String),
+    #[error(
+        "stack: the stage needs ~{stage} bytes and the rootlet {rootlet}; together over the kernel's {limit}-byte limit"
+    )]
+    Stack {
+        stage: u32,
+        rootlet: u32,
+        limit: u32,
+    },
+    #[error(
+        "map `{name}` cannot be kept: the running one is {old}, the new object wants {new}; nothing was changed"
+    )]
+    IncompatibleMap {
+        name: String,
+        old: String,
+        new: String,
+    },
+}
+
+/// A map definition from the object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapDef {
+    pub name: String,
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+}
+
+impl MapDef {
+    fn describe(&self) -> String {
+        describe(
+            self.map_type,
+            self.key_size,
+            self.value_size,
+            self.max_entries,
+            self.map_flags,
+        )
+    }
+}
+
+fn describe(map_type: u32, key: u32, value: u32, max: u32, flags: u32) -> String {
+    format!("type {map_type}, key {key} B, value {value} B, {max} entries, flags {flags:#x}")
+}
+
+/// What the checks learnt about a stage object.
+#[derive(Debug, Clone)]
+pub struct StageObject {
+    /// The stage's own maps (not the rootlet's, not .rodata/.data/.bss).
+    pub maps: Vec<MapDef>,
+    /// Built with <rootlet/stage.h>: can continue a tail-call chain.
+    pub chainable: bool,
+    /// Estimated stack of the program and its deepest callee, rounded up as
+    /// the verifier does (32 bytes a frame).
+    pub stack: u32,
+}
+
+impl StageObject {
+    /// Checks that `self`'s maps can reuse the running stage's maps.
+    pub fn check_keep(&self, running: &[MapInfo]) -> Result<(), CheckError> {
+        for new in &self.maps {
+            let Some(old) = running.iter().find(|m| m.name == truncate(&new.name)) else {
+                continue;
+            };
+            let same = old.map_type == new.map_type
+                && old.key_size == new.key_size
+                && old.value_size == new.value_size
+                && old.max_entries == new.max_entries
+                && old.map_flags == new.map_flags;
+            if !same {
+                return Err(CheckError::IncompatibleMap {
+                    name: new.name.clone(),
+                    old: describe(
+                        old.map_type,
+                        old.key_size,
+                        old.value_size,
+                        old.max_entries,
+                        old.map_flags,
+                    ),
+                    new: new.describe(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The kernel keeps 15 characters of a map name.
+pub fn truncate(name: &str) -> &str {
+    &name[..name.len().min(15)]
+}
+
+/// Whether a map of an object is Rootlet's own (shared with the rootlet) or
+/// compiler-made (.rodata etc.), rather than the stage's.
+pub fn is_stage_map(name: &str) -> bool {
+    !name.starts_with("rootlet_") && !name.starts_with('.')
+}
+
+/// Runs every check on `bytes` for program `program`. `rootlet_stack` is
+/// the stack the rootlet's own frame uses while a stage runs (0 for the
+/// tail-call backend, whose tail calls replace the caller's frame).
+pub fn inspect(bytes: &[u8], program: &str, rootlet_stack: u32) -> Result<StageObject, CheckError> {
+    let elf = object::File::parse(bytes).map_err(|e| CheckError::Elf(e.to_string()))?;
+    if elf.architecture() != object::Architecture::Bpf {
+        return Err(CheckError::Elf(format!(
+            "architecture {:?}, not BPF",
+            elf.architecture()
+        )));
+    }
+    let obj = aya_obj::Object::parse(bytes).map_err(|e| CheckError::Elf(e.to_string()))?;
+
+    let symbols: Vec<String> = elf
+        .symbols()
+        .filter_map(|s| s.name().ok().map(str::to_owned))
+        .collect();
+    if symbols.iter().any(|s| s == "ROOTLET_CONFIG") || obj.programs.contains_key("rootlet_chain") {
+        return Err(CheckError::IsRootlet);
+    }
+
+    let Some(prog) = obj.programs.get(program) else {
+        let mut names: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        return Err(CheckError::NoProgram {
+            program: program.to_owned(),
+            available: names.join(", "),
+        });
+    };
+    if !matches!(prog.section, aya_obj::ProgramSection::Xdp { .. }) {
+        return Err(CheckError::NotXdp {
+            program: program.to_owned(),
+            section: format!("{:?}", prog.section),
+        });
+    }
+
+    let btf = elf.section_by_name(".BTF").ok_or(CheckError::NoBtf)?;
+    let btf = btf.data().map_err(|e| CheckError::Elf(e.to_string()))?;
+    Btf::parse(btf)?.check_xdp_signature(program)?;
+
+    let license = obj.license.to_string_lossy().into_owned();
+    if !GPL_COMPATIBLE.contains(&license.as_str()) {
+        return Err(CheckError::License(license));
+    }
+
+    let stack = estimate_stack(&obj, prog.section_index, prog.address);
+    if stack + rootlet_stack > STACK_LIMIT {
+        return Err(CheckError::Stack {
+            stage: stack,
+            rootlet: rootlet_stack,
+            limit: STACK_LIMIT,
+        });
+    }
+
+    let mut maps: Vec<MapDef> = obj
+        .maps
+        .iter()
+        .filter(|(name, _)| is_stage_map(name))
+        .map(|(name, m)| MapDef {
+            name: name.clone(),
+            map_type: m.map_type(),
+            key_size: m.key_size(),
+            value_size: m.value_size(),
+            max_entries: m.max_entries(),
+            map_flags: m.map_flags(),
+        })
+        .collect();
+    maps.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(StageObject {
+        maps,
+        chainable: symbols.iter().any(|s| s == "ROOTLET_STAGE_MODE"),
+        stack,
+    })
+}
+
+/// The stack the freplace rootlet's own frame holds while a stage runs,
+/// computed from the embedded rootlet object.
+pub fn rootlet_frame(rootlet_elf: &[u8], program: &str) -> u32 {
+    aya_obj::Object::parse(rootlet_elf)
+        .ok()
+        .and_then(|obj| {
+            let p = obj.programs.get(program)?;
+            obj.functions
+                .get(&(p.section_index, p.address))
+                .map(|f| round_frame(frame_of(&f.instructions)))
+        })
+        .unwrap_or(32)
+}
+
+fn estimate_stack(obj: &aya_obj::Object, section: usize, address: u64) -> u32 {
+    let Some(main) = obj.functions.get(&(section, address)) else {
+        return 0;
+    };
+    let calls = main
+        .instructions
+        .iter()
+        .any(|i| i.code == 0x85 && i.src_reg() == 1);
+    let deepest_callee = if calls {
+        obj.functions
+            .iter()
+            .filter(|(k, _)| **k != (section, address))
+            .map(|(_, f)| round_frame(frame_of(&f.instructions)))
+            .max()
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    round_frame(frame_of(&main.instructions)) + deepest_callee
+}
+
+fn round_frame(bytes: u32) -> u32 {
+    bytes.max(1).div_ceil(32) * 32
+}
+
+/// The deepest offset below the frame pointer (r10) a function touches:
+/// loads and stores through r10, and pointers derived as `rX = r10; rX += -N`.
+fn frame_of(insns: &[aya_obj::generated::bpf_insn]) -> u32 {
+    const CLASS_LDX: u8 = 0x01;
+    const CLASS_ST: u8 = 0x02;
+    const CLASS_STX: u8 = 0x03;
+    const MOV64_X: u8 = 0xbf;
+    const ADD64_K: u8 = 0x07;
+    let mut deepest: i64 = 0;
+    let mut fp_copy = [false; 11];
+    for insn in insns {
+        let (dst, src) = (insn.dst_reg() as usize, insn.src_reg() as usize);
+        let class = insn.code & 0x07;
+        match class {
+            CLASS_ST | CLASS_STX if dst == 10 => deepest = deepest.max(-(insn.off as i64)),
+            CLASS_LDX if src == 10 => deepest = deepest.max(-(insn.off as i64)),
+            _ => {}
+        }
+        if dst <= 10 {
+            if insn.code == MOV64_X {
+                fp_copy[dst] = src == 10;
+                continue;
+            }
+            if insn.code == ADD64_K && fp_copy[dst] {
+                deepest = deepest.max(-(insn.imm as i64));
+            }
+            if class == 0x07 || class == 0x04 || class == CLASS_LDX {
+                fp_copy[dst] = false;
+            }
+        }
+    }
+    deepest.clamp(0, 4096) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_stages_pass_every_check() {
+        for (obj, prog) in [
+            (rootlet_ebpf::SAMPLER, "sampler"),
+            (rootlet_ebpf::DDOS, "ddos"),
+            (rootlet_ebpf::L4LB, "l4lb"),
+        ] {
+            let o = inspect(obj, prog, 32).unwrap_or_else(|e| panic!("{prog}: {e}"));
+            assert!(o.chainable, "{prog} is built with stage.h");
+            assert!(o.stack < 256, "{prog} stack {}", o.stack);
+        }
+        let ddos = inspect(rootlet_ebpf::DDOS, "ddos", 32).unwrap();
+        assert_eq!(
+            ddos.maps
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            ["ddos_blocklist"]
+        );
+    }
+
+    #[test]
+    fn each_bad_object_fails_its_own_check() {
+        assert!(matches!(
+            inspect(b"not an elf", "x", 0),
+            Err(CheckError::Elf(_))
+        ));
+        assert!(matches!(
+            inspect(rootlet_ebpf::DDOS, "nope", 0),
+            Err(CheckError::NoProgram { .. })
+        ));
+        assert_eq!(
+            inspect(rootlet_ebpf::ROOTLET, "rootlet", 0).unwrap_err(),
+            CheckError::IsRootlet
+        );
+        assert_eq!(
+            inspect(rootlet_ebpf::ROOTLET_CHAIN, "rootlet_chain", 0).unwrap_err(),
+            CheckError::IsRootlet
+        );
+        assert_eq!(
+            inspect(rootlet_ebpf::TEST_PROPRIETARY, "proprietary", 0).unwrap_err(),
+            CheckError::License("Proprietary".into())
+        );
+        let frame = rootlet_frame(rootlet_ebpf::ROOTLET, "rootlet");
+        assert!(
+            matches!(
+                inspect(rootlet_ebpf::TEST_BIGSTACK, "bigstack", frame),
+                Err(CheckError::Stack { .. })
+            ),
+            "rootlet frame {frame}"
+        );
+        let plain = inspect(rootlet_ebpf::TEST_PLAIN, "plain", 0).unwrap();
+        assert!(!plain.chainable);
+    }
+
+    #[test]
+    fn incompatible_maps_are_named() {
+        let new = inspect(rootlet_ebpf::TEST_DDOS_INCOMPATIBLE, "ddos", 0).unwrap();
+        let running = MapInfo {
+            id: 1,
+            map_type: 11,
+            name: "ddos_blocklist".into(),
+            key_size: 8,
+            value_size: 8,
+            max_entries: 65536,
+            map_flags: 1,
+        };
+        let err = new.check_keep(&[running]).unwrap_err();
+        assert!(
+            matches!(err, CheckError::IncompatibleMap { ref name, .. } if name == "ddos_blocklist"),
+            "{err}"
+        );
+    }
+}

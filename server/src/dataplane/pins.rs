@@ -1,0 +1,136 @@
+//! The bpffs pin layout, in one place. Under the root (default
+//! `/sys/fs/bpf/rootlet`):
+//!
+//! ```text
+//! <netns-inode>_<ifindex>/          one rootlet
+//!     link                          the XDP bpf_link (changed only by BPF_LINK_UPDATE)
+//!     stats                         per-slot per-action counters (survive every change)
+//!     gen-<N>/rootlet               freplace: generation N's rootlet program
+//!     gen-<N>/slot-<K>              freplace: the link of pinned stage K into it
+//!     chain/rootlet                 tail-call: the rootlet program
+//!     chain/rootlet_gen             tail-call: the generation word
+//!     chain/rootlet_chains          tail-call: the chain of each parity
+//!     chain/rootlet_scratch         tail-call: per-CPU packet state
+//!     chain/slot-<K>                tail-call: program array of pinned stage K
+//! loading/                          transient pins used while loading (bpffs forbids dots in names)
+//! ```
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use super::spec::RootletKey;
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn rootlet_dir(&self, key: RootletKey) -> PathBuf {
+        self.root.join(format!("{}_{}", key.netns_ino, key.ifindex))
+    }
+
+    /// Parses a directory name back into a key.
+    pub fn parse_dir(name: &str) -> Option<RootletKey> {
+        let (ino, ifindex) = name.split_once('_')?;
+        Some(RootletKey {
+            netns_ino: ino.parse().ok()?,
+            ifindex: ifindex.parse().ok()?,
+        })
+    }
+
+    pub fn link(&self, key: RootletKey) -> PathBuf {
+        self.rootlet_dir(key).join("link")
+    }
+
+    pub fn stats(&self, key: RootletKey) -> PathBuf {
+        self.rootlet_dir(key).join("stats")
+    }
+
+    pub fn gen_dir(&self, key: RootletKey, generation: u64) -> PathBuf {
+        self.rootlet_dir(key).join(format!("gen-{generation}"))
+    }
+
+    /// Generation numbers that have a directory, ascending.
+    pub fn generations(&self, key: RootletKey) -> io::Result<Vec<u64>> {
+        let mut gens = vec![];
+        for entry in std::fs::read_dir(self.rootlet_dir(key))? {
+            let name = entry?.file_name();
+            if let Some(n) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("gen-"))
+                .and_then(|n| n.parse().ok())
+            {
+                gens.push(n);
+            }
+        }
+        gens.sort_unstable();
+        Ok(gens)
+    }
+
+    pub fn gen_rootlet(&self, key: RootletKey, generation: u64) -> PathBuf {
+        self.gen_dir(key, generation).join("rootlet")
+    }
+
+    pub fn gen_slot_link(&self, key: RootletKey, generation: u64, slot: u32) -> PathBuf {
+        self.gen_dir(key, generation).join(format!("slot-{slot}"))
+    }
+
+    pub fn chain_dir(&self, key: RootletKey) -> PathBuf {
+        self.rootlet_dir(key).join("chain")
+    }
+
+    pub fn chain_obj(&self, key: RootletKey, name: &str) -> PathBuf {
+        self.chain_dir(key).join(name)
+    }
+
+    pub fn chain_slot(&self, key: RootletKey, slot: u32) -> PathBuf {
+        self.chain_dir(key).join(format!("slot-{slot}"))
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("loading")
+    }
+
+    /// Every rootlet directory under the root.
+    pub fn rootlets(&self) -> io::Result<Vec<RootletKey>> {
+        let mut keys = vec![];
+        match std::fs::read_dir(&self.root) {
+            Ok(entries) => {
+                for entry in entries {
+                    if let Some(k) = entry?.file_name().to_str().and_then(Self::parse_dir) {
+                        keys.push(k);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+/// Removes a pin or a directory of pins; absent is fine. Unpinning drops the
+/// pin's reference: the object goes when nothing else holds it.
+pub fn remove(path: &Path) -> io::Result<()> {
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,536 @@
+//! What a pipeline should be, computed before anything touches the kernel:
+//! the vocabulary (actions, modes, backends, stage specs, changes) and
+//! [`Pipeline::plan`], which turns a set of changes into the next pipeline
+//! with stable slot ids and a deterministic execution order.
+
+use std::{collections::BTreeMap, fmt, path::PathBuf, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::abi::MAX_SLOTS;
+
+/// An XDP verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAction {
+    Aborted = 0,
+    Drop = 1,
+    Pass = 2,
+    Tx = 3,
+    Redirect = 4,
+}
+
+impl XdpAction {
+    pub const ALL: [XdpAction; 5] = [
+        Self::Aborted,
+        Self::Drop,
+        Self::Pass,
+        Self::Tx,
+        Self::Redirect,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Aborted => "aborted",
+            Self::Drop => "drop",
+            Self::Pass => "pass",
+            Self::Tx => "tx",
+            Self::Redirect => "redirect",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name().eq_ignore_ascii_case(s))
+    }
+}
+
+impl fmt::Display for XdpAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A set of XDP actions: after which verdicts the pipeline goes on to the
+/// next stage ("proceed-on").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ActionSet(u32);
+
+impl ActionSet {
+    pub const EMPTY: ActionSet = ActionSet(0);
+
+    pub fn of(actions: &[XdpAction]) -> Self {
+        ActionSet(actions.iter().fold(0, |m, &a| m | (1 << a as u32)))
+    }
+
+    pub fn contains(self, a: XdpAction) -> bool {
+        self.0 & (1 << a as u32) != 0
+    }
+
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    pub fn actions(self) -> Vec<XdpAction> {
+        XdpAction::ALL
+            .into_iter()
+            .filter(|&a| self.contains(a))
+            .collect()
+    }
+}
+
+impl Default for ActionSet {
+    /// Proceed after XDP_PASS only, as libxdp does.
+    fn default() -> Self {
+        ActionSet::of(&[XdpAction::Pass])
+    }
+}
+
+/// How the rootlet attaches to the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver mode, else generic.
+    #[default]
+    Auto,
+    Driver,
+    Generic,
+}
+
+/// How stages are linked into a rootlet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// BPF_PROG_TYPE_EXT programs replacing the rootlet's placeholders.
+    Freplace,
+    /// Per-slot program arrays and a chain flipped by generation.
+    TailCall,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Freplace => "freplace",
+            Backend::TailCall => "tailcall",
+        })
+    }
+}
+
+/// What the configuration asks for; `Auto` takes freplace where the kernel
+/// permits it (see [`super::probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Freplace,
+    TailCall,
+}
+
+/// An interface in a network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceRef {
+    /// A network-namespace file (`/run/netns/NAME`, `/proc/PID/ns/net`);
+    /// None for the caller's own namespace.
+    pub netns: Option<PathBuf>,
+    pub ifname: String,
+}
+
+/// Identifies a rootlet: the interface's network-namespace inode and
+/// ifindex (an ifindex alone collides across namespaces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RootletKey {
+    pub netns_ino: u64,
+    pub ifindex: u32,
+}
+
+impl fmt::Display for RootletKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "netns:{}/if:{}", self.netns_ino, self.ifindex)
+    }
+}
+
+/// What to load on an interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootletSpec {
+    pub iface: InterfaceRef,
+    pub mode: XdpMode,
+    /// Returned when every stage proceeds.
+    pub final_verdict: XdpAction,
+}
+
+/// Which of a stage's maps carry over when it is replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapPolicy {
+    /// Every map starts empty.
+    #[default]
+    Fresh,
+    /// Every map of the new object whose name matches one of the replaced
+    /// stage's maps reuses that map; an incompatible one is an error.
+    Keep,
+}
+
+/// A stage to link: an ELF object and which program of it to run.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StageSpec {
+    pub name: String,
+    pub object: Arc<Vec<u8>>,
+    pub program: String,
+    /// Lower runs first; ties run in name order.
+    pub priority: i32,
+    pub proceed_on: ActionSet,
+    /// Pinned stages outlive this process; unpinned ones are detached when
+    /// it exits.
+    pub pin: bool,
+    pub maps: MapPolicy,
+    pub owner: String,
+}
+
+impl fmt::Debug for StageSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StageSpec")
+            .field("name", &self.name)
+            .field("object", &format_args!("{} bytes", self.object.len()))
+            .field("program", &self.program)
+            .field("priority", &self.priority)
+            .field("proceed_on", &self.proceed_on)
+            .field("pin", &self.pin)
+            .field("maps", &self.maps)
+            .field("owner", &self.owner)
+            .finish()
+    }
+}
+
+impl StageSpec {
+    pub fn digest(&self) -> String {
+        hex::encode(Sha256::digest(self.object.as_slice()))
+    }
+}
+
+/// One change to a pipeline.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Link(StageSpec),
+    Replace(StageSpec),
+    Unlink { name: String },
+}
+
+/// A stage as recorded: everything but the object bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    /// Stable for the stage's life in this rootlet; keys its counters.
+    pub slot: u32,
+    pub priority: i32,
+    pub proceed_on: ActionSet,
+    pub pin: bool,
+    pub owner: String,
+    pub program: String,
+    /// sha256 of the ELF object.
+    pub digest: String,
+    /// Whether the object was built with <rootlet/stage.h> and can continue
+    /// a tail-call chain.
+    pub chainable: bool,
+}
+
+/// The ordered set of stages of one rootlet.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Pipeline {
+    /// In execution order.
+    pub stages: Vec<StageRecord>,
+}
+
+/// Where a stage's program comes from in a planned pipeline.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The program already running in this slot: not loaded or verified again.
+    Existing,
+    /// A new object to load (and verify).
+    New(StageSpec),
+}
+
+/// The next pipeline and, by slot, where each of its programs comes from.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub pipeline: Pipeline,
+    pub sources: BTreeMap<u32, Source>,
+    /// Slots of the previous pipeline whose programs are replaced or
+    /// unlinked.
+    pub retired: Vec<u32>,
+}
+
+/// Why a set of changes cannot apply; nothing has touched the kernel.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("stage `{0}` is already linked (use replace)")]
+    AlreadyLinked(String),
+    #[error("no stage `{0}` is linked")]
+    NotLinked(String),
+    #[error("stage `{0}` appears more than once in one change set")]
+    Duplicate(String),
+    #[error("a rootlet has at most {max} slots; this change needs {wanted}")]
+    TooManyStages { max: usize, wanted: usize },
+    #[error("invalid stage name `{0}`: use 1-64 characters from [A-Za-z0-9_.-]")]
+    InvalidName(String),
+}
+
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+impl Pipeline {
+    /// The stage in `slot`.
+    pub fn by_slot(&self, slot: u32) -> Option<&StageRecord> {
+        self.stages.iter().find(|s| s.slot == slot)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&StageRecord> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Applies `changes` in order. The execution order is by priority, lower
+    /// first, then by name (bytewise), so it never depends on the order in
+    /// which stages were linked. A new stage takes the lowest free slot id;
+    /// a replaced stage keeps its slot (and so its counters).
+    ///
+    /// A replacement whose object, program and map policy are unchanged
+    /// reuses the running program (only its placement or proceed-on
+    /// changes). `chainable` says, for a new object, whether it was built
+    /// with <rootlet/stage.h>; it is computed by [`super::object`].
+    pub fn plan(
+        &self,
+        changes: &[Change],
+        chainable: impl Fn(&StageSpec) -> bool,
+    ) -> Result<Plan, PlanError> {
+        let mut stages: BTreeMap<String, StageRecord> = self
+            .stages
+            .iter()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
+        let mut sources: BTreeMap<u32, Source> = BTreeMap::new();
+        let mut retired = vec![];
+        let mut touched = std::collections::HashSet::new();
+
+        for change in changes {
+            let name = match change {
+                Change::Link(s) | Change::Replace(s) => &s.name,
+                Change::Unlink { name } => name,
+            };
+            if !valid_name(name) {
+                return Err(PlanError::InvalidName(name.clone()));
+            }
+            if !touched.insert(name.clone()) {
+                return Err(PlanError::Duplicate(name.clone()));
+            }
+            match change {
+                Change::Link(spec) => {
+                    if stages.contains_key(&spec.name) {
+                        return Err(PlanError::AlreadyLinked(spec.name.clone()));
+                    }
+                    let used: Vec<u32> = stages.values().map(|s| s.slot).collect();
+                    let slot = (0..MAX_SLOTS as u32).find(|i| !used.contains(i)).ok_or(
+                        PlanError::TooManyStages {
+                            max: MAX_SLOTS,
+                            wanted: stages.len() + 1,
+                        },
+                    )?;
+                    stages.insert(spec.name.clone(), record(spec, slot, chainable(spec)));
+                    sources.insert(slot, Source::New(spec.clone()));
+                }
+                Change::Replace(spec) => {
+                    let old = stages
+                        .get(&spec.name)
+                        .ok_or_else(|| PlanError::NotLinked(spec.name.clone()))?;
+                    let slot = old.slot;
+                    // The same object and program: keep the running program
+                    // (and so its maps); only placement or proceed-on change.
+                    let same_program = old.digest == spec.digest() && old.program == spec.program;
+                    let rec = record(
+                        spec,
+                        slot,
+                        if same_program {
+                            old.chainable
+                        } else {
+                            chainable(spec)
+                        },
+                    );
+                    if same_program {
+                        sources.entry(slot).or_insert(Source::Existing);
+                    } else {
+                        retired.push(slot);
+                        sources.insert(slot, Source::New(spec.clone()));
+                    }
+                    stages.insert(spec.name.clone(), rec);
+                }
+                Change::Unlink { name } => {
+                    let old = stages
+                        .remove(name)
+                        .ok_or_else(|| PlanError::NotLinked(name.clone()))?;
+                    sources.remove(&old.slot);
+                    retired.push(old.slot);
+                }
+            }
+        }
+        for s in stages.values() {
+            sources.entry(s.slot).or_insert(Source::Existing);
+        }
+        let mut ordered: Vec<StageRecord> = stages.into_values().collect();
+        ordered.sort_by(|a, b| {
+            a.priority
+                .cmp(&b.priority)
+                .then_with(|| a.name.as_bytes().cmp(b.name.as_bytes()))
+        });
+        retired.sort_unstable();
+        retired.dedup();
+        Ok(Plan {
+            pipeline: Pipeline { stages: ordered },
+            sources,
+            retired,
+        })
+    }
+}
+
+fn record(spec: &StageSpec, slot: u32, chainable: bool) -> StageRecord {
+    StageRecord {
+        name: spec.name.clone(),
+        slot,
+        priority: spec.priority,
+        proceed_on: spec.proceed_on,
+        pin: spec.pin,
+        owner: spec.owner.clone(),
+        program: spec.program.clone(),
+        digest: spec.digest(),
+        chainable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, prio: i32, obj: &[u8]) -> StageSpec {
+        StageSpec {
+            name: name.into(),
+            object: Arc::new(obj.to_vec()),
+            program: "p".into(),
+            priority: prio,
+            proceed_on: ActionSet::default(),
+            pin: true,
+            maps: MapPolicy::Fresh,
+            owner: "team".into(),
+        }
+    }
+
+    fn names(p: &Pipeline) -> Vec<(&str, u32)> {
+        p.stages.iter().map(|s| (s.name.as_str(), s.slot)).collect()
+    }
+
+    #[test]
+    fn order_is_priority_then_name_and_slots_are_stable() {
+        let p0 = Pipeline::default();
+        let plan = p0
+            .plan(
+                &[
+                    Change::Link(spec("lb", 30, b"a")),
+                    Change::Link(spec("ddos", 10, b"b")),
+                    Change::Link(spec("sampler", 10, b"c")),
+                ],
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(
+            names(&plan.pipeline),
+            [("ddos", 1), ("sampler", 2), ("lb", 0)]
+        );
+
+        let plan2 = plan
+            .pipeline
+            .plan(
+                &[
+                    Change::Unlink {
+                        name: "ddos".into(),
+                    },
+                    Change::Link(spec("aaa", 10, b"d")),
+                ],
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(
+            names(&plan2.pipeline),
+            [("aaa", 1), ("sampler", 2), ("lb", 0)]
+        );
+        assert_eq!(plan2.retired, [1]);
+        assert!(matches!(plan2.sources[&1], Source::New(_)));
+        assert!(matches!(plan2.sources[&2], Source::Existing));
+    }
+
+    #[test]
+    fn replace_with_same_object_reuses_the_program() {
+        let p = Pipeline::default()
+            .plan(&[Change::Link(spec("a", 1, b"x"))], |_| true)
+            .unwrap()
+            .pipeline;
+        let same = p
+            .plan(&[Change::Replace(spec("a", 5, b"x"))], |_| true)
+            .unwrap();
+        assert!(matches!(same.sources[&0], Source::Existing));
+        assert!(same.retired.is_empty());
+        assert_eq!(same.pipeline.stages[0].priority, 5);
+        let new = p
+            .plan(&[Change::Replace(spec("a", 1, b"y"))], |_| true)
+            .unwrap();
+        assert!(matches!(new.sources[&0], Source::New(_)));
+        assert_eq!(new.retired, [0]);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let p = Pipeline::default()
+            .plan(&[Change::Link(spec("a", 1, b"x"))], |_| true)
+            .unwrap()
+            .pipeline;
+        assert_eq!(
+            p.plan(&[Change::Link(spec("a", 1, b"x"))], |_| true)
+                .unwrap_err(),
+            PlanError::AlreadyLinked("a".into())
+        );
+        assert_eq!(
+            p.plan(&[Change::Unlink { name: "b".into() }], |_| true)
+                .unwrap_err(),
+            PlanError::NotLinked("b".into())
+        );
+        assert_eq!(
+            p.plan(
+                &[
+                    Change::Replace(spec("a", 1, b"y")),
+                    Change::Unlink { name: "a".into() }
+                ],
+                |_| true
+            )
+            .unwrap_err(),
+            PlanError::Duplicate("a".into())
+        );
+        assert_eq!(
+            p.plan(&[Change::Link(spec("a b", 1, b"x"))], |_| true)
+                .unwrap_err(),
+            PlanError::InvalidName("a b".into())
+        );
+        let many: Vec<Change> = (0..MAX_SLOTS)
+            .map(|i| Change::Link(spec(&format!("s{i}"), 0, b"x")))
+            .collect();
+        assert_eq!(
+            p.plan(&many, |_| true).unwrap_err(),
+            PlanError::TooManyStages {
+                max: MAX_SLOTS,
+                wanted: MAX_SLOTS + 1
+            }
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! What a rootlet looks like, read back from the kernel: program and link
+//! ids, tags, verified instruction counts, load times, and the per-slot
+//! per-action counters. The store contributes only what the kernel cannot
+//! hold (names, owners, priorities, digests).
+
+use std::{
+    os::fd::BorrowedFd,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use super::{
+    abi,
+    error::Result,
+    spec::{ActionSet, Backend, RootletKey, XdpAction, XdpMode},
+    sys,
+};
+
+/// A loaded program as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProgState {
+    pub id: u32,
+    pub name: String,
+    /// The kernel's program tag (hex).
+    pub tag: String,
+    pub verified_insns: u32,
+    /// When the kernel loaded it.
+    #[serde(with = "unix_time")]
+    pub loaded_at: SystemTime,
+}
+
+impl ProgState {
+    pub fn read(fd: BorrowedFd<'_>) -> Result<Self> {
+        let info = sys::prog_info(fd)?;
+        Ok(ProgState {
+            id: info.id,
+            name: info.name,
+            tag: hex::encode(info.tag),
+            verified_insns: info.verified_insns,
+            loaded_at: boot_to_wall(info.load_time_ns),
+        })
+    }
+}
+
+/// Converts the kernel's ns-since-boot to wall-clock time.
+fn boot_to_wall(ns: u64) -> SystemTime {
+    let since_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+        .unwrap_or_default();
+    let ago = since_boot.saturating_sub(Duration::from_nanos(ns));
+    SystemTime::now() - ago
+}
+
+mod unix_time {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        )
+    }
+}
+
+/// Packets a slot's stage returned each action for (summed over CPUs), and
+/// `empty`: packets that found the slot enabled but empty and went on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub aborted: u64,
+    pub drop: u64,
+    pub pass: u64,
+    pub tx: u64,
+    pub redirect: u64,
+    pub empty: u64,
+}
+
+impl Counters {
+    pub fn get(&self, a: XdpAction) -> u64 {
+        match a {
+            XdpAction::Aborted => self.aborted,
+            XdpAction::Drop => self.drop,
+            XdpAction::Pass => self.pass,
+            XdpAction::Tx => self.tx,
+            XdpAction::Redirect => self.redirect,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.aborted + self.drop + self.pass + self.tx + self.redirect + self.empty
+    }
+
+    /// Reads slot `slot` from a rootlet's per-CPU counter map.
+    pub fn read(stats: BorrowedFd<'_>, slot: u32) -> Result<Counters> {
+        let cpus =
+            aya::util::nr_cpus().map_err(|(what, source)| sys::SysError { call: what, source })?;
+        let mut buf = vec![0u8; 8 * cpus];
+        let mut sum = [0u64; abi::NUM_COUNTERS];
+        for (i, total) in sum.iter_mut().enumerate() {
+            let key = (slot * abi::NUM_COUNTERS as u32 + i as u32).to_ne_bytes();
+            if sys::map_lookup(stats, &key, &mut buf)? {
+                *total = buf
+                    .chunks_exact(8)
+                    .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
+                    .sum();
+            }
+        }
+        Ok(Counters {
+            aborted: sum[0],
+            drop: sum[1],
+            pass: sum[2],
+            tx: sum[3],
+            redirect: sum[4],
+            empty: sum[abi::COUNT_EMPTY],
+        })
+    }
+}
+
+/// One slot of a rootlet.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotState {
+    pub slot: u32,
+    /// Position in execution order (0 runs first).
+    pub position: usize,
+    pub stage: String,
+    pub owner: String,
+    pub priority: i32,
+    pub proceed_on: Vec<XdpAction>,
+    pub digest: String,
+    pub pinned: bool,
+    /// The stage's program, or None when the slot is empty (an unpinned
+    /// stage whose owner exited): packets go on through the placeholder.
+    pub prog: Option<ProgState>,
+    /// freplace: the link of the program into the live rootlet instance.
+    pub link_id: Option<u32>,
+    pub pin_path: Option<PathBuf>,
+    pub counters: Counters,
+}
+
+/// One rootlet.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootletState {
+    pub key: RootletKey,
+    pub ifname: String,
+    pub netns: Option<PathBuf>,
+    pub backend: Backend,
+    pub mode: XdpMode,
+    pub final_verdict: XdpAction,
+    /// The generation of the set of stages (increases with every change).
+    pub generation: u64,
+    pub rootlet: ProgState,
+    pub xdp_link_id: u32,
+    /// Why the kernel no longer runs what the store describes, if it doesn't.
+    pub drift: Option<String>,
+    pub slots: Vec<SlotState>,
+}
+
+impl SlotState {
+    pub fn proceed_set(&self) -> ActionSet {
+        ActionSet::of(&self.proceed_on)
+    }
+}
