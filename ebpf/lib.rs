@@ -12,3 +12,89 @@
 struct Aligned<B: ?Sized>(B);
 
 include!(concat!(env!("OUT_DIR"), "/objects.rs"));
+
+/// An embedded object by name: (name, ELF bytes, program to run).
+pub struct Entry {
+    pub name: &'static str,
+    pub object: &'static [u8],
+    pub program: &'static str,
+}
+
+/// Every embedded stage object, by the name tools and tests use.
+pub const STAGES: &[Entry] = &[
+    Entry {
+        name: "sampler",
+        object: SAMPLER,
+        program: "sampler",
+    },
+    Entry {
+        name: "sampler_v2",
+        object: SAMPLER_V2,
+        program: "sampler",
+    },
+    Entry {
+        name: "ddos",
+        object: DDOS,
+        program: "ddos",
+    },
+    Entry {
+        name: "ddos_v2",
+        object: DDOS_V2,
+        program: "ddos",
+    },
+    Entry {
+        name: "l4lb",
+        object: L4LB,
+        program: "l4lb",
+    },
+    Entry {
+        name: "test_pass",
+        object: TEST_PASS,
+        program: "verdict",
+    },
+    Entry {
+        name: "test_drop",
+        object: TEST_DROP,
+        program: "verdict",
+    },
+    Entry {
+        name: "test_abort",
+        object: TEST_ABORT,
+        program: "verdict",
+    },
+    Entry {
+        name: "test_tx",
+        object: TEST_TX,
+        program: "verdict",
+    },
+    Entry {
+        name: "test_bad_verifier",
+        object: TEST_BAD_VERIFIER,
+        program: "bad_verifier",
+    },
+    Entry {
+        name: "test_ddos_incompatible",
+        object: TEST_DDOS_INCOMPATIBLE,
+        program: "ddos",
+    },
+    Entry {
+        name: "test_plain",
+        object: TEST_PLAIN,
+        program: "plain",
+    },
+    Entry {
+        name: "test_proprietary",
+        object: TEST_PROPRIETARY,
+        program: "proprietary",
+    },
+    Entry {
+        name: "test_bigstack",
+        object: TEST_BIGSTACK,
+        program: "bigstack",
+    },
+];
+
+/// Looks up [`STAGES`] by name.
+pub fn stage(name: &str) -> Option<&'static Entry> {
+    STAGES.iter().find(|e| e.name == name)
+}

@@ -16,13 +16,21 @@ volatile const struct rootlet_config ROOTLET_CONFIG = {
 	.final_verdict = XDP_PASS,
 };
 
-/* A placeholder: what runs in a position no stage (any longer) replaces. */
+/*
+ * A placeholder: what runs in a position no stage (any longer) replaces.
+ * The kernel lets an extension that may change packet data (any stage: its
+ * tail-call path counts) replace only a function that may too, so each
+ * placeholder has a call to bpf_xdp_adjust_head() the verifier cannot rule
+ * out but that never runs (`ret` is volatile and always ROOTLET_PROCEED).
+ */
 #define PLACEHOLDER(n)                                           \
 	__attribute__((noinline)) int stage_##n(struct xdp_md *ctx) \
 	{                                                        \
 		volatile int ret = ROOTLET_PROCEED;              \
 		if (!ctx)                                        \
 			return XDP_ABORTED;                      \
+		if (ret == -1)                                   \
+			bpf_xdp_adjust_head(ctx, 0);             \
 		return ret;                                      \
 	}
 

@@ -29,6 +29,11 @@
 
 volatile const __u32 ROOTLET_STAGE_MODE = ROOTLET_MODE_RETURN;
 
+#ifdef ROOTLET_BUILD
+/* A build number, to tell two builds of the same source apart. */
+volatile const __u32 ROOTLET_STAGE_BUILD = ROOTLET_BUILD;
+#endif
+
 #define ROOTLET__SLOT_MAP(n)                                  \
 	struct {                                              \
 		__uint(type, BPF_MAP_TYPE_PROG_ARRAY);        \

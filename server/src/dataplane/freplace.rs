@@ -62,7 +62,9 @@ pub fn attach(ext: BorrowedFd<'_>, target: BorrowedFd<'_>, func: &str) -> Result
 /// pins; its programs and links go with the file descriptors.
 pub struct Built {
     dir: PathBuf,
+    /// Set once everything is built; taken by [`Built::commit`].
     live: Option<Live>,
+    committed: bool,
 }
 
 impl Built {
@@ -75,13 +77,14 @@ impl Built {
 
     /// The generation is live: keep its pins.
     pub fn commit(mut self) -> Live {
+        self.committed = true;
         self.live.take().expect("committed once")
     }
 }
 
 impl Drop for Built {
     fn drop(&mut self) {
-        if self.live.is_some() {
+        if !self.committed {
             if let Err(e) = pins::remove(&self.dir) {
                 tracing::error!(dir = %self.dir.display(), error = %e, "cannot remove the pins of a failed generation");
             }
@@ -106,7 +109,12 @@ pub fn build(
         path: dir.clone(),
         source,
     })?;
-    let mut built = Built { dir, live: None };
+    // From here on, an early return drops `built` and removes the pins.
+    let mut built = Built {
+        dir,
+        live: None,
+        committed: false,
+    };
 
     let config = abi::rootlet_config(&next.pipeline, final_verdict);
     let mut shared = MapReuse::new(&ctx.layout)?;

@@ -71,6 +71,10 @@ impl Drop for MapReuse {
         if let Err(e) = pins::remove(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove transient pins");
         }
+        // The parent goes too once no other load uses it (fails while one does).
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 

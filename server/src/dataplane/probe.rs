@@ -183,13 +183,29 @@ fn run() -> Capabilities {
         }),
     };
 
+    // One enabled position: kernels that verify global functions lazily
+    // drop unreachable placeholders, which then cannot be replaced.
+    let one_stage = super::spec::Pipeline {
+        stages: vec![super::spec::StageRecord {
+            name: "probe".into(),
+            slot: 0,
+            priority: 0,
+            proceed_on: Default::default(),
+            pin: false,
+            owner: String::new(),
+            program: String::new(),
+            digest: String::new(),
+            chainable: true,
+        }],
+    };
+    let config = abi::rootlet_config(&one_stage, super::spec::XdpAction::Pass);
     let target = Load {
         bytes: rootlet_ebpf::ROOTLET,
         what: What {
             stage: None,
             program: abi::FREPLACE_PROGRAM,
         },
-        globals: vec![],
+        globals: vec![(abi::CONFIG_GLOBAL, &config, true)],
         reuse: None,
     }
     .xdp_target();

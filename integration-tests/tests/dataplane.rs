@@ -1,0 +1,838 @@
+//! The data plane on a real kernel, parameterised by backend
+//! (`ROOTLET_TEST_BACKEND`): the tail-call run is native, the freplace run
+//! boots a kernel that permits BPF_PROG_TYPE_EXT (scripts/vm-run). Real
+//! programs, real packets from a peer namespace through a veth pair.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd,
+    time::{Duration, Instant},
+};
+
+use rootlet_integration_tests::{
+    fixture::{self, Fixture, Step, maps_of_prog, read_u64, slot, stage, test_run},
+    netns::{HOST_IP, PEER_IP, PEER_MAC},
+    packet::{ParsedUdp, ipv4_checksum_valid, payload_seq, seq_payload, udp_checksum_valid},
+    traffic::{BlastConfig, Blaster, RawSocket, SeqReceiver, UdpSink},
+};
+use rootlet_server::dataplane::{
+    Error,
+    object::CheckError,
+    spec::{Backend, Change, MapPolicy, XdpAction, XdpMode},
+    sys,
+};
+
+const BLOCKED: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 3);
+const VIP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 100);
+const VIP_PORT: u16 = 7000;
+const SINK_PORT: u16 = 6000;
+
+fn block(
+    dp: &rootlet_server::dataplane::Dataplane,
+    key: rootlet_server::dataplane::spec::RootletKey,
+    ip: Ipv4Addr,
+) {
+    let map = dp
+        .stage_map(key, "ddos", "ddos_blocklist")
+        .expect("blocklist");
+    let mut k = 32u32.to_ne_bytes().to_vec();
+    k.extend_from_slice(&ip.octets());
+    sys::map_update(map.as_fd(), &k, &0u64.to_ne_bytes()).expect("block");
+}
+
+fn is_blocked(
+    dp: &rootlet_server::dataplane::Dataplane,
+    key: rootlet_server::dataplane::spec::RootletKey,
+    ip: Ipv4Addr,
+) -> bool {
+    let map = dp
+        .stage_map(key, "ddos", "ddos_blocklist")
+        .expect("blocklist");
+    let mut k = 32u32.to_ne_bytes().to_vec();
+    k.extend_from_slice(&ip.octets());
+    let mut v = [0u8; 8];
+    sys::map_lookup(map.as_fd(), &k, &mut v).expect("lookup")
+}
+
+fn configure_lb(
+    dp: &rootlet_server::dataplane::Dataplane,
+    key: rootlet_server::dataplane::spec::RootletKey,
+) {
+    let service = dp
+        .stage_map(key, "lb", "l4lb_service")
+        .expect("service map");
+    let mut v = VIP.octets().to_vec();
+    v.extend_from_slice(&VIP_PORT.to_be_bytes());
+    v.push(17);
+    v.push(0);
+    v.extend_from_slice(&1u32.to_ne_bytes());
+    sys::map_update(service.as_fd(), &0u32.to_ne_bytes(), &v).expect("service");
+    let backends = dp
+        .stage_map(key, "lb", "l4lb_backends")
+        .expect("backends map");
+    let mut b = PEER_IP.octets().to_vec();
+    b.extend_from_slice(&PEER_MAC);
+    b.extend_from_slice(&[0, 0]);
+    sys::map_update(backends.as_fd(), &0u32.to_ne_bytes(), &b).expect("backend");
+}
+
+fn deadline(secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(secs)
+}
+
+/// The backend the data plane picked must be the one under test.
+fn assert_backend(dp: &rootlet_server::dataplane::Dataplane) -> Backend {
+    let b = dp.backend().expect("a backend");
+    match fixture::backend_name() {
+        "freplace" => assert_eq!(b, Backend::Freplace),
+        "tailcall" => assert_eq!(b, Backend::TailCall),
+        _ => eprintln!("backend chosen by the probe: {b}"),
+    }
+    b
+}
+
+#[test]
+fn three_stage_pipeline_verdicts_and_counters() {
+    let f = Fixture::new();
+    let dp = f.open();
+    assert_backend(&dp);
+    let key = f.load(&dp);
+    dp.apply(
+        key,
+        &[
+            Change::Link(stage("lb", "l4lb", 30)),
+            Change::Link(stage("sampler", "sampler", 10)),
+            Change::Link(stage("ddos", "ddos", 20)),
+        ],
+        None,
+    )
+    .expect("link three stages");
+    block(&dp, key, BLOCKED);
+    configure_lb(&dp, key);
+    let state = dp.state(key).expect("state");
+    assert_eq!(
+        state
+            .slots
+            .iter()
+            .map(|s| s.stage.as_str())
+            .collect::<Vec<_>>(),
+        ["sampler", "ddos", "lb"],
+        "execution order is by priority"
+    );
+    if state.mode == XdpMode::Driver {
+        f.pair
+            .attach_peer_xdp_pass()
+            .expect("peer XDP for native XDP_TX");
+    }
+
+    let sink = UdpSink::bind(f.pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    for i in 0..50u64 {
+        raw.send(
+            &f.pair
+                .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
+                .to_bytes(),
+        )
+        .expect("send");
+    }
+    for i in 0..20u64 {
+        let mut frame = f
+            .pair
+            .udp_to_host(40000, SINK_PORT, seq_payload(1000 + i, 64));
+        frame.src_ip = BLOCKED;
+        raw.send(&frame.to_bytes()).expect("send");
+    }
+    for i in 0..30u64 {
+        let mut frame = f
+            .pair
+            .udp_to_host(40000 + i as u16, VIP_PORT, seq_payload(2000 + i, 64));
+        frame.dst_ip = VIP;
+        raw.send(&frame.to_bytes()).expect("send");
+    }
+
+    let got = sink
+        .recv_until_idle(Duration::from_millis(500), deadline(20))
+        .expect("receive");
+    let seqs: Vec<u64> = got.iter().filter_map(|p| payload_seq(p)).collect();
+    assert_eq!(
+        seqs,
+        (0..50).collect::<Vec<_>>(),
+        "passed packets arrive, blocked ones do not"
+    );
+
+    let mut bounced = 0;
+    let end = deadline(20);
+    while bounced < 30 && Instant::now() < end {
+        let Some(frame) = raw
+            .recv_matching(Duration::from_millis(500), |b| {
+                ParsedUdp::parse(b).is_some_and(|p| p.dst_port == VIP_PORT)
+            })
+            .expect("raw recv")
+        else {
+            continue;
+        };
+        let p = ParsedUdp::parse(&frame).expect("udp");
+        assert_eq!(p.dst_ip, PEER_IP, "rewritten to the backend");
+        assert_eq!(p.dst_mac, PEER_MAC);
+        assert!(
+            ipv4_checksum_valid(&frame) && udp_checksum_valid(&frame),
+            "checksums updated"
+        );
+        bounced += 1;
+    }
+    assert_eq!(bounced, 30, "every VIP packet came back with XDP_TX");
+
+    let state = dp.state(key).expect("state");
+    let (s, d, l) = (
+        slot(&state, "sampler"),
+        slot(&state, "ddos"),
+        slot(&state, "lb"),
+    );
+    assert_eq!(s.counters.pass, 100, "{:?}", s.counters);
+    assert_eq!(d.counters.drop, 20, "{:?}", d.counters);
+    assert_eq!(d.counters.pass, 80, "{:?}", d.counters);
+    assert_eq!(l.counters.tx, 30, "{:?}", l.counters);
+    assert_eq!(l.counters.pass, 50, "{:?}", l.counters);
+    for st in [s, d, l] {
+        assert_eq!(st.counters.empty + st.counters.aborted, 0);
+        let prog = st.prog.as_ref().expect("a program");
+        assert!(prog.verified_insns > 0 && prog.id > 0 && prog.tag.len() == 16);
+    }
+    let sampler_maps = maps_of_prog(s.prog.as_ref().map(|p| p.id).unwrap_or_default());
+    assert_eq!(
+        read_u64(&sampler_maps["sampler_counts"], 0, true),
+        100,
+        "the stage's own map counts too"
+    );
+    dp.unload_rootlet(key).expect("unload");
+    assert!(
+        f.pins().is_empty(),
+        "unload removes every pin: {:?}",
+        f.pins()
+    );
+}
+
+#[test]
+fn live_replacement_loses_no_packet() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    dp.apply(
+        key,
+        &[
+            Change::Link(stage("a", "test_pass", 10)),
+            Change::Link(stage("s", "sampler", 20)),
+        ],
+        None,
+    )
+    .expect("link");
+    let sink = UdpSink::bind(f.pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    let receiver = SeqReceiver::start(&sink, Duration::from_secs(120)).expect("receiver");
+    // Traffic flows until 10 replacements are done (bounded: 120 s).
+    let mut config = BlastConfig::new(f.pair.udp_to_host(40000, SINK_PORT, vec![]), 1_000_000);
+    config.rate_pps = 2000;
+    config.max_duration = Duration::from_secs(120);
+    let blaster = Blaster::start(&raw, config).expect("blaster");
+    std::thread::sleep(Duration::from_millis(200));
+    let replacements = 10;
+    for i in 0..replacements {
+        let object = if i % 2 == 0 {
+            "sampler_v2"
+        } else {
+            "test_pass"
+        };
+        dp.apply(key, &[Change::Replace(stage("a", object, 10))], None)
+            .expect("replace under traffic");
+    }
+    assert!(
+        !blaster.is_finished(),
+        "traffic stopped before the replacements were done"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    blaster.stop();
+    let report = blaster.join();
+    let seqs = receiver
+        .finish(Duration::from_millis(500))
+        .expect("receiver");
+    assert!(report.sent > 0 && report.failed.is_empty(), "{report:?}");
+    assert!(
+        seqs.has_all(report.attempted_seqs()),
+        "lost: {:?}",
+        seqs.missing(report.attempted_seqs())
+    );
+    let state = dp.state(key).expect("state");
+    let a = slot(&state, "a");
+    assert_eq!(a.counters.empty, 0, "no packet saw the placeholder");
+    assert_eq!(
+        a.counters.pass, report.sent,
+        "every packet went through one version of `a`: {:?}",
+        a.counters
+    );
+    assert_eq!(
+        state.generation,
+        2 + replacements,
+        "one generation per change"
+    );
+}
+
+#[test]
+fn multi_slot_change_is_atomic_under_traffic() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    dp.apply(
+        key,
+        &[
+            Change::Link(stage("a", "sampler", 10)),
+            Change::Link(stage("b", "sampler", 20)),
+        ],
+        None,
+    )
+    .expect("link");
+    let sink = UdpSink::bind(f.pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    let receiver = SeqReceiver::start(&sink, Duration::from_secs(120)).expect("receiver");
+    let mut config = BlastConfig::new(f.pair.udp_to_host(40000, SINK_PORT, vec![]), 4000);
+    config.rate_pps = 2000;
+    let blaster = Blaster::start(&raw, config).expect("blaster");
+    // Each program instance counts in its own map: if no packet ever sees a
+    // mix of generations, `a` and `b` of one generation count the same.
+    let mut generations = vec![];
+    let ids = |dp: &rootlet_server::dataplane::Dataplane| {
+        let st = dp.state(key).expect("state");
+        let id = |n: &str| slot(&st, n).prog.as_ref().map(|p| p.id).unwrap_or_default();
+        (
+            maps_of_prog(id("a")).remove("sampler_counts"),
+            maps_of_prog(id("b")).remove("sampler_counts"),
+        )
+    };
+    generations.push(ids(&dp));
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..6 {
+        let object = if round % 2 == 0 {
+            "sampler_v2"
+        } else {
+            "sampler"
+        };
+        dp.apply(
+            key,
+            &[
+                Change::Replace(stage("a", object, 10)),
+                Change::Replace(stage("b", object, 20)),
+            ],
+            None,
+        )
+        .expect("replace both at once");
+        generations.push(ids(&dp));
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let report = blaster.join();
+    let seqs = receiver
+        .finish(Duration::from_millis(500))
+        .expect("receiver");
+    assert!(
+        seqs.has_all(report.attempted_seqs()),
+        "lost: {:?}",
+        seqs.missing(report.attempted_seqs())
+    );
+    let mut total = 0;
+    for (i, (a, b)) in generations.iter().enumerate() {
+        let (a, b) = (a.as_ref().expect("a's map"), b.as_ref().expect("b's map"));
+        let (na, nb) = (read_u64(a, 0, true), read_u64(b, 0, true));
+        assert_eq!(
+            na, nb,
+            "generation {i}: a saw {na} packets, b saw {nb}: a packet saw a mix"
+        );
+        total += na;
+    }
+    assert_eq!(
+        total, report.sent,
+        "every packet went through exactly one generation"
+    );
+}
+
+#[test]
+fn unpinned_stage_is_detached_when_its_owner_is_killed() {
+    let f = Fixture::new();
+    let ns = format!("load={}:{}", f.netns_path().display(), f.pair.host_if());
+    let held = f.dp_hold(&[
+        &ns,
+        "link=pin:test_pass:10",
+        "link=gone:test_drop:20:unpinned",
+    ]);
+    let sink = UdpSink::bind(f.pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    for i in 0..10 {
+        raw.send(
+            &f.pair
+                .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
+                .to_bytes(),
+        )
+        .expect("send");
+    }
+    let got = sink
+        .recv_until_idle(Duration::from_millis(300), deadline(5))
+        .expect("recv");
+    assert!(
+        got.is_empty(),
+        "the unpinned drop stage drops while its owner lives"
+    );
+
+    held.kill();
+    // The kernel releases the owner's references asynchronously.
+    let mut received = 0;
+    let end = deadline(20);
+    let mut seq = 100;
+    while received == 0 && Instant::now() < end {
+        raw.send(
+            &f.pair
+                .udp_to_host(40000, SINK_PORT, seq_payload(seq, 64))
+                .to_bytes(),
+        )
+        .expect("send");
+        seq += 1;
+        received = sink
+            .recv_until_idle(Duration::from_millis(100), deadline(1))
+            .expect("recv")
+            .len();
+    }
+    assert!(
+        received > 0,
+        "packets flow through the placeholder once the owner is gone"
+    );
+
+    let dp = f.open();
+    let key = dp.list()[0];
+    let state = dp.state(key).expect("state");
+    assert!(
+        slot(&state, "gone").prog.is_none(),
+        "the unpinned stage is gone: {state:#?}"
+    );
+    assert!(
+        slot(&state, "gone").counters.empty > 0,
+        "and counted as an empty slot"
+    );
+    assert!(slot(&state, "pin").prog.is_some(), "the pinned stage stays");
+    let before = state.generation;
+    dp.apply(key, &[Change::Link(stage("new", "test_pass", 30))], None)
+        .expect("change after adoption");
+    let state = dp.state(key).expect("state");
+    assert_eq!(state.generation, before + 1);
+    assert_eq!(
+        state
+            .slots
+            .iter()
+            .map(|s| s.stage.as_str())
+            .collect::<Vec<_>>(),
+        ["pin", "new"]
+    );
+}
+
+#[test]
+fn pinned_stages_outlive_their_process_and_are_adopted_without_disruption() {
+    let f = Fixture::new();
+    let ns = format!("load={}:{}", f.netns_path().display(), f.pair.host_if());
+    f.dp(&[
+        &ns,
+        "link=sampler:sampler:10",
+        "link=ddos:ddos:20",
+        "link=lb:l4lb:30",
+    ]);
+    // The process is gone; the pipeline is not.
+    let sink = UdpSink::bind(f.pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    let receiver = SeqReceiver::start(&sink, Duration::from_secs(120)).expect("receiver");
+    let mut config = BlastConfig::new(f.pair.udp_to_host(40000, SINK_PORT, vec![]), 3000);
+    config.rate_pps = 2000;
+    let blaster = Blaster::start(&raw, config).expect("blaster");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let dp = f.open();
+    let key = dp.list()[0];
+    let state = dp.state(key).expect("adopted state");
+    assert!(state.drift.is_none(), "{:?}", state.drift);
+    assert_eq!(state.slots.len(), 3);
+    assert!(state.slots.iter().all(|s| s.prog.is_some()));
+    block(&dp, key, BLOCKED);
+    dp.apply(
+        key,
+        &[Change::Replace(stage("sampler", "sampler_v2", 10))],
+        None,
+    )
+    .expect("change after adoption");
+    let report = blaster.join();
+    let seqs = receiver
+        .finish(Duration::from_millis(500))
+        .expect("receiver");
+    assert!(
+        seqs.has_all(report.attempted_seqs()),
+        "lost: {:?}",
+        seqs.missing(report.attempted_seqs())
+    );
+    let mut frame = f
+        .pair
+        .udp_to_host(40000, SINK_PORT, seq_payload(9999, 64))
+        .to_bytes();
+    frame[26..30].copy_from_slice(&BLOCKED.octets());
+    assert_eq!(
+        test_run(&dp.state(key).expect("state"), &frame),
+        XdpAction::Drop as u32,
+        "ddos still drops"
+    );
+}
+
+#[test]
+fn bad_inputs_leave_the_running_pipeline_untouched() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let backend = assert_backend(&dp);
+    let key = f.load(&dp);
+    dp.apply(
+        key,
+        &[
+            Change::Link(stage("ddos", "ddos", 10)),
+            Change::Link(stage("a", "test_pass", 20)),
+        ],
+        None,
+    )
+    .expect("link");
+    block(&dp, key, BLOCKED);
+    let mut before = dp.state(key).expect("state");
+    let mut pins = f.pins();
+    let ids = |s: &rootlet_server::dataplane::state::RootletState| {
+        (
+            s.generation,
+            s.rootlet.id,
+            s.slots
+                .iter()
+                .map(|s| s.prog.as_ref().map(|p| p.id))
+                .collect::<Vec<_>>(),
+        )
+    };
+
+    let mut garbage = stage("x", "test_pass", 5);
+    garbage.object = std::sync::Arc::new(b"\x7fELF but not really".to_vec());
+    let cases: Vec<(&str, Change)> = vec![
+        ("bad ELF", Change::Link(garbage)),
+        ("verifier", Change::Link(stage("x", "test_bad_verifier", 5))),
+        ("licence", Change::Link(stage("x", "test_proprietary", 5))),
+        ("rootlet as stage", {
+            let mut s = stage("x", "test_pass", 5);
+            s.object = std::sync::Arc::new(rootlet_ebpf::ROOTLET.to_vec());
+            s.program = "rootlet".into();
+            Change::Link(s)
+        }),
+        ("incompatible map", {
+            let mut s = stage("ddos", "test_ddos_incompatible", 10);
+            s.maps = MapPolicy::Keep;
+            Change::Replace(s)
+        }),
+        (
+            "plain program not last",
+            Change::Link(stage("x", "test_plain", 5)),
+        ),
+        ("bigstack", Change::Link(stage("x", "test_bigstack", 5))),
+    ];
+    for (what, change) in cases {
+        let result = dp.apply(key, &[change], None);
+        match (what, &result) {
+            (
+                "bad ELF",
+                Err(Error::Check {
+                    source: CheckError::Elf(_),
+                    ..
+                }),
+            ) => {}
+            ("verifier", Err(Error::Verifier { log, .. })) => {
+                assert!(
+                    log.contains("invalid access to packet"),
+                    "the verifier log is returned: {log}"
+                )
+            }
+            (
+                "licence",
+                Err(Error::Check {
+                    source: CheckError::License(_),
+                    ..
+                }),
+            ) => {}
+            (
+                "rootlet as stage",
+                Err(Error::Check {
+                    source: CheckError::IsRootlet,
+                    ..
+                }),
+            ) => {}
+            (
+                "incompatible map",
+                Err(Error::Check {
+                    source: CheckError::IncompatibleMap { .. },
+                    ..
+                }),
+            ) => {}
+            ("plain program not last", Err(Error::Placement { .. }))
+                if backend == Backend::TailCall => {}
+            ("plain program not last", Ok(_)) if backend == Backend::Freplace => {
+                // freplace returns to the rootlet after every stage: fine anywhere.
+                dp.apply(key, &[Change::Unlink { name: "x".into() }], None)
+                    .expect("unlink");
+                before = dp.state(key).expect("state");
+                pins = f.pins();
+                continue;
+            }
+            (
+                "bigstack",
+                Err(Error::Check {
+                    source: CheckError::Stack { .. },
+                    ..
+                }),
+            ) if backend == Backend::Freplace => {}
+            ("bigstack", Ok(_)) if backend == Backend::TailCall => {
+                // a tail call replaces the rootlet's frame: the stage alone fits.
+                dp.apply(key, &[Change::Unlink { name: "x".into() }], None)
+                    .expect("unlink");
+                before = dp.state(key).expect("state");
+                pins = f.pins();
+                continue;
+            }
+            _ => panic!("{what}: unexpected {result:?}"),
+        }
+        let after = dp.state(key).expect("state");
+        assert_eq!(
+            ids(&after),
+            ids(&before),
+            "{what}: the running pipeline changed"
+        );
+        assert_eq!(
+            f.pins(),
+            pins,
+            "{what}: pins of the failed attempt were left behind"
+        );
+        assert!(
+            is_blocked(&dp, key, BLOCKED),
+            "{what}: the blocklist survived"
+        );
+    }
+}
+
+#[test]
+fn maps_are_kept_across_upgrades_on_request() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    dp.apply(key, &[Change::Link(stage("ddos", "ddos", 10))], None)
+        .expect("link");
+    block(&dp, key, BLOCKED);
+    let mut keep = stage("ddos", "ddos_v2", 10);
+    keep.maps = MapPolicy::Keep;
+    dp.apply(key, &[Change::Replace(keep)], None)
+        .expect("replace keeping maps");
+    assert!(
+        is_blocked(&dp, key, BLOCKED),
+        "kept: the blocklist survived the upgrade"
+    );
+    let mut frame = f
+        .pair
+        .udp_to_host(40000, SINK_PORT, seq_payload(1, 64))
+        .to_bytes();
+    frame[26..30].copy_from_slice(&BLOCKED.octets());
+    assert_eq!(
+        test_run(&dp.state(key).expect("state"), &frame),
+        XdpAction::Drop as u32
+    );
+    dp.apply(key, &[Change::Replace(stage("ddos", "ddos", 10))], None)
+        .expect("replace fresh");
+    assert!(
+        !is_blocked(&dp, key, BLOCKED),
+        "fresh: a new, empty blocklist"
+    );
+}
+
+#[test]
+fn a_crash_at_any_step_leaves_the_old_or_the_new_pipeline() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let backend = assert_backend(&dp);
+    let key = f.load(&dp);
+    dp.apply(key, &[Change::Link(stage("a", "test_pass", 10))], None)
+        .expect("link");
+    drop(dp);
+    let pass = f
+        .pair
+        .udp_to_host(40000, SINK_PORT, seq_payload(1, 64))
+        .to_bytes();
+    let mut expected_generation = 2;
+    let mut expect_drop = false;
+    for step in Step::ALL {
+        // Alternate the stage between PASS and DROP so old and new differ.
+        let object = if expect_drop {
+            "test_pass"
+        } else {
+            "test_drop"
+        };
+        let out = f
+            .dp_command()
+            .arg("--crash-at")
+            .arg(step.name())
+            .arg(format!("replace=a:{object}:10"))
+            .output()
+            .expect("run rootlet-dp");
+        let crashed = !out.status.success();
+        let applies = step != Step::RootletLoaded || backend == Backend::Freplace;
+        assert_eq!(
+            crashed,
+            applies,
+            "{step:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if crashed {
+            assert_eq!(
+                out.status.code(),
+                None,
+                "{step:?}: died of a signal (abort)"
+            );
+        }
+        let dp = f.open();
+        let state = dp
+            .state(key)
+            .unwrap_or_else(|e| panic!("{step:?}: adoption failed: {e}"));
+        assert!(state.drift.is_none(), "{step:?}: {:?}", state.drift);
+        let new = state.generation == expected_generation + 1;
+        assert!(
+            new || state.generation == expected_generation,
+            "{step:?}: generation {}",
+            state.generation
+        );
+        if new {
+            expected_generation += 1;
+            expect_drop = !expect_drop;
+        }
+        let verdict = test_run(&state, &pass);
+        let want = if expect_drop {
+            XdpAction::Drop
+        } else {
+            XdpAction::Pass
+        } as u32;
+        assert_eq!(
+            verdict, want,
+            "{step:?} (crashed: {crashed}, new: {new}): the kernel runs a mix"
+        );
+        let gens: Vec<String> = f
+            .pins()
+            .into_iter()
+            .filter(|p| p.contains("gen-") && !p.contains('/'))
+            .collect();
+        assert!(
+            gens.len() <= 1,
+            "{step:?}: stale generations left: {gens:?}"
+        );
+        let loading: Vec<String> = f
+            .pins()
+            .into_iter()
+            .filter(|p| p.starts_with("loading/"))
+            .collect();
+        assert!(
+            loading.is_empty(),
+            "{step:?}: transient pins left: {loading:?}"
+        );
+        // And the data plane still changes afterwards.
+        drop(dp);
+    }
+    let dp = f.open();
+    dp.apply(key, &[Change::Unlink { name: "a".into() }], None)
+        .expect("a change after every crash");
+}
+
+#[test]
+fn drift_is_reported_never_overwritten() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    dp.apply(key, &[Change::Link(stage("a", "test_pass", 10))], None)
+        .expect("link");
+    let state = dp.state(key).expect("state");
+    assert!(state.drift.is_none());
+    // Another tool detaches our link and attaches its own program.
+    let link = sys::link_fd_by_id(state.xdp_link_id).expect("link by id");
+    sys::link_detach(link.as_fd()).expect("detach");
+    f.pair
+        .host()
+        .attach_xdp(
+            f.pair.host_if(),
+            rootlet_ebpf::TEST_PLAIN,
+            "xdp",
+            rootlet_integration_tests::netns::XdpMode::Generic,
+        )
+        .expect("foreign program");
+    let state = dp.state(key).expect("state");
+    assert!(
+        state
+            .drift
+            .as_deref()
+            .is_some_and(|d| d.contains("detached")),
+        "{:?}",
+        state.drift
+    );
+    let err = dp
+        .apply(key, &[Change::Link(stage("b", "test_pass", 20))], None)
+        .unwrap_err();
+    assert!(matches!(err, Error::Drifted { .. }), "{err}");
+    drop(dp);
+    let dp = f.open();
+    let state = dp.state(key);
+    assert!(
+        matches!(state, Err(Error::Drifted { .. })),
+        "adoption reports drift: {state:?}"
+    );
+    let foreign = f
+        .pair
+        .host()
+        .ip(&["-j", "link", "show", "dev", f.pair.host_if()])
+        .expect("ip link");
+    assert!(
+        foreign.contains("\"prog\""),
+        "the foreign program is still attached: {foreign}"
+    );
+    dp.unload_rootlet(key).expect("unload a drifted rootlet");
+}
+
+#[test]
+fn probe_matches_this_kernel() {
+    let caps = rootlet_server::dataplane::probe::capabilities();
+    eprintln!("{}", caps.summary());
+    assert!(
+        caps.xdp.permitted()
+            && caps.xdp_link.permitted()
+            && caps.link_update.permitted()
+            && caps.tail_call.permitted()
+    );
+    match std::env::var("ROOTLET_EXPECT_EXT").as_deref() {
+        Ok("permitted") => assert!(
+            caps.ext_load.permitted() && caps.ext_attach.permitted(),
+            "this kernel runs freplace (the VM tier shows it), but the probe says {:?} / {:?}",
+            caps.ext_load,
+            caps.ext_attach
+        ),
+        Ok("refused") => assert!(
+            !caps.ext_load.permitted(),
+            "expected EXT to be refused here"
+        ),
+        Ok(other) => panic!("ROOTLET_EXPECT_EXT={other}"),
+        Err(_) => panic!("set ROOTLET_EXPECT_EXT=permitted|refused (the test command does)"),
+    }
+    let auto = caps.choose(Default::default()).expect("some backend");
+    assert_eq!(
+        auto == Backend::Freplace,
+        caps.ext_load.permitted() && caps.ext_attach.permitted()
+    );
+    if !caps.ext_load.permitted() {
+        let err = caps
+            .choose(rootlet_server::dataplane::spec::BackendChoice::Freplace)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("ext_load"),
+            "names the probe: {err}"
+        );
+    }
+}

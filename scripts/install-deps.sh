@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Installs what Rootlet needs on a fresh Debian bookworm machine (run as
+# root). Idempotent, and fast when everything is already there: it runs
+# `apt-get update` only if something is missing, and prints one line per
+# thing it installs.
+#
+#   - the eBPF toolchain: clang-19 llvm-19 libbpf-dev, plus iproute2 bpftool
+#   - the VM tier (scripts/vm-run, docs/VM-TIER.md): qemu-system-x86,
+#     busybox-static, the newest linux-image-6.12.*+deb12-amd64-unsigned,
+#     and virtme-ng in a venv at /opt/vng
+#   - bpffs mounted at /sys/fs/bpf
+#
+# Environment: ROOTLET_VNG_VERSION (default 1.42, the version measured with
+# scripts/vm-run; "latest" installs the newest).
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+VNG_DIR=/opt/vng
+VNG_VERSION="${ROOTLET_VNG_VERSION:-1.42}"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: must run as root" >&2
+    exit 1
+fi
+
+apt_updated=0
+apt_update_once() {
+    if [ "$apt_updated" -eq 0 ]; then
+        apt-get update -qq >/dev/null
+        apt_updated=1
+    fi
+}
+
+installed() {
+    dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed$'
+}
+
+apt_install() {
+    apt_update_once
+    echo "install-deps: installing $*"
+    if ! apt-get install -y -qq "$@" >/tmp/rootlet-install-deps.log 2>&1; then
+        tail -n 30 /tmp/rootlet-install-deps.log >&2
+        echo "install-deps: apt-get install $* failed (log: /tmp/rootlet-install-deps.log)" >&2
+        exit 1
+    fi
+}
+
+# python3-venv: `python3 -m venv` needs ensurepip, which Debian ships apart.
+packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv)
+missing=()
+for p in "${packages[@]}"; do
+    installed "$p" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}"
+fi
+
+# Guest kernel for the VM tier: any installed 6.12 deb12 generic image will
+# do; otherwise the newest one the archive has.
+have_kernel=0
+while read -r status pkg; do
+    if [ "$status" = "installed" ] && [ -e "/boot/vmlinuz-${pkg#linux-image-}" ]; then
+        have_kernel=1
+    fi
+done < <(dpkg-query -W -f='${db:Status-Status} ${Package}\n' 'linux-image-6.12.*+deb12-amd64-unsigned' 2>/dev/null | sed 's/-unsigned$//')
+if [ "$have_kernel" -eq 0 ]; then
+    apt_update_once
+    kpkg="$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' \
+        | awk '{print $1}' | sort -V | tail -n 1)"
+    if [ -z "$kpkg" ]; then
+        echo "install-deps: no linux-image-6.12.*+deb12-amd64-unsigned in the apt sources" >&2
+        exit 1
+    fi
+    apt_install "$kpkg"
+fi
+
+# virtme-ng (vng) in its own venv.
+if [ ! -x "$VNG_DIR/bin/vng" ]; then
+    if [ "$VNG_VERSION" = latest ]; then spec=virtme-ng; else spec="virtme-ng==$VNG_VERSION"; fi
+    echo "install-deps: installing $spec into $VNG_DIR"
+    python3 -m venv "$VNG_DIR"
+    if ! "$VNG_DIR/bin/pip" install -q --disable-pip-version-check "$spec" >/tmp/rootlet-install-deps.log 2>&1; then
+        tail -n 30 /tmp/rootlet-install-deps.log >&2
+        echo "install-deps: pip install $spec failed (log: /tmp/rootlet-install-deps.log)" >&2
+        exit 1
+    fi
+fi
+
+if ! mountpoint -q /sys/fs/bpf; then
+    echo "install-deps: mounting bpffs at /sys/fs/bpf"
+    mkdir -p /sys/fs/bpf
+    mount -t bpf bpf /sys/fs/bpf
+fi
