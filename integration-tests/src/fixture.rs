@@ -35,7 +35,8 @@ pub fn backend() -> BackendChoice {
     match std::env::var("ROOTLET_TEST_BACKEND").as_deref() {
         Ok("freplace") => BackendChoice::Freplace,
         Ok("tailcall") => BackendChoice::TailCall,
-        Ok(other) => panic!("ROOTLET_TEST_BACKEND={other}: expected freplace or tailcall"),
+        Ok("auto") => BackendChoice::Auto,
+        Ok(other) => panic!("ROOTLET_TEST_BACKEND={other}: expected freplace, tailcall or auto"),
         Err(_) => BackendChoice::Auto,
     }
 }
@@ -201,6 +202,12 @@ impl Fixture {
         }
         out.sort();
         out
+    }
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Fixture::new()
     }
 }
 

@@ -84,10 +84,10 @@ impl Built {
 
 impl Drop for Built {
     fn drop(&mut self) {
-        if !self.committed {
-            if let Err(e) = pins::remove(&self.dir) {
-                tracing::error!(dir = %self.dir.display(), error = %e, "cannot remove the pins of a failed generation");
-            }
+        if !self.committed
+            && let Err(e) = pins::remove(&self.dir)
+        {
+            tracing::error!(dir = %self.dir.display(), error = %e, "cannot remove the pins of a failed generation");
         }
     }
 }

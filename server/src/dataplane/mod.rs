@@ -175,7 +175,7 @@ pub struct Dataplane {
     rootlets: Mutex<BTreeMap<RootletKey, Arc<Mutex<Rootlet>>>>,
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -195,12 +195,7 @@ impl Dataplane {
             path: root.clone(),
             source,
         })?;
-        let fs = nix::sys::statfs::statfs(root).map_err(|e| Error::Pin {
-            what: "bpffs root",
-            path: root.clone(),
-            source: e.into(),
-        })?;
-        if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        if !is_bpffs(root) {
             return Err(Error::Pin {
                 what: "bpffs root",
                 path: root.clone(),
@@ -480,14 +475,14 @@ impl Dataplane {
             return Err(Error::Drifted { key, reason: drift });
         }
         let current = r.record.committed.number;
-        if let Some(expected) = expected_generation {
-            if expected != current {
-                return Err(Error::VersionMismatch {
-                    key,
-                    expected,
-                    current,
-                });
-            }
+        if let Some(expected) = expected_generation
+            && expected != current
+        {
+            return Err(Error::VersionMismatch {
+                key,
+                expected,
+                current,
+            });
         }
 
         let rootlet_stack = match r.record.backend {
@@ -654,10 +649,10 @@ impl Dataplane {
     pub fn unload_rootlet(&self, key: RootletKey) -> Result<()> {
         let rootlet = self.get(key)?;
         let mut r = lock(&rootlet);
-        if let Some(link) = &r.link {
-            if r.drift.is_none() {
-                sys::link_detach(link.as_fd())?;
-            }
+        if let Some(link) = &r.link
+            && r.drift.is_none()
+        {
+            sys::link_detach(link.as_fd())?;
         }
         r.live = None;
         r.link = None;
@@ -795,5 +790,5 @@ fn attach_xdp(prog: BorrowedFd<'_>, ifindex: u32, mode: XdpMode) -> Result<(Owne
 
 /// Whether `path` is on bpffs (used by tools that prepare a root).
 pub fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC)
 }

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine too: installs what it needs, checks
+# formatting and lints, runs every test natively (this kernel: tail-call
+# backend), then runs the data-plane suite again inside a Debian 6.12 kernel
+# booted under qemu (the VM tier), where freplace is permitted.
+#
+#   ROOTLET_EXPECT_EXT   what the probe must find on this host: "refused"
+#                        (default: this sandbox forbids BPF_PROG_TYPE_EXT) or
+#                        "permitted" on hosts that allow freplace.
+#   ROOTLET_SKIP_VM=1    skip the VM tier (says so loudly; CI never sets it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+export CARGO_TERM_COLOR=never
+
+scripts/install-deps.sh
+
+echo "== checks: rustfmt, clippy"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== native tier: kernel $(uname -r), tail-call backend"
+ROOTLET_TEST_BACKEND=tailcall ROOTLET_EXPECT_EXT="${ROOTLET_EXPECT_EXT:-refused}" \
+    cargo test --workspace --locked
+
+if [ "${ROOTLET_SKIP_VM:-0}" = 1 ]; then
+    echo "!! VM tier SKIPPED (ROOTLET_SKIP_VM=1): freplace was not tested"
+    exit 0
+fi
+
+echo "== VM tier: Debian 6.12 kernel under qemu (TCG), freplace backend"
+vm_tests=$(cargo test -p rootlet-integration-tests --test dataplane --locked --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import sys, json
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "dataplane":
+        print(m["executable"])')
+[ -n "$vm_tests" ] || { echo "cannot find the dataplane test binary" >&2; exit 1; }
+cargo build -p rootlet-integration-tests --bins --locked
+scripts/vm-run --env ROOTLET_TEST_BACKEND=freplace --env ROOTLET_EXPECT_EXT=permitted \
+    --env RUST_BACKTRACE=1 -- "$vm_tests" --test-threads=2
+
+echo "== all tiers passed in $(( $(date +%s) - started )) s"
