@@ -1,0 +1,63 @@
+//! Rootlet bundles: versioned, content-addressed, signed artifacts that
+//! `rootletctl` builds, signs and pushes and `rootletd` verifies and applies
+//! as one transaction.
+//!
+//! A bundle is a TOML [`Manifest`] (which rootlets, which stages, on which
+//! terms) and the eBPF ELF objects its stages run, each recorded in the
+//! manifest by its sha256. Its encoding is canonical (the same inputs give
+//! the same bytes), its [digest](Bundle::digest) is the sha256 of that
+//! encoding, and ed25519 signatures sign the digest.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), rootlet_bundle::BundleError> {
+//! use rootlet_bundle::{Bundle, SignedBundle, read_signing_key, read_verifying_key};
+//!
+//! // rootletctl: build, sign, encode.
+//! let mut signed = SignedBundle::new(Bundle::build("edge/manifest.toml")?);
+//! signed.sign(&read_signing_key("ops.key")?);
+//! let bytes = signed.to_bytes();
+//!
+//! // rootletd: decode (checks every object's sha256), then verify.
+//! let verified = SignedBundle::from_bytes(&bytes)?.into_verified(&[read_verifying_key("ops.pub")?])?;
+//! for stage in verified.bundle().manifest().stages_in_order() {
+//!     let _elf = verified.bundle().stage_object(stage);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`error`]: [`BundleError`], the crate's one error type.
+//! - [`manifest`]: the manifest's types and its parser, [`Manifest::parse`],
+//!   whose errors name the field, line and column.
+//! - [`canonical`]: the canonical TOML text of a manifest, which a bundle
+//!   embeds ([`Manifest::to_canonical_toml`]).
+//! - [`format`](mod@format): the binary encodings of bundles and signed bundles, and
+//!   their size limits.
+//! - [`bundle`]: [`Bundle`]: build from disk or memory, encode, decode,
+//!   digest.
+//! - [`sign`]: keys and key files, [`KeyId`], [`SignedBundle`],
+//!   [`VerifiedBundle`].
+//! - [`inspect`]: human-readable summaries ([`SignedBundle::inspect`]).
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod canonical;
+pub mod error;
+pub mod format;
+pub mod inspect;
+pub mod manifest;
+pub mod sign;
+
+pub use bundle::{Bundle, EMBEDDED_MANIFEST_NAME, sha256_hex};
+pub use error::{BundleError, Result};
+pub use format::{
+    MAX_BUNDLE_SIZE, MAX_MANIFEST_SIZE, MAX_OBJECT_SIZE, MAX_OBJECTS, MAX_SIGNATURES,
+};
+pub use manifest::{Lifetime, Manifest, MapPolicy, RootletTarget, Stage, XdpAction, XdpMode};
+pub use sign::{
+    BundleSignature, KeyId, Signature, SignedBundle, SigningKey, VerifiedBundle, VerifyingKey,
+    generate_signing_key, keygen, read_signing_key, read_verifying_key, signing_key_from_pem,
+    verifying_key_from_pem, verifying_key_to_pem,
+};
