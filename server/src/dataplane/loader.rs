@@ -150,9 +150,17 @@ pub struct Load<'a> {
     pub reuse: Option<&'a MapReuse>,
 }
 
+/// The kernel's BTF, parsed once per process: aya would otherwise read and
+/// parse /sys/kernel/btf/vmlinux (megabytes) on every load.
+fn kernel_btf() -> Option<&'static aya::Btf> {
+    static BTF: std::sync::OnceLock<Option<aya::Btf>> = std::sync::OnceLock::new();
+    BTF.get_or_init(|| aya::Btf::from_sys_fs().ok()).as_ref()
+}
+
 impl<'a> Load<'a> {
     fn loader(&'a self) -> EbpfLoader<'a> {
         let mut loader = EbpfLoader::new();
+        loader.btf(kernel_btf());
         for &(name, value, must_exist) in &self.globals {
             loader.override_global(name, value, must_exist);
         }
