@@ -34,6 +34,8 @@
 //! - [`packet`]: Ethernet + IPv4 + UDP frames ([`packet::UdpFrame`],
 //!   [`packet::ParsedUdp`]), checksum checks, sequence-numbered payloads and
 //!   [`packet::l4lb_flow_hash`], the flow hash of `ebpf/src/l4lb.c`.
+//! - [`pki`]: [`pki::Pki`], a throwaway CA with server and client
+//!   certificates (and an untrusted CA) for tests of the gRPC API.
 //! - [`traffic`]: [`traffic::RawSocket`] (AF_PACKET on one interface),
 //!   [`traffic::UdpSink`] (a bound UDP socket), [`traffic::Blaster`] (paced
 //!   sender thread) and [`traffic::SeqReceiver`] (records which sequence
@@ -45,6 +47,7 @@
 pub mod fixture;
 pub mod netns;
 pub mod packet;
+pub mod pki;
 pub mod traffic;
 
 /// Thin wrappers around the libc calls that `std` and `nix` (with the

@@ -74,8 +74,8 @@ pub enum Error {
     },
     #[error("store {path}: {message}")]
     Store { path: PathBuf, message: String },
-    #[error("injected crash at {0:?}")]
-    InjectedCrash(super::crash::Step),
+    #[error("store {path} is held by another process (another agent still running?)")]
+    StoreLocked { path: PathBuf },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -215,7 +215,14 @@ impl StageSpec {
 pub enum Change {
     Link(StageSpec),
     Replace(StageSpec),
-    Unlink { name: String },
+    Unlink {
+        name: String,
+    },
+    /// Pins or unpins a running stage; its program is kept as it is.
+    SetPin {
+        name: String,
+        pin: bool,
+    },
 }
 
 /// A stage as recorded: everything but the object bytes.
@@ -321,7 +328,7 @@ impl Pipeline {
         for change in changes {
             let name = match change {
                 Change::Link(s) | Change::Replace(s) => &s.name,
-                Change::Unlink { name } => name,
+                Change::Unlink { name } | Change::SetPin { name, .. } => name,
             };
             if !valid_name(name) {
                 return Err(PlanError::InvalidName(name.clone()));
@@ -375,6 +382,13 @@ impl Pipeline {
                         .ok_or_else(|| PlanError::NotLinked(name.clone()))?;
                     sources.remove(&old.slot);
                     retired.push(old.slot);
+                }
+                Change::SetPin { name, pin } => {
+                    let rec = stages
+                        .get_mut(name)
+                        .ok_or_else(|| PlanError::NotLinked(name.clone()))?;
+                    rec.pin = *pin;
+                    sources.entry(rec.slot).or_insert(Source::Existing);
                 }
             }
         }
@@ -488,6 +502,26 @@ mod tests {
             .unwrap();
         assert!(matches!(new.sources[&0], Source::New(_)));
         assert_eq!(new.retired, [0]);
+    }
+
+    #[test]
+    fn set_pin_keeps_the_program() {
+        let p = Pipeline::default()
+            .plan(&[Change::Link(spec("a", 1, b"x"))], |_| true)
+            .unwrap()
+            .pipeline;
+        let plan = p
+            .plan(
+                &[Change::SetPin {
+                    name: "a".into(),
+                    pin: false,
+                }],
+                |_| true,
+            )
+            .unwrap();
+        assert!(matches!(plan.sources[&0], Source::Existing));
+        assert!(!plan.pipeline.stages[0].pin);
+        assert!(plan.retired.is_empty());
     }
 
     #[test]

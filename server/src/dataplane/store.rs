@@ -5,17 +5,16 @@
 //! holds the store open (redb locks the file), which makes that process the
 //! only writer of the rootlets it records.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+use crate::kv::{Kv, KvError};
 
 use super::{
     error::{Error, Result},
     spec::{Backend, Pipeline, RootletKey, RootletSpec, XdpMode},
 };
-
-const ROOTLETS: TableDefinition<&str, &[u8]> = TableDefinition::new("rootlets");
 
 /// A numbered set of stages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,80 +39,52 @@ pub struct RootletRecord {
 }
 
 pub struct Store {
-    db: Database,
-    path: PathBuf,
+    kv: Kv,
 }
+
+const ROOTLETS: &str = "rootlets";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| store_err(path, e))?;
-        }
-        let db = Database::create(path).map_err(|e| store_err(path, e))?;
-        let store = Store {
-            db,
-            path: path.to_owned(),
-        };
-        let txn = store.db.begin_write().map_err(|e| store.err(e))?;
-        txn.open_table(ROOTLETS).map_err(|e| store.err(e))?;
-        txn.commit().map_err(|e| store.err(e))?;
-        Ok(store)
-    }
-
-    fn err(&self, e: impl std::fmt::Display) -> Error {
-        store_err(&self.path, e)
+        Ok(Store {
+            kv: Kv::open(path, &[ROOTLETS]).map_err(store_err)?,
+        })
     }
 
     pub fn get(&self, key: RootletKey) -> Result<Option<RootletRecord>> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(ROOTLETS).map_err(|e| self.err(e))?;
-        let value = table
-            .get(key.to_string().as_str())
-            .map_err(|e| self.err(e))?;
-        value
-            .map(|v| serde_json::from_slice(v.value()).map_err(|e| self.err(e)))
-            .transpose()
+        self.kv.get(ROOTLETS, &key.to_string()).map_err(store_err)
     }
 
     pub fn list(&self) -> Result<Vec<RootletRecord>> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(ROOTLETS).map_err(|e| self.err(e))?;
-        let mut out = vec![];
-        for entry in table.iter().map_err(|e| self.err(e))? {
-            let (_, v) = entry.map_err(|e| self.err(e))?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| self.err(e))?);
-        }
-        Ok(out)
+        Ok(self
+            .kv
+            .list(ROOTLETS)
+            .map_err(store_err)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
     }
 
     /// Writes `record` in one durable transaction.
     pub fn put(&self, record: &RootletRecord) -> Result<()> {
-        let bytes = serde_json::to_vec(record).map_err(|e| self.err(e))?;
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut table = txn.open_table(ROOTLETS).map_err(|e| self.err(e))?;
-            table
-                .insert(record.key.to_string().as_str(), bytes.as_slice())
-                .map_err(|e| self.err(e))?;
-        }
-        txn.commit().map_err(|e| self.err(e))
+        self.kv
+            .put(ROOTLETS, &record.key.to_string(), record)
+            .map_err(store_err)
     }
 
     pub fn delete(&self, key: RootletKey) -> Result<()> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut table = txn.open_table(ROOTLETS).map_err(|e| self.err(e))?;
-            table
-                .remove(key.to_string().as_str())
-                .map_err(|e| self.err(e))?;
-        }
-        txn.commit().map_err(|e| self.err(e))
+        self.kv
+            .delete(ROOTLETS, &key.to_string())
+            .map_err(store_err)
     }
 }
 
-fn store_err(path: &Path, e: impl std::fmt::Display) -> Error {
+fn store_err(e: KvError) -> Error {
+    if e.locked {
+        return Error::StoreLocked { path: e.path };
+    }
     Error::Store {
-        path: path.to_owned(),
-        message: e.to_string(),
+        path: e.path,
+        message: e.message,
     }
 }

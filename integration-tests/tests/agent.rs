@@ -1,0 +1,984 @@
+//! rootletd end to end: a real agent (in-process, and as a process) on
+//! loopback with mTLS certificates made by the test, managing a rootlet on
+//! a veth pair in fresh namespaces, with real packets.
+
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use rootlet_integration_tests::{
+    fixture::{self, Fixture},
+    netns::{HOST_IP, VethPair},
+    packet::seq_payload,
+    pki::Pki,
+    traffic::{RawSocket, UdpSink},
+};
+use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
+use rootlet_server::{
+    config::{Config, IdentityConfig, Role},
+    runtime::{self, Running},
+};
+use std::error::Error as _;
+use tonic::{
+    Code, Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+use tonic_types::StatusExt;
+
+struct Agent {
+    f: Fixture,
+    pki: Pki,
+    state_dir: PathBuf,
+    signing_key: rootlet_bundle::SigningKey,
+    running: Option<Running>,
+}
+
+fn identity(name: &str, role: Role, stages: &[&str]) -> IdentityConfig {
+    IdentityConfig {
+        name: name.into(),
+        role,
+        stages: stages.iter().map(|s| (*s).into()).collect(),
+    }
+}
+
+impl Agent {
+    fn config(f: &Fixture, pki: &Pki, state_dir: &Path, max_message_bytes: usize) -> Config {
+        let public = state_dir.join("release.pub");
+        let mut c = Config::default();
+        c.listen.tcp = Some("127.0.0.1:0".parse().expect("addr"));
+        c.listen.unix = Some(state_dir.join("rootletd.sock"));
+        c.tls = Some(pki.tls_config());
+        c.metrics.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        c.dataplane.bpffs_root = f.root.clone();
+        c.dataplane.state_dir = state_dir.to_owned();
+        c.dataplane.backend = fixture::backend();
+        c.bundles.trusted_keys = vec![public];
+        c.limits.max_message_bytes = max_message_bytes;
+        c.authz.identity = vec![
+            identity("ops", Role::Admin, &[]),
+            identity("team-a", Role::Owner, &["a-*"]),
+            identity("team-b", Role::Owner, &["b-*"]),
+            identity("mon", Role::Reader, &[]),
+        ];
+        c
+    }
+
+    async fn start_with(max_message_bytes: usize) -> Agent {
+        let f = Fixture::new();
+        let pki = Pki::new();
+        let state_dir = pki.dir.join("state");
+        std::fs::create_dir_all(&state_dir).expect("state dir");
+        let signing_key = rootlet_bundle::generate_signing_key().expect("key");
+        std::fs::write(
+            state_dir.join("release.pub"),
+            rootlet_bundle::verifying_key_to_pem(&signing_key.verifying_key()),
+        )
+        .expect("public key");
+        let mut running = runtime::start(Self::config(&f, &pki, &state_dir, max_message_bytes))
+            .await
+            .expect("start rootletd");
+        assert!(running.ready().await, "the agent serves");
+        Agent {
+            f,
+            pki,
+            state_dir,
+            signing_key,
+            running: Some(running),
+        }
+    }
+
+    async fn start() -> Agent {
+        Self::start_with(80 << 20).await
+    }
+
+    fn addr(&self) -> String {
+        let a = self
+            .running
+            .as_ref()
+            .and_then(|r| r.tcp_addr)
+            .expect("tcp address");
+        format!("https://localhost:{}", a.port())
+    }
+
+    async fn client_with(
+        &self,
+        id: Option<(&str, bool)>,
+    ) -> Result<RootletClient<Channel>, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.pki.ca_pem()))
+            .domain_name("localhost");
+        if let Some((cn, rogue)) = id {
+            let c = if rogue {
+                self.pki.rogue_client(cn)
+            } else {
+                self.pki.client(cn)
+            };
+            tls = tls.identity(Identity::from_pem(c.cert_pem, c.key_pem));
+        }
+        let channel = Channel::from_shared(self.addr())
+            .expect("uri")
+            .tls_config(tls)?
+            .timeout(Duration::from_secs(60))
+            .connect()
+            .await?;
+        Ok(RootletClient::new(channel)
+            .max_decoding_message_size(80 << 20)
+            .max_encoding_message_size(80 << 20))
+    }
+
+    async fn client(&self, cn: &str) -> RootletClient<Channel> {
+        self.client_with(Some((cn, false))).await.expect("connect")
+    }
+
+    fn iface(&self) -> pb::Interface {
+        pb::Interface {
+            netns: self.f.netns_path().display().to_string(),
+            ifname: self.f.pair.host_if().into(),
+        }
+    }
+
+    fn rootlet(&self) -> Option<pb::RootletRef> {
+        Some(pb::RootletRef {
+            r#ref: Some(pb::rootlet_ref::Ref::Interface(self.iface())),
+        })
+    }
+
+    async fn load(&self, ops: &mut RootletClient<Channel>) -> pb::RootletState {
+        ops.load_rootlet(pb::LoadRootletRequest {
+            interface: Some(self.iface()),
+            mode: pb::XdpMode::Generic as i32,
+            final_verdict: pb::XdpAction::Pass as i32,
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("load rootlet")
+        .into_inner()
+    }
+
+    /// A signed bundle of embedded objects: (stage, object, priority).
+    fn bundle(&self, version: &str, stages: &[(&str, &str, i32)], sign: bool) -> Vec<u8> {
+        let dir = self.state_dir.join(format!("bundle-{version}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut manifest = format!(
+            "name = \"edge\"\nversion = \"{version}\"\n[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+            self.f.pair.host_if(),
+            self.f.netns_path().display()
+        );
+        for (name, object, prio) in stages {
+            let e = rootlet_ebpf::stage(object).expect("object");
+            std::fs::write(dir.join(format!("{object}.o")), e.object).expect("object file");
+            manifest.push_str(&format!(
+                "[[stages]]\nname = \"{name}\"\nobject = \"{object}.o\"\nprogram = \"{}\"\npriority = {prio}\nowner = \"ops\"\n",
+                e.program
+            ));
+        }
+        std::fs::write(dir.join("manifest.toml"), manifest).expect("manifest");
+        let bundle =
+            rootlet_bundle::Bundle::build(dir.join("manifest.toml")).expect("build bundle");
+        let mut signed = rootlet_bundle::SignedBundle::new(bundle);
+        if sign {
+            signed.sign(&self.signing_key);
+        }
+        signed.to_bytes()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // The runtime shuts down in the background when dropped.
+        self.running.take();
+    }
+}
+
+fn stage(name: &str, object: &str, priority: i32) -> pb::Stage {
+    let e = rootlet_ebpf::stage(object).expect("object");
+    pb::Stage {
+        name: name.into(),
+        object: e.object.to_vec(),
+        program: e.program.into(),
+        priority,
+        pin: true,
+        ..Default::default()
+    }
+}
+
+fn link(r: Option<pb::RootletRef>, s: pb::Stage) -> pb::LinkStageRequest {
+    pb::LinkStageRequest {
+        rootlet: r,
+        stage: Some(s),
+        expected_generation: None,
+        idempotency_key: String::new(),
+    }
+}
+
+fn reason(s: &tonic::Status) -> String {
+    s.get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authentication_authorization_and_typed_errors() {
+    let a = Agent::start().await;
+    // No certificate: UNAUTHENTICATED.
+    let mut anon = a
+        .client_with(None)
+        .await
+        .expect("TLS without a client certificate");
+    let err = anon
+        .get_capabilities(pb::GetCapabilitiesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // A certificate from another CA does not get through the handshake.
+    let rogue = a.client_with(Some(("ops", true))).await;
+    if let Ok(mut c) = rogue {
+        let err = c
+            .get_capabilities(pb::GetCapabilitiesRequest {})
+            .await
+            .unwrap_err();
+        // Refused in the TLS handshake: a transport error, never an answer.
+        assert!(
+            matches!(
+                err.code(),
+                Code::Unavailable | Code::Cancelled | Code::Unknown
+            ),
+            "rogue CA: {err:?}"
+        );
+        assert!(err.source().is_some(), "a transport error: {err:?}");
+    }
+    // A valid certificate the config does not know: PERMISSION_DENIED.
+    let mut stranger = a.client("stranger").await;
+    let err = stranger
+        .get_capabilities(pb::GetCapabilitiesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let mut team_b = a.client("team-b").await;
+    let mut mon = a.client("mon").await;
+    let caps = mon
+        .get_capabilities(pb::GetCapabilitiesRequest {})
+        .await
+        .expect("reader reads")
+        .into_inner();
+    assert!(caps.probes.iter().any(|p| p.name == "ext_load"));
+
+    let err = team_a
+        .load_rootlet(pb::LoadRootletRequest {
+            interface: Some(a.iface()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "only admins load rootlets"
+    );
+    let state = a.load(&mut ops).await;
+    assert_eq!(state.generation, 1);
+
+    let r = a.rootlet();
+    let done = team_a
+        .link_stage(link(r.clone(), stage("a-sampler", "sampler", 10)))
+        .await
+        .expect("own stage")
+        .into_inner();
+    assert_eq!(done.generation, 2);
+    assert_eq!(
+        done.rootlet.as_ref().map(|s| s.slots[0].owner.as_str()),
+        Some("team-a")
+    );
+    // One team cannot touch another's stage, nor name stages outside its own.
+    let err = team_b
+        .replace_stage(pb::ReplaceStageRequest {
+            rootlet: r.clone(),
+            stage: Some(stage("a-sampler", "test_drop", 10)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = team_b
+        .link_stage(link(r.clone(), stage("a-evil", "test_drop", 5)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = mon
+        .link_stage(link(r.clone(), stage("b-x", "test_pass", 5)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "readers do not write");
+    team_b
+        .link_stage(link(r.clone(), stage("b-ddos", "ddos", 20)))
+        .await
+        .expect("team b's own stage");
+
+    // Typed errors with details.
+    let err = team_a
+        .link_stage(link(r.clone(), stage("a-sampler", "sampler", 10)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::AlreadyExists, "STAGE_EXISTS")
+    );
+    let err = team_a
+        .link_stage(link(r.clone(), stage("a-bad", "test_bad_verifier", 30)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "VERIFIER_REJECTED")
+    );
+    let log = err
+        .get_error_details()
+        .debug_info()
+        .map(|d| d.detail.clone())
+        .unwrap_or_default();
+    assert!(
+        log.contains("invalid access to packet"),
+        "the verifier log travels: {log}"
+    );
+    let mut stale = link(r.clone(), stage("a-x", "test_pass", 30));
+    stale.expected_generation = Some(1);
+    let err = team_a.link_stage(stale).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.get_error_details().precondition_failure().is_some(),
+        "{err:?}"
+    );
+
+    // Idempotency: the same key and request replay; another request fails.
+    let mut req = link(r.clone(), stage("a-idem", "test_pass", 40));
+    req.idempotency_key = "k1".into();
+    let first = team_a
+        .link_stage(req.clone())
+        .await
+        .expect("first")
+        .into_inner();
+    let again = team_a
+        .link_stage(req.clone())
+        .await
+        .expect("replayed")
+        .into_inner();
+    assert_eq!(first.generation, again.generation, "no second change");
+    req.stage = Some(stage("a-other", "test_pass", 40));
+    let err = team_a.link_stage(req).await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED")
+    );
+
+    // Metrics, on their own port.
+    let metrics = a
+        .running
+        .as_ref()
+        .and_then(|r| r.metrics_addr)
+        .expect("metrics address");
+    let body = http_get(metrics, "/metrics").await;
+    assert!(body.contains("rootlet_rpc_requests_total"), "{body}");
+    assert!(body.contains("rootlet_slot_packets_total"), "{body}");
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .expect("metrics answered in time")
+        .expect("read");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_lease_returns_the_slot_to_the_placeholder_while_packets_flow() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let mut team_a = a.client("team-a").await;
+    let mut drop_stage = stage("a-drop", "test_drop", 10);
+    drop_stage.lease_seconds = 2;
+    let done = team_a
+        .link_stage(link(a.rootlet(), drop_stage))
+        .await
+        .expect("leased")
+        .into_inner();
+    assert!(!done.lease_id.is_empty());
+
+    let sink = UdpSink::bind(a.f.pair.host(), SocketAddrV4::new(HOST_IP, 6000)).expect("sink");
+    let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
+    let send = |seq: u64| {
+        raw.send(
+            &a.f.pair
+                .udp_to_host(40000, 6000, seq_payload(seq, 64))
+                .to_bytes(),
+        )
+        .expect("send")
+    };
+
+    // Renewed over a KeepAlive stream for 4 s (twice the lease): still dropping.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = team_a
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("keepalive")
+        .into_inner();
+    let start = Instant::now();
+    let mut seq = 0;
+    while start.elapsed() < Duration::from_secs(4) {
+        tx.send(pb::RenewLeaseRequest {
+            lease_id: done.lease_id.clone(),
+        })
+        .await
+        .expect("renew");
+        let r = replies.message().await.expect("renewed").expect("a reply");
+        assert_eq!(r.lease_id, done.lease_id);
+        send(seq);
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let got = sink
+        .recv_until_idle(
+            Duration::from_millis(200),
+            Instant::now() + Duration::from_secs(2),
+        )
+        .expect("recv");
+    assert!(
+        got.is_empty(),
+        "the leased drop stage is alive while renewed"
+    );
+    drop(tx);
+
+    // No more renewals: within the lease and the reaper's period the stage
+    // goes and packets flow through the placeholder.
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut passed = 0;
+    while passed == 0 && Instant::now() < end {
+        send(seq);
+        seq += 1;
+        passed = sink
+            .recv_until_idle(
+                Duration::from_millis(100),
+                Instant::now() + Duration::from_millis(300),
+            )
+            .expect("recv")
+            .len();
+    }
+    assert!(passed > 0, "packets pass once the lease expired");
+    let state = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: a.rootlet(),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    assert!(
+        state.slots.iter().all(|s| s.stage != "a-drop"),
+        "unlinked: {:?}",
+        state.slots
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bundles_apply_noop_nack_and_roll_back() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let apply = |bytes: Vec<u8>| pb::ApplyBundleRequest {
+        source: Some(pb::apply_bundle_request::Source::Bundle(bytes)),
+        ..Default::default()
+    };
+    let v1 = a.bundle(
+        "1.0",
+        &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
+        true,
+    );
+    let r1 = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1 applies")
+        .into_inner();
+    assert!(
+        !r1.noop && r1.rootlets.len() == 1 && r1.rootlets[0].changed,
+        "{r1:?}"
+    );
+    let has = ops
+        .has_bundle(pb::HasBundleRequest {
+            digest: r1.digest.clone(),
+        })
+        .await
+        .expect("has")
+        .into_inner();
+    assert!(has.present, "the agent keeps what it applied");
+    let again = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1 again")
+        .into_inner();
+    assert!(again.noop, "the same digest again is a no-op");
+    let by_digest = ops
+        .apply_bundle(pb::ApplyBundleRequest {
+            source: Some(pb::apply_bundle_request::Source::Digest(r1.digest.clone())),
+            ..Default::default()
+        })
+        .await
+        .expect("by digest")
+        .into_inner();
+    assert!(by_digest.noop);
+    let state = |s: pb::RootletState| {
+        (
+            s.generation,
+            s.slots
+                .iter()
+                .map(|x| (x.stage.clone(), x.digest.clone()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let get = |mut c: RootletClient<Channel>, r| async move {
+        c.get_rootlet(pb::GetRootletRequest { rootlet: r })
+            .await
+            .expect("get")
+            .into_inner()
+    };
+    let before = get(ops.clone(), a.rootlet()).await;
+    assert_eq!(before.applied_version, "1.0");
+
+    // A stage the verifier rejects: NACK with the log, last good kept.
+    let bad = a.bundle(
+        "2.0",
+        &[
+            ("sampler", "sampler", 10),
+            ("ddos", "ddos", 20),
+            ("bad", "test_bad_verifier", 30),
+        ],
+        true,
+    );
+    let err = ops.apply_bundle(apply(bad)).await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "VERIFIER_REJECTED"),
+        "{err:?}"
+    );
+    assert!(
+        err.get_error_details()
+            .debug_info()
+            .is_some_and(|d| d.detail.contains("invalid access to packet"))
+    );
+    let after = get(ops.clone(), a.rootlet()).await;
+    assert_eq!(
+        state(after.clone()),
+        state(before.clone()),
+        "nothing changed"
+    );
+    assert_eq!(after.applied_version, "1.0");
+    let attempt = after.last_attempt.expect("last attempt");
+    assert_eq!(
+        (attempt.version.as_str(), attempt.outcome.as_str()),
+        ("2.0", "nack")
+    );
+    assert!(attempt.error.contains("bad"), "{}", attempt.error);
+
+    // Unsigned and wrongly signed bundles are refused.
+    let unsigned = a.bundle("3.0", &[("sampler", "sampler", 10)], false);
+    let err = ops.apply_bundle(apply(unsigned)).await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "BUNDLE_UNSIGNED")
+    );
+    let mut forged = rootlet_bundle::SignedBundle::from_bytes(&a.bundle(
+        "3.1",
+        &[("sampler", "sampler", 10)],
+        false,
+    ))
+    .expect("decode");
+    forged.sign(&rootlet_bundle::generate_signing_key().expect("key"));
+    let err = ops
+        .apply_bundle(apply(forged.to_bytes()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let truncated = &v1[..v1.len() / 2];
+    let err = ops
+        .apply_bundle(apply(truncated.to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // v3 changes ddos and adds l4lb; rollback returns to exactly v1.
+    let v3 = a.bundle(
+        "3.0",
+        &[
+            ("sampler", "sampler", 10),
+            ("ddos", "ddos_v2", 20),
+            ("lb", "l4lb", 30),
+        ],
+        true,
+    );
+    ops.apply_bundle(apply(v3)).await.expect("v3 applies");
+    let s3 = get(ops.clone(), a.rootlet()).await;
+    assert_eq!((s3.applied_version.as_str(), s3.slots.len()), ("3.0", 3));
+    let listed = ops
+        .list_bundles(pb::ListBundlesRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        listed
+            .bundles
+            .iter()
+            .map(|b| b.version.as_str())
+            .collect::<Vec<_>>(),
+        ["3.0", "1.0"]
+    );
+    let back = ops
+        .rollback(pb::RollbackRequest {
+            name: "edge".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rollback")
+        .into_inner();
+    assert_eq!(back.version, "1.0");
+    let s1 = get(ops.clone(), a.rootlet()).await;
+    assert_eq!(
+        state(s1.clone()).1,
+        state(before).1,
+        "exactly v1's stages again"
+    );
+    assert_eq!(s1.applied_version, "1.0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_concurrent_clients_lose_no_update_and_never_deadlock() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let second = VethPair::new().expect("second veth pair");
+    let iface2 = pb::Interface {
+        netns: second.host().path().display().to_string(),
+        ifname: second.host_if().into(),
+    };
+    ops.load_rootlet(pb::LoadRootletRequest {
+        interface: Some(iface2.clone()),
+        mode: pb::XdpMode::Generic as i32,
+        ..Default::default()
+    })
+    .await
+    .expect("second rootlet");
+    let refs = [
+        a.rootlet(),
+        Some(pb::RootletRef {
+            r#ref: Some(pb::rootlet_ref::Ref::Interface(iface2)),
+        }),
+    ];
+    let mut tasks = vec![];
+    for i in 0..20 {
+        let mut c = a.client("ops").await;
+        let r = refs[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            // Read-modify-write with a generation precondition: retry on conflict.
+            for attempt in 0..200 {
+                let current = c
+                    .get_rootlet(pb::GetRootletRequest { rootlet: r.clone() })
+                    .await?
+                    .into_inner()
+                    .generation;
+                let mut req = link(r.clone(), stage(&format!("s{i}"), "test_pass", i as i32));
+                req.expected_generation = Some(current);
+                match c.link_stage(req).await {
+                    Ok(_) => return Ok::<usize, tonic::Status>(attempt),
+                    Err(e) if e.code() == Code::FailedPrecondition => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(tonic::Status::aborted("too many conflicts"))
+        }));
+    }
+    let all = tokio::time::timeout(Duration::from_secs(180), futures::future::join_all(tasks))
+        .await
+        .expect("no deadlock: every client finished in time");
+    for r in all {
+        r.expect("task").expect("mutation");
+    }
+    for r in refs {
+        let s = ops
+            .get_rootlet(pb::GetRootletRequest { rootlet: r })
+            .await
+            .expect("state")
+            .into_inner();
+        assert_eq!(
+            s.slots.len(),
+            10,
+            "no lost update: {:?}",
+            s.slots.iter().map(|x| &x.stage).collect::<Vec<_>>()
+        );
+        assert_eq!(s.generation, 11, "one generation per successful change");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_truncated_and_malformed_requests_change_nothing() {
+    let a = Agent::start_with(1 << 20).await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let r = a.rootlet();
+    ops.link_stage(link(r.clone(), stage("base", "test_pass", 1)))
+        .await
+        .expect("link");
+    let before = ops
+        .get_rootlet(pb::GetRootletRequest { rootlet: r.clone() })
+        .await
+        .expect("state")
+        .into_inner();
+    let pins = a.f.pins();
+
+    let mut big = stage("big", "test_pass", 2);
+    big.object = vec![0x7f; 2 << 20];
+    let err = ops.link_stage(link(r.clone(), big)).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "oversized: {err:?}"
+    );
+
+    let mut truncated = stage("trunc", "ddos", 2);
+    truncated.object.truncate(truncated.object.len() / 3);
+    let err = ops
+        .link_stage(link(r.clone(), truncated))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "STAGE_CHECK_FAILED"),
+        "{err:?}"
+    );
+
+    let err = ops
+        .link_stage(pb::LinkStageRequest {
+            rootlet: r.clone(),
+            stage: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.get_error_details()
+            .bad_request()
+            .is_some_and(|b| b.field_violations.iter().any(|v| v.field == "stage"))
+    );
+
+    let mut weird = stage("weird", "test_pass", 2);
+    weird.proceed_on = vec![99];
+    let err = ops.link_stage(link(r.clone(), weird)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "unknown enum value");
+
+    let err = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: Some(pb::RootletRef {
+                r#ref: Some(pb::rootlet_ref::Ref::Id("not-an-id".into())),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let err = ops
+        .link_stage(link(r.clone(), stage("../etc", "test_pass", 2)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "bad stage name");
+
+    let after = ops
+        .get_rootlet(pb::GetRootletRequest { rootlet: r })
+        .await
+        .expect("state")
+        .into_inner();
+    assert_eq!(after.generation, before.generation, "nothing changed");
+    assert_eq!(a.f.pins(), pins, "no pins left behind");
+}
+
+/// Starts rootletd as a process with a config file.
+fn rootletd(config: &Path) -> std::process::Child {
+    let exe = std::env::current_exe().expect("exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("dir");
+    std::process::Command::new(dir.join("rootletd"))
+        .arg("--config")
+        .arg(config)
+        .spawn()
+        .expect("spawn rootletd (cargo build -p rootlet-server)")
+}
+
+async fn health(addr: &str, a: &Agent) -> Option<i32> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
+        .domain_name("localhost")
+        .identity({
+            let c = a.pki.client("mon");
+            Identity::from_pem(c.cert_pem, c.key_pem)
+        });
+    let ch = Channel::from_shared(addr.to_owned())
+        .ok()?
+        .tls_config(tls)
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    h.check(Request::new(tonic_health::pb::HealthCheckRequest {
+        service: "rootlet.v1.Rootlet".into(),
+    }))
+    .await
+    .ok()
+    .map(|r| r.into_inner().status)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
+    // Set up state with an in-process agent, then stop it: the data path stays.
+    let mut a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    ops.link_stage(link(a.rootlet(), stage("drop", "test_drop", 10)))
+        .await
+        .expect("link");
+    drop(ops);
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let sink = UdpSink::bind(a.f.pair.host(), SocketAddrV4::new(HOST_IP, 6000)).expect("sink");
+    let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
+    raw.send(
+        &a.f.pair
+            .udp_to_host(40000, 6000, seq_payload(1, 64))
+            .to_bytes(),
+    )
+    .expect("send");
+    let got = sink
+        .recv_until_idle(
+            Duration::from_millis(200),
+            Instant::now() + Duration::from_secs(2),
+        )
+        .expect("recv");
+    assert!(got.is_empty(), "the pinned drop stage outlives the agent");
+
+    // Another process holds the store (an old agent still exiting): the new
+    // agent listens but reports NOT_SERVING until it can adopt.
+    let holder = a.f.dp_hold(&[]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let mut child = rootletd(&path);
+    let addr = format!("https://localhost:{port}");
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut saw_not_serving = false;
+    while Instant::now() < end {
+        if let Some(s) = health(&addr, &a).await {
+            assert_ne!(s, 1, "SERVING before adoption");
+            saw_not_serving = s == 2;
+            if saw_not_serving {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(saw_not_serving, "health reports NOT_SERVING while adopting");
+    holder.kill();
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut serving = false;
+    while !serving && Instant::now() < end {
+        serving = health(&addr, &a).await == Some(1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(serving, "SERVING after adoption");
+    let ch = Channel::from_shared(addr).expect("uri").tls_config(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
+            .domain_name("localhost")
+            .identity({
+                let c = a.pki.client("ops");
+                Identity::from_pem(c.cert_pem, c.key_pem)
+            }),
+    );
+    let mut ops = RootletClient::new(ch.expect("tls").connect().await.expect("connect"));
+    let state = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: a.rootlet(),
+        })
+        .await
+        .expect("adopted")
+        .into_inner();
+    assert_eq!(
+        state
+            .slots
+            .iter()
+            .map(|s| s.stage.as_str())
+            .collect::<Vec<_>>(),
+        ["drop"]
+    );
+    assert!(state.drift.is_empty());
+    // SIGTERM: a clean exit, the data path keeps running.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("sigterm");
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "rootletd exits cleanly on SIGTERM: {status:?}"
+    );
+    raw.send(
+        &a.f.pair
+            .udp_to_host(40000, 6000, seq_payload(2, 64))
+            .to_bytes(),
+    )
+    .expect("send");
+    let got = sink
+        .recv_until_idle(
+            Duration::from_millis(200),
+            Instant::now() + Duration::from_secs(2),
+        )
+        .expect("recv");
+    assert!(got.is_empty(), "still dropping after the agent exited");
+}
+
+fn toml_of(c: &Config) -> String {
+    toml::to_string(c).expect("config serializes")
+}

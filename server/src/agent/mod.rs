@@ -1,0 +1,550 @@
+//! The agent: what `rootletd` does on top of the data plane, independent of
+//! gRPC. Authorization of every call, stage ownership, leases, bundles
+//! applied as transactions over every rootlet they touch, the apply status
+//! of each rootlet (`applied_version`, `last_attempt`), bundle history for
+//! rollback, and change events for watchers.
+//!
+//! Every method here blocks (the data plane makes syscalls); the API layer
+//! calls them from `spawn_blocking`.
+//!
+//! **Architecture invariant:** the agent knows nothing about gRPC; `api/`
+//! translates requests and errors.
+
+pub mod authz;
+mod bundles;
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use rootlet_bundle::{BundleError, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::{
+    config::Config,
+    dataplane::{
+        self, Dataplane,
+        spec::{Change, InterfaceRef, RootletKey, RootletSpec, StageSpec},
+        state::RootletState,
+    },
+    kv::{Kv, KvError},
+    metrics::SlotSample,
+};
+pub use authz::{Authz, Caller, Denied, Grant};
+pub use bundles::{ApplyOutcome, BundleSource};
+
+/// Why the agent refused or failed a call.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    #[error(transparent)]
+    Dataplane(#[from] dataplane::Error),
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("bundle: {0}")]
+    Bundle(#[from] BundleError),
+    #[error(
+        "bundle `{name}` {version} was not applied: {source}; every rootlet keeps its previous version"
+    )]
+    Nack {
+        name: String,
+        version: String,
+        rootlet: String,
+        #[source]
+        source: Box<AgentError>,
+    },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no earlier version of bundle `{0}` to roll back to")]
+    NothingToRollBack(String),
+    #[error("idempotency key `{0}` was already used for a different request")]
+    IdempotencyConflict(String),
+    #[error(transparent)]
+    Store(#[from] KvError),
+    #[error("cannot read trusted key {path}: {source}")]
+    TrustedKey {
+        path: String,
+        #[source]
+        source: BundleError,
+    },
+}
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+/// One bundle attempt on a rootlet, as xDS clients report ACK/NACK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub version: String,
+    pub digest: String,
+    /// "ack" or "nack".
+    pub outcome: String,
+    pub error: String,
+    pub at_unix_ms: i64,
+}
+
+/// The bundle state of one rootlet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyStatus {
+    /// The bundle last applied successfully (name, version, digest).
+    pub bundle: String,
+    pub applied_version: String,
+    pub applied_digest: String,
+    pub last_attempt: Option<Attempt>,
+    /// By bundle name: the stages that bundle put here.
+    pub managed: BTreeMap<String, Vec<String>>,
+}
+
+/// A stage linked with a lease.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub id: String,
+    pub key: RootletKey,
+    pub stage: String,
+    pub holder: String,
+    pub ttl: Duration,
+    pub expires: Instant,
+}
+
+impl Lease {
+    pub fn expires_unix_ms(&self) -> i64 {
+        let left = self.expires.saturating_duration_since(Instant::now());
+        unix_ms(SystemTime::now() + left)
+    }
+}
+
+/// A change watchers hear about.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub key: RootletKey,
+    /// "loaded", "changed", "unloaded", "lease-expired".
+    pub cause: &'static str,
+}
+
+/// A change to one stage.
+#[derive(Debug, Clone)]
+pub enum StageOp {
+    Link {
+        spec: StageSpec,
+        lease: Option<Duration>,
+    },
+    Replace {
+        spec: StageSpec,
+        lease: Option<Duration>,
+    },
+    Unlink {
+        name: String,
+    },
+    SetPin {
+        name: String,
+        pin: bool,
+    },
+}
+
+impl StageOp {
+    fn name(&self) -> &str {
+        match self {
+            StageOp::Link { spec, .. } | StageOp::Replace { spec, .. } => &spec.name,
+            StageOp::Unlink { name } | StageOp::SetPin { name, .. } => name,
+        }
+    }
+}
+
+/// What a stage change did.
+#[derive(Debug, Clone)]
+pub struct ChangeOutcome {
+    pub generation: u64,
+    pub lease: Option<Lease>,
+}
+
+const STATUS: &str = "status";
+const BUNDLES: &str = "bundles";
+const HISTORY: &str = "history";
+const IDEMPOTENCY: &str = "idempotency";
+/// Longest lease.
+pub const MAX_LEASE: Duration = Duration::from_secs(86_400);
+
+pub struct Agent {
+    dp: Dataplane,
+    kv: Kv,
+    authz: Authz,
+    trusted: Vec<VerifyingKey>,
+    allow_unsigned: bool,
+    history: usize,
+    leases: Mutex<BTreeMap<String, Lease>>,
+    events: broadcast::Sender<Event>,
+    /// Bundle applies span rootlets: one at a time.
+    bundle_lock: Mutex<()>,
+    insecure_tcp: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Agent {
+    /// Opens the data plane (adopting pinned state) and the agent's store.
+    /// While another process holds the store (an old agent still shutting
+    /// down), waits for it, up to `wait`.
+    pub fn open(config: &Config) -> Result<Arc<Agent>> {
+        Self::open_waiting(config, Duration::from_secs(120))
+    }
+
+    pub fn open_waiting(config: &Config, wait: Duration) -> Result<Arc<Agent>> {
+        let deadline = Instant::now() + wait;
+        let dp = loop {
+            match Dataplane::open(config.dataplane_config()) {
+                Err(dataplane::Error::StoreLocked { path }) if Instant::now() < deadline => {
+                    tracing::warn!(store = %path.display(), "the store is held by another process; waiting");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                other => break other?,
+            }
+        };
+        let kv = Kv::open(
+            &Path::new(&config.dataplane.state_dir).join("agent.redb"),
+            &[STATUS, BUNDLES, HISTORY, IDEMPOTENCY],
+        )?;
+        let mut trusted = vec![];
+        for path in &config.bundles.trusted_keys {
+            let key = rootlet_bundle::read_verifying_key(path).map_err(|source| {
+                AgentError::TrustedKey {
+                    path: Path::new(path).display().to_string(),
+                    source,
+                }
+            })?;
+            trusted.push(key);
+        }
+        Ok(Arc::new(Agent {
+            dp,
+            kv,
+            authz: Authz::new(config.authz.clone()),
+            trusted,
+            allow_unsigned: config.bundles.allow_unsigned,
+            history: config.bundles.history.max(1),
+            leases: Mutex::new(BTreeMap::new()),
+            events: broadcast::channel(1024).0,
+            bundle_lock: Mutex::new(()),
+            insecure_tcp: config.listen.insecure_tcp,
+        }))
+    }
+
+    /// Plain TCP without client certificates was configured.
+    pub fn insecure_tcp(&self) -> bool {
+        self.insecure_tcp
+    }
+
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    /// What `caller` may do.
+    pub fn grant(&self, caller: Caller) -> Result<Grant> {
+        Ok(self.authz.grant(caller)?)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, key: RootletKey, cause: &'static str) {
+        let _ = self.events.send(Event { key, cause });
+    }
+
+    /// Resolves an interface to its rootlet key.
+    pub fn key_of(&self, iface: &InterfaceRef) -> Result<RootletKey> {
+        let netns = iface.netns.as_deref();
+        Ok(RootletKey {
+            netns_ino: dataplane::netns::inode(netns)?,
+            ifindex: dataplane::netns::ifindex(netns, &iface.ifname)?,
+        })
+    }
+
+    pub fn load_rootlet(&self, grant: &Grant, spec: RootletSpec) -> Result<RootletKey> {
+        grant.admin("load rootlets")?;
+        let key = self.dp.load_rootlet(spec)?;
+        self.emit(key, "loaded");
+        Ok(key)
+    }
+
+    pub fn unload_rootlet(&self, grant: &Grant, key: RootletKey) -> Result<()> {
+        grant.admin("unload rootlets")?;
+        self.dp.unload_rootlet(key)?;
+        lock(&self.leases).retain(|_, l| l.key != key);
+        self.kv.delete(STATUS, &key.to_string())?;
+        self.emit(key, "unloaded");
+        Ok(())
+    }
+
+    pub fn state(&self, grant: &Grant, key: RootletKey) -> Result<RootletState> {
+        grant.read()?;
+        Ok(self.dp.state(key)?)
+    }
+
+    pub fn list(&self, grant: &Grant) -> Result<Vec<RootletKey>> {
+        grant.read()?;
+        Ok(self.dp.list())
+    }
+
+    pub fn status(&self, key: RootletKey) -> Result<ApplyStatus> {
+        Ok(self.kv.get(STATUS, &key.to_string())?.unwrap_or_default())
+    }
+
+    /// The lease of `stage` on `key`, if it has one.
+    pub fn lease_of(&self, key: RootletKey, stage: &str) -> Option<Lease> {
+        lock(&self.leases)
+            .values()
+            .find(|l| l.key == key && l.stage == stage)
+            .cloned()
+    }
+
+    fn owner_of(&self, key: RootletKey, stage: &str) -> Result<Option<String>> {
+        Ok(self
+            .dp
+            .state(key)?
+            .slots
+            .into_iter()
+            .find(|s| s.stage == stage)
+            .map(|s| s.owner))
+    }
+
+    /// Links, replaces, unlinks or (un)pins one stage.
+    pub fn change(
+        &self,
+        grant: &Grant,
+        key: RootletKey,
+        op: StageOp,
+        expected: Option<u64>,
+    ) -> Result<ChangeOutcome> {
+        let current_owner = self.owner_of(key, op.name())?;
+        grant.stage(op.name(), current_owner.as_deref())?;
+        let (change, lease_ttl) = match op {
+            StageOp::Link { spec, lease } => (
+                Change::Link(self.stage_terms(grant, spec, lease, &current_owner)?),
+                lease,
+            ),
+            StageOp::Replace { spec, lease } => (
+                Change::Replace(self.stage_terms(grant, spec, lease, &current_owner)?),
+                lease,
+            ),
+            StageOp::Unlink { name } => (Change::Unlink { name }, None),
+            StageOp::SetPin { name, pin } => (Change::SetPin { name, pin }, None),
+        };
+        let name = match &change {
+            Change::Link(s) | Change::Replace(s) => s.name.clone(),
+            Change::Unlink { name } | Change::SetPin { name, .. } => name.clone(),
+        };
+        let generation = self
+            .dp
+            .apply(key, std::slice::from_ref(&change), expected)?;
+        let lease = match (&change, lease_ttl) {
+            (Change::Unlink { .. }, _) | (Change::Link(_) | Change::Replace(_), None) => {
+                lock(&self.leases).retain(|_, l| !(l.key == key && l.stage == name));
+                None
+            }
+            (_, Some(ttl)) => Some(self.grant_lease(key, &name, grant.caller.name(), ttl)),
+            (Change::SetPin { .. }, None) => self.lease_of(key, &name),
+        };
+        self.emit(key, "changed");
+        Ok(ChangeOutcome { generation, lease })
+    }
+
+    /// The owner (kept from the running stage, else the caller) and the
+    /// lifetime (a lease is never pinned) of a stage to link or replace.
+    fn stage_terms(
+        &self,
+        grant: &Grant,
+        mut spec: StageSpec,
+        lease: Option<Duration>,
+        current_owner: &Option<String>,
+    ) -> Result<StageSpec> {
+        spec.owner = current_owner
+            .clone()
+            .unwrap_or_else(|| grant.caller.name().to_owned());
+        if let Some(ttl) = lease {
+            if ttl.is_zero() || ttl > MAX_LEASE {
+                return Err(AgentError::InvalidArgument {
+                    field: "stage.lease_seconds".into(),
+                    message: format!("must be 1..={}", MAX_LEASE.as_secs()),
+                });
+            }
+            spec.pin = false;
+        }
+        Ok(spec)
+    }
+
+    fn grant_lease(&self, key: RootletKey, stage: &str, holder: &str, ttl: Duration) -> Lease {
+        let mut leases = lock(&self.leases);
+        let id = leases
+            .values()
+            .find(|l| l.key == key && l.stage == stage)
+            .map(|l| l.id.clone())
+            .unwrap_or_else(|| hex::encode(rand_id()));
+        let lease = Lease {
+            id: id.clone(),
+            key,
+            stage: stage.to_owned(),
+            holder: holder.to_owned(),
+            ttl,
+            expires: Instant::now() + ttl,
+        };
+        leases.insert(id, lease.clone());
+        lease
+    }
+
+    /// Extends a lease by its time to live.
+    pub fn renew_lease(&self, grant: &Grant, id: &str) -> Result<Lease> {
+        let mut leases = lock(&self.leases);
+        let lease = leases
+            .get_mut(id)
+            .ok_or_else(|| AgentError::NotFound(format!("no lease `{id}`")))?;
+        if !grant.is_admin() && lease.holder != grant.caller.name() {
+            return Err(Denied::PermissionDenied {
+                who: grant.caller.name().to_owned(),
+                what: format!("renew lease `{id}` held by {}", lease.holder),
+            }
+            .into());
+        }
+        lease.expires = Instant::now() + lease.ttl;
+        Ok(lease.clone())
+    }
+
+    /// Unlinks the stages whose leases expired; returns how many.
+    pub fn reap_leases(&self) -> usize {
+        let now = Instant::now();
+        let expired: Vec<Lease> = {
+            let mut leases = lock(&self.leases);
+            let ids: Vec<String> = leases
+                .values()
+                .filter(|l| l.expires <= now)
+                .map(|l| l.id.clone())
+                .collect();
+            ids.iter().filter_map(|id| leases.remove(id)).collect()
+        };
+        for lease in &expired {
+            let result = self.dp.apply(
+                lease.key,
+                &[Change::Unlink {
+                    name: lease.stage.clone(),
+                }],
+                None,
+            );
+            match result {
+                Ok(generation) => {
+                    tracing::info!(target: "audit", who = %lease.holder, what = "lease expired: unlink", stage = %lease.stage, rootlet = %lease.key, generation, outcome = "ok");
+                    self.emit(lease.key, "lease-expired");
+                }
+                Err(e) => {
+                    tracing::warn!(stage = %lease.stage, rootlet = %lease.key, error = %e, "cannot unlink the stage of an expired lease")
+                }
+            }
+        }
+        expired.len()
+    }
+
+    /// Background work until `shutdown` turns true: the lease reaper.
+    pub async fn run_background(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let agent = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || agent.reap_leases()).await;
+                }
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Per-slot per-action counters of every rootlet, for metrics.
+    pub fn slot_samples(&self) -> Vec<SlotSample> {
+        let mut out = vec![];
+        for key in self.dp.list() {
+            let Ok(state) = self.dp.state(key) else {
+                continue;
+            };
+            for slot in state.slots {
+                let c = slot.counters;
+                for (action, packets) in [
+                    ("aborted", c.aborted),
+                    ("drop", c.drop),
+                    ("pass", c.pass),
+                    ("tx", c.tx),
+                    ("redirect", c.redirect),
+                    ("empty", c.empty),
+                ] {
+                    out.push(SlotSample {
+                        rootlet: key.to_string(),
+                        slot: slot.slot,
+                        stage: slot.stage.clone(),
+                        action,
+                        packets,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// A response stored under an idempotency key, if `request_hash`
+    /// matches; a conflict if the key was used for another request.
+    pub fn idempotent_get(
+        &self,
+        scope: &str,
+        key: &str,
+        request_hash: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        let stored: Option<(String, Vec<u8>)> =
+            self.kv.get(IDEMPOTENCY, &format!("{scope}\n{key}"))?;
+        match stored {
+            Some((hash, response)) if hash == request_hash => Ok(Some(response)),
+            Some(_) => Err(AgentError::IdempotencyConflict(key.to_owned())),
+            None => Ok(None),
+        }
+    }
+
+    pub fn idempotent_put(
+        &self,
+        scope: &str,
+        key: &str,
+        request_hash: &str,
+        response: Vec<u8>,
+    ) -> Result<()> {
+        Ok(self.kv.put(
+            IDEMPOTENCY,
+            &format!("{scope}\n{key}"),
+            &(request_hash, response),
+        )?)
+    }
+}
+
+fn rand_id() -> [u8; 12] {
+    let mut id = [0u8; 12];
+    if getrandom(&mut id).is_err() {
+        let n = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        id.copy_from_slice(&n.to_le_bytes()[..12]);
+    }
+    id
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}

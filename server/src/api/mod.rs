@@ -1,0 +1,649 @@
+//! The rootlet.v1 gRPC service: translates requests to agent calls and
+//! agent errors to statuses. Every RPC goes through [`RootletService::call`]:
+//! identity from the client certificate (or the Unix socket), authorization,
+//! the blocking work on a blocking thread, the status mapping, metrics, and
+//! an audit line for each mutation. Mutations with an idempotency key replay
+//! the stored response when the same request comes again.
+//!
+//! **Architecture invariant:** this is the only layer that knows gRPC.
+
+pub mod convert;
+pub mod status;
+
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{Stream, StreamExt};
+use prost::Message;
+use rootlet_proto::v1::{self as pb, rootlet_server::RootletServer};
+use sha2::{Digest, Sha256};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::{
+    agent::{Agent, AgentError, BundleSource, Caller, Grant, StageOp},
+    metrics::Metrics,
+};
+
+/// Builds the service with message size limits.
+pub fn service(
+    agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
+    max_message_bytes: usize,
+) -> RootletServer<RootletService> {
+    RootletServer::new(RootletService { agent, metrics })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes)
+}
+
+#[derive(Clone)]
+pub struct RootletService {
+    agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
+}
+
+/// The identity of a client certificate: its subject CN, else its first DNS
+/// or URI subject alternative name.
+fn cert_identity(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+    {
+        return Some(cn.to_owned());
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::DNSName(s) | GeneralName::URI(s) => Some((*s).to_owned()),
+        _ => None,
+    })
+}
+
+fn caller<T>(req: &Request<T>, insecure_tcp: bool) -> Caller {
+    if req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .is_some()
+    {
+        return Caller::Local;
+    }
+    if let Some(certs) = req.peer_certs()
+        && let Some(id) = certs.first().and_then(|c| cert_identity(c.as_ref()))
+    {
+        return Caller::Cert(id);
+    }
+    if insecure_tcp {
+        // Plain TCP behind the explicit insecure flag: no identities exist.
+        return Caller::Local;
+    }
+    Caller::Anonymous
+}
+
+fn hash(msg: &impl Message) -> String {
+    hex::encode(Sha256::digest(msg.encode_to_vec()))
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+impl RootletService {
+    /// Runs one RPC: authenticate and authorize, do `f` on a blocking thread,
+    /// map errors, record metrics and (for mutations) an audit line.
+    async fn call<Req, Resp>(
+        &self,
+        method: &'static str,
+        mutation: bool,
+        req: Request<Req>,
+        f: impl FnOnce(&Agent, &Grant, Req) -> Result<Resp, AgentError> + Send + 'static,
+    ) -> Reply<Resp>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+    {
+        let start = Instant::now();
+        let who = caller(&req, self.agent.insecure_tcp());
+        let agent = self.agent.clone();
+        let req = req.into_inner();
+        let result = match agent.grant(who.clone()) {
+            Err(e) => Err(status::status(&e)),
+            Ok(grant) => {
+                let joined = tokio::task::spawn_blocking(move || f(&agent, &grant, req)).await;
+                match joined {
+                    Ok(r) => r.map_err(|e| status::status(&e)),
+                    Err(e) => Err(Status::internal(format!("the call failed: {e}"))),
+                }
+            }
+        };
+        let code = result.as_ref().err().map_or(Code::Ok, Status::code);
+        self.metrics.observe_rpc(method, code, start.elapsed());
+        if mutation {
+            let outcome = result.as_ref().err().map_or_else(
+                || "ok".to_owned(),
+                |s| format!("{:?}: {}", s.code(), s.message()),
+            );
+            tracing::info!(target: "audit", who = who.name(), method, outcome = %outcome);
+        }
+        result.map(Response::new)
+    }
+
+    /// A mutation with an idempotency key: the same key and request return
+    /// the stored response; the same key with another request is an error.
+    async fn idempotent<Req, Resp>(
+        &self,
+        method: &'static str,
+        req: Request<Req>,
+        key: impl Fn(&Req) -> &str + Send + 'static,
+        f: impl FnOnce(&Agent, &Grant, Req) -> Result<Resp, AgentError> + Send + 'static,
+    ) -> Reply<Resp>
+    where
+        Req: Message + Send + 'static,
+        Resp: Message + Default + Send + 'static,
+    {
+        self.call(method, true, req, move |agent, grant, req| {
+            let k = key(&req).to_owned();
+            if k.is_empty() {
+                return f(agent, grant, req);
+            }
+            let scope = format!("{method}\n{}", grant.caller.name());
+            let h = hash(&req);
+            if let Some(stored) = agent.idempotent_get(&scope, &k, &h)? {
+                return Resp::decode(stored.as_slice())
+                    .map_err(|e| AgentError::NotFound(format!("stored response: {e}")));
+            }
+            let resp = f(agent, grant, req)?;
+            agent.idempotent_put(&scope, &k, &h, resp.encode_to_vec())?;
+            Ok(resp)
+        })
+        .await
+    }
+}
+
+fn change_result(
+    agent: &Agent,
+    key: crate::dataplane::spec::RootletKey,
+    outcome: crate::agent::ChangeOutcome,
+) -> Result<pb::ChangeResult, AgentError> {
+    let state = agent.dataplane().state(key)?;
+    Ok(pb::ChangeResult {
+        generation: outcome.generation,
+        rootlet: Some(convert::state_to(agent, &state)?),
+        lease_id: outcome.lease.map(|l| l.id).unwrap_or_default(),
+    })
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type LeaseStream = Pin<Box<dyn Stream<Item = Result<pb::RenewLeaseResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::rootlet_server::Rootlet for RootletService {
+    async fn get_capabilities(
+        &self,
+        req: Request<pb::GetCapabilitiesRequest>,
+    ) -> Reply<pb::Capabilities> {
+        self.call("GetCapabilities", false, req, |agent, grant, _| {
+            grant.read()?;
+            let caps = agent.dataplane().capabilities();
+            let probe = |name: &str, p: &crate::dataplane::probe::Probe| pb::Probe {
+                name: name.to_owned(),
+                permitted: p.permitted(),
+                reason: match p {
+                    crate::dataplane::probe::Probe::Refused { reason } => reason.clone(),
+                    crate::dataplane::probe::Probe::Permitted => String::new(),
+                },
+            };
+            Ok(pb::Capabilities {
+                kernel: caps.kernel.clone(),
+                probes: vec![
+                    probe("xdp", &caps.xdp),
+                    probe("xdp_link", &caps.xdp_link),
+                    probe("link_update", &caps.link_update),
+                    probe("tail_call", &caps.tail_call),
+                    probe("ext_load", &caps.ext_load),
+                    probe("ext_attach", &caps.ext_attach),
+                    probe("tcx", &caps.tcx),
+                ],
+                backend: agent
+                    .dataplane()
+                    .backend()
+                    .map_or(pb::Backend::Unspecified, convert::backend_to)
+                    as i32,
+            })
+        })
+        .await
+    }
+
+    async fn load_rootlet(&self, req: Request<pb::LoadRootletRequest>) -> Reply<pb::RootletState> {
+        self.idempotent(
+            "LoadRootlet",
+            req,
+            |r| &r.idempotency_key,
+            |agent, grant, r| {
+                let spec = crate::dataplane::spec::RootletSpec {
+                    iface: convert::interface_from(r.interface)?,
+                    mode: convert::mode_from(r.mode)?,
+                    final_verdict: convert::action_from("final_verdict", r.final_verdict)?,
+                };
+                let key = agent.load_rootlet(grant, spec)?;
+                convert::state_to(agent, &agent.dataplane().state(key)?)
+            },
+        )
+        .await
+    }
+
+    async fn list_rootlets(
+        &self,
+        req: Request<pb::ListRootletsRequest>,
+    ) -> Reply<pb::ListRootletsResponse> {
+        self.call("ListRootlets", false, req, |agent, grant, _| {
+            let mut rootlets = vec![];
+            for key in agent.list(grant)? {
+                match agent.state(grant, key) {
+                    Ok(s) => rootlets.push(convert::state_to(agent, &s)?),
+                    Err(AgentError::Dataplane(crate::dataplane::Error::Drifted {
+                        key,
+                        reason,
+                    })) => rootlets.push(pb::RootletState {
+                        id: key.to_string(),
+                        drift: reason,
+                        ..Default::default()
+                    }),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(pb::ListRootletsResponse { rootlets })
+        })
+        .await
+    }
+
+    async fn get_rootlet(&self, req: Request<pb::GetRootletRequest>) -> Reply<pb::RootletState> {
+        self.call("GetRootlet", false, req, |agent, grant, r| {
+            let key = convert::key_from(agent, r.rootlet)?;
+            convert::state_to(agent, &agent.state(grant, key)?)
+        })
+        .await
+    }
+
+    async fn unload_rootlet(
+        &self,
+        req: Request<pb::UnloadRootletRequest>,
+    ) -> Reply<pb::UnloadRootletResponse> {
+        self.idempotent(
+            "UnloadRootlet",
+            req,
+            |r| &r.idempotency_key,
+            |agent, grant, r| {
+                let key = convert::key_from(agent, r.rootlet)?;
+                agent.unload_rootlet(grant, key)?;
+                Ok(pb::UnloadRootletResponse {})
+            },
+        )
+        .await
+    }
+
+    async fn link_stage(&self, req: Request<pb::LinkStageRequest>) -> Reply<pb::ChangeResult> {
+        self.idempotent(
+            "LinkStage",
+            req,
+            |r| &r.idempotency_key,
+            |agent, grant, r| {
+                let key = convert::key_from(agent, r.rootlet)?;
+                let (spec, lease) = convert::stage_from(r.stage)?;
+                let outcome = agent.change(
+                    grant,
+                    key,
+                    StageOp::Link { spec, lease },
+                    r.expected_generation,
+                )?;
+                change_result(agent, key, outcome)
+            },
+        )
+        .await
+    }
+
+    async fn replace_stage(
+        &self,
+        req: Request<pb::ReplaceStageRequest>,
+    ) -> Reply<pb::ChangeResult> {
+        self.idempotent(
+            "ReplaceStage",
+            req,
+            |r| &r.idempotency_key,
+            |agent, grant, r| {
+                let key = convert::key_from(agent, r.rootlet)?;
+                let (spec, lease) = convert::stage_from(r.stage)?;
+                let outcome = agent.change(
+                    grant,
+                    key,
+                    StageOp::Replace { spec, lease },
+                    r.expected_generation,
+                )?;
+                change_result(agent, key, outcome)
+            },
+        )
+        .await
+    }
+
+    async fn unlink_stage(&self, req: Request<pb::UnlinkStageRequest>) -> Reply<pb::ChangeResult> {
+        self.idempotent(
+            "UnlinkStage",
+            req,
+            |r| &r.idempotency_key,
+            |agent, grant, r| {
+                let key = convert::key_from(agent, r.rootlet)?;
+                let outcome = agent.change(
+                    grant,
+                    key,
+                    StageOp::Unlink { name: r.stage },
+                    r.expected_generation,
+                )?;
+                change_result(agent, key, outcome)
+            },
+        )
+        .await
+    }
+
+    async fn set_stage_pin(&self, req: Request<pb::SetStagePinRequest>) -> Reply<pb::ChangeResult> {
+        self.idempotent(
+            "SetStagePin",
+            req,
+            |r| &r.idempotency_key,
+            |agent, grant, r| {
+                let key = convert::key_from(agent, r.rootlet)?;
+                let op = StageOp::SetPin {
+                    name: r.stage,
+                    pin: r.pin,
+                };
+                let outcome = agent.change(grant, key, op, r.expected_generation)?;
+                change_result(agent, key, outcome)
+            },
+        )
+        .await
+    }
+
+    async fn get_stats(&self, req: Request<pb::GetStatsRequest>) -> Reply<pb::GetStatsResponse> {
+        self.call("GetStats", false, req, |agent, grant, r| {
+            let key = convert::key_from(agent, r.rootlet)?;
+            let s = agent.state(grant, key)?;
+            Ok(pb::GetStatsResponse {
+                rootlet_id: key.to_string(),
+                generation: s.generation,
+                slots: s
+                    .slots
+                    .iter()
+                    .map(|slot| pb::SlotStats {
+                        slot: slot.slot,
+                        stage: slot.stage.clone(),
+                        counters: Some(convert::counters_to(&slot.counters)),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
+        let mut events = self.agent.subscribe();
+        let snapshot = self
+            .call("Watch", false, req, |agent, grant, r| {
+                let only = match r.rootlet {
+                    Some(r) => Some(convert::key_from(agent, Some(r))?),
+                    None => None,
+                };
+                let mut snap = vec![];
+                for key in agent.list(grant)? {
+                    if only.is_none_or(|o| o == key) {
+                        let state = agent
+                            .state(grant, key)
+                            .ok()
+                            .map(|s| convert::state_to(agent, &s))
+                            .transpose()?;
+                        snap.push(pb::WatchEvent {
+                            rootlet_id: key.to_string(),
+                            cause: "snapshot".into(),
+                            rootlet: state,
+                        });
+                    }
+                }
+                Ok((only, snap))
+            })
+            .await?
+            .into_inner();
+        let (only, snap) = snapshot;
+        let agent = self.agent.clone();
+        let live = async_stream(move |tx| async move {
+            loop {
+                // Ends when the watcher goes away: this task must not keep
+                // the agent (and its stores) alive after shutdown.
+                let received = tokio::select! {
+                    r = events.recv() => r,
+                    () = tx.closed() => return,
+                };
+                let event = match received {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "watcher fell behind by {n} events; watch again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                if only.is_some_and(|o| o != event.key) {
+                    continue;
+                }
+                let agent = agent.clone();
+                let key = event.key;
+                let state = tokio::task::spawn_blocking(move || {
+                    agent
+                        .dataplane()
+                        .state(key)
+                        .ok()
+                        .and_then(|s| convert::state_to(&agent, &s).ok())
+                })
+                .await
+                .ok()
+                .flatten();
+                let ev = pb::WatchEvent {
+                    rootlet_id: key.to_string(),
+                    cause: event.cause.into(),
+                    rootlet: state,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = futures::stream::iter(snap.into_iter().map(Ok)).chain(live);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn renew_lease(
+        &self,
+        req: Request<pb::RenewLeaseRequest>,
+    ) -> Reply<pb::RenewLeaseResponse> {
+        self.call("RenewLease", false, req, |agent, grant, r| {
+            let lease = agent.renew_lease(grant, &r.lease_id)?;
+            Ok(pb::RenewLeaseResponse {
+                lease_id: lease.id.clone(),
+                expires_unix_ms: lease.expires_unix_ms(),
+            })
+        })
+        .await
+    }
+
+    type KeepAliveStream = LeaseStream;
+
+    async fn keep_alive(
+        &self,
+        req: Request<Streaming<pb::RenewLeaseRequest>>,
+    ) -> Reply<Self::KeepAliveStream> {
+        let who = caller(&req, self.agent.insecure_tcp());
+        let grant = self.agent.grant(who).map_err(|e| status::status(&e))?;
+        let agent = self.agent.clone();
+        let mut incoming = req.into_inner();
+        let out = async_stream(move |tx| async move {
+            // Bounded by the client: the stream ends when it closes or errs.
+            while let Some(Ok(r)) = incoming.next().await {
+                let reply = agent
+                    .renew_lease(&grant, &r.lease_id)
+                    .map(|l| pb::RenewLeaseResponse {
+                        lease_id: l.id.clone(),
+                        expires_unix_ms: l.expires_unix_ms(),
+                    })
+                    .map_err(|e| status::status(&e));
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn has_bundle(&self, req: Request<pb::HasBundleRequest>) -> Reply<pb::HasBundleResponse> {
+        self.call("HasBundle", false, req, |agent, grant, r| {
+            grant.read()?;
+            Ok(pb::HasBundleResponse {
+                present: agent.has_bundle(&r.digest)?,
+            })
+        })
+        .await
+    }
+
+    async fn apply_bundle(
+        &self,
+        req: Request<pb::ApplyBundleRequest>,
+    ) -> Reply<pb::ApplyBundleResponse> {
+        let metrics = self.metrics.clone();
+        self.idempotent(
+            "ApplyBundle",
+            req,
+            |r| &r.idempotency_key,
+            move |agent, grant, r| {
+                let source = match r.source {
+                    Some(pb::apply_bundle_request::Source::Bundle(b)) => BundleSource::Bytes(b),
+                    Some(pb::apply_bundle_request::Source::Digest(d)) => BundleSource::Digest(d),
+                    None => {
+                        return Err(AgentError::InvalidArgument {
+                            field: "source".into(),
+                            message: "a bundle or a digest is required".into(),
+                        });
+                    }
+                };
+                let expected: BTreeMap<String, u64> = r.expected_generations.into_iter().collect();
+                let outcome = agent.apply_bundle(grant, source, &expected);
+                record_apply(&metrics, agent, &outcome);
+                apply_response(outcome?)
+            },
+        )
+        .await
+    }
+
+    async fn get_apply_status(
+        &self,
+        req: Request<pb::GetApplyStatusRequest>,
+    ) -> Reply<pb::ApplyStatus> {
+        self.call("GetApplyStatus", false, req, |agent, grant, r| {
+            grant.read()?;
+            let key = convert::key_from(agent, r.rootlet)?;
+            Ok(convert::status_to(key, &agent.status(key)?))
+        })
+        .await
+    }
+
+    async fn list_bundles(
+        &self,
+        req: Request<pb::ListBundlesRequest>,
+    ) -> Reply<pb::ListBundlesResponse> {
+        self.call("ListBundles", false, req, |agent, grant, _| {
+            let mut bundles = vec![];
+            for (name, history) in agent.list_bundles(grant)? {
+                for (i, h) in history.into_iter().enumerate() {
+                    bundles.push(pb::BundleInfo {
+                        name: name.clone(),
+                        version: h.version,
+                        digest: h.digest,
+                        applied_at_unix_ms: h.applied_at_unix_ms,
+                        current: i == 0,
+                    });
+                }
+            }
+            bundles.sort_by_key(|b| std::cmp::Reverse(b.applied_at_unix_ms));
+            Ok(pb::ListBundlesResponse { bundles })
+        })
+        .await
+    }
+
+    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Reply<pb::ApplyBundleResponse> {
+        let metrics = self.metrics.clone();
+        self.idempotent(
+            "Rollback",
+            req,
+            |r| &r.idempotency_key,
+            move |agent, grant, r| {
+                let to = (!r.to_digest.is_empty()).then_some(r.to_digest.as_str());
+                let outcome = agent.rollback(grant, &r.name, to);
+                record_apply(&metrics, agent, &outcome);
+                apply_response(outcome?)
+            },
+        )
+        .await
+    }
+}
+
+fn record_apply(
+    metrics: &Metrics,
+    agent: &Agent,
+    outcome: &Result<crate::agent::ApplyOutcome, AgentError>,
+) {
+    match outcome {
+        Ok(o) if o.noop => metrics.observe_apply("noop"),
+        Ok(o) => {
+            metrics.observe_apply("ack");
+            for (key, _, _) in &o.rootlets {
+                if agent.status(*key).is_ok() {
+                    metrics.set_applied_version(&key.to_string(), &o.name, &o.version);
+                }
+            }
+        }
+        Err(_) => metrics.observe_apply("nack"),
+    }
+}
+
+fn apply_response(o: crate::agent::ApplyOutcome) -> Result<pb::ApplyBundleResponse, AgentError> {
+    Ok(pb::ApplyBundleResponse {
+        digest: o.digest,
+        version: o.version,
+        noop: o.noop,
+        rootlets: o
+            .rootlets
+            .into_iter()
+            .map(|(key, generation, changed)| pb::RootletOutcome {
+                rootlet_id: key.to_string(),
+                generation,
+                changed,
+            })
+            .collect(),
+    })
+}
+
+/// A stream fed by a task through a small bounded channel.
+fn async_stream<T: Send + 'static, F: std::future::Future<Output = ()> + Send + 'static>(
+    producer: impl FnOnce(tokio::sync::mpsc::Sender<T>) -> F,
+) -> impl Stream<Item = T> + Send {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(producer(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// How long a lease stage may go unrenewed, at most (re-exported for docs).
+pub const MAX_LEASE: Duration = crate::agent::MAX_LEASE;

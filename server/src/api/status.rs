@@ -1,0 +1,250 @@
+//! The one mapping of errors to gRPC status codes, with google.rpc error
+//! details: `ErrorInfo` (a reason code and metadata) always, `BadRequest`
+//! for invalid fields, `PreconditionFailure` for failed preconditions, and
+//! `DebugInfo` carrying the verifier log.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{
+    agent::{AgentError, Denied},
+    dataplane::{Error as DpError, spec::PlanError},
+};
+
+const DOMAIN: &str = "rootlet.dev";
+
+fn info(details: &mut ErrorDetails, reason: &str, meta: &[(&str, String)]) {
+    let metadata: HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    details.set_error_info(reason, DOMAIN, metadata);
+}
+
+/// The status for an agent error.
+pub fn status(e: &AgentError) -> Status {
+    let mut d = ErrorDetails::new();
+    let msg = e.to_string();
+    let code = match e {
+        AgentError::Denied(Denied::Unauthenticated) => {
+            info(&mut d, "UNAUTHENTICATED", &[]);
+            Code::Unauthenticated
+        }
+        AgentError::Denied(Denied::PermissionDenied { who, what }) => {
+            info(
+                &mut d,
+                "PERMISSION_DENIED",
+                &[("identity", who.clone()), ("action", what.clone())],
+            );
+            Code::PermissionDenied
+        }
+        AgentError::Dataplane(dp) => return dataplane_status(dp, &msg),
+        AgentError::InvalidArgument { field, message } => {
+            d.add_bad_request_violation(field.clone(), message.clone());
+            info(&mut d, "INVALID_ARGUMENT", &[]);
+            Code::InvalidArgument
+        }
+        AgentError::NotFound(_) => {
+            info(&mut d, "NOT_FOUND", &[]);
+            Code::NotFound
+        }
+        AgentError::Bundle(b) => {
+            use rootlet_bundle::BundleError as B;
+            let (code, reason) = match b {
+                B::Unsigned => (Code::FailedPrecondition, "BUNDLE_UNSIGNED"),
+                B::UntrustedSignature { .. } => {
+                    (Code::PermissionDenied, "BUNDLE_UNTRUSTED_SIGNATURE")
+                }
+                B::BadSignature { .. } => (Code::PermissionDenied, "BUNDLE_BAD_SIGNATURE"),
+                B::TooLarge { .. } => (Code::ResourceExhausted, "BUNDLE_TOO_LARGE"),
+                _ => (Code::InvalidArgument, "BUNDLE_INVALID"),
+            };
+            if code == Code::InvalidArgument {
+                d.add_bad_request_violation("bundle", b.to_string());
+            }
+            info(&mut d, reason, &[]);
+            code
+        }
+        AgentError::Nack {
+            name,
+            version,
+            rootlet,
+            source,
+        } => {
+            // The cause's code and details, with the bundle named.
+            let inner = status(source);
+            let mut details = inner.get_error_details();
+            let mut meta: HashMap<String, String> = details
+                .error_info()
+                .map(|i| i.metadata.clone())
+                .unwrap_or_default();
+            meta.insert("bundle".into(), name.clone());
+            meta.insert("version".into(), version.clone());
+            meta.insert("rootlet".into(), rootlet.clone());
+            let reason = details
+                .error_info()
+                .map(|i| i.reason.clone())
+                .unwrap_or_else(|| "NACK".into());
+            details.set_error_info(reason, DOMAIN, meta);
+            return Status::with_error_details(inner.code(), msg, details);
+        }
+        AgentError::Conflict(_) => {
+            d.add_precondition_failure_violation("STAGE_OWNERSHIP", "stage", msg.clone());
+            info(&mut d, "STAGE_NOT_MANAGED_BY_BUNDLE", &[]);
+            Code::FailedPrecondition
+        }
+        AgentError::NothingToRollBack(_) => {
+            d.add_precondition_failure_violation("HISTORY", "bundle", msg.clone());
+            info(&mut d, "NOTHING_TO_ROLL_BACK", &[]);
+            Code::FailedPrecondition
+        }
+        AgentError::IdempotencyConflict(key) => {
+            d.add_bad_request_violation(
+                "idempotency_key",
+                format!("`{key}` was used for a different request"),
+            );
+            info(&mut d, "IDEMPOTENCY_KEY_REUSED", &[]);
+            Code::InvalidArgument
+        }
+        AgentError::Store(_) | AgentError::TrustedKey { .. } => {
+            info(&mut d, "INTERNAL", &[]);
+            Code::Internal
+        }
+    };
+    Status::with_error_details(code, msg, d)
+}
+
+fn dataplane_status(e: &DpError, msg: &str) -> Status {
+    let mut d = ErrorDetails::new();
+    let code = match e {
+        DpError::InterfaceNotFound { ifname, .. } => {
+            d.add_bad_request_violation("interface.ifname", format!("no interface `{ifname}`"));
+            info(&mut d, "INTERFACE_NOT_FOUND", &[]);
+            Code::NotFound
+        }
+        DpError::Netns { path, .. } => {
+            d.add_bad_request_violation(
+                "interface.netns",
+                format!("cannot open {}", path.display()),
+            );
+            info(&mut d, "NETNS_NOT_FOUND", &[]);
+            Code::NotFound
+        }
+        DpError::RootletExists(key) => {
+            info(&mut d, "ROOTLET_EXISTS", &[("rootlet", key.to_string())]);
+            Code::AlreadyExists
+        }
+        DpError::NoRootlet(key) => {
+            info(&mut d, "ROOTLET_NOT_FOUND", &[("rootlet", key.to_string())]);
+            Code::NotFound
+        }
+        DpError::Plan(p) => match p {
+            PlanError::AlreadyLinked(s) => {
+                info(&mut d, "STAGE_EXISTS", &[("stage", s.clone())]);
+                Code::AlreadyExists
+            }
+            PlanError::NotLinked(s) => {
+                info(&mut d, "STAGE_NOT_FOUND", &[("stage", s.clone())]);
+                Code::NotFound
+            }
+            PlanError::Duplicate(s) | PlanError::InvalidName(s) => {
+                d.add_bad_request_violation("stage.name", p.to_string());
+                info(&mut d, "INVALID_STAGE_NAME", &[("stage", s.clone())]);
+                Code::InvalidArgument
+            }
+            PlanError::TooManyStages { .. } => {
+                info(&mut d, "TOO_MANY_STAGES", &[]);
+                Code::ResourceExhausted
+            }
+        },
+        DpError::Check { stage, source } => {
+            d.add_bad_request_violation("stage.object", source.to_string());
+            info(
+                &mut d,
+                "STAGE_CHECK_FAILED",
+                &[
+                    ("stage", stage.clone()),
+                    ("check", check_name(source).into()),
+                ],
+            );
+            Code::InvalidArgument
+        }
+        DpError::Verifier {
+            stage,
+            program,
+            log,
+            ..
+        } => {
+            d.add_bad_request_violation("stage.object", "the verifier rejected the program");
+            d.set_debug_info(vec![], log.clone());
+            info(
+                &mut d,
+                "VERIFIER_REJECTED",
+                &[("stage", stage.clone()), ("program", program.clone())],
+            );
+            Code::InvalidArgument
+        }
+        DpError::Placement { stage, .. } => {
+            d.add_precondition_failure_violation("PLACEMENT", stage.clone(), msg.to_owned());
+            info(&mut d, "STAGE_PLACEMENT", &[("stage", stage.clone())]);
+            Code::FailedPrecondition
+        }
+        DpError::BackendUnavailable { probe, .. } => {
+            d.add_precondition_failure_violation("KERNEL", (*probe).to_owned(), msg.to_owned());
+            info(
+                &mut d,
+                "BACKEND_UNAVAILABLE",
+                &[("probe", (*probe).to_owned())],
+            );
+            Code::FailedPrecondition
+        }
+        DpError::Drifted { key, reason } => {
+            d.add_precondition_failure_violation("DRIFT", key.to_string(), reason.clone());
+            info(&mut d, "DRIFTED", &[("rootlet", key.to_string())]);
+            Code::FailedPrecondition
+        }
+        DpError::VersionMismatch {
+            key,
+            expected,
+            current,
+        } => {
+            d.add_precondition_failure_violation(
+                "GENERATION",
+                key.to_string(),
+                format!("expected generation {expected}, current is {current}"),
+            );
+            info(
+                &mut d,
+                "GENERATION_MISMATCH",
+                &[("current", current.to_string())],
+            );
+            Code::FailedPrecondition
+        }
+        DpError::Load { .. }
+        | DpError::Sys(_)
+        | DpError::Pin { .. }
+        | DpError::Store { .. }
+        | DpError::StoreLocked { .. } => {
+            info(&mut d, "KERNEL_OR_STORE", &[]);
+            Code::Internal
+        }
+    };
+    Status::with_error_details(code, msg, d)
+}
+
+fn check_name(e: &crate::dataplane::object::CheckError) -> &'static str {
+    use crate::dataplane::object::CheckError as C;
+    match e {
+        C::Elf(_) => "elf",
+        C::NoProgram { .. } => "program",
+        C::NotXdp { .. } => "program_type",
+        C::NoBtf => "btf",
+        C::Signature(_) => "signature",
+        C::IsRootlet => "cycle",
+        C::License(_) => "license",
+        C::Stack { .. } => "stack",
+        C::IncompatibleMap { .. } => "map_compatibility",
+    }
+}

@@ -1,0 +1,102 @@
+//! A redb database of JSON values in named tables, one durable transaction
+//! per write: what both the data plane's and the agent's stores are made of.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// A store error: the file, and what went wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("store {path}: {message}")]
+pub struct KvError {
+    pub path: PathBuf,
+    pub message: String,
+    /// Another process holds the database.
+    pub locked: bool,
+}
+
+pub struct Kv {
+    db: Database,
+    path: PathBuf,
+}
+
+type Table<'a> = TableDefinition<'a, &'static str, &'static [u8]>;
+
+impl Kv {
+    /// Opens (creating) the database and `tables`. Fails if another process
+    /// holds it: redb locks the file.
+    pub fn open(path: &Path, tables: &[&str]) -> Result<Self, KvError> {
+        let err = |e: &dyn std::fmt::Display| KvError {
+            path: path.to_owned(),
+            message: e.to_string(),
+            locked: false,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let db = Database::create(path).map_err(|e| KvError {
+            locked: matches!(e, redb::DatabaseError::DatabaseAlreadyOpen),
+            ..err(&e)
+        })?;
+        let kv = Kv {
+            db,
+            path: path.to_owned(),
+        };
+        let txn = kv.db.begin_write().map_err(|e| kv.err(e))?;
+        for &t in tables {
+            txn.open_table(Table::new(t)).map_err(|e| kv.err(e))?;
+        }
+        txn.commit().map_err(|e| kv.err(e))?;
+        Ok(kv)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> KvError {
+        KvError {
+            path: self.path.clone(),
+            message: e.to_string(),
+            locked: false,
+        }
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, table: &str, key: &str) -> Result<Option<T>, KvError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
+        let v = t.get(key).map_err(|e| self.err(e))?;
+        v.map(|v| serde_json::from_slice(v.value()).map_err(|e| self.err(e)))
+            .transpose()
+    }
+
+    pub fn list<T: DeserializeOwned>(&self, table: &str) -> Result<Vec<(String, T)>, KvError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
+        let mut out = vec![];
+        for entry in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            out.push((
+                k.value().to_owned(),
+                serde_json::from_slice(v.value()).map_err(|e| self.err(e))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn put<T: Serialize>(&self, table: &str, key: &str, value: &T) -> Result<(), KvError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| self.err(e))?;
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
+            t.insert(key, bytes.as_slice()).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    pub fn delete(&self, table: &str, key: &str) -> Result<(), KvError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
+            t.remove(key).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+}
