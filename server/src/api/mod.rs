@@ -163,11 +163,16 @@ impl RootletService {
     }
 }
 
-fn change_result(
+/// One stage change on the rootlet `r` refers to, answered with the new state.
+fn stage_change(
     agent: &Agent,
-    key: crate::dataplane::spec::RootletKey,
-    outcome: crate::agent::ChangeOutcome,
+    grant: &Grant,
+    r: Option<pb::RootletRef>,
+    op: StageOp,
+    expected: Option<u64>,
 ) -> Result<pb::ChangeResult, AgentError> {
+    let key = convert::key_from(agent, r)?;
+    let outcome = agent.change(grant, key, op, expected)?;
     let state = agent.dataplane().state(key)?;
     Ok(pb::ChangeResult {
         generation: outcome.generation,
@@ -291,15 +296,14 @@ impl pb::rootlet_server::Rootlet for RootletService {
             req,
             |r| &r.idempotency_key,
             |agent, grant, r| {
-                let key = convert::key_from(agent, r.rootlet)?;
                 let (spec, lease) = convert::stage_from(r.stage)?;
-                let outcome = agent.change(
+                stage_change(
+                    agent,
                     grant,
-                    key,
+                    r.rootlet,
                     StageOp::Link { spec, lease },
                     r.expected_generation,
-                )?;
-                change_result(agent, key, outcome)
+                )
             },
         )
         .await
@@ -314,15 +318,14 @@ impl pb::rootlet_server::Rootlet for RootletService {
             req,
             |r| &r.idempotency_key,
             |agent, grant, r| {
-                let key = convert::key_from(agent, r.rootlet)?;
                 let (spec, lease) = convert::stage_from(r.stage)?;
-                let outcome = agent.change(
+                stage_change(
+                    agent,
                     grant,
-                    key,
+                    r.rootlet,
                     StageOp::Replace { spec, lease },
                     r.expected_generation,
-                )?;
-                change_result(agent, key, outcome)
+                )
             },
         )
         .await
@@ -334,14 +337,13 @@ impl pb::rootlet_server::Rootlet for RootletService {
             req,
             |r| &r.idempotency_key,
             |agent, grant, r| {
-                let key = convert::key_from(agent, r.rootlet)?;
-                let outcome = agent.change(
+                stage_change(
+                    agent,
                     grant,
-                    key,
+                    r.rootlet,
                     StageOp::Unlink { name: r.stage },
                     r.expected_generation,
-                )?;
-                change_result(agent, key, outcome)
+                )
             },
         )
         .await
@@ -353,13 +355,11 @@ impl pb::rootlet_server::Rootlet for RootletService {
             req,
             |r| &r.idempotency_key,
             |agent, grant, r| {
-                let key = convert::key_from(agent, r.rootlet)?;
                 let op = StageOp::SetPin {
                     name: r.stage,
                     pin: r.pin,
                 };
-                let outcome = agent.change(grant, key, op, r.expected_generation)?;
-                change_result(agent, key, outcome)
+                stage_change(agent, grant, r.rootlet, op, r.expected_generation)
             },
         )
         .await

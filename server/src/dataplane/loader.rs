@@ -172,18 +172,7 @@ impl<'a> Load<'a> {
 
     /// Loads the object's program as an XDP program; returns its fd.
     pub fn xdp(&self) -> Result<OwnedFd> {
-        let mut ebpf = self
-            .loader()
-            .load(self.bytes)
-            .map_err(|e| load_error(&self.what, e))?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(self.what.program)
-            .ok_or_else(|| load_error(&self.what, LoadFailure::Other("no such program".into())))?
-            .try_into()
-            .map_err(|e: ProgramError| load_error(&self.what, e))?;
-        prog.load().map_err(|e| load_error(&self.what, e))?;
-        let fd = prog.fd().map_err(|e| load_error(&self.what, e))?;
-        Ok(sys::dup(fd.as_fd())?)
+        Ok(self.xdp_target()?.fd)
     }
 
     /// Loads the object and keeps aya's handle, for a rootlet that
