@@ -29,15 +29,18 @@ if [ "${ROOTLET_SKIP_VM:-0}" = 1 ]; then
 fi
 
 echo "== VM tier: Debian 6.12 kernel under qemu (TCG), freplace backend"
-vm_tests=$(cargo test -p rootlet-integration-tests --test dataplane --locked --no-run --message-format=json 2>/dev/null |
+# The suites that exercise the kernel: the data plane, and the agent over it.
+vm_tests=$(cargo test -p rootlet-integration-tests --test dataplane --test agent --locked --no-run --message-format=json 2>/dev/null |
     python3 -c 'import sys, json
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "dataplane":
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("dataplane", "agent"):
         print(m["executable"])')
-[ -n "$vm_tests" ] || { echo "cannot find the dataplane test binary" >&2; exit 1; }
-cargo build -p rootlet-integration-tests --bins --locked
+[ "$(echo "$vm_tests" | wc -l)" = 2 ] || { echo "cannot find the dataplane and agent test binaries" >&2; exit 1; }
+cargo build -p rootlet-integration-tests -p rootlet-server --bins --locked
+run=""
+for t in $vm_tests; do run="$run${run:+ && }$t --test-threads=2"; done
 scripts/vm-run --env ROOTLET_TEST_BACKEND=freplace --env ROOTLET_EXPECT_EXT=permitted \
-    --env RUST_BACKTRACE=1 -- "$vm_tests" --test-threads=2
+    --env RUST_BACKTRACE=1 -- "$run"
 
 echo "== all tiers passed in $(( $(date +%s) - started )) s"

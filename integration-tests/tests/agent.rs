@@ -52,7 +52,9 @@ impl Agent {
         c.tls = Some(pki.tls_config());
         c.metrics.listen = Some("127.0.0.1:0".parse().expect("addr"));
         c.dataplane.bpffs_root = f.root.clone();
-        c.dataplane.state_dir = state_dir.to_owned();
+        // The fixture's store, so that `rootlet-dp` can hold the very store
+        // the agent needs.
+        c.dataplane.state_dir = f.store.parent().expect("store dir").to_owned();
         c.dataplane.backend = fixture::backend();
         c.bundles.trusted_keys = vec![public];
         c.limits.max_message_bytes = max_message_bytes;
@@ -909,6 +911,10 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(saw_not_serving, "health reports NOT_SERVING while adopting");
+    // And stays so while the store is held: it waits for it, it does not fail.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(health(&addr, &a).await, Some(2), "still NOT_SERVING while another process holds the store");
+    assert!(child.try_wait().expect("wait").is_none(), "rootletd waits rather than exits");
     holder.kill();
     let end = Instant::now() + Duration::from_secs(60);
     let mut serving = false;
