@@ -28,6 +28,9 @@
 //! - [`fixture`]: what every data-plane test starts from (a
 //!   [`netns::VethPair`], its own bpffs root and store, the backend under
 //!   test); see its own docs.
+//! - [`fleet`]: [`fleet::RealFleet`], N real `rootletd` agents, each in
+//!   its own namespaces with its own veth pair and traffic, for the fleet
+//!   rollout tests and benchmark.
 //! - [`netns`]: [`netns::Netns`] (a named namespace: `ip netns add`, run a
 //!   closure or a command inside, deleted on drop) and [`netns::VethPair`]
 //!   (two namespaces joined by `rl0`/`rl1`, plus XDP and GRO helpers).
@@ -45,6 +48,7 @@
 #![deny(unsafe_code)]
 
 pub mod fixture;
+pub mod fleet;
 pub mod netns;
 pub mod packet;
 pub mod pki;

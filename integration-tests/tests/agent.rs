@@ -913,8 +913,15 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
     assert!(saw_not_serving, "health reports NOT_SERVING while adopting");
     // And stays so while the store is held: it waits for it, it does not fail.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(health(&addr, &a).await, Some(2), "still NOT_SERVING while another process holds the store");
-    assert!(child.try_wait().expect("wait").is_none(), "rootletd waits rather than exits");
+    assert_eq!(
+        health(&addr, &a).await,
+        Some(2),
+        "still NOT_SERVING while another process holds the store"
+    );
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "rootletd waits rather than exits"
+    );
     holder.kill();
     let end = Instant::now() + Duration::from_secs(60);
     let mut serving = false;

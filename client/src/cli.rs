@@ -1,0 +1,818 @@
+//! The command line: clap definitions and one function per command.
+//!
+//! Exit codes: 0 success; 1 failed (a command that could not do its work,
+//! or a rollout that could not complete nor roll back cleanly); 2 usage or
+//! configuration errors (bad flags, files, selections); 3 a rollout that
+//! stopped and rolled back (gate, deadline, unavailable hosts, abort).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    bundle_cmd,
+    config::{Human, parse_duration},
+    inventory::{Inventory, Selector},
+    plan::Plan,
+    rollout::{
+        self, BundleFile, Outcome, RolloutError, Start, StartRequest, control,
+        journal::{self, JournalFile, JournalLock},
+        progress::Mode,
+        summary::{self, RunStats},
+    },
+    status,
+    transport::{Fleet, TransportOptions},
+};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_ROLLED_BACK: i32 = 3;
+/// Interrupted by a signal (128 + SIGINT).
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Longest `--watch`.
+const MAX_WATCH: Duration = Duration::from_secs(7 * 86_400);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rootletctl",
+    version,
+    about = "Builds and signs Rootlet bundles and rolls them out to a fleet of rootletd agents",
+    after_help = "Exit codes: 0 success, 1 failed, 2 usage or configuration error, 3 rolled back."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build, sign, verify and inspect bundles; generate signing keys.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+    /// Roll a bundle out to the fleet, and steer or undo a rollout.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+    /// Read back hosts × rootlets from the agents: versions, last attempts,
+    /// stages and program ids, counters, drift.
+    Status(StatusArgs),
+    /// Check a plan and show the steps it makes for N hosts.
+    Plan {
+        plan: PathBuf,
+        /// Hosts to cut into steps.
+        #[arg(long, default_value_t = 100)]
+        hosts: usize,
+    },
+    /// Check an inventory and list the hosts a selector picks, in rollout
+    /// order.
+    Inventory {
+        inventory: PathBuf,
+        #[arg(long, short = 'l', default_value = "")]
+        selector: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BundleCmd {
+    /// Build a bundle from a manifest (and sign it with --key).
+    Build {
+        manifest: PathBuf,
+        /// Output file (default: <name>-<version>.rlb).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Sign with this private key (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+    },
+    /// Add signatures to a bundle.
+    Sign {
+        bundle: PathBuf,
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Output file (default: in place).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Check a bundle's objects and that a trusted key signed it.
+    Verify {
+        bundle: PathBuf,
+        /// A trusted public key (repeatable).
+        #[arg(long = "trusted", required = true)]
+        trusted: Vec<PathBuf>,
+    },
+    /// Show what a bundle holds.
+    Inspect { bundle: PathBuf },
+    /// Generate an ed25519 key pair (PEM).
+    Keygen {
+        #[arg(long)]
+        private: PathBuf,
+        #[arg(long)]
+        public: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct JournalArg {
+    /// The rollout journal.
+    #[arg(long, short = 'j', default_value = "rollout-journal.json")]
+    pub journal: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolloutCmd {
+    /// Start a rollout (or resume the unfinished one of the same bundle in
+    /// the journal).
+    Start(StartArgs),
+    /// Continue a paused rollout; or, if no rootletctl is running it (it
+    /// crashed or was interrupted), continue it here.
+    Resume {
+        #[command(flatten)]
+        journal: JournalArg,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Ask the running rollout not to start another step.
+    Pause {
+        #[command(flatten)]
+        journal: JournalArg,
+    },
+    /// End the current pause (timed or until promote) now.
+    Promote {
+        #[command(flatten)]
+        journal: JournalArg,
+    },
+    /// Stop the rollout and roll back every host it changed.
+    Abort {
+        #[command(flatten)]
+        journal: JournalArg,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Return every host a finished rollout changed to its previous version.
+    Undo {
+        #[command(flatten)]
+        journal: JournalArg,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show where a rollout is, from its journal.
+    Status {
+        #[command(flatten)]
+        journal: JournalArg,
+        /// Show it again every second until the rollout ends.
+        #[arg(long)]
+        watch: bool,
+        /// Stop watching after this long.
+        #[arg(long, default_value = "1h", value_parser = duration_arg)]
+        watch_timeout: Duration,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    #[arg(long, short = 'i')]
+    pub inventory: PathBuf,
+    #[arg(long, short = 'p')]
+    pub plan: PathBuf,
+    /// The signed bundle (`rootletctl bundle build --key ...`).
+    #[arg(long, short = 'b')]
+    pub bundle: PathBuf,
+    /// Label selector: `role=edge,zone!=c,canary` (all terms must hold).
+    #[arg(long, short = 'l', default_value = "")]
+    pub selector: String,
+    #[command(flatten)]
+    pub journal: JournalArg,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TransportArgs {
+    /// Hosts in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Deadline of one call.
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    pub rpc_timeout: Duration,
+    /// Deadline of one ApplyBundle call.
+    #[arg(long, default_value = "60s", value_parser = duration_arg)]
+    pub apply_timeout: Duration,
+    /// Deadline of one host's calls in one phase, retries included.
+    #[arg(long, default_value = "2m", value_parser = duration_arg)]
+    pub host_deadline: Duration,
+    /// Retries of a call answered UNAVAILABLE.
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
+}
+
+impl TransportArgs {
+    pub fn options(&self) -> TransportOptions {
+        TransportOptions {
+            concurrency: self.concurrency.max(1),
+            rpc_timeout: self.rpc_timeout,
+            apply_timeout: self.apply_timeout,
+            host_deadline: self.host_deadline,
+            retries: self.retries.min(20),
+            ..TransportOptions::default()
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, short = 'i')]
+    pub inventory: PathBuf,
+    #[arg(long, short = 'l', default_value = "")]
+    pub selector: String,
+    /// A version (or digest) every rootlet should run; others show as drift.
+    #[arg(long)]
+    pub expect: Option<String>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Read again every 2 s (until --watch-timeout).
+    #[arg(long)]
+    pub watch: bool,
+    #[arg(long, default_value = "1h", value_parser = duration_arg)]
+    pub watch_timeout: Duration,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > MAX_WATCH {
+        return Err("longer than 7 days".into());
+    }
+    Ok(d)
+}
+
+/// Parses `std::env::args` and runs; returns the exit code.
+pub fn main() -> i32 {
+    run_from(std::env::args_os())
+}
+
+/// Parses `args` (the program name first) and runs; returns the exit code.
+pub fn run_from<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rootletctl: cannot start the async runtime: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    rt.block_on(run(cli))
+}
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
+    eprintln!("rootletctl: {msg}");
+    code
+}
+
+/// Runs one command; returns the exit code.
+pub async fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Bundle(b) => bundle(b),
+        Command::Rollout(r) => rollout_cmd(r).await,
+        Command::Status(s) => status_cmd(s).await,
+        Command::Plan { plan, hosts } => match Plan::load(&plan) {
+            Ok(p) => {
+                print!("{}", describe_plan(&p, hosts));
+                EXIT_OK
+            }
+            Err(e) => fail(EXIT_USAGE, e),
+        },
+        Command::Inventory {
+            inventory,
+            selector,
+        } => {
+            let sel = match Selector::parse(&selector) {
+                Ok(s) => s,
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            match Inventory::load(&inventory) {
+                Ok(inv) => {
+                    let hosts = inv.select(&sel);
+                    for h in &hosts {
+                        let labels: Vec<String> =
+                            h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        let sec = match &h.security {
+                            crate::inventory::Security::Tls(_) => "mtls",
+                            crate::inventory::Security::Insecure => "insecure",
+                            crate::inventory::Security::Local => "local",
+                        };
+                        println!("{}\t{}\t{sec}\t{}", h.name, h.address, labels.join(","));
+                    }
+                    println!(
+                        "{} of {} hosts selected ({sel})",
+                        hosts.len(),
+                        inv.hosts.len()
+                    );
+                    EXIT_OK
+                }
+                Err(e) => fail(EXIT_USAGE, e),
+            }
+        }
+    }
+}
+
+/// The steps of `plan` for `hosts` hosts, for `rootletctl plan`.
+pub fn describe_plan(p: &Plan, hosts: usize) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "soak {}, progress deadline {}, max unavailable {} of {hosts}, pause timeout {}",
+        Human(p.soak),
+        Human(p.progress_deadline),
+        p.max_unavailable.of(hosts),
+        Human(p.pause_timeout)
+    );
+    for s in p.steps(hosts) {
+        let _ = writeln!(
+            out,
+            "  {:<9} {:>6} host{} (#{}..#{}){}",
+            s.kind.to_string(),
+            s.count,
+            if s.count == 1 { "" } else { "s" },
+            s.first,
+            s.first + s.count.saturating_sub(1),
+            s.pause.map(|p| format!(", then {p}")).unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "gates: health {}, apply {}, {} counter gate{}",
+        p.gates.health,
+        p.gates.apply,
+        p.gates.counters.len(),
+        if p.gates.counters.len() == 1 { "" } else { "s" }
+    );
+    for g in &p.gates.counters {
+        let _ = writeln!(
+            out,
+            "  stage {} {} <= {} over {} (min {} packets){}",
+            g.stage,
+            g.metric,
+            g.max,
+            Human(g.window),
+            g.min_packets,
+            if g.dry_run { " [dry run]" } else { "" }
+        );
+    }
+    out
+}
+
+fn bundle(cmd: BundleCmd) -> i32 {
+    let r = match cmd {
+        BundleCmd::Build {
+            manifest,
+            out,
+            keys,
+        } => bundle_cmd::build(&manifest, out.as_deref(), &keys).map(|(_, r)| r),
+        BundleCmd::Sign { bundle, keys, out } => bundle_cmd::sign(&bundle, &keys, out.as_deref()),
+        BundleCmd::Verify { bundle, trusted } => bundle_cmd::verify(&bundle, &trusted),
+        BundleCmd::Inspect { bundle } => bundle_cmd::inspect(&bundle),
+        BundleCmd::Keygen { private, public } => bundle_cmd::keygen(&private, &public),
+    };
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            EXIT_OK
+        }
+        Err(e) => {
+            use rootlet_bundle::BundleError as B;
+            let code = match e {
+                B::ManifestSyntax { .. }
+                | B::ManifestField { .. }
+                | B::MissingObject { .. }
+                | B::NotElf { .. }
+                | B::DigestMismatch { .. }
+                | B::Key { .. } => EXIT_USAGE,
+                _ => EXIT_FAILED,
+            };
+            fail(code, e)
+        }
+    }
+}
+
+fn mode(output: Output) -> Mode {
+    match output {
+        Output::Json => Mode::Quiet,
+        Output::Text => Mode::detect(),
+    }
+}
+
+fn rollout_error(e: RolloutError) -> i32 {
+    let code = match &e {
+        RolloutError::Usage(_) | RolloutError::Bundle { .. } => EXIT_USAGE,
+        RolloutError::Journal(journal::JournalError::Busy { .. }) => EXIT_USAGE,
+        RolloutError::Journal(journal::JournalError::Corrupt { .. }) => EXIT_USAGE,
+        RolloutError::Journal(_) => EXIT_FAILED,
+    };
+    fail(code, e)
+}
+
+/// Prints the end of a rollout and returns its exit code.
+fn report(jf: &JournalFile, outcome: Outcome, output: Output, run: RunStats) -> i32 {
+    let code = outcome.exit_code();
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&summary::json(&jf.journal, Some(run), Some(code)))
+                .unwrap_or_default()
+        ),
+        Output::Text => print!("{}", summary::human(&jf.journal, Some(run))),
+    }
+    code
+}
+
+/// Runs an engine to its end, or until Ctrl-C.
+async fn drive(engine: rollout::Engine, output: Output, t0: Instant) -> i32 {
+    let path = engine.jf.path.clone();
+    let rpcs = RpcCounter::of(&engine);
+    tokio::select! {
+        r = engine.run() => match r {
+            Ok((outcome, jf)) => report(&jf, outcome, output, RunStats { wall: t0.elapsed(), rpcs: rpcs.get() }),
+            Err(e) => fail(EXIT_FAILED, format!("the journal could not be written: {e}")),
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!(
+                "rootletctl: interrupted; `rootletctl rollout resume --journal {}` continues the rollout from its journal",
+                path.display()
+            );
+            EXIT_INTERRUPTED
+        }
+    }
+}
+
+/// A handle on the engine's RPC count that outlives the engine.
+struct RpcCounter(Arc<Fleet>);
+
+impl RpcCounter {
+    fn of(engine: &rollout::Engine) -> RpcCounter {
+        RpcCounter(engine.fleet_arc())
+    }
+
+    fn get(&self) -> u64 {
+        self.0.rpcs()
+    }
+}
+
+async fn rollout_cmd(cmd: RolloutCmd) -> i32 {
+    match cmd {
+        RolloutCmd::Start(a) => start(a).await,
+        RolloutCmd::Resume { journal, output } => {
+            let path = journal.journal;
+            if JournalLock::is_held(&path) {
+                return match control::request(&path, control::Request::Resume) {
+                    Ok(_) => {
+                        println!(
+                            "resume requested; the running rootletctl continues within a second"
+                        );
+                        EXIT_OK
+                    }
+                    Err(e) => fail(EXIT_FAILED, e),
+                };
+            }
+            if let Err(e) = control::request(&path, control::Request::Resume) {
+                return fail(EXIT_FAILED, e);
+            }
+            let t0 = Instant::now();
+            match take_over_engine(&path, output) {
+                Ok((lock, engine)) => {
+                    let code = drive(engine, output, t0).await;
+                    drop(lock);
+                    code
+                }
+                Err(code) => code,
+            }
+        }
+        RolloutCmd::Pause { journal } => operator(&journal.journal, control::Request::Pause),
+        RolloutCmd::Promote { journal } => operator(&journal.journal, control::Request::Promote),
+        RolloutCmd::Abort { journal, output } => {
+            let path = journal.journal;
+            if JournalLock::is_held(&path) {
+                return operator(&path, control::Request::Abort);
+            }
+            let j = match journal::read(&path) {
+                Ok(j) => j,
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            if j.state.is_final() {
+                println!(
+                    "rollout {} already ended ({}); `rollout undo` returns the hosts it changed",
+                    j.rollout_id,
+                    j.state.name()
+                );
+                return EXIT_OK;
+            }
+            let t0 = Instant::now();
+            match rollout::take_over(&path, mode(output), true).await {
+                Ok((outcome, jf, rpcs)) => report(
+                    &jf,
+                    outcome,
+                    output,
+                    RunStats {
+                        wall: t0.elapsed(),
+                        rpcs,
+                    },
+                ),
+                Err(e) => rollout_error(e),
+            }
+        }
+        RolloutCmd::Undo { journal, output } => {
+            let t0 = Instant::now();
+            match rollout::undo(&journal.journal, mode(output)).await {
+                Ok((outcome, jf, rpcs)) => report(
+                    &jf,
+                    outcome,
+                    output,
+                    RunStats {
+                        wall: t0.elapsed(),
+                        rpcs,
+                    },
+                ),
+                Err(e) => rollout_error(e),
+            }
+        }
+        RolloutCmd::Status {
+            journal,
+            watch,
+            watch_timeout,
+            output,
+        } => rollout_status(&journal.journal, watch, watch_timeout, output).await,
+    }
+}
+
+/// Takes over a rollout nobody runs: its lock, and an engine to continue
+/// it.
+fn take_over_engine(path: &Path, output: Output) -> Result<(JournalLock, rollout::Engine), i32> {
+    let lock = JournalLock::acquire(path).map_err(|e| rollout_error(e.into()))?;
+    let j = journal::read(path).map_err(|e| fail(EXIT_USAGE, e))?;
+    if j.state.is_final() {
+        println!(
+            "rollout {} already ended ({})",
+            j.rollout_id,
+            j.state.name()
+        );
+        return Err(Outcome::of(j.state).map_or(EXIT_OK, Outcome::exit_code));
+    }
+    let bundle = match rollout::bundle_of(&j) {
+        Ok(b) => Some(b),
+        Err(e) => return Err(fail(EXIT_USAGE, e)),
+    };
+    let engine = rollout::engine_for(path, j, bundle, mode(output)).map_err(rollout_error)?;
+    Ok((lock, engine))
+}
+
+fn operator(path: &Path, req: control::Request) -> i32 {
+    let j = match journal::read(path) {
+        Ok(j) => j,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    if j.state.is_final() {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "rollout {} already ended ({})",
+                j.rollout_id,
+                j.state.name()
+            ),
+        );
+    }
+    if let Err(e) = control::request(path, req) {
+        return fail(EXIT_FAILED, e);
+    }
+    let running = JournalLock::is_held(path);
+    let what = match req {
+        control::Request::Pause => "pause",
+        control::Request::Resume => "resume",
+        control::Request::Promote => "promote",
+        control::Request::Abort => "abort",
+    };
+    if running {
+        println!(
+            "{what} requested for rollout {}; the running rootletctl acts on it within a second",
+            j.rollout_id
+        );
+        if req == control::Request::Promote && j.state != journal::RolloutState::WaitingForPromote {
+            println!(
+                "(the rollout is {} now: this promote ends its next pause)",
+                j.state.name()
+            );
+        }
+    } else {
+        println!(
+            "{what} recorded for rollout {}, but no rootletctl is running it; `rootletctl rollout resume --journal {}` continues it",
+            j.rollout_id,
+            path.display()
+        );
+    }
+    EXIT_OK
+}
+
+async fn start(a: StartArgs) -> i32 {
+    let t0 = Instant::now();
+    let selector = match Selector::parse(&a.selector) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let inv = match Inventory::load(&a.inventory) {
+        Ok(i) => i,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let plan = match Plan::load(&a.plan) {
+        Ok(p) => p,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let bundle = match BundleFile::read(&a.bundle) {
+        Ok(b) => b,
+        Err(e) => return rollout_error(e),
+    };
+    let hosts = inv.select(&selector);
+    if hosts.is_empty() {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "the selector {selector} matches none of the {} hosts of {}",
+                inv.hosts.len(),
+                a.inventory.display()
+            ),
+        );
+    }
+    if bundle.signed.signatures.is_empty() {
+        eprintln!(
+            "rootletctl: warning: {} is unsigned; agents refuse it unless they allow unsigned bundles",
+            a.bundle.display()
+        );
+    }
+    let path = a.journal.journal.clone();
+    let lock = match JournalLock::acquire(&path) {
+        Ok(l) => l,
+        Err(e) => return rollout_error(e.into()),
+    };
+    let req = StartRequest {
+        hosts,
+        selector: a.selector.trim().to_string(),
+        plan,
+        bundle,
+        journal: path.clone(),
+        transport: a.transport.options(),
+    };
+    let (j, resumed) = match rollout::plan_start(&req) {
+        Ok(Start::New(j)) => {
+            if let Err(e) = control::reset(&path) {
+                return fail(EXIT_FAILED, e);
+            }
+            (j, false)
+        }
+        Ok(Start::Resume(j)) => (j, true),
+        Err(e) => return rollout_error(e),
+    };
+    let m = mode(a.output);
+    if m != Mode::Quiet {
+        if resumed {
+            println!(
+                "resuming rollout {} from {} ({}, {} of {} steps done)",
+                j.rollout_id,
+                path.display(),
+                j.state.name(),
+                j.steps_done,
+                j.steps.len()
+            );
+        } else {
+            println!(
+                "rollout {}: {} {} to {} hosts in {} steps; journal {}",
+                j.rollout_id,
+                j.bundle.name,
+                j.bundle.version,
+                j.hosts.len(),
+                j.steps.len(),
+                path.display()
+            );
+        }
+    }
+    let engine = match rollout::engine_for(&path, j, Some(req.bundle.bytes.clone()), m) {
+        Ok(e) => e,
+        Err(e) => return rollout_error(e),
+    };
+    let code = drive(engine, a.output, t0).await;
+    drop(lock);
+    code
+}
+
+async fn rollout_status(path: &Path, watch: bool, timeout: Duration, output: Output) -> i32 {
+    let t0 = Instant::now();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    // Bounded by `timeout`.
+    loop {
+        let j = match journal::read(path) {
+            Ok(j) => j,
+            Err(e) => return fail(EXIT_USAGE, e),
+        };
+        let running = JournalLock::is_held(path);
+        match output {
+            Output::Json => {
+                let mut v = summary::json(&j, None, Outcome::of(j.state).map(Outcome::exit_code));
+                v["running"] = serde_json::Value::Bool(running);
+                v["control"] = serde_json::to_value(control::read(path)).unwrap_or_default();
+                println!("{}", serde_json::to_string(&v).unwrap_or_default());
+            }
+            Output::Text => {
+                if watch && tty {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", summary::status_table(&j));
+                if !j.state.is_final() {
+                    println!(
+                        "{}",
+                        if running {
+                            "a rootletctl is running this rollout"
+                        } else {
+                            "no rootletctl is running this rollout: `rollout resume` continues it"
+                        }
+                    );
+                }
+            }
+        }
+        if !watch || j.state.is_final() || t0.elapsed() >= timeout {
+            return Outcome::of(j.state).map_or(EXIT_OK, Outcome::exit_code);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn status_cmd(a: StatusArgs) -> i32 {
+    let selector = match Selector::parse(&a.selector) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let inv = match Inventory::load(&a.inventory) {
+        Ok(i) => i,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let hosts = inv.select(&selector);
+    if hosts.is_empty() {
+        return fail(
+            EXIT_USAGE,
+            format!("the selector {selector} matches no host"),
+        );
+    }
+    let fleet = Fleet::new(hosts, a.transport.options());
+    let t0 = Instant::now();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    // Bounded by `watch_timeout`.
+    loop {
+        let hosts = status::read(&fleet, a.expect.as_deref()).await;
+        let bad = hosts.iter().any(|h| h.error.is_some() || h.has_drift());
+        match a.output {
+            Output::Json => println!("{}", serde_json::to_string(&hosts).unwrap_or_default()),
+            Output::Text => {
+                if a.watch && tty {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", status::table(&hosts));
+            }
+        }
+        if !a.watch || t0.elapsed() >= a.watch_timeout {
+            return if bad { EXIT_FAILED } else { EXIT_OK };
+        }
+        tokio::time::sleep(status::WATCH_INTERVAL).await;
+    }
+}

@@ -1,0 +1,1209 @@
+//! The rollout state machine. Steps run in order (canary, then waves); a
+//! step is:
+//!
+//! 1. **prepare**: for each host, the version of this bundle it runs now
+//!    (`ListBundles`, the entry marked current) and its counters
+//!    (`GetStats`), both recorded in the journal, which is saved before
+//!    anything is pushed;
+//! 2. **push**: `HasBundle`, then `ApplyBundle` with the bytes only where
+//!    the agent lacks the digest, under an idempotency key made of the
+//!    digest, the rollout and the step; then the counters right after;
+//! 3. **soak**: gates evaluated every window (or a fifth of the soak)
+//!    until the soak and the longest window have passed; a failure ends
+//!    the step at once;
+//! 4. the step's hosts are healthy; the plan's pause follows.
+//!
+//! Hosts that do not answer are marked unreachable and count against
+//! `max_unavailable`. A failed gate, too many unreachable hosts, a step
+//! over its progress deadline, an operator abort or a pause that waited
+//! longer than `pause_timeout` stops the rollout: every host it changed
+//! goes back to its previous version (`ApplyBundle` by that digest; the
+//! agent keeps the last versions), and the journal says exactly why.
+//!
+//! The engine owns the journal; host work runs concurrently (bounded by
+//! the transport's concurrency) and only returns results, which this loop
+//! records.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, stream};
+use rootlet_proto::v1::{self as pb, apply_bundle_request::Source};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use super::{
+    control::{Control, POLL_INTERVAL},
+    gates::{self, by_id, by_interface, short},
+    journal::{
+        Changed, GateResult, HostState, JournalError, JournalFile, RolloutState, Sample, StopKind,
+        StopReason, Verdict, Version, now_ms,
+    },
+    progress::Progress,
+};
+use crate::{
+    config::Human,
+    plan::{Pause, StepKind},
+    transport::{Fleet, RpcError, request},
+};
+
+/// How a rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    /// Stopped, and every changed host is back on its previous version.
+    RolledBack,
+    /// Stopped, and some host could not be put back; or `undo` could not
+    /// put every host back.
+    Failed,
+    /// `rollout undo` put every changed host back.
+    Undone,
+}
+
+impl Outcome {
+    /// The process exit code: 0 success (or undone), 3 rolled back, 1
+    /// failed.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::Succeeded | Outcome::Undone => 0,
+            Outcome::RolledBack => 3,
+            Outcome::Failed => 1,
+        }
+    }
+
+    pub fn of(state: RolloutState) -> Option<Outcome> {
+        match state {
+            RolloutState::Succeeded => Some(Outcome::Succeeded),
+            RolloutState::RolledBack => Some(Outcome::RolledBack),
+            RolloutState::Failed => Some(Outcome::Failed),
+            RolloutState::Undone => Some(Outcome::Undone),
+            _ => None,
+        }
+    }
+}
+
+/// The idempotency key of one mutation: sha256 of what it does, the
+/// bundle digest, the rollout and the step (so a retry, or a resumed
+/// rollout, repeats the same request, and nothing else does).
+pub fn idempotency_key(action: &str, digest: &str, rollout: &str, step: &str) -> String {
+    let mut h = Sha256::new();
+    for part in ["rootletctl", action, digest, rollout, step] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// What pushing to one host did.
+enum Pushed {
+    Ok {
+        uploaded: bool,
+        rootlets: Vec<String>,
+        post: Sample,
+    },
+    /// The agent refused or failed the apply (it keeps its previous
+    /// version).
+    Nack(RpcError),
+    Unreachable(RpcError, Changed),
+}
+
+pub struct Engine {
+    pub jf: JournalFile,
+    fleet: Arc<Fleet>,
+    /// The signed bundle, when pushing is possible.
+    bundle: Option<Arc<Vec<u8>>>,
+    control: watch::Receiver<Control>,
+    ui: Progress,
+}
+
+type EResult<T> = Result<T, JournalError>;
+
+impl Engine {
+    pub fn new(
+        jf: JournalFile,
+        fleet: Arc<Fleet>,
+        bundle: Option<Arc<Vec<u8>>>,
+        control: watch::Receiver<Control>,
+        ui: Progress,
+    ) -> Engine {
+        Engine {
+            jf,
+            fleet,
+            bundle,
+            control,
+            ui,
+        }
+    }
+
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    /// The connections, shared (their RPC count outlives the engine).
+    pub fn fleet_arc(&self) -> Arc<Fleet> {
+        self.fleet.clone()
+    }
+
+    fn control(&self) -> Control {
+        self.control.borrow().clone()
+    }
+
+    fn label(&self, s: usize) -> String {
+        self.jf
+            .journal
+            .steps
+            .get(s)
+            .map_or_else(|| format!("step {s}"), |st| st.kind.to_string())
+    }
+
+    fn stop(
+        &self,
+        kind: StopKind,
+        step: Option<usize>,
+        host: Option<String>,
+        message: String,
+    ) -> StopReason {
+        StopReason {
+            kind,
+            message,
+            step,
+            host,
+            at_unix_ms: now_ms(),
+        }
+    }
+
+    /// Runs (or resumes) the rollout to its end.
+    pub async fn run(mut self) -> EResult<(Outcome, JournalFile)> {
+        if let Some(o) = Outcome::of(self.jf.journal.state) {
+            return Ok((o, self.jf));
+        }
+        if self.jf.journal.state == RolloutState::RollingBack {
+            let outcome = self.roll_back(None, false).await?;
+            self.ui.finish();
+            return Ok((outcome, self.jf));
+        }
+        self.jf.journal.state = RolloutState::Running;
+        // Hosts of unfinished steps that did not answer last time get
+        // another chance (they have not been changed).
+        let current = self.jf.journal.current_step;
+        for h in &mut self.jf.journal.hosts {
+            if h.step >= current && h.state == HostState::Unreachable && h.changed == Changed::No {
+                h.set(HostState::Pending, "");
+            }
+        }
+        self.jf.save()?;
+
+        if let Some(stop) = self.baseline().await? {
+            return self.finish_stopped(stop).await;
+        }
+        let steps = self.jf.journal.steps.len();
+        // Bounded: one iteration per step.
+        while self.jf.journal.current_step < steps {
+            let s = self.jf.journal.current_step;
+            if let Some(stop) = self.run_step(s).await? {
+                return self.finish_stopped(stop).await;
+            }
+            self.jf.journal.steps_done = s + 1;
+            let label = self.label(s);
+            self.jf.journal.event(format!("{label} healthy"));
+            self.jf.save()?;
+            let pause = self.jf.journal.steps.get(s).and_then(|st| st.pause);
+            if let Some(p) = pause
+                && s + 1 < steps
+                && let Some(stop) = self.pause_after(s, p).await?
+            {
+                return self.finish_stopped(stop).await;
+            }
+            self.jf.journal.current_step = s + 1;
+            self.jf.save()?;
+        }
+        self.jf.journal.state = RolloutState::Succeeded;
+        self.jf.journal.event("succeeded");
+        self.jf.save()?;
+        self.ui.finish();
+        Ok((Outcome::Succeeded, self.jf))
+    }
+
+    async fn finish_stopped(mut self, stop: StopReason) -> EResult<(Outcome, JournalFile)> {
+        let outcome = self.roll_back(Some(stop), false).await?;
+        self.ui.finish();
+        Ok((outcome, self.jf))
+    }
+
+    /// Rolls back (`undo == false`: the rollout stopped for `stop`) or
+    /// undoes (`undo == true`) every host the rollout changed.
+    pub async fn roll_back(&mut self, stop: Option<StopReason>, undo: bool) -> EResult<Outcome> {
+        if let Some(stop) = stop {
+            self.ui.line(format!("stopping: {}", stop.message));
+            self.jf.journal.event(format!("stopped: {}", stop.message));
+            self.jf.journal.stop = Some(stop);
+        }
+        if !undo {
+            self.jf.journal.state = RolloutState::RollingBack;
+        }
+        self.jf.save()?;
+        let t0 = Instant::now();
+        let targets: Vec<usize> = self
+            .jf
+            .journal
+            .hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.changed != Changed::No && h.state != HostState::RolledBack)
+            .map(|(i, _)| i)
+            .collect();
+        let what = if undo { "undo" } else { "rollback" };
+        if !targets.is_empty() {
+            self.ui.line(format!(
+                "{what}: returning {} host{} to the previous version",
+                targets.len(),
+                if targets.len() == 1 { "" } else { "s" }
+            ));
+        }
+        let fleet = self.fleet.clone();
+        let rollout = self.jf.journal.rollout_id.clone();
+        let name = self.jf.journal.bundle.name.clone();
+        let new_version = self.jf.journal.bundle.version.clone();
+        let jobs: Vec<(usize, Option<Version>, Changed)> = targets
+            .iter()
+            .filter_map(|&i| {
+                self.jf
+                    .journal
+                    .hosts
+                    .get(i)
+                    .map(|h| (i, h.previous.clone(), h.changed))
+            })
+            .collect();
+        let deadline = fleet.options().host_deadline;
+        let concurrency = fleet.options().concurrency.max(1);
+        let mut results = stream::iter(jobs)
+            .map(|(i, previous, changed)| {
+                let fleet = &fleet;
+                let rollout = &rollout;
+                let name = &name;
+                let new_version = &new_version;
+                async move {
+                    let Some(prev) = previous else {
+                        let may = if changed == Changed::Unknown { "may still run" } else { "still runs" };
+                        return (
+                            i,
+                            Err(format!(
+                                "had no earlier version of bundle `{name}`, so it {may} {new_version} (rootletctl unloads nothing)"
+                            )),
+                        );
+                    };
+                    let _slot = fleet.permit().await;
+                    let key = idempotency_key(what, &prev.digest, rollout, "");
+                    let call = fleet.call(i, "ApplyBundle", Some(fleet.options().apply_timeout), |mut c, t| {
+                        let req = pb::ApplyBundleRequest {
+                            source: Some(Source::Digest(prev.digest.clone())),
+                            idempotency_key: key.clone(),
+                            expected_generations: Default::default(),
+                        };
+                        async move { c.apply_bundle(request(req, t)).await }
+                    });
+                    let r = match tokio::time::timeout(deadline, call).await {
+                        Ok(Ok(_)) => Ok(prev.version.clone()),
+                        Ok(Err(e)) => Err(format!("could not return to {} ({}): {e}", prev.version, short(&prev.digest))),
+                        Err(_) => Err(format!("could not return to {}: no answer within {}", prev.version, Human(deadline))),
+                    };
+                    (i, r)
+                }
+            })
+            .buffer_unordered(concurrency);
+        let mut clean = true;
+        // Bounded: one item per target.
+        while let Some((i, r)) = results.next().await {
+            let Some(h) = self.jf.journal.hosts.get_mut(i) else {
+                continue;
+            };
+            match r {
+                Ok(v) => {
+                    h.set(HostState::RolledBack, format!("back on {v}"));
+                    h.changed = Changed::No;
+                }
+                Err(e) => {
+                    clean = false;
+                    self.ui.line(format!("{what}: {}: {e}", h.host.name));
+                    h.set(HostState::RollbackFailed, e);
+                }
+            }
+            self.jf.changed()?;
+        }
+        drop(results);
+        self.jf.journal.control_plane_ms += u64::try_from(t0.elapsed().as_millis()).unwrap_or(0);
+        let outcome = match (undo, clean) {
+            (true, true) => Outcome::Undone,
+            (false, true) => Outcome::RolledBack,
+            (_, false) => Outcome::Failed,
+        };
+        self.jf.journal.state = match outcome {
+            Outcome::Undone => RolloutState::Undone,
+            Outcome::RolledBack => RolloutState::RolledBack,
+            _ => RolloutState::Failed,
+        };
+        self.jf.journal.event(format!(
+            "{what} {}",
+            if clean {
+                "complete"
+            } else {
+                "incomplete: some hosts could not be put back"
+            }
+        ));
+        self.jf.save()?;
+        Ok(outcome)
+    }
+
+    /// The counters at the rollout's start, for gates that compare with a
+    /// baseline window; then waits for that window before the first push.
+    async fn baseline(&mut self) -> EResult<Option<StopReason>> {
+        let window = self.jf.journal.plan.baseline_window();
+        if window.is_zero() || self.jf.journal.steps_done > 0 {
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let todo: Vec<usize> = self
+            .jf
+            .journal
+            .hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.baseline_start.is_none() && h.state == HostState::Pending)
+            .map(|(i, _)| i)
+            .collect();
+        let targets = self.interface_refs();
+        let fleet = self.fleet.clone();
+        let concurrency = fleet.options().concurrency.max(1);
+        let mut results = stream::iter(todo)
+            .map(|i| {
+                let fleet = &fleet;
+                let targets = &targets;
+                async move {
+                    let _slot = fleet.permit().await;
+                    (i, gates::sample(fleet, i, targets).await)
+                }
+            })
+            .buffer_unordered(concurrency);
+        while let Some((i, r)) = results.next().await {
+            if let (Some(h), Ok(s)) = (self.jf.journal.hosts.get_mut(i), r) {
+                h.baseline_start = Some(s);
+            }
+        }
+        drop(results);
+        self.jf.journal.control_plane_ms += u64::try_from(t0.elapsed().as_millis()).unwrap_or(0);
+        self.jf.save()?;
+        let oldest = self
+            .jf
+            .journal
+            .hosts
+            .iter()
+            .filter_map(|h| h.baseline_start.as_ref().map(|s| s.at_unix_ms))
+            .min()
+            .unwrap_or_else(now_ms);
+        let waited =
+            Duration::from_millis(u64::try_from(now_ms().saturating_sub(oldest)).unwrap_or(0));
+        if waited < window {
+            self.ui.line(format!(
+                "measuring the baseline for {} before the first push",
+                Human(window - waited)
+            ));
+            return self.wait(window - waited, None, "baseline").await;
+        }
+        Ok(None)
+    }
+
+    /// Waits `d`, watching for an abort (and the step's deadline).
+    async fn wait(
+        &mut self,
+        d: Duration,
+        deadline: Option<(usize, Instant)>,
+        what: &str,
+    ) -> EResult<Option<StopReason>> {
+        let end = Instant::now() + d;
+        // Bounded by `end`.
+        loop {
+            let now = Instant::now();
+            if self.control().abort {
+                return Ok(Some(self.abort_reason(deadline.map(|(s, _)| s))));
+            }
+            if let Some((s, dl)) = deadline
+                && now > dl
+            {
+                return Ok(Some(self.deadline_reason(s)));
+            }
+            if now >= end {
+                return Ok(None);
+            }
+            if let Some((s, _)) = deadline {
+                self.ui.tick(
+                    s,
+                    format!(
+                        "{what} {} left",
+                        Human((end - now).max(Duration::from_secs(1)))
+                    ),
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL.min(end - now)).await;
+        }
+    }
+
+    fn abort_reason(&self, step: Option<usize>) -> StopReason {
+        let c = self.control();
+        let by = if c.by.is_empty() {
+            String::new()
+        } else {
+            format!(" by {}", c.by)
+        };
+        let at = step
+            .map(|s| format!(" during {}", self.label(s)))
+            .unwrap_or_default();
+        self.stop(
+            StopKind::Abort,
+            step,
+            None,
+            format!("aborted{by}{at} (rootletctl rollout abort)"),
+        )
+    }
+
+    fn deadline_reason(&self, s: usize) -> StopReason {
+        self.stop(
+            StopKind::Deadline,
+            Some(s),
+            None,
+            format!(
+                "{} was not healthy within progress_deadline {}",
+                self.label(s),
+                Human(self.jf.journal.plan.progress_deadline)
+            ),
+        )
+    }
+
+    /// Waits while the operator has paused the rollout. Returns how long it
+    /// waited, or why it must stop.
+    async fn wait_if_paused(&mut self, s: usize) -> EResult<Result<Duration, StopReason>> {
+        if !self.control().paused {
+            return Ok(Ok(Duration::ZERO));
+        }
+        let t0 = Instant::now();
+        let limit = self.jf.journal.plan.pause_timeout;
+        let label = self.label(s);
+        self.jf.journal.state = RolloutState::Paused;
+        self.jf.journal.event(format!("paused before {label}"));
+        self.jf.save()?;
+        self.ui.line(format!(
+            "paused by the operator before {label}; `rootletctl rollout resume --journal {}` continues",
+            self.jf.path.display()
+        ));
+        self.ui.phase(s, &label, "paused");
+        // Bounded by `limit`.
+        let result = loop {
+            let c = self.control();
+            if c.abort {
+                break Err(self.abort_reason(Some(s)));
+            }
+            if !c.paused {
+                break Ok(t0.elapsed());
+            }
+            if t0.elapsed() >= limit {
+                break Err(self.stop(
+                    StopKind::PauseTimeout,
+                    Some(s),
+                    None,
+                    format!("paused for longer than pause_timeout {}", Human(limit)),
+                ));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        };
+        if result.is_ok() {
+            self.jf.journal.state = RolloutState::Running;
+            self.jf.journal.event("resumed");
+            self.jf.save()?;
+            self.ui.line("resumed");
+        }
+        Ok(result)
+    }
+
+    /// The plan's pause after step `s`.
+    async fn pause_after(&mut self, s: usize, pause: Pause) -> EResult<Option<StopReason>> {
+        let label = self.label(s);
+        let (limit, promote_only) = match pause {
+            Pause::For(d) => (d, false),
+            Pause::UntilPromote => (self.jf.journal.plan.pause_timeout, true),
+        };
+        if promote_only {
+            self.jf.journal.state = RolloutState::WaitingForPromote;
+            self.jf
+                .journal
+                .event(format!("{label} healthy; waiting for promote"));
+            self.ui.line(format!(
+                "{label} is healthy; waiting for `rootletctl rollout promote --journal {}`",
+                self.jf.path.display()
+            ));
+        } else {
+            self.ui
+                .line(format!("{label} is healthy; pausing {}", Human(limit)));
+        }
+        self.jf.save()?;
+        let seen = self.jf.journal.promotes_seen;
+        let t0 = Instant::now();
+        // Bounded by `limit`.
+        let result = loop {
+            let c = self.control();
+            if c.abort {
+                break Some(self.abort_reason(Some(s)));
+            }
+            if c.promotes > seen {
+                self.jf.journal.promotes_seen = c.promotes;
+                self.jf.journal.event(format!("promoted after {label}"));
+                self.ui.line("promoted");
+                break None;
+            }
+            if t0.elapsed() >= limit {
+                break promote_only.then(|| {
+                    self.stop(
+                        StopKind::PauseTimeout,
+                        Some(s),
+                        None,
+                        format!(
+                            "no promote within pause_timeout {} after {label}",
+                            Human(limit)
+                        ),
+                    )
+                });
+            }
+            tokio::time::sleep(
+                POLL_INTERVAL.min(
+                    limit
+                        .saturating_sub(t0.elapsed())
+                        .max(Duration::from_millis(1)),
+                ),
+            )
+            .await;
+        };
+        if result.is_none() {
+            self.jf.journal.state = RolloutState::Running;
+            self.jf.save()?;
+        }
+        Ok(result)
+    }
+
+    /// The bundle's rootlets by interface (before the push, ids are not
+    /// known).
+    fn interface_refs(&self) -> Vec<pb::RootletRef> {
+        self.jf
+            .journal
+            .bundle
+            .targets
+            .iter()
+            .map(|(netns, ifname)| by_interface(netns, ifname))
+            .collect()
+    }
+
+    fn hosts_of(&self, s: usize, states: &[HostState]) -> Vec<usize> {
+        self.jf
+            .journal
+            .hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.step == s && states.contains(&h.state))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn over_budget(&self, s: usize) -> Option<StopReason> {
+        let j = &self.jf.journal;
+        let budget = j.plan.max_unavailable.of(j.hosts.len());
+        let down: Vec<String> = j
+            .hosts
+            .iter()
+            .filter(|h| h.state == HostState::Unreachable)
+            .map(|h| format!("{} ({})", h.host.name, h.detail))
+            .collect();
+        if down.len() <= budget {
+            return None;
+        }
+        let mut list = down.iter().take(5).cloned().collect::<Vec<_>>().join("; ");
+        if down.len() > 5 {
+            list.push_str(&format!("; and {} more", down.len() - 5));
+        }
+        Some(self.stop(
+            StopKind::Unavailable,
+            Some(s),
+            None,
+            format!(
+                "{} host{} stopped answering, more than max_unavailable allows ({budget}): {list}",
+                down.len(),
+                if down.len() == 1 { "" } else { "s" }
+            ),
+        ))
+    }
+
+    /// One step: prepare, push, soak and gates.
+    async fn run_step(&mut self, s: usize) -> EResult<Option<StopReason>> {
+        let label = self.label(s);
+        let Some(step) = self.jf.journal.steps.get(s).cloned() else {
+            return Ok(None);
+        };
+        let done = self
+            .hosts_of(s, &[HostState::Healthy, HostState::Unreachable])
+            .len();
+        self.ui.step_started(s, &label, step.count, done);
+        self.jf
+            .journal
+            .event(format!("{label} started ({})", plural(step.count, "host")));
+        let t_step = Instant::now();
+        let mut deadline = t_step + self.jf.journal.plan.progress_deadline;
+
+        match self.wait_if_paused(s).await? {
+            Ok(paused) => deadline += paused,
+            Err(stop) => return Ok(Some(stop)),
+        }
+        if self.control().abort {
+            return Ok(Some(self.abort_reason(Some(s))));
+        }
+
+        // 1. Prepare: previous version and baseline counters.
+        self.ui
+            .phase(s, &label, "recording previous versions and baselines");
+        self.prepare(s).await?;
+        self.jf.save()?;
+        if let Some(stop) = self.over_budget(s) {
+            return Ok(Some(stop));
+        }
+        if Instant::now() > deadline {
+            return Ok(Some(self.deadline_reason(s)));
+        }
+
+        // 2. Push.
+        self.ui.phase(s, &label, "pushing");
+        if let Some(stop) = self.push(s).await? {
+            self.jf.flush()?;
+            return Ok(Some(stop));
+        }
+        self.jf.flush()?;
+        if let Some(stop) = self.over_budget(s) {
+            return Ok(Some(stop));
+        }
+        if self.control().abort {
+            return Ok(Some(self.abort_reason(Some(s))));
+        }
+
+        // 3. Soak and gates.
+        if let Some(stop) = self.soak(s, deadline).await? {
+            return Ok(Some(stop));
+        }
+
+        let healthy = self.hosts_of(s, &[HostState::Healthy]).len();
+        let down = self.hosts_of(s, &[HostState::Unreachable]).len();
+        let msg = if down == 0 {
+            format!(
+                "healthy ({}) in {}",
+                plural(healthy, "host"),
+                Human(t_step.elapsed())
+            )
+        } else {
+            format!(
+                "healthy ({healthy} hosts, {down} unreachable) in {}",
+                Human(t_step.elapsed())
+            )
+        };
+        self.ui.step_finished(s, &label, msg);
+        Ok(None)
+    }
+
+    async fn prepare(&mut self, s: usize) -> EResult<()> {
+        let t0 = Instant::now();
+        let todo = self.hosts_of(s, &[HostState::Pending]);
+        let fleet = self.fleet.clone();
+        let targets = self.interface_refs();
+        let name = self.jf.journal.bundle.name.clone();
+        let deadline = fleet.options().host_deadline;
+        let concurrency = fleet.options().concurrency.max(1);
+        let mut results = stream::iter(todo)
+            .map(|i| {
+                let fleet = &fleet;
+                let targets = &targets;
+                let name = &name;
+                async move {
+                    let _slot = fleet.permit().await;
+                    let work = async {
+                        let list = fleet
+                            .call(i, "ListBundles", None, |mut c, t| async move {
+                                c.list_bundles(request(pb::ListBundlesRequest {}, t)).await
+                            })
+                            .await?;
+                        let previous = list
+                            .bundles
+                            .iter()
+                            .find(|b| b.name == *name && b.current)
+                            .map(|b| Version {
+                                version: b.version.clone(),
+                                digest: b.digest.clone(),
+                            });
+                        let baseline = gates::sample(fleet, i, targets).await?;
+                        Ok::<_, RpcError>((previous, baseline))
+                    };
+                    (i, with_deadline(deadline, "prepare", work).await)
+                }
+            })
+            .buffer_unordered(concurrency);
+        while let Some((i, r)) = results.next().await {
+            let Some(h) = self.jf.journal.hosts.get_mut(i) else {
+                continue;
+            };
+            match r {
+                Ok((previous, baseline)) => {
+                    h.previous = previous;
+                    h.previous_recorded = true;
+                    h.baseline = Some(baseline);
+                    h.set(HostState::Prepared, "");
+                }
+                Err(e) if e.is_unreachable() => {
+                    self.ui.line(format!("{}: unreachable: {e}", h.host.name));
+                    h.set(HostState::Unreachable, e.to_string());
+                    self.ui.host_done(s);
+                }
+                Err(e) => {
+                    // It answered, but refused: it cannot be rolled out to.
+                    self.ui.line(format!("{}: {e}", h.host.name));
+                    h.set(HostState::Failed, e.to_string());
+                }
+            }
+        }
+        drop(results);
+        self.jf.journal.control_plane_ms += u64::try_from(t0.elapsed().as_millis()).unwrap_or(0);
+        if let Some((name, detail)) = self
+            .jf
+            .journal
+            .hosts
+            .iter()
+            .find(|h| h.step == s && h.state == HostState::Failed)
+            .map(|h| (h.host.name.clone(), h.detail.clone()))
+        {
+            // Reported by push(), which stops on failed hosts.
+            self.jf.journal.event(format!("{name}: {detail}"));
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, s: usize) -> EResult<Option<StopReason>> {
+        let t0 = Instant::now();
+        let label = self.label(s);
+        if let Some(h) = self
+            .jf
+            .journal
+            .hosts
+            .iter()
+            .find(|h| h.step == s && h.state == HostState::Failed)
+        {
+            let msg = format!(
+                "{label}: {} refused the preparation calls: {}",
+                h.host.name, h.detail
+            );
+            let name = h.host.name.clone();
+            return Ok(Some(self.stop(StopKind::Gate, Some(s), Some(name), msg)));
+        }
+        let todo = self.hosts_of(s, &[HostState::Prepared]);
+        if todo.is_empty() {
+            return Ok(None);
+        }
+        let Some(bundle) = self.bundle.clone() else {
+            let msg =
+                format!("{label}: the bundle file is not available, so nothing can be pushed");
+            return Ok(Some(self.stop(StopKind::Gate, Some(s), None, msg)));
+        };
+        let fleet = self.fleet.clone();
+        let digest = self.jf.journal.bundle.digest.clone();
+        let rollout = self.jf.journal.rollout_id.clone();
+        let step_name = format!(
+            "{s}:{}",
+            step_key(self.jf.journal.steps.get(s).map(|st| st.kind))
+        );
+        let jobs: Vec<(usize, Option<Version>)> = todo
+            .iter()
+            .filter_map(|&i| {
+                self.jf
+                    .journal
+                    .hosts
+                    .get(i)
+                    .map(|h| (i, h.previous.clone()))
+            })
+            .collect();
+        let stopping = AtomicBool::new(false);
+        let control = self.control.clone();
+        let deadline = fleet.options().host_deadline;
+        let concurrency = fleet.options().concurrency.max(1);
+        let apply_gate = self.jf.journal.plan.gates.apply;
+        let mut results = stream::iter(jobs)
+            .map(|(i, previous)| {
+                let fleet = &fleet;
+                let bundle = &bundle;
+                let digest = &digest;
+                let rollout = &rollout;
+                let step_name = &step_name;
+                let stopping = &stopping;
+                let control = &control;
+                async move {
+                    let _slot = fleet.permit().await;
+                    if stopping.load(Ordering::Relaxed) || control.borrow().abort {
+                        return (i, None);
+                    }
+                    let was_new = previous.as_ref().is_none_or(|p| p.digest != *digest);
+                    let work = push_host(fleet, i, bundle, digest, rollout, step_name, was_new);
+                    let r = match tokio::time::timeout(deadline, work).await {
+                        Ok(r) => r,
+                        Err(_) => Pushed::Unreachable(
+                            RpcError {
+                                what: "push",
+                                code: tonic::Code::DeadlineExceeded,
+                                message: format!(
+                                    "not done within host_deadline {}",
+                                    Human(deadline)
+                                ),
+                                attempts: 1,
+                            },
+                            Changed::Unknown,
+                        ),
+                    };
+                    (i, Some((r, was_new)))
+                }
+            })
+            .buffer_unordered(concurrency);
+        let mut failure: Option<(String, String)> = None;
+        while let Some((i, r)) = results.next().await {
+            let Some(h) = self.jf.journal.hosts.get_mut(i) else {
+                continue;
+            };
+            let Some((r, was_new)) = r else { continue };
+            match r {
+                Pushed::Ok {
+                    uploaded,
+                    rootlets,
+                    post,
+                } => {
+                    h.uploaded = uploaded;
+                    h.rootlets = rootlets;
+                    h.post = Some(post);
+                    h.changed = if was_new { Changed::Yes } else { Changed::No };
+                    h.set(HostState::Pushed, "");
+                }
+                Pushed::Nack(e) => {
+                    let msg = format!("the agent did not apply the bundle: {e}");
+                    self.ui.line(format!("{}: {msg}", h.host.name));
+                    h.set(HostState::Failed, msg.clone());
+                    if apply_gate {
+                        stopping.store(true, Ordering::Relaxed);
+                        failure.get_or_insert((h.host.name.clone(), msg));
+                    }
+                }
+                Pushed::Unreachable(e, changed) => {
+                    self.ui.line(format!("{}: unreachable: {e}", h.host.name));
+                    h.changed = match (changed, was_new) {
+                        (_, false) => Changed::No,
+                        (c, true) => c,
+                    };
+                    h.set(HostState::Unreachable, e.to_string());
+                }
+            }
+            self.ui.host_done(s);
+            self.jf.changed()?;
+            let budget = self
+                .jf
+                .journal
+                .plan
+                .max_unavailable
+                .of(self.jf.journal.hosts.len());
+            if self.jf.journal.unreachable() > budget {
+                stopping.store(true, Ordering::Relaxed);
+            }
+        }
+        drop(results);
+        self.jf.journal.control_plane_ms += u64::try_from(t0.elapsed().as_millis()).unwrap_or(0);
+        let (pushed, uploads) = self
+            .jf
+            .journal
+            .hosts
+            .iter()
+            .filter(|h| h.step == s && h.state == HostState::Pushed)
+            .fold((0, 0), |(p, u), h| (p + 1, u + usize::from(h.uploaded)));
+        self.jf.journal.event(format!(
+            "{label}: pushed to {} ({uploads} uploads, {} already had the digest)",
+            plural(pushed, "host"),
+            pushed - uploads
+        ));
+        Ok(failure.map(|(host, msg)| {
+            self.stop(
+                StopKind::Gate,
+                Some(s),
+                Some(host.clone()),
+                format!("apply gate failed on {host} in {label}: {msg}"),
+            )
+        }))
+    }
+
+    /// Soaks the step's pushed hosts, evaluating gates along the way.
+    async fn soak(&mut self, s: usize, deadline: Instant) -> EResult<Option<StopReason>> {
+        let label = self.label(s);
+        if self.hosts_of(s, &[HostState::Pushed]).is_empty() {
+            // Nothing new to watch (a resumed step whose hosts are healthy).
+            return Ok(None);
+        }
+        let plan = self.jf.journal.plan.clone();
+        let window = plan.longest_window();
+        let total = plan.soak.max(window);
+        let interval = if !window.is_zero() {
+            window
+        } else {
+            (plan.soak / 5).max(Duration::from_secs(1))
+        };
+        let t0 = Instant::now();
+        let mut next = t0 + interval.min(total);
+        if !plan.soak.is_zero() {
+            self.ui
+                .phase(s, &label, format!("soaking {}", Human(total)));
+        }
+        // Bounded: at most total / interval + 1 evaluations.
+        for _ in 0..=(total.as_millis() / interval.as_millis().max(1)) + 1 {
+            let now = Instant::now();
+            let until = next.min(t0 + total);
+            if until > now
+                && let Some(stop) = self
+                    .wait(until - now, Some((s, deadline)), "soaking")
+                    .await?
+            {
+                return Ok(Some(stop));
+            }
+            let last = Instant::now() >= t0 + total;
+            if let Some(stop) = self.evaluate(s, last).await? {
+                return Ok(Some(stop));
+            }
+            if Instant::now() > deadline {
+                return Ok(Some(self.deadline_reason(s)));
+            }
+            if last {
+                break;
+            }
+            next += interval;
+        }
+        for i in self.hosts_of(s, &[HostState::Pushed]) {
+            if let Some(h) = self.jf.journal.hosts.get_mut(i) {
+                h.set(HostState::Healthy, "");
+            }
+        }
+        self.jf.save()?;
+        Ok(None)
+    }
+
+    async fn evaluate(&mut self, s: usize, last: bool) -> EResult<Option<StopReason>> {
+        let t0 = Instant::now();
+        let label = self.label(s);
+        let todo = self.hosts_of(s, &[HostState::Pushed]);
+        let fleet = self.fleet.clone();
+        let plan = self.jf.journal.plan.clone();
+        let digest = self.jf.journal.bundle.digest.clone();
+        let recs: Vec<(usize, super::journal::HostRecord)> = todo
+            .iter()
+            .filter_map(|&i| self.jf.journal.hosts.get(i).map(|h| (i, h.clone())))
+            .collect();
+        let deadline = fleet.options().host_deadline;
+        let concurrency = fleet.options().concurrency.max(1);
+        let mut results = stream::iter(recs)
+            .map(|(i, rec)| {
+                let fleet = &fleet;
+                let plan = &plan;
+                let digest = &digest;
+                async move {
+                    let _slot = fleet.permit().await;
+                    let work = gates::evaluate(fleet, i, &rec, plan, digest, last);
+                    (i, with_deadline(deadline, "gates", work).await)
+                }
+            })
+            .buffer_unordered(concurrency);
+        let mut failures: Vec<(usize, String, String)> = Vec::new();
+        while let Some((i, r)) = results.next().await {
+            let Some(h) = self.jf.journal.hosts.get_mut(i) else {
+                continue;
+            };
+            match r {
+                Ok(results) => {
+                    let failed: Vec<&GateResult> = results
+                        .iter()
+                        .filter(|g| g.verdict == Verdict::Fail)
+                        .collect();
+                    if let Some(first) = failed.first() {
+                        let msg = describe(first);
+                        failures.push((i, h.host.name.clone(), msg.clone()));
+                        h.set(HostState::Failed, msg);
+                    }
+                    h.gates = results;
+                }
+                Err(e) if e.is_unreachable() => {
+                    self.ui.line(format!("{}: unreachable: {e}", h.host.name));
+                    h.set(HostState::Unreachable, e.to_string());
+                }
+                Err(e) => {
+                    let msg = format!("gates could not be read: {e}");
+                    failures.push((i, h.host.name.clone(), msg.clone()));
+                    h.set(HostState::Failed, msg);
+                }
+            }
+            self.jf.changed()?;
+        }
+        drop(results);
+        self.jf.journal.control_plane_ms += u64::try_from(t0.elapsed().as_millis()).unwrap_or(0);
+        failures.sort_by_key(|(i, ..)| *i);
+        if let Some((_, host, msg)) = failures.first() {
+            let more = if failures.len() > 1 {
+                format!(" (and {} more hosts)", failures.len() - 1)
+            } else {
+                String::new()
+            };
+            let stop = self.stop(
+                StopKind::Gate,
+                Some(s),
+                Some(host.clone()),
+                format!("gate failed on {host} in {label}: {msg}{more}"),
+            );
+            self.ui.step_finished(s, &label, "FAILED");
+            return Ok(Some(stop));
+        }
+        Ok(self.over_budget(s))
+    }
+}
+
+/// `1 host`, `2 hosts`.
+pub fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// A gate result as one line.
+fn describe(g: &GateResult) -> String {
+    if g.stage.is_empty() {
+        format!("{}: {}", g.gate, g.detail)
+    } else {
+        g.detail.clone()
+    }
+}
+
+fn step_key(kind: Option<StepKind>) -> String {
+    kind.map_or_else(|| "?".into(), |k| k.to_string())
+}
+
+async fn with_deadline<T>(
+    deadline: Duration,
+    what: &'static str,
+    work: impl Future<Output = Result<T, RpcError>>,
+) -> Result<T, RpcError> {
+    match tokio::time::timeout(deadline, work).await {
+        Ok(r) => r,
+        Err(_) => Err(RpcError {
+            what,
+            code: tonic::Code::DeadlineExceeded,
+            message: format!("not done within host_deadline {}", Human(deadline)),
+            attempts: 1,
+        }),
+    }
+}
+
+/// HasBundle, ApplyBundle (bytes only if absent), then the counters.
+async fn push_host(
+    fleet: &Fleet,
+    i: usize,
+    bundle: &Arc<Vec<u8>>,
+    digest: &str,
+    rollout: &str,
+    step: &str,
+    was_new: bool,
+) -> Pushed {
+    let has = match fleet
+        .call(i, "HasBundle", None, |mut c, t| async move {
+            c.has_bundle(request(
+                pb::HasBundleRequest {
+                    digest: digest.to_string(),
+                },
+                t,
+            ))
+            .await
+        })
+        .await
+    {
+        Ok(r) => r.present,
+        Err(e) if e.is_unreachable() => return Pushed::Unreachable(e, Changed::No),
+        Err(e) => return Pushed::Nack(e),
+    };
+    let key = idempotency_key(
+        if has { "apply-digest" } else { "apply-bytes" },
+        digest,
+        rollout,
+        step,
+    );
+    let reply = fleet
+        .call(
+            i,
+            "ApplyBundle",
+            Some(fleet.options().apply_timeout),
+            |mut c, t| {
+                let source = if has {
+                    Source::Digest(digest.to_string())
+                } else {
+                    Source::Bundle(bundle.as_ref().clone())
+                };
+                let req = pb::ApplyBundleRequest {
+                    source: Some(source),
+                    idempotency_key: key.clone(),
+                    expected_generations: Default::default(),
+                };
+                async move { c.apply_bundle(request(req, t)).await }
+            },
+        )
+        .await;
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) if e.is_unreachable() => return Pushed::Unreachable(e, Changed::Unknown),
+        Err(e) => return Pushed::Nack(e),
+    };
+    let rootlets: Vec<String> = reply
+        .rootlets
+        .iter()
+        .map(|r| r.rootlet_id.clone())
+        .collect();
+    let refs: Vec<pb::RootletRef> = rootlets.iter().map(|id| by_id(id)).collect();
+    match gates::sample(fleet, i, &refs).await {
+        Ok(post) => Pushed::Ok {
+            uploaded: !has,
+            rootlets,
+            post,
+        },
+        Err(e) => Pushed::Unreachable(e, if was_new { Changed::Yes } else { Changed::No }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_differ_by_every_part() {
+        let k = idempotency_key("apply-bytes", "d", "r", "0:canary");
+        assert_eq!(k.len(), 64);
+        assert_eq!(k, idempotency_key("apply-bytes", "d", "r", "0:canary"));
+        for other in [
+            idempotency_key("apply-digest", "d", "r", "0:canary"),
+            idempotency_key("apply-bytes", "e", "r", "0:canary"),
+            idempotency_key("apply-bytes", "d", "s", "0:canary"),
+            idempotency_key("apply-bytes", "d", "r", "1:wave 1"),
+            // No ambiguity from where one part ends.
+            idempotency_key("apply-bytesd", "", "r", "0:canary"),
+        ] {
+            assert_ne!(k, other);
+        }
+        assert_eq!(Outcome::RolledBack.exit_code(), 3);
+        assert_eq!(Outcome::Failed.exit_code(), 1);
+        assert_eq!(Outcome::Succeeded.exit_code(), 0);
+    }
+}

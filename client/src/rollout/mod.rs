@@ -1,0 +1,293 @@
+//! Fleet rollouts of a signed bundle: `rollout start` (or resume),
+//! `pause`, `resume`, `promote`, `abort`, `undo` and `status`.
+//!
+//! - [`engine`]: the state machine (canary, waves, soak, gates, rollback).
+//! - [`gates`]: what agents report, judged against the plan.
+//! - [`journal`]: the JSON journal a rollout resumes from.
+//! - [`control`]: operator requests to a running rollout.
+//! - [`progress`]: bars or log lines.
+//! - [`summary`]: what a person (or a program) reads at the end.
+
+pub mod control;
+pub mod engine;
+pub mod gates;
+pub mod journal;
+pub mod progress;
+pub mod summary;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rootlet_bundle::SignedBundle;
+use sha2::{Digest, Sha256};
+
+pub use engine::{Engine, Outcome};
+use journal::{
+    BundleRef, FORMAT, HostRecord, Journal, JournalError, JournalFile, JournalLock, RolloutState,
+    now_ms,
+};
+
+use crate::{
+    inventory::Host,
+    plan::Plan,
+    transport::{Fleet, TransportOptions},
+};
+
+/// Why a rollout command could not run (as opposed to a rollout that ran
+/// and was rolled back).
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{}: {source}", .path.display())]
+    Bundle {
+        path: PathBuf,
+        #[source]
+        source: rootlet_bundle::BundleError,
+    },
+}
+
+/// A signed bundle read from disk.
+pub struct BundleFile {
+    pub path: PathBuf,
+    pub bytes: Arc<Vec<u8>>,
+    pub signed: SignedBundle,
+}
+
+impl BundleFile {
+    pub fn read(path: &Path) -> Result<BundleFile, RolloutError> {
+        let bytes = std::fs::read(path).map_err(|e| RolloutError::Bundle {
+            path: path.to_path_buf(),
+            source: rootlet_bundle::BundleError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+        let signed = SignedBundle::from_bytes(&bytes).map_err(|source| RolloutError::Bundle {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(BundleFile {
+            path: path.to_path_buf(),
+            bytes: Arc::new(bytes),
+            signed,
+        })
+    }
+
+    fn reference(&self) -> BundleRef {
+        let b = &self.signed.bundle;
+        let m = b.manifest();
+        BundleRef {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            digest: b.digest(),
+            path: std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone()),
+            size: self.bytes.len() as u64,
+            targets: m
+                .rootlets
+                .iter()
+                .map(|r| (r.netns.clone().unwrap_or_default(), r.interface.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// What `rollout start` needs.
+pub struct StartRequest {
+    pub hosts: Vec<Host>,
+    pub selector: String,
+    pub plan: Plan,
+    pub bundle: BundleFile,
+    pub journal: PathBuf,
+    pub transport: TransportOptions,
+}
+
+/// A new journal for `req` (not yet written).
+pub fn new_journal(req: &StartRequest) -> Journal {
+    let bref = req.bundle.reference();
+    let created = now_ms();
+    let mut h = Sha256::new();
+    h.update(bref.digest.as_bytes());
+    h.update(req.selector.as_bytes());
+    h.update(created.to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    h.update(fastrand::u64(..).to_le_bytes());
+    let rollout_id = hex::encode(h.finalize()).chars().take(16).collect();
+    let steps = req.plan.steps(req.hosts.len());
+    let mut hosts: Vec<HostRecord> = req
+        .hosts
+        .iter()
+        .map(|h| HostRecord::new(h.clone(), 0))
+        .collect();
+    for (s, step) in steps.iter().enumerate() {
+        for i in step.hosts() {
+            if let Some(h) = hosts.get_mut(i) {
+                h.step = s;
+            }
+        }
+    }
+    let mut j = Journal {
+        format: FORMAT,
+        rollout_id,
+        created_unix_ms: created,
+        updated_unix_ms: created,
+        bundle: bref,
+        selector: req.selector.clone(),
+        plan: req.plan.clone(),
+        transport: req.transport.clone(),
+        steps,
+        state: RolloutState::Running,
+        current_step: 0,
+        steps_done: 0,
+        promotes_seen: 0,
+        stop: None,
+        hosts,
+        events: Vec::new(),
+        control_plane_ms: 0,
+    };
+    j.event(format!(
+        "rollout of {} {} to {} hosts ({})",
+        j.bundle.name,
+        j.bundle.version,
+        j.hosts.len(),
+        if j.selector.is_empty() {
+            "all hosts"
+        } else {
+            &j.selector
+        }
+    ));
+    j
+}
+
+/// What `start` decided to do with an existing journal.
+pub enum Start {
+    New(Journal),
+    /// The same bundle's unfinished rollout: resume it.
+    Resume(Journal),
+}
+
+/// Decides between a new rollout and resuming the journal at
+/// `req.journal`. A finished journal is kept as `<journal>.<id>` and
+/// replaced; an unfinished one for another bundle is an error.
+pub fn plan_start(req: &StartRequest) -> Result<Start, RolloutError> {
+    let path = &req.journal;
+    if !path.exists() {
+        return Ok(Start::New(new_journal(req)));
+    }
+    let old = journal::read(path)?;
+    let digest = req.bundle.signed.bundle.digest();
+    if !old.state.is_final() {
+        if old.bundle.digest == digest {
+            return Ok(Start::Resume(old));
+        }
+        return Err(RolloutError::Usage(format!(
+            "{} holds the unfinished rollout {} of {} {} ({}); resume it (rollout resume), abort or undo it, or use another --journal",
+            path.display(),
+            old.rollout_id,
+            old.bundle.name,
+            old.bundle.version,
+            old.state.name()
+        )));
+    }
+    let archive = journal::sibling(path, &format!(".{}", old.rollout_id));
+    std::fs::rename(path, &archive).map_err(|e| JournalError::Io {
+        path: archive.clone(),
+        source: e,
+    })?;
+    control::reset(path)?;
+    Ok(Start::New(new_journal(req)))
+}
+
+/// An engine over journal `j` at `path`: connections to its hosts and its
+/// bundle file (if still readable and unchanged).
+pub fn engine_for(
+    path: &Path,
+    j: Journal,
+    bundle: Option<Arc<Vec<u8>>>,
+    mode: progress::Mode,
+) -> Result<Engine, RolloutError> {
+    let hosts: Vec<Host> = j.hosts.iter().map(|h| h.host.clone()).collect();
+    let fleet = Arc::new(Fleet::new(hosts, j.transport.clone()));
+    let steps = j.steps.len();
+    let control = control::watch(path);
+    Ok(Engine::new(
+        JournalFile::new(path.to_path_buf(), j),
+        fleet,
+        bundle,
+        control,
+        progress::Progress::new(mode, steps),
+    ))
+}
+
+/// The bundle bytes of journal `j`, read again from its file and checked
+/// against its digest; None (with a warning) if that is not possible.
+pub fn bundle_of(j: &Journal) -> Result<Arc<Vec<u8>>, String> {
+    let f = BundleFile::read(&j.bundle.path).map_err(|e| e.to_string())?;
+    let digest = f.signed.bundle.digest();
+    if digest != j.bundle.digest {
+        return Err(format!(
+            "{} now holds another bundle ({}), not the one this rollout pushes ({})",
+            j.bundle.path.display(),
+            gates::short(&digest),
+            gates::short(&j.bundle.digest)
+        ));
+    }
+    Ok(f.bytes)
+}
+
+/// Takes over a journal nobody runs: resumes it (or, with `abort`, rolls
+/// it back).
+pub async fn take_over(
+    path: &Path,
+    mode: progress::Mode,
+    abort: bool,
+) -> Result<(Outcome, JournalFile, u64), RolloutError> {
+    let _lock = JournalLock::acquire(path)?;
+    let j = journal::read(path)?;
+    let bundle = if abort || j.state.is_final() {
+        None
+    } else {
+        Some(bundle_of(&j).map_err(RolloutError::Usage)?)
+    };
+    let mut engine = engine_for(path, j, bundle, mode)?;
+    let fleet = engine.fleet_arc();
+    if abort && !engine.jf.journal.state.is_final() {
+        let stop = journal::StopReason {
+            kind: journal::StopKind::Abort,
+            message: "aborted by the operator while no rootletctl was running it".into(),
+            step: Some(engine.jf.journal.current_step),
+            host: None,
+            at_unix_ms: now_ms(),
+        };
+        let outcome = engine.roll_back(Some(stop), false).await?;
+        return Ok((outcome, engine.jf, fleet.rpcs()));
+    }
+    let (outcome, jf) = engine.run().await?;
+    Ok((outcome, jf, fleet.rpcs()))
+}
+
+/// `rollout undo`: every host the rollout changed back to its previous
+/// version.
+pub async fn undo(
+    path: &Path,
+    mode: progress::Mode,
+) -> Result<(Outcome, JournalFile, u64), RolloutError> {
+    let _lock = JournalLock::acquire(path)?;
+    let j = journal::read(path)?;
+    if !j.state.is_final() && j.state != RolloutState::RollingBack {
+        return Err(RolloutError::Usage(format!(
+            "rollout {} is {} and nobody is running it: `rollout abort` rolls it back",
+            j.rollout_id,
+            j.state.name()
+        )));
+    }
+    let mut engine = engine_for(path, j, None, mode)?;
+    engine.jf.journal.event("undo requested");
+    let outcome = engine.roll_back(None, true).await?;
+    let rpcs = engine.fleet().rpcs();
+    Ok((outcome, engine.jf, rpcs))
+}

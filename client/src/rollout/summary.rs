@@ -1,0 +1,239 @@
+//! What a rollout reports: a few lines for people (the result and exactly
+//! why it stopped, the steps, hosts by state, and every host that did not
+//! end healthy), a JSON document for programs, and the host table of
+//! `rollout status`.
+
+use std::{fmt::Write, time::Duration};
+
+use serde_json::{Value, json};
+
+use super::{
+    gates::short,
+    journal::{HostState, Journal, RolloutState},
+};
+use crate::config::Human;
+
+/// Most hosts listed one per line in the human summary.
+const MAX_LISTED: usize = 20;
+
+/// Run figures the journal does not hold.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunStats {
+    pub wall: Duration,
+    pub rpcs: u64,
+}
+
+fn headline(state: RolloutState) -> &'static str {
+    match state {
+        RolloutState::Succeeded => "SUCCEEDED",
+        RolloutState::RolledBack => "ROLLED BACK",
+        RolloutState::Failed => "FAILED",
+        RolloutState::Undone => "UNDONE",
+        RolloutState::Running => "RUNNING",
+        RolloutState::Paused => "PAUSED",
+        RolloutState::WaitingForPromote => "WAITING FOR PROMOTE",
+        RolloutState::RollingBack => "ROLLING BACK",
+    }
+}
+
+/// The summary for people.
+pub fn human(j: &Journal, run: Option<RunStats>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "rollout {}: {} {} ({}) to {} host{}{}",
+        j.rollout_id,
+        j.bundle.name,
+        j.bundle.version,
+        short(&j.bundle.digest),
+        j.hosts.len(),
+        if j.hosts.len() == 1 { "" } else { "s" },
+        if j.selector.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", j.selector)
+        }
+    );
+    let mut result = headline(j.state).to_string();
+    if let Some(run) = run {
+        let _ = write!(
+            result,
+            " in {} (control plane {}, {} RPCs)",
+            Human(run.wall),
+            Human(Duration::from_millis(j.control_plane_ms)),
+            run.rpcs
+        );
+    }
+    if let Some(stop) = &j.stop {
+        let _ = write!(result, ": {}", stop.message);
+    }
+    let _ = writeln!(out, "result: {result}");
+    let steps: Vec<String> = j
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mark = if i < j.steps_done {
+                "ok"
+            } else if j.stop.as_ref().and_then(|st| st.step) == Some(i) {
+                "STOPPED"
+            } else if i == j.current_step && !j.state.is_final() {
+                "running"
+            } else {
+                "not run"
+            };
+            format!("{} {} {mark}", s.kind, s.count)
+        })
+        .collect();
+    let _ = writeln!(out, "steps:  {}", steps.join(" | "));
+    let counts: Vec<String> = j.counts().iter().map(|(k, v)| format!("{v} {k}")).collect();
+    let _ = writeln!(out, "hosts:  {}", counts.join(", "));
+    let notable: Vec<_> = j
+        .hosts
+        .iter()
+        .filter(|h| {
+            matches!(
+                h.state,
+                HostState::Failed
+                    | HostState::Unreachable
+                    | HostState::RolledBack
+                    | HostState::RollbackFailed
+            )
+        })
+        .collect();
+    let width = notable.iter().map(|h| h.host.name.len()).max().unwrap_or(0);
+    for h in notable.iter().take(MAX_LISTED) {
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {:<15}  {}",
+            h.host.name,
+            h.state.name(),
+            h.detail
+        );
+    }
+    if notable.len() > MAX_LISTED {
+        let _ = writeln!(
+            out,
+            "  ... and {} more (rootletctl rollout status --journal J)",
+            notable.len() - MAX_LISTED
+        );
+    }
+    let dry: Vec<String> = j
+        .hosts
+        .iter()
+        .flat_map(|h| {
+            h.gates
+                .iter()
+                .filter(|g| g.verdict == super::journal::Verdict::DryRunFail)
+                .map(move |g| format!("{}: {}", h.host.name, g.detail))
+        })
+        .take(5)
+        .collect();
+    for d in dry {
+        let _ = writeln!(out, "  (dry run) {d}");
+    }
+    out
+}
+
+/// The summary for programs.
+pub fn json(j: &Journal, run: Option<RunStats>, exit_code: Option<i32>) -> Value {
+    json!({
+        "rollout_id": j.rollout_id,
+        "bundle": {
+            "name": j.bundle.name,
+            "version": j.bundle.version,
+            "digest": j.bundle.digest,
+        },
+        "state": j.state.name(),
+        "exit_code": exit_code,
+        "stop": j.stop,
+        "selector": j.selector,
+        "current_step": j.current_step,
+        "steps_done": j.steps_done,
+        "steps": j.steps.iter().map(|s| json!({
+            "kind": s.kind.to_string(),
+            "hosts": s.count,
+            "pause": s.pause.map(|p| p.to_string()),
+        })).collect::<Vec<_>>(),
+        "counts": j.counts(),
+        "control_plane_ms": j.control_plane_ms,
+        "wall_ms": run.map(|r| r.wall.as_millis() as u64),
+        "rpcs": run.map(|r| r.rpcs),
+        "hosts": j.hosts.iter().map(|h| json!({
+            "name": h.host.name,
+            "address": h.host.address.to_string(),
+            "step": h.step,
+            "state": h.state.name(),
+            "changed": h.changed,
+            "previous": h.previous,
+            "uploaded": h.uploaded,
+            "rootlets": h.rootlets,
+            "detail": h.detail,
+            "gates": h.gates,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `rollout status`: the summary, the steps and every host.
+pub fn status_table(j: &Journal) -> String {
+    let mut out = human(j, None);
+    let _ = writeln!(out, "events (latest last):");
+    for e in j.events.iter().rev().take(8).rev() {
+        let _ = writeln!(out, "  {}  {}", fmt_time(e.at_unix_ms), e.message);
+    }
+    let width = j
+        .hosts
+        .iter()
+        .map(|h| h.host.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<10}  {:<15}  {:<8}  {:<12}  DETAIL",
+        "HOST", "STEP", "STATE", "CHANGED", "PREVIOUS"
+    );
+    for h in &j.hosts {
+        let step = j
+            .steps
+            .get(h.step)
+            .map_or_else(|| "?".into(), |s| s.kind.to_string());
+        let changed = match h.changed {
+            super::journal::Changed::No => "no",
+            super::journal::Changed::Yes => "yes",
+            super::journal::Changed::Unknown => "maybe",
+        };
+        let prev = match (&h.previous, h.previous_recorded) {
+            (Some(p), _) => p.version.clone(),
+            (None, true) => "(none)".into(),
+            (None, false) => "-".into(),
+        };
+        let detail = if h.detail.is_empty() {
+            h.gates
+                .iter()
+                .filter(|g| g.verdict != super::journal::Verdict::Pass)
+                .map(|g| format!("{} {}: {:?}", g.gate, g.stage, g.verdict))
+                .collect::<Vec<_>>()
+                .join("; ")
+        } else {
+            h.detail.clone()
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<10}  {:<15}  {:<8}  {:<12}  {}",
+            h.host.name,
+            step,
+            h.state.name(),
+            changed,
+            prev,
+            detail
+        );
+    }
+    out
+}
+
+/// `HH:MM:SS` UTC of a Unix time in milliseconds.
+pub fn fmt_time(ms: i64) -> String {
+    let s = ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}Z", s / 3600, (s % 3600) / 60, s % 60)
+}

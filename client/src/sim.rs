@@ -1,0 +1,747 @@
+//! A **simulated** agent: the `rootlet.v1` API and grpc.health.v1 served
+//! from memory, with no kernel, no eBPF and no signature checks. It exists
+//! for the client's tests and for the fleet benchmark (1000 agents on
+//! loopback), which label everything it measures "SIMULATED data plane".
+//! `rootletctl` never uses it.
+//!
+//! What it models: bundles applied as one transaction per agent (a digest
+//! already applied is a no-op), the bundle history (`ListBundles`, the
+//! newest marked current), per-rootlet apply status, idempotency keys,
+//! rootlets loaded on first apply, and stage counters that grow with
+//! simulated traffic: `pps` packets per second per rootlet run through
+//! its stages in priority order; a stage whose name starts with `abort`
+//! aborts every packet (as `rootlet_ebpf::TEST_ABORT` does on a real
+//! agent), every other stage passes it. Faults: [`SimAgent::set_silent`]
+//! (every call hangs, like a stopped process), [`SimAgent::set_unhealthy`]
+//! (health NOT_SERVING) and [`SimAgent::set_nack`] (applies fail).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::Stream;
+use rootlet_bundle::SignedBundle;
+use rootlet_proto::v1::{self as pb, rootlet_server::RootletServer};
+use sha2::{Digest, Sha256};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{Request, Response, Status, Streaming};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse,
+    health_check_response::ServingStatus,
+    health_server::{Health, HealthServer},
+};
+
+use crate::rollout::journal::now_ms;
+
+/// Longest a silent agent holds a call (the client's deadline ends it
+/// first).
+const SILENT_HOLD: Duration = Duration::from_secs(600);
+/// Versions of each bundle kept (as the real agent's `history`).
+const HISTORY: usize = 5;
+
+/// How a simulated agent behaves.
+#[derive(Debug, Clone, Default)]
+pub struct SimOptions {
+    /// Simulated packets per second per rootlet (0: idle).
+    pub pps: u64,
+}
+
+#[derive(Debug, Clone)]
+struct SimStage {
+    slot: u32,
+    name: String,
+    owner: String,
+    priority: i32,
+    digest: String,
+    prog_id: u32,
+    aborts: bool,
+    counters: pb::Counters,
+}
+
+#[derive(Debug, Clone)]
+struct SimRootlet {
+    id: String,
+    netns: String,
+    ifname: String,
+    generation: u64,
+    bundle: String,
+    applied_version: String,
+    applied_digest: String,
+    last_attempt: Option<pb::Attempt>,
+    stages: Vec<SimStage>,
+    next_slot: u32,
+    traffic_at: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct HistoryEntry {
+    version: String,
+    digest: String,
+    at: i64,
+}
+
+#[derive(Default)]
+struct SimState {
+    bundles: HashMap<String, Vec<u8>>,
+    history: BTreeMap<String, Vec<HistoryEntry>>,
+    rootlets: BTreeMap<(String, String), SimRootlet>,
+    next_ifindex: u32,
+    idempotency: HashMap<String, (String, pb::ApplyBundleResponse)>,
+}
+
+struct Inner {
+    opts: SimOptions,
+    state: Mutex<SimState>,
+    silent: AtomicBool,
+    unhealthy: AtomicBool,
+    nack: AtomicBool,
+    rpcs: AtomicU64,
+    applies: AtomicU64,
+    apply_calls: AtomicU64,
+    uploads: AtomicU64,
+    next_prog: AtomicU32,
+}
+
+/// A simulated agent (cheap to clone: one shared state).
+#[derive(Clone)]
+pub struct SimAgent {
+    inner: Arc<Inner>,
+}
+
+fn lock(m: &Mutex<SimState>) -> MutexGuard<'_, SimState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SimAgent {
+    pub fn new(opts: SimOptions) -> SimAgent {
+        SimAgent {
+            inner: Arc::new(Inner {
+                opts,
+                state: Mutex::new(SimState::default()),
+                silent: AtomicBool::new(false),
+                unhealthy: AtomicBool::new(false),
+                nack: AtomicBool::new(false),
+                rpcs: AtomicU64::new(0),
+                applies: AtomicU64::new(0),
+                apply_calls: AtomicU64::new(0),
+                uploads: AtomicU64::new(0),
+                next_prog: AtomicU32::new(100),
+            }),
+        }
+    }
+
+    /// Every call hangs (up to ten minutes) while set.
+    pub fn set_silent(&self, on: bool) {
+        self.inner.silent.store(on, Ordering::SeqCst);
+    }
+
+    /// Health reports NOT_SERVING while set.
+    pub fn set_unhealthy(&self, on: bool) {
+        self.inner.unhealthy.store(on, Ordering::SeqCst);
+    }
+
+    /// Applies fail (FAILED_PRECONDITION) while set.
+    pub fn set_nack(&self, on: bool) {
+        self.inner.nack.store(on, Ordering::SeqCst);
+    }
+
+    /// Calls served (health included).
+    pub fn rpcs(&self) -> u64 {
+        self.inner.rpcs.load(Ordering::Relaxed)
+    }
+
+    /// Applies that changed something.
+    pub fn applies(&self) -> u64 {
+        self.inner.applies.load(Ordering::Relaxed)
+    }
+
+    /// ApplyBundle and Rollback calls, whatever they did.
+    pub fn apply_calls(&self) -> u64 {
+        self.inner.apply_calls.load(Ordering::Relaxed)
+    }
+
+    /// Applies that carried the bundle's bytes.
+    pub fn uploads(&self) -> u64 {
+        self.inner.uploads.load(Ordering::Relaxed)
+    }
+
+    /// The applied version of every rootlet (by interface name).
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        lock(&self.inner.state)
+            .rootlets
+            .values()
+            .map(|r| (r.ifname.clone(), r.applied_version.clone()))
+            .collect()
+    }
+
+    /// The version of the rootlet on `ifname`, if loaded.
+    pub fn version_of(&self, ifname: &str) -> Option<String> {
+        self.versions().get(ifname).cloned()
+    }
+
+    async fn enter(&self) -> Result<(), Status> {
+        self.inner.rpcs.fetch_add(1, Ordering::Relaxed);
+        if self.inner.silent.load(Ordering::SeqCst) {
+            tokio::time::sleep(SILENT_HOLD).await;
+            return Err(Status::unavailable("simulated agent stopped answering"));
+        }
+        Ok(())
+    }
+
+    fn prog_id(&self) -> u32 {
+        self.inner.next_prog.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs the simulated traffic up to now.
+    fn advance(&self, r: &mut SimRootlet) {
+        let now = Instant::now();
+        let dt = now.duration_since(r.traffic_at);
+        let packets = (self.inner.opts.pps as f64 * dt.as_secs_f64()) as u64;
+        if packets == 0 {
+            return;
+        }
+        r.traffic_at = now;
+        for s in r.stages.iter_mut() {
+            if s.aborts {
+                s.counters.aborted += packets;
+                return;
+            }
+            s.counters.pass += packets;
+        }
+    }
+
+    fn state_of(&self, r: &SimRootlet) -> pb::RootletState {
+        pb::RootletState {
+            id: r.id.clone(),
+            interface: Some(pb::Interface {
+                netns: r.netns.clone(),
+                ifname: r.ifname.clone(),
+            }),
+            backend: pb::Backend::Tailcall as i32,
+            generation: r.generation,
+            slots: r
+                .stages
+                .iter()
+                .enumerate()
+                .map(|(pos, s)| pb::Slot {
+                    slot: s.slot,
+                    position: pos as u32,
+                    stage: s.name.clone(),
+                    owner: s.owner.clone(),
+                    priority: s.priority,
+                    digest: s.digest.clone(),
+                    pinned: true,
+                    program: Some(pb::Program {
+                        id: s.prog_id,
+                        name: s.name.clone(),
+                        ..Default::default()
+                    }),
+                    counters: Some(s.counters),
+                    ..Default::default()
+                })
+                .collect(),
+            applied_version: r.applied_version.clone(),
+            last_attempt: r.last_attempt.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn find(st: &mut SimState, r: Option<pb::RootletRef>) -> Result<&mut SimRootlet, Status> {
+        let r = r
+            .and_then(|r| r.r#ref)
+            .ok_or_else(|| Status::invalid_argument("rootlet: required"))?;
+        let found = match r {
+            pb::rootlet_ref::Ref::Id(id) => st.rootlets.values_mut().find(|x| x.id == id),
+            pb::rootlet_ref::Ref::Interface(i) => st.rootlets.get_mut(&(i.netns, i.ifname)),
+        };
+        found.ok_or_else(|| Status::not_found("no such rootlet on this (simulated) agent"))
+    }
+
+    fn apply(&self, req: pb::ApplyBundleRequest) -> Result<pb::ApplyBundleResponse, Status> {
+        self.inner.apply_calls.fetch_add(1, Ordering::Relaxed);
+        let mut st = lock(&self.inner.state);
+        let req_hash = {
+            let mut h = Sha256::new();
+            match &req.source {
+                Some(pb::apply_bundle_request::Source::Bundle(b)) => h.update(b),
+                Some(pb::apply_bundle_request::Source::Digest(d)) => h.update(d.as_bytes()),
+                None => {}
+            }
+            hex::encode(h.finalize())
+        };
+        if !req.idempotency_key.is_empty()
+            && let Some((hash, resp)) = st.idempotency.get(&req.idempotency_key)
+        {
+            if *hash == req_hash {
+                return Ok(resp.clone());
+            }
+            return Err(Status::already_exists(
+                "idempotency key reused for another request",
+            ));
+        }
+        let bytes = match req.source {
+            Some(pb::apply_bundle_request::Source::Bundle(b)) => {
+                self.inner.uploads.fetch_add(1, Ordering::Relaxed);
+                b
+            }
+            Some(pb::apply_bundle_request::Source::Digest(d)) => {
+                st.bundles.get(&d).cloned().ok_or_else(|| {
+                    Status::not_found(format!("no bundle with digest {d} on this agent"))
+                })?
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "source: a bundle or a digest is required",
+                ));
+            }
+        };
+        let signed = SignedBundle::from_bytes(&bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let bundle = signed.bundle;
+        let m = bundle.manifest().clone();
+        let digest = bundle.digest();
+        st.bundles.insert(digest.clone(), bytes);
+        let keys: Vec<(String, String)> = m
+            .rootlets
+            .iter()
+            .map(|t| (t.netns.clone().unwrap_or_default(), t.interface.clone()))
+            .collect();
+        let now = now_ms();
+        if self.inner.nack.load(Ordering::SeqCst) {
+            for k in &keys {
+                if let Some(r) = st.rootlets.get_mut(k) {
+                    r.last_attempt = Some(pb::Attempt {
+                        version: m.version.clone(),
+                        outcome: "nack".into(),
+                        error: "simulated failure".into(),
+                        at_unix_ms: now,
+                    });
+                }
+            }
+            return Err(Status::failed_precondition(format!(
+                "bundle `{}` {} was not applied: simulated failure; every rootlet keeps its previous version",
+                m.name, m.version
+            )));
+        }
+        let noop = keys.iter().all(|k| {
+            st.rootlets
+                .get(k)
+                .is_some_and(|r| r.applied_digest == digest)
+        });
+        let mut outcomes = Vec::new();
+        for (t, k) in m.rootlets.iter().zip(&keys) {
+            if !st.rootlets.contains_key(k) {
+                st.next_ifindex += 1;
+                let id = format!("netns:4026531840/if:{}", st.next_ifindex + 1);
+                st.rootlets.insert(
+                    k.clone(),
+                    SimRootlet {
+                        id,
+                        netns: k.0.clone(),
+                        ifname: k.1.clone(),
+                        generation: 0,
+                        bundle: String::new(),
+                        applied_version: String::new(),
+                        applied_digest: String::new(),
+                        last_attempt: None,
+                        stages: Vec::new(),
+                        next_slot: 0,
+                        traffic_at: Instant::now(),
+                    },
+                );
+            }
+            let Some(r) = st.rootlets.get_mut(k) else {
+                continue;
+            };
+            self.advance(r);
+            if !noop {
+                let mut stages: Vec<&rootlet_bundle::Stage> = m.stages_for(t).collect();
+                stages.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+                let mut next = Vec::new();
+                for s in stages {
+                    let old = r.stages.iter().find(|o| o.name == s.name);
+                    let (slot, counters) = match old {
+                        Some(o) => (o.slot, o.counters),
+                        None => {
+                            r.next_slot += 1;
+                            (r.next_slot - 1, pb::Counters::default())
+                        }
+                    };
+                    next.push(SimStage {
+                        slot,
+                        name: s.name.clone(),
+                        owner: s.owner.clone(),
+                        priority: s.priority,
+                        digest: s.sha256.clone().unwrap_or_default(),
+                        prog_id: self.prog_id(),
+                        aborts: s.name.starts_with("abort"),
+                        counters,
+                    });
+                }
+                r.stages = next;
+                r.generation += 1;
+                r.bundle = m.name.clone();
+                r.applied_version = m.version.clone();
+                r.applied_digest = digest.clone();
+                r.last_attempt = Some(pb::Attempt {
+                    version: m.version.clone(),
+                    outcome: "ack".into(),
+                    error: String::new(),
+                    at_unix_ms: now,
+                });
+            }
+            outcomes.push(pb::RootletOutcome {
+                rootlet_id: r.id.clone(),
+                generation: r.generation,
+                changed: !noop,
+            });
+        }
+        if !noop {
+            self.inner.applies.fetch_add(1, Ordering::Relaxed);
+            let h = st.history.entry(m.name.clone()).or_default();
+            h.retain(|e| e.digest != digest);
+            h.insert(
+                0,
+                HistoryEntry {
+                    version: m.version.clone(),
+                    digest: digest.clone(),
+                    at: now,
+                },
+            );
+            h.truncate(HISTORY);
+        }
+        let resp = pb::ApplyBundleResponse {
+            digest,
+            version: m.version,
+            noop,
+            rootlets: outcomes,
+        };
+        if !req.idempotency_key.is_empty() {
+            st.idempotency
+                .insert(req.idempotency_key, (req_hash, resp.clone()));
+        }
+        Ok(resp)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::rootlet_server::Rootlet for SimAgent {
+    async fn get_capabilities(
+        &self,
+        _: Request<pb::GetCapabilitiesRequest>,
+    ) -> Result<Response<pb::Capabilities>, Status> {
+        self.enter().await?;
+        Ok(Response::new(pb::Capabilities {
+            kernel: "SIMULATED".into(),
+            probes: Vec::new(),
+            backend: pb::Backend::Tailcall as i32,
+        }))
+    }
+
+    async fn load_rootlet(
+        &self,
+        _: Request<pb::LoadRootletRequest>,
+    ) -> Result<Response<pb::RootletState>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented(
+            "the simulated agent loads rootlets through bundles only",
+        ))
+    }
+
+    async fn list_rootlets(
+        &self,
+        _: Request<pb::ListRootletsRequest>,
+    ) -> Result<Response<pb::ListRootletsResponse>, Status> {
+        self.enter().await?;
+        let mut st = lock(&self.inner.state);
+        let mut rootlets = Vec::new();
+        for r in st.rootlets.values_mut() {
+            self.advance(r);
+            rootlets.push(self.state_of(r));
+        }
+        Ok(Response::new(pb::ListRootletsResponse { rootlets }))
+    }
+
+    async fn get_rootlet(
+        &self,
+        req: Request<pb::GetRootletRequest>,
+    ) -> Result<Response<pb::RootletState>, Status> {
+        self.enter().await?;
+        let mut st = lock(&self.inner.state);
+        let r = Self::find(&mut st, req.into_inner().rootlet)?;
+        self.advance(r);
+        Ok(Response::new(self.state_of(r)))
+    }
+
+    async fn unload_rootlet(
+        &self,
+        _: Request<pb::UnloadRootletRequest>,
+    ) -> Result<Response<pb::UnloadRootletResponse>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented("not simulated"))
+    }
+
+    async fn link_stage(
+        &self,
+        _: Request<pb::LinkStageRequest>,
+    ) -> Result<Response<pb::ChangeResult>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented("not simulated"))
+    }
+
+    async fn replace_stage(
+        &self,
+        _: Request<pb::ReplaceStageRequest>,
+    ) -> Result<Response<pb::ChangeResult>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented("not simulated"))
+    }
+
+    async fn unlink_stage(
+        &self,
+        _: Request<pb::UnlinkStageRequest>,
+    ) -> Result<Response<pb::ChangeResult>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented("not simulated"))
+    }
+
+    async fn set_stage_pin(
+        &self,
+        _: Request<pb::SetStagePinRequest>,
+    ) -> Result<Response<pb::ChangeResult>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented("not simulated"))
+    }
+
+    async fn get_stats(
+        &self,
+        req: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        self.enter().await?;
+        let mut st = lock(&self.inner.state);
+        let r = Self::find(&mut st, req.into_inner().rootlet)?;
+        self.advance(r);
+        Ok(Response::new(pb::GetStatsResponse {
+            rootlet_id: r.id.clone(),
+            generation: r.generation,
+            slots: r
+                .stages
+                .iter()
+                .map(|s| pb::SlotStats {
+                    slot: s.slot,
+                    stage: s.name.clone(),
+                    counters: Some(s.counters),
+                })
+                .collect(),
+        }))
+    }
+
+    type WatchStream = BoxStream<pb::WatchEvent>;
+
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented("not simulated"))
+    }
+
+    async fn renew_lease(
+        &self,
+        _: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented("not simulated"))
+    }
+
+    type KeepAliveStream = BoxStream<pb::RenewLeaseResponse>;
+
+    async fn keep_alive(
+        &self,
+        _: Request<Streaming<pb::RenewLeaseRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented("not simulated"))
+    }
+
+    async fn has_bundle(
+        &self,
+        req: Request<pb::HasBundleRequest>,
+    ) -> Result<Response<pb::HasBundleResponse>, Status> {
+        self.enter().await?;
+        let present = lock(&self.inner.state)
+            .bundles
+            .contains_key(&req.into_inner().digest);
+        Ok(Response::new(pb::HasBundleResponse { present }))
+    }
+
+    async fn apply_bundle(
+        &self,
+        req: Request<pb::ApplyBundleRequest>,
+    ) -> Result<Response<pb::ApplyBundleResponse>, Status> {
+        self.enter().await?;
+        self.apply(req.into_inner()).map(Response::new)
+    }
+
+    async fn get_apply_status(
+        &self,
+        req: Request<pb::GetApplyStatusRequest>,
+    ) -> Result<Response<pb::ApplyStatus>, Status> {
+        self.enter().await?;
+        let mut st = lock(&self.inner.state);
+        let r = Self::find(&mut st, req.into_inner().rootlet)?;
+        Ok(Response::new(pb::ApplyStatus {
+            rootlet_id: r.id.clone(),
+            applied_version: r.applied_version.clone(),
+            applied_digest: r.applied_digest.clone(),
+            last_attempt: r.last_attempt.clone(),
+        }))
+    }
+
+    async fn list_bundles(
+        &self,
+        _: Request<pb::ListBundlesRequest>,
+    ) -> Result<Response<pb::ListBundlesResponse>, Status> {
+        self.enter().await?;
+        let st = lock(&self.inner.state);
+        let mut bundles = Vec::new();
+        for (name, h) in &st.history {
+            for (i, e) in h.iter().enumerate() {
+                bundles.push(pb::BundleInfo {
+                    name: name.clone(),
+                    version: e.version.clone(),
+                    digest: e.digest.clone(),
+                    applied_at_unix_ms: e.at,
+                    current: i == 0,
+                });
+            }
+        }
+        bundles.sort_by_key(|b| std::cmp::Reverse(b.applied_at_unix_ms));
+        Ok(Response::new(pb::ListBundlesResponse { bundles }))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::ApplyBundleResponse>, Status> {
+        self.enter().await?;
+        let r = req.into_inner();
+        let to = {
+            let st = lock(&self.inner.state);
+            let (_, h) = if r.name.is_empty() {
+                st.history.iter().next()
+            } else {
+                st.history.iter().find(|(n, _)| **n == r.name)
+            }
+            .ok_or_else(|| Status::not_found("no such bundle"))?;
+            if r.to_digest.is_empty() {
+                h.get(1).map(|e| e.digest.clone())
+            } else {
+                h.iter()
+                    .find(|e| e.digest == r.to_digest)
+                    .map(|e| e.digest.clone())
+            }
+            .ok_or_else(|| Status::failed_precondition("no earlier version to roll back to"))?
+        };
+        self.apply(pb::ApplyBundleRequest {
+            source: Some(pb::apply_bundle_request::Source::Digest(to)),
+            idempotency_key: r.idempotency_key,
+            expected_generations: Default::default(),
+        })
+        .map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl Health for SimAgent {
+    async fn check(
+        &self,
+        req: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.enter().await?;
+        let service = req.into_inner().service;
+        if !service.is_empty() && service != crate::transport::HEALTH_SERVICE {
+            return Err(Status::not_found(format!("unknown service {service}")));
+        }
+        let status = if self.inner.unhealthy.load(Ordering::SeqCst) {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        Ok(Response::new(HealthCheckResponse {
+            status: status as i32,
+        }))
+    }
+
+    type WatchStream = BoxStream<HealthCheckResponse>;
+
+    async fn watch(
+        &self,
+        _: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("not simulated"))
+    }
+}
+
+/// A simulated agent serving on loopback; stops when dropped.
+pub struct SimHandle {
+    pub agent: SimAgent,
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl SimHandle {
+    /// Stops serving (connections are closed).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Serves a new simulated agent on `127.0.0.1:0`.
+pub async fn spawn(opts: SimOptions) -> std::io::Result<SimHandle> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let agent = SimAgent::new(opts);
+    let (tx, rx) = oneshot::channel::<()>();
+    let svc = RootletServer::new(agent.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let health = HealthServer::new(agent.clone());
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    Ok(SimHandle {
+        agent,
+        addr,
+        shutdown: Some(tx),
+        task: Some(task),
+    })
+}

@@ -1,0 +1,392 @@
+//! `rootletctl status`: reads back, from every selected agent, hosts ×
+//! rootlets: the bundle version applied and its digest, the last attempt
+//! (ack or nack, and why), the generation, each stage with its program id
+//! and counters, and drift (the kernel no longer runs what the agent
+//! built, or the host does not run the version asked for with
+//! `--expect`), as a table for people or JSON for programs.
+
+use std::{fmt::Write, time::Duration};
+
+use futures::{StreamExt, stream};
+use rootlet_proto::v1 as pb;
+use serde::Serialize;
+
+use crate::{
+    rollout::{gates::by_id, gates::short, journal::Counters, summary::fmt_time},
+    transport::{Fleet, RpcError, request},
+};
+
+/// One rootlet on one host.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootletStatus {
+    pub id: String,
+    pub interface: String,
+    pub netns: String,
+    pub generation: u64,
+    pub applied_version: String,
+    pub applied_digest: String,
+    pub last_attempt: Option<Attempt>,
+    pub stages: Vec<StageStatus>,
+    pub counters: Counters,
+    /// Empty unless the kernel no longer runs what the agent built.
+    pub drift: String,
+    /// Set when `--expect` names another version than the one applied.
+    pub version_drift: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    pub version: String,
+    pub outcome: String,
+    pub error: String,
+    pub at_unix_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageStatus {
+    pub name: String,
+    pub slot: u32,
+    pub position: u32,
+    pub owner: String,
+    pub program_id: Option<u32>,
+    pub program_name: Option<String>,
+    pub pinned: bool,
+    pub digest: String,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BundleVersion {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    pub current: bool,
+    pub applied_at_unix_ms: i64,
+}
+
+/// One host.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostStatus {
+    pub name: String,
+    pub address: String,
+    pub reachable: bool,
+    pub error: Option<String>,
+    pub rootlets: Vec<RootletStatus>,
+    pub bundles: Vec<BundleVersion>,
+}
+
+impl HostStatus {
+    pub fn has_drift(&self) -> bool {
+        self.rootlets
+            .iter()
+            .any(|r| !r.drift.is_empty() || r.version_drift.is_some())
+    }
+}
+
+/// Reads every host of `fleet`; `expect` is a version (or digest) every
+/// rootlet should run.
+pub async fn read(fleet: &Fleet, expect: Option<&str>) -> Vec<HostStatus> {
+    let n = fleet.hosts().len();
+    let deadline = fleet.options().host_deadline;
+    let mut out: Vec<HostStatus> = stream::iter(0..n)
+        .map(|i| async move {
+            let _slot = fleet.permit().await;
+            let host = fleet.hosts().get(i).cloned();
+            let r = tokio::time::timeout(deadline, read_host(fleet, i, expect)).await;
+            let (name, address) =
+                host.map_or_else(Default::default, |h| (h.name, h.address.to_string()));
+            match r {
+                Ok(Ok((rootlets, bundles))) => HostStatus {
+                    name,
+                    address,
+                    reachable: true,
+                    error: None,
+                    rootlets,
+                    bundles,
+                },
+                Ok(Err(e)) => HostStatus {
+                    name,
+                    address,
+                    reachable: !e.is_unreachable(),
+                    error: Some(e.to_string()),
+                    rootlets: Vec::new(),
+                    bundles: Vec::new(),
+                },
+                Err(_) => HostStatus {
+                    name,
+                    address,
+                    reachable: false,
+                    error: Some(format!(
+                        "no answer within {}",
+                        crate::config::Human(deadline)
+                    )),
+                    rootlets: Vec::new(),
+                    bundles: Vec::new(),
+                },
+            }
+        })
+        .buffer_unordered(fleet.options().concurrency.max(1))
+        .collect()
+        .await;
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+async fn read_host(
+    fleet: &Fleet,
+    i: usize,
+    expect: Option<&str>,
+) -> Result<(Vec<RootletStatus>, Vec<BundleVersion>), RpcError> {
+    let list = fleet
+        .call(i, "ListRootlets", None, |mut c, t| async move {
+            c.list_rootlets(request(pb::ListRootletsRequest {}, t))
+                .await
+        })
+        .await?;
+    let bundles = fleet
+        .call(i, "ListBundles", None, |mut c, t| async move {
+            c.list_bundles(request(pb::ListBundlesRequest {}, t)).await
+        })
+        .await?;
+    let mut rootlets = Vec::new();
+    for r in list.rootlets {
+        let st = fleet
+            .call(i, "GetApplyStatus", None, |mut c, t| {
+                let id = r.id.clone();
+                async move {
+                    c.get_apply_status(request(
+                        pb::GetApplyStatusRequest {
+                            rootlet: Some(by_id(&id)),
+                        },
+                        t,
+                    ))
+                    .await
+                }
+            })
+            .await
+            .ok();
+        let mut total = Counters::default();
+        let stages: Vec<StageStatus> = r
+            .slots
+            .iter()
+            .map(|s| {
+                let c = s.counters.unwrap_or_default();
+                let c = Counters {
+                    aborted: c.aborted,
+                    drop: c.drop,
+                    pass: c.pass,
+                    tx: c.tx,
+                    redirect: c.redirect,
+                };
+                total.add(&c);
+                StageStatus {
+                    name: s.stage.clone(),
+                    slot: s.slot,
+                    position: s.position,
+                    owner: s.owner.clone(),
+                    program_id: s.program.as_ref().map(|p| p.id),
+                    program_name: s.program.as_ref().map(|p| p.name.clone()),
+                    pinned: s.pinned,
+                    digest: s.digest.clone(),
+                    counters: c,
+                }
+            })
+            .collect();
+        let applied_digest = st
+            .as_ref()
+            .map(|s| s.applied_digest.clone())
+            .unwrap_or_default();
+        let applied_version = if r.applied_version.is_empty() {
+            st.as_ref()
+                .map(|s| s.applied_version.clone())
+                .unwrap_or_default()
+        } else {
+            r.applied_version.clone()
+        };
+        let version_drift = expect.and_then(|want| {
+            (applied_version != want && applied_digest != want).then(|| {
+                format!(
+                    "runs {}, expected {want}",
+                    if applied_version.is_empty() {
+                        "nothing"
+                    } else {
+                        &applied_version
+                    }
+                )
+            })
+        });
+        let iface = r.interface.clone().unwrap_or_default();
+        rootlets.push(RootletStatus {
+            id: r.id.clone(),
+            interface: iface.ifname,
+            netns: iface.netns,
+            generation: r.generation,
+            applied_version,
+            applied_digest,
+            last_attempt: r.last_attempt.map(|a| Attempt {
+                version: a.version,
+                outcome: a.outcome,
+                error: a.error,
+                at_unix_ms: a.at_unix_ms,
+            }),
+            stages,
+            counters: total,
+            drift: r.drift,
+            version_drift,
+        });
+    }
+    let bundles = bundles
+        .bundles
+        .into_iter()
+        .map(|b| BundleVersion {
+            name: b.name,
+            version: b.version,
+            digest: b.digest,
+            current: b.current,
+            applied_at_unix_ms: b.applied_at_unix_ms,
+        })
+        .collect();
+    Ok((rootlets, bundles))
+}
+
+/// The table for people: one line per host and rootlet.
+pub fn table(hosts: &[HostStatus]) -> String {
+    let mut rows: Vec<[String; 10]> = vec![[
+        "HOST".into(),
+        "ROOTLET".into(),
+        "GEN".into(),
+        "VERSION".into(),
+        "DIGEST".into(),
+        "LAST ATTEMPT".into(),
+        "STAGES (program id)".into(),
+        "PASS/DROP/ABORTED".into(),
+        "TX/REDIRECT".into(),
+        "DRIFT".into(),
+    ]];
+    for h in hosts {
+        if let Some(e) = &h.error {
+            rows.push([
+                h.name.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("{}: {e}", if h.reachable { "ERROR" } else { "UNREACHABLE" }),
+            ]);
+            continue;
+        }
+        if h.rootlets.is_empty() {
+            rows.push([
+                h.name.clone(),
+                "(none)".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for r in &h.rootlets {
+            let attempt = r.last_attempt.as_ref().map_or_else(
+                || "-".to_string(),
+                |a| {
+                    let mut s = format!("{} {} {}", a.outcome, a.version, fmt_time(a.at_unix_ms));
+                    if !a.error.is_empty() {
+                        let _ = write!(s, " ({})", a.error.chars().take(60).collect::<String>());
+                    }
+                    s
+                },
+            );
+            let stages = r
+                .stages
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}#{}",
+                        s.name,
+                        s.program_id
+                            .map_or_else(|| "empty".to_string(), |id| id.to_string())
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            let mut drift = Vec::new();
+            if !r.drift.is_empty() {
+                drift.push(format!("kernel: {}", r.drift));
+            }
+            if let Some(v) = &r.version_drift {
+                drift.push(v.clone());
+            }
+            let netns = if r.netns.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.netns)
+            };
+            rows.push([
+                h.name.clone(),
+                format!("{}{netns}", r.interface),
+                r.generation.to_string(),
+                if r.applied_version.is_empty() {
+                    "-".into()
+                } else {
+                    r.applied_version.clone()
+                },
+                short(&r.applied_digest),
+                attempt,
+                if stages.is_empty() {
+                    "-".into()
+                } else {
+                    stages
+                },
+                format!(
+                    "{}/{}/{}",
+                    r.counters.pass, r.counters.drop, r.counters.aborted
+                ),
+                format!("{}/{}", r.counters.tx, r.counters.redirect),
+                if drift.is_empty() {
+                    "-".into()
+                } else {
+                    drift.join("; ")
+                },
+            ]);
+        }
+    }
+    let mut widths = [0usize; 10];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (k, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if k + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    let down = hosts.iter().filter(|h| h.error.is_some()).count();
+    let drift = hosts.iter().filter(|h| h.has_drift()).count();
+    let _ = writeln!(
+        out,
+        "{} hosts: {} answered, {down} did not, {drift} with drift",
+        hosts.len(),
+        hosts.len() - down
+    );
+    out
+}
+
+/// How often `status --watch` reads again.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);

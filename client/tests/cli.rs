@@ -1,0 +1,178 @@
+//! `rootletctl` as a person runs it, against simulated agents: files on
+//! disk, commands, exit codes (0 success, 1 failed, 2 usage, 3 rolled back).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use rootlet_client::{
+    cli::{EXIT_FAILED, EXIT_OK, EXIT_ROLLED_BACK, EXIT_USAGE, run_from},
+    sim::{self, SimOptions},
+};
+
+fn ctl(args: &[&str]) -> i32 {
+    run_from(std::iter::once("rootletctl").chain(args.iter().copied()))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn bundle_rollout_status_and_exit_codes() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let agents: Vec<_> = (0..4)
+        .map(|_| rt.block_on(sim::spawn(SimOptions { pps: 5000 })).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // Bundles: keys, build (signed), verify, inspect; a bad manifest is a
+    // usage error.
+    std::fs::write(d.join("sampler.o"), rootlet_ebpf::SAMPLER).unwrap();
+    std::fs::write(d.join("abort.o"), rootlet_ebpf::TEST_ABORT).unwrap();
+    let manifest = |version: &str, abort: bool| {
+        let mut m = format!(
+            "name = \"edge\"\nversion = \"{version}\"\n[[rootlets]]\ninterface = \"rl0\"\n\
+             [[stages]]\nname = \"sampler\"\nobject = \"sampler.o\"\nprogram = \"sampler\"\npriority = 10\nowner = \"obs\"\n"
+        );
+        if abort {
+            m.push_str("[[stages]]\nname = \"abort_all\"\nobject = \"abort.o\"\nprogram = \"verdict\"\npriority = 1\nowner = \"obs\"\n");
+        }
+        let p = d.join(format!("{version}.toml"));
+        std::fs::write(&p, m).unwrap();
+        p
+    };
+    let (key, public) = (d.join("ops.key"), d.join("ops.pub"));
+    assert_eq!(
+        ctl(&[
+            "bundle",
+            "keygen",
+            "--private",
+            s(&key),
+            "--public",
+            s(&public)
+        ]),
+        EXIT_OK
+    );
+    let (v1, v2) = (d.join("v1.rlb"), d.join("v2.rlb"));
+    let m1 = manifest("v1", false);
+    assert_eq!(
+        ctl(&["bundle", "build", s(&m1), "-o", s(&v1), "--key", s(&key)]),
+        EXIT_OK
+    );
+    let m2 = manifest("v2", true);
+    assert_eq!(
+        ctl(&["bundle", "build", s(&m2), "-o", s(&v2), "--key", s(&key)]),
+        EXIT_OK
+    );
+    assert_eq!(
+        ctl(&["bundle", "verify", s(&v1), "--trusted", s(&public)]),
+        EXIT_OK
+    );
+    assert_eq!(ctl(&["bundle", "inspect", s(&v1)]), EXIT_OK);
+    std::fs::write(d.join("bad.toml"), "name = \"edge\"\nversion = 1\n").unwrap();
+    assert_eq!(
+        ctl(&["bundle", "build", s(&d.join("bad.toml"))]),
+        EXIT_USAGE
+    );
+
+    // Inventory and plan.
+    let mut inv = String::new();
+    for (i, a) in agents.iter().enumerate() {
+        inv.push_str(&format!(
+            "[[hosts]]\nname = \"h{i}\"\naddress = \"{}\"\ninsecure = true\nlabels = {{ role = \"edge\" }}\n",
+            a.addr
+        ));
+    }
+    let inventory = d.join("hosts.toml");
+    std::fs::write(&inventory, inv).unwrap();
+    let plan = d.join("plan.toml");
+    std::fs::write(
+        &plan,
+        "soak = \"200ms\"\ncanary = { hosts = 1 }\n[[waves]]\npercent = 50\n\
+         [[gates.counters]]\nmetric = \"aborted_rate\"\nmax = 0.01\nwindow = \"200ms\"\nmin_packets = 10\n",
+    )
+    .unwrap();
+    assert_eq!(ctl(&["plan", s(&plan), "--hosts", "4"]), EXIT_OK);
+    assert_eq!(
+        ctl(&["inventory", s(&inventory), "-l", "role=edge"]),
+        EXIT_OK
+    );
+    let bad_plan = d.join("bad-plan.toml");
+    std::fs::write(&bad_plan, "[[waves]]\npercent = 0\n").unwrap();
+    assert_eq!(ctl(&["plan", s(&bad_plan)]), EXIT_USAGE);
+
+    let journal = d.join("j.json");
+    let start = |bundle: &Path, selector: &str| {
+        ctl(&[
+            "rollout",
+            "start",
+            "-i",
+            s(&inventory),
+            "-p",
+            s(&plan),
+            "-b",
+            s(bundle),
+            "-j",
+            s(&journal),
+            "-l",
+            selector,
+            "--rpc-timeout",
+            "2s",
+        ])
+    };
+    // A selector matching nothing is a usage error.
+    assert_eq!(start(&v1, "role=core"), EXIT_USAGE);
+    assert_eq!(start(&v1, "role=edge"), EXIT_OK);
+    assert!(
+        agents
+            .iter()
+            .all(|a| a.agent.version_of("rl0").as_deref() == Some("v1"))
+    );
+    assert_eq!(ctl(&["rollout", "status", "-j", s(&journal)]), EXIT_OK);
+    assert_eq!(
+        ctl(&["rollout", "status", "-j", s(&journal), "--output", "json"]),
+        EXIT_OK
+    );
+    assert_eq!(
+        ctl(&["status", "-i", s(&inventory), "--expect", "v1"]),
+        EXIT_OK
+    );
+    // Drift: a version other than the expected one.
+    assert_eq!(
+        ctl(&[
+            "status",
+            "-i",
+            s(&inventory),
+            "--expect",
+            "v9",
+            "--output",
+            "json"
+        ]),
+        EXIT_FAILED
+    );
+    // A finished rollout cannot be steered.
+    assert_eq!(ctl(&["rollout", "pause", "-j", s(&journal)]), EXIT_USAGE);
+
+    // v2 aborts packets: the canary gate trips and the rollout rolls back.
+    assert_eq!(start(&v2, ""), EXIT_ROLLED_BACK);
+    assert!(
+        agents
+            .iter()
+            .all(|a| a.agent.version_of("rl0").as_deref() == Some("v1"))
+    );
+    assert_eq!(
+        ctl(&["rollout", "status", "-j", s(&journal)]),
+        EXIT_ROLLED_BACK
+    );
+
+    // A host that does not answer: status says so (exit 1).
+    agents[2].agent.set_silent(true);
+    assert_eq!(
+        ctl(&["status", "-i", s(&inventory), "--rpc-timeout", "1s"]),
+        EXIT_FAILED
+    );
+    agents[2].agent.set_silent(false);
+    drop(agents);
+    rt.shutdown_background();
+}

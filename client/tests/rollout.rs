@@ -1,0 +1,425 @@
+//! The rollout engine against simulated agents (in memory, no kernel):
+//! canary and waves, gates, rollback, unavailable hosts, operator
+//! controls, resuming from the journal, undo. The same scenarios run
+//! against real agents in `integration-tests/tests/fleet.rs`.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rootlet_bundle::{Bundle, SignedBundle};
+use rootlet_client::{
+    inventory::{Address, Host, Security},
+    plan::Plan,
+    rollout::{
+        self, BundleFile, Outcome, Start, StartRequest, control,
+        journal::{self, HostState, JournalFile, RolloutState, StopKind},
+        progress::Mode,
+    },
+    sim::{self, SimHandle, SimOptions},
+    transport::TransportOptions,
+};
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    agents: Vec<SimHandle>,
+}
+
+impl Fleet {
+    async fn new(n: usize, pps: u64) -> Fleet {
+        let mut agents = Vec::new();
+        for _ in 0..n {
+            agents.push(sim::spawn(SimOptions { pps }).await.unwrap());
+        }
+        Fleet {
+            dir: tempfile::tempdir().unwrap(),
+            agents,
+        }
+    }
+
+    fn hosts(&self) -> Vec<Host> {
+        self.agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Host {
+                name: format!("host-{i:02}"),
+                address: Address::Tcp(a.addr.to_string()),
+                labels: Default::default(),
+                security: Security::Insecure,
+            })
+            .collect()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// An unsigned bundle `edge` `version` with a sampler stage, and an
+    /// aborting stage if `abort`.
+    fn bundle(&self, version: &str, abort: bool) -> PathBuf {
+        let d = self.dir.path();
+        std::fs::write(d.join("sampler.o"), rootlet_ebpf::SAMPLER).unwrap();
+        std::fs::write(d.join("test_abort.o"), rootlet_ebpf::TEST_ABORT).unwrap();
+        let mut m = format!(
+            "name = \"edge\"\nversion = \"{version}\"\n[[rootlets]]\ninterface = \"rl0\"\n\
+             [[stages]]\nname = \"sampler\"\nobject = \"sampler.o\"\nprogram = \"sampler\"\npriority = 10\nowner = \"obs\"\n"
+        );
+        if abort {
+            m.push_str(
+                "[[stages]]\nname = \"abort_all\"\nobject = \"test_abort.o\"\nprogram = \"verdict\"\npriority = 5\nowner = \"obs\"\n",
+            );
+        }
+        let manifest = d.join(format!("manifest-{version}.toml"));
+        std::fs::write(&manifest, m).unwrap();
+        let out = d.join(format!("edge-{version}.rlb"));
+        std::fs::write(
+            &out,
+            SignedBundle::new(Bundle::build(&manifest).unwrap()).to_bytes(),
+        )
+        .unwrap();
+        out
+    }
+
+    fn versions(&self) -> Vec<Option<String>> {
+        self.agents
+            .iter()
+            .map(|a| a.agent.version_of("rl0"))
+            .collect()
+    }
+}
+
+fn opts() -> TransportOptions {
+    TransportOptions {
+        concurrency: 8,
+        rpc_timeout: Duration::from_secs(2),
+        apply_timeout: Duration::from_secs(5),
+        host_deadline: Duration::from_secs(10),
+        retries: 1,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+    }
+}
+
+async fn run(fleet: &Fleet, plan: &str, bundle: &Path, journal: &Path) -> (Outcome, JournalFile) {
+    let req = StartRequest {
+        hosts: fleet.hosts(),
+        selector: String::new(),
+        plan: Plan::parse(plan, "plan.toml").unwrap(),
+        bundle: BundleFile::read(bundle).unwrap(),
+        journal: journal.to_path_buf(),
+        transport: opts(),
+    };
+    let j = match rollout::plan_start(&req).unwrap() {
+        Start::New(j) => j,
+        Start::Resume(j) => j,
+    };
+    let engine =
+        rollout::engine_for(journal, j, Some(Arc::clone(&req.bundle.bytes)), Mode::Quiet).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), engine.run())
+        .await
+        .expect("the rollout ends within a minute")
+        .unwrap()
+}
+
+const PLAN: &str = r#"
+soak = "300ms"
+canary = { hosts = 1 }
+[[waves]]
+percent = 30
+[[gates.counters]]
+metric = "aborted_rate"
+max = 0.01
+window = "300ms"
+min_packets = 20
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_and_waves_then_a_gate_rolls_back() {
+    let fleet = Fleet::new(8, 2000).await;
+    let v1 = fleet.bundle("v1", false);
+    let j = fleet.path("j.json");
+    let (outcome, jf) = run(&fleet, PLAN, &v1, &j).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    // 8 hosts: canary 1, then 30% = 3 (rounded up), 3, and the last 1.
+    let sizes: Vec<usize> = jf.journal.steps.iter().map(|s| s.count).collect();
+    assert_eq!(sizes, [1, 3, 3, 1]);
+    assert!(fleet.versions().iter().all(|v| v.as_deref() == Some("v1")));
+    assert!(
+        jf.journal
+            .hosts
+            .iter()
+            .all(|h| h.state == HostState::Healthy && h.uploaded)
+    );
+    assert!(
+        jf.journal
+            .hosts
+            .iter()
+            .all(|h| h.previous.is_none() && h.previous_recorded)
+    );
+
+    // v2, whose stage aborts every packet: the canary's gate trips, it goes
+    // back to v1, and no other host is touched.
+    let v2 = fleet.bundle("v2", true);
+    let (outcome, jf) = run(&fleet, PLAN, &v2, &j).await;
+    assert_eq!(outcome, Outcome::RolledBack);
+    assert_eq!(outcome.exit_code(), 3);
+    let stop = jf.journal.stop.clone().unwrap();
+    assert_eq!(stop.kind, StopKind::Gate);
+    assert_eq!(stop.host.as_deref(), Some("host-00"));
+    assert!(
+        stop.message.contains("aborted_rate of stage abort_all"),
+        "{}",
+        stop.message
+    );
+    assert_eq!(jf.journal.state, RolloutState::RolledBack);
+    assert!(fleet.versions().iter().all(|v| v.as_deref() == Some("v1")));
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    assert!(
+        jf.journal.hosts[1..]
+            .iter()
+            .all(|h| h.state == HostState::Pending)
+    );
+    // The first journal was archived beside the new one.
+    let archived = std::fs::read_dir(fleet.dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("j.json.")
+        })
+        .count();
+    assert!(archived >= 1);
+
+    // A v3 that is fine goes everywhere; agents that already hold a digest
+    // get no upload; undo then returns every host to v1.
+    let v3 = fleet.bundle("v3", false);
+    let (outcome, jf) = run(&fleet, "canary = { hosts = 1 }\n", &v3, &j).await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    assert!(fleet.versions().iter().all(|v| v.as_deref() == Some("v3")));
+    assert!(
+        jf.journal
+            .hosts
+            .iter()
+            .all(|h| h.previous.as_ref().unwrap().version == "v1")
+    );
+    let (outcome, jf, _) = rollout::undo(&j, Mode::Quiet).await.unwrap();
+    assert_eq!(outcome, Outcome::Undone);
+    assert_eq!(jf.journal.state, RolloutState::Undone);
+    assert!(fleet.versions().iter().all(|v| v.as_deref() == Some("v1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_host_counts_against_max_unavailable() {
+    let fleet = Fleet::new(6, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    fleet.agents[4].agent.set_silent(true);
+    let plan = "max_unavailable = 1\ncanary = { hosts = 1 }\n[[waves]]\nhosts = 2\n";
+    let (outcome, jf) = run(&fleet, plan, &v1, &fleet.path("a.json")).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert_eq!(jf.journal.hosts[4].state, HostState::Unreachable);
+    assert!(
+        jf.journal.hosts[4].detail.contains("DEADLINE_EXCEEDED"),
+        "{}",
+        jf.journal.hosts[4].detail
+    );
+    assert_eq!(jf.journal.counts().get("healthy"), Some(&5));
+
+    // With none allowed, the same host stops the rollout, and the hosts it
+    // changed (the canary and the first wave) are rolled back. They had no
+    // earlier version, so they cannot be, and the outcome is a failure.
+    let fleet2 = Fleet::new(6, 0).await;
+    let v1 = fleet2.bundle("v1", false);
+    fleet2.agents[4].agent.set_silent(true);
+    let plan = "canary = { hosts = 1 }\n[[waves]]\nhosts = 2\n";
+    let (outcome, jf) = run(&fleet2, plan, &v1, &fleet2.path("b.json")).await;
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(outcome.exit_code(), 1);
+    let stop = jf.journal.stop.clone().unwrap();
+    assert_eq!(stop.kind, StopKind::Unavailable, "{}", stop.message);
+    assert!(stop.message.contains("host-04"), "{}", stop.message);
+    assert_eq!(jf.journal.hosts[0].state, HostState::RollbackFailed);
+    assert!(
+        jf.journal.hosts[0]
+            .detail
+            .contains("had no earlier version"),
+        "{}",
+        jf.journal.hosts[0].detail
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_fails_the_apply_gate() {
+    let fleet = Fleet::new(3, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &v1,
+        &fleet.path("a.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let v2 = fleet.bundle("v2", false);
+    fleet.agents[1].agent.set_nack(true);
+    let (outcome, jf) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &v2,
+        &fleet.path("a.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::RolledBack);
+    let stop = jf.journal.stop.clone().unwrap();
+    assert!(
+        stop.message.contains("apply gate failed on host-01"),
+        "{}",
+        stop.message
+    );
+    assert_eq!(fleet.versions(), vec![Some("v1".into()); 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_rollout_resumes_without_repushing() {
+    let fleet = Fleet::new(5, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let j = fleet.path("r.json");
+    let plan = "canary = { hosts = 1, pause = \"promote\" }\n[[waves]]\nhosts = 2\n";
+    let req = StartRequest {
+        hosts: fleet.hosts(),
+        selector: String::new(),
+        plan: Plan::parse(plan, "plan.toml").unwrap(),
+        bundle: BundleFile::read(&v1).unwrap(),
+        journal: j.clone(),
+        transport: opts(),
+    };
+    let Start::New(jn) = rollout::plan_start(&req).unwrap() else {
+        panic!("a new rollout")
+    };
+    let engine =
+        rollout::engine_for(&j, jn, Some(Arc::clone(&req.bundle.bytes)), Mode::Quiet).unwrap();
+    let task = tokio::spawn(engine.run());
+    // Wait (bounded) until the canary is healthy and the rollout waits.
+    let t0 = Instant::now();
+    while journal::read(&j).map(|x| x.state).ok() != Some(RolloutState::WaitingForPromote) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the canary never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // "Crash": the process goes away mid-rollout.
+    task.abort();
+    let _ = task.await;
+    assert_eq!(fleet.agents[0].agent.apply_calls(), 1);
+
+    // A promote recorded while nobody runs it; then resume from the journal.
+    control::request(&j, control::Request::Promote).unwrap();
+    let (outcome, jf, _) = rollout::take_over(&j, Mode::Quiet, false).await.unwrap();
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    // The canary was not pushed again; every host runs v1.
+    assert_eq!(fleet.agents[0].agent.apply_calls(), 1);
+    assert!(fleet.agents[1..].iter().all(|a| a.agent.apply_calls() == 1));
+    assert_eq!(fleet.versions(), vec![Some("v1".into()); 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_abort_rolls_back() {
+    let fleet = Fleet::new(4, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let v2 = fleet.bundle("v2", false);
+    let j = fleet.path("o.json");
+    let (outcome, _) = run(&fleet, "canary = { hosts = 1 }\n", &v1, &j).await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    // v2 waits after its canary (a timed pause); the operator aborts.
+    let plan = "canary = { hosts = 2, pause = \"30s\" }\n";
+    let j2 = j.clone();
+    let aborter = tokio::spawn(async move {
+        let t0 = Instant::now();
+        while journal::read(&j2).map(|x| x.steps_done).unwrap_or(0) < 1
+            || journal::read(&j2).map(|x| x.bundle.version).ok().as_deref() != Some("v2")
+        {
+            if t0.elapsed() > Duration::from_secs(20) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        control::request(&j2, control::Request::Abort).unwrap();
+    });
+    let (outcome, jf) = run(&fleet, plan, &v2, &j).await;
+    aborter.await.unwrap();
+    assert_eq!(outcome, Outcome::RolledBack);
+    assert_eq!(jf.journal.stop.as_ref().unwrap().kind, StopKind::Abort);
+    assert_eq!(fleet.versions(), vec![Some("v1".into()); 4]);
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    assert_eq!(jf.journal.hosts[1].state, HostState::RolledBack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_past_its_progress_deadline_rolls_back() {
+    let fleet = Fleet::new(4, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let j = fleet.path("d.json");
+    let (outcome, _) = run(&fleet, "canary = { hosts = 1 }\n", &v1, &j).await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    // Host 2 hangs for its whole RPC deadline (2 s), longer than the step
+    // may take (1 s); unavailable hosts alone would be allowed.
+    fleet.agents[2].agent.set_silent(true);
+    let v2 = fleet.bundle("v2", false);
+    let plan = "progress_deadline = \"1s\"\nmax_unavailable = 3\ncanary = { hosts = 1 }\n";
+    let (outcome, jf) = run(&fleet, plan, &v2, &j).await;
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.stop);
+    let stop = jf.journal.stop.clone().unwrap();
+    assert_eq!(stop.kind, StopKind::Deadline);
+    assert_eq!(
+        stop.message,
+        "wave 1 was not healthy within progress_deadline 1s"
+    );
+    assert_eq!(stop.step, Some(1));
+    fleet.agents[2].agent.set_silent(false);
+    assert_eq!(fleet.versions(), vec![Some("v1".into()); 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_pause_holds_the_next_step_until_resume() {
+    let fleet = Fleet::new(3, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let j = fleet.path("p.json");
+    // Paused before it starts: nothing is pushed until resumed.
+    let plan = "canary = { hosts = 1 }\n";
+    let req = StartRequest {
+        hosts: fleet.hosts(),
+        selector: String::new(),
+        plan: Plan::parse(plan, "plan.toml").unwrap(),
+        bundle: BundleFile::read(&v1).unwrap(),
+        journal: j.clone(),
+        transport: opts(),
+    };
+    let Start::New(jn) = rollout::plan_start(&req).unwrap() else {
+        panic!("a new rollout")
+    };
+    control::request(&j, control::Request::Pause).unwrap();
+    let engine =
+        rollout::engine_for(&j, jn, Some(Arc::clone(&req.bundle.bytes)), Mode::Quiet).unwrap();
+    let task = tokio::spawn(engine.run());
+    let t0 = Instant::now();
+    while journal::read(&j).map(|x| x.state).ok() != Some(RolloutState::Paused) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(fleet.agents.iter().all(|a| a.agent.apply_calls() == 0));
+    control::request(&j, control::Request::Resume).unwrap();
+    let (outcome, jf) = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Outcome::Succeeded);
+    assert!(jf.journal.events.iter().any(|e| e.message == "resumed"));
+    assert_eq!(fleet.versions(), vec![Some("v1".into()); 3]);
+}

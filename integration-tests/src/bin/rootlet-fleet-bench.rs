@@ -1,0 +1,498 @@
+//! `rootlet-fleet-bench`: what the fleet client (`rootletctl rollout`)
+//! costs at scale. It prints figures and asserts nothing about speed.
+//!
+//! 1. **1000 simulated agents** on loopback: a child process serves N
+//!    in-memory agents (`rootlet_client::sim`: the rootlet.v1 API and
+//!    health, with a SIMULATED data plane: no kernel, no eBPF, no signature
+//!    checks), each on its own 127.0.0.1 port. Another child process runs
+//!    `rootletctl rollout start` (the same code as the binary) against all
+//!    of them: a canary of 1 host, then three waves (33%, 33%, 34%), soak
+//!    0, gates on health, apply status and per-stage aborted rate. Then a
+//!    second rollout (the hosts now have a previous version to record),
+//!    and `rollout undo` of it. The client reports its own wall time,
+//!    control-plane time and RPC count; its peak resident memory is its
+//!    own `VmHWM`, measured apart from the agents.
+//! 2. **8 real agents** (`rootlet_integration_tests::fleet`): each
+//!    `rootletd` in its own namespaces with its own veth pair and traffic;
+//!    the same plan with the sample bundle. Needs root and `rootletd` built
+//!    with the same profile; skipped (and said so) otherwise.
+//!
+//! ```sh
+//! cargo build --release -p rootlet-server --bin rootletd
+//! cargo build --release -p rootlet-integration-tests --bin rootlet-fleet-bench
+//! ./target/release/rootlet-fleet-bench            # --agents 1000 --real 8
+//! ```
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+/// The longest the benchmark may run.
+const OVERALL: Duration = Duration::from_secs(600);
+/// The longest one rollout may take.
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[derive(Parser)]
+#[command(about = "The cost of fleet rollouts to many agents (prints figures)")]
+struct Args {
+    /// Simulated agents.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=20_000))]
+    agents: u32,
+    /// Real agents (0: skip).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=32))]
+    real: u32,
+    /// Hosts in flight at once (rootletctl --concurrency).
+    #[arg(long, default_value_t = 64)]
+    concurrency: u32,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// (internal) Serve simulated agents; print their addresses.
+    SimAgents {
+        #[arg(long)]
+        count: u32,
+    },
+    /// (internal) Run rootletctl with these arguments; report peak memory.
+    Client {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match args.mode {
+        Some(Mode::SimAgents { count }) => sim_agents(count),
+        Some(Mode::Client { args }) => {
+            let code = rootlet_client::cli::run_from(
+                std::iter::once("rootletctl".to_string()).chain(args),
+            );
+            eprintln!("BENCH_CLIENT vmhwm_kb={}", vm_hwm_kb().unwrap_or(0));
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        None => match orchestrate(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rootlet-fleet-bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// This process's peak resident set size, in KiB.
+fn vm_hwm_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Serves `count` simulated agents until stdin closes (or ten minutes).
+fn sim_agents(count: u32) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let mut handles = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            match rootlet_client::sim::spawn(rootlet_client::sim::SimOptions { pps: 0 }).await {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    eprintln!("simulated agent: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        for h in &handles {
+            let _ = writeln!(out, "{}", h.addr);
+        }
+        let _ = writeln!(out, "READY");
+        let _ = out.flush();
+        drop(out);
+        // Until the parent closes our stdin (bounded: ten minutes).
+        let stdin_closed = tokio::task::spawn_blocking(|| {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        let _ = tokio::time::timeout(OVERALL, stdin_closed).await;
+        let served: u64 = handles.iter().map(|h| h.agent.rpcs()).sum();
+        eprintln!(
+            "BENCH_SIM rpcs={served} vmhwm_kb={}",
+            vm_hwm_kb().unwrap_or(0)
+        );
+        ExitCode::SUCCESS
+    })
+}
+
+/// What one client run reported.
+#[derive(Debug, Default)]
+struct Run {
+    label: String,
+    exit: i32,
+    state: String,
+    wall: Duration,
+    client_wall_ms: u64,
+    control_plane_ms: u64,
+    rpcs: u64,
+    vmhwm_kb: u64,
+    hosts: usize,
+}
+
+impl Run {
+    fn rps(&self) -> f64 {
+        let ms = self.client_wall_ms.max(1);
+        self.rpcs as f64 * 1000.0 / ms as f64
+    }
+}
+
+fn exe() -> Result<PathBuf, String> {
+    std::env::current_exe().map_err(|e| format!("current exe: {e}"))
+}
+
+/// Runs `rootletctl <args>` in a child process of this binary.
+fn client(label: &str, args: &[String], hosts: usize) -> Result<Run, String> {
+    let t0 = Instant::now();
+    let mut child = Command::new(exe()?)
+        .arg("client")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn client: {e}"))?;
+    let out = wait_output(&mut child, ROLLOUT_TIMEOUT)?;
+    let wall = t0.elapsed();
+    let stderr = String::from_utf8_lossy(&out.1);
+    let vmhwm_kb = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCH_CLIENT vmhwm_kb="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let v: Value = serde_json::from_slice(&out.0).map_err(|e| {
+        format!(
+            "{label}: the client printed no JSON summary ({e}); stderr:\n{stderr}\nstdout:\n{}",
+            String::from_utf8_lossy(&out.0)
+        )
+    })?;
+    Ok(Run {
+        label: label.to_string(),
+        exit: out.2,
+        state: v["state"].as_str().unwrap_or("?").to_string(),
+        wall,
+        client_wall_ms: v["wall_ms"].as_u64().unwrap_or(0),
+        control_plane_ms: v["control_plane_ms"].as_u64().unwrap_or(0),
+        rpcs: v["rpcs"].as_u64().unwrap_or(0),
+        vmhwm_kb,
+        hosts,
+    })
+}
+
+/// Waits for a child (killing it after `limit`); its stdout, stderr and
+/// exit code.
+fn wait_output(child: &mut Child, limit: Duration) -> Result<(Vec<u8>, Vec<u8>, i32), String> {
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(mut s) = stdout {
+            let _ = s.read_to_end(&mut b);
+        }
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(mut s) = stderr {
+            let _ = s.read_to_end(&mut b);
+        }
+        b
+    });
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("a child ran longer than {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = out_t.join().unwrap_or_default();
+    let err = err_t.join().unwrap_or_default();
+    Ok((out, err, status.code().unwrap_or(-1)))
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn rollout_args(
+    inv: &Path,
+    plan: &Path,
+    bundle: &Path,
+    journal: &Path,
+    concurrency: u32,
+) -> Vec<String> {
+    vec![
+        "rollout".into(),
+        "start".into(),
+        "--inventory".into(),
+        s(inv),
+        "--plan".into(),
+        s(plan),
+        "--bundle".into(),
+        s(bundle),
+        "--journal".into(),
+        s(journal),
+        "--concurrency".into(),
+        concurrency.to_string(),
+        "--output".into(),
+        "json".into(),
+    ]
+}
+
+const PLAN: &str = r#"# canary 1, then 33%, 33%, 34%; no soak
+soak = "0s"
+max_unavailable = 0
+canary = { hosts = 1 }
+[[waves]]
+percent = 33
+[[waves]]
+percent = 33
+[[waves]]
+percent = 34
+[gates]
+health = true
+apply = true
+[[gates.counters]]
+stage = "*"
+metric = "aborted_rate"
+max = 0.001
+min_packets = 100
+"#;
+
+fn orchestrate(args: &Args) -> Result<(), String> {
+    let started = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("rootlet-fleet-bench-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let d = dir.path();
+    let plan = d.join("plan.toml");
+    std::fs::write(&plan, PLAN).map_err(|e| e.to_string())?;
+    let key = d.join("release.key");
+    rootlet_bundle::keygen(&key, d.join("release.pub")).map_err(|e| e.to_string())?;
+    let v1 = rootlet_integration_tests::fleet::sample_bundle(d, "1.0.0", false, Some(&key))
+        .map_err(|e| e.to_string())?;
+    let v2 = rootlet_integration_tests::fleet::sample_bundle_objects(
+        d,
+        "1.1.0",
+        false,
+        true,
+        Some(&key),
+    )
+    .map_err(|e| e.to_string())?;
+    let size = std::fs::metadata(&v1).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "rootlet-fleet-bench: bundle edge ({size} bytes: sampler, ddos, l4lb; 1.1.0 has new sampler and ddos programs), plan: canary 1 + waves 33%/33%/34%, soak 0, concurrency {}",
+        args.concurrency
+    );
+    println!(
+        "cpus: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // 1. Simulated agents.
+    let n = args.agents as usize;
+    println!(
+        "\n== {n} agents with a SIMULATED data plane (in-memory rootlet.v1 API; no kernel, no eBPF), on 127.0.0.1"
+    );
+    let mut sim = Command::new(exe()?)
+        .args(["sim-agents", "--count", &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn simulated agents: {e}"))?;
+    let mut addrs = Vec::with_capacity(n);
+    {
+        let out = sim.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(out).lines();
+        let t0 = Instant::now();
+        // Bounded by the count of agents (+1 for READY).
+        for _ in 0..=n {
+            match lines.next() {
+                Some(Ok(l)) if l == "READY" => break,
+                Some(Ok(l)) => addrs.push(l),
+                _ => return Err("the simulated agents did not start".into()),
+            }
+        }
+        println!(
+            "started {} simulated agents in {:.1}s",
+            addrs.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let mut inv = String::new();
+    for (i, a) in addrs.iter().enumerate() {
+        inv.push_str(&format!(
+            "[[hosts]]\nname = \"sim-{i:04}\"\naddress = \"{a}\"\ninsecure = true\nlabels = {{ zone = \"{}\", role = \"edge\" }}\n",
+            ["a", "b", "c"][i % 3]
+        ));
+    }
+    let inventory = d.join("sim-inventory.toml");
+    std::fs::write(&inventory, inv).map_err(|e| e.to_string())?;
+    let j = d.join("sim-journal.json");
+    let mut runs = Vec::new();
+    runs.push(client(
+        &format!("sim {n}: rollout 1.0.0 (first install)"),
+        &rollout_args(&inventory, &plan, &v1, &j, args.concurrency),
+        n,
+    )?);
+    runs.push(client(
+        &format!("sim {n}: rollout 1.1.0 (upgrade)"),
+        &rollout_args(&inventory, &plan, &v2, &j, args.concurrency),
+        n,
+    )?);
+    let before = runs.last().map_or(0, |r| r.control_plane_ms);
+    runs.push(client(
+        &format!("sim {n}: rollout undo (back to 1.0.0)"),
+        &[
+            "rollout".into(),
+            "undo".into(),
+            "--journal".into(),
+            s(&j),
+            "--output".into(),
+            "json".into(),
+        ],
+        n,
+    )?);
+    // The journal's control-plane time is cumulative: the undo's own part.
+    if let Some(r) = runs.last_mut() {
+        r.control_plane_ms = r.control_plane_ms.saturating_sub(before);
+    }
+    // The agents' own figures, then stop them.
+    drop(sim.stdin.take());
+    let sim_out = wait_output(&mut sim, Duration::from_secs(30)).unwrap_or_default();
+    let sim_err = String::from_utf8_lossy(&sim_out.1);
+    if let Some(line) = sim_err.lines().find(|l| l.starts_with("BENCH_SIM")) {
+        println!("simulated agents (one process, not the client): {line}");
+    }
+
+    // 2. Real agents.
+    if args.real > 0 {
+        let m = args.real as usize;
+        println!(
+            "\n== {m} real rootletd agents, each in its own network namespace with a veth pair and traffic"
+        );
+        match real(m, d, &plan, &v1, &v2, args.concurrency) {
+            Ok(mut r) => runs.append(&mut r),
+            Err(e) => println!("SKIPPED the real agents: {e}"),
+        }
+    }
+
+    println!(
+        "\n{:<44} {:>6} {:>12} {:>10} {:>10} {:>8} {:>9} {:>10}  client peak RSS",
+        "run", "hosts", "state", "wall", "client", "ctl-plane", "RPCs", "RPC/s"
+    );
+    for r in &runs {
+        println!(
+            "{:<44} {:>6} {:>12} {:>9.2}s {:>9.2}s {:>8.2}s {:>9} {:>10.0}  {:.1} MiB (exit {})",
+            r.label,
+            r.hosts,
+            r.state,
+            r.wall.as_secs_f64(),
+            r.client_wall_ms as f64 / 1000.0,
+            r.control_plane_ms as f64 / 1000.0,
+            r.rpcs,
+            r.rps(),
+            r.vmhwm_kb as f64 / 1024.0,
+            r.exit
+        );
+    }
+    println!(
+        "\nwall: the client process, start to exit; client: the rollout as rootletctl measures it; ctl-plane: time in prepare, push, gate and rollback phases (no soak, no pauses).\ntotal benchmark time {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn real(
+    m: usize,
+    d: &Path,
+    plan: &Path,
+    v1: &Path,
+    v2: &Path,
+    concurrency: u32,
+) -> Result<Vec<Run>, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut fleet = rt
+        .block_on(rootlet_integration_tests::fleet::RealFleet::start(
+            m,
+            &[m / 2],
+        ))
+        .map_err(|e| e.to_string())?;
+    fleet.start_traffic(1000).map_err(|e| e.to_string())?;
+    // Bundles signed with the fleet's key.
+    let b1 = fleet
+        .sample_bundle("1.0.0", false)
+        .map_err(|e| e.to_string())?;
+    let b2 = fleet.sample_bundle_v2("1.1.0").map_err(|e| e.to_string())?;
+    let _ = (v1, v2);
+    let inventory = d.join("real-inventory.toml");
+    std::fs::write(&inventory, fleet.inventory_toml()).map_err(|e| e.to_string())?;
+    let j = d.join("real-journal.json");
+    let mut runs = Vec::new();
+    runs.push(client(
+        &format!("real {m}: rollout 1.0.0 (first install)"),
+        &rollout_args(&inventory, plan, &b1, &j, concurrency),
+        m,
+    )?);
+    runs.push(client(
+        &format!("real {m}: rollout 1.1.0 (upgrade)"),
+        &rollout_args(&inventory, plan, &b2, &j, concurrency),
+        m,
+    )?);
+    let before = runs.last().map_or(0, |r| r.control_plane_ms);
+    runs.push(client(
+        &format!("real {m}: rollout undo (back to 1.0.0)"),
+        &[
+            "rollout".into(),
+            "undo".into(),
+            "--journal".into(),
+            s(&j),
+            "--output".into(),
+            "json".into(),
+        ],
+        m,
+    )?);
+    if let Some(r) = runs.last_mut() {
+        r.control_plane_ms = r.control_plane_ms.saturating_sub(before);
+    }
+    drop(fleet);
+    Ok(runs)
+}
