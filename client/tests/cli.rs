@@ -176,3 +176,49 @@ fn bundle_rollout_status_and_exit_codes() {
     drop(agents);
     rt.shutdown_background();
 }
+
+#[test]
+fn status_watch_reads_again_until_its_timeout() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let agent = rt.block_on(sim::spawn(SimOptions { pps: 1000 })).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = dir.path().join("hosts.toml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "[[hosts]]\nname = \"watched\"\naddress = \"{}\"\ninsecure = true\n",
+            agent.addr
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rootletctl"))
+        .args([
+            "status",
+            "-i",
+            s(&inventory),
+            "--watch",
+            "--watch-timeout",
+            "5s",
+        ])
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reads = stdout.matches("watched").count();
+    assert!(
+        reads >= 2,
+        "read again every 2 s: {reads} reads in {elapsed:?}:\n{stdout}"
+    );
+    assert!(
+        elapsed >= std::time::Duration::from_secs(4)
+            && elapsed < std::time::Duration::from_secs(30),
+        "stops by itself at --watch-timeout: {elapsed:?}"
+    );
+    drop(rt);
+}

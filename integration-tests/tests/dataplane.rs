@@ -836,3 +836,114 @@ fn probe_matches_this_kernel() {
         );
     }
 }
+
+#[test]
+fn sample_stages_also_run_standalone() {
+    // Loaded by another loader (iproute2's libbpf) as plain XDP programs: the
+    // stage header's chain code stays off, the verdict is returned as is.
+    for (object, program) in [("sampler", "sampler"), ("ddos", "ddos"), ("l4lb", "l4lb")] {
+        let pair = rootlet_integration_tests::netns::VethPair::new().expect("veth pair");
+        let entry = rootlet_ebpf::stage(object).expect("object");
+        pair.host()
+            .attach_xdp(
+                pair.host_if(),
+                entry.object,
+                "xdp",
+                rootlet_integration_tests::netns::XdpMode::Generic,
+            )
+            .unwrap_or_else(|e| panic!("{program} loads standalone: {e}"));
+        let shown = pair
+            .host()
+            .ip(&["-j", "link", "show", "dev", pair.host_if()])
+            .expect("ip link");
+        assert!(shown.contains(program), "{program} is attached: {shown}");
+        let sink = UdpSink::bind(pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+        let raw = RawSocket::open(pair.peer(), pair.peer_if()).expect("raw");
+        for i in 0..20 {
+            raw.send(
+                &pair
+                    .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
+                    .to_bytes(),
+            )
+            .expect("send");
+        }
+        let got = sink
+            .recv_until_idle(Duration::from_millis(300), deadline(10))
+            .expect("receive");
+        assert_eq!(
+            got.len(),
+            20,
+            "{program} standalone passes what it does not act on"
+        );
+    }
+}
+
+#[test]
+fn tail_call_rollback_is_instant_and_freplace_says_why_not() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let backend = assert_backend(&dp);
+    let key = f.load(&dp);
+    let packet = f
+        .pair
+        .udp_to_host(40000, SINK_PORT, seq_payload(1, 64))
+        .to_bytes();
+    dp.apply(key, &[Change::Link(stage("a", "test_pass", 10))], None)
+        .expect("link");
+    let pass_prog = slot(&dp.state(key).expect("state"), "a")
+        .prog
+        .clone()
+        .expect("prog")
+        .id;
+    dp.apply(key, &[Change::Replace(stage("a", "test_drop", 10))], None)
+        .expect("replace");
+    assert_eq!(
+        test_run(&dp.state(key).expect("state"), &packet),
+        XdpAction::Drop as u32
+    );
+    match backend {
+        Backend::TailCall => {
+            assert_eq!(
+                dp.rollback(key).expect("instant rollback"),
+                4,
+                "a new generation"
+            );
+            let state = dp.state(key).expect("state");
+            assert_eq!(
+                test_run(&state, &packet),
+                XdpAction::Pass as u32,
+                "back on test_pass"
+            );
+            assert_eq!(
+                slot(&state, "a").prog.as_ref().map(|p| p.id),
+                Some(pass_prog),
+                "the same program: nothing reloaded"
+            );
+            assert_eq!(dp.rollback(key).expect("and forth"), 5);
+            assert_eq!(
+                test_run(&dp.state(key).expect("state"), &packet),
+                XdpAction::Drop as u32
+            );
+            // A failed change empties the inactive parity: no rollback then.
+            let err = dp.apply(
+                key,
+                &[Change::Link(stage("bad", "test_bad_verifier", 20))],
+                None,
+            );
+            assert!(err.is_err());
+            assert!(matches!(
+                dp.rollback(key),
+                Err(rootlet_server::dataplane::Error::NoRollback { .. })
+            ));
+            dp.apply(key, &[Change::Unlink { name: "a".into() }], None)
+                .expect("changes go on");
+        }
+        Backend::Freplace => {
+            let err = dp.rollback(key).unwrap_err();
+            assert!(
+                matches!(err, rootlet_server::dataplane::Error::NoRollback { .. }),
+                "{err}"
+            );
+        }
+    }
+}

@@ -205,6 +205,11 @@ fn dataplane_status(e: &DpError, msg: &str) -> Status {
             info(&mut d, "DRIFTED", &[("rootlet", key.to_string())]);
             Code::FailedPrecondition
         }
+        DpError::NoRollback { key, reason } => {
+            d.add_precondition_failure_violation("ROLLBACK", key.to_string(), (*reason).to_owned());
+            info(&mut d, "NO_INSTANT_ROLLBACK", &[]);
+            Code::FailedPrecondition
+        }
         DpError::VersionMismatch {
             key,
             expected,

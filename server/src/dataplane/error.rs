@@ -66,6 +66,11 @@ pub enum Error {
         "rootlet {key} has drifted: {reason}; it will not be changed until it is unloaded and loaded again"
     )]
     Drifted { key: RootletKey, reason: String },
+    #[error("no instant rollback on {key}: {reason}")]
+    NoRollback {
+        key: RootletKey,
+        reason: &'static str,
+    },
     #[error("version mismatch on {key}: expected {expected}, current is {current}")]
     VersionMismatch {
         key: RootletKey,

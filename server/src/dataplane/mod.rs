@@ -320,9 +320,12 @@ impl Dataplane {
         if let Some(pending) = record.pending.take() {
             if pending.number == live.generation() {
                 tracing::info!(%key, generation = pending.number, "a change interrupted after its swap: committing it");
-                record.committed = pending;
+                let old = std::mem::replace(&mut record.committed, pending);
+                record.previous = (record.backend == Backend::TailCall).then_some(old);
             } else {
                 tracing::info!(%key, generation = pending.number, "a change interrupted before its swap: dropping it");
+                // The inactive parity may be half rewritten.
+                record.previous = None;
             }
             self.store.put(&record)?;
         }
@@ -386,6 +389,7 @@ impl Dataplane {
                 pipeline: Pipeline::default(),
             },
             pending: Some(first.clone()),
+            previous: None,
         };
         self.store.put(&record)?;
         crash::point(self.ctx.crash_at, crash::Step::StorePending);
@@ -622,6 +626,8 @@ impl Dataplane {
             Ok(old) => old,
             Err(e) => {
                 r.record.pending = None;
+                // A failed tail-call build emptied the inactive parity.
+                r.record.previous = None;
                 if let Err(store_err) = self.store.put(&r.record) {
                     tracing::error!(%key, error = %store_err, "cannot clear the pending generation");
                 }
@@ -631,7 +637,8 @@ impl Dataplane {
                 return Err(e);
             }
         };
-        r.record.committed = next.clone();
+        let before = std::mem::replace(&mut r.record.committed, next.clone());
+        r.record.previous = (r.record.backend == Backend::TailCall).then_some(before);
         r.record.pending = None;
         self.store.put(&r.record)?;
         crash::point(self.ctx.crash_at, crash::Step::StoreCommitted);
@@ -641,6 +648,55 @@ impl Dataplane {
         }
         crash::point(self.ctx.crash_at, crash::Step::Released);
         tracing::info!(%key, generation = next.number, stages = next.pipeline.stages.len(), "applied");
+        Ok(next.number)
+    }
+
+    /// Tail-call backend: returns to the previous generation at once. Its
+    /// programs and chain still sit in the inactive parity, so nothing is
+    /// loaded or verified: one write of the generation word, as a new
+    /// generation. freplace releases the previous rootlet instance, so there
+    /// (and after a failed change) this is `Error::NoRollback`.
+    pub fn rollback(&self, key: RootletKey) -> Result<u64> {
+        let rootlet = self.get(key)?;
+        let mut guard = lock(&rootlet);
+        if let Some(drift) = guard.check_drift(&self.ctx.layout) {
+            guard.drift = Some(drift.clone());
+            return Err(Error::Drifted { key, reason: drift });
+        }
+        let r = &mut *guard;
+        let Some(Live::TailCall(live)) = &mut r.live else {
+            return Err(Error::NoRollback {
+                key,
+                reason: "the freplace backend releases the previous generation; apply its stages again",
+            });
+        };
+        let previous = r.record.previous.clone().ok_or(Error::NoRollback {
+            key,
+            reason: "no previous generation is kept (none yet, or the last change failed)",
+        })?;
+        let next = Generation {
+            number: r.record.committed.number + 1,
+            pipeline: previous.pipeline,
+        };
+        debug_assert_eq!(next.number & 1, previous.number & 1, "same parity");
+        let progs = tailcall::parity_progs(live, &next)?.ok_or(Error::NoRollback {
+            key,
+            reason: "a stage of the previous generation is gone (its owner exited)",
+        })?;
+        r.record.pending = Some(next.clone());
+        self.store.put(&r.record)?;
+        crash::point(self.ctx.crash_at, crash::Step::StorePending);
+        tailcall::pin_arrays(&self.ctx, key, live, &next)?;
+        tailcall::swap(live, next.number)?;
+        crash::point(self.ctx.crash_at, crash::Step::Swapped);
+        live.generation = next.number;
+        live.stages = progs;
+        let before = std::mem::replace(&mut r.record.committed, next.clone());
+        r.record.previous = Some(before);
+        r.record.pending = None;
+        self.store.put(&r.record)?;
+        tailcall::release(&self.ctx, key, &next);
+        tracing::info!(%key, generation = next.number, "rolled back to the previous generation");
         Ok(next.number)
     }
 

@@ -36,6 +36,10 @@ pub struct RootletRecord {
     /// A generation being built; after a crash, adoption decides from the
     /// kernel whether it became live.
     pub pending: Option<Generation>,
+    /// Tail-call backend: the generation before `committed`, whose programs
+    /// and chain still sit in the inactive parity (an instant rollback).
+    #[serde(default)]
+    pub previous: Option<Generation>,
 }
 
 pub struct Store {

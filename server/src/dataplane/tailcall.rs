@@ -223,8 +223,14 @@ fn build_parity(
     }
     let chain = abi::rootlet_chain(&next.pipeline, final_verdict);
     sys::map_update(live.maps.chains.as_fd(), &parity.to_ne_bytes(), &chain)?;
-    // Pin the arrays of pinned stages before the swap, so that a crash right
-    // after it cannot take them down with this process.
+    pin_arrays(ctx, key, live, next)?;
+    crash::point(ctx.crash_at, Step::Built);
+    Ok(progs)
+}
+
+/// Pins the arrays of `next`'s pinned stages. Done before a swap, so that a
+/// crash right after it cannot take them down with this process.
+pub fn pin_arrays(ctx: &Ctx, key: RootletKey, live: &Live, next: &Generation) -> Result<()> {
     for stage in next.pipeline.stages.iter().filter(|s| s.pin) {
         let path = ctx.layout.chain_slot(key, stage.slot);
         if !path.exists() {
@@ -235,8 +241,23 @@ fn build_parity(
             )?;
         }
     }
-    crash::point(ctx.crash_at, Step::Built);
-    Ok(progs)
+    Ok(())
+}
+
+/// The programs of `next`'s stages as its parity holds them, or None if
+/// one is missing (an unpinned stage whose owner went away).
+pub fn parity_progs(live: &Live, next: &Generation) -> Result<Option<BTreeMap<u32, OwnedFd>>> {
+    let parity = (next.number & 1) as u32;
+    let mut progs = BTreeMap::new();
+    for stage in &next.pipeline.stages {
+        let mut id = [0u8; 4];
+        let slot = live.maps.slots[stage.slot as usize].as_fd();
+        if !sys::map_lookup(slot, &parity.to_ne_bytes(), &mut id)? {
+            return Ok(None);
+        }
+        progs.insert(stage.slot, sys::prog_fd_by_id(u32::from_ne_bytes(id))?);
+    }
+    Ok(Some(progs))
 }
 
 fn set_slot(live: &Live, slot: u32, parity: u32, prog: Option<BorrowedFd<'_>>) -> Result<()> {
