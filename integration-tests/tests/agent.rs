@@ -995,3 +995,56 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
 fn toml_of(c: &Config) -> String {
     toml::to_string(c).expect("config serializes")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deadline_ends_the_call_and_a_retry_with_its_key_converges() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let mut req = Request::new(pb::LinkStageRequest {
+        idempotency_key: "deadline-1".into(),
+        ..link(a.rootlet(), stage("sampler", "sampler", 10))
+    });
+    req.set_timeout(Duration::from_millis(1));
+    let err = ops.link_stage(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "the deadline is honoured: {err:?}"
+    );
+    // The change ran to completion or not at all; retrying with the same key
+    // converges on exactly one linked stage, whichever happened.
+    let end = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let retry = pb::LinkStageRequest {
+            idempotency_key: "deadline-1".into(),
+            ..link(a.rootlet(), stage("sampler", "sampler", 10))
+        };
+        match ops.link_stage(retry).await {
+            Ok(r) => break r.into_inner(),
+            // The first call may still be finishing: its key is not stored yet,
+            // and the stage it linked makes a plain retry ALREADY_EXISTS.
+            Err(e) if e.code() == Code::AlreadyExists && Instant::now() < end => {
+                let s = ops
+                    .get_rootlet(pb::GetRootletRequest {
+                        rootlet: a.rootlet(),
+                    })
+                    .await
+                    .expect("state")
+                    .into_inner();
+                assert_eq!(s.slots.len(), 1, "linked once, not half: {:?}", s.slots);
+                break pb::ChangeResult {
+                    generation: s.generation,
+                    rootlet: Some(s),
+                    lease_id: String::new(),
+                };
+            }
+            Err(e) => panic!("retry: {e:?}"),
+        }
+    };
+    let s = done.rootlet.expect("state");
+    assert_eq!(
+        s.slots.iter().map(|x| x.stage.as_str()).collect::<Vec<_>>(),
+        ["sampler"]
+    );
+    assert_eq!(s.generation, 2, "one change, whatever the deadline did");
+}
