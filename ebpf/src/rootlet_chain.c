@@ -10,7 +10,7 @@
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
-#include "rootlet/stage.h"
+#include "rootlet/chain.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -37,6 +37,27 @@ int rootlet_chain(struct xdp_md *ctx)
 		return XDP_ABORTED;
 	s->gen = parity;
 	return rootlet_chain_from(ctx, s, c, c->first);
+}
+
+/*
+ * Where a stage that proceeds goes: the rest of the chain from slot
+ * s->cur, in the generation the packet entered with. Loaded (and verified)
+ * once per interface, into rootlet_cont.
+ */
+SEC("xdp")
+int rootlet_continue(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	struct rootlet_scratch *s;
+	struct rootlet_chain *c;
+
+	s = bpf_map_lookup_elem(&rootlet_scratch, &zero);
+	if (!s)
+		return XDP_ABORTED;
+	c = bpf_map_lookup_elem(&rootlet_chains, &s->gen);
+	if (!c)
+		return XDP_ABORTED;
+	return rootlet_chain_from(ctx, s, c, s->cur);
 }
 
 char LICENSE[] SEC("license") = "GPL";

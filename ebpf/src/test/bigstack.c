@@ -6,7 +6,7 @@
 #include <rootlet/stage.h>
 
 struct big_key {
-	__u8 bytes[464];
+	__u8 bytes[480];
 };
 
 struct {

@@ -15,6 +15,9 @@ pub const STATS_MAP: &str = "rootlet_stats";
 pub const CHAINS_MAP: &str = "rootlet_chains";
 pub const SCRATCH_MAP: &str = "rootlet_scratch";
 pub const GEN_MAP: &str = "rootlet_gen";
+/// The one-entry program array stages tail-call to continue the chain.
+pub const CONT_MAP: &str = "rootlet_cont";
+pub const CONTINUE_PROGRAM: &str = "rootlet_continue";
 pub const CONFIG_GLOBAL: &str = "ROOTLET_CONFIG";
 pub const STAGE_MODE_GLOBAL: &str = "ROOTLET_STAGE_MODE";
 pub const FREPLACE_PROGRAM: &str = "rootlet";

@@ -11,6 +11,7 @@
 //!     chain/rootlet_gen             tail-call: the generation word
 //!     chain/rootlet_chains          tail-call: the chain of each parity
 //!     chain/rootlet_scratch         tail-call: per-CPU packet state
+//!     chain/rootlet_cont            tail-call: holds rootlet_continue, which runs the rest of the chain
 //!     chain/slot-<K>                tail-call: program array of pinned stage K
 //! loading/                          transient pins used while loading (bpffs forbids dots in names)
 //! ```

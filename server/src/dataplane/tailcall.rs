@@ -39,6 +39,8 @@ pub struct Shared {
     pub scratch: OwnedFd,
     pub stats: OwnedFd,
     pub slots: Vec<OwnedFd>,
+    /// Holds rootlet_continue; pinned, so the chain outlives this process.
+    pub cont: OwnedFd,
 }
 
 /// The live state of one tail-call rootlet.
@@ -61,7 +63,7 @@ pub fn maps_of(prog: BorrowedFd<'_>) -> Result<BTreeMap<String, OwnedFd>> {
     Ok(out)
 }
 
-fn shared_of(rootlet: BorrowedFd<'_>) -> Result<Shared> {
+fn shared_of(ctx: &Ctx, key: RootletKey, rootlet: BorrowedFd<'_>) -> Result<Shared> {
     let mut maps = maps_of(rootlet)?;
     let mut take = |name: &str| {
         maps.remove(name).ok_or_else(|| Error::Load {
@@ -77,6 +79,7 @@ fn shared_of(rootlet: BorrowedFd<'_>) -> Result<Shared> {
         slots: (0..abi::MAX_SLOTS as u32)
             .map(|k| take(&abi::slot_map(k)))
             .collect::<Result<_>>()?,
+        cont: sys::obj_get(&ctx.layout.chain_obj(key, abi::CONT_MAP))?,
     })
 }
 
@@ -89,7 +92,12 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
         source,
     })?;
     let mut reuse = MapReuse::new(&ctx.layout)?;
-    for name in [abi::GEN_MAP, abi::CHAINS_MAP, abi::SCRATCH_MAP] {
+    for name in [
+        abi::GEN_MAP,
+        abi::CHAINS_MAP,
+        abi::SCRATCH_MAP,
+        abi::CONT_MAP,
+    ] {
         reuse.pinned(name, ctx.layout.chain_obj(key, name));
     }
     reuse.pinned(abi::STATS_MAP, ctx.layout.stats(key));
@@ -108,7 +116,23 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
         ctx.layout.chain_obj(key, "rootlet"),
         "chain rootlet",
     )?;
-    let maps = shared_of(rootlet.as_fd())?;
+    let maps = shared_of(ctx, key, rootlet.as_fd())?;
+    // The continuation every stage that proceeds tail-calls; loaded and
+    // verified once, held by the pinned rootlet_cont array.
+    let mut reuse = stage_reuse(ctx, &maps, None)?;
+    reuse.add(abi::GEN_MAP, maps.generation.as_fd())?;
+    let cont = Load {
+        bytes: rootlet_ebpf::ROOTLET_CHAIN,
+        what: What {
+            stage: None,
+            program: abi::CONTINUE_PROGRAM,
+        },
+        globals: vec![],
+        reuse: Some(&reuse),
+    }
+    .xdp()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&cont) as u32;
+    sys::map_update(maps.cont.as_fd(), &0u32.to_ne_bytes(), &fd.to_ne_bytes())?;
     let empty = abi::rootlet_chain(&Default::default(), final_verdict);
     for parity in 0..2u32 {
         sys::map_update(maps.chains.as_fd(), &parity.to_ne_bytes(), &empty)?;
@@ -130,6 +154,7 @@ fn stage_reuse(ctx: &Ctx, maps: &Shared, keep: Option<MapReuse>) -> Result<MapRe
     reuse.add(abi::CHAINS_MAP, maps.chains.as_fd())?;
     reuse.add(abi::SCRATCH_MAP, maps.scratch.as_fd())?;
     reuse.add(abi::STATS_MAP, maps.stats.as_fd())?;
+    reuse.add(abi::CONT_MAP, maps.cont.as_fd())?;
     for (k, fd) in maps.slots.iter().enumerate() {
         reuse.add(&abi::slot_map(k as u32), fd.as_fd())?;
     }
@@ -304,7 +329,7 @@ pub fn kernel_generation(maps: &Shared) -> Result<u64> {
 /// whose owner died (unpinned) are emptied and left out.
 pub fn adopt(ctx: &Ctx, key: RootletKey, generations: &[&Generation]) -> Result<Option<Live>> {
     let rootlet = sys::obj_get(&ctx.layout.chain_obj(key, "rootlet"))?;
-    let maps = shared_of(rootlet.as_fd())?;
+    let maps = shared_of(ctx, key, rootlet.as_fd())?;
     let number = kernel_generation(&maps)?;
     let Some(generation) = generations.iter().find(|g| g.number == number) else {
         return Ok(None);
