@@ -138,3 +138,42 @@ impl fmt::Display for KeyIds<'_> {
         Ok(())
     }
 }
+
+impl From<crate::located::LocatedError> for BundleError {
+    fn from(e: crate::located::LocatedError) -> Self {
+        use crate::located::LocatedError as L;
+        match e {
+            L::Syntax {
+                file,
+                line,
+                col,
+                msg,
+            } => BundleError::ManifestSyntax {
+                file,
+                line,
+                col,
+                msg,
+            },
+            L::Field {
+                file,
+                line,
+                col,
+                field,
+                msg,
+            } => BundleError::ManifestField {
+                file,
+                line,
+                col,
+                field,
+                msg,
+            },
+            // Manifests are read by this crate, never through `located`.
+            L::Io { file, msg } => BundleError::ManifestSyntax {
+                file,
+                line: 0,
+                col: 0,
+                msg,
+            },
+        }
+    }
+}

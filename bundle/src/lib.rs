@@ -47,6 +47,7 @@ pub mod canonical;
 pub mod error;
 pub mod format;
 pub mod inspect;
+pub mod located;
 pub mod manifest;
 pub mod sign;
 

@@ -12,14 +12,14 @@
 //! rules hold: every stage records its object's `sha256`, and its `object`
 //! is the name of an embedded file rather than a path.
 
-use std::{borrow::Cow, collections::HashMap, fmt, ops::Range, path::Path};
+use std::{collections::HashMap, fmt, ops::Range, path::Path};
 
-use toml::{
-    Spanned,
-    de::{DeTable, DeValue},
+use toml::de::{DeTable, DeValue};
+
+use crate::{
+    error::{BundleError, Result},
+    located::{self, Fields, Src, Value, integer, string, tables},
 };
-
-use crate::error::{BundleError, Result};
 
 /// Longest bundle or stage name.
 pub const MAX_NAME_LEN: usize = 64;
@@ -295,46 +295,13 @@ enum Mode {
     Embedded,
 }
 
-type Value<'i> = Spanned<DeValue<'i>>;
-type Key<'i> = Spanned<Cow<'i, str>>;
-
-/// The text being parsed, to turn byte offsets into lines and columns.
-struct Src<'a> {
-    file: &'a str,
-    text: &'a str,
+/// A located-TOML error about `field` at `span`, as a bundle error.
+fn ferr(src: &Src<'_>, span: &Range<usize>, field: &str, msg: impl Into<String>) -> BundleError {
+    src.err(span, field, msg).into()
 }
 
-impl Src<'_> {
-    /// 1-based line and column (in characters) of byte `offset`.
-    fn line_col(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
-        let before = self.text.as_bytes().get(..offset).unwrap_or_default();
-        let line_start = before
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
-        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-        let col = match self.text.get(line_start..offset) {
-            Some(s) => s.chars().count() + 1,
-            None => offset - line_start + 1,
-        };
-        (line, col)
-    }
-
-    fn err(&self, span: &Range<usize>, field: &str, msg: impl Into<String>) -> BundleError {
-        let (line, col) = self.line_col(span.start);
-        BundleError::ManifestField {
-            file: self.file.to_string(),
-            line,
-            col,
-            field: field.to_string(),
-            msg: msg.into(),
-        }
-    }
-
-    fn line(&self, span: &Range<usize>) -> usize {
-        self.line_col(span.start).0
-    }
+fn wrong_type(src: &Src<'_>, v: &Value<'_>, field: &str, expected: &str) -> BundleError {
+    located::wrong_type(src, v, field, expected).into()
 }
 
 /// [`Manifest::parse`], with the line and column of each stage's `object`
@@ -348,8 +315,8 @@ pub(crate) fn parse_source_with_positions(
 
 fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, usize)>)> {
     let doc = DeTable::parse(text).map_err(|e| {
-        let src = Src { file, text };
-        let (line, col) = src.line_col(e.span().map_or(0, |s| s.start));
+        let src = &Src { file, text };
+        let (line, col) = located::line_col(src.text, e.span().map_or(0, |s| s.start));
         BundleError::ManifestSyntax {
             file: file.to_string(),
             line,
@@ -357,10 +324,10 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, us
             msg: e.message().to_string(),
         }
     })?;
-    let src = Src { file, text };
+    let src = &Src { file, text };
     let root = doc.get_ref();
     let fields = Fields::of(
-        &src,
+        src,
         root,
         &doc.span(),
         "",
@@ -368,9 +335,10 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, us
     )?;
 
     let name_v = fields.required("name")?;
-    let name = string(&src, name_v, "name")?;
+    let name = string(src, name_v, "name")?;
     if !is_valid_name(name) {
-        return Err(src.err(
+        return Err(ferr(
+            src,
             &name_v.span(),
             "name",
             "must be 1 to 64 characters from A-Z a-z 0-9 _ . -",
@@ -378,20 +346,22 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, us
     }
 
     let version_v = fields.required("version")?;
-    let version = string(&src, version_v, "version")?;
-    check_text(&src, version_v, "version", version, MAX_VERSION_LEN)?;
+    let version = string(src, version_v, "version")?;
+    check_text(src, version_v, "version", version, MAX_VERSION_LEN)?;
 
     let rootlets_v = fields.required("rootlets")?;
-    let rootlet_items = tables(&src, rootlets_v, "rootlets")?;
+    let rootlet_items = tables(src, rootlets_v, "rootlets")?;
     if rootlet_items.is_empty() {
-        return Err(src.err(
+        return Err(ferr(
+            src,
             &rootlets_v.span(),
             "rootlets",
             "a bundle must target at least one rootlet",
         ));
     }
     if rootlet_items.len() > MAX_ROOTLETS {
-        return Err(src.err(
+        return Err(ferr(
+            src,
             &rootlets_v.span(),
             "rootlets",
             format!("at most {MAX_ROOTLETS} rootlets"),
@@ -401,10 +371,11 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, us
     let mut seen_rootlets: HashMap<(String, Option<String>), usize> = HashMap::new();
     for (i, (table, span)) in rootlet_items.iter().enumerate() {
         let path = format!("rootlets[{i}]");
-        let (rootlet, if_span) = parse_rootlet(&src, table, span, &path)?;
+        let (rootlet, if_span) = parse_rootlet(src, table, span, &path)?;
         let key = (rootlet.interface.clone(), rootlet.netns.clone());
         if let Some(line) = seen_rootlets.insert(key, src.line(&if_span)) {
-            return Err(src.err(
+            return Err(ferr(
+                src,
                 &if_span,
                 &format!("{path}.interface"),
                 format!(
@@ -419,9 +390,10 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, us
     let mut stages = Vec::new();
     let mut object_positions = Vec::new();
     if let Some(stages_v) = fields.optional("stages") {
-        let stage_items = tables(&src, stages_v, "stages")?;
+        let stage_items = tables(src, stages_v, "stages")?;
         if stage_items.len() > MAX_STAGES {
-            return Err(src.err(
+            return Err(ferr(
+                src,
                 &stages_v.span(),
                 "stages",
                 format!("at most {MAX_STAGES} stages"),
@@ -431,10 +403,11 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, us
         for (i, (table, span)) in stage_items.iter().enumerate() {
             let path = format!("stages[{i}]");
             let (stage, name_span, object_span) =
-                parse_stage(&src, table, span, &path, mode, &rootlets)?;
-            object_positions.push(src.line_col(object_span.start));
+                parse_stage(src, table, span, &path, mode, &rootlets)?;
+            object_positions.push(located::line_col(src.text, object_span.start));
             if let Some(line) = seen_stages.insert(stage.name.clone(), src.line(&name_span)) {
-                return Err(src.err(
+                return Err(ferr(
+                    src,
                     &name_span,
                     &format!("{path}.name"),
                     format!("stage {:?} is already defined on line {line}", stage.name),
@@ -472,7 +445,8 @@ fn parse_rootlet(
     let if_field = format!("{path}.interface");
     let interface = string(src, if_v, &if_field)?;
     if !is_valid_ifname(interface) {
-        return Err(src.err(
+        return Err(ferr(
+            src,
             &if_v.span(),
             &if_field,
             "not a valid interface name (1 to 15 bytes, no '/', ':', whitespace or control characters)",
@@ -486,7 +460,8 @@ fn parse_rootlet(
             let s = string(src, v, &field)?;
             check_text(src, v, &field, s, MAX_PATH_LEN)?;
             if !s.starts_with('/') {
-                return Err(src.err(
+                return Err(ferr(
+                    src,
                     &v.span(),
                     &field,
                     "must be an absolute path to a network-namespace file",
@@ -550,7 +525,8 @@ fn parse_stage(
     let name_field = format!("{path}.name");
     let name = string(src, name_v, &name_field)?;
     if !is_valid_name(name) {
-        return Err(src.err(
+        return Err(ferr(
+            src,
             &name_v.span(),
             &name_field,
             "must be 1 to 64 characters from A-Z a-z 0-9 _ . -",
@@ -565,7 +541,8 @@ fn parse_stage(
             check_text(src, object_v, &object_field, object, MAX_PATH_LEN)?;
             let file_name = Path::new(object).file_name().and_then(|n| n.to_str());
             if object.ends_with('/') || !file_name.is_some_and(is_valid_object_name) {
-                return Err(src.err(
+                return Err(ferr(
+                    src,
                     &object_v.span(),
                     &object_field,
                     "the file name must be 1 to 128 characters from A-Z a-z 0-9 _ . -, not \
@@ -575,7 +552,8 @@ fn parse_stage(
         }
         Mode::Embedded => {
             if !is_valid_object_name(object) {
-                return Err(src.err(
+                return Err(ferr(
+                    src,
                     &object_v.span(),
                     &object_field,
                     "not a valid embedded object name (1 to 128 characters from A-Z a-z 0-9 _ . -, not starting with '.')",
@@ -589,13 +567,19 @@ fn parse_stage(
             let field = format!("{path}.sha256");
             let s = string(src, v, &field)?;
             if !is_sha256_hex(s) {
-                return Err(src.err(&v.span(), &field, "must be 64 lowercase hex digits"));
+                return Err(ferr(
+                    src,
+                    &v.span(),
+                    &field,
+                    "must be 64 lowercase hex digits",
+                ));
             }
             Some(s.to_string())
         }
         (None, Mode::Source) => None,
         (None, Mode::Embedded) => {
-            return Err(src.err(
+            return Err(ferr(
+                src,
                 span,
                 &format!("{path}.sha256"),
                 "missing: a bundle's manifest records every object's sha256",
@@ -607,7 +591,8 @@ fn parse_stage(
     let program_field = format!("{path}.program");
     let program = string(src, program_v, &program_field)?;
     if program.is_empty() || program.len() > MAX_PROGRAM_LEN || !program.bytes().all(is_name_byte) {
-        return Err(src.err(
+        return Err(ferr(
+            src,
             &program_v.span(),
             &program_field,
             "must be 1 to 128 characters from A-Z a-z 0-9 _ . -",
@@ -618,7 +603,8 @@ fn parse_stage(
     let priority_field = format!("{path}.priority");
     let priority = integer(src, priority_v, &priority_field)?;
     let priority = i32::try_from(priority).map_err(|_| {
-        src.err(
+        ferr(
+            src,
             &priority_v.span(),
             &priority_field,
             format!("{priority} is out of range for a 32-bit integer"),
@@ -635,7 +621,8 @@ fn parse_stage(
                 let item_field = format!("{field}[{i}]");
                 let a = action(src, item, &item_field)?;
                 if actions.contains(&a) {
-                    return Err(src.err(
+                    return Err(ferr(
+                        src,
                         &item.span(),
                         &item_field,
                         format!("{:?} is listed twice", a.name()),
@@ -663,7 +650,8 @@ fn parse_stage(
                 .ok()
                 .filter(|n| (1..=MAX_LEASE_SECONDS).contains(n))
                 .ok_or_else(|| {
-                    src.err(
+                    ferr(
+                        src,
                         &v.span(),
                         &field,
                         format!("must be between 1 and {MAX_LEASE_SECONDS}"),
@@ -680,7 +668,8 @@ fn parse_stage(
             "pin" => false,
             "lease" => true,
             other => {
-                return Err(src.err(
+                return Err(ferr(
+                    src,
                     &v.span(),
                     &lifetime_field,
                     format!("unknown lifetime {other:?}; expected one of \"pin\", \"lease\""),
@@ -692,14 +681,16 @@ fn parse_stage(
         (true, Some((seconds, _)), _) => Lifetime::Lease { seconds },
         (true, None, lifetime_v) => {
             let at = lifetime_v.map_or_else(|| span.clone(), |v| v.span());
-            return Err(src.err(
+            return Err(ferr(
+                src,
                 &at,
                 &format!("{path}.lease_seconds"),
                 "required when lifetime = \"lease\"",
             ));
         }
         (false, Some((_, v)), _) => {
-            return Err(src.err(
+            return Err(ferr(
+                src,
                 &v.span(),
                 &format!("{path}.lease_seconds"),
                 "only allowed when lifetime = \"lease\"",
@@ -719,7 +710,8 @@ fn parse_stage(
             let field = format!("{path}.rootlets");
             let items = array(src, v, &field)?;
             if items.is_empty() {
-                return Err(src.err(
+                return Err(ferr(
+                    src,
                     &v.span(),
                     &field,
                     "must name at least one rootlet; leave it out to target every rootlet",
@@ -730,14 +722,16 @@ fn parse_stage(
                 let item_field = format!("{field}[{i}]");
                 let s = string(src, item, &item_field)?;
                 if !rootlets.iter().any(|r| r.interface == s) {
-                    return Err(src.err(
+                    return Err(ferr(
+                        src,
                         &item.span(),
                         &item_field,
                         format!("no rootlet of this bundle is on interface {s:?}"),
                     ));
                 }
                 if names.iter().any(|n| n == s) {
-                    return Err(src.err(
+                    return Err(ferr(
+                        src,
                         &item.span(),
                         &item_field,
                         format!("{s:?} is listed twice"),
@@ -778,101 +772,6 @@ fn is_valid_ifname(s: &str) -> bool {
             .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
 }
 
-/// The keys of one table, checked against the keys the schema allows.
-struct Fields<'t, 'i> {
-    src: &'t Src<'t>,
-    path: &'t str,
-    span: Range<usize>,
-    values: HashMap<&'t str, &'t Value<'i>>,
-}
-
-impl<'t, 'i> Fields<'t, 'i> {
-    fn of(
-        src: &'t Src<'t>,
-        table: &'t DeTable<'i>,
-        span: &Range<usize>,
-        path: &'t str,
-        allowed: &[&str],
-    ) -> Result<Self> {
-        let mut entries: Vec<(&'t Key<'i>, &'t Value<'i>)> = table.iter().collect();
-        // Report the first offending key in file order.
-        entries.sort_by_key(|(k, _)| k.span().start);
-        let mut values = HashMap::new();
-        for (k, v) in entries {
-            let key: &str = k.get_ref();
-            if !allowed.contains(&key) {
-                return Err(src.err(
-                    &k.span(),
-                    &join(path, key),
-                    format!("unknown key; expected one of {}", allowed.join(", ")),
-                ));
-            }
-            values.insert(key, v);
-        }
-        Ok(Fields {
-            src,
-            path,
-            span: span.clone(),
-            values,
-        })
-    }
-
-    fn optional(&self, key: &str) -> Option<&'t Value<'i>> {
-        self.values.get(key).copied()
-    }
-
-    fn required(&self, key: &str) -> Result<&'t Value<'i>> {
-        self.optional(key).ok_or_else(|| {
-            self.src
-                .err(&self.span, &join(self.path, key), "missing required key")
-        })
-    }
-}
-
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
-/// "a string", "an integer"...
-fn type_name(v: &DeValue<'_>) -> &'static str {
-    match v {
-        DeValue::String(_) => "a string",
-        DeValue::Integer(_) => "an integer",
-        DeValue::Float(_) => "a float",
-        DeValue::Boolean(_) => "a boolean",
-        DeValue::Datetime(_) => "a datetime",
-        DeValue::Array(_) => "an array",
-        DeValue::Table(_) => "a table",
-    }
-}
-
-fn wrong_type(src: &Src<'_>, v: &Value<'_>, field: &str, expected: &str) -> BundleError {
-    src.err(
-        &v.span(),
-        field,
-        format!("expected {expected}, found {}", type_name(v.get_ref())),
-    )
-}
-
-fn string<'t>(src: &Src<'_>, v: &'t Value<'_>, field: &str) -> Result<&'t str> {
-    match v.get_ref() {
-        DeValue::String(s) => Ok(s),
-        _ => Err(wrong_type(src, v, field, "a string")),
-    }
-}
-
-fn integer(src: &Src<'_>, v: &Value<'_>, field: &str) -> Result<i64> {
-    match v.get_ref() {
-        DeValue::Integer(n) => i64::from_str_radix(n.as_str(), n.radix())
-            .map_err(|_| src.err(&v.span(), field, "integer out of range")),
-        _ => Err(wrong_type(src, v, field, "an integer")),
-    }
-}
-
 fn array<'t, 'i>(src: &Src<'_>, v: &'t Value<'i>, field: &str) -> Result<&'t [Value<'i>]> {
     match v.get_ref() {
         DeValue::Array(a) => Ok(a),
@@ -880,44 +779,26 @@ fn array<'t, 'i>(src: &Src<'_>, v: &'t Value<'i>, field: &str) -> Result<&'t [Va
     }
 }
 
-/// An array of tables (`[[field]]` or `field = [{...}, ...]`), each with the
-/// span to report a missing key at.
-fn tables<'t, 'i>(
-    src: &Src<'_>,
-    v: &'t Value<'i>,
-    field: &str,
-) -> Result<Vec<(&'t DeTable<'i>, Range<usize>)>> {
-    let items = match v.get_ref() {
-        DeValue::Array(a) => a,
-        _ => {
-            return Err(wrong_type(
-                src,
-                v,
-                field,
-                &format!("an array of tables ([[{field}]])"),
-            ));
-        }
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| match item.get_ref() {
-            DeValue::Table(t) => Ok((t, item.span())),
-            _ => Err(wrong_type(src, item, &format!("{field}[{i}]"), "a table")),
-        })
-        .collect()
-}
-
 /// A string of 1..=`max` characters without control characters.
 fn check_text(src: &Src<'_>, v: &Value<'_>, field: &str, s: &str, max: usize) -> Result<()> {
     if s.is_empty() {
-        return Err(src.err(&v.span(), field, "must not be empty"));
+        return Err(ferr(src, &v.span(), field, "must not be empty"));
     }
     if s.chars().count() > max {
-        return Err(src.err(&v.span(), field, format!("longer than {max} characters")));
+        return Err(ferr(
+            src,
+            &v.span(),
+            field,
+            format!("longer than {max} characters"),
+        ));
     }
     if s.chars().any(char::is_control) {
-        return Err(src.err(&v.span(), field, "must not contain control characters"));
+        return Err(ferr(
+            src,
+            &v.span(),
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -937,7 +818,8 @@ fn keyword<T: Copy>(
     let s = string(src, v, field)?;
     all.iter().copied().find(|&t| name(t) == s).ok_or_else(|| {
         let expected: Vec<String> = all.iter().map(|&t| format!("{:?}", name(t))).collect();
-        src.err(
+        ferr(
+            src,
             &v.span(),
             field,
             format!(
