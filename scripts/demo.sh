@@ -14,7 +14,7 @@ scripts/install-deps.sh
 cargo build --release --locked -p rootlet-integration-tests -p rootlet-server -p rootlet-client --bins
 export ROOTLET_TEST_BACKEND="${ROOTLET_DEMO_BACKEND:-auto}"
 echo "=== 1. the data plane"
-target/release/rootlet-demo --backend "$ROOTLET_TEST_BACKEND"
+target/release/rootlet-demo
 echo
 echo "=== 2. rootletd + rootletctl"
 exec target/release/rootlet-agent-demo

@@ -1,7 +1,8 @@
 //! `rootlet-demo`: the three-stage pipeline (sampler → ddos → l4lb) on a veth
 //! pair in fresh namespaces, with real traffic, the state read back from the
 //! kernel, and a live replacement of a stage while packets flow.
-//! Run by `scripts/demo.sh`; takes `--backend auto|freplace|tailcall`.
+//! Run by `scripts/demo.sh`; the backend comes from `ROOTLET_TEST_BACKEND`
+//! (auto, freplace or tailcall), as for the tests.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -28,10 +29,6 @@ const VIP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 100);
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> Result<()> {
-    if let Some(b) = std::env::args().skip_while(|a| a != "--backend").nth(1) {
-        // SAFETY-free: the fixture reads the backend from the environment.
-        unsafe_env("ROOTLET_TEST_BACKEND", &b);
-    }
     let f = Fixture::new();
     println!(
         "» namespaces {} (rootlet on {}) and {} (traffic from {})",
@@ -147,11 +144,6 @@ fn main() -> Result<()> {
         return Err(format!("{lost} packets lost during the replacement").into());
     }
     Ok(())
-}
-
-fn unsafe_env(name: &str, value: &str) {
-    // SAFETY: called first thing in main, before any other thread exists.
-    unsafe { std::env::set_var(name, value) };
 }
 
 fn configure(dp: &Dataplane, key: RootletKey) -> Result<()> {
