@@ -870,19 +870,17 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
     }
     let sink = UdpSink::bind(a.f.pair.host(), SocketAddrV4::new(HOST_IP, 6000)).expect("sink");
     let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
-    raw.send(
-        &a.f.pair
-            .udp_to_host(40000, 6000, seq_payload(1, 64))
-            .to_bytes(),
-    )
-    .expect("send");
-    let got = sink
-        .recv_until_idle(
-            Duration::from_millis(200),
-            Instant::now() + Duration::from_secs(2),
-        )
-        .expect("recv");
-    assert!(got.is_empty(), "the pinned drop stage outlives the agent");
+    // Whether a packet sent now from the peer reaches the host.
+    let delivered = |seq: u64| {
+        let frame = a.f.pair.udp_to_host(40000, 6000, seq_payload(seq, 64));
+        raw.send(&frame.to_bytes()).expect("send");
+        let idle = Duration::from_millis(200);
+        !sink
+            .recv_until_idle(idle, Instant::now() + Duration::from_secs(2))
+            .expect("recv")
+            .is_empty()
+    };
+    assert!(!delivered(1), "the pinned drop stage outlives the agent");
 
     // Another process holds the store (an old agent still exiting): the new
     // agent listens but reports NOT_SERVING until it can adopt.
@@ -977,19 +975,7 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
         status.is_some_and(|s| s.success()),
         "rootletd exits cleanly on SIGTERM: {status:?}"
     );
-    raw.send(
-        &a.f.pair
-            .udp_to_host(40000, 6000, seq_payload(2, 64))
-            .to_bytes(),
-    )
-    .expect("send");
-    let got = sink
-        .recv_until_idle(
-            Duration::from_millis(200),
-            Instant::now() + Duration::from_secs(2),
-        )
-        .expect("recv");
-    assert!(got.is_empty(), "still dropping after the agent exited");
+    assert!(!delivered(2), "still dropping after the agent exited");
 }
 
 fn toml_of(c: &Config) -> String {
