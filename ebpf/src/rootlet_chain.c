@@ -1,16 +1,24 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
- * The tail-call rootlet, for kernels that refuse BPF_PROG_TYPE_EXT. Stages
- * live in per-slot program arrays indexed by generation parity; the chain
- * (first slot, next slot, proceed-on masks, final verdict) of each parity is
- * in rootlet_chains. The agent rebuilds the inactive parity, then flips
- * rootlet_gen with one map update: a packet reads the generation once, at
- * entry, and carries it in rootlet_scratch through every tail call, so it
- * never sees a mix of two generations.
+ * The tail-call rootlet, for kernels that refuse BPF_PROG_TYPE_EXT.
+ *
+ * Routing is by hop arrays, two entries each, indexed by generation parity:
+ * rootlet_first holds the first stage, and the hop array of slot K (each
+ * stage's rootlet_next) the stage after slot K. The agent rebuilds the
+ * inactive parity's entries and rootlet_chains (proceed-on masks, final
+ * verdict), then flips rootlet_gen with one map update. A packet reads the
+ * generation once, here, and carries its parity in its CPU's
+ * rootlet_percpu through every tail call, so it never sees a mix of two
+ * generations.
+ *
+ * rootlet_gate stands in the hop arrays for an unpinned stage: the stage
+ * itself sits in its slot's owner array, which only its owner holds, and
+ * the kernel empties that array when the owner exits. The gate then counts
+ * the slot as empty and goes on.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
-#include "rootlet/chain.h"
+#include "rootlet/stage.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -19,45 +27,50 @@ struct {
 	__type(value, __u64);
 } rootlet_gen SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u32);
+} rootlet_first SEC(".maps");
+
+/* The gate's slot owner array: entry p is the unpinned stage in parity p. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u32);
+} rootlet_owner SEC(".maps");
+
 SEC("xdp")
 int rootlet_chain(struct xdp_md *ctx)
 {
 	__u32 zero = 0, parity;
-	struct rootlet_scratch *s;
+	struct rootlet_percpu *p;
 	struct rootlet_chain *c;
 	__u64 *gen;
 
 	gen = bpf_map_lookup_elem(&rootlet_gen, &zero);
-	s = bpf_map_lookup_elem(&rootlet_scratch, &zero);
-	if (!gen || !s)
+	p = rootlet_percpu();
+	if (!gen || !p)
 		return XDP_ABORTED;
 	parity = *gen & 1;
+	p->gen = parity;
+	rootlet_hop(ctx, &rootlet_first, parity);
 	c = bpf_map_lookup_elem(&rootlet_chains, &parity);
-	if (!c)
-		return XDP_ABORTED;
-	s->gen = parity;
-	return rootlet_chain_from(ctx, s, c, c->first);
+	return c ? c->final_verdict : XDP_ABORTED; /* no stage */
 }
 
-/*
- * Where a stage that proceeds goes: the rest of the chain from slot
- * s->cur, in the generation the packet entered with. Loaded (and verified)
- * once per interface, into rootlet_cont.
- */
 SEC("xdp")
-int rootlet_continue(struct xdp_md *ctx)
+int rootlet_gate(struct xdp_md *ctx)
 {
-	__u32 zero = 0;
-	struct rootlet_scratch *s;
-	struct rootlet_chain *c;
+	struct rootlet_percpu *p = rootlet_percpu();
 
-	s = bpf_map_lookup_elem(&rootlet_scratch, &zero);
-	if (!s)
+	if (!p)
 		return XDP_ABORTED;
-	c = bpf_map_lookup_elem(&rootlet_chains, &s->gen);
-	if (!c)
-		return XDP_ABORTED;
-	return rootlet_chain_from(ctx, s, c, s->cur);
+	rootlet_hop(ctx, &rootlet_owner, p->gen);
+	/* The owner exited: the slot is empty, go on. */
+	return rootlet_stage_return(ctx, ROOTLET_PROCEED);
 }
 
 char LICENSE[] SEC("license") = "GPL";

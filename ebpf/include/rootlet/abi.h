@@ -23,9 +23,6 @@
 /* What a placeholder returns: "nothing here, go on". Never a real action. */
 #define ROOTLET_PROCEED 31
 
-/* "No next slot" in a chain. */
-#define ROOTLET_END ROOTLET_MAX_SLOTS
-
 /* freplace rootlet: read-only configuration set at load time. */
 struct rootlet_config {
 	__u32 num_positions;  /* stage_0 .. stage_{n-1} are called in order */
@@ -34,18 +31,22 @@ struct rootlet_config {
 	__u32 proceed_mask[ROOTLET_MAX_SLOTS]; /* by position: bit a = go on after action a */
 };
 
-/* tail-call rootlet: one chain per generation parity, in a map. */
-struct rootlet_chain {
-	__u32 first;          /* slot id, or ROOTLET_END */
-	__u32 final_verdict;
-	__u32 next[ROOTLET_MAX_SLOTS];         /* by slot id: the next slot id or ROOTLET_END */
-	__u32 proceed_mask[ROOTLET_MAX_SLOTS]; /* by slot id */
+/*
+ * Per-CPU state, the only entry (key 0) of rootlet_stats: the counters of
+ * both rootlets and, for the tail-call rootlet, the generation parity of the
+ * packet this CPU is running (a chain runs on one CPU, start to end). One
+ * lookup gives a stage both.
+ */
+struct rootlet_percpu {
+	__u32 gen;
+	__u32 _pad;
+	__u64 count[ROOTLET_MAX_SLOTS][ROOTLET_NUM_COUNTERS];
 };
 
-/* tail-call rootlet: per-CPU state of the packet being processed. */
-struct rootlet_scratch {
-	__u32 gen; /* generation parity the packet entered with */
-	__u32 cur; /* slot id now running */
+/* tail-call rootlet: what a stage reads of its generation, one per parity. */
+struct rootlet_chain {
+	__u32 final_verdict;                   /* when the last stage proceeds */
+	__u32 proceed_mask[ROOTLET_MAX_SLOTS]; /* by slot id: bit a = go on after action a */
 };
 
 /* Stage mode, set at load time by the agent in ROOTLET_STAGE_MODE. */

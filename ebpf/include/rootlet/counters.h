@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Per-slot, per-action packet counters, shared by both rootlets and by
- * stages in tail-call mode: key = slot * ROOTLET_NUM_COUNTERS + counter.
+ * stages in tail-call mode: one per-CPU struct rootlet_percpu (abi.h).
  */
 #ifndef ROOTLET_COUNTERS_H
 #define ROOTLET_COUNTERS_H
@@ -12,21 +12,34 @@
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, ROOTLET_MAX_SLOTS * ROOTLET_NUM_COUNTERS);
+	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct rootlet_percpu);
 } rootlet_stats SEC(".maps");
 
-static __always_inline void rootlet_count(__u32 slot, int verdict)
+static __always_inline struct rootlet_percpu *rootlet_percpu(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&rootlet_stats, &zero);
+}
+
+static __always_inline void rootlet_count_in(struct rootlet_percpu *p, __u32 slot, int verdict)
 {
 	__u32 idx = verdict == ROOTLET_PROCEED ? ROOTLET_COUNT_EMPTY
 		  : (verdict >= XDP_ABORTED && verdict <= XDP_REDIRECT) ? (__u32)verdict
 		  : XDP_ABORTED;
-	__u32 key = slot * ROOTLET_NUM_COUNTERS + idx;
-	__u64 *n = bpf_map_lookup_elem(&rootlet_stats, &key);
 
-	if (n)
-		*n += 1;
+	if (slot < ROOTLET_MAX_SLOTS)
+		p->count[slot][idx] += 1;
+}
+
+static __always_inline void rootlet_count(__u32 slot, int verdict)
+{
+	struct rootlet_percpu *p = rootlet_percpu();
+
+	if (p)
+		rootlet_count_in(p, slot, verdict);
 }
 
 /* An action the kernel does not know is an abort. */

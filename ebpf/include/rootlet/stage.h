@@ -12,11 +12,12 @@
  *
  * The object is an ordinary SEC("xdp") program named my_stage. Loaded alone
  * (ip link, libxdp, aya) it returns its verdict; loaded by Rootlet as a
- * freplace stage it returns its verdict to the rootlet; loaded by Rootlet in
- * tail-call mode (ROOTLET_STAGE_MODE = ROOTLET_MODE_CHAIN, set by the agent)
- * it counts its verdict in the rootlet's per-slot counters and, if the
- * verdict is in its proceed-on mask, tail-calls the interface's shared
- * continuation, which runs the next slot of the chain.
+ * freplace stage it returns its verdict to the rootlet. Loaded by Rootlet in
+ * tail-call mode (the agent sets ROOTLET_STAGE_MODE = ROOTLET_MODE_CHAIN
+ * and ROOTLET_STAGE_SLOT at load time) it counts its verdict in the
+ * rootlet's per-slot counters and, if the verdict is in its slot's
+ * proceed-on mask, tail-calls the next stage of the packet's generation
+ * straight from rootlet_next, its slot's hop array: one tail call per stage.
  *
  * The maps below are replaced by the interface's own maps when the agent
  * loads the stage in tail-call mode; otherwise they are tiny and unused.
@@ -29,6 +30,8 @@
 #include "counters.h"
 
 volatile const __u32 ROOTLET_STAGE_MODE = ROOTLET_MODE_RETURN;
+/* Tail-call mode: the stable slot id this program was loaded for. */
+volatile const __u32 ROOTLET_STAGE_SLOT = 0;
 
 #ifdef ROOTLET_BUILD
 /* A build number, to tell two builds of the same source apart. */
@@ -42,49 +45,54 @@ struct {
 	__type(value, struct rootlet_chain);
 } rootlet_chains SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct rootlet_scratch);
-} rootlet_scratch SEC(".maps");
-
-/* Entry 0: the interface's rootlet_continue program, which runs the rest
- * of the chain. */
+/*
+ * The slot's hop array: entry p is what runs after this slot in the
+ * generations of parity p (the next stage, or the gate of an unpinned
+ * one); empty when this slot is the last.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
-} rootlet_cont SEC(".maps");
+} rootlet_next SEC(".maps");
+
+/*
+ * Tail-calls entry `parity` of `hop`; returns only if it is empty. Each
+ * site has a constant map and a constant index, so the x86-64 JIT emits a
+ * direct jump that it patches when the entry changes, not the indirect
+ * tail call (a retpoline with Spectre v2 mitigations). See
+ * docs/BENCHMARKS.md.
+ */
+#define rootlet_hop(ctx, hop, parity)                       \
+	do {                                                \
+		if (parity)                                 \
+			bpf_tail_call_static(ctx, hop, 1);  \
+		else                                        \
+			bpf_tail_call_static(ctx, hop, 0);  \
+	} while (0)
 
 static __always_inline int rootlet_stage_return(struct xdp_md *ctx, int verdict)
 {
-	__u32 zero = 0;
-	struct rootlet_scratch *s;
+	struct rootlet_percpu *p;
 	struct rootlet_chain *c;
-	__u32 slot;
+	__u32 slot = ROOTLET_STAGE_SLOT, gen;
 
 	if (ROOTLET_STAGE_MODE != ROOTLET_MODE_CHAIN)
 		return verdict;
 
-	s = bpf_map_lookup_elem(&rootlet_scratch, &zero);
-	if (!s)
+	p = rootlet_percpu();
+	if (!p)
 		return rootlet_normalize(verdict);
-	c = bpf_map_lookup_elem(&rootlet_chains, &s->gen);
-	slot = s->cur;
+	rootlet_count_in(p, slot, verdict);
+	gen = p->gen;
+	c = bpf_map_lookup_elem(&rootlet_chains, &gen);
 	if (!c || slot >= ROOTLET_MAX_SLOTS)
 		return rootlet_normalize(verdict);
-	rootlet_count(slot, verdict);
 	if (!rootlet_proceeds(verdict, c->proceed_mask[slot]))
 		return rootlet_normalize(verdict);
-	if (c->next[slot] >= ROOTLET_MAX_SLOTS)
-		return c->final_verdict;
-	/* The shared continuation runs the rest: one static tail call, so
-	 * every stage stays small to verify. */
-	s->cur = c->next[slot];
-	bpf_tail_call_static(ctx, &rootlet_cont, 0);
-	return XDP_ABORTED; /* no continuation loaded: cannot happen */
+	rootlet_hop(ctx, &rootlet_next, gen);
+	return c->final_verdict; /* this slot is the last */
 }
 
 #define ROOTLET_STAGE(name)                                              \

@@ -7,24 +7,32 @@ pub const MAX_SLOTS: usize = 16;
 pub const NUM_COUNTERS: usize = 6;
 /// Counter index of "slot enabled but empty: the placeholder proceeded".
 pub const COUNT_EMPTY: usize = 5;
-pub const END: u32 = MAX_SLOTS as u32;
 pub const MODE_CHAIN: u32 = 1;
 
 /// Names shared with the C programs.
 pub const STATS_MAP: &str = "rootlet_stats";
 pub const CHAINS_MAP: &str = "rootlet_chains";
-pub const SCRATCH_MAP: &str = "rootlet_scratch";
 pub const GEN_MAP: &str = "rootlet_gen";
-/// The one-entry program array stages tail-call to continue the chain.
-pub const CONT_MAP: &str = "rootlet_cont";
-pub const CONTINUE_PROGRAM: &str = "rootlet_continue";
+/// The rootlet's hop array: the first stage, by parity.
+pub const FIRST_MAP: &str = "rootlet_first";
+/// A stage's hop array: what runs after its slot, by parity.
+pub const NEXT_MAP: &str = "rootlet_next";
+/// A gate's array: the unpinned stage it stands for, by parity.
+pub const OWNER_MAP: &str = "rootlet_owner";
+pub const GATE_PROGRAM: &str = "rootlet_gate";
 pub const CONFIG_GLOBAL: &str = "ROOTLET_CONFIG";
 pub const STAGE_MODE_GLOBAL: &str = "ROOTLET_STAGE_MODE";
+pub const STAGE_SLOT_GLOBAL: &str = "ROOTLET_STAGE_SLOT";
 pub const FREPLACE_PROGRAM: &str = "rootlet";
 pub const CHAIN_PROGRAM: &str = "rootlet_chain";
 
-pub fn slot_map(slot: u32) -> String {
-    format!("rootlet_slot_{slot}")
+/// Size of `struct rootlet_percpu`, the per-CPU value of `rootlet_stats`:
+/// the packet's generation parity (8 bytes with padding), then the counters.
+pub const PERCPU_SIZE: usize = 8 + 8 * MAX_SLOTS * NUM_COUNTERS;
+
+/// Offset of counter `counter` of `slot` in `struct rootlet_percpu`.
+pub fn counter_offset(slot: u32, counter: usize) -> usize {
+    8 + 8 * (slot as usize * NUM_COUNTERS + counter)
 }
 
 /// The freplace placeholder function at `position`.
@@ -54,18 +62,15 @@ pub fn rootlet_config(pipeline: &Pipeline, final_verdict: XdpAction) -> Vec<u8> 
     out
 }
 
-/// `struct rootlet_chain` for the tail-call rootlet: indexed by slot id.
+/// `struct rootlet_chain` for the tail-call rootlet: proceed-on masks by
+/// slot id.
 pub fn rootlet_chain(pipeline: &Pipeline, final_verdict: XdpAction) -> Vec<u8> {
-    let mut next = [END; MAX_SLOTS];
     let mut mask = [0u32; MAX_SLOTS];
-    for (i, s) in pipeline.stages.iter().enumerate() {
-        next[s.slot as usize] = pipeline.stages.get(i + 1).map_or(END, |n| n.slot);
+    for s in &pipeline.stages {
         mask[s.slot as usize] = s.proceed_on.bits();
     }
-    let mut out = Vec::with_capacity(4 * (2 + 2 * MAX_SLOTS));
-    push(&mut out, pipeline.stages.first().map_or(END, |s| s.slot));
+    let mut out = Vec::with_capacity(4 * (1 + MAX_SLOTS));
     push(&mut out, final_verdict as u32);
-    next.iter().for_each(|&v| push(&mut out, v));
     mask.iter().for_each(|&v| push(&mut out, v));
     out
 }

@@ -4,15 +4,17 @@
 //! ```text
 //! <netns-inode>_<ifindex>/          one rootlet
 //!     link                          the XDP bpf_link (changed only by BPF_LINK_UPDATE)
-//!     stats                         per-slot per-action counters (survive every change)
+//!     stats                         per-slot per-action counters (survive every change); for
+//!                                   tail-call also each CPU's packet generation parity
 //!     gen-<N>/rootlet               freplace: generation N's rootlet program
 //!     gen-<N>/slot-<K>              freplace: the link of pinned stage K into it
 //!     chain/rootlet                 tail-call: the rootlet program
 //!     chain/rootlet_gen             tail-call: the generation word
-//!     chain/rootlet_chains          tail-call: the chain of each parity
-//!     chain/rootlet_scratch         tail-call: per-CPU packet state
-//!     chain/rootlet_cont            tail-call: holds rootlet_continue, which runs the rest of the chain
-//!     chain/slot-<K>                tail-call: program array of pinned stage K
+//!     chain/rootlet_chains          tail-call: proceed-on masks and final verdict of each parity
+//!     chain/rootlet_first           tail-call: hop array to the first stage, by parity
+//!     chain/hop-<K>                 tail-call: hop array after slot K, by parity (slot K's rootlet_next)
+//!     chain/slot-<K>                tail-call: owner array of pinned stage K, by parity
+//!     chain/gate-<K>                tail-call: the gate that stands for unpinned stage K in hop arrays
 //! loading/                          transient pins used while loading (bpffs forbids dots in names)
 //! ```
 
@@ -97,6 +99,14 @@ impl Layout {
 
     pub fn chain_slot(&self, key: RootletKey, slot: u32) -> PathBuf {
         self.chain_dir(key).join(format!("slot-{slot}"))
+    }
+
+    pub fn chain_hop(&self, key: RootletKey, slot: u32) -> PathBuf {
+        self.chain_dir(key).join(format!("hop-{slot}"))
+    }
+
+    pub fn chain_gate(&self, key: RootletKey, slot: u32) -> PathBuf {
+        self.chain_dir(key).join(format!("gate-{slot}"))
     }
 
     pub fn tmp_dir(&self) -> PathBuf {

@@ -170,13 +170,15 @@ fn run() -> Capabilities {
 
     let xdp = sys::prog_load_raw(sys::BPF_PROG_TYPE_XDP, 0, &ret(2), "rootlet_probe");
     let tail_call = match &xdp {
-        Ok(p) => sys::map_create(sys::BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1).and_then(|m| {
-            sys::map_update(
-                m.as_fd(),
-                &0u32.to_ne_bytes(),
-                &(std::os::fd::AsRawFd::as_raw_fd(p) as u32).to_ne_bytes(),
-            )
-        }),
+        Ok(p) => {
+            sys::map_create(sys::BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1, "rootlet_probe").and_then(|m| {
+                sys::map_update(
+                    m.as_fd(),
+                    &0u32.to_ne_bytes(),
+                    &(std::os::fd::AsRawFd::as_raw_fd(p) as u32).to_ne_bytes(),
+                )
+            })
+        }
         Err(e) => Err(sys::SysError {
             call: "needs xdp",
             source: std::io::Error::other(e.to_string()),

@@ -96,15 +96,15 @@ impl Counters {
     pub fn read(stats: BorrowedFd<'_>, slot: u32) -> Result<Counters> {
         let cpus =
             aya::util::nr_cpus().map_err(|(what, source)| sys::SysError { call: what, source })?;
-        let mut buf = vec![0u8; 8 * cpus];
+        let mut buf = vec![0u8; abi::PERCPU_SIZE * cpus];
         let mut sum = [0u64; abi::NUM_COUNTERS];
-        for (i, total) in sum.iter_mut().enumerate() {
-            let key = (slot * abi::NUM_COUNTERS as u32 + i as u32).to_ne_bytes();
-            if sys::map_lookup(stats, &key, &mut buf)? {
-                *total = buf
-                    .chunks_exact(8)
-                    .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
-                    .sum();
+        if sys::map_lookup(stats, &0u32.to_ne_bytes(), &mut buf)? {
+            for cpu in buf.chunks_exact(abi::PERCPU_SIZE) {
+                for (i, total) in sum.iter_mut().enumerate() {
+                    let at = abi::counter_offset(slot, i);
+                    let bytes = cpu.get(at..at + 8).and_then(|b| b.try_into().ok());
+                    *total += bytes.map_or(0, u64::from_ne_bytes);
+                }
             }
         }
         Ok(Counters {

@@ -490,20 +490,33 @@ struct MapCreateAttr {
     key_size: u32,
     value_size: u32,
     max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
 }
 
-/// Creates a map (the probe's tiny program array).
+/// Creates a map named `name` (at most 15 bytes kept).
 pub fn map_create(
     map_type: u32,
     key_size: u32,
     value_size: u32,
     max_entries: u32,
+    name: &str,
 ) -> Result<OwnedFd> {
+    let mut map_name = [0u8; 16];
+    for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
     let mut attr = Attr::new(MapCreateAttr {
         map_type,
         key_size,
         value_size,
         max_entries,
+        map_flags: 0,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
     });
     bpf_fd("BPF_MAP_CREATE", BPF_MAP_CREATE, &mut attr)
 }

@@ -1,22 +1,32 @@
 //! The tail-call backend, for kernels that refuse BPF_PROG_TYPE_EXT.
 //!
-//! One `rootlet_chain` program per interface, loaded once. Each slot has a
-//! two-entry program array (`rootlet_slot_K`) indexed by generation parity;
-//! `rootlet_chains[parity]` holds the order and proceed-on masks. A change
-//! to generation N+1 rebuilds the inactive parity (entries and chain), then
-//! flips `rootlet_gen` to N+1 with one map update. A packet reads the
-//! generation once, at entry, so it never sees a mix; the previous parity
-//! stays intact, ready for an instant rollback, until the next change.
+//! One `rootlet_chain` program per interface, loaded once. Packets are
+//! routed by hop arrays, two entries each, indexed by generation parity:
+//! `rootlet_first` holds the first stage, and `hop-K` (slot K's
+//! `rootlet_next`, bound when its stage is loaded) the stage after slot K.
+//! A stage that proceeds makes one static tail call into its hop array, so
+//! a packet costs one tail call per stage. `rootlet_chains[parity]` holds
+//! the proceed-on masks and the final verdict.
 //!
-//! Lifetimes follow freplace's: a pinned stage's slot array is pinned
-//! (`chain/slot-K`); an unpinned stage's is held only by this process's file
-//! descriptor, and the kernel empties a program array when the last
-//! descriptor and pin go, so the slot falls back to "empty, proceed" when the
-//! owner exits.
+//! A change to generation N+1 rebuilds the inactive parity (every hop entry
+//! and the chain), then flips `rootlet_gen` to N+1 with one map update. A
+//! packet reads the generation once, at entry, so it never sees a mix; the
+//! previous parity stays intact, ready for an instant rollback, until the
+//! next change. A stage whose neighbours change keeps its program: only
+//! hop entries change, so it is never loaded or verified again.
+//!
+//! Lifetimes follow freplace's. Each slot also has an owner array
+//! (`slot-K`, by parity) holding its stage: pinned for a pinned stage; for
+//! an unpinned one held only by this process's file descriptor, and the
+//! kernel empties a program array when its last descriptor and pin go. Hop
+//! arrays, which are always pinned, hold a pinned stage directly and an
+//! unpinned one through its slot's gate (`rootlet_gate`), which tail-calls
+//! the owner array and, once the owner is gone and the array empty, counts
+//! the slot as empty and goes on.
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::PathBuf,
 };
 
@@ -36,11 +46,13 @@ use super::{
 pub struct Shared {
     pub generation: OwnedFd,
     pub chains: OwnedFd,
-    pub scratch: OwnedFd,
     pub stats: OwnedFd,
-    pub slots: Vec<OwnedFd>,
-    /// Holds rootlet_continue; pinned, so the chain outlives this process.
-    pub cont: OwnedFd,
+    /// Hop array to the first stage.
+    pub first: OwnedFd,
+    /// Hop array after each slot (pinned).
+    pub hops: Vec<OwnedFd>,
+    /// Owner array of each slot (pinned while it holds a pinned stage).
+    pub owners: Vec<OwnedFd>,
 }
 
 /// The live state of one tail-call rootlet.
@@ -63,23 +75,66 @@ pub fn maps_of(prog: BorrowedFd<'_>) -> Result<BTreeMap<String, OwnedFd>> {
     Ok(out)
 }
 
+fn take(maps: &mut BTreeMap<String, OwnedFd>, what: &str, name: &str) -> Result<OwnedFd> {
+    maps.remove(name).ok_or_else(|| Error::Load {
+        what: what.into(),
+        message: format!("map {name} missing"),
+    })
+}
+
+/// A two-entry program array (by parity), named as the programs name it.
+fn prog_array(name: &str) -> Result<OwnedFd> {
+    Ok(sys::map_create(
+        sys::BPF_MAP_TYPE_PROG_ARRAY,
+        4,
+        4,
+        2,
+        name,
+    )?)
+}
+
+/// The hop arrays: pinned, so created (and pinned) if missing.
+fn hops(ctx: &Ctx, key: RootletKey) -> Result<Vec<OwnedFd>> {
+    (0..abi::MAX_SLOTS as u32)
+        .map(|slot| {
+            let path = ctx.layout.chain_hop(key, slot);
+            match sys::obj_get(&path) {
+                Ok(fd) => Ok(fd),
+                Err(e) if e.errno() == Some(libc::ENOENT) => {
+                    let fd = prog_array(abi::NEXT_MAP)?;
+                    pin(fd.as_fd(), path, "hop array")?;
+                    Ok(fd)
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .collect()
+}
+
+/// The owner array of `slot`: its pin; else the one its gate uses (an
+/// unpinned stage's array, found again after a restart); else a new one.
+fn owner(ctx: &Ctx, key: RootletKey, slot: u32) -> Result<OwnedFd> {
+    if let Ok(fd) = sys::obj_get(&ctx.layout.chain_slot(key, slot)) {
+        return Ok(fd);
+    }
+    if let Ok(gate) = sys::obj_get(&ctx.layout.chain_gate(key, slot)) {
+        return take(&mut maps_of(gate.as_fd())?, "gate", abi::OWNER_MAP);
+    }
+    prog_array(abi::OWNER_MAP)
+}
+
 fn shared_of(ctx: &Ctx, key: RootletKey, rootlet: BorrowedFd<'_>) -> Result<Shared> {
     let mut maps = maps_of(rootlet)?;
-    let mut take = |name: &str| {
-        maps.remove(name).ok_or_else(|| Error::Load {
-            what: "tail-call rootlet".into(),
-            message: format!("map {name} missing"),
-        })
-    };
+    let what = "tail-call rootlet";
     Ok(Shared {
-        generation: take(abi::GEN_MAP)?,
-        chains: take(abi::CHAINS_MAP)?,
-        scratch: take(abi::SCRATCH_MAP)?,
-        stats: take(abi::STATS_MAP)?,
-        slots: (0..abi::MAX_SLOTS as u32)
-            .map(|k| take(&abi::slot_map(k)))
+        generation: take(&mut maps, what, abi::GEN_MAP)?,
+        chains: take(&mut maps, what, abi::CHAINS_MAP)?,
+        stats: take(&mut maps, what, abi::STATS_MAP)?,
+        first: take(&mut maps, what, abi::FIRST_MAP)?,
+        hops: hops(ctx, key)?,
+        owners: (0..abi::MAX_SLOTS as u32)
+            .map(|slot| owner(ctx, key, slot))
             .collect::<Result<_>>()?,
-        cont: sys::obj_get(&ctx.layout.chain_obj(key, abi::CONT_MAP))?,
     })
 }
 
@@ -92,12 +147,7 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
         source,
     })?;
     let mut reuse = MapReuse::new(&ctx.layout)?;
-    for name in [
-        abi::GEN_MAP,
-        abi::CHAINS_MAP,
-        abi::SCRATCH_MAP,
-        abi::CONT_MAP,
-    ] {
+    for name in [abi::GEN_MAP, abi::CHAINS_MAP, abi::FIRST_MAP] {
         reuse.pinned(name, ctx.layout.chain_obj(key, name));
     }
     reuse.pinned(abi::STATS_MAP, ctx.layout.stats(key));
@@ -117,22 +167,6 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
         "chain rootlet",
     )?;
     let maps = shared_of(ctx, key, rootlet.as_fd())?;
-    // The continuation every stage that proceeds tail-calls; loaded and
-    // verified once, held by the pinned rootlet_cont array.
-    let mut reuse = stage_reuse(ctx, &maps, None)?;
-    reuse.add(abi::GEN_MAP, maps.generation.as_fd())?;
-    let cont = Load {
-        bytes: rootlet_ebpf::ROOTLET_CHAIN,
-        what: What {
-            stage: None,
-            program: abi::CONTINUE_PROGRAM,
-        },
-        globals: vec![],
-        reuse: Some(&reuse),
-    }
-    .xdp()?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&cont) as u32;
-    sys::map_update(maps.cont.as_fd(), &0u32.to_ne_bytes(), &fd.to_ne_bytes())?;
     let empty = abi::rootlet_chain(&Default::default(), final_verdict);
     for parity in 0..2u32 {
         sys::map_update(maps.chains.as_fd(), &parity.to_ne_bytes(), &empty)?;
@@ -145,20 +179,62 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
     })
 }
 
-/// Reuses every map a stage shares with the rootlet.
-fn stage_reuse(ctx: &Ctx, maps: &Shared, keep: Option<MapReuse>) -> Result<MapReuse> {
+/// Binds the maps a program in `slot` shares with the rootlet.
+fn slot_reuse(ctx: &Ctx, maps: &Shared, slot: u32, keep: Option<MapReuse>) -> Result<MapReuse> {
     let mut reuse = match keep {
         Some(k) => k,
         None => MapReuse::new(&ctx.layout)?,
     };
     reuse.add(abi::CHAINS_MAP, maps.chains.as_fd())?;
-    reuse.add(abi::SCRATCH_MAP, maps.scratch.as_fd())?;
     reuse.add(abi::STATS_MAP, maps.stats.as_fd())?;
-    reuse.add(abi::CONT_MAP, maps.cont.as_fd())?;
-    for (k, fd) in maps.slots.iter().enumerate() {
-        reuse.add(&abi::slot_map(k as u32), fd.as_fd())?;
-    }
+    reuse.add(abi::NEXT_MAP, maps.hops[slot as usize].as_fd())?;
     Ok(reuse)
+}
+
+/// The values of the globals that put a program in tail-call mode in `slot`.
+fn chain_globals(slot: u32) -> [[u8; 4]; 2] {
+    [abi::MODE_CHAIN.to_ne_bytes(), slot.to_ne_bytes()]
+}
+
+/// The gate of `slot`, bound to its current owner array: the pinned one,
+/// or a new one loaded and pinned in its place.
+fn gate(ctx: &Ctx, key: RootletKey, maps: &Shared, slot: u32) -> Result<OwnedFd> {
+    let path = ctx.layout.chain_gate(key, slot);
+    let owner_id = sys::map_info(maps.owners[slot as usize].as_fd())?.id;
+    if let Ok(gate) = sys::obj_get(&path) {
+        let bound = maps_of(gate.as_fd())?
+            .get(abi::OWNER_MAP)
+            .map(|m| sys::map_info(m.as_fd()).map(|i| i.id))
+            .transpose()?;
+        if bound == Some(owner_id) {
+            return Ok(gate);
+        }
+        pins::remove(&path).map_err(|source| Error::Pin {
+            what: "stale gate",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let mut reuse = slot_reuse(ctx, maps, slot, None)?;
+    reuse.add(abi::OWNER_MAP, maps.owners[slot as usize].as_fd())?;
+    reuse.add(abi::GEN_MAP, maps.generation.as_fd())?;
+    reuse.add(abi::FIRST_MAP, maps.first.as_fd())?;
+    let [mode, at] = chain_globals(slot);
+    let gate = Load {
+        bytes: rootlet_ebpf::ROOTLET_CHAIN,
+        what: What {
+            stage: None,
+            program: abi::GATE_PROGRAM,
+        },
+        globals: vec![
+            (abi::STAGE_MODE_GLOBAL, &mode[..], true),
+            (abi::STAGE_SLOT_GLOBAL, &at[..], true),
+        ],
+        reuse: Some(&reuse),
+    }
+    .xdp()?;
+    pin(gate.as_fd(), path, "gate")?;
+    Ok(gate)
 }
 
 /// The inactive parity of `live`, rebuilt for `next`: returns the programs
@@ -176,9 +252,10 @@ pub fn build(
     let result = build_parity(ctx, key, live, next, final_verdict, plan, keep);
     if result.is_err() {
         let parity = (next.number & 1) as u32;
-        for slot in 0..abi::MAX_SLOTS as u32 {
-            if let Err(e) = set_slot(live, slot, parity, None) {
-                tracing::error!(%key, slot, error = %e, "cannot empty the inactive parity after a failed change");
+        let arrays = live.maps.owners.iter().chain(&live.maps.hops);
+        for map in arrays.chain([&live.maps.first]) {
+            if let Err(e) = set_entry(map.as_fd(), parity, None) {
+                tracing::error!(%key, error = %e, "cannot empty the inactive parity after a failed change");
             }
         }
     }
@@ -207,14 +284,20 @@ fn build_parity(
             });
         }
     }
-    let mode = abi::MODE_CHAIN.to_ne_bytes();
+    let maps = &live.maps;
     let mut progs = BTreeMap::new();
+    // The hop array whose entry leads to the stage being placed.
+    let mut hop = maps.first.as_fd();
     for stage in &next.pipeline.stages {
         let prog = match plan.sources.get(&stage.slot) {
             Some(Source::New(spec)) => {
-                let reuse = stage_reuse(ctx, &live.maps, keep.remove(&stage.slot))?;
+                let reuse = slot_reuse(ctx, maps, stage.slot, keep.remove(&stage.slot))?;
+                let [mode, at] = chain_globals(stage.slot);
                 let globals = if stage.chainable {
-                    vec![(abi::STAGE_MODE_GLOBAL, &mode[..], true)]
+                    vec![
+                        (abi::STAGE_MODE_GLOBAL, &mode[..], true),
+                        (abi::STAGE_SLOT_GLOBAL, &at[..], true),
+                    ]
                 } else {
                     vec![]
                 };
@@ -237,17 +320,28 @@ fn build_parity(
                 sys::dup(running.as_fd())?
             }
         };
-        set_slot(live, stage.slot, parity, Some(prog.as_fd()))?;
+        let owner = maps.owners[stage.slot as usize].as_fd();
+        set_entry(owner, parity, Some(prog.as_fd()))?;
+        if stage.pin {
+            set_entry(hop, parity, Some(prog.as_fd()))?;
+        } else {
+            let gate = gate(ctx, key, maps, stage.slot)?;
+            set_entry(hop, parity, Some(gate.as_fd()))?;
+        }
+        hop = maps.hops[stage.slot as usize].as_fd();
         progs.insert(stage.slot, prog);
         crash::point(ctx.crash_at, Step::StageAttached);
     }
+    // The last stage's hop, and every slot without a stage, lead nowhere.
+    set_entry(hop, parity, None)?;
     for slot in 0..abi::MAX_SLOTS as u32 {
         if !progs.contains_key(&slot) {
-            set_slot(live, slot, parity, None)?;
+            set_entry(maps.owners[slot as usize].as_fd(), parity, None)?;
+            set_entry(maps.hops[slot as usize].as_fd(), parity, None)?;
         }
     }
     let chain = abi::rootlet_chain(&next.pipeline, final_verdict);
-    sys::map_update(live.maps.chains.as_fd(), &parity.to_ne_bytes(), &chain)?;
+    sys::map_update(maps.chains.as_fd(), &parity.to_ne_bytes(), &chain)?;
     pin_arrays(ctx, key, live, next)?;
     crash::point(ctx.crash_at, Step::Built);
     Ok(progs)
@@ -260,9 +354,9 @@ pub fn pin_arrays(ctx: &Ctx, key: RootletKey, live: &Live, next: &Generation) ->
         let path = ctx.layout.chain_slot(key, stage.slot);
         if !path.exists() {
             pin(
-                live.maps.slots[stage.slot as usize].as_fd(),
+                live.maps.owners[stage.slot as usize].as_fd(),
                 path,
-                "slot program array",
+                "slot owner array",
             )?;
         }
     }
@@ -276,7 +370,7 @@ pub fn parity_progs(live: &Live, next: &Generation) -> Result<Option<BTreeMap<u3
     let mut progs = BTreeMap::new();
     for stage in &next.pipeline.stages {
         let mut id = [0u8; 4];
-        let slot = live.maps.slots[stage.slot as usize].as_fd();
+        let slot = live.maps.owners[stage.slot as usize].as_fd();
         if !sys::map_lookup(slot, &parity.to_ne_bytes(), &mut id)? {
             return Ok(None);
         }
@@ -285,11 +379,10 @@ pub fn parity_progs(live: &Live, next: &Generation) -> Result<Option<BTreeMap<u3
     Ok(Some(progs))
 }
 
-fn set_slot(live: &Live, slot: u32, parity: u32, prog: Option<BorrowedFd<'_>>) -> Result<()> {
-    let map = live.maps.slots[slot as usize].as_fd();
+fn set_entry(map: BorrowedFd<'_>, parity: u32, prog: Option<BorrowedFd<'_>>) -> Result<()> {
     match prog {
         Some(p) => {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&p) as u32;
+            let fd = p.as_raw_fd() as u32;
             sys::map_update(map, &parity.to_ne_bytes(), &fd.to_ne_bytes())?;
         }
         None => sys::map_delete(map, &parity.to_ne_bytes())?,
@@ -344,13 +437,13 @@ pub fn adopt(ctx: &Ctx, key: RootletKey, generations: &[&Generation]) -> Result<
     for stage in &generation.pipeline.stages {
         if !stage.pin {
             for p in 0..2u32 {
-                set_slot(&live, stage.slot, p, None)?;
+                set_entry(live.maps.owners[stage.slot as usize].as_fd(), p, None)?;
             }
             continue;
         }
         let mut id = [0u8; 4];
         if sys::map_lookup(
-            live.maps.slots[stage.slot as usize].as_fd(),
+            live.maps.owners[stage.slot as usize].as_fd(),
             &parity.to_ne_bytes(),
             &mut id,
         )? {
@@ -367,7 +460,7 @@ pub fn slot_prog_id(live: &Live, slot: u32) -> Result<Option<u32>> {
     let parity = (live.generation & 1) as u32;
     let mut id = [0u8; 4];
     Ok(sys::map_lookup(
-        live.maps.slots[slot as usize].as_fd(),
+        live.maps.owners[slot as usize].as_fd(),
         &parity.to_ne_bytes(),
         &mut id,
     )?
