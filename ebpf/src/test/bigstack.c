@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
  * Test stage whose stack alone nearly fills the kernel's 512-byte limit: a
- * 480-byte map key must live on the stack because its address escapes.
+ * 488-byte map key must live on the stack because its address escapes.
  */
 #include <rootlet/stage.h>
 
 struct big_key {
-	__u8 bytes[480];
+	__u8 bytes[488];
 };
 
 struct {
