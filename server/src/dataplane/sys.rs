@@ -610,3 +610,22 @@ pub fn dup(fd: impl AsFd) -> Result<OwnedFd> {
         source,
     })
 }
+
+// ---------------------------------------------------------------- RCU
+
+/// Waits for an RCU grace period: every RCU read-side section running when
+/// it is called (every BPF program run, XDP included) has ended when it
+/// returns. `membarrier(MEMBARRIER_CMD_GLOBAL)` is implemented with
+/// `synchronize_rcu()`; kernels booted with nohz_full refuse it (EINVAL).
+pub fn synchronize_rcu() -> Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers; the arguments are plain integers.
+    let ret = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if ret < 0 {
+        return Err(SysError {
+            call: "membarrier(MEMBARRIER_CMD_GLOBAL)",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}

@@ -23,11 +23,21 @@
 //! unpinned one through its slot's gate (`rootlet_gate`), which tail-calls
 //! the owner array and, once the owner is gone and the array empty, counts
 //! the slot as empty and goes on.
+//!
+//! A packet that read the generation just before a flip may still be
+//! running the parity that became inactive. XDP runs inside an RCU
+//! read-side section, so after one RCU grace period no such packet is left:
+//! each flip starts that wait in the background ([`Quiescence`]), and the
+//! next rebuild of the inactive parity waits for it first. A packet never
+//! meets an entry rewritten under it.
 
 use std::{
     collections::BTreeMap,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::PathBuf,
+    sync::{Mutex, PoisonError},
+    thread::JoinHandle,
+    time::Duration,
 };
 
 use super::{
@@ -63,6 +73,53 @@ pub struct Live {
     pub maps: Shared,
     /// Programs of the live parity, by slot.
     pub stages: BTreeMap<u32, OwnedFd>,
+    /// The RCU grace period after the last flip.
+    pub quiescence: Quiescence,
+}
+
+/// The wait for the packets of the inactive parity to be gone: one RCU
+/// grace period after a flip, waited for in a background thread.
+#[derive(Debug, Default)]
+pub struct Quiescence(Mutex<Option<JoinHandle<()>>>);
+
+/// Used where the kernel refuses `membarrier` (nohz_full): far longer than
+/// any XDP program run, though not a guarantee as a grace period is.
+const QUIESCENCE_FALLBACK: Duration = Duration::from_millis(50);
+
+impl Quiescence {
+    fn grace_period() {
+        if let Err(e) = sys::synchronize_rcu() {
+            tracing::warn!(error = %e, wait = ?QUIESCENCE_FALLBACK, "no RCU grace period from the kernel; sleeping instead");
+            std::thread::sleep(QUIESCENCE_FALLBACK);
+        }
+    }
+
+    /// Starts the wait (after a flip, or when adopting a rootlet whose last
+    /// flip this process did not see).
+    pub fn start(&self) {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(previous) = slot.take() {
+            let _ = previous.join();
+        }
+        match std::thread::Builder::new()
+            .name("rootlet-quiesce".into())
+            .spawn(Self::grace_period)
+        {
+            Ok(handle) => *slot = Some(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread; waiting for the grace period now");
+                Self::grace_period();
+            }
+        }
+    }
+
+    /// Returns once no packet can still be running the inactive parity.
+    pub fn wait(&self) {
+        let handle = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
 }
 
 /// The maps of a loaded program, by kernel name.
@@ -176,6 +233,7 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
         rootlet,
         maps,
         stages: BTreeMap::new(),
+        quiescence: Quiescence::default(),
     })
 }
 
@@ -249,6 +307,7 @@ pub fn build(
     plan: &Plan,
     keep: &mut BTreeMap<u32, MapReuse>,
 ) -> Result<BTreeMap<u32, OwnedFd>> {
+    live.quiescence.wait();
     let result = build_parity(ctx, key, live, next, final_verdict, plan, keep);
     if result.is_err() {
         let parity = (next.number & 1) as u32;
@@ -390,13 +449,16 @@ fn set_entry(map: BorrowedFd<'_>, parity: u32, prog: Option<BorrowedFd<'_>>) -> 
     Ok(())
 }
 
-/// Makes generation `number` live: one map update.
+/// Makes generation `number` live: one map update. The parity it leaves
+/// is not rebuilt before the grace period this starts has passed.
 pub fn swap(live: &Live, number: u64) -> Result<()> {
-    Ok(sys::map_update(
+    sys::map_update(
         live.maps.generation.as_fd(),
         &0u32.to_ne_bytes(),
         &number.to_ne_bytes(),
-    )?)
+    )?;
+    live.quiescence.start();
+    Ok(())
 }
 
 /// After a swap: unpins the arrays of slots without a pinned stage.
@@ -433,7 +495,10 @@ pub fn adopt(ctx: &Ctx, key: RootletKey, generations: &[&Generation]) -> Result<
         rootlet,
         maps,
         stages: BTreeMap::new(),
+        quiescence: Quiescence::default(),
     };
+    // The last flip may have been the previous process's, just now.
+    live.quiescence.start();
     for stage in &generation.pipeline.stages {
         if !stage.pin {
             for p in 0..2u32 {
