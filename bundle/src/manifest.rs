@@ -12,6 +12,7 @@
 //! rules hold: every stage records its object's `sha256`, and its `object`
 //! is the name of an embedded file rather than a path.
 
+use serde::{Deserialize, Serialize};
 use std::{collections::HashMap, fmt, ops::Range, path::Path};
 
 use toml::de::{DeTable, DeValue};
@@ -43,7 +44,8 @@ pub const MAX_STAGES: usize = 64;
 pub const MAX_LEASE_SECONDS: u32 = 86_400;
 
 /// An XDP verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum XdpAction {
     Aborted = 0,
     Drop = 1,
@@ -86,7 +88,8 @@ impl fmt::Display for XdpAction {
 }
 
 /// How a rootlet attaches to its interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     /// Driver mode where the driver supports it, else generic.
     #[default]
@@ -116,7 +119,8 @@ impl fmt::Display for XdpMode {
 }
 
 /// Whether a stage's maps carry over from the stage it replaces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MapPolicy {
     /// Every map starts empty.
     #[default]

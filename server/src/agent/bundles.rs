@@ -14,10 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AgentError, ApplyStatus, Attempt, BUNDLES, Grant, HISTORY, Result, STATUS, lock, unix_ms,
 };
-use crate::dataplane::spec::{
-    ActionSet, Change, InterfaceRef, MapPolicy, RootletKey, RootletSpec, StageSpec, XdpAction,
-    XdpMode,
-};
+use crate::dataplane::spec::{ActionSet, Change, InterfaceRef, RootletKey, RootletSpec, StageSpec};
 
 /// Where the bundle comes from.
 pub enum BundleSource {
@@ -62,19 +59,10 @@ fn spec_of(bundle: &Bundle, stage: &rootlet_bundle::Stage) -> Result<StageSpec> 
         object: Arc::clone(object),
         program: stage.program.clone(),
         priority: stage.priority,
-        proceed_on: ActionSet::of(
-            &stage
-                .proceed_on
-                .iter()
-                .map(|&a| action(a))
-                .collect::<Vec<_>>(),
-        ),
+        proceed_on: ActionSet::of(&stage.proceed_on),
         // A lease stage is held by its lease, renewed by the applier.
         pin: matches!(stage.lifetime, Lifetime::Pin),
-        maps: match stage.maps.name() {
-            "keep" => MapPolicy::Keep,
-            _ => MapPolicy::Fresh,
-        },
+        maps: stage.maps,
         owner: stage.owner.clone(),
     })
 }
@@ -85,18 +73,6 @@ pub struct HistoryEntry {
     pub version: String,
     pub digest: String,
     pub applied_at_unix_ms: i64,
-}
-
-fn action(a: rootlet_bundle::XdpAction) -> XdpAction {
-    XdpAction::from_name(a.name()).unwrap_or(XdpAction::Pass)
-}
-
-fn mode(m: rootlet_bundle::XdpMode) -> XdpMode {
-    match m.name() {
-        "driver" => XdpMode::Driver,
-        "generic" => XdpMode::Generic,
-        _ => XdpMode::Auto,
-    }
 }
 
 impl super::Agent {
@@ -201,8 +177,8 @@ impl super::Agent {
                     grant.admin("load rootlets (the bundle targets an interface without one)")?;
                     self.dp.load_rootlet(RootletSpec {
                         iface: iface.clone(),
-                        mode: mode(target.mode),
-                        final_verdict: action(target.final_verdict),
+                        mode: target.mode,
+                        final_verdict: target.final_verdict,
                     })?;
                     undo.loaded_now = true;
                     self.emit(*key, "loaded");

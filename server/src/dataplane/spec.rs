@@ -10,48 +10,9 @@ use sha2::{Digest, Sha256};
 
 use super::abi::MAX_SLOTS;
 
-/// An XDP verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpAction {
-    Aborted = 0,
-    Drop = 1,
-    Pass = 2,
-    Tx = 3,
-    Redirect = 4,
-}
-
-impl XdpAction {
-    pub const ALL: [XdpAction; 5] = [
-        Self::Aborted,
-        Self::Drop,
-        Self::Pass,
-        Self::Tx,
-        Self::Redirect,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Aborted => "aborted",
-            Self::Drop => "drop",
-            Self::Pass => "pass",
-            Self::Tx => "tx",
-            Self::Redirect => "redirect",
-        }
-    }
-
-    pub fn from_name(s: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.name().eq_ignore_ascii_case(s))
-    }
-}
-
-impl fmt::Display for XdpAction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// The vocabulary a bundle manifest spells, shared so that a bundle's
+/// stage becomes a [`StageSpec`] without translation.
+pub use rootlet_bundle::{MapPolicy, XdpAction, XdpMode};
 
 /// A set of XDP actions: after which verdicts the pipeline goes on to the
 /// next stage ("proceed-on").
@@ -86,17 +47,6 @@ impl Default for ActionSet {
     fn default() -> Self {
         ActionSet::of(&[XdpAction::Pass])
     }
-}
-
-/// How the rootlet attaches to the interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// Driver mode, else generic.
-    #[default]
-    Auto,
-    Driver,
-    Generic,
 }
 
 /// How stages are linked into a rootlet.
@@ -159,18 +109,6 @@ pub struct RootletSpec {
     pub mode: XdpMode,
     /// Returned when every stage proceeds.
     pub final_verdict: XdpAction,
-}
-
-/// Which of a stage's maps carry over when it is replaced.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MapPolicy {
-    /// Every map starts empty.
-    #[default]
-    Fresh,
-    /// Every map of the new object whose name matches one of the replaced
-    /// stage's maps reuses that map; an incompatible one is an error.
-    Keep,
 }
 
 /// A stage to link: an ELF object and which program of it to run.
