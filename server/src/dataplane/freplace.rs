@@ -21,9 +21,9 @@ use super::{
     btf::Btf,
     crash::{self, Step},
     error::{Error, Result},
-    loader::{Load, MapReuse, What},
+    loader::{Load, MapReuse, Target, What},
     pins,
-    spec::{Plan, RootletKey, Source, XdpAction},
+    spec::{Pipeline, Plan, RootletKey, Source, XdpAction},
     store::Generation,
     sys,
 };
@@ -116,19 +116,9 @@ pub fn build(
         committed: false,
     };
 
-    let config = abi::rootlet_config(&next.pipeline, final_verdict);
     let mut shared = MapReuse::new(&ctx.layout)?;
     shared.pinned(abi::STATS_MAP, ctx.layout.stats(key));
-    let target = Load {
-        bytes: rootlet_ebpf::ROOTLET,
-        what: What {
-            stage: None,
-            program: abi::FREPLACE_PROGRAM,
-        },
-        globals: vec![(abi::CONFIG_GLOBAL, &config, true)],
-        reuse: Some(&shared),
-    }
-    .xdp_target()?;
+    let target = load_instance(&next.pipeline, final_verdict, Some(&shared))?;
     pin(
         target.fd.as_fd(),
         ctx.layout.gen_rootlet(key, next.number),
@@ -178,6 +168,26 @@ pub fn build(
     });
     crash::point(ctx.crash_at, Step::Built);
     Ok(built)
+}
+
+/// Loads a rootlet instance running `pipeline`'s positions, for stages to
+/// be attached to.
+pub fn load_instance(
+    pipeline: &Pipeline,
+    final_verdict: XdpAction,
+    reuse: Option<&MapReuse>,
+) -> Result<Target> {
+    let config = abi::rootlet_config(pipeline, final_verdict);
+    Load {
+        bytes: rootlet_ebpf::ROOTLET,
+        what: What {
+            stage: None,
+            program: abi::FREPLACE_PROGRAM,
+        },
+        globals: vec![(abi::CONFIG_GLOBAL, &config, true)],
+        reuse,
+    }
+    .xdp_target()
 }
 
 fn pin(fd: BorrowedFd<'_>, path: PathBuf, what: &'static str) -> Result<()> {

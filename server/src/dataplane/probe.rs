@@ -200,17 +200,7 @@ fn run() -> Capabilities {
             chainable: true,
         }],
     };
-    let config = abi::rootlet_config(&one_stage, super::spec::XdpAction::Pass);
-    let target = Load {
-        bytes: rootlet_ebpf::ROOTLET,
-        what: What {
-            stage: None,
-            program: abi::FREPLACE_PROGRAM,
-        },
-        globals: vec![(abi::CONFIG_GLOBAL, &config, true)],
-        reuse: None,
-    }
-    .xdp_target();
+    let target = super::freplace::load_instance(&one_stage, super::spec::XdpAction::Pass, None);
     let ext = target.as_ref().map_err(|e| e.to_string()).and_then(|t| {
         Load {
             bytes: rootlet_ebpf::TEST_PASS,
