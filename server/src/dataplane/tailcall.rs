@@ -250,8 +250,25 @@ fn slot_reuse(ctx: &Ctx, maps: &Shared, slot: u32, keep: Option<MapReuse>) -> Re
 }
 
 /// The values of the globals that put a program in tail-call mode in `slot`.
-fn chain_globals(slot: u32) -> [[u8; 4]; 2] {
-    [abi::MODE_CHAIN.to_ne_bytes(), slot.to_ne_bytes()]
+struct ChainMode {
+    mode: [u8; 4],
+    slot: [u8; 4],
+}
+
+impl ChainMode {
+    fn new(slot: u32) -> Self {
+        ChainMode {
+            mode: abi::MODE_CHAIN.to_ne_bytes(),
+            slot: slot.to_ne_bytes(),
+        }
+    }
+
+    fn globals(&self) -> Vec<(&'static str, &[u8], bool)> {
+        vec![
+            (abi::STAGE_MODE_GLOBAL, &self.mode, true),
+            (abi::STAGE_SLOT_GLOBAL, &self.slot, true),
+        ]
+    }
 }
 
 /// The gate of `slot`, bound to its current owner array: the pinned one,
@@ -277,17 +294,14 @@ fn gate(ctx: &Ctx, key: RootletKey, maps: &Shared, slot: u32) -> Result<OwnedFd>
     reuse.add(abi::OWNER_MAP, maps.owners[slot as usize].as_fd())?;
     reuse.add(abi::GEN_MAP, maps.generation.as_fd())?;
     reuse.add(abi::FIRST_MAP, maps.first.as_fd())?;
-    let [mode, at] = chain_globals(slot);
+    let chain = ChainMode::new(slot);
     let gate = Load {
         bytes: rootlet_ebpf::ROOTLET_CHAIN,
         what: What {
             stage: None,
             program: abi::GATE_PROGRAM,
         },
-        globals: vec![
-            (abi::STAGE_MODE_GLOBAL, &mode[..], true),
-            (abi::STAGE_SLOT_GLOBAL, &at[..], true),
-        ],
+        globals: chain.globals(),
         reuse: Some(&reuse),
     }
     .xdp()?;
@@ -351,12 +365,9 @@ fn build_parity(
         let prog = match plan.sources.get(&stage.slot) {
             Some(Source::New(spec)) => {
                 let reuse = slot_reuse(ctx, maps, stage.slot, keep.remove(&stage.slot))?;
-                let [mode, at] = chain_globals(stage.slot);
+                let chain = ChainMode::new(stage.slot);
                 let globals = if stage.chainable {
-                    vec![
-                        (abi::STAGE_MODE_GLOBAL, &mode[..], true),
-                        (abi::STAGE_SLOT_GLOBAL, &at[..], true),
-                    ]
+                    chain.globals()
                 } else {
                     vec![]
                 };
