@@ -5,11 +5,11 @@
  * Routing is by hop arrays, two entries each, indexed by generation parity:
  * rootlet_first holds the first stage, and the hop array of slot K (each
  * stage's rootlet_next) the stage after slot K. The agent rebuilds the
- * inactive parity's entries and rootlet_chains (proceed-on masks, final
- * verdict), then flips rootlet_gen with one map update. A packet reads the
- * generation once, here, and carries its parity in its CPU's
- * rootlet_percpu through every tail call, so it never sees a mix of two
- * generations.
+ * inactive parity's entries and each program's rootlet_hop (proceed-on
+ * mask, final verdict), then flips rootlet_gen with one map update. A
+ * packet reads the generation once, here, and carries its parity in its
+ * CPU's rootlet_percpu through every tail call, so it never sees a mix of
+ * two generations.
  *
  * rootlet_gate stands in the hop arrays for an unpinned stage: the stage
  * itself sits in its slot's owner array, which only its owner holds, and
@@ -47,7 +47,6 @@ int rootlet_chain(struct xdp_md *ctx)
 {
 	__u32 zero = 0, parity;
 	struct rootlet_percpu *p;
-	struct rootlet_chain *c;
 	__u64 *gen;
 
 	gen = bpf_map_lookup_elem(&rootlet_gen, &zero);
@@ -56,9 +55,9 @@ int rootlet_chain(struct xdp_md *ctx)
 		return XDP_ABORTED;
 	parity = *gen & 1;
 	p->gen = parity;
-	rootlet_hop(ctx, &rootlet_first, parity);
-	c = bpf_map_lookup_elem(&rootlet_chains, &parity);
-	return c ? c->final_verdict : XDP_ABORTED; /* no stage */
+	rootlet_hop_to(ctx, &rootlet_first, parity);
+	/* No stage. */
+	return parity ? rootlet_hop.final_verdict[1] : rootlet_hop.final_verdict[0];
 }
 
 SEC("xdp")
@@ -68,7 +67,7 @@ int rootlet_gate(struct xdp_md *ctx)
 
 	if (!p)
 		return XDP_ABORTED;
-	rootlet_hop(ctx, &rootlet_owner, p->gen);
+	rootlet_hop_to(ctx, &rootlet_owner, p->gen);
 	/* The owner exited: the slot is empty, go on. */
 	return rootlet_stage_return(ctx, ROOTLET_PROCEED);
 }

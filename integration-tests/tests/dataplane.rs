@@ -18,7 +18,7 @@ use rootlet_integration_tests::{
 use rootlet_server::dataplane::{
     Error,
     object::CheckError,
-    spec::{Backend, Change, MapPolicy, XdpAction, XdpMode},
+    spec::{ActionSet, Backend, Change, MapPolicy, XdpAction, XdpMode},
     sys,
 };
 
@@ -274,6 +274,117 @@ fn live_replacement_loses_no_packet() {
         2 + replacements,
         "one generation per change"
     );
+}
+
+/// Sends `n` frames (sequence numbers from `first`) to the sink; returns
+/// how many the sink got and how many came back to the peer unchanged
+/// (XDP_TX).
+fn delivered_and_bounced(
+    f: &Fixture,
+    sink: &UdpSink,
+    raw: &RawSocket,
+    first: u64,
+    n: u64,
+) -> (usize, usize) {
+    for i in first..first + n {
+        raw.send(
+            &f.pair
+                .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
+                .to_bytes(),
+        )
+        .expect("send");
+    }
+    let delivered = sink
+        .recv_until_idle(Duration::from_millis(300), deadline(10))
+        .expect("receive")
+        .iter()
+        .filter_map(|p| payload_seq(p))
+        .filter(|s| (first..first + n).contains(s))
+        .count();
+    let mut bounced = 0;
+    let end = deadline(10);
+    while Instant::now() < end {
+        let frame = raw
+            .recv_matching(Duration::from_millis(300), |b| {
+                ParsedUdp::parse(b).is_some_and(|p| p.dst_port == SINK_PORT)
+            })
+            .expect("raw recv");
+        match frame {
+            Some(_) => bounced += 1,
+            None => break,
+        }
+    }
+    (delivered, bounced)
+}
+
+#[test]
+fn a_proceed_on_change_keeps_the_program_and_takes_effect() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    dp.apply(
+        key,
+        &[
+            Change::Link(stage("bounce", "test_tx", 10)),
+            Change::Link(stage("last", "test_pass", 20)),
+        ],
+        None,
+    )
+    .expect("link");
+    if dp.state(key).expect("state").mode == XdpMode::Driver {
+        f.pair
+            .attach_peer_xdp_pass()
+            .expect("peer XDP for native XDP_TX");
+    }
+    let sink = UdpSink::bind(f.pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    let prog_id = |dp: &rootlet_server::dataplane::Dataplane| {
+        let state = dp.state(key).expect("state");
+        slot(&state, "bounce")
+            .prog
+            .as_ref()
+            .map(|p| p.id)
+            .expect("a program")
+    };
+    let id = prog_id(&dp);
+
+    assert_eq!(
+        delivered_and_bounced(&f, &sink, &raw, 0, 10),
+        (0, 10),
+        "TX is not in the default proceed-on set: every packet bounces"
+    );
+
+    // The same object with TX added: the running program is kept, and the
+    // chain now goes on after TX.
+    let mut tx_proceeds = stage("bounce", "test_tx", 10);
+    tx_proceeds.proceed_on = ActionSet::of(&[XdpAction::Pass, XdpAction::Tx]);
+    let before = dp.state(key).expect("state").generation;
+    let generation = dp
+        .apply(key, &[Change::Replace(tx_proceeds)], None)
+        .expect("change proceed-on");
+    assert_eq!(generation, before + 1, "a new generation");
+    assert_eq!(prog_id(&dp), id, "the program is kept, not reloaded");
+    assert_eq!(
+        delivered_and_bounced(&f, &sink, &raw, 100, 10),
+        (10, 0),
+        "after TX the chain goes on to `last`, which passes"
+    );
+
+    // And back, in the other parity.
+    dp.apply(
+        key,
+        &[Change::Replace(stage("bounce", "test_tx", 10))],
+        None,
+    )
+    .expect("restore proceed-on");
+    assert_eq!(prog_id(&dp), id, "the program is kept");
+    assert_eq!(delivered_and_bounced(&f, &sink, &raw, 200, 5), (0, 5));
+
+    let state = dp.state(key).expect("state");
+    let (b, l) = (slot(&state, "bounce"), slot(&state, "last"));
+    assert_eq!(b.counters.tx, 25, "{:?}", b.counters);
+    assert_eq!(l.counters.pass, 10, "{:?}", l.counters);
+    assert_eq!(b.counters.empty + l.counters.empty, 0);
 }
 
 #[test]

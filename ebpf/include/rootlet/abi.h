@@ -43,11 +43,18 @@ struct rootlet_percpu {
 	__u64 count[ROOTLET_MAX_SLOTS][ROOTLET_NUM_COUNTERS];
 };
 
-/* tail-call rootlet: what a stage reads of its generation, one per parity. */
-struct rootlet_chain {
-	__u32 final_verdict;                   /* when the last stage proceeds */
-	__u32 proceed_mask[ROOTLET_MAX_SLOTS]; /* by slot id: bit a = go on after action a */
+/*
+ * tail-call rootlet: what a program of the chain (the rootlet, a gate, a
+ * stage) does after its verdict, by generation parity. Each program has its
+ * own, in the global-data section ROOTLET_HOP_SECTION, so a packet reads it
+ * with one load and no map lookup. The agent rewrites a parity's entries
+ * only while no packet runs that parity, and never the other parity's.
+ */
+struct rootlet_hop_config {
+	__u32 proceed_mask[2];  /* by parity: bit a = go on after action a */
+	__u32 final_verdict[2]; /* by parity: the verdict when nothing follows */
 };
+#define ROOTLET_HOP_SECTION ".bss.rootlet"
 
 /* Stage mode, set at load time by the agent in ROOTLET_STAGE_MODE. */
 #define ROOTLET_MODE_RETURN 0 /* standalone XDP or freplace: return the verdict */

@@ -15,9 +15,10 @@
  * freplace stage it returns its verdict to the rootlet. Loaded by Rootlet in
  * tail-call mode (the agent sets ROOTLET_STAGE_MODE = ROOTLET_MODE_CHAIN
  * and ROOTLET_STAGE_SLOT at load time) it counts its verdict in the
- * rootlet's per-slot counters and, if the verdict is in its slot's
- * proceed-on mask, tail-calls the next stage of the packet's generation
- * straight from rootlet_next, its slot's hop array: one tail call per stage.
+ * rootlet's per-slot counters and, if the verdict is in its proceed-on
+ * mask (rootlet_hop, its own global data), tail-calls the next stage of the
+ * packet's generation straight from rootlet_next, its slot's hop array: one
+ * tail call per stage.
  *
  * The maps below are replaced by the interface's own maps when the agent
  * loads the stage in tail-call mode; otherwise they are tiny and unused.
@@ -38,12 +39,12 @@ volatile const __u32 ROOTLET_STAGE_SLOT = 0;
 volatile const __u32 ROOTLET_STAGE_BUILD = ROOTLET_BUILD;
 #endif
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
-	__type(key, __u32);
-	__type(value, struct rootlet_chain);
-} rootlet_chains SEC(".maps");
+/*
+ * This program's hop configuration (abi.h). Global data: in tail-call mode
+ * the agent writes it, per parity, before the program can be reached; loaded
+ * any other way it stays zero and unused.
+ */
+volatile struct rootlet_hop_config rootlet_hop SEC(ROOTLET_HOP_SECTION);
 
 /*
  * The slot's hop array: entry p is what runs after this slot in the
@@ -64,7 +65,7 @@ struct {
  * tail call (a retpoline with Spectre v2 mitigations). See
  * docs/BENCHMARKS.md.
  */
-#define rootlet_hop(ctx, hop, parity)                       \
+#define rootlet_hop_to(ctx, hop, parity)                    \
 	do {                                                \
 		if (parity)                                 \
 			bpf_tail_call_static(ctx, hop, 1);  \
@@ -72,11 +73,22 @@ struct {
 			bpf_tail_call_static(ctx, hop, 0);  \
 	} while (0)
 
+/*
+ * After `verdict` in parity P (a constant): stop, or go on to the next
+ * stage, or, if nothing follows, return the final verdict. The constant
+ * parity makes every access a fixed offset and every tail call site static.
+ */
+#define rootlet_onward(ctx, verdict, P)                                    \
+	do {                                                               \
+		if (!rootlet_proceeds(verdict, rootlet_hop.proceed_mask[P])) \
+			return rootlet_normalize(verdict);                 \
+		bpf_tail_call_static(ctx, &rootlet_next, P);               \
+		return rootlet_hop.final_verdict[P];                       \
+	} while (0)
+
 static __always_inline int rootlet_stage_return(struct xdp_md *ctx, int verdict)
 {
 	struct rootlet_percpu *p;
-	struct rootlet_chain *c;
-	__u32 slot = ROOTLET_STAGE_SLOT, gen;
 
 	if (ROOTLET_STAGE_MODE != ROOTLET_MODE_CHAIN)
 		return verdict;
@@ -84,15 +96,10 @@ static __always_inline int rootlet_stage_return(struct xdp_md *ctx, int verdict)
 	p = rootlet_percpu();
 	if (!p)
 		return rootlet_normalize(verdict);
-	rootlet_count_in(p, slot, verdict);
-	gen = p->gen;
-	c = bpf_map_lookup_elem(&rootlet_chains, &gen);
-	if (!c || slot >= ROOTLET_MAX_SLOTS)
-		return rootlet_normalize(verdict);
-	if (!rootlet_proceeds(verdict, c->proceed_mask[slot]))
-		return rootlet_normalize(verdict);
-	rootlet_hop(ctx, &rootlet_next, gen);
-	return c->final_verdict; /* this slot is the last */
+	rootlet_count_in(p, ROOTLET_STAGE_SLOT, verdict);
+	if (p->gen)
+		rootlet_onward(ctx, verdict, 1);
+	rootlet_onward(ctx, verdict, 0);
 }
 
 #define ROOTLET_STAGE(name)                                              \

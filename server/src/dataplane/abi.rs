@@ -11,7 +11,6 @@ pub const MODE_CHAIN: u32 = 1;
 
 /// Names shared with the C programs.
 pub const STATS_MAP: &str = "rootlet_stats";
-pub const CHAINS_MAP: &str = "rootlet_chains";
 pub const GEN_MAP: &str = "rootlet_gen";
 /// The rootlet's hop array: the first stage, by parity.
 pub const FIRST_MAP: &str = "rootlet_first";
@@ -20,6 +19,12 @@ pub const NEXT_MAP: &str = "rootlet_next";
 /// A gate's array: the unpinned stage it stands for, by parity.
 pub const OWNER_MAP: &str = "rootlet_owner";
 pub const GATE_PROGRAM: &str = "rootlet_gate";
+/// The kernel name of a chain program's `struct rootlet_hop_config` (its
+/// global-data section `ROOTLET_HOP_SECTION`), and the C variable in it.
+pub const HOP_CONFIG_MAP: &str = ".bss.rootlet";
+pub const HOP_CONFIG_GLOBAL: &str = "rootlet_hop";
+/// Size of `struct rootlet_hop_config`.
+pub const HOP_CONFIG_SIZE: usize = 16;
 pub const CONFIG_GLOBAL: &str = "ROOTLET_CONFIG";
 pub const STAGE_MODE_GLOBAL: &str = "ROOTLET_STAGE_MODE";
 pub const STAGE_SLOT_GLOBAL: &str = "ROOTLET_STAGE_SLOT";
@@ -62,15 +67,38 @@ pub fn rootlet_config(pipeline: &Pipeline, final_verdict: XdpAction) -> Vec<u8> 
     out
 }
 
-/// `struct rootlet_chain` for the tail-call rootlet: proceed-on masks by
-/// slot id.
-pub fn rootlet_chain(pipeline: &Pipeline, final_verdict: XdpAction) -> Vec<u8> {
-    let mut mask = [0u32; MAX_SLOTS];
-    for s in &pipeline.stages {
-        mask[s.slot as usize] = s.proceed_on.bits();
+/// `config` (a `struct rootlet_hop_config`) with parity `parity`'s entries
+/// set: go on after the actions of `proceed_mask`; return `final_verdict`
+/// when nothing follows. The other parity's entries are left as they are.
+pub fn set_hop_config(
+    config: &mut [u8; HOP_CONFIG_SIZE],
+    parity: u32,
+    proceed_mask: u32,
+    final_verdict: XdpAction,
+) {
+    let p = 4 * (parity as usize & 1);
+    config[p..p + 4].copy_from_slice(&proceed_mask.to_ne_bytes());
+    config[8 + p..12 + p].copy_from_slice(&(final_verdict as u32).to_ne_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_config_parities_are_independent() {
+        let mut c = [0u8; HOP_CONFIG_SIZE];
+        set_hop_config(&mut c, 1, 0b100, XdpAction::Drop);
+        set_hop_config(&mut c, 0, 0b1000, XdpAction::Pass);
+        let word = |i: usize| u32::from_ne_bytes(c[4 * i..4 * i + 4].try_into().unwrap());
+        assert_eq!(
+            [word(0), word(1), word(2), word(3)],
+            [
+                0b1000,
+                0b100,
+                XdpAction::Pass as u32,
+                XdpAction::Drop as u32
+            ]
+        );
     }
-    let mut out = Vec::with_capacity(4 * (1 + MAX_SLOTS));
-    push(&mut out, final_verdict as u32);
-    mask.iter().for_each(|&v| push(&mut out, v));
-    out
 }

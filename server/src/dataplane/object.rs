@@ -6,7 +6,7 @@
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
-use super::{btf::Btf, btf::BtfError, sys::MapInfo};
+use super::{abi, btf::Btf, btf::BtfError, sys::MapInfo};
 
 /// The kernel's per-program stack limit (MAX_BPF_STACK).
 pub const STACK_LIMIT: u32 = 512;
@@ -205,7 +205,9 @@ pub fn inspect(bytes: &[u8], program: &str, rootlet_stack: u32) -> Result<StageO
     maps.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(StageObject {
         maps,
-        chainable: symbols.iter().any(|s| s == "ROOTLET_STAGE_MODE"),
+        chainable: [abi::STAGE_MODE_GLOBAL, abi::HOP_CONFIG_GLOBAL]
+            .iter()
+            .all(|g| symbols.iter().any(|s| s == g)),
         stack,
     })
 }

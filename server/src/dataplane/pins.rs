@@ -10,7 +10,6 @@
 //!     gen-<N>/slot-<K>              freplace: the link of pinned stage K into it
 //!     chain/rootlet                 tail-call: the rootlet program
 //!     chain/rootlet_gen             tail-call: the generation word
-//!     chain/rootlet_chains          tail-call: proceed-on masks and final verdict of each parity
 //!     chain/rootlet_first           tail-call: hop array to the first stage, by parity
 //!     chain/hop-<K>                 tail-call: hop array after slot K, by parity (slot K's rootlet_next)
 //!     chain/slot-<K>                tail-call: owner array of pinned stage K, by parity

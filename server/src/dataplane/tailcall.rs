@@ -5,14 +5,15 @@
 //! `rootlet_first` holds the first stage, and `hop-K` (slot K's
 //! `rootlet_next`, bound when its stage is loaded) the stage after slot K.
 //! A stage that proceeds makes one static tail call into its hop array, so
-//! a packet costs one tail call per stage. `rootlet_chains[parity]` holds
-//! the proceed-on masks and the final verdict.
+//! a packet costs one tail call per stage. Each program of the chain has
+//! its own hop configuration (`struct rootlet_hop_config`, global data read
+//! with one load): by parity, its proceed-on mask and the final verdict.
 //!
 //! A change to generation N+1 rebuilds the inactive parity (every hop entry
-//! and the chain), then flips `rootlet_gen` to N+1 with one map update. A
-//! packet reads the generation once, at entry, so it never sees a mix; the
-//! previous parity stays intact, ready for an instant rollback, until the
-//! next change. A stage whose neighbours change keeps its program: only
+//! and that parity's half of every hop configuration), then flips
+//! `rootlet_gen` to N+1 with one map update. A packet reads the generation
+//! once, at entry, so it never sees a mix; the previous parity stays
+//! intact, ready for an instant rollback, until the next change. A stage whose neighbours change keeps its program: only
 //! hop entries change, so it is never loaded or verified again.
 //!
 //! Lifetimes follow freplace's. Each slot also has an owner array
@@ -55,7 +56,6 @@ use super::{
 #[derive(Debug)]
 pub struct Shared {
     pub generation: OwnedFd,
-    pub chains: OwnedFd,
     pub stats: OwnedFd,
     /// Hop array to the first stage.
     pub first: OwnedFd,
@@ -185,7 +185,6 @@ fn shared_of(ctx: &Ctx, key: RootletKey, rootlet: BorrowedFd<'_>) -> Result<Shar
     let what = "tail-call rootlet";
     Ok(Shared {
         generation: take(&mut maps, what, abi::GEN_MAP)?,
-        chains: take(&mut maps, what, abi::CHAINS_MAP)?,
         stats: take(&mut maps, what, abi::STATS_MAP)?,
         first: take(&mut maps, what, abi::FIRST_MAP)?,
         hops: hops(ctx, key)?,
@@ -204,7 +203,7 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
         source,
     })?;
     let mut reuse = MapReuse::new(&ctx.layout)?;
-    for name in [abi::GEN_MAP, abi::CHAINS_MAP, abi::FIRST_MAP] {
+    for name in [abi::GEN_MAP, abi::FIRST_MAP] {
         reuse.pinned(name, ctx.layout.chain_obj(key, name));
     }
     reuse.pinned(abi::STATS_MAP, ctx.layout.stats(key));
@@ -224,9 +223,8 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
         "chain rootlet",
     )?;
     let maps = shared_of(ctx, key, rootlet.as_fd())?;
-    let empty = abi::rootlet_chain(&Default::default(), final_verdict);
     for parity in 0..2u32 {
-        sys::map_update(maps.chains.as_fd(), &parity.to_ne_bytes(), &empty)?;
+        configure(rootlet.as_fd(), parity, 0, final_verdict)?;
     }
     Ok(Live {
         generation: 0,
@@ -243,7 +241,6 @@ fn slot_reuse(ctx: &Ctx, maps: &Shared, slot: u32, keep: Option<MapReuse>) -> Re
         Some(k) => k,
         None => MapReuse::new(&ctx.layout)?,
     };
-    reuse.add(abi::CHAINS_MAP, maps.chains.as_fd())?;
     reuse.add(abi::STATS_MAP, maps.stats.as_fd())?;
     reuse.add(abi::NEXT_MAP, maps.hops[slot as usize].as_fd())?;
     Ok(reuse)
@@ -352,8 +349,8 @@ fn build_parity(
                 stage: stage.name.clone(),
                 position: position + 1,
                 total,
-                reason: "it was not built with <rootlet/stage.h>, so it cannot pass packets on to the next stage; \
-                         an unmodified XDP program can only be the last stage",
+                reason: "it was not built with this version of <rootlet/stage.h>, so it cannot pass packets on \
+                         to the next stage; an unmodified XDP program can only be the last stage",
             });
         }
     }
@@ -390,12 +387,17 @@ fn build_parity(
                 sys::dup(running.as_fd())?
             }
         };
+        let mask = stage.proceed_on.bits();
+        if stage.chainable {
+            configure(prog.as_fd(), parity, mask, final_verdict)?;
+        }
         let owner = maps.owners[stage.slot as usize].as_fd();
         set_entry(owner, parity, Some(prog.as_fd()))?;
         if stage.pin {
             set_entry(hop, parity, Some(prog.as_fd()))?;
         } else {
             let gate = gate(ctx, key, maps, stage.slot)?;
+            configure(gate.as_fd(), parity, mask, final_verdict)?;
             set_entry(hop, parity, Some(gate.as_fd()))?;
         }
         hop = maps.hops[stage.slot as usize].as_fd();
@@ -410,8 +412,7 @@ fn build_parity(
             set_entry(maps.hops[slot as usize].as_fd(), parity, None)?;
         }
     }
-    let chain = abi::rootlet_chain(&next.pipeline, final_verdict);
-    sys::map_update(maps.chains.as_fd(), &parity.to_ne_bytes(), &chain)?;
+    configure(live.rootlet.as_fd(), parity, 0, final_verdict)?;
     pin_arrays(ctx, key, live, next)?;
     crash::point(ctx.crash_at, Step::Built);
     Ok(progs)
@@ -447,6 +448,36 @@ pub fn parity_progs(live: &Live, next: &Generation) -> Result<Option<BTreeMap<u3
         progs.insert(stage.slot, sys::prog_fd_by_id(u32::from_ne_bytes(id))?);
     }
     Ok(Some(progs))
+}
+
+/// Writes parity `parity` of the hop configuration of `prog` (the rootlet,
+/// a gate or a chainable stage); the other parity's entries, which packets
+/// may be reading, keep their values.
+fn configure(
+    prog: BorrowedFd<'_>,
+    parity: u32,
+    proceed_mask: u32,
+    final_verdict: XdpAction,
+) -> Result<()> {
+    let what = "chain program";
+    let map = take(&mut maps_of(prog)?, what, abi::HOP_CONFIG_MAP)?;
+    let size = sys::map_info(map.as_fd())?.value_size as usize;
+    if size != abi::HOP_CONFIG_SIZE {
+        return Err(Error::Load {
+            what: what.into(),
+            message: format!(
+                "its {} is {size} bytes, not {}: built with another <rootlet/stage.h>",
+                abi::HOP_CONFIG_MAP,
+                abi::HOP_CONFIG_SIZE
+            ),
+        });
+    }
+    let mut config = [0u8; abi::HOP_CONFIG_SIZE];
+    let zero = 0u32.to_ne_bytes();
+    sys::map_lookup(map.as_fd(), &zero, &mut config)?;
+    abi::set_hop_config(&mut config, parity, proceed_mask, final_verdict);
+    sys::map_update(map.as_fd(), &zero, &config)?;
+    Ok(())
 }
 
 fn set_entry(map: BorrowedFd<'_>, parity: u32, prog: Option<BorrowedFd<'_>>) -> Result<()> {
