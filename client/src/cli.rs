@@ -462,6 +462,26 @@ fn report(jf: &JournalFile, outcome: Outcome, output: Output, run: RunStats) -> 
     code
 }
 
+/// Reports a rollout run to its end (a take-over or an undo) that started at `t0`.
+fn finished(
+    result: Result<(Outcome, JournalFile, u64), RolloutError>,
+    output: Output,
+    t0: Instant,
+) -> i32 {
+    match result {
+        Ok((outcome, jf, rpcs)) => report(
+            &jf,
+            outcome,
+            output,
+            RunStats {
+                wall: t0.elapsed(),
+                rpcs,
+            },
+        ),
+        Err(e) => rollout_error(e),
+    }
+}
+
 /// Runs an engine to its end, or until Ctrl-C.
 async fn drive(engine: rollout::Engine, output: Output, t0: Instant) -> i32 {
     let path = engine.jf.path.clone();
@@ -543,33 +563,19 @@ async fn rollout_cmd(cmd: RolloutCmd) -> i32 {
                 return EXIT_OK;
             }
             let t0 = Instant::now();
-            match rollout::take_over(&path, mode(output), true).await {
-                Ok((outcome, jf, rpcs)) => report(
-                    &jf,
-                    outcome,
-                    output,
-                    RunStats {
-                        wall: t0.elapsed(),
-                        rpcs,
-                    },
-                ),
-                Err(e) => rollout_error(e),
-            }
+            finished(
+                rollout::take_over(&path, mode(output), true).await,
+                output,
+                t0,
+            )
         }
         RolloutCmd::Undo { journal, output } => {
             let t0 = Instant::now();
-            match rollout::undo(&journal.journal, mode(output)).await {
-                Ok((outcome, jf, rpcs)) => report(
-                    &jf,
-                    outcome,
-                    output,
-                    RunStats {
-                        wall: t0.elapsed(),
-                        rpcs,
-                    },
-                ),
-                Err(e) => rollout_error(e),
-            }
+            finished(
+                rollout::undo(&journal.journal, mode(output)).await,
+                output,
+                t0,
+            )
         }
         RolloutCmd::Status {
             journal,

@@ -16,6 +16,27 @@ use rootlet_integration_tests::fleet::{RealFleet, sibling_binary};
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// Runs `rootletctl args...` in `dir`, printing the command and its output.
+/// `rootletctl rollout start` of `bundle` on the demo's hosts and plan;
+/// an error unless it succeeds.
+fn rollout(dir: &Path, bundle: &str, journal: &str) -> Result<()> {
+    let args = [
+        "rollout",
+        "start",
+        "-i",
+        "hosts.toml",
+        "-p",
+        "plan.toml",
+        "-b",
+        bundle,
+        "-j",
+        journal,
+    ];
+    match rootletctl(dir, &args)? {
+        0 => Ok(()),
+        code => Err(format!("the rollout of {bundle} exited {code}").into()),
+    }
+}
+
 fn rootletctl(dir: &Path, args: &[&str]) -> Result<i32> {
     println!("\n$ rootletctl {}", args.join(" "));
     let out = Command::new(sibling_binary("rootletctl"))
@@ -62,48 +83,14 @@ async fn main() -> Result<()> {
     fleet.start_traffic(1000)?;
     println!("\n» traffic: 1000 UDP packets/s from the peer namespace through the host's veth");
 
-    let code = rootletctl(
-        &dir,
-        &[
-            "rollout",
-            "start",
-            "-i",
-            "hosts.toml",
-            "-p",
-            "plan.toml",
-            "-b",
-            &v1,
-            "-j",
-            "rollout-1.json",
-        ],
-    )?;
-    if code != 0 {
-        return Err(format!("the first rollout exited {code}").into());
-    }
+    rollout(&dir, &v1, "rollout-1.json")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     rootletctl(&dir, &["status", "-i", "hosts.toml"])?;
 
     println!(
         "\n» a live replacement: version 1.1.0 has new builds of sampler and ddos (ddos keeps its blocklist map)"
     );
-    let code = rootletctl(
-        &dir,
-        &[
-            "rollout",
-            "start",
-            "-i",
-            "hosts.toml",
-            "-p",
-            "plan.toml",
-            "-b",
-            &v2,
-            "-j",
-            "rollout-2.json",
-        ],
-    )?;
-    if code != 0 {
-        return Err(format!("the second rollout exited {code}").into());
-    }
+    rollout(&dir, &v2, "rollout-2.json")?;
     rootletctl(&dir, &["status", "-i", "hosts.toml"])?;
     let flows = fleet.traffic_flows(0, 200)?;
     println!("» traffic flows through version 1.1.0: {flows}");

@@ -243,6 +243,21 @@ fn wait_output(child: &mut Child, limit: Duration) -> Result<(Vec<u8>, Vec<u8>, 
     Ok((out, err, status.code().unwrap_or(-1)))
 }
 
+/// `rollout undo` of journal `j`, pushed to `runs` with its own part of
+/// the control-plane time (the journal's figure is cumulative).
+fn undo(runs: &mut Vec<Run>, fleet: &str, j: &Path, hosts: usize) -> Result<(), String> {
+    let before = runs.last().map_or(0, |r| r.control_plane_ms);
+    let args = ["rollout", "undo", "--journal", &s(j), "--output", "json"].map(String::from);
+    let mut run = client(
+        &format!("{fleet}: rollout undo (back to 1.0.0)"),
+        &args,
+        hosts,
+    )?;
+    run.control_plane_ms = run.control_plane_ms.saturating_sub(before);
+    runs.push(run);
+    Ok(())
+}
+
 fn s(p: &Path) -> String {
     p.display().to_string()
 }
@@ -375,23 +390,7 @@ fn orchestrate(args: &Args) -> Result<(), String> {
         &rollout_args(&inventory, &plan, &v2, &j, args.concurrency),
         n,
     )?);
-    let before = runs.last().map_or(0, |r| r.control_plane_ms);
-    runs.push(client(
-        &format!("sim {n}: rollout undo (back to 1.0.0)"),
-        &[
-            "rollout".into(),
-            "undo".into(),
-            "--journal".into(),
-            s(&j),
-            "--output".into(),
-            "json".into(),
-        ],
-        n,
-    )?);
-    // The journal's control-plane time is cumulative: the undo's own part.
-    if let Some(r) = runs.last_mut() {
-        r.control_plane_ms = r.control_plane_ms.saturating_sub(before);
-    }
+    undo(&mut runs, &format!("sim {n}"), &j, n)?;
     // The agents' own figures, then stop them.
     drop(sim.stdin.take());
     let sim_out = wait_output(&mut sim, Duration::from_secs(30)).unwrap_or_default();
@@ -477,22 +476,7 @@ fn real(
         &rollout_args(&inventory, plan, &b2, &j, concurrency),
         m,
     )?);
-    let before = runs.last().map_or(0, |r| r.control_plane_ms);
-    runs.push(client(
-        &format!("real {m}: rollout undo (back to 1.0.0)"),
-        &[
-            "rollout".into(),
-            "undo".into(),
-            "--journal".into(),
-            s(&j),
-            "--output".into(),
-            "json".into(),
-        ],
-        m,
-    )?);
-    if let Some(r) = runs.last_mut() {
-        r.control_plane_ms = r.control_plane_ms.saturating_sub(before);
-    }
+    undo(&mut runs, &format!("real {m}"), &j, m)?;
     drop(fleet);
     Ok(runs)
 }
