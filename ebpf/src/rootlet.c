@@ -49,7 +49,7 @@ int rootlet(struct xdp_md *ctx)
 	if (i >= n)                                                        \
 		goto done;                                                 \
 	ret = stage_##i(ctx);                                              \
-	rootlet_count(ROOTLET_CONFIG.slot_of[i], ret);                     \
+	rootlet_count(0, ROOTLET_CONFIG.slot_of[i], ret);                  \
 	if (!rootlet_proceeds(ret, ROOTLET_CONFIG.proceed_mask[i]))        \
 		return rootlet_normalize(ret);
 

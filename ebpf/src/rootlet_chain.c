@@ -4,12 +4,13 @@
  *
  * Routing is by hop arrays, two entries each, indexed by generation parity:
  * rootlet_first holds the first stage, and the hop array of slot K (each
- * stage's rootlet_next) the stage after slot K. The agent rebuilds the
- * inactive parity's entries and each program's rootlet_hop (proceed-on
- * mask, final verdict), then flips rootlet_gen with one map update. A
- * packet reads the generation once, here, and carries its parity in its
- * CPU's rootlet_percpu through every tail call, so it never sees a mix of
- * two generations.
+ * stage's rootlet_next) the stage after slot K. Every stage and gate is
+ * loaded once per parity (ROOTLET_STAGE_PARITY), and an instance of parity
+ * p only ever tail-calls entry p. The agent rebuilds the inactive parity's
+ * entries and each of its programs' rootlet_hop (proceed-on mask, final
+ * verdict), then flips rootlet_gen with one map update. A packet reads the
+ * generation once, here, and from then on runs the programs of one parity,
+ * so it never sees a mix of two generations.
  *
  * rootlet_gate stands in the hop arrays for an unpinned stage: the stage
  * itself sits in its slot's owner array, which only its owner holds, and
@@ -34,10 +35,14 @@ struct {
 	__type(value, __u32);
 } rootlet_first SEC(".maps");
 
-/* The gate's slot owner array: entry p is the unpinned stage in parity p. */
+/*
+ * The gate's slot owner array: entry p is the unpinned stage's instance in
+ * parity p (entries 2 and 3 keep the instances of the other parity's stage
+ * for the next rebuild; the gate never reads them).
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 4);
 	__type(key, __u32);
 	__type(value, __u32);
 } rootlet_owner SEC(".maps");
@@ -46,15 +51,12 @@ SEC("xdp")
 int rootlet_chain(struct xdp_md *ctx)
 {
 	__u32 zero = 0, parity;
-	struct rootlet_percpu *p;
 	__u64 *gen;
 
 	gen = bpf_map_lookup_elem(&rootlet_gen, &zero);
-	p = rootlet_percpu();
-	if (!gen || !p)
+	if (!gen)
 		return XDP_ABORTED;
 	parity = *gen & 1;
-	p->gen = parity;
 	rootlet_hop_to(ctx, &rootlet_first, parity);
 	/* No stage. */
 	return parity ? rootlet_hop.final_verdict[1] : rootlet_hop.final_verdict[0];
@@ -63,11 +65,7 @@ int rootlet_chain(struct xdp_md *ctx)
 SEC("xdp")
 int rootlet_gate(struct xdp_md *ctx)
 {
-	struct rootlet_percpu *p = rootlet_percpu();
-
-	if (!p)
-		return XDP_ABORTED;
-	rootlet_hop_to(ctx, &rootlet_owner, p->gen);
+	rootlet_hop_to(ctx, &rootlet_owner, ROOTLET_STAGE_PARITY);
 	/* The owner exited: the slot is empty, go on. */
 	return rootlet_stage_return(ctx, ROOTLET_PROCEED);
 }

@@ -338,15 +338,22 @@ fn a_proceed_on_change_keeps_the_program_and_takes_effect() {
     }
     let sink = UdpSink::bind(f.pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
     let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
-    let prog_id = |dp: &rootlet_server::dataplane::Dataplane| {
+    // The running program, and (tail-call) the instance kept for the other
+    // parity: a change that keeps the stage runs one of those two.
+    let prog_ids = |dp: &rootlet_server::dataplane::Dataplane| {
         let state = dp.state(key).expect("state");
-        slot(&state, "bounce")
-            .prog
-            .as_ref()
-            .map(|p| p.id)
-            .expect("a program")
+        let s = slot(&state, "bounce");
+        (s.prog.as_ref().map(|p| p.id).expect("a program"), s.twin_id)
     };
-    let id = prog_id(&dp);
+    let (id, twin) = prog_ids(&dp);
+    let kept = |running: u32, expected: u32, expected_twin: Option<u32>| match expected_twin {
+        // freplace attaches the same program to the next rootlet instance.
+        None => assert_eq!(running, expected, "the program is kept, not reloaded"),
+        Some(t) => assert_eq!(
+            running, t,
+            "the instance loaded with the stage runs, none is loaded"
+        ),
+    };
 
     assert_eq!(
         delivered_and_bounced(&f, &sink, &raw, 0, 10),
@@ -363,7 +370,15 @@ fn a_proceed_on_change_keeps_the_program_and_takes_effect() {
         .apply(key, &[Change::Replace(tx_proceeds)], None)
         .expect("change proceed-on");
     assert_eq!(generation, before + 1, "a new generation");
-    assert_eq!(prog_id(&dp), id, "the program is kept, not reloaded");
+    let (after, after_twin) = prog_ids(&dp);
+    kept(after, id, twin);
+    if twin.is_some() {
+        assert_eq!(
+            after_twin,
+            Some(id),
+            "the first instance is kept for the other parity"
+        );
+    }
     assert_eq!(
         delivered_and_bounced(&f, &sink, &raw, 100, 10),
         (10, 0),
@@ -377,7 +392,7 @@ fn a_proceed_on_change_keeps_the_program_and_takes_effect() {
         None,
     )
     .expect("restore proceed-on");
-    assert_eq!(prog_id(&dp), id, "the program is kept");
+    assert_eq!(prog_ids(&dp), (id, twin), "back to the first instance");
     assert_eq!(delivered_and_bounced(&f, &sink, &raw, 200, 5), (0, 5));
 
     let state = dp.state(key).expect("state");
@@ -407,7 +422,7 @@ fn multi_slot_change_is_atomic_under_traffic() {
     let mut config = BlastConfig::new(f.pair.udp_to_host(40000, SINK_PORT, vec![]), 4000);
     config.rate_pps = 2000;
     let blaster = Blaster::start(&raw, config).expect("blaster");
-    // Each program instance counts in its own map: if no packet ever sees a
+    // Each load of a stage counts in its own map: if no packet ever sees a
     // mix of generations, `a` and `b` of one generation count the same.
     let mut generations = vec![];
     let ids = |dp: &rootlet_server::dataplane::Dataplane| {
@@ -581,6 +596,19 @@ fn pinned_stages_outlive_their_process_and_are_adopted_without_disruption() {
         "lost: {:?}",
         seqs.missing(report.attempted_seqs())
     );
+    // Every packet is counted once per stage: before the restart, after it,
+    // and across the change (tail-call: passes are derived, and the record
+    // of how is carried over by the store).
+    let state = dp.state(key).expect("state");
+    let (s, d, l) = (
+        slot(&state, "sampler"),
+        slot(&state, "ddos"),
+        slot(&state, "lb"),
+    );
+    assert_eq!(s.counters.pass, report.sent, "{:?}", s.counters);
+    assert_eq!(s.counters.total(), report.sent, "{:?}", s.counters);
+    assert_eq!(d.counters.total(), report.sent, "{:?}", d.counters);
+    assert_eq!(l.counters.total(), d.counters.pass, "{:?}", l.counters);
     let mut frame = f
         .pair
         .udp_to_host(40000, SINK_PORT, seq_payload(9999, 64))

@@ -32,15 +32,16 @@ struct rootlet_config {
 };
 
 /*
- * Per-CPU state, the only entry (key 0) of rootlet_stats: the counters of
- * both rootlets and, for the tail-call rootlet, the generation parity of the
- * packet this CPU is running (a chain runs on one CPU, start to end). One
- * lookup gives a stage both.
+ * Per-CPU counters, the only entry (key 0) of rootlet_stats, by generation
+ * parity, slot and counter. The freplace rootlet counts every verdict in
+ * parity 0. In the tail-call chain a program counts in its own parity, and
+ * a stage whose PASS the next program accounts for
+ * (ROOTLET_HOP_PASS_UNCOUNTED) does not count that PASS: the agent derives
+ * it from what the rest of that parity's chain counted (tally.rs), so a
+ * packet that passes stage after stage is counted once, where it stops.
  */
 struct rootlet_percpu {
-	__u32 gen;
-	__u32 _pad;
-	__u64 count[ROOTLET_MAX_SLOTS][ROOTLET_NUM_COUNTERS];
+	__u64 count[2][ROOTLET_MAX_SLOTS][ROOTLET_NUM_COUNTERS];
 };
 
 /*
@@ -51,13 +52,22 @@ struct rootlet_percpu {
  * only while no packet runs that parity, and never the other parity's.
  */
 struct rootlet_hop_config {
-	__u32 proceed_mask[2];  /* by parity: bit a = go on after action a */
+	__u32 proceed_mask[2];  /* by parity: bit a = go on after action a, */
+				/* and ROOTLET_HOP_PASS_UNCOUNTED */
 	__u32 final_verdict[2]; /* by parity: the verdict when nothing follows */
 };
+/*
+ * In proceed_mask: PASS goes on, and the program it goes on to counts every
+ * packet it gets, so this one need not count its PASS. Never an action bit.
+ */
+#define ROOTLET_HOP_PASS_UNCOUNTED (1u << 8)
 #define ROOTLET_HOP_SECTION ".bss.rootlet"
 
 /* Stage mode, set at load time by the agent in ROOTLET_STAGE_MODE. */
 #define ROOTLET_MODE_RETURN 0 /* standalone XDP or freplace: return the verdict */
 #define ROOTLET_MODE_CHAIN 1  /* tail-call chain: count, then continue the chain */
+/* In tail-call mode the agent loads one instance of a stage per generation
+ * parity, with ROOTLET_STAGE_PARITY set: a packet's parity is which
+ * instances it runs, so no program reads it at run time. */
 
 #endif

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Per-slot, per-action packet counters, shared by both rootlets and by
- * stages in tail-call mode: one per-CPU struct rootlet_percpu (abi.h).
+ * stages in tail-call mode: one per-CPU struct rootlet_percpu (abi.h), by
+ * generation parity (the freplace rootlet counts in parity 0).
  */
 #ifndef ROOTLET_COUNTERS_H
 #define ROOTLET_COUNTERS_H
@@ -24,22 +25,23 @@ static __always_inline struct rootlet_percpu *rootlet_percpu(void)
 	return bpf_map_lookup_elem(&rootlet_stats, &zero);
 }
 
-static __always_inline void rootlet_count_in(struct rootlet_percpu *p, __u32 slot, int verdict)
+static __always_inline void rootlet_count_in(struct rootlet_percpu *p, __u32 parity, __u32 slot,
+					     int verdict)
 {
 	__u32 idx = verdict == ROOTLET_PROCEED ? ROOTLET_COUNT_EMPTY
 		  : (verdict >= XDP_ABORTED && verdict <= XDP_REDIRECT) ? (__u32)verdict
 		  : XDP_ABORTED;
 
 	if (slot < ROOTLET_MAX_SLOTS)
-		p->count[slot][idx] += 1;
+		p->count[parity & 1][slot][idx] += 1;
 }
 
-static __always_inline void rootlet_count(__u32 slot, int verdict)
+static __always_inline void rootlet_count(__u32 parity, __u32 slot, int verdict)
 {
 	struct rootlet_percpu *p = rootlet_percpu();
 
 	if (p)
-		rootlet_count_in(p, slot, verdict);
+		rootlet_count_in(p, parity, slot, verdict);
 }
 
 /* An action the kernel does not know is an abort. */
@@ -52,7 +54,7 @@ static __always_inline int rootlet_proceeds(int verdict, __u32 mask)
 {
 	if (verdict == ROOTLET_PROCEED)
 		return 1;
-	return verdict >= 0 && verdict < 32 && (mask & (1u << verdict));
+	return verdict >= XDP_ABORTED && verdict <= XDP_REDIRECT && (mask & (1u << verdict));
 }
 
 #endif

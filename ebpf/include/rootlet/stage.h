@@ -13,12 +13,19 @@
  * The object is an ordinary SEC("xdp") program named my_stage. Loaded alone
  * (ip link, libxdp, aya) it returns its verdict; loaded by Rootlet as a
  * freplace stage it returns its verdict to the rootlet. Loaded by Rootlet in
- * tail-call mode (the agent sets ROOTLET_STAGE_MODE = ROOTLET_MODE_CHAIN
- * and ROOTLET_STAGE_SLOT at load time) it counts its verdict in the
- * rootlet's per-slot counters and, if the verdict is in its proceed-on
- * mask (rootlet_hop, its own global data), tail-calls the next stage of the
- * packet's generation straight from rootlet_next, its slot's hop array: one
- * tail call per stage.
+ * tail-call mode (the agent sets ROOTLET_STAGE_MODE = ROOTLET_MODE_CHAIN,
+ * ROOTLET_STAGE_SLOT and ROOTLET_STAGE_PARITY at load time; one instance
+ * per generation parity) it tail-calls the next stage of its parity straight
+ * from rootlet_next, its slot's hop array, if the verdict is in its
+ * proceed-on mask (rootlet_hop, its own global data): one tail call per
+ * stage. It counts its verdict in the rootlet's per-slot counters, except a
+ * PASS that goes on to a program that counts every packet it gets: the
+ * agent derives those from the counts further down the chain, so a packet
+ * costs no counter update until it stops.
+ *
+ * A stage's mutable globals (.data, .bss) belong to one instance: in
+ * tail-call mode packets of the two parities see different copies. Keep
+ * state that packets share in maps, which both instances share.
  *
  * The maps below are replaced by the interface's own maps when the agent
  * loads the stage in tail-call mode; otherwise they are tiny and unused.
@@ -33,6 +40,8 @@
 volatile const __u32 ROOTLET_STAGE_MODE = ROOTLET_MODE_RETURN;
 /* Tail-call mode: the stable slot id this program was loaded for. */
 volatile const __u32 ROOTLET_STAGE_SLOT = 0;
+/* Tail-call mode: the generation parity this instance runs in. */
+volatile const __u32 ROOTLET_STAGE_PARITY = 0;
 
 #ifdef ROOTLET_BUILD
 /* A build number, to tell two builds of the same source apart. */
@@ -74,30 +83,34 @@ struct {
 	} while (0)
 
 /*
- * After `verdict` in parity P (a constant): stop, or go on to the next
- * stage, or, if nothing follows, return the final verdict. The constant
- * parity makes every access a fixed offset and every tail call site static.
+ * After `verdict` in parity P (a constant): go on to the next stage, or
+ * stop, or, if nothing follows, return the final verdict. P is constant and
+ * the verifier knows it, so every access is at a fixed address and every
+ * tail call a direct jump; plain bpf_tail_call (not _static) keeps the
+ * map and index out of callee-saved registers, which the JIT would
+ * otherwise save and restore at every stage.
  */
-#define rootlet_onward(ctx, verdict, P)                                    \
-	do {                                                               \
-		if (!rootlet_proceeds(verdict, rootlet_hop.proceed_mask[P])) \
-			return rootlet_normalize(verdict);                 \
-		bpf_tail_call_static(ctx, &rootlet_next, P);               \
-		return rootlet_hop.final_verdict[P];                       \
+#define rootlet_onward(ctx, verdict, P)                                          \
+	do {                                                                     \
+		if ((verdict) == XDP_PASS &&                                     \
+		    (rootlet_hop.proceed_mask[P] & ROOTLET_HOP_PASS_UNCOUNTED)) {  \
+			bpf_tail_call(ctx, &rootlet_next, P);                    \
+			/* Nothing follows after all: count it here. */          \
+			rootlet_count(P, ROOTLET_STAGE_SLOT, XDP_PASS);          \
+			return rootlet_hop.final_verdict[P];                     \
+		}                                                                \
+		rootlet_count(P, ROOTLET_STAGE_SLOT, verdict);                   \
+		if (!rootlet_proceeds(verdict, rootlet_hop.proceed_mask[P]))     \
+			return rootlet_normalize(verdict);                       \
+		bpf_tail_call(ctx, &rootlet_next, P);                            \
+		return rootlet_hop.final_verdict[P];                             \
 	} while (0)
 
 static __always_inline int rootlet_stage_return(struct xdp_md *ctx, int verdict)
 {
-	struct rootlet_percpu *p;
-
 	if (ROOTLET_STAGE_MODE != ROOTLET_MODE_CHAIN)
 		return verdict;
-
-	p = rootlet_percpu();
-	if (!p)
-		return rootlet_normalize(verdict);
-	rootlet_count_in(p, ROOTLET_STAGE_SLOT, verdict);
-	if (p->gen)
+	if (ROOTLET_STAGE_PARITY)
 		rootlet_onward(ctx, verdict, 1);
 	rootlet_onward(ctx, verdict, 0);
 }

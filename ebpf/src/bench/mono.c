@@ -25,7 +25,7 @@ int mono(struct xdp_md *ctx)
 	if (i >= n)                                        \
 		goto done;                                 \
 	ret = trivial(ctx);                                \
-	rootlet_count(i, ret);                             \
+	rootlet_count(0, i, ret);                          \
 	if (!rootlet_proceeds(ret, 1u << XDP_PASS))        \
 		return rootlet_normalize(ret);
 

@@ -28,17 +28,23 @@ pub const HOP_CONFIG_SIZE: usize = 16;
 pub const CONFIG_GLOBAL: &str = "ROOTLET_CONFIG";
 pub const STAGE_MODE_GLOBAL: &str = "ROOTLET_STAGE_MODE";
 pub const STAGE_SLOT_GLOBAL: &str = "ROOTLET_STAGE_SLOT";
+pub const STAGE_PARITY_GLOBAL: &str = "ROOTLET_STAGE_PARITY";
 pub const FREPLACE_PROGRAM: &str = "rootlet";
 pub const CHAIN_PROGRAM: &str = "rootlet_chain";
 
 /// Size of `struct rootlet_percpu`, the per-CPU value of `rootlet_stats`:
-/// the packet's generation parity (8 bytes with padding), then the counters.
-pub const PERCPU_SIZE: usize = 8 + 8 * MAX_SLOTS * NUM_COUNTERS;
+/// counters by generation parity, slot and counter.
+pub const PERCPU_SIZE: usize = 8 * 2 * MAX_SLOTS * NUM_COUNTERS;
 
-/// Offset of counter `counter` of `slot` in `struct rootlet_percpu`.
-pub fn counter_offset(slot: u32, counter: usize) -> usize {
-    8 + 8 * (slot as usize * NUM_COUNTERS + counter)
+/// Offset of counter `counter` of `slot` in parity `parity` of `struct
+/// rootlet_percpu`.
+pub fn counter_offset(parity: usize, slot: usize, counter: usize) -> usize {
+    8 * ((parity * MAX_SLOTS + slot) * NUM_COUNTERS + counter)
 }
+
+/// In a hop configuration's proceed-on mask: PASS goes on to a program that
+/// counts every packet it gets, so the stage does not count its PASS.
+pub const HOP_PASS_UNCOUNTED: u32 = 1 << 8;
 
 /// The freplace placeholder function at `position`.
 pub fn placeholder(position: usize) -> String {

@@ -34,6 +34,7 @@ pub mod state;
 pub mod store;
 pub mod sys;
 pub mod tailcall;
+pub mod tally;
 
 use std::{
     collections::BTreeMap,
@@ -51,6 +52,7 @@ use spec::{
 };
 use state::{Counters, ProgState, RootletState, SlotState};
 use store::{Generation, RootletRecord, Store};
+use tally::Tally;
 
 /// Where the data plane keeps its state.
 #[derive(Debug, Clone)]
@@ -390,6 +392,8 @@ impl Dataplane {
             },
             pending: Some(first.clone()),
             previous: None,
+            // The counters are created with the rootlet: all zero.
+            tally: Tally::default(),
         };
         self.store.put(&record)?;
         crash::point(self.ctx.crash_at, crash::Step::StorePending);
@@ -556,6 +560,16 @@ impl Dataplane {
             number: current + 1,
             pipeline: plan.pipeline.clone(),
         };
+        if let Live::TailCall(l) = live {
+            // Close the counting epoch of the parity about to be rebuilt,
+            // once no packet runs it, and store it with the pending change.
+            l.quiescence.wait();
+            let raw = tally::read(l.maps.stats.as_fd())?;
+            let parity = (next.number & 1) as u32;
+            r.record
+                .tally
+                .begin(parity, &raw, tally::chain(&next.pipeline));
+        }
         r.record.pending = Some(next.clone());
         self.store.put(&r.record)?;
         crash::point(self.ctx.crash_at, crash::Step::StorePending);
@@ -736,28 +750,36 @@ impl Dataplane {
             key,
             reason: r.drift.clone().unwrap_or_default(),
         })?;
-        let stats = match live {
-            Live::Freplace(_) => sys::obj_get(&layout.stats(key))?,
-            Live::TailCall(l) => sys::dup(l.maps.stats.as_fd())?,
+        let counts = match live {
+            Live::Freplace(_) => tally::read(sys::obj_get(&layout.stats(key))?.as_fd())?[0],
+            Live::TailCall(l) => l
+                .reported
+                .report(r.record.tally.counts(&tally::read(l.maps.stats.as_fd())?)),
         };
         let mut slots = vec![];
         for (position, s) in r.record.committed.pipeline.stages.iter().enumerate() {
-            let (prog, link_id, pin_path) = match live {
+            let (prog, link_id, twin_id, pin_path) = match live {
                 Live::Freplace(l) => match l.stages.get(&s.slot) {
                     Some(a) => (
                         Some(ProgState::read(a.prog.as_fd())?),
                         Some(sys::link_info(a.link.as_fd())?.id),
+                        None,
                         s.pin
                             .then(|| layout.gen_slot_link(key, l.generation, s.slot)),
                     ),
-                    None => (None, None, None),
+                    None => (None, None, None, None),
                 },
                 Live::TailCall(l) => {
                     let prog = match tailcall::slot_prog_id(l, s.slot)? {
                         Some(id) => Some(ProgState::read(sys::prog_fd_by_id(id)?.as_fd())?),
                         None => None,
                     };
-                    (prog, None, s.pin.then(|| layout.chain_slot(key, s.slot)))
+                    let twin = match prog {
+                        Some(_) => tailcall::slot_twin_id(l, s.slot)?,
+                        None => None,
+                    };
+                    let pin_path = s.pin.then(|| layout.chain_slot(key, s.slot));
+                    (prog, None, twin, pin_path)
                 }
             };
             slots.push(SlotState {
@@ -771,8 +793,12 @@ impl Dataplane {
                 pinned: s.pin,
                 prog,
                 link_id,
+                twin_id,
                 pin_path,
-                counters: Counters::read(stats.as_fd(), s.slot)?,
+                counters: counts
+                    .get(s.slot as usize)
+                    .map(Counters::of)
+                    .unwrap_or_default(),
             });
         }
         Ok(RootletState {

@@ -129,6 +129,17 @@ pub fn truncate(name: &str) -> &str {
     &name[..name.len().min(15)]
 }
 
+/// The names of the stage's own maps in `bytes` (see [`is_stage_map`]).
+pub fn stage_maps(bytes: &[u8]) -> Result<Vec<String>, CheckError> {
+    let obj = aya_obj::Object::parse(bytes).map_err(|e| CheckError::Elf(e.to_string()))?;
+    Ok(obj
+        .maps
+        .keys()
+        .filter(|n| is_stage_map(n))
+        .cloned()
+        .collect())
+}
+
 /// Whether a map of an object is Rootlet's own (shared with the rootlet) or
 /// compiler-made (.rodata etc.), rather than the stage's.
 pub fn is_stage_map(name: &str) -> bool {

@@ -4,16 +4,18 @@
 //! ```text
 //! <netns-inode>_<ifindex>/          one rootlet
 //!     link                          the XDP bpf_link (changed only by BPF_LINK_UPDATE)
-//!     stats                         per-slot per-action counters (survive every change); for
-//!                                   tail-call also each CPU's packet generation parity
+//!     stats                         per-slot per-action counters, by generation parity
+//!                                   (freplace: parity 0); they survive every change
 //!     gen-<N>/rootlet               freplace: generation N's rootlet program
 //!     gen-<N>/slot-<K>              freplace: the link of pinned stage K into it
 //!     chain/rootlet                 tail-call: the rootlet program
 //!     chain/rootlet_gen             tail-call: the generation word
 //!     chain/rootlet_first           tail-call: hop array to the first stage, by parity
 //!     chain/hop-<K>                 tail-call: hop array after slot K, by parity (slot K's rootlet_next)
-//!     chain/slot-<K>                tail-call: owner array of pinned stage K, by parity
-//!     chain/gate-<K>                tail-call: the gate that stands for unpinned stage K in hop arrays
+//!     chain/slot-<K>                tail-call: owner array of pinned stage K: by parity the instance
+//!                                   it runs, then by parity the one kept for the next rebuild
+//!     chain/gate-<K>-<P>            tail-call: the parity-P gate that stands for unpinned stage K
+//!                                   in hop arrays
 //! loading/                          transient pins used while loading (bpffs forbids dots in names)
 //! ```
 
@@ -104,8 +106,8 @@ impl Layout {
         self.chain_dir(key).join(format!("hop-{slot}"))
     }
 
-    pub fn chain_gate(&self, key: RootletKey, slot: u32) -> PathBuf {
-        self.chain_dir(key).join(format!("gate-{slot}"))
+    pub fn chain_gate(&self, key: RootletKey, slot: u32, parity: u32) -> PathBuf {
+        self.chain_dir(key).join(format!("gate-{slot}-{parity}"))
     }
 
     pub fn tmp_dir(&self) -> PathBuf {

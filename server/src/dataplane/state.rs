@@ -92,29 +92,16 @@ impl Counters {
         self.aborted + self.drop + self.pass + self.tx + self.redirect + self.empty
     }
 
-    /// Reads slot `slot` from a rootlet's per-CPU counter map.
-    pub fn read(stats: BorrowedFd<'_>, slot: u32) -> Result<Counters> {
-        let cpus =
-            aya::util::nr_cpus().map_err(|(what, source)| sys::SysError { call: what, source })?;
-        let mut buf = vec![0u8; abi::PERCPU_SIZE * cpus];
-        let mut sum = [0u64; abi::NUM_COUNTERS];
-        if sys::map_lookup(stats, &0u32.to_ne_bytes(), &mut buf)? {
-            for cpu in buf.chunks_exact(abi::PERCPU_SIZE) {
-                for (i, total) in sum.iter_mut().enumerate() {
-                    let at = abi::counter_offset(slot, i);
-                    let bytes = cpu.get(at..at + 8).and_then(|b| b.try_into().ok());
-                    *total += bytes.map_or(0, u64::from_ne_bytes);
-                }
-            }
+    /// A slot's counts, as `tally` keeps them.
+    pub fn of(counts: &[u64; abi::NUM_COUNTERS]) -> Counters {
+        Counters {
+            aborted: counts[0],
+            drop: counts[1],
+            pass: counts[2],
+            tx: counts[3],
+            redirect: counts[4],
+            empty: counts[abi::COUNT_EMPTY],
         }
-        Ok(Counters {
-            aborted: sum[0],
-            drop: sum[1],
-            pass: sum[2],
-            tx: sum[3],
-            redirect: sum[4],
-            empty: sum[abi::COUNT_EMPTY],
-        })
     }
 }
 
@@ -135,6 +122,10 @@ pub struct SlotState {
     pub prog: Option<ProgState>,
     /// freplace: the link of the program into the live rootlet instance.
     pub link_id: Option<u32>,
+    /// tail-call: the id of the stage's instance for the other generation
+    /// parity, loaded with it, which the next change runs if the stage
+    /// stays.
+    pub twin_id: Option<u32>,
     pub pin_path: Option<PathBuf>,
     pub counters: Counters,
 }

@@ -14,6 +14,7 @@ use crate::kv::{Kv, KvError};
 use super::{
     error::{Error, Result},
     spec::{Backend, Pipeline, RootletKey, RootletSpec, XdpMode},
+    tally::Tally,
 };
 
 /// A numbered set of stages.
@@ -40,6 +41,9 @@ pub struct RootletRecord {
     /// and chain still sit in the inactive parity (an instant rollback).
     #[serde(default)]
     pub previous: Option<Generation>,
+    /// Tail-call backend: what its counters add up to.
+    #[serde(default)]
+    pub tally: Tally,
 }
 
 pub struct Store {

@@ -4,26 +4,35 @@
 //! routed by hop arrays, two entries each, indexed by generation parity:
 //! `rootlet_first` holds the first stage, and `hop-K` (slot K's
 //! `rootlet_next`, bound when its stage is loaded) the stage after slot K.
-//! A stage that proceeds makes one static tail call into its hop array, so
-//! a packet costs one tail call per stage. Each program of the chain has
-//! its own hop configuration (`struct rootlet_hop_config`, global data read
-//! with one load): by parity, its proceed-on mask and the final verdict.
+//! Each stage is loaded once per parity (`ROOTLET_STAGE_PARITY`), and an
+//! instance of parity p only ever tail-calls entry p: which instances a
+//! packet runs is its parity, so no program reads the parity at run time. A
+//! stage that proceeds makes one static tail call into its hop array, so a
+//! packet costs one tail call per stage. Each program of the chain has its
+//! own hop configuration (`struct rootlet_hop_config`, global data read
+//! with one load): its proceed-on mask and the final verdict.
 //!
 //! A change to generation N+1 rebuilds the inactive parity (every hop entry
-//! and that parity's half of every hop configuration), then flips
+//! and the hop configuration of every program placed in it), then flips
 //! `rootlet_gen` to N+1 with one map update. A packet reads the generation
-//! once, at entry, so it never sees a mix; the previous parity stays
-//! intact, ready for an instant rollback, until the next change. A stage whose neighbours change keeps its program: only
-//! hop entries change, so it is never loaded or verified again.
+//! once, at entry, so it never sees a mix; the previous parity stays intact,
+//! ready for an instant rollback, until the next change. A stage whose
+//! neighbours change keeps its programs: only hop entries change, so it is
+//! never loaded or verified again. A new stage is verified twice, once per
+//! parity, in the change that brings it.
 //!
-//! Lifetimes follow freplace's. Each slot also has an owner array
-//! (`slot-K`, by parity) holding its stage: pinned for a pinned stage; for
-//! an unpinned one held only by this process's file descriptor, and the
-//! kernel empties a program array when its last descriptor and pin go. Hop
-//! arrays, which are always pinned, hold a pinned stage directly and an
-//! unpinned one through its slot's gate (`rootlet_gate`), which tail-calls
-//! the owner array and, once the owner is gone and the array empty, counts
-//! the slot as empty and goes on.
+//! Each slot has an owner array (`slot-K`, four entries): entry p holds the
+//! instance parity p runs, entry 2+p the parity-p instance of the stage the
+//! other parity runs, for the next rebuild of p. It is pinned for a pinned
+//! stage; for an unpinned one it is held only by this process's file
+//! descriptor, and the kernel empties a program array when its last
+//! descriptor and pin go. Hop arrays, which are always pinned, hold a pinned
+//! stage directly and an unpinned one through its slot's gate of that
+//! parity (`rootlet_gate`), which tail-calls the owner array and, once the
+//! owner is gone and the array empty, counts the slot as empty and goes on.
+//!
+//! Counting: see [`super::tally`]. A stage whose PASS goes on to a program
+//! that counts every packet it gets does not count that PASS.
 //!
 //! A packet that read the generation just before a flip may still be
 //! running the parity that became inactive. XDP runs inside an RCU
@@ -46,10 +55,10 @@ use super::{
     crash::{self, Step},
     error::{Error, Result},
     loader::{Load, MapReuse, What},
-    pins,
+    object, pins,
     spec::{Plan, RootletKey, Source, XdpAction},
     store::Generation,
-    sys,
+    sys, tally,
 };
 
 /// The maps a tail-call rootlet shares with its stages.
@@ -75,6 +84,8 @@ pub struct Live {
     pub stages: BTreeMap<u32, OwnedFd>,
     /// The RCU grace period after the last flip.
     pub quiescence: Quiescence,
+    /// The counts last reported.
+    pub reported: tally::Monotonic,
 }
 
 /// The wait for the packets of the inactive parity to be gone: one RCU
@@ -139,13 +150,28 @@ fn take(maps: &mut BTreeMap<String, OwnedFd>, what: &str, name: &str) -> Result<
     })
 }
 
-/// A two-entry program array (by parity), named as the programs name it.
-fn prog_array(name: &str) -> Result<OwnedFd> {
+/// Entries of an owner array: by parity the instance it runs, then by
+/// parity the instance kept for the next rebuild.
+const OWNER_ENTRIES: u32 = 4;
+
+/// The owner array entry of the instance parity `parity` runs.
+fn running(parity: u32) -> u32 {
+    parity
+}
+
+/// The owner array entry of the parity-`parity` instance of the stage the
+/// other parity runs.
+fn kept(parity: u32) -> u32 {
+    2 + parity
+}
+
+/// A program array (indexed by parity), named as the programs name it.
+fn prog_array(name: &str, entries: u32) -> Result<OwnedFd> {
     Ok(sys::map_create(
         sys::BPF_MAP_TYPE_PROG_ARRAY,
         4,
         4,
-        2,
+        entries,
         name,
     )?)
 }
@@ -158,7 +184,7 @@ fn hops(ctx: &Ctx, key: RootletKey) -> Result<Vec<OwnedFd>> {
             match sys::obj_get(&path) {
                 Ok(fd) => Ok(fd),
                 Err(e) if e.errno() == Some(libc::ENOENT) => {
-                    let fd = prog_array(abi::NEXT_MAP)?;
+                    let fd = prog_array(abi::NEXT_MAP, 2)?;
                     pin(fd.as_fd(), path, "hop array")?;
                     Ok(fd)
                 }
@@ -168,16 +194,33 @@ fn hops(ctx: &Ctx, key: RootletKey) -> Result<Vec<OwnedFd>> {
         .collect()
 }
 
-/// The owner array of `slot`: its pin; else the one its gate uses (an
+/// The owner array of `slot`: its pin; else the one a gate uses (an
 /// unpinned stage's array, found again after a restart); else a new one.
 fn owner(ctx: &Ctx, key: RootletKey, slot: u32) -> Result<OwnedFd> {
     if let Ok(fd) = sys::obj_get(&ctx.layout.chain_slot(key, slot)) {
         return Ok(fd);
     }
-    if let Ok(gate) = sys::obj_get(&ctx.layout.chain_gate(key, slot)) {
-        return take(&mut maps_of(gate.as_fd())?, "gate", abi::OWNER_MAP);
+    for parity in 0..2 {
+        if let Ok(gate) = sys::obj_get(&ctx.layout.chain_gate(key, slot, parity)) {
+            return take(&mut maps_of(gate.as_fd())?, "gate", abi::OWNER_MAP);
+        }
     }
-    prog_array(abi::OWNER_MAP)
+    prog_array(abi::OWNER_MAP, OWNER_ENTRIES)
+}
+
+/// The interface's counters: pinned, so created (and pinned) if missing.
+fn stats(ctx: &Ctx, key: RootletKey) -> Result<OwnedFd> {
+    let path = ctx.layout.stats(key);
+    match sys::obj_get(&path) {
+        Ok(fd) => Ok(fd),
+        Err(e) if e.errno() == Some(libc::ENOENT) => {
+            let size = abi::PERCPU_SIZE as u32;
+            let fd = sys::map_create(sys::BPF_MAP_TYPE_PERCPU_ARRAY, 4, size, 1, abi::STATS_MAP)?;
+            pin(fd.as_fd(), path, "counters")?;
+            Ok(fd)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn shared_of(ctx: &Ctx, key: RootletKey, rootlet: BorrowedFd<'_>) -> Result<Shared> {
@@ -185,7 +228,7 @@ fn shared_of(ctx: &Ctx, key: RootletKey, rootlet: BorrowedFd<'_>) -> Result<Shar
     let what = "tail-call rootlet";
     Ok(Shared {
         generation: take(&mut maps, what, abi::GEN_MAP)?,
-        stats: take(&mut maps, what, abi::STATS_MAP)?,
+        stats: stats(ctx, key)?,
         first: take(&mut maps, what, abi::FIRST_MAP)?,
         hops: hops(ctx, key)?,
         owners: (0..abi::MAX_SLOTS as u32)
@@ -206,7 +249,6 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
     for name in [abi::GEN_MAP, abi::FIRST_MAP] {
         reuse.pinned(name, ctx.layout.chain_obj(key, name));
     }
-    reuse.pinned(abi::STATS_MAP, ctx.layout.stats(key));
     let rootlet = Load {
         bytes: rootlet_ebpf::ROOTLET_CHAIN,
         what: What {
@@ -232,6 +274,7 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
         maps,
         stages: BTreeMap::new(),
         quiescence: Quiescence::default(),
+        reported: tally::Monotonic::default(),
     })
 }
 
@@ -246,17 +289,20 @@ fn slot_reuse(ctx: &Ctx, maps: &Shared, slot: u32, keep: Option<MapReuse>) -> Re
     Ok(reuse)
 }
 
-/// The values of the globals that put a program in tail-call mode in `slot`.
+/// The values of the globals that put a program in tail-call mode in
+/// `slot`, as the instance of parity `parity`.
 struct ChainMode {
     mode: [u8; 4],
     slot: [u8; 4],
+    parity: [u8; 4],
 }
 
 impl ChainMode {
-    fn new(slot: u32) -> Self {
+    fn new(slot: u32, parity: u32) -> Self {
         ChainMode {
             mode: abi::MODE_CHAIN.to_ne_bytes(),
             slot: slot.to_ne_bytes(),
+            parity: parity.to_ne_bytes(),
         }
     }
 
@@ -264,14 +310,15 @@ impl ChainMode {
         vec![
             (abi::STAGE_MODE_GLOBAL, &self.mode, true),
             (abi::STAGE_SLOT_GLOBAL, &self.slot, true),
+            (abi::STAGE_PARITY_GLOBAL, &self.parity, true),
         ]
     }
 }
 
-/// The gate of `slot`, bound to its current owner array: the pinned one,
-/// or a new one loaded and pinned in its place.
-fn gate(ctx: &Ctx, key: RootletKey, maps: &Shared, slot: u32) -> Result<OwnedFd> {
-    let path = ctx.layout.chain_gate(key, slot);
+/// The parity-`parity` gate of `slot`, bound to its current owner array:
+/// the pinned one, or a new one loaded and pinned in its place.
+fn gate(ctx: &Ctx, key: RootletKey, maps: &Shared, slot: u32, parity: u32) -> Result<OwnedFd> {
+    let path = ctx.layout.chain_gate(key, slot, parity);
     let owner_id = sys::map_info(maps.owners[slot as usize].as_fd())?.id;
     if let Ok(gate) = sys::obj_get(&path) {
         let bound = maps_of(gate.as_fd())?
@@ -291,7 +338,7 @@ fn gate(ctx: &Ctx, key: RootletKey, maps: &Shared, slot: u32) -> Result<OwnedFd>
     reuse.add(abi::OWNER_MAP, maps.owners[slot as usize].as_fd())?;
     reuse.add(abi::GEN_MAP, maps.generation.as_fd())?;
     reuse.add(abi::FIRST_MAP, maps.first.as_fd())?;
-    let chain = ChainMode::new(slot);
+    let chain = ChainMode::new(slot, parity);
     let gate = Load {
         bytes: rootlet_ebpf::ROOTLET_CHAIN,
         what: What {
@@ -322,14 +369,67 @@ pub fn build(
     let result = build_parity(ctx, key, live, next, final_verdict, plan, keep);
     if result.is_err() {
         let parity = (next.number & 1) as u32;
-        let arrays = live.maps.owners.iter().chain(&live.maps.hops);
-        for map in arrays.chain([&live.maps.first]) {
-            if let Err(e) = set_entry(map.as_fd(), parity, None) {
-                tracing::error!(%key, error = %e, "cannot empty the inactive parity after a failed change");
+        let entries = |map: &OwnedFd, entries: &[u32]| {
+            for &entry in entries {
+                if let Err(e) = set_entry(map.as_fd(), entry, None) {
+                    tracing::error!(%key, error = %e, "cannot empty the inactive parity after a failed change");
+                }
             }
+        };
+        for owner in &live.maps.owners {
+            entries(owner, &[running(parity), kept(1 - parity)]);
+        }
+        for hop in live.maps.hops.iter().chain([&live.maps.first]) {
+            entries(hop, &[parity]);
         }
     }
     result
+}
+
+/// Loads a new stage for `slot`: its instance for `parity`, and the one
+/// for the other parity, which shares its maps (but for its read-only data
+/// and hop configuration). A stage that cannot chain is one program that
+/// serves both.
+fn load_instances(
+    ctx: &Ctx,
+    maps: &Shared,
+    slot: u32,
+    parity: u32,
+    spec: &super::spec::StageSpec,
+    chainable: bool,
+    keep: Option<MapReuse>,
+) -> Result<(OwnedFd, OwnedFd)> {
+    let load = |parity: u32, reuse: &MapReuse| {
+        let chain = ChainMode::new(slot, parity);
+        Load {
+            bytes: &spec.object,
+            what: What {
+                stage: Some(&spec.name),
+                program: &spec.program,
+            },
+            globals: if chainable { chain.globals() } else { vec![] },
+            reuse: Some(reuse),
+        }
+        .xdp()
+    };
+    let prog = load(parity, &slot_reuse(ctx, maps, slot, keep)?)?;
+    if !chainable {
+        let same = sys::dup(prog.as_fd())?;
+        return Ok((prog, same));
+    }
+    let mut reuse = slot_reuse(ctx, maps, slot, None)?;
+    let mut own = maps_of(prog.as_fd())?;
+    let names = object::stage_maps(&spec.object).map_err(|source| Error::Check {
+        stage: spec.name.clone(),
+        source,
+    })?;
+    for name in names {
+        if let Some(fd) = own.remove(object::truncate(&name)) {
+            reuse.add(&name, fd.as_fd())?;
+        }
+    }
+    let twin = load(1 - parity, &reuse)?;
+    Ok((prog, twin))
 }
 
 fn build_parity(
@@ -342,6 +442,7 @@ fn build_parity(
     keep: &mut BTreeMap<u32, MapReuse>,
 ) -> Result<BTreeMap<u32, OwnedFd>> {
     let parity = (next.number & 1) as u32;
+    let other = 1 - parity;
     let total = next.pipeline.stages.len();
     for (position, stage) in next.pipeline.stages.iter().enumerate() {
         if !stage.chainable && position + 1 != total {
@@ -355,49 +456,42 @@ fn build_parity(
         }
     }
     let maps = &live.maps;
+    let chain = tally::chain(&next.pipeline);
     let mut progs = BTreeMap::new();
     // The hop array whose entry leads to the stage being placed.
     let mut hop = maps.first.as_fd();
-    for stage in &next.pipeline.stages {
-        let prog = match plan.sources.get(&stage.slot) {
-            Some(Source::New(spec)) => {
-                let reuse = slot_reuse(ctx, maps, stage.slot, keep.remove(&stage.slot))?;
-                let chain = ChainMode::new(stage.slot);
-                let globals = if stage.chainable {
-                    chain.globals()
-                } else {
-                    vec![]
-                };
-                Load {
-                    bytes: &spec.object,
-                    what: What {
-                        stage: Some(&spec.name),
-                        program: &spec.program,
-                    },
-                    globals,
-                    reuse: Some(&reuse),
-                }
-                .xdp()?
-            }
+    for (stage, link) in next.pipeline.stages.iter().zip(&chain) {
+        let owner = maps.owners[stage.slot as usize].as_fd();
+        let (prog, twin) = match plan.sources.get(&stage.slot) {
+            Some(Source::New(spec)) => load_instances(
+                ctx,
+                maps,
+                stage.slot,
+                parity,
+                spec,
+                stage.chainable,
+                keep.remove(&stage.slot),
+            )?,
             Some(Source::Existing) | None => {
-                let running = live.stages.get(&stage.slot).ok_or_else(|| Error::Load {
+                let gone = || Error::Load {
                     what: format!("stage `{}`", stage.name),
                     message: "its program is no longer loaded".into(),
-                })?;
-                sys::dup(running.as_fd())?
+                };
+                let running_there = live.stages.get(&stage.slot).ok_or_else(gone)?;
+                let prog = entry_prog(owner, kept(parity))?.ok_or_else(gone)?;
+                (prog, sys::dup(running_there.as_fd())?)
             }
         };
-        let mask = stage.proceed_on.bits();
         if stage.chainable {
-            configure(prog.as_fd(), parity, mask, final_verdict)?;
+            configure(prog.as_fd(), parity, link.mask(), final_verdict)?;
         }
-        let owner = maps.owners[stage.slot as usize].as_fd();
-        set_entry(owner, parity, Some(prog.as_fd()))?;
+        set_entry(owner, running(parity), Some(prog.as_fd()))?;
+        set_entry(owner, kept(other), Some(twin.as_fd()))?;
         if stage.pin {
             set_entry(hop, parity, Some(prog.as_fd()))?;
         } else {
-            let gate = gate(ctx, key, maps, stage.slot)?;
-            configure(gate.as_fd(), parity, mask, final_verdict)?;
+            let gate = gate(ctx, key, maps, stage.slot, parity)?;
+            configure(gate.as_fd(), parity, link.mask(), final_verdict)?;
             set_entry(hop, parity, Some(gate.as_fd()))?;
         }
         hop = maps.hops[stage.slot as usize].as_fd();
@@ -408,7 +502,9 @@ fn build_parity(
     set_entry(hop, parity, None)?;
     for slot in 0..abi::MAX_SLOTS as u32 {
         if !progs.contains_key(&slot) {
-            set_entry(maps.owners[slot as usize].as_fd(), parity, None)?;
+            let owner = maps.owners[slot as usize].as_fd();
+            set_entry(owner, running(parity), None)?;
+            set_entry(owner, kept(other), None)?;
             set_entry(maps.hops[slot as usize].as_fd(), parity, None)?;
         }
     }
@@ -440,14 +536,22 @@ pub fn parity_progs(live: &Live, next: &Generation) -> Result<Option<BTreeMap<u3
     let parity = (next.number & 1) as u32;
     let mut progs = BTreeMap::new();
     for stage in &next.pipeline.stages {
-        let mut id = [0u8; 4];
-        let slot = live.maps.owners[stage.slot as usize].as_fd();
-        if !sys::map_lookup(slot, &parity.to_ne_bytes(), &mut id)? {
+        let owner = live.maps.owners[stage.slot as usize].as_fd();
+        let Some(prog) = entry_prog(owner, running(parity))? else {
             return Ok(None);
-        }
-        progs.insert(stage.slot, sys::prog_fd_by_id(u32::from_ne_bytes(id))?);
+        };
+        progs.insert(stage.slot, prog);
     }
     Ok(Some(progs))
+}
+
+/// The program in entry `entry` of a program array.
+fn entry_prog(map: BorrowedFd<'_>, entry: u32) -> Result<Option<OwnedFd>> {
+    let mut id = [0u8; 4];
+    if !sys::map_lookup(map, &entry.to_ne_bytes(), &mut id)? {
+        return Ok(None);
+    }
+    Ok(Some(sys::prog_fd_by_id(u32::from_ne_bytes(id))?))
 }
 
 /// Writes parity `parity` of the hop configuration of `prog` (the rootlet,
@@ -480,13 +584,13 @@ fn configure(
     Ok(())
 }
 
-fn set_entry(map: BorrowedFd<'_>, parity: u32, prog: Option<BorrowedFd<'_>>) -> Result<()> {
+fn set_entry(map: BorrowedFd<'_>, entry: u32, prog: Option<BorrowedFd<'_>>) -> Result<()> {
     match prog {
         Some(p) => {
             let fd = p.as_raw_fd() as u32;
-            sys::map_update(map, &parity.to_ne_bytes(), &fd.to_ne_bytes())?;
+            sys::map_update(map, &entry.to_ne_bytes(), &fd.to_ne_bytes())?;
         }
-        None => sys::map_delete(map, &parity.to_ne_bytes())?,
+        None => sys::map_delete(map, &entry.to_ne_bytes())?,
     }
     Ok(())
 }
@@ -538,23 +642,19 @@ pub fn adopt(ctx: &Ctx, key: RootletKey, generations: &[&Generation]) -> Result<
         maps,
         stages: BTreeMap::new(),
         quiescence: Quiescence::default(),
+        reported: tally::Monotonic::default(),
     };
     // The last flip may have been the previous process's, just now.
     live.quiescence.start();
     for stage in &generation.pipeline.stages {
+        let owner = live.maps.owners[stage.slot as usize].as_fd();
         if !stage.pin {
-            for p in 0..2u32 {
-                set_entry(live.maps.owners[stage.slot as usize].as_fd(), p, None)?;
+            for entry in 0..OWNER_ENTRIES {
+                set_entry(owner, entry, None)?;
             }
             continue;
         }
-        let mut id = [0u8; 4];
-        if sys::map_lookup(
-            live.maps.owners[stage.slot as usize].as_fd(),
-            &parity.to_ne_bytes(),
-            &mut id,
-        )? {
-            let prog = sys::prog_fd_by_id(u32::from_ne_bytes(id))?;
+        if let Some(prog) = entry_prog(owner, running(parity))? {
             live.stages.insert(stage.slot, prog);
         }
     }
@@ -564,11 +664,19 @@ pub fn adopt(ctx: &Ctx, key: RootletKey, generations: &[&Generation]) -> Result<
 
 /// The program in `slot` of the live parity, as the kernel reports it.
 pub fn slot_prog_id(live: &Live, slot: u32) -> Result<Option<u32>> {
-    let parity = (live.generation & 1) as u32;
+    owner_entry_id(live, slot, running((live.generation & 1) as u32))
+}
+
+/// The instance kept for the other parity of the stage in `slot`.
+pub fn slot_twin_id(live: &Live, slot: u32) -> Result<Option<u32>> {
+    owner_entry_id(live, slot, kept(1 - (live.generation & 1) as u32))
+}
+
+fn owner_entry_id(live: &Live, slot: u32, entry: u32) -> Result<Option<u32>> {
     let mut id = [0u8; 4];
     Ok(sys::map_lookup(
         live.maps.owners[slot as usize].as_fd(),
-        &parity.to_ne_bytes(),
+        &entry.to_ne_bytes(),
         &mut id,
     )?
     .then(|| u32::from_ne_bytes(id)))
