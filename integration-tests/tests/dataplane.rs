@@ -1027,8 +1027,17 @@ fn tail_call_rollback_is_instant_and_freplace_says_why_not() {
         .pair
         .udp_to_host(40000, SINK_PORT, seq_payload(1, 64))
         .to_bytes();
-    dp.apply(key, &[Change::Link(stage("a", "test_pass", 10))], None)
-        .expect("link");
+    // `z` after `a`: on tail-call, `a`'s PASSes are derived from what `z`
+    // counts, so the counts are checked across the rollbacks too.
+    dp.apply(
+        key,
+        &[
+            Change::Link(stage("a", "test_pass", 10)),
+            Change::Link(stage("z", "test_pass", 20)),
+        ],
+        None,
+    )
+    .expect("link");
     let pass_prog = slot(&dp.state(key).expect("state"), "a")
         .prog
         .clone()
@@ -1063,6 +1072,10 @@ fn tail_call_rollback_is_instant_and_freplace_says_why_not() {
                 test_run(&dp.state(key).expect("state"), &packet),
                 XdpAction::Drop as u32
             );
+            let state = dp.state(key).expect("state");
+            let (a, z) = (slot(&state, "a").counters, slot(&state, "z").counters);
+            assert_eq!((a.drop, a.pass, a.total()), (2, 1, 3), "{a:?}");
+            assert_eq!((z.pass, z.total()), (1, 1), "{z:?}");
             // A failed change empties the inactive parity: no rollback then.
             let err = dp.apply(
                 key,
