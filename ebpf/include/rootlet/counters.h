@@ -18,36 +18,21 @@ struct {
 	__type(value, struct rootlet_percpu);
 } rootlet_stats SEC(".maps");
 
-static __always_inline struct rootlet_percpu *rootlet_percpu(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&rootlet_stats, &zero);
-}
-
-static __always_inline void rootlet_count_in(struct rootlet_percpu *p, __u32 parity, __u32 slot,
-					     int verdict)
-{
-	__u32 idx = verdict == ROOTLET_PROCEED ? ROOTLET_COUNT_EMPTY
-		  : (verdict >= XDP_ABORTED && verdict <= XDP_REDIRECT) ? (__u32)verdict
-		  : XDP_ABORTED;
-
-	if (slot < ROOTLET_MAX_SLOTS)
-		p->count[parity & 1][slot][idx] += 1;
-}
-
-static __always_inline void rootlet_count(__u32 parity, __u32 slot, int verdict)
-{
-	struct rootlet_percpu *p = rootlet_percpu();
-
-	if (p)
-		rootlet_count_in(p, parity, slot, verdict);
-}
-
 /* An action the kernel does not know is an abort. */
 static __always_inline int rootlet_normalize(int verdict)
 {
 	return (verdict >= XDP_ABORTED && verdict <= XDP_REDIRECT) ? verdict : XDP_ABORTED;
+}
+
+/* Counts `verdict` (ROOTLET_PROCEED: the slot was empty) for `slot`. */
+static __always_inline void rootlet_count(__u32 parity, __u32 slot, int verdict)
+{
+	__u32 zero = 0;
+	__u32 idx = verdict == ROOTLET_PROCEED ? ROOTLET_COUNT_EMPTY : rootlet_normalize(verdict);
+	struct rootlet_percpu *p = bpf_map_lookup_elem(&rootlet_stats, &zero);
+
+	if (p && slot < ROOTLET_MAX_SLOTS)
+		p->count[parity & 1][slot][idx] += 1;
 }
 
 static __always_inline int rootlet_proceeds(int verdict, __u32 mask)

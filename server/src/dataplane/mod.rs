@@ -561,14 +561,12 @@ impl Dataplane {
             pipeline: plan.pipeline.clone(),
         };
         if let Live::TailCall(l) = live {
-            // Close the counting epoch of the parity about to be rebuilt,
-            // once no packet runs it, and store it with the pending change.
-            l.quiescence.wait();
-            let raw = tally::read(l.maps.stats.as_fd())?;
-            let parity = (next.number & 1) as u32;
+            // Stored with the pending generation, before it can run.
+            let raw = tailcall::quiesced_counts(l)?;
+            let chain = tally::chain(&next.pipeline);
             r.record
                 .tally
-                .begin(parity, &raw, tally::chain(&next.pipeline));
+                .begin(tailcall::parity(next.number), &raw, chain);
         }
         r.record.pending = Some(next.clone());
         self.store.put(&r.record)?;
@@ -692,7 +690,11 @@ impl Dataplane {
             number: r.record.committed.number + 1,
             pipeline: previous.pipeline,
         };
-        debug_assert_eq!(next.number & 1, previous.number & 1, "same parity");
+        debug_assert_eq!(
+            tailcall::parity(next.number),
+            tailcall::parity(previous.number),
+            "same parity"
+        );
         let progs = tailcall::parity_progs(live, &next)?.ok_or(Error::NoRollback {
             key,
             reason: "a stage of the previous generation is gone (its owner exited)",

@@ -150,6 +150,19 @@ fn take(maps: &mut BTreeMap<String, OwnedFd>, what: &str, name: &str) -> Result<
     })
 }
 
+/// The parity of generation `number`: which entry of every hop array, and
+/// which instance of every stage, its packets use.
+pub fn parity(number: u64) -> u32 {
+    (number & 1) as u32
+}
+
+/// The counters, once no packet runs the inactive parity any more: what
+/// closes that parity's counting epoch before it is rebuilt.
+pub fn quiesced_counts(live: &Live) -> Result<tally::Raw> {
+    live.quiescence.wait();
+    tally::read(live.maps.stats.as_fd())
+}
+
 /// Entries of an owner array: by parity the instance it runs, then by
 /// parity the instance kept for the next rebuild.
 const OWNER_ENTRIES: u32 = 4;
@@ -368,7 +381,7 @@ pub fn build(
     live.quiescence.wait();
     let result = build_parity(ctx, key, live, next, final_verdict, plan, keep);
     if result.is_err() {
-        let parity = (next.number & 1) as u32;
+        let parity = parity(next.number);
         let entries = |map: &OwnedFd, entries: &[u32]| {
             for &entry in entries {
                 if let Err(e) = set_entry(map.as_fd(), entry, None) {
@@ -441,7 +454,7 @@ fn build_parity(
     plan: &Plan,
     keep: &mut BTreeMap<u32, MapReuse>,
 ) -> Result<BTreeMap<u32, OwnedFd>> {
-    let parity = (next.number & 1) as u32;
+    let parity = parity(next.number);
     let other = 1 - parity;
     let total = next.pipeline.stages.len();
     for (position, stage) in next.pipeline.stages.iter().enumerate() {
@@ -533,7 +546,7 @@ pub fn pin_arrays(ctx: &Ctx, key: RootletKey, live: &Live, next: &Generation) ->
 /// The programs of `next`'s stages as its parity holds them, or None if
 /// one is missing (an unpinned stage whose owner went away).
 pub fn parity_progs(live: &Live, next: &Generation) -> Result<Option<BTreeMap<u32, OwnedFd>>> {
-    let parity = (next.number & 1) as u32;
+    let parity = parity(next.number);
     let mut progs = BTreeMap::new();
     for stage in &next.pipeline.stages {
         let owner = live.maps.owners[stage.slot as usize].as_fd();
@@ -635,7 +648,7 @@ pub fn adopt(ctx: &Ctx, key: RootletKey, generations: &[&Generation]) -> Result<
     let Some(generation) = generations.iter().find(|g| g.number == number) else {
         return Ok(None);
     };
-    let parity = (number & 1) as u32;
+    let parity = parity(number);
     let mut live = Live {
         generation: number,
         rootlet,
@@ -664,12 +677,12 @@ pub fn adopt(ctx: &Ctx, key: RootletKey, generations: &[&Generation]) -> Result<
 
 /// The program in `slot` of the live parity, as the kernel reports it.
 pub fn slot_prog_id(live: &Live, slot: u32) -> Result<Option<u32>> {
-    owner_entry_id(live, slot, running((live.generation & 1) as u32))
+    owner_entry_id(live, slot, running(parity(live.generation)))
 }
 
 /// The instance kept for the other parity of the stage in `slot`.
 pub fn slot_twin_id(live: &Live, slot: u32) -> Result<Option<u32>> {
-    owner_entry_id(live, slot, kept(1 - (live.generation & 1) as u32))
+    owner_entry_id(live, slot, kept(1 - parity(live.generation)))
 }
 
 fn owner_entry_id(live: &Live, slot: u32, entry: u32) -> Result<Option<u32>> {
