@@ -32,6 +32,8 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("TEST_PLAIN", "src/test/plain.c", &[]),
     ("TEST_PROPRIETARY", "src/test/proprietary.c", &[]),
     ("TEST_BIGSTACK", "src/test/bigstack.c", &[]),
+    ("TEST_WITNESS", "src/test/witness.c", &[]),
+    ("TEST_LOSSY", "src/test/lossy.c", &[]),
     ("BENCH_MONO", "src/bench/mono.c", &[]),
     ("BENCH_BARE_CHAIN", "src/bench/bare_chain.c", &[]),
 ];

@@ -68,6 +68,16 @@ pub const STAGES: &[Entry] = &[
         program: "verdict",
     },
     Entry {
+        name: "test_witness",
+        object: TEST_WITNESS,
+        program: "witness",
+    },
+    Entry {
+        name: "test_lossy",
+        object: TEST_LOSSY,
+        program: "lossy",
+    },
+    Entry {
         name: "test_bad_verifier",
         object: TEST_BAD_VERIFIER,
         program: "bad_verifier",

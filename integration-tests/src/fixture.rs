@@ -175,6 +175,40 @@ impl Fixture {
         Held { child }
     }
 
+    /// The kernel's own count of `action` over every slot of every rootlet
+    /// under this fixture's root, read straight from the pinned `stats`
+    /// maps (no agent needed; DROP, TX, REDIRECT and ABORTED are always
+    /// counted where they happen, in both backends).
+    pub fn pinned_count(&self, action: XdpAction) -> u64 {
+        let layout = rootlet_server::dataplane::pins::Layout::new(&self.root);
+        let cpus = aya_cpus();
+        let abi = rootlet_server::dataplane::abi::PERCPU_SIZE;
+        let mut total = 0;
+        for key in layout.rootlets().unwrap_or_default() {
+            let Ok(map) = sys::obj_get(&layout.stats(key)) else {
+                continue;
+            };
+            let mut value = vec![0u8; abi * cpus];
+            if !sys::map_lookup(map.as_fd(), &0u32.to_ne_bytes(), &mut value).unwrap_or(false) {
+                continue;
+            }
+            for cpu in value.chunks_exact(abi) {
+                for parity in 0..2 {
+                    for slot in 0..rootlet_server::dataplane::abi::MAX_SLOTS {
+                        let at = rootlet_server::dataplane::abi::counter_offset(
+                            parity,
+                            slot,
+                            action as usize,
+                        );
+                        let word: [u8; 8] = cpu[at..at + 8].try_into().unwrap_or_default();
+                        total += u64::from_ne_bytes(word);
+                    }
+                }
+            }
+        }
+        total
+    }
+
     pub fn netns_path(&self) -> &Path {
         self.pair.host().path()
     }

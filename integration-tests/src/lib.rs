@@ -41,8 +41,12 @@
 //!   certificates (and an untrusted CA) for tests of the gRPC API.
 //! - [`traffic`]: [`traffic::RawSocket`] (AF_PACKET on one interface),
 //!   [`traffic::UdpSink`] (a bound UDP socket), [`traffic::Blaster`] (paced
-//!   sender thread) and [`traffic::SeqReceiver`] (records which sequence
-//!   numbers arrived).
+//!   sender thread that skips rather than bursts when it falls behind) and
+//!   [`traffic::SeqReceiver`] (records which sequence numbers arrived).
+//! - [`witness`]: how traffic tests are judged: by what the data plane saw
+//!   (the `test_witness` stage's per-sequence counts, [`witness::Judgement`])
+//!   and, separately, whether the socket got what the data plane passed, or
+//!   the stack counted the drops ([`witness::Delivery`]).
 //! - `sys` (private): the only `unsafe` code, thin libc wrappers for the
 //!   socket calls `std` and `nix` do not cover.
 #![deny(unsafe_code)]
@@ -53,6 +57,7 @@ pub mod netns;
 pub mod packet;
 pub mod pki;
 pub mod traffic;
+pub mod witness;
 
 /// Thin wrappers around the libc calls that `std` and `nix` (with the
 /// workspace's features) do not offer. All of the crate's `unsafe` is here.

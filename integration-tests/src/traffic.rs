@@ -319,8 +319,10 @@ pub struct BlastConfig {
     pub first_seq: u64,
     /// Frames to send at most.
     pub count: u64,
-    /// Frames per second at most (> 0); frame `i` goes out no earlier than
-    /// `i / rate_pps` seconds after the start.
+    /// Frames per second at most (> 0): schedule slot `i` is due
+    /// `i / rate_pps` seconds after the start, and a sender more than
+    /// [`LATE_SLACK`] late skips slots rather than bursting
+    /// ([`BlastReport::late`]).
     pub rate_pps: u64,
     /// Time to send for at most (≤ [`MAX_RUN_TIME`]).
     pub max_duration: Duration,
@@ -355,6 +357,12 @@ pub struct BlastReport {
     pub failed: Vec<u64>,
     /// The first send error, if any.
     pub first_error: Option<String>,
+    /// Schedule slots skipped because the sender was more than
+    /// [`LATE_SLACK`] behind (frames it could not send on time); sequence
+    /// numbers stay consecutive over the frames it did send.
+    pub late: u64,
+    /// The longest the sender was behind its schedule.
+    pub max_lag: Duration,
     /// Time from start to the last send.
     pub elapsed: Duration,
 }
@@ -444,6 +452,72 @@ impl Drop for Blaster {
     }
 }
 
+/// How far a [`Blaster`] may fall behind its schedule and still catch up:
+/// at most this long's worth of frames goes out back to back.
+pub const LATE_SLACK: Duration = Duration::from_millis(5);
+
+/// The schedule of a paced sender: slot `i` is due `i / rate_pps` after the
+/// start. A sender that falls behind by more than [`LATE_SLACK`] (it was
+/// descheduled, the machine stalled) does not burst to catch up: it skips
+/// the slots it missed and counts them, so the wire never sees more than
+/// `LATE_SLACK × rate_pps` frames back to back.
+#[derive(Clone, Debug)]
+struct Pacer {
+    rate_pps: u64,
+    /// The next slot.
+    slot: u64,
+    /// Slots skipped because they were late.
+    skipped: u64,
+    /// The longest the sender was behind its schedule.
+    max_lag: Duration,
+}
+
+/// What a [`Pacer`] says to do now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pace {
+    /// Wait this long for the next slot.
+    Wait(Duration),
+    /// Send one frame now.
+    Send,
+}
+
+impl Pacer {
+    fn new(rate_pps: u64) -> Pacer {
+        Pacer {
+            rate_pps: rate_pps.max(1),
+            slot: 0,
+            skipped: 0,
+            max_lag: Duration::ZERO,
+        }
+    }
+
+    fn due(&self, slot: u64) -> Duration {
+        let ns = u128::from(slot) * 1_000_000_000 / u128::from(self.rate_pps);
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+
+    /// At `elapsed` since the start: wait, or send (the caller then sends
+    /// one frame and the slot is used).
+    fn next(&mut self, elapsed: Duration) -> Pace {
+        let due = self.due(self.slot);
+        if elapsed < due {
+            return Pace::Wait(due - elapsed);
+        }
+        let lag = elapsed - due;
+        self.max_lag = self.max_lag.max(lag);
+        if lag > LATE_SLACK {
+            // The slot due now (the last one not later than `elapsed`).
+            let now_slot =
+                u64::try_from(elapsed.as_nanos() * u128::from(self.rate_pps) / 1_000_000_000)
+                    .unwrap_or(u64::MAX);
+            self.skipped += now_slot.saturating_sub(self.slot);
+            self.slot = now_slot.max(self.slot);
+        }
+        self.slot += 1;
+        Pace::Send
+    }
+}
+
 fn blast(socket: &RawSocket, config: &BlastConfig, stop: &AtomicBool) -> BlastReport {
     let start = Instant::now();
     let mut report = BlastReport {
@@ -452,15 +526,12 @@ fn blast(socket: &RawSocket, config: &BlastConfig, stop: &AtomicBool) -> BlastRe
         sent: 0,
         failed: Vec::new(),
         first_error: None,
+        late: 0,
+        max_lag: Duration::ZERO,
         elapsed: Duration::ZERO,
     };
-    'frames: for i in 0..config.count {
-        // When frame i is due: i / rate seconds after the start.
-        let due_ns = u128::from(i) * 1_000_000_000 / u128::from(config.rate_pps);
-        let due = Duration::from_nanos(u64::try_from(due_ns).unwrap_or(u64::MAX));
-        if due >= config.max_duration {
-            break;
-        }
+    let mut pacer = Pacer::new(config.rate_pps);
+    'frames: while report.attempted < config.count {
         loop {
             if stop.load(Ordering::Relaxed) {
                 break 'frames;
@@ -469,12 +540,12 @@ fn blast(socket: &RawSocket, config: &BlastConfig, stop: &AtomicBool) -> BlastRe
             if elapsed >= config.max_duration {
                 break 'frames;
             }
-            if elapsed >= due {
-                break;
+            match pacer.next(elapsed) {
+                Pace::Send => break,
+                Pace::Wait(d) => thread::sleep(d.min(POLL_SLICE)),
             }
-            thread::sleep((due - elapsed).min(POLL_SLICE));
         }
-        let Some(seq) = config.first_seq.checked_add(i) else {
+        let Some(seq) = config.first_seq.checked_add(report.attempted) else {
             break;
         };
         let frame = config
@@ -490,6 +561,8 @@ fn blast(socket: &RawSocket, config: &BlastConfig, stop: &AtomicBool) -> BlastRe
             }
         }
     }
+    report.late = pacer.skipped;
+    report.max_lag = pacer.max_lag;
     report.elapsed = start.elapsed();
     report
 }
@@ -711,6 +784,31 @@ mod tests {
     }
 
     #[test]
+    fn the_pacer_keeps_its_rate_and_skips_rather_than_bursts() {
+        let ms = Duration::from_millis;
+        let mut p = Pacer::new(1000); // one slot per millisecond
+        assert_eq!(p.next(Duration::ZERO), Pace::Send);
+        assert_eq!(
+            p.next(Duration::from_micros(200)),
+            Pace::Wait(Duration::from_micros(800))
+        );
+        assert_eq!(p.next(ms(1)), Pace::Send);
+        // A little late (within the slack): it catches up, slot by slot.
+        let sends = (0..3).filter(|_| p.next(ms(4)) == Pace::Send).count();
+        assert_eq!(sends, 3, "slots 2, 3 and 4 go out");
+        assert!(matches!(p.next(ms(4)), Pace::Wait(_)));
+        assert_eq!(p.skipped, 0);
+        // A one-second stall: it does not send the 1000 frames it missed.
+        assert_eq!(p.next(ms(1005)), Pace::Send);
+        assert_eq!(p.skipped, 1000, "slots 5..1005 skipped");
+        assert!(
+            matches!(p.next(ms(1005)), Pace::Wait(_)),
+            "no burst after a stall"
+        );
+        assert!(p.max_lag >= ms(1000));
+    }
+
+    #[test]
     fn blast_report_seqs() {
         let report = BlastReport {
             first_seq: 10,
@@ -718,6 +816,8 @@ mod tests {
             sent: 4,
             failed: vec![12],
             first_error: Some("x".into()),
+            late: 0,
+            max_lag: Duration::ZERO,
             elapsed: Duration::ZERO,
         };
         assert_eq!(report.attempted_seqs(), 10..15);

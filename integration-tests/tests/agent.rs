@@ -3,21 +3,22 @@
 //! a veth pair in fresh namespaces, with real packets.
 
 use std::{
-    net::SocketAddrV4,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use rootlet_integration_tests::{
     fixture::{self, Fixture},
-    netns::{HOST_IP, VethPair},
+    netns::VethPair,
     packet::seq_payload,
     pki::Pki,
-    traffic::{RawSocket, UdpSink},
+    traffic::RawSocket,
+    witness,
 };
 use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
 use rootlet_server::{
     config::{Config, IdentityConfig, Role},
+    dataplane::spec::XdpAction,
     runtime::{self, Running},
 };
 use std::error::Error as _;
@@ -420,7 +421,27 @@ async fn an_expired_lease_returns_the_slot_to_the_placeholder_while_packets_flow
         .into_inner();
     assert!(!done.lease_id.is_empty());
 
-    let sink = UdpSink::bind(a.f.pair.host(), SocketAddrV4::new(HOST_IP, 6000)).expect("sink");
+    // The witness, last, records what the pipeline let through.
+    let linked = ops
+        .link_stage(link(a.rootlet(), stage("w", witness::OBJECT, 100)))
+        .await
+        .expect("witness")
+        .into_inner();
+    let witness_id = linked
+        .rootlet
+        .as_ref()
+        .and_then(|r| r.slots.iter().find(|s| s.stage == "w"))
+        .and_then(|s| s.program.as_ref())
+        .map(|p| p.id)
+        .expect("the witness runs");
+    let drops = |state: &pb::RootletState| {
+        state
+            .slots
+            .iter()
+            .find(|s| s.stage == "a-drop")
+            .and_then(|s| s.counters.as_ref())
+            .map(|c| c.drop)
+    };
     let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
     let send = |seq: u64| {
         raw.send(
@@ -452,34 +473,43 @@ async fn an_expired_lease_returns_the_slot_to_the_placeholder_while_packets_flow
         seq += 1;
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    let got = sink
-        .recv_until_idle(
-            Duration::from_millis(200),
-            Instant::now() + Duration::from_secs(2),
-        )
-        .expect("recv");
-    assert!(
-        got.is_empty(),
-        "the leased drop stage is alive while renewed"
+    // Judged by the data plane: the stage dropped every packet, and none
+    // reached the witness.
+    let state = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: a.rootlet(),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    assert_eq!(
+        drops(&state),
+        Some(seq),
+        "the leased drop stage is alive while renewed, and dropped all {seq} packets"
     );
+    let seen = witness::Witnessed::of_prog(witness_id).expect("witness");
+    assert_eq!(seen.total(), 0, "nothing got past it: {seen:?}");
     drop(tx);
 
     // No more renewals: within the lease and the reaper's period the stage
-    // goes and packets flow through the placeholder.
-    let end = Instant::now() + Duration::from_secs(10);
+    // goes and packets flow through the placeholder to the witness.
+    let renewed_until = seq;
+    let end = Instant::now() + Duration::from_secs(20);
     let mut passed = 0;
     while passed == 0 && Instant::now() < end {
         send(seq);
         seq += 1;
-        passed = sink
-            .recv_until_idle(
-                Duration::from_millis(100),
-                Instant::now() + Duration::from_millis(300),
-            )
-            .expect("recv")
-            .len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        passed = witness::Witnessed::of_prog(witness_id)
+            .expect("witness")
+            .total();
     }
     assert!(passed > 0, "packets pass once the lease expired");
+    let seen = witness::Witnessed::of_prog(witness_id).expect("witness");
+    assert!(
+        seen.seen().iter().all(|s| (renewed_until..seq).contains(s)),
+        "only packets sent after the renewals stopped got through: {seen:?}"
+    );
     let state = ops
         .get_rootlet(pb::GetRootletRequest {
             rootlet: a.rootlet(),
@@ -868,19 +898,18 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
     if let Some(r) = a.running.take() {
         r.shutdown().await.expect("graceful shutdown");
     }
-    let sink = UdpSink::bind(a.f.pair.host(), SocketAddrV4::new(HOST_IP, 6000)).expect("sink");
     let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
-    // Whether a packet sent now from the peer reaches the host.
-    let delivered = |seq: u64| {
+    // Whether the data plane dropped a packet sent now from the peer, by
+    // the kernel's own counters in the pinned stats map (no agent runs).
+    let dropped = |seq: u64| {
+        let before = a.f.pinned_count(XdpAction::Drop);
         let frame = a.f.pair.udp_to_host(40000, 6000, seq_payload(seq, 64));
         raw.send(&frame.to_bytes()).expect("send");
-        let idle = Duration::from_millis(200);
-        !sink
-            .recv_until_idle(idle, Instant::now() + Duration::from_secs(2))
-            .expect("recv")
-            .is_empty()
+        fixture::wait_for(Duration::from_secs(10), || {
+            a.f.pinned_count(XdpAction::Drop) == before + 1
+        })
     };
-    assert!(!delivered(1), "the pinned drop stage outlives the agent");
+    assert!(dropped(1), "the pinned drop stage outlives the agent");
 
     // Another process holds the store (an old agent still exiting): the new
     // agent listens but reports NOT_SERVING until it can adopt.
@@ -975,7 +1004,7 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
         status.is_some_and(|s| s.success()),
         "rootletd exits cleanly on SIGTERM: {status:?}"
     );
-    assert!(!delivered(2), "still dropping after the agent exited");
+    assert!(dropped(2), "still dropping after the agent exited");
 }
 
 fn toml_of(c: &Config) -> String {
