@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::BTreeSet,
     fs,
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
@@ -31,7 +32,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -49,13 +50,17 @@ use rootlet_client::{
 
 use crate::{
     netns::{HOST_IP, VethPair},
-    packet::seq_payload,
+    packet::{payload_seq, seq_payload},
     pki::Pki,
     traffic::{BlastConfig, Blaster, RawSocket, UdpSink},
+    witness::StackDrops,
 };
 
 /// The UDP port traffic goes to in each host namespace.
 pub const SINK_PORT: u16 = 7000;
+/// Sequence numbers of [`RealFleet::traffic_flows`]' probes start here,
+/// far above any the background traffic uses.
+const PROBE_SEQ_BASE: u64 = 1 << 40;
 /// The TCP port mTLS agents listen on inside their namespace.
 pub const AGENT_TCP_PORT: u16 = 50051;
 /// The client certificate's CN, an admin on every agent.
@@ -456,24 +461,42 @@ impl RealFleet {
         }
     }
 
-    /// Whether packets sent now from host `i`'s peer reach its host
-    /// namespace: `n` sent, at least 90% received within two seconds.
+    /// Whether packets sent now from host `i`'s peer go through its
+    /// pipeline: `n` probes (numbered apart from the background traffic,
+    /// which keeps flowing), every one of them received by the host's
+    /// socket or counted by the host namespace's stack as dropped after the
+    /// data plane passed it ([`StackDrops`]): a starved socket cannot fail
+    /// this, and background packets cannot pass it.
     pub fn traffic_flows(&self, i: usize, n: u64) -> io::Result<bool> {
+        static NEXT_PROBE: AtomicU64 = AtomicU64::new(PROBE_SEQ_BASE);
         let h = self
             .hosts
             .get(i)
             .ok_or_else(|| io::Error::other(format!("no host {i}")))?;
-        h.sink.drain()?;
+        let first = NEXT_PROBE.fetch_add(n, Ordering::Relaxed);
+        let probes = first..first + n;
+        let before = StackDrops::read(h.pair.host())?;
         let template = h.pair.udp_to_host(40001, SINK_PORT, Vec::new());
-        for seq in 0..n {
+        for seq in probes.clone() {
             h.raw
                 .send(&template.with_payload(seq_payload(seq, 64)).to_bytes())?;
         }
-        let got = h.sink.recv_until_idle(
-            Duration::from_millis(300),
-            Instant::now() + Duration::from_secs(2),
-        )?;
-        Ok(got.len() as u64 * 10 >= n * 9)
+        let mut got = BTreeSet::new();
+        let end = Instant::now() + Duration::from_secs(5);
+        while (got.len() as u64) < n && Instant::now() < end {
+            let batch = h.sink.recv_until_idle(Duration::from_millis(300), end)?;
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(
+                batch
+                    .iter()
+                    .filter_map(|p| payload_seq(p))
+                    .filter(|s| probes.contains(s)),
+            );
+        }
+        let dropped = StackDrops::read(h.pair.host())?.since(&before).total();
+        Ok(got.len() as u64 + dropped >= n)
     }
 
     /// Stops (SIGSTOP) or continues (SIGCONT) host `i`'s agent: a stopped
