@@ -28,6 +28,24 @@ if [ "${ROOTLET_SKIP_VM:-0}" = 1 ]; then
     exit 0
 fi
 
+echo "== VM tier: a guest that dies fails the run, once, with its console"
+# scripts/vm-run never reruns a guest that died: a kernel oops that the code
+# under test triggers now and then must fail CI, not go green on a retry.
+panic_log=$(mktemp)
+vm_started=$(date +%s)
+set +e
+scripts/vm-run -- 'echo c > /proc/sysrq-trigger' >"$panic_log" 2>&1
+panic_rc=$?
+set -e
+if [ "$panic_rc" != 255 ] || ! grep -q "Kernel panic - not syncing: sysrq triggered crash" "$panic_log" ||
+    [ "$(grep -c "the guest died without an exit status (255); not retried" "$panic_log")" != 1 ]; then
+    cat "$panic_log" >&2
+    echo "vm-run did not fail a dying guest cleanly (exit $panic_rc)" >&2
+    exit 1
+fi
+rm -f "$panic_log"
+echo "ok: exit 255, one boot, the panic shown ($(( $(date +%s) - vm_started )) s)"
+
 echo "== VM tier: Debian 6.12 kernel under qemu (TCG), freplace backend"
 # The suites that exercise the kernel: the data plane, and the agent over it.
 vm_tests=$(cargo test -p rootlet-integration-tests --test dataplane --test agent --locked --no-run --message-format=json 2>/dev/null |
