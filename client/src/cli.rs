@@ -88,6 +88,10 @@ pub enum BundleCmd {
         /// Sign with this private key (repeatable).
         #[arg(long = "key")]
         keys: Vec<PathBuf>,
+        /// Accept this object although it is outside the manifest's
+        /// directory (repeatable); any other such object is refused.
+        #[arg(long = "allow-object")]
+        allow_objects: Vec<PathBuf>,
     },
     /// Add signatures to a bundle.
     Sign {
@@ -404,7 +408,8 @@ fn bundle(cmd: BundleCmd) -> i32 {
             manifest,
             out,
             keys,
-        } => bundle_cmd::build(&manifest, out.as_deref(), &keys).map(|(_, r)| r),
+            allow_objects,
+        } => bundle_cmd::build(&manifest, out.as_deref(), &keys, &allow_objects).map(|(_, r)| r),
         BundleCmd::Sign { bundle, keys, out } => bundle_cmd::sign(&bundle, &keys, out.as_deref()),
         BundleCmd::Verify { bundle, trusted } => bundle_cmd::verify(&bundle, &trusted),
         BundleCmd::Inspect { bundle } => bundle_cmd::inspect(&bundle),
