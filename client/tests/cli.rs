@@ -151,6 +151,33 @@ fn bundle_rollout_status_and_exit_codes() {
         ]),
         EXIT_FAILED
     );
+    // Drift: a stage of the bundle replaced behind the agent's back. The
+    // host still says v1, but does not count as running it.
+    agents[1].agent.replace_out_of_band("rl0", "sampler");
+    assert_eq!(
+        ctl(&["status", "-i", s(&inventory), "--expect", "v1"]),
+        EXIT_FAILED
+    );
+    let hosts = rt.block_on(async {
+        let fleet = rootlet_client::transport::Fleet::new(
+            rootlet_client::inventory::Inventory::load(&inventory)
+                .unwrap()
+                .hosts,
+            Default::default(),
+        );
+        rootlet_client::status::read(&fleet, Some("v1")).await
+    });
+    let drifted: Vec<&str> = hosts
+        .iter()
+        .filter(|h| h.has_drift())
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(drifted, ["h1"]);
+    let r = &hosts[1].rootlets[0];
+    assert_eq!(r.applied_version, "v1");
+    assert_eq!(r.stage_drift.len(), 1);
+    assert_eq!(r.stage_drift[0].stage, "sampler");
+    assert!(rootlet_client::status::table(&hosts).contains("stage sampler: replaced out of band"));
     // A finished rollout cannot be steered.
     assert_eq!(ctl(&["rollout", "pause", "-j", s(&journal)]), EXIT_USAGE);
 

@@ -3,8 +3,8 @@
 //!
 //! - health: grpc.health.v1 `Check` of `rootlet.v1.Rootlet` is SERVING;
 //! - apply: every rootlet the bundle applied to still reports the new
-//!   digest (`GetApplyStatus`), so a NACK or a change behind the
-//!   rollout's back is caught;
+//!   digest and no per-stage drift (`GetApplyStatus`), so a NACK or a
+//!   change behind the rollout's back is caught;
 //! - counters: per stage, `GetStats` now against the sample taken right
 //!   after the push (`post`), and for `drop_rate_change` against the
 //!   host's own drop rate before the change (between `baseline_start` and
@@ -286,6 +286,7 @@ pub async fn evaluate(
                     c.get_apply_status(request(
                         pb::GetApplyStatusRequest {
                             rootlet: Some(by_id(id)),
+                            idempotency_key: String::new(),
                         },
                         t,
                     ))
@@ -305,6 +306,12 @@ pub async fn evaluate(
                         &st.applied_version
                     },
                     short(&st.applied_digest)
+                ));
+            } else if !st.drift.is_empty() {
+                bad.push(format!(
+                    "rootlet {id} runs {} but the kernel differs: {}",
+                    st.applied_version,
+                    drift_text(&st.drift)
                 ));
             }
         }
@@ -332,6 +339,28 @@ pub async fn evaluate(
         out.extend(judge_counters(&plan.gates.counters, rec, &now, last));
     }
     Ok(out)
+}
+
+/// Per-stage drift as one line: `ddos: replaced out of band (runs
+/// sha256:…, the bundle has sha256:…)`.
+pub fn drift_text(drift: &[pb::StageDrift]) -> String {
+    drift
+        .iter()
+        .map(|d| {
+            let running = if d.running_digest.is_empty() {
+                "not running".to_string()
+            } else {
+                format!("runs {}", short(&d.running_digest))
+            };
+            format!(
+                "{}: {} ({running}, the bundle has {})",
+                d.stage,
+                d.reason,
+                short(&d.expected_digest)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The first 12 hex digits of a digest, for people.
