@@ -3,7 +3,9 @@
 //! Exit codes: 0 success; 1 failed (a command that could not do its work,
 //! or a rollout that could not complete nor roll back cleanly); 2 usage or
 //! configuration errors (bad flags, files, selections); 3 a rollout that
-//! stopped and rolled back (gate, deadline, unavailable hosts, abort).
+//! stopped and rolled back (gate, deadline, unavailable hosts, abort; a
+//! first install rolled back leaves the hosts without the bundle); 4 a
+//! rollout that finished but skipped hosts (unreachable to the end).
 
 use std::{
     path::{Path, PathBuf},
@@ -32,6 +34,8 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_ROLLED_BACK: i32 = 3;
+/// A rollout that finished on every host that answered, but skipped some.
+pub const EXIT_INCOMPLETE: i32 = 4;
 /// Interrupted by a signal (128 + SIGINT).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -43,7 +47,7 @@ const MAX_WATCH: Duration = Duration::from_secs(7 * 86_400);
     name = "rootletctl",
     version,
     about = "Builds and signs Rootlet bundles and rolls them out to a fleet of rootletd agents",
-    after_help = "Exit codes: 0 success, 1 failed, 2 usage or configuration error, 3 rolled back."
+    after_help = "Exit codes: 0 success, 1 failed, 2 usage or configuration error, 3 rolled back, 4 incomplete (hosts skipped)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -596,7 +600,7 @@ async fn rollout_cmd(cmd: RolloutCmd) -> i32 {
 fn take_over_engine(path: &Path, output: Output) -> Result<(JournalLock, rollout::Engine), i32> {
     let lock = JournalLock::acquire(path).map_err(|e| rollout_error(e.into()))?;
     let j = journal::read(path).map_err(|e| fail(EXIT_USAGE, e))?;
-    if j.state.is_final() {
+    if !j.state.is_resumable() {
         println!(
             "rollout {} already ended ({})",
             j.rollout_id,

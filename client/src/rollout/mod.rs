@@ -180,10 +180,10 @@ pub fn plan_start(req: &StartRequest) -> Result<Start, RolloutError> {
     }
     let old = journal::read(path)?;
     let digest = req.bundle.signed.bundle.digest();
+    if old.state.is_resumable() && old.bundle.digest == digest {
+        return Ok(Start::Resume(old));
+    }
     if !old.state.is_final() {
-        if old.bundle.digest == digest {
-            return Ok(Start::Resume(old));
-        }
         return Err(RolloutError::Usage(format!(
             "{} holds the unfinished rollout {} of {} {} ({}); resume it (rollout resume), abort or undo it, or use another --journal",
             path.display(),
@@ -248,7 +248,7 @@ pub async fn take_over(
 ) -> Result<(Outcome, JournalFile, u64), RolloutError> {
     let _lock = JournalLock::acquire(path)?;
     let j = journal::read(path)?;
-    let bundle = if abort || j.state.is_final() {
+    let bundle = if abort || !j.state.is_resumable() {
         None
     } else {
         Some(bundle_of(&j).map_err(RolloutError::Usage)?)

@@ -26,6 +26,7 @@ pub struct RunStats {
 fn headline(state: RolloutState) -> &'static str {
     match state {
         RolloutState::Succeeded => "SUCCEEDED",
+        RolloutState::Incomplete => "INCOMPLETE (hosts skipped)",
         RolloutState::RolledBack => "ROLLED BACK",
         RolloutState::Failed => "FAILED",
         RolloutState::Undone => "UNDONE",
