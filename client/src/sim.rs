@@ -322,6 +322,7 @@ impl SimAgent {
                         outcome: "nack".into(),
                         error: "simulated failure".into(),
                         at_unix_ms: now,
+                        ..Default::default()
                     });
                 }
             }
@@ -395,6 +396,7 @@ impl SimAgent {
                     outcome: "ack".into(),
                     error: String::new(),
                     at_unix_ms: now,
+                    ..Default::default()
                 });
             }
             outcomes.push(pb::RootletOutcome {
@@ -422,6 +424,7 @@ impl SimAgent {
             version: m.version,
             noop,
             rootlets: outcomes,
+            ..Default::default()
         };
         if !req.idempotency_key.is_empty() {
             st.idempotency
@@ -604,6 +607,7 @@ impl pb::rootlet_server::Rootlet for SimAgent {
             applied_version: r.applied_version.clone(),
             applied_digest: r.applied_digest.clone(),
             last_attempt: r.last_attempt.clone(),
+            ..Default::default()
         }))
     }
 
@@ -622,11 +626,21 @@ impl pb::rootlet_server::Rootlet for SimAgent {
                     digest: e.digest.clone(),
                     applied_at_unix_ms: e.at,
                     current: i == 0,
+                    ..Default::default()
                 });
             }
         }
         bundles.sort_by_key(|b| std::cmp::Reverse(b.applied_at_unix_ms));
         Ok(Response::new(pb::ListBundlesResponse { bundles }))
+    }
+
+    async fn remove_bundle(
+        &self,
+        _req: Request<pb::RemoveBundleRequest>,
+    ) -> Result<Response<pb::ApplyBundleResponse>, Status> {
+        Err(Status::unimplemented(
+            "the simulated agent does not remove bundles",
+        ))
     }
 
     async fn rollback(

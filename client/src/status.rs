@@ -157,6 +157,7 @@ async fn read_host(
                     c.get_apply_status(request(
                         pb::GetApplyStatusRequest {
                             rootlet: Some(by_id(&id)),
+                            ..Default::default()
                         },
                         t,
                     ))

@@ -286,6 +286,7 @@ pub async fn evaluate(
                     c.get_apply_status(request(
                         pb::GetApplyStatusRequest {
                             rootlet: Some(by_id(id)),
+                            ..Default::default()
                         },
                         t,
                     ))
