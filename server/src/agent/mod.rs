@@ -14,6 +14,7 @@ pub mod authz;
 mod bundles;
 pub mod crash;
 mod reconcile;
+mod remove;
 
 use std::{
     collections::BTreeMap,

@@ -605,10 +605,22 @@ impl pb::rootlet_server::Rootlet for RootletService {
 
     async fn remove_bundle(
         &self,
-        _req: Request<pb::RemoveBundleRequest>,
+        req: Request<pb::RemoveBundleRequest>,
     ) -> Reply<pb::ApplyBundleResponse> {
-        // Implemented in the next commit.
-        Err(Status::unimplemented("RemoveBundle"))
+        let metrics = self.metrics.clone();
+        self.idempotent(
+            "RemoveBundle",
+            req,
+            |r| &r.idempotency_key,
+            move |agent, grant, r| {
+                let expected =
+                    (!r.expected_digest.is_empty()).then_some(r.expected_digest.as_str());
+                let outcome = agent.remove_bundle(grant, &r.name, expected, &r.idempotency_key);
+                record_apply(&metrics, agent, &outcome);
+                apply_response(outcome?)
+            },
+        )
+        .await
     }
 }
 
