@@ -1288,3 +1288,177 @@ async fn remove_bundle_undoes_a_first_install_and_nothing_else() {
         "team a's stage stays"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_change_a_bundle_makes_is_authorised_for_the_caller() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let mut team_b = a.client("team-b").await;
+    let mut mon = a.client("mon").await;
+    a.load(&mut ops).await;
+    let r = a.rootlet();
+
+    // `edge`, applied by the admin: one stage of each team.
+    let edge = a.bundle_of(
+        "edge",
+        "1.0",
+        &[
+            ("a-sampler", "sampler", 10, "team-a"),
+            ("b-lb", "l4lb", 30, "team-b"),
+        ],
+        true,
+    );
+    ops.apply_bundle(apply(edge)).await.expect("admin applies");
+    let before = kernel(&mut ops, r.clone()).await;
+    let stages = |k: &Kernel| {
+        k.as_ref()
+            .map(|k| k.1.iter().map(|s| s.0.clone()).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        stages(&before),
+        Some(vec!["a-sampler".to_owned(), "b-lb".to_owned()])
+    );
+    let denied = |err: tonic::Status, what: &str| {
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::PermissionDenied, "PERMISSION_DENIED"),
+            "{what}: {err:?}"
+        );
+    };
+
+    // A reader with a trusted-signed `edge` of no stages: refused (it would
+    // unlink every stage), and the kernel is unchanged.
+    let empty = a.bundle_of("edge", "9.0", &[], true);
+    denied(
+        mon.apply_bundle(apply(empty.clone())).await.unwrap_err(),
+        "reader unlinks by bundle",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // An owner applying an `edge` of only its own stage would unlink team
+    // b's: refused.
+    let only_a = a.bundle_of(
+        "edge",
+        "9.1",
+        &[("a-sampler", "sampler", 10, "team-a")],
+        true,
+    );
+    denied(
+        team_a.apply_bundle(apply(only_a)).await.unwrap_err(),
+        "owner unlinks another team's stage by bundle",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // ... nor replace it (a bundle can only name its own stages, and team b's
+    // own `edge` replacing b-lb would unlink a-sampler).
+    let only_b = a.bundle_of("edge", "9.2", &[("b-lb", "test_pass", 30, "team-b")], true);
+    denied(
+        team_b.apply_bundle(apply(only_b)).await.unwrap_err(),
+        "owner replaces its stage and unlinks another's by bundle",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // Shipping another team's stage is refused whatever the bundle does.
+    let ships_b = a.bundle_of(
+        "edge",
+        "9.3",
+        &[
+            ("a-sampler", "sampler", 10, "team-a"),
+            ("b-lb", "test_pass", 30, "team-b"),
+        ],
+        true,
+    );
+    denied(
+        team_a.apply_bundle(apply(ships_b)).await.unwrap_err(),
+        "owner ships another team's stage",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // RemoveBundle by a reader or by one of the two teams: refused.
+    denied(
+        mon.remove_bundle(remove("edge")).await.unwrap_err(),
+        "reader removes",
+    );
+    denied(
+        team_a.remove_bundle(remove("edge")).await.unwrap_err(),
+        "owner removes a bundle with another team's stage",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // Rollback is an apply: the reader cannot roll `edge` back either.
+    denied(
+        mon.rollback(pb::RollbackRequest {
+            name: "edge".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+        "reader rolls back",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+
+    // A team's own bundle: it links, replaces and unlinks its own stages.
+    let mine =
+        |v: &str, stages: &[(&str, &str, i32, &str)]| a.bundle_of("team-a-edge", v, stages, true);
+    team_a
+        .apply_bundle(apply(mine("1", &[("a-x", "test_pass", 5, "team-a")])))
+        .await
+        .expect("owner links its own stage");
+    team_a
+        .apply_bundle(apply(mine("2", &[("a-x", "ddos", 5, "team-a")])))
+        .await
+        .expect("owner replaces its own stage");
+    let k = kernel(&mut ops, r.clone()).await.expect("rootlet");
+    assert!(k.1.contains(&("a-x".into(), "team-a".into(), digest_of("ddos"))));
+    // A reader and the other team may not make it unlink a-x.
+    let other = a.bundle_of("team-a-edge", "3", &[], true);
+    denied(
+        mon.apply_bundle(apply(other.clone())).await.unwrap_err(),
+        "reader unlinks by another's bundle",
+    );
+    denied(
+        team_b.apply_bundle(apply(other.clone())).await.unwrap_err(),
+        "owner unlinks another team's stage by its bundle",
+    );
+    let unchanged = kernel(&mut ops, r.clone()).await;
+    assert_eq!(unchanged.as_ref().map(|k| &k.1), Some(&k.1));
+    team_a
+        .apply_bundle(apply(other))
+        .await
+        .expect("owner unlinks its own stage");
+    let k = kernel(&mut ops, r.clone()).await;
+    assert_eq!(
+        stages(&k),
+        Some(vec!["a-sampler".to_owned(), "b-lb".to_owned()])
+    );
+
+    // Loading a rootlet is the admin's: an owner's bundle for an interface
+    // without one is refused, and no rootlet appears.
+    let second = VethPair::new().expect("second veth pair");
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        second.host_if(),
+        second.host().path().display()
+    );
+    let loads = a.bundle_for(
+        "team-a-far",
+        "1",
+        &targets,
+        &[("a-far", "test_pass", 5, "team-a")],
+        true,
+    );
+    denied(
+        team_a.apply_bundle(apply(loads)).await.unwrap_err(),
+        "owner loads a rootlet by bundle",
+    );
+    let listed = ops
+        .list_rootlets(pb::ListRootletsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.rootlets.len(), 1, "no rootlet was loaded");
+
+    // The admin may do all of it; the teams' stages are the bundle's to
+    // remove, and the rootlet (loaded by hand) stays.
+    ops.remove_bundle(remove("edge"))
+        .await
+        .expect("admin removes");
+    let k = kernel(&mut ops, r.clone()).await;
+    assert_eq!(stages(&k), Some(vec![]));
+}

@@ -733,6 +733,7 @@ impl super::Agent {
         to_digest: Option<&str>,
         idempotency_key: &str,
     ) -> Result<ApplyOutcome> {
+        grant.mutate("roll bundles back")?;
         let bundles = self.kv.list::<Vec<HistoryEntry>>(HISTORY)?;
         let (name, history) = match (name, bundles.len()) {
             ("", 1) => bundles
