@@ -161,18 +161,44 @@ impl Agent {
 
     /// A signed bundle of embedded objects: (stage, object, priority).
     fn bundle(&self, version: &str, stages: &[(&str, &str, i32)], sign: bool) -> Vec<u8> {
-        let dir = self.state_dir.join(format!("bundle-{version}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut manifest = format!(
-            "name = \"edge\"\nversion = \"{version}\"\n[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        let stages: Vec<_> = stages.iter().map(|(n, o, p)| (*n, *o, *p, "ops")).collect();
+        self.bundle_of("edge", version, &stages, sign)
+    }
+
+    /// A signed bundle `name` of embedded objects: (stage, object,
+    /// priority, owner), for this agent's rootlet.
+    fn bundle_of(
+        &self,
+        name: &str,
+        version: &str,
+        stages: &[(&str, &str, i32, &str)],
+        sign: bool,
+    ) -> Vec<u8> {
+        let targets = format!(
+            "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
             self.f.pair.host_if(),
             self.f.netns_path().display()
         );
-        for (name, object, prio) in stages {
+        self.bundle_for(name, version, &targets, stages, sign)
+    }
+
+    /// A bundle with the manifest's `[[rootlets]]` tables given.
+    fn bundle_for(
+        &self,
+        name: &str,
+        version: &str,
+        targets: &str,
+        stages: &[(&str, &str, i32, &str)],
+        sign: bool,
+    ) -> Vec<u8> {
+        let dir = self.state_dir.join(format!("bundle-{name}-{version}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut manifest = format!("name = \"{name}\"\nversion = \"{version}\"\n{targets}");
+        for (stage, object, prio, owner) in stages {
             let e = rootlet_ebpf::stage(object).expect("object");
             std::fs::write(dir.join(format!("{object}.o")), e.object).expect("object file");
             manifest.push_str(&format!(
-                "[[stages]]\nname = \"{name}\"\nobject = \"{object}.o\"\nprogram = \"{}\"\npriority = {prio}\nowner = \"ops\"\n",
+                "[[stages]]\nname = \"{stage}\"\nobject = \"{object}.o\"\nprogram = \"{}\"\npriority = {prio}\nowner = \"{owner}\"\n",
                 e.program
             ));
         }
@@ -1029,4 +1055,410 @@ async fn a_deadline_ends_the_call_and_a_retry_with_its_key_converges() {
         ["sampler"]
     );
     assert_eq!(s.generation, 2, "one change, whatever the deadline did");
+}
+
+fn apply(bytes: Vec<u8>) -> pb::ApplyBundleRequest {
+    pb::ApplyBundleRequest {
+        source: Some(pb::apply_bundle_request::Source::Bundle(bytes)),
+        ..Default::default()
+    }
+}
+
+fn remove(name: &str) -> pb::RemoveBundleRequest {
+    pb::RemoveBundleRequest {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// What the kernel runs on a rootlet, as the agent reads it back:
+/// (generation, [(stage, owner, object digest)]); None without a rootlet.
+type Kernel = Option<(u64, Vec<(String, String, String)>)>;
+
+async fn kernel(c: &mut RootletClient<Channel>, r: Option<pb::RootletRef>) -> Kernel {
+    match c.get_rootlet(pb::GetRootletRequest { rootlet: r }).await {
+        Ok(s) => {
+            let s = s.into_inner();
+            Some((
+                s.generation,
+                s.slots
+                    .iter()
+                    .map(|x| (x.stage.clone(), x.owner.clone(), x.digest.clone()))
+                    .collect(),
+            ))
+        }
+        Err(e) if e.code() == Code::NotFound => None,
+        Err(e) => panic!("get rootlet: {e:?}"),
+    }
+}
+
+/// The sha256 of an embedded object, as slots and drift report it.
+fn digest_of(object: &str) -> String {
+    rootlet_bundle::sha256_hex(rootlet_ebpf::stage(object).expect("object").object)
+}
+
+async fn apply_status(
+    c: &mut RootletClient<Channel>,
+    r: Option<pb::RootletRef>,
+    key: &str,
+) -> pb::ApplyStatus {
+    c.get_apply_status(pb::GetApplyStatusRequest {
+        rootlet: r,
+        idempotency_key: key.into(),
+    })
+    .await
+    .expect("apply status")
+    .into_inner()
+}
+
+/// Real packets from the peer to a UDP sink on the host.
+struct Probe {
+    sink: UdpSink,
+    raw: RawSocket,
+    port: u16,
+    seq: u64,
+}
+
+impl Probe {
+    fn new(a: &Agent, port: u16) -> Probe {
+        Probe {
+            sink: UdpSink::bind(a.f.pair.host(), SocketAddrV4::new(HOST_IP, port)).expect("sink"),
+            raw: RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw"),
+            port,
+            seq: 0,
+        }
+    }
+
+    /// Whether a packet sent now reaches the host.
+    fn delivered(&mut self, a: &Agent) -> bool {
+        self.seq += 1;
+        let frame =
+            a.f.pair
+                .udp_to_host(40000, self.port, seq_payload(self.seq, 64));
+        self.raw.send(&frame.to_bytes()).expect("send");
+        !self
+            .sink
+            .recv_until_idle(
+                Duration::from_millis(200),
+                Instant::now() + Duration::from_secs(2),
+            )
+            .expect("recv")
+            .is_empty()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remove_bundle_undoes_a_first_install_and_nothing_else() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let mut mon = a.client("mon").await;
+    let mut probe = Probe::new(&a, 6100);
+    assert!(probe.delivered(&a), "no rootlet yet: packets arrive");
+
+    // A first install loads the rootlet and links a stage that drops.
+    let v1 = a.bundle("1.0", &[("drop", "test_drop", 10)], true);
+    let r1 = ops
+        .apply_bundle(apply(v1))
+        .await
+        .expect("first install")
+        .into_inner();
+    assert!(!probe.delivered(&a), "the bundle's stage drops");
+
+    // A reader may not remove it; nothing changes.
+    let before = kernel(&mut ops, a.rootlet()).await;
+    assert!(before.is_some());
+    let err = mon.remove_bundle(remove("edge")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        kernel(&mut ops, a.rootlet()).await,
+        before,
+        "nothing changed"
+    );
+    assert!(!probe.delivered(&a), "still dropping");
+
+    // Another digest is not the current version: refused, nothing changes.
+    let err = ops
+        .remove_bundle(pb::RemoveBundleRequest {
+            expected_digest: "00".repeat(32),
+            ..remove("edge")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "BUNDLE_NOT_CURRENT")
+    );
+    assert_eq!(kernel(&mut ops, a.rootlet()).await, before);
+
+    // The removal unlinks the stage and unloads the rootlet the bundle loaded.
+    let done = ops
+        .remove_bundle(pb::RemoveBundleRequest {
+            expected_digest: r1.digest.clone(),
+            idempotency_key: "rm-1".into(),
+            ..remove("edge")
+        })
+        .await
+        .expect("remove")
+        .into_inner();
+    assert!(done.removed && !done.noop, "{done:?}");
+    assert_eq!((done.version.as_str(), &done.digest), ("1.0", &r1.digest));
+    assert_eq!(kernel(&mut ops, a.rootlet()).await, None, "no rootlet left");
+    let listed = ops
+        .list_rootlets(pb::ListRootletsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.rootlets.is_empty(), "{listed:?}");
+    assert!(a.f.pins().is_empty(), "no pins left: {:?}", a.f.pins());
+    assert!(probe.delivered(&a), "packets arrive again");
+    let bundles = ops
+        .list_bundles(pb::ListBundlesRequest {})
+        .await
+        .expect("bundles")
+        .into_inner()
+        .bundles;
+    assert_eq!(
+        bundles
+            .iter()
+            .map(|b| (b.version.as_str(), b.current, b.removed))
+            .collect::<Vec<_>>(),
+        [("1.0", false, true)],
+        "edge: removed (from 1.0)"
+    );
+
+    // Removing again is a no-op.
+    let again = ops
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("remove again")
+        .into_inner();
+    assert!(again.removed && again.noop, "{again:?}");
+    assert!(probe.delivered(&a));
+
+    // Installed again; meanwhile another team links its own stage on the
+    // rootlet the bundle loaded. The removal takes only the bundle's stage.
+    let v2 = a.bundle("2.0", &[("drop", "test_drop", 10)], true);
+    ops.apply_bundle(apply(v2)).await.expect("install again");
+    assert!(!probe.delivered(&a));
+    team_a
+        .link_stage(link(a.rootlet(), stage("a-sampler", "sampler", 5)))
+        .await
+        .expect("team a's own stage");
+    let done = ops
+        .remove_bundle(pb::RemoveBundleRequest {
+            idempotency_key: "rm-2".into(),
+            ..remove("edge")
+        })
+        .await
+        .expect("remove")
+        .into_inner();
+    assert!(done.removed && !done.noop, "{done:?}");
+    let (_, stages) = kernel(&mut ops, a.rootlet())
+        .await
+        .expect("the rootlet stays: another team's stage runs on it");
+    assert_eq!(
+        stages,
+        [(
+            "a-sampler".to_owned(),
+            "team-a".to_owned(),
+            digest_of("sampler")
+        )]
+    );
+    assert!(probe.delivered(&a), "the bundle's stage is gone");
+    let status = apply_status(&mut ops, a.rootlet(), "rm-2").await;
+    assert_eq!(status.applied_version, "", "{status:?}");
+    let last = status.last_attempt.expect("last attempt");
+    assert_eq!(
+        (last.version.as_str(), last.outcome.as_str()),
+        ("2.0", "removed")
+    );
+    let keyed = status.keyed_attempt.expect("the attempt of key rm-2");
+    assert_eq!(keyed.outcome, "removed");
+    assert!(status.drift.is_empty(), "{:?}", status.drift);
+    let again = ops
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("remove again")
+        .into_inner();
+    assert!(again.noop, "{again:?}");
+    assert_eq!(
+        kernel(&mut ops, a.rootlet()).await.map(|k| k.1.len()),
+        Some(1),
+        "team a's stage stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_change_a_bundle_makes_is_authorised_for_the_caller() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let mut team_b = a.client("team-b").await;
+    let mut mon = a.client("mon").await;
+    a.load(&mut ops).await;
+    let r = a.rootlet();
+
+    // `edge`, applied by the admin: one stage of each team.
+    let edge = a.bundle_of(
+        "edge",
+        "1.0",
+        &[
+            ("a-sampler", "sampler", 10, "team-a"),
+            ("b-lb", "l4lb", 30, "team-b"),
+        ],
+        true,
+    );
+    ops.apply_bundle(apply(edge)).await.expect("admin applies");
+    let before = kernel(&mut ops, r.clone()).await;
+    let stages = |k: &Kernel| {
+        k.as_ref()
+            .map(|k| k.1.iter().map(|s| s.0.clone()).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        stages(&before),
+        Some(vec!["a-sampler".to_owned(), "b-lb".to_owned()])
+    );
+    let denied = |err: tonic::Status, what: &str| {
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::PermissionDenied, "PERMISSION_DENIED"),
+            "{what}: {err:?}"
+        );
+    };
+
+    // A reader with a trusted-signed `edge` of no stages: refused (it would
+    // unlink every stage), and the kernel is unchanged.
+    let empty = a.bundle_of("edge", "9.0", &[], true);
+    denied(
+        mon.apply_bundle(apply(empty.clone())).await.unwrap_err(),
+        "reader unlinks by bundle",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // An owner applying an `edge` of only its own stage would unlink team
+    // b's: refused.
+    let only_a = a.bundle_of(
+        "edge",
+        "9.1",
+        &[("a-sampler", "sampler", 10, "team-a")],
+        true,
+    );
+    denied(
+        team_a.apply_bundle(apply(only_a)).await.unwrap_err(),
+        "owner unlinks another team's stage by bundle",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // ... nor replace it (a bundle can only name its own stages, and team b's
+    // own `edge` replacing b-lb would unlink a-sampler).
+    let only_b = a.bundle_of("edge", "9.2", &[("b-lb", "test_pass", 30, "team-b")], true);
+    denied(
+        team_b.apply_bundle(apply(only_b)).await.unwrap_err(),
+        "owner replaces its stage and unlinks another's by bundle",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // Shipping another team's stage is refused whatever the bundle does.
+    let ships_b = a.bundle_of(
+        "edge",
+        "9.3",
+        &[
+            ("a-sampler", "sampler", 10, "team-a"),
+            ("b-lb", "test_pass", 30, "team-b"),
+        ],
+        true,
+    );
+    denied(
+        team_a.apply_bundle(apply(ships_b)).await.unwrap_err(),
+        "owner ships another team's stage",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // RemoveBundle by a reader or by one of the two teams: refused.
+    denied(
+        mon.remove_bundle(remove("edge")).await.unwrap_err(),
+        "reader removes",
+    );
+    denied(
+        team_a.remove_bundle(remove("edge")).await.unwrap_err(),
+        "owner removes a bundle with another team's stage",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // Rollback is an apply: the reader cannot roll `edge` back either.
+    denied(
+        mon.rollback(pb::RollbackRequest {
+            name: "edge".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+        "reader rolls back",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+
+    // A team's own bundle: it links, replaces and unlinks its own stages.
+    let mine =
+        |v: &str, stages: &[(&str, &str, i32, &str)]| a.bundle_of("team-a-edge", v, stages, true);
+    team_a
+        .apply_bundle(apply(mine("1", &[("a-x", "test_pass", 5, "team-a")])))
+        .await
+        .expect("owner links its own stage");
+    team_a
+        .apply_bundle(apply(mine("2", &[("a-x", "ddos", 5, "team-a")])))
+        .await
+        .expect("owner replaces its own stage");
+    let k = kernel(&mut ops, r.clone()).await.expect("rootlet");
+    assert!(k.1.contains(&("a-x".into(), "team-a".into(), digest_of("ddos"))));
+    // A reader and the other team may not make it unlink a-x.
+    let other = a.bundle_of("team-a-edge", "3", &[], true);
+    denied(
+        mon.apply_bundle(apply(other.clone())).await.unwrap_err(),
+        "reader unlinks by another's bundle",
+    );
+    denied(
+        team_b.apply_bundle(apply(other.clone())).await.unwrap_err(),
+        "owner unlinks another team's stage by its bundle",
+    );
+    let unchanged = kernel(&mut ops, r.clone()).await;
+    assert_eq!(unchanged.as_ref().map(|k| &k.1), Some(&k.1));
+    team_a
+        .apply_bundle(apply(other))
+        .await
+        .expect("owner unlinks its own stage");
+    let k = kernel(&mut ops, r.clone()).await;
+    assert_eq!(
+        stages(&k),
+        Some(vec!["a-sampler".to_owned(), "b-lb".to_owned()])
+    );
+
+    // Loading a rootlet is the admin's: an owner's bundle for an interface
+    // without one is refused, and no rootlet appears.
+    let second = VethPair::new().expect("second veth pair");
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        second.host_if(),
+        second.host().path().display()
+    );
+    let loads = a.bundle_for(
+        "team-a-far",
+        "1",
+        &targets,
+        &[("a-far", "test_pass", 5, "team-a")],
+        true,
+    );
+    denied(
+        team_a.apply_bundle(apply(loads)).await.unwrap_err(),
+        "owner loads a rootlet by bundle",
+    );
+    let listed = ops
+        .list_rootlets(pb::ListRootletsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.rootlets.len(), 1, "no rootlet was loaded");
+
+    // The admin may do all of it; the teams' stages are the bundle's to
+    // remove, and the rootlet (loaded by hand) stays.
+    ops.remove_bundle(remove("edge"))
+        .await
+        .expect("admin removes");
+    let k = kernel(&mut ops, r.clone()).await;
+    assert_eq!(stages(&k), Some(vec![]));
 }

@@ -72,6 +72,7 @@ pub fn status(e: &AgentError) -> Status {
             version,
             rootlet,
             source,
+            unrestored,
         } => {
             // The cause's code and details, with the bundle named.
             let inner = status(source);
@@ -83,6 +84,10 @@ pub fn status(e: &AgentError) -> Status {
             meta.insert("bundle".into(), name.clone());
             meta.insert("version".into(), version.clone());
             meta.insert("rootlet".into(), rootlet.clone());
+            if !unrestored.is_empty() {
+                let which: Vec<&str> = unrestored.iter().map(|(k, _)| k.as_str()).collect();
+                meta.insert("unrestored".into(), which.join(","));
+            }
             let reason = details
                 .error_info()
                 .map(|i| i.reason.clone())
@@ -93,6 +98,15 @@ pub fn status(e: &AgentError) -> Status {
         AgentError::Conflict(_) => {
             d.add_precondition_failure_violation("STAGE_OWNERSHIP", "stage", msg.clone());
             info(&mut d, "STAGE_NOT_MANAGED_BY_BUNDLE", &[]);
+            Code::FailedPrecondition
+        }
+        AgentError::NotCurrent { name, current, .. } => {
+            d.add_precondition_failure_violation("BUNDLE_VERSION", name.clone(), msg.clone());
+            info(
+                &mut d,
+                "BUNDLE_NOT_CURRENT",
+                &[("bundle", name.clone()), ("current", current.clone())],
+            );
             Code::FailedPrecondition
         }
         AgentError::NothingToRollBack(_) => {
