@@ -115,6 +115,10 @@ pub enum BundleCmd {
     },
     /// Show what a bundle holds.
     Inspect { bundle: PathBuf },
+    /// Remove a bundle from the fleet, by name, with the same plan, waves
+    /// and gates as a rollout (rolled back, by applying each host's
+    /// previous version again, if it stops).
+    Remove(RemoveArgs),
     /// Generate an ed25519 key pair (PEM).
     Keygen {
         #[arg(long)]
@@ -192,6 +196,25 @@ pub struct StartArgs {
     /// The signed bundle (`rootletctl bundle build --key ...`).
     #[arg(long, short = 'b')]
     pub bundle: PathBuf,
+    /// Label selector: `role=edge,zone!=c,canary` (all terms must hold).
+    #[arg(long, short = 'l', default_value = "")]
+    pub selector: String,
+    #[command(flatten)]
+    pub journal: JournalArg,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct RemoveArgs {
+    /// The bundle's name (as in its manifest).
+    pub name: String,
+    #[arg(long, short = 'i')]
+    pub inventory: PathBuf,
+    #[arg(long, short = 'p')]
+    pub plan: PathBuf,
     /// Label selector: `role=edge,zone!=c,canary` (all terms must hold).
     #[arg(long, short = 'l', default_value = "")]
     pub selector: String,
@@ -315,6 +338,7 @@ fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
 /// Runs one command; returns the exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
+        Command::Bundle(BundleCmd::Remove(a)) => remove(a).await,
         Command::Bundle(b) => bundle(b),
         Command::Rollout(r) => rollout_cmd(r).await,
         Command::Status(s) => status_cmd(s).await,
@@ -418,6 +442,9 @@ fn bundle(cmd: BundleCmd) -> i32 {
         BundleCmd::Verify { bundle, trusted } => bundle_cmd::verify(&bundle, &trusted),
         BundleCmd::Inspect { bundle } => bundle_cmd::inspect(&bundle),
         BundleCmd::Keygen { private, public } => bundle_cmd::keygen(&private, &public),
+        BundleCmd::Remove(_) => {
+            return fail(EXIT_FAILED, "bundle remove runs as a rollout");
+        }
     };
     match r {
         Ok(text) => {
@@ -609,7 +636,7 @@ fn take_over_engine(path: &Path, output: Output) -> Result<(JournalLock, rollout
         return Err(Outcome::of(j.state).map_or(EXIT_OK, Outcome::exit_code));
     }
     let bundle = match rollout::bundle_of(&j) {
-        Ok(b) => Some(b),
+        Ok(b) => b,
         Err(e) => return Err(fail(EXIT_USAGE, e)),
     };
     let engine = rollout::engine_for(path, j, bundle, mode(output)).map_err(rollout_error)?;
@@ -744,6 +771,79 @@ async fn start(a: StartArgs) -> i32 {
         }
     }
     let engine = match rollout::engine_for(&path, j, Some(req.bundle.bytes.clone()), m) {
+        Ok(e) => e,
+        Err(e) => return rollout_error(e),
+    };
+    let code = drive(engine, a.output, t0).await;
+    drop(lock);
+    code
+}
+
+/// `bundle remove`: a rollout whose push is RemoveBundle, through the same
+/// engine (plan, waves, gates, journal, rollback, operator commands).
+async fn remove(a: RemoveArgs) -> i32 {
+    let t0 = Instant::now();
+    let selector = match Selector::parse(&a.selector) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let inv = match Inventory::load(&a.inventory) {
+        Ok(i) => i,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let plan = match Plan::load(&a.plan) {
+        Ok(p) => p,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    if a.name.trim().is_empty() {
+        return fail(EXIT_USAGE, "the bundle name is empty");
+    }
+    let hosts = inv.select(&selector);
+    if hosts.is_empty() {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "the selector {selector} matches none of the {} hosts of {}",
+                inv.hosts.len(),
+                a.inventory.display()
+            ),
+        );
+    }
+    let path = a.journal.journal.clone();
+    let lock = match JournalLock::acquire(&path) {
+        Ok(l) => l,
+        Err(e) => return rollout_error(e.into()),
+    };
+    let req = rollout::RemoveRequest {
+        hosts,
+        selector: a.selector.trim().to_string(),
+        plan,
+        name: a.name.trim().to_string(),
+        journal: path.clone(),
+        transport: a.transport.options(),
+    };
+    let j = match rollout::plan_remove(&req) {
+        Ok(Start::New(j)) => {
+            if let Err(e) = control::reset(&path) {
+                return fail(EXIT_FAILED, e);
+            }
+            j
+        }
+        Ok(Start::Resume(j)) => j,
+        Err(e) => return rollout_error(e),
+    };
+    let m = mode(a.output);
+    if m != Mode::Quiet {
+        println!(
+            "removal {}: bundle {} from {} hosts in {} steps; journal {}",
+            j.rollout_id,
+            j.bundle.name,
+            j.hosts.len(),
+            j.steps.len(),
+            path.display()
+        );
+    }
+    let engine = match rollout::engine_for(&path, j, None, m) {
         Ok(e) => e,
         Err(e) => return rollout_error(e),
     };

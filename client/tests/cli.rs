@@ -75,6 +75,35 @@ fn bundle_rollout_status_and_exit_codes() {
         ctl(&["bundle", "build", s(&d.join("bad.toml"))]),
         EXIT_USAGE
     );
+    // An object outside the manifest's directory: refused, unless named.
+    let sub = d.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    let outside = sub.join("outside.toml");
+    std::fs::write(
+        &outside,
+        std::fs::read_to_string(&m1)
+            .unwrap()
+            .replace("\"sampler.o\"", "\"../sampler.o\""),
+    )
+    .unwrap();
+    let out = d.join("outside.rlb");
+    assert_eq!(
+        ctl(&["bundle", "build", s(&outside), "-o", s(&out)]),
+        EXIT_USAGE
+    );
+    assert!(!out.exists());
+    assert_eq!(
+        ctl(&[
+            "bundle",
+            "build",
+            s(&outside),
+            "-o",
+            s(&out),
+            "--allow-object",
+            s(&d.join("sampler.o"))
+        ]),
+        EXIT_OK
+    );
 
     // Inventory and plan.
     let mut inv = String::new();
@@ -192,6 +221,27 @@ fn bundle_rollout_status_and_exit_codes() {
         ctl(&["rollout", "status", "-j", s(&journal)]),
         EXIT_ROLLED_BACK
     );
+
+    // `bundle remove` with the same plan: no host runs edge afterwards.
+    let removal = d.join("rm.json");
+    assert_eq!(
+        ctl(&[
+            "bundle",
+            "remove",
+            "edge",
+            "-i",
+            s(&inventory),
+            "-p",
+            s(&plan),
+            "-j",
+            s(&removal),
+            "--rpc-timeout",
+            "2s",
+        ]),
+        EXIT_OK
+    );
+    assert!(agents.iter().all(|a| a.agent.stages_of("rl0").is_none()));
+    assert_eq!(ctl(&["status", "-i", s(&inventory)]), EXIT_OK);
 
     // A host that does not answer: status says so (exit 1).
     agents[2].agent.set_silent(true);

@@ -559,3 +559,86 @@ async fn operator_pause_holds_the_next_step_until_resume() {
     assert!(jf.journal.events.iter().any(|e| e.message == "resumed"));
     assert_eq!(fleet.versions(), vec![Some("v1".into()); 3]);
 }
+
+async fn remove(fleet: &Fleet, plan: &str, journal: &Path) -> (Outcome, JournalFile) {
+    let req = rollout::RemoveRequest {
+        hosts: fleet.hosts(),
+        selector: String::new(),
+        plan: Plan::parse(plan, "plan.toml").unwrap(),
+        name: "edge".into(),
+        journal: journal.to_path_buf(),
+        transport: opts(),
+    };
+    let j = match rollout::plan_remove(&req).unwrap() {
+        Start::New(j) | Start::Resume(j) => j,
+    };
+    let engine = rollout::engine_for(journal, j, None, Mode::Quiet).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), engine.run())
+        .await
+        .expect("the removal ends within a minute")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_remove_runs_as_a_rollout_and_rolls_back_like_one() {
+    let fleet = Fleet::new(4, 0).await;
+    fleet.agents[0]
+        .agent
+        .add_foreign_stage("rl0", "team_fw", "fw", 1);
+    let v1 = fleet.bundle("v1", false);
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &v1,
+        &fleet.path("v1.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+
+    // Aborted while it waits after its canary: the canary gets v1 back.
+    let j = fleet.path("rm.json");
+    let plan = "canary = { hosts = 1, pause = \"30s\" }\n";
+    let j2 = j.clone();
+    let aborter = tokio::spawn(async move {
+        let t0 = Instant::now();
+        while journal::read(&j2).map(|x| x.steps_done).unwrap_or(0) < 1 {
+            if t0.elapsed() > Duration::from_secs(20) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        control::request(&j2, control::Request::Abort).unwrap();
+    });
+    let (outcome, jf) = remove(&fleet, plan, &j).await;
+    aborter.await.unwrap();
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.stop);
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    assert_eq!(fleet.versions(), vec![Some("v1".into()); 4]);
+    assert_eq!(
+        fleet.agents[0].agent.stages_of("rl0"),
+        Some(vec!["team_fw".to_string(), "sampler".to_string()])
+    );
+
+    // To the end: no host runs edge; host 0 keeps the other team's stage.
+    let (outcome, jf) = remove(&fleet, "canary = { hosts = 1 }\n", &j).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert!(
+        jf.journal
+            .hosts
+            .iter()
+            .all(|h| h.state == HostState::Healthy && h.changed == journal::Changed::Yes)
+    );
+    assert_eq!(
+        fleet.agents[0].agent.stages_of("rl0"),
+        Some(vec!["team_fw".to_string()])
+    );
+    assert!(
+        fleet.agents[1..]
+            .iter()
+            .all(|a| a.agent.stages_of("rl0").is_none())
+    );
+    // Undo puts v1 back everywhere.
+    let (outcome, _, _) = rollout::undo(&j, Mode::Quiet).await.unwrap();
+    assert_eq!(outcome, Outcome::Undone);
+    assert_eq!(fleet.versions(), vec![Some("v1".into()); 4]);
+}

@@ -224,7 +224,7 @@ async fn a_silent_host_counts_against_max_unavailable_and_an_interrupted_rollout
 
     // 1. Host 6 (in the last wave) stops answering once the canary is
     // healthy: it is counted against max_unavailable = 1, and the rollout
-    // completes without it.
+    // completes without it, as INCOMPLETE (exit 4): host 6 is not on 1.0.0.
     let req = request(&fleet, PLAN, &v1, &j);
     let Start::New(jn) = rollout::plan_start(&req).expect("journal") else {
         panic!("a new rollout")
@@ -246,7 +246,8 @@ async fn a_silent_host_counts_against_max_unavailable_and_an_interrupted_rollout
         .expect("the rollout ends")
         .expect("no panic")
         .expect("journal written");
-    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert_eq!(outcome, Outcome::Incomplete, "{:?}", jf.journal.stop);
+    assert_eq!(outcome.exit_code(), 4);
     assert_eq!(jf.journal.hosts[6].state, HostState::Unreachable);
     assert!(
         jf.journal.hosts[6].detail.contains("DEADLINE_EXCEEDED"),
@@ -617,6 +618,34 @@ async fn a_first_install_rolled_back_or_aborted_leaves_hosts_without_the_bundle(
         assert!(
             fleet.traffic_flows(i, 50).expect("traffic"),
             "host {i} passes traffic after the abort"
+        );
+    }
+
+    // 3. On purpose: edge everywhere, then `bundle remove edge` through the
+    // same engine and plan; every host is back to what it was, host 0 with
+    // its other team's stage.
+    let (outcome, jf) = run(&fleet, SMALL_PLAN, &v1, &journal_path(&fleet, "v1.json")).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    let j = journal_path(&fleet, "remove.json");
+    let req = rollout::RemoveRequest {
+        hosts: fleet.inventory(),
+        selector: String::new(),
+        plan: Plan::parse(SMALL_PLAN, "plan.toml").expect("plan"),
+        name: "edge".into(),
+        journal: j.clone(),
+        transport: transport(),
+    };
+    let Start::New(jn) = rollout::plan_remove(&req).expect("journal") else {
+        panic!("a new removal")
+    };
+    let engine = rollout::engine_for(&j, jn, None, Mode::Lines).expect("engine");
+    let (outcome, jf) = join(tokio::spawn(engine.run())).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.hosts);
+    assert_eq!(stages(&fleet).await, fw_only);
+    for i in 0..SMALL_HOSTS {
+        assert!(
+            fleet.traffic_flows(i, 50).expect("traffic"),
+            "host {i} passes traffic after the removal"
         );
     }
 }

@@ -15,11 +15,17 @@
 //! 4. the step's hosts are healthy; the plan's pause follows.
 //!
 //! Hosts that do not answer are marked unreachable and count against
-//! `max_unavailable`. A failed gate, too many unreachable hosts, a step
-//! over its progress deadline, an operator abort or a pause that waited
-//! longer than `pause_timeout` stops the rollout: every host it changed
-//! goes back to its previous version (`ApplyBundle` by that digest; the
-//! agent keeps the last versions), and the journal says exactly why.
+//! `max_unavailable`; after the last step they are tried once more, and a
+//! rollout that still skipped some ends incomplete. A push whose outcome
+//! is unknown (a dropped connection, no answer) is settled by asking the
+//! agent what the call with its idempotency key did. A failed gate, too
+//! many unreachable hosts, a step over its progress deadline, an operator
+//! abort or a pause that waited longer than `pause_timeout` stops the
+//! rollout: every host it changed goes back to its previous version
+//! (`ApplyBundle` by that digest; the agent keeps the last versions), or,
+//! after a first install, loses the bundle (`RemoveBundle`), and the
+//! journal says exactly why. For `bundle remove` the push is
+//! `RemoveBundle` and the rest is the same.
 //!
 //! The engine owns the journal; host work runs concurrently (bounded by
 //! the transport's concurrency) and only returns results, which this loop
@@ -42,8 +48,8 @@ use super::{
     control::{Control, POLL_INTERVAL},
     gates::{self, by_id, by_interface, short},
     journal::{
-        Changed, GateResult, HostState, JournalError, JournalFile, RolloutState, Sample, StopKind,
-        StopReason, Verdict, Version, now_ms,
+        Action, Changed, GateResult, HostState, JournalError, JournalFile, RolloutState, Sample,
+        StopKind, StopReason, Verdict, Version, now_ms,
     },
     progress::Progress,
 };
@@ -287,10 +293,13 @@ impl Engine {
             Outcome::Succeeded
         } else {
             self.jf.journal.state = RolloutState::Incomplete;
+            let not_done = match self.jf.journal.action {
+                Action::Apply => format!("not on {}", self.jf.journal.bundle.version),
+                Action::Remove => format!("may still run `{}`", self.jf.journal.bundle.name),
+            };
             let msg = format!(
-                "incomplete: {} skipped, not on {} ({}); `rollout resume` tries them again",
+                "incomplete: {} skipped, {not_done} ({}); `rollout resume` tries them again",
                 plural(skipped.len(), "host"),
-                self.jf.journal.bundle.version,
                 skipped.join(", ")
             );
             self.ui.line(msg.clone());
@@ -876,11 +885,14 @@ impl Engine {
         if todo.is_empty() {
             return Ok(None);
         }
-        let Some(bundle) = self.bundle.clone() else {
+        let removing = self.jf.journal.action == Action::Remove;
+        let bundle = self.bundle.clone();
+        if bundle.is_none() && !removing {
             let msg =
                 format!("{label}: the bundle file is not available, so nothing can be pushed");
             return Ok(Some(self.stop(StopKind::Gate, Some(s), None, msg)));
-        };
+        }
+        let name = self.jf.journal.bundle.name.clone();
         let fleet = self.fleet.clone();
         let digest = self.jf.journal.bundle.digest.clone();
         let rollout = self.jf.journal.rollout_id.clone();
@@ -907,6 +919,7 @@ impl Engine {
         let mut results = stream::iter(jobs)
             .map(|(i, previous)| {
                 let targets = &targets;
+                let name = &name;
                 let fleet = &fleet;
                 let bundle = &bundle;
                 let digest = &digest;
@@ -919,10 +932,27 @@ impl Engine {
                     if stopping.load(Ordering::Relaxed) || control.borrow().abort {
                         return (i, None);
                     }
-                    let was_new = previous.as_ref().is_none_or(|p| p.digest != *digest);
-                    let work = push_host(
-                        fleet, i, bundle, digest, rollout, step_name, was_new, targets,
-                    );
+                    // Whether this push changes the host: a new digest, or a
+                    // bundle there is to remove.
+                    let was_new = if removing {
+                        previous.is_some()
+                    } else {
+                        previous.as_ref().is_none_or(|p| p.digest != *digest)
+                    };
+                    let work = async {
+                        match bundle {
+                            Some(bundle) if !removing => {
+                                push_host(
+                                    fleet, i, bundle, digest, rollout, step_name, was_new, targets,
+                                )
+                                .await
+                            }
+                            _ => {
+                                remove_host(fleet, i, name, previous.as_ref(), rollout, step_name)
+                                    .await
+                            }
+                        }
+                    };
                     let r = match tokio::time::timeout(deadline, work).await {
                         Ok(r) => r,
                         Err(_) => Pushed::Unreachable(
@@ -961,7 +991,11 @@ impl Engine {
                     h.set(HostState::Pushed, "");
                 }
                 Pushed::Nack(e) => {
-                    let msg = format!("the agent did not apply the bundle: {e}");
+                    let msg = if removing {
+                        format!("the agent did not remove the bundle: {e}")
+                    } else {
+                        format!("the agent did not apply the bundle: {e}")
+                    };
                     self.ui.line(format!("{}: {msg}", h.host.name));
                     h.set(HostState::Failed, msg.clone());
                     if apply_gate {
@@ -1078,6 +1112,7 @@ impl Engine {
         let fleet = self.fleet.clone();
         let plan = self.jf.journal.plan.clone();
         let digest = self.jf.journal.bundle.digest.clone();
+        let removing = self.jf.journal.action == Action::Remove;
         let recs: Vec<(usize, super::journal::HostRecord)> = todo
             .iter()
             .filter_map(|&i| self.jf.journal.hosts.get(i).map(|h| (i, h.clone())))
@@ -1091,7 +1126,7 @@ impl Engine {
                 let digest = &digest;
                 async move {
                     let _slot = fleet.permit().await;
-                    let work = gates::evaluate(fleet, i, &rec, plan, digest, last);
+                    let work = gates::evaluate(fleet, i, &rec, plan, digest, removing, last);
                     (i, with_deadline(deadline, "gates", work).await)
                 }
             })
@@ -1277,6 +1312,55 @@ where
         message: "no attempt made".into(),
         attempts: 0,
     }))
+}
+
+/// `bundle remove` on one host: RemoveBundle of `name` (only while it
+/// runs `previous`, what prepare saw), then the counters of what is left.
+async fn remove_host(
+    fleet: &Fleet,
+    i: usize,
+    name: &str,
+    previous: Option<&Version>,
+    rollout: &str,
+    step: &str,
+) -> Pushed {
+    let expected = previous.map(|p| p.digest.clone()).unwrap_or_default();
+    let req = pb::RemoveBundleRequest {
+        name: name.to_string(),
+        idempotency_key: idempotency_key("remove", &expected, rollout, step),
+        expected_digest: expected,
+    };
+    let reply = mutate(fleet, i, "RemoveBundle", |mut c, t| {
+        let req = req.clone();
+        async move { c.remove_bundle(request(req, t)).await }
+    })
+    .await;
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) if e.outcome_unknown() => return Pushed::Unreachable(e, Changed::Unknown),
+        Err(e) => return Pushed::Nack(e),
+    };
+    let rootlets: Vec<String> = reply
+        .rootlets
+        .iter()
+        .map(|r| r.rootlet_id.clone())
+        .collect();
+    let refs: Vec<pb::RootletRef> = rootlets.iter().map(|id| by_id(id)).collect();
+    match gates::sample(fleet, i, &refs).await {
+        Ok(post) => Pushed::Ok {
+            uploaded: false,
+            rootlets,
+            post,
+        },
+        Err(e) => Pushed::Unreachable(
+            e,
+            if previous.is_some() {
+                Changed::Yes
+            } else {
+                Changed::No
+            },
+        ),
+    }
 }
 
 /// What the agent says a call with an idempotency key did.

@@ -4,7 +4,8 @@
 //! - health: grpc.health.v1 `Check` of `rootlet.v1.Rootlet` is SERVING;
 //! - apply: every rootlet the bundle applied to still reports the new
 //!   digest and no per-stage drift (`GetApplyStatus`), so a NACK or a
-//!   change behind the rollout's back is caught;
+//!   change behind the rollout's back is caught; for `bundle remove`, no
+//!   rootlet still runs the version removed (or it is gone);
 //! - counters: per stage, `GetStats` now against the sample taken right
 //!   after the push (`post`), and for `drop_rate_change` against the
 //!   host's own drop rate before the change (between `baseline_start` and
@@ -250,6 +251,7 @@ pub async fn evaluate(
     rec: &HostRecord,
     plan: &Plan,
     digest: &str,
+    removing: bool,
     last: bool,
 ) -> Result<Vec<GateResult>, RpcError> {
     let mut out = Vec::new();
@@ -292,8 +294,24 @@ pub async fn evaluate(
                     ))
                     .await
                 })
-                .await?;
-            if st.applied_digest != digest {
+                .await;
+            let st = match st {
+                Ok(st) => st,
+                // Removing: the rootlet went with the bundle.
+                Err(e) if removing && e.code == Code::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if removing {
+                if let Some(prev) = &rec.previous
+                    && st.applied_digest == prev.digest
+                {
+                    bad.push(format!(
+                        "rootlet {id} still runs {} ({})",
+                        prev.version,
+                        short(&prev.digest)
+                    ));
+                }
+            } else if st.applied_digest != digest {
                 let last_attempt = st
                     .last_attempt
                     .map(|a| format!("; last attempt {} {}: {}", a.version, a.outcome, a.error))
@@ -326,7 +344,9 @@ pub async fn evaluate(
             value: None,
             max: None,
             packets: None,
-            detail: if bad.is_empty() {
+            detail: if bad.is_empty() && removing {
+                format!("{} rootlet(s) without the bundle", rec.rootlets.len())
+            } else if bad.is_empty() {
                 format!("{} rootlet(s) on {}", rec.rootlets.len(), short(digest))
             } else {
                 bad.join("; ")

@@ -341,11 +341,25 @@ pub struct BundleRef {
     pub targets: Vec<(String, String)>,
 }
 
+/// What a rollout does to each host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Apply the bundle (`ApplyBundle`).
+    #[default]
+    Apply,
+    /// Remove the bundle by name (`RemoveBundle`): `rootletctl bundle
+    /// remove`. The bundle has no file, version or digest then.
+    Remove,
+}
+
 /// The journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Journal {
     pub format: u32,
     pub rollout_id: String,
+    #[serde(default)]
+    pub action: Action,
     pub created_unix_ms: i64,
     pub updated_unix_ms: i64,
     pub bundle: BundleRef,
@@ -578,6 +592,7 @@ mod tests {
         Journal {
             format: FORMAT,
             rollout_id: "r1".into(),
+            action: Action::Apply,
             created_unix_ms: 1,
             updated_unix_ms: 1,
             bundle: BundleRef {
