@@ -874,7 +874,12 @@ async fn rollout_status(path: &Path, watch: bool, timeout: Duration, output: Out
                     print!("\x1b[2J\x1b[H");
                 }
                 print!("{}", summary::status_table(&j));
-                if !j.state.is_final() {
+                if j.state == journal::RolloutState::Incomplete {
+                    println!(
+                        "hosts were skipped: `rootletctl rollout resume --journal {}` tries them again",
+                        path.display()
+                    );
+                } else if !j.state.is_final() {
                     println!(
                         "{}",
                         if running {
