@@ -1462,3 +1462,148 @@ async fn every_change_a_bundle_makes_is_authorised_for_the_caller() {
     let k = kernel(&mut ops, r.clone()).await;
     assert_eq!(stages(&k), Some(vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apply_converges_on_the_kernel_and_drift_is_reported_per_stage() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let r = a.rootlet();
+    let v1 = a.bundle(
+        "1.0",
+        &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
+        true,
+    );
+    let r1 = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1")
+        .into_inner();
+    let expected = vec![
+        ("sampler".to_owned(), "ops".to_owned(), digest_of("sampler")),
+        ("ddos".to_owned(), "ops".to_owned(), digest_of("ddos")),
+    ];
+    let running = |k: Kernel| k.map(|k| k.1);
+    assert_eq!(
+        running(kernel(&mut ops, r.clone()).await),
+        Some(expected.clone())
+    );
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(
+        (s.bundle.as_str(), s.applied_version.as_str()),
+        ("edge", "1.0")
+    );
+    assert!(s.drift.is_empty(), "{:?}", s.drift);
+
+    // The admin replaces a bundle stage out of band: drift, per stage.
+    ops.replace_stage(pb::ReplaceStageRequest {
+        rootlet: r.clone(),
+        stage: Some(stage("ddos", "ddos_v2", 20)),
+        ..Default::default()
+    })
+    .await
+    .expect("out-of-band replace");
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(s.applied_version, "1.0");
+    assert_eq!(
+        s.drift
+            .iter()
+            .map(|d| (
+                d.stage.as_str(),
+                d.expected_digest.clone(),
+                d.running_digest.clone()
+            ))
+            .collect::<Vec<_>>(),
+        [("ddos", digest_of("ddos"), digest_of("ddos_v2"))],
+        "{:?}",
+        s.drift
+    );
+    // Re-applying the version converges instead of answering no-op.
+    let again = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1 again")
+        .into_inner();
+    assert!(!again.noop && again.rootlets[0].changed, "{again:?}");
+    assert_eq!(
+        running(kernel(&mut ops, r.clone()).await),
+        Some(expected.clone())
+    );
+    assert!(apply_status(&mut ops, r.clone(), "").await.drift.is_empty());
+    let again = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1 once more")
+        .into_inner();
+    assert!(again.noop, "now the kernel matches: {again:?}");
+
+    // A stage unlinked by hand: drift, and the same digest links it again.
+    ops.unlink_stage(pb::UnlinkStageRequest {
+        rootlet: r.clone(),
+        stage: "sampler".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unlink by hand");
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(
+        s.drift
+            .iter()
+            .map(|d| (d.stage.as_str(), d.running_digest.as_str()))
+            .collect::<Vec<_>>(),
+        [("sampler", "")]
+    );
+    let by_digest = ops
+        .apply_bundle(pb::ApplyBundleRequest {
+            source: Some(pb::apply_bundle_request::Source::Digest(r1.digest.clone())),
+            ..Default::default()
+        })
+        .await
+        .expect("by digest")
+        .into_inner();
+    assert!(!by_digest.noop, "{by_digest:?}");
+    assert_eq!(
+        running(kernel(&mut ops, r.clone()).await),
+        Some(expected.clone())
+    );
+    assert!(apply_status(&mut ops, r.clone(), "").await.drift.is_empty());
+
+    // A refused (NACKed) bundle is not kept.
+    let bad = a.bundle(
+        "2.0",
+        &[
+            ("sampler", "sampler", 10),
+            ("ddos", "ddos", 20),
+            ("bad", "test_bad_verifier", 30),
+        ],
+        true,
+    );
+    let bad_digest = rootlet_bundle::SignedBundle::from_bytes(&bad)
+        .expect("decode")
+        .bundle
+        .digest();
+    let mut req = apply(bad);
+    req.idempotency_key = "bad-1".into();
+    let err = ops.apply_bundle(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let has = ops
+        .has_bundle(pb::HasBundleRequest {
+            digest: bad_digest.clone(),
+        })
+        .await
+        .expect("has")
+        .into_inner();
+    assert!(!has.present, "the NACKed bundle was kept");
+    let s = apply_status(&mut ops, r.clone(), "bad-1").await;
+    let keyed = s.keyed_attempt.expect("the attempt of key bad-1");
+    assert_eq!(
+        (
+            keyed.version.as_str(),
+            keyed.outcome.as_str(),
+            &keyed.digest
+        ),
+        ("2.0", "nack", &bad_digest)
+    );
+    assert_eq!(s.applied_version, "1.0");
+    assert_eq!(running(kernel(&mut ops, r).await), Some(expected));
+}
