@@ -3,6 +3,7 @@
 //! a veth pair in fresh namespaces, with real packets.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddrV4,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -1606,4 +1607,265 @@ async fn an_apply_converges_on_the_kernel_and_drift_is_reported_per_stage() {
     );
     assert_eq!(s.applied_version, "1.0");
     assert_eq!(running(kernel(&mut ops, r).await), Some(expected));
+}
+
+/// Starts rootletd as a process with `env` set.
+fn rootletd_with(config: &Path, env: &[(&str, &str)]) -> std::process::Child {
+    let exe = std::env::current_exe().expect("exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("dir");
+    let mut cmd = std::process::Command::new(dir.join("rootletd"));
+    cmd.arg("--config").arg(config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .expect("spawn rootletd (cargo build -p rootlet-server)")
+}
+
+/// Waits, bounded, until the rootletd at `addr` serves; then an ops client.
+async fn serving(addr: &str, a: &Agent) -> RootletClient<Channel> {
+    let end = Instant::now() + Duration::from_secs(60);
+    while health(addr, a).await != Some(1) {
+        assert!(Instant::now() < end, "rootletd at {addr} never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
+        .domain_name("localhost")
+        .identity({
+            let c = a.pki.client("ops");
+            Identity::from_pem(c.cert_pem, c.key_pem)
+        });
+    let ch = Channel::from_shared(addr.to_owned())
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .expect("connect");
+    RootletClient::new(ch)
+}
+
+/// Waits (bounded) for `child` to exit; SIGTERM first if `term`.
+async fn exited(child: &mut std::process::Child, term: bool) -> std::process::ExitStatus {
+    if term {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("rootletd did not exit");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What an apply status says the kernel runs: the applied version's stages
+/// (stage → object digest) with its drift applied.
+fn said(status: &pb::ApplyStatus, versions: &[(&str, &[(&str, &str)])]) -> Vec<(String, String)> {
+    let mut stages: BTreeMap<String, String> = versions
+        .iter()
+        .find(|(v, _)| *v == status.applied_version)
+        .map(|(_, s)| {
+            s.iter()
+                .map(|(stage, object)| ((*stage).to_owned(), digest_of(object)))
+                .collect()
+        })
+        .unwrap_or_default();
+    for d in &status.drift {
+        if d.running_digest.is_empty() {
+            stages.remove(&d.stage);
+        } else {
+            stages.insert(d.stage.clone(), d.running_digest.clone());
+        }
+    }
+    stages.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let mut a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let v1_stages: &[(&str, &str)] = &[("sampler", "sampler"), ("ddos", "ddos")];
+    // v2 replaces sampler's object, unlinks ddos and links lb.
+    let v2_stages: &[(&str, &str)] = &[("sampler", "test_pass"), ("lb", "l4lb")];
+    let versions = [("1.0", v1_stages), ("2.0", v2_stages)];
+    let v1 = a.bundle(
+        "1.0",
+        &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
+        true,
+    );
+    let v2 = a.bundle(
+        "2.0",
+        &[("sampler", "test_pass", 10), ("lb", "l4lb", 30)],
+        true,
+    );
+    ops.apply_bundle(apply(v1.clone())).await.expect("v1");
+    drop(ops);
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let kernel_of = |k: Kernel| -> Vec<(String, String)> {
+        let mut s: Vec<_> = k
+            .expect("the rootlet survives")
+            .1
+            .into_iter()
+            .map(|(stage, _, digest)| (stage, digest))
+            .collect();
+        s.sort();
+        s
+    };
+    let as_kernel = |stages: &[(&str, &str)]| -> Vec<(String, String)> {
+        let mut s: Vec<_> = stages
+            .iter()
+            .map(|(stage, object)| ((*stage).to_owned(), digest_of(object)))
+            .collect();
+        s.sort();
+        s
+    };
+
+    // Traffic through the rootlet the whole time.
+    let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
+    let frame =
+        a.f.pair
+            .udp_to_host(40000, 6200, seq_payload(1, 64))
+            .to_bytes();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(600);
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                if raw.send(&frame).is_ok() {
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+    let steps = [
+        "store-pending",
+        "rootlet-loaded",
+        "stage-attached",
+        "built",
+        "swapped",
+        "store-committed",
+        "released",
+        "bundle-pending",
+        "bundle-rootlet-committed",
+        "bundle-committed",
+        "bundle-status-written",
+    ];
+    let mut crashes = 0;
+    for step in steps {
+        let mut child = rootletd_with(&path, &[("ROOTLETD_CRASH_AT", step)]);
+        let mut c = serving(&addr, &a).await;
+        let mut req = apply(v2.clone());
+        req.idempotency_key = format!("crash-{step}");
+        let answer = c.apply_bundle(req).await;
+        drop(c);
+        let crashed = answer.is_err();
+        let status = exited(&mut child, !crashed).await;
+        if crashed {
+            crashes += 1;
+            assert!(
+                !status.success(),
+                "{step}: the call failed, the agent aborted"
+            );
+        }
+
+        // After the restart, the status says what the kernel runs.
+        let mut child = rootletd_with(&path, &[]);
+        let mut c = serving(&addr, &a).await;
+        let running = kernel_of(kernel(&mut c, a.rootlet()).await);
+        assert!(
+            running == as_kernel(v1_stages) || running == as_kernel(v2_stages),
+            "{step}: the kernel runs a mix: {running:?}"
+        );
+        let s = apply_status(&mut c, a.rootlet(), &format!("crash-{step}")).await;
+        let mut told = said(&s, &versions);
+        told.sort();
+        assert_eq!(
+            told, running,
+            "{step} (crashed: {crashed}): the status ({} with drift {:?}) disagrees with the kernel",
+            s.applied_version, s.drift
+        );
+        if running == as_kernel(v2_stages) {
+            assert_eq!(
+                s.applied_version, "2.0",
+                "{step}: the kernel runs 2.0 exactly"
+            );
+            let keyed = s.keyed_attempt.expect("the keyed attempt is known");
+            assert_eq!(keyed.outcome, "ack", "{step}");
+        }
+        // Re-applying converges, whatever the crash left.
+        let again = c
+            .apply_bundle(apply(v2.clone()))
+            .await
+            .expect("re-apply 2.0")
+            .into_inner();
+        assert_eq!(again.version, "2.0");
+        assert_eq!(
+            kernel_of(kernel(&mut c, a.rootlet()).await),
+            as_kernel(v2_stages),
+            "{step}: converged on 2.0"
+        );
+        let s = apply_status(&mut c, a.rootlet(), "").await;
+        assert!(
+            s.applied_version == "2.0" && s.drift.is_empty(),
+            "{step}: {s:?}"
+        );
+        // And back to 1.0 for the next step.
+        c.apply_bundle(apply(v1.clone()))
+            .await
+            .expect("back to 1.0");
+        assert_eq!(
+            kernel_of(kernel(&mut c, a.rootlet()).await),
+            as_kernel(v1_stages)
+        );
+        drop(c);
+        assert!(
+            exited(&mut child, true).await.success(),
+            "{step}: clean exit"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = traffic.join().expect("traffic");
+    assert!(sent > 100, "traffic flowed: {sent} frames");
+    assert!(crashes >= 9, "the agent crashed at {crashes} of the steps");
 }
