@@ -1870,3 +1870,220 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
     assert!(sent > 100, "traffic flowed: {sent} frames");
     assert!(crashes >= 9, "the agent crashed at {crashes} of the steps");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let second = VethPair::new().expect("second veth pair");
+    let r2 = Some(pb::RootletRef {
+        r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
+            netns: second.host().path().display().to_string(),
+            ifname: second.host_if().into(),
+        })),
+    });
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n\
+         [[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        a.f.pair.host_if(),
+        a.f.netns_path().display(),
+        second.host_if(),
+        second.host().path().display()
+    );
+    // The second rootlet, which the apply changes second, fails: its
+    // expected generation is wrong.
+    let second_id = format!(
+        "netns:{}/if:{}",
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(second.host().path()).expect("netns")
+        ),
+        second.host_ifindex()
+    );
+    let failing_on_2 = |bytes: Vec<u8>| pb::ApplyBundleRequest {
+        expected_generations: [(second_id.clone(), 999)].into_iter().collect(),
+        ..apply(bytes)
+    };
+
+    // A first install over two rootlets that fails on the second: the first
+    // rootlet, which the apply loaded, is unloaded again; nothing is left.
+    let first = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[("sampler", "sampler", 10, "ops")],
+        true,
+    );
+    let err = ops.apply_bundle(failing_on_2(first)).await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
+        "{err:?}"
+    );
+    assert!(
+        err.message()
+            .contains("every rootlet keeps its previous version"),
+        "{err:?}"
+    );
+    assert_eq!(kernel(&mut ops, a.rootlet()).await, None, "unloaded again");
+    assert_eq!(kernel(&mut ops, r2.clone()).await, None);
+    assert!(a.f.pins().is_empty(), "{:?}", a.f.pins());
+
+    // 1.0 on both; then team a links its own stage on the first rootlet.
+    let v1 = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    );
+    ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
+    team_a
+        .link_stage(link(a.rootlet(), stage("a-mine", "test_pass", 5)))
+        .await
+        .expect("team a's stage");
+    let before1 = kernel(&mut ops, a.rootlet()).await;
+    let before2 = kernel(&mut ops, r2.clone()).await;
+
+    // 2.0 replaces sampler, unlinks ddos and links lb on the first rootlet,
+    // then fails on the second: the first gets exactly the inverse.
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    );
+    let err = ops.apply_bundle(failing_on_2(v2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let stages_of = |k: &Kernel| k.as_ref().map(|k| k.1.clone());
+    assert_eq!(
+        stages_of(&kernel(&mut ops, a.rootlet()).await),
+        stages_of(&before1),
+        "the first rootlet runs exactly what it ran, team a's stage included"
+    );
+    assert_eq!(
+        stages_of(&kernel(&mut ops, r2.clone()).await),
+        stages_of(&before2)
+    );
+    for r in [a.rootlet(), r2] {
+        let s = apply_status(&mut ops, r, "").await;
+        assert_eq!(s.applied_version, "1.0");
+        assert!(s.drift.is_empty(), "{:?}", s.drift);
+        let last = s.last_attempt.expect("attempt");
+        assert_eq!(
+            (last.version.as_str(), last.outcome.as_str()),
+            ("2.0", "nack")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
+    let mut a = Agent::start().await;
+    let second = VethPair::new().expect("second veth pair");
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n\
+         [[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        a.f.pair.host_if(),
+        a.f.netns_path().display(),
+        second.host_if(),
+        second.host().path().display()
+    );
+    {
+        let mut ops = a.client("ops").await;
+        let v1 = a.bundle_for(
+            "edge",
+            "1.0",
+            &targets,
+            &[("sampler", "sampler", 10, "ops")],
+            true,
+        );
+        ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    // A rootletd that pauses after each rootlet of an apply is committed.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+    let mut child = rootletd_with(&path, &[("ROOTLETD_PAUSE_AT", "bundle-rootlet-committed")]);
+    let mut ops = serving(&addr, &a).await;
+    let before = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
+
+    // 2.0 adds lb on both rootlets and fails on the second (its expected
+    // generation is wrong).
+    let second_id = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: Some(pb::RootletRef {
+                r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
+                    netns: second.host().path().display().to_string(),
+                    ifname: second.host_if().into(),
+                })),
+            }),
+        })
+        .await
+        .expect("second rootlet")
+        .into_inner()
+        .id;
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[("sampler", "sampler", 10, "ops"), ("lb", "l4lb", 30, "ops")],
+        true,
+    );
+    let mut applier = ops.clone();
+    let apply_v2 = tokio::spawn(async move {
+        applier
+            .apply_bundle(pb::ApplyBundleRequest {
+                expected_generations: [(second_id, 999)].into_iter().collect(),
+                ..apply(v2)
+            })
+            .await
+    });
+    // While the agent pauses after the first rootlet, another change links
+    // a stage there.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
+        if now.0 > before.0 {
+            break;
+        }
+        assert!(Instant::now() < end, "the first rootlet never changed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ops.link_stage(link(a.rootlet(), stage("late", "test_pass", 5)))
+        .await
+        .expect("a stage linked meanwhile");
+    let err = tokio::time::timeout(Duration::from_secs(60), apply_v2)
+        .await
+        .expect("the apply ends")
+        .expect("task")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let (_, after) = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
+    let mut names: Vec<&str> = after.iter().map(|s| s.0.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["late", "sampler"],
+        "lb undone, the stage linked meanwhile kept"
+    );
+    drop(ops);
+    assert!(exited(&mut child, true).await.success(), "clean exit");
+}
