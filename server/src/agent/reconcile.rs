@@ -30,7 +30,25 @@ impl Agent {
             if pending.loads {
                 status.loaded_by = Some(pending.bundle.clone());
             }
-            let ran = self.settle(key, &mut status, &pending)?;
+            let ran = match self.settle(key, &mut status, &pending) {
+                Ok(ran) => ran,
+                Err(e) => {
+                    // Adoption must not fail on it: record that it could not
+                    // be settled; the status's drift still reads the kernel.
+                    tracing::error!(rootlet = %key, error = %e, "cannot settle an interrupted apply");
+                    status.attempted(Attempt {
+                        version: pending.version.clone(),
+                        digest: pending.digest.clone(),
+                        outcome: "nack".into(),
+                        error: format!(
+                            "interrupted by a restart of the agent, and cannot be settled: {e}"
+                        ),
+                        at_unix_ms: unix_ms(SystemTime::now()),
+                        idempotency_key: pending.idempotency_key.clone(),
+                    });
+                    false
+                }
+            };
             tracing::warn!(
                 rootlet = %key,
                 bundle = %pending.bundle,
