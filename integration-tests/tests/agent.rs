@@ -3,6 +3,7 @@
 //! a veth pair in fresh namespaces, with real packets.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddrV4,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -775,8 +776,9 @@ async fn oversized_truncated_and_malformed_requests_change_nothing() {
     let mut big = stage("big", "test_pass", 2);
     big.object = vec![0x7f; 2 << 20];
     let err = ops.link_stage(link(r.clone(), big)).await.unwrap_err();
-    assert!(
-        matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange),
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
         "oversized: {err:?}"
     );
 
@@ -1461,4 +1463,627 @@ async fn every_change_a_bundle_makes_is_authorised_for_the_caller() {
         .expect("admin removes");
     let k = kernel(&mut ops, r.clone()).await;
     assert_eq!(stages(&k), Some(vec![]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apply_converges_on_the_kernel_and_drift_is_reported_per_stage() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let r = a.rootlet();
+    let v1 = a.bundle(
+        "1.0",
+        &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
+        true,
+    );
+    let r1 = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1")
+        .into_inner();
+    let expected = vec![
+        ("sampler".to_owned(), "ops".to_owned(), digest_of("sampler")),
+        ("ddos".to_owned(), "ops".to_owned(), digest_of("ddos")),
+    ];
+    let running = |k: Kernel| k.map(|k| k.1);
+    assert_eq!(
+        running(kernel(&mut ops, r.clone()).await),
+        Some(expected.clone())
+    );
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(
+        (s.bundle.as_str(), s.applied_version.as_str()),
+        ("edge", "1.0")
+    );
+    assert!(s.drift.is_empty(), "{:?}", s.drift);
+
+    // The admin replaces a bundle stage out of band: drift, per stage.
+    ops.replace_stage(pb::ReplaceStageRequest {
+        rootlet: r.clone(),
+        stage: Some(stage("ddos", "ddos_v2", 20)),
+        ..Default::default()
+    })
+    .await
+    .expect("out-of-band replace");
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(s.applied_version, "1.0");
+    assert_eq!(
+        s.drift
+            .iter()
+            .map(|d| (
+                d.stage.as_str(),
+                d.expected_digest.clone(),
+                d.running_digest.clone()
+            ))
+            .collect::<Vec<_>>(),
+        [("ddos", digest_of("ddos"), digest_of("ddos_v2"))],
+        "{:?}",
+        s.drift
+    );
+    // Re-applying the version converges instead of answering no-op.
+    let again = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1 again")
+        .into_inner();
+    assert!(!again.noop && again.rootlets[0].changed, "{again:?}");
+    assert_eq!(
+        running(kernel(&mut ops, r.clone()).await),
+        Some(expected.clone())
+    );
+    assert!(apply_status(&mut ops, r.clone(), "").await.drift.is_empty());
+    let again = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1 once more")
+        .into_inner();
+    assert!(again.noop, "now the kernel matches: {again:?}");
+
+    // A stage unlinked by hand: drift, and the same digest links it again.
+    ops.unlink_stage(pb::UnlinkStageRequest {
+        rootlet: r.clone(),
+        stage: "sampler".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unlink by hand");
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(
+        s.drift
+            .iter()
+            .map(|d| (d.stage.as_str(), d.running_digest.as_str()))
+            .collect::<Vec<_>>(),
+        [("sampler", "")]
+    );
+    let by_digest = ops
+        .apply_bundle(pb::ApplyBundleRequest {
+            source: Some(pb::apply_bundle_request::Source::Digest(r1.digest.clone())),
+            ..Default::default()
+        })
+        .await
+        .expect("by digest")
+        .into_inner();
+    assert!(!by_digest.noop, "{by_digest:?}");
+    assert_eq!(
+        running(kernel(&mut ops, r.clone()).await),
+        Some(expected.clone())
+    );
+    assert!(apply_status(&mut ops, r.clone(), "").await.drift.is_empty());
+
+    // A refused (NACKed) bundle is not kept.
+    let bad = a.bundle(
+        "2.0",
+        &[
+            ("sampler", "sampler", 10),
+            ("ddos", "ddos", 20),
+            ("bad", "test_bad_verifier", 30),
+        ],
+        true,
+    );
+    let bad_digest = rootlet_bundle::SignedBundle::from_bytes(&bad)
+        .expect("decode")
+        .bundle
+        .digest();
+    let mut req = apply(bad);
+    req.idempotency_key = "bad-1".into();
+    let err = ops.apply_bundle(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let has = ops
+        .has_bundle(pb::HasBundleRequest {
+            digest: bad_digest.clone(),
+        })
+        .await
+        .expect("has")
+        .into_inner();
+    assert!(!has.present, "the NACKed bundle was kept");
+    let s = apply_status(&mut ops, r.clone(), "bad-1").await;
+    let keyed = s.keyed_attempt.expect("the attempt of key bad-1");
+    assert_eq!(
+        (
+            keyed.version.as_str(),
+            keyed.outcome.as_str(),
+            &keyed.digest
+        ),
+        ("2.0", "nack", &bad_digest)
+    );
+    assert_eq!(s.applied_version, "1.0");
+    assert_eq!(running(kernel(&mut ops, r).await), Some(expected));
+}
+
+/// Starts rootletd as a process with `env` set.
+fn rootletd_with(config: &Path, env: &[(&str, &str)]) -> std::process::Child {
+    let exe = std::env::current_exe().expect("exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("dir");
+    let mut cmd = std::process::Command::new(dir.join("rootletd"));
+    cmd.arg("--config").arg(config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .expect("spawn rootletd (cargo build -p rootlet-server)")
+}
+
+/// Waits, bounded, until the rootletd at `addr` serves; then an ops client.
+async fn serving(addr: &str, a: &Agent) -> RootletClient<Channel> {
+    let end = Instant::now() + Duration::from_secs(60);
+    while health(addr, a).await != Some(1) {
+        assert!(Instant::now() < end, "rootletd at {addr} never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
+        .domain_name("localhost")
+        .identity({
+            let c = a.pki.client("ops");
+            Identity::from_pem(c.cert_pem, c.key_pem)
+        });
+    let ch = Channel::from_shared(addr.to_owned())
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .expect("connect");
+    RootletClient::new(ch)
+}
+
+/// Waits (bounded) for `child` to exit; SIGTERM first if `term`.
+async fn exited(child: &mut std::process::Child, term: bool) -> std::process::ExitStatus {
+    if term {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("rootletd did not exit");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What an apply status says the kernel runs: the applied version's stages
+/// (stage → object digest) with its drift applied.
+fn said(status: &pb::ApplyStatus, versions: &[(&str, &[(&str, &str)])]) -> Vec<(String, String)> {
+    let mut stages: BTreeMap<String, String> = versions
+        .iter()
+        .find(|(v, _)| *v == status.applied_version)
+        .map(|(_, s)| {
+            s.iter()
+                .map(|(stage, object)| ((*stage).to_owned(), digest_of(object)))
+                .collect()
+        })
+        .unwrap_or_default();
+    for d in &status.drift {
+        if d.running_digest.is_empty() {
+            stages.remove(&d.stage);
+        } else {
+            stages.insert(d.stage.clone(), d.running_digest.clone());
+        }
+    }
+    stages.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let mut a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let v1_stages: &[(&str, &str)] = &[("sampler", "sampler"), ("ddos", "ddos")];
+    // v2 replaces sampler's object, unlinks ddos and links lb.
+    let v2_stages: &[(&str, &str)] = &[("sampler", "test_pass"), ("lb", "l4lb")];
+    let versions = [("1.0", v1_stages), ("2.0", v2_stages)];
+    let v1 = a.bundle(
+        "1.0",
+        &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
+        true,
+    );
+    let v2 = a.bundle(
+        "2.0",
+        &[("sampler", "test_pass", 10), ("lb", "l4lb", 30)],
+        true,
+    );
+    ops.apply_bundle(apply(v1.clone())).await.expect("v1");
+    drop(ops);
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let kernel_of = |k: Kernel| -> Vec<(String, String)> {
+        let mut s: Vec<_> = k
+            .expect("the rootlet survives")
+            .1
+            .into_iter()
+            .map(|(stage, _, digest)| (stage, digest))
+            .collect();
+        s.sort();
+        s
+    };
+    let as_kernel = |stages: &[(&str, &str)]| -> Vec<(String, String)> {
+        let mut s: Vec<_> = stages
+            .iter()
+            .map(|(stage, object)| ((*stage).to_owned(), digest_of(object)))
+            .collect();
+        s.sort();
+        s
+    };
+
+    // Traffic through the rootlet the whole time.
+    let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
+    let frame =
+        a.f.pair
+            .udp_to_host(40000, 6200, seq_payload(1, 64))
+            .to_bytes();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(600);
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                if raw.send(&frame).is_ok() {
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+    let steps = [
+        "store-pending",
+        "rootlet-loaded",
+        "stage-attached",
+        "built",
+        "swapped",
+        "store-committed",
+        "released",
+        "bundle-pending",
+        "bundle-rootlet-committed",
+        "bundle-committed",
+        "bundle-status-written",
+    ];
+    let mut crashes = 0;
+    for step in steps {
+        let mut child = rootletd_with(&path, &[("ROOTLETD_CRASH_AT", step)]);
+        let mut c = serving(&addr, &a).await;
+        let mut req = apply(v2.clone());
+        req.idempotency_key = format!("crash-{step}");
+        let answer = c.apply_bundle(req).await;
+        drop(c);
+        let crashed = answer.is_err();
+        let status = exited(&mut child, !crashed).await;
+        if crashed {
+            crashes += 1;
+            assert!(
+                !status.success(),
+                "{step}: the call failed, the agent aborted"
+            );
+        }
+
+        // After the restart, the status says what the kernel runs.
+        let mut child = rootletd_with(&path, &[]);
+        let mut c = serving(&addr, &a).await;
+        let running = kernel_of(kernel(&mut c, a.rootlet()).await);
+        assert!(
+            running == as_kernel(v1_stages) || running == as_kernel(v2_stages),
+            "{step}: the kernel runs a mix: {running:?}"
+        );
+        let s = apply_status(&mut c, a.rootlet(), &format!("crash-{step}")).await;
+        let mut told = said(&s, &versions);
+        told.sort();
+        assert_eq!(
+            told, running,
+            "{step} (crashed: {crashed}): the status ({} with drift {:?}) disagrees with the kernel",
+            s.applied_version, s.drift
+        );
+        if running == as_kernel(v2_stages) {
+            assert_eq!(
+                s.applied_version, "2.0",
+                "{step}: the kernel runs 2.0 exactly"
+            );
+            let keyed = s.keyed_attempt.expect("the keyed attempt is known");
+            assert_eq!(keyed.outcome, "ack", "{step}");
+        }
+        // Re-applying converges, whatever the crash left.
+        let again = c
+            .apply_bundle(apply(v2.clone()))
+            .await
+            .expect("re-apply 2.0")
+            .into_inner();
+        assert_eq!(again.version, "2.0");
+        assert_eq!(
+            kernel_of(kernel(&mut c, a.rootlet()).await),
+            as_kernel(v2_stages),
+            "{step}: converged on 2.0"
+        );
+        let s = apply_status(&mut c, a.rootlet(), "").await;
+        assert!(
+            s.applied_version == "2.0" && s.drift.is_empty(),
+            "{step}: {s:?}"
+        );
+        // And back to 1.0 for the next step.
+        c.apply_bundle(apply(v1.clone()))
+            .await
+            .expect("back to 1.0");
+        assert_eq!(
+            kernel_of(kernel(&mut c, a.rootlet()).await),
+            as_kernel(v1_stages)
+        );
+        drop(c);
+        assert!(
+            exited(&mut child, true).await.success(),
+            "{step}: clean exit"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = traffic.join().expect("traffic");
+    assert!(sent > 100, "traffic flowed: {sent} frames");
+    assert!(crashes >= 9, "the agent crashed at {crashes} of the steps");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let second = VethPair::new().expect("second veth pair");
+    let r2 = Some(pb::RootletRef {
+        r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
+            netns: second.host().path().display().to_string(),
+            ifname: second.host_if().into(),
+        })),
+    });
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n\
+         [[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        a.f.pair.host_if(),
+        a.f.netns_path().display(),
+        second.host_if(),
+        second.host().path().display()
+    );
+    // The second rootlet, which the apply changes second, fails: its
+    // expected generation is wrong.
+    let second_id = format!(
+        "netns:{}/if:{}",
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(second.host().path()).expect("netns")
+        ),
+        second.host_ifindex()
+    );
+    let failing_on_2 = |bytes: Vec<u8>| pb::ApplyBundleRequest {
+        expected_generations: [(second_id.clone(), 999)].into_iter().collect(),
+        ..apply(bytes)
+    };
+
+    // A first install over two rootlets that fails on the second: the first
+    // rootlet, which the apply loaded, is unloaded again; nothing is left.
+    let first = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[("sampler", "sampler", 10, "ops")],
+        true,
+    );
+    let err = ops.apply_bundle(failing_on_2(first)).await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
+        "{err:?}"
+    );
+    assert!(
+        err.message()
+            .contains("every rootlet keeps its previous version"),
+        "{err:?}"
+    );
+    assert_eq!(kernel(&mut ops, a.rootlet()).await, None, "unloaded again");
+    assert_eq!(kernel(&mut ops, r2.clone()).await, None);
+    assert!(a.f.pins().is_empty(), "{:?}", a.f.pins());
+
+    // 1.0 on both; then team a links its own stage on the first rootlet.
+    let v1 = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    );
+    ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
+    team_a
+        .link_stage(link(a.rootlet(), stage("a-mine", "test_pass", 5)))
+        .await
+        .expect("team a's stage");
+    let before1 = kernel(&mut ops, a.rootlet()).await;
+    let before2 = kernel(&mut ops, r2.clone()).await;
+
+    // 2.0 replaces sampler, unlinks ddos and links lb on the first rootlet,
+    // then fails on the second: the first gets exactly the inverse.
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    );
+    let err = ops.apply_bundle(failing_on_2(v2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let stages_of = |k: &Kernel| k.as_ref().map(|k| k.1.clone());
+    assert_eq!(
+        stages_of(&kernel(&mut ops, a.rootlet()).await),
+        stages_of(&before1),
+        "the first rootlet runs exactly what it ran, team a's stage included"
+    );
+    assert_eq!(
+        stages_of(&kernel(&mut ops, r2.clone()).await),
+        stages_of(&before2)
+    );
+    for r in [a.rootlet(), r2] {
+        let s = apply_status(&mut ops, r, "").await;
+        assert_eq!(s.applied_version, "1.0");
+        assert!(s.drift.is_empty(), "{:?}", s.drift);
+        let last = s.last_attempt.expect("attempt");
+        assert_eq!(
+            (last.version.as_str(), last.outcome.as_str()),
+            ("2.0", "nack")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
+    let mut a = Agent::start().await;
+    let second = VethPair::new().expect("second veth pair");
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n\
+         [[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        a.f.pair.host_if(),
+        a.f.netns_path().display(),
+        second.host_if(),
+        second.host().path().display()
+    );
+    {
+        let mut ops = a.client("ops").await;
+        let v1 = a.bundle_for(
+            "edge",
+            "1.0",
+            &targets,
+            &[("sampler", "sampler", 10, "ops")],
+            true,
+        );
+        ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    // A rootletd that pauses after each rootlet of an apply is committed.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+    let mut child = rootletd_with(&path, &[("ROOTLETD_PAUSE_AT", "bundle-rootlet-committed")]);
+    let mut ops = serving(&addr, &a).await;
+    let before = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
+
+    // 2.0 adds lb on both rootlets and fails on the second (its expected
+    // generation is wrong).
+    let second_id = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: Some(pb::RootletRef {
+                r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
+                    netns: second.host().path().display().to_string(),
+                    ifname: second.host_if().into(),
+                })),
+            }),
+        })
+        .await
+        .expect("second rootlet")
+        .into_inner()
+        .id;
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[("sampler", "sampler", 10, "ops"), ("lb", "l4lb", 30, "ops")],
+        true,
+    );
+    let mut applier = ops.clone();
+    let apply_v2 = tokio::spawn(async move {
+        applier
+            .apply_bundle(pb::ApplyBundleRequest {
+                expected_generations: [(second_id, 999)].into_iter().collect(),
+                ..apply(v2)
+            })
+            .await
+    });
+    // While the agent pauses after the first rootlet, another change links
+    // a stage there.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
+        if now.0 > before.0 {
+            break;
+        }
+        assert!(Instant::now() < end, "the first rootlet never changed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ops.link_stage(link(a.rootlet(), stage("late", "test_pass", 5)))
+        .await
+        .expect("a stage linked meanwhile");
+    let err = tokio::time::timeout(Duration::from_secs(60), apply_v2)
+        .await
+        .expect("the apply ends")
+        .expect("task")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let (_, after) = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
+    let mut names: Vec<&str> = after.iter().map(|s| s.0.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["late", "sampler"],
+        "lb undone, the stage linked meanwhile kept"
+    );
+    drop(ops);
+    assert!(exited(&mut child, true).await.success(), "clean exit");
 }

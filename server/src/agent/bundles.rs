@@ -273,7 +273,23 @@ impl super::Agent {
             .flatten();
         let mut drift = vec![];
         if !status.applied_digest.is_empty() {
-            let bundle = self.stored(&status.applied_digest)?;
+            let bundle = match self.stored(&status.applied_digest) {
+                Ok(b) => b,
+                Err(e) => {
+                    // Nothing to compare the kernel with: say so.
+                    drift.push(StageDrift {
+                        stage: String::new(),
+                        expected_digest: String::new(),
+                        running_digest: String::new(),
+                        reason: format!("cannot compare with the applied bundle: {e}"),
+                    });
+                    return Ok(StatusView {
+                        status,
+                        drift,
+                        keyed,
+                    });
+                }
+            };
             let state = self.dp.state(key)?;
             if let Some(target) = self.target_on(&bundle, key) {
                 let managed = status

@@ -430,7 +430,9 @@ impl Agent {
             expected,
             |pipeline| -> Result<()> {
                 let owner = pipeline.by_name(&name).map(|s| s.owner.as_str());
-                if owner != current_owner.as_deref() {
+                if let (Some(then), Some(now)) = (current_owner.as_deref(), owner)
+                    && then != now
+                {
                     return Err(AgentError::Conflict(format!(
                         "stage `{name}` on {key} changed owner during the call; retry"
                     )));

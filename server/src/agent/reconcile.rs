@@ -8,7 +8,9 @@
 
 use std::time::SystemTime;
 
-use super::{Agent, ApplyStatus, Attempt, Pending, Result, STATUS, unix_ms};
+use super::{
+    Agent, ApplyStatus, Attempt, HISTORY, Pending, Result, STATUS, bundles::HistoryEntry, unix_ms,
+};
 use crate::dataplane::spec::RootletKey;
 
 impl Agent {
@@ -28,7 +30,25 @@ impl Agent {
             if pending.loads {
                 status.loaded_by = Some(pending.bundle.clone());
             }
-            let ran = self.settle(key, &mut status, &pending)?;
+            let ran = match self.settle(key, &mut status, &pending) {
+                Ok(ran) => ran,
+                Err(e) => {
+                    // Adoption must not fail on it: record that it could not
+                    // be settled; the status's drift still reads the kernel.
+                    tracing::error!(rootlet = %key, error = %e, "cannot settle an interrupted apply");
+                    status.attempted(Attempt {
+                        version: pending.version.clone(),
+                        digest: pending.digest.clone(),
+                        outcome: "nack".into(),
+                        error: format!(
+                            "interrupted by a restart of the agent, and cannot be settled: {e}"
+                        ),
+                        at_unix_ms: unix_ms(SystemTime::now()),
+                        idempotency_key: pending.idempotency_key.clone(),
+                    });
+                    false
+                }
+            };
             tracing::warn!(
                 rootlet = %key,
                 bundle = %pending.bundle,
@@ -43,6 +63,24 @@ impl Agent {
         }
         for p in applied {
             self.record_history(&p.bundle, &p.version, &p.digest, p.at_unix_ms)?;
+        }
+        // A crash after the statuses and before the history: the applied
+        // version is still the newest one of its bundle.
+        for (_, status) in self.kv.list::<ApplyStatus>(STATUS)? {
+            if status.applied_digest.is_empty() {
+                continue;
+            }
+            let history: Vec<HistoryEntry> =
+                self.kv.get(HISTORY, &status.bundle)?.unwrap_or_default();
+            if !history.iter().any(|h| h.digest == status.applied_digest) {
+                let at = status.last_attempt.as_ref().map_or(0, |a| a.at_unix_ms);
+                self.record_history(
+                    &status.bundle,
+                    &status.applied_version,
+                    &status.applied_digest,
+                    at,
+                )?;
+            }
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 //! **Architecture invariant:** this is the only layer that knows gRPC.
 
 pub mod convert;
+pub mod oversize;
 pub mod status;
 
 use std::{
@@ -28,15 +29,17 @@ use crate::{
     metrics::Metrics,
 };
 
+/// The Rootlet service as served: with message size limits, whose
+/// violations answer RESOURCE_EXHAUSTED.
+pub type Served = oversize::Mapped<RootletServer<RootletService>>;
+
 /// Builds the service with message size limits.
-pub fn service(
-    agent: Arc<Agent>,
-    metrics: Arc<Metrics>,
-    max_message_bytes: usize,
-) -> RootletServer<RootletService> {
-    RootletServer::new(RootletService { agent, metrics })
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes)
+pub fn service(agent: Arc<Agent>, metrics: Arc<Metrics>, max_message_bytes: usize) -> Served {
+    oversize::Mapped::new(
+        RootletServer::new(RootletService { agent, metrics })
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes),
+    )
 }
 
 #[derive(Clone)]

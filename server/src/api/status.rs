@@ -1,4 +1,5 @@
-//! The one mapping of errors to gRPC status codes, with google.rpc error
+//! The one mapping of errors to gRPC status codes (ours, and those tonic
+//! makes itself: [`transport`]), with google.rpc error
 //! details: `ErrorInfo` (a reason code and metadata) always, `BadRequest`
 //! for invalid fields, `PreconditionFailure` for failed preconditions, and
 //! `DebugInfo` carrying the verifier log.
@@ -128,6 +129,22 @@ pub fn status(e: &AgentError) -> Status {
         }
     };
     Status::with_error_details(code, msg, d)
+}
+
+/// A status tonic made itself (no handler ran), mapped like ours, or None
+/// if it stands: a message over the size limit is RESOURCE_EXHAUSTED
+/// (tonic says OUT_OF_RANGE), with reason MESSAGE_TOO_LARGE.
+pub fn transport(s: &Status) -> Option<Status> {
+    if s.code() != Code::OutOfRange || !s.message().contains("message length too large") {
+        return None;
+    }
+    let mut d = ErrorDetails::new();
+    info(&mut d, "MESSAGE_TOO_LARGE", &[]);
+    Some(Status::with_error_details(
+        Code::ResourceExhausted,
+        s.message(),
+        d,
+    ))
 }
 
 fn dataplane_status(e: &DpError, msg: &str) -> Status {
