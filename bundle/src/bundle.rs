@@ -48,8 +48,17 @@ impl Bundle {
     ///
     /// Each object is embedded under its file name; two stages may share
     /// an object, but two different objects may not have the same file name.
-    /// A stage that records a `sha256` must match it.
+    /// A stage that records a `sha256` must match it. An object outside the
+    /// manifest's directory (`../`, an absolute path, or a symbolic link
+    /// that leads out) is refused: see [`Bundle::build_allowing`].
     pub fn build(manifest_path: impl AsRef<Path>) -> Result<Bundle> {
+        Bundle::build_allowing(manifest_path, &[])
+    }
+
+    /// [`Bundle::build`], also accepting the objects at `outside` (paths
+    /// someone named on purpose, such as on a command line) although they
+    /// are outside the manifest's directory.
+    pub fn build_allowing(manifest_path: impl AsRef<Path>, outside: &[PathBuf]) -> Result<Bundle> {
         let manifest_path = manifest_path.as_ref();
         let file = manifest_path.display().to_string();
         let raw = read_limited(manifest_path, MAX_MANIFEST_SIZE, "manifest")?;
@@ -79,10 +88,36 @@ impl Bundle {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        let root = fs::canonicalize(&dir).map_err(|e| BundleError::io(&dir, e))?;
+        let allowed: Vec<PathBuf> = outside
+            .iter()
+            .filter_map(|p| fs::canonicalize(p).ok())
+            .collect();
         // Embedded name -> (path it came from, bytes).
         let mut objects: BTreeMap<String, (PathBuf, Arc<Vec<u8>>)> = BTreeMap::new();
         for (i, stage) in manifest.stages.iter_mut().enumerate() {
             let path = dir.join(&stage.object);
+            // A missing object is reported by read_object below.
+            if let Ok(real) = fs::canonicalize(&path)
+                && !real.starts_with(&root)
+                && !allowed.contains(&real)
+            {
+                let (line, col) = object_positions.get(i).copied().unwrap_or((0, 0));
+                return Err(BundleError::ManifestField {
+                    file,
+                    line,
+                    col,
+                    field: format!("stages[{i}].object"),
+                    msg: format!(
+                        "{:?} is {}, outside the manifest's directory {}; name it on the \
+                         command line (--allow-object {}) to build it in",
+                        stage.object,
+                        real.display(),
+                        root.display(),
+                        real.display()
+                    ),
+                });
+            }
             // The parser has checked that the path has a valid file name.
             let name = path
                 .file_name()

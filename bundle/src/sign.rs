@@ -261,9 +261,15 @@ pub fn generate_signing_key() -> Result<SigningKey> {
 pub fn keygen(private_path: impl AsRef<Path>, public_path: impl AsRef<Path>) -> Result<KeyId> {
     let (private_path, public_path) = (private_path.as_ref(), public_path.as_ref());
     let key = generate_signing_key()?;
-    let private_pem = key
-        .to_pkcs8_pem(LineEnding::LF)
-        .map_err(|e| key_error(private_path, e))?;
+    // PKCS#8 v1 (RFC 8410: the seed only, no public key), the form OpenSSL
+    // writes and reads for ed25519; OpenSSL 3 refuses the v2 form (with the
+    // public key) that `SigningKey::to_pkcs8_pem` writes.
+    let private_pem = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    }
+    .to_pkcs8_pem(LineEnding::LF)
+    .map_err(|e| key_error(private_path, e))?;
     let public = key.verifying_key();
     let public_pem = verifying_key_to_pem(&public);
     write_new(private_path, private_pem.as_bytes(), 0o600)?;

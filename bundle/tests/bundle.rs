@@ -234,6 +234,49 @@ fn different_objects_with_one_file_name_are_refused() -> TestResult {
 }
 
 #[test]
+fn objects_outside_the_manifest_directory_are_refused_unless_named() -> TestResult {
+    let (dir, _) = project(MANIFEST)?;
+    let io = |e: std::io::Error| BundleError::Io {
+        path: "test".into(),
+        source: e,
+    };
+    // The project lives in `inner/`; an object one level up is outside it.
+    let inner = dir.path().join("inner");
+    fs::create_dir_all(inner.join("objs")).map_err(io)?;
+    fs::copy(dir.path().join("l4lb.o"), dir.path().join("outside.o")).map_err(io)?;
+    fs::copy(dir.path().join("objs/ddos.o"), inner.join("objs/ddos.o")).map_err(io)?;
+    let manifest = inner.join("manifest.toml");
+    fs::write(
+        &manifest,
+        MANIFEST.replace("\"l4lb.o\"", "\"../outside.o\""),
+    )
+    .map_err(io)?;
+    match Bundle::build(&manifest) {
+        Err(BundleError::ManifestField { field, msg, .. }) => {
+            assert_eq!(field, "stages[1].object", "{msg}");
+            assert!(msg.contains("outside the manifest's directory"), "{msg}");
+        }
+        other => panic!("expected ManifestField, got {other:?}"),
+    }
+    // A symbolic link that leads out is refused the same way.
+    std::os::unix::fs::symlink(dir.path().join("outside.o"), inner.join("link.o")).map_err(io)?;
+    fs::write(&manifest, MANIFEST.replace("\"l4lb.o\"", "\"link.o\"")).map_err(io)?;
+    assert!(matches!(
+        Bundle::build(&manifest),
+        Err(BundleError::ManifestField { .. })
+    ));
+    // Named on purpose, it is built in.
+    fs::write(
+        &manifest,
+        MANIFEST.replace("\"l4lb.o\"", "\"../outside.o\""),
+    )
+    .map_err(io)?;
+    let b = Bundle::build_allowing(&manifest, &[dir.path().join("outside.o")])?;
+    assert!(b.object("outside.o").is_some());
+    Ok(())
+}
+
+#[test]
 fn missing_object() -> TestResult {
     let (dir, path) = project(MANIFEST)?;
     let _ = fs::remove_file(dir.path().join("l4lb.o"));

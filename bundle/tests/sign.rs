@@ -58,6 +58,44 @@ fn keygen_writes_pem_files() -> TestResult {
     assert_eq!(id.to_string().parse::<KeyId>().ok(), Some(id));
     assert_eq!(verifying_key_to_pem(&vk), pub_pem);
 
+    // OpenSSL reads both files, and derives the same public key from the
+    // private one (Debian's openssl; it refuses PKCS#8 v2 ed25519 keys).
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .map_err(|e| BundleError::Io {
+                path: "openssl".into(),
+                source: e,
+            })?;
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok::<_, BundleError>(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    openssl(&[
+        "pkey".as_ref(),
+        "-in".as_ref(),
+        private.as_os_str(),
+        "-noout".as_ref(),
+    ])?;
+    let derived = openssl(&[
+        "pkey".as_ref(),
+        "-in".as_ref(),
+        private.as_os_str(),
+        "-pubout".as_ref(),
+    ])?;
+    assert_eq!(derived, pub_pem);
+    openssl(&[
+        "pkey".as_ref(),
+        "-pubin".as_ref(),
+        "-in".as_ref(),
+        public.as_os_str(),
+        "-noout".as_ref(),
+    ])?;
+
     // Existing files are never overwritten.
     assert!(matches!(
         keygen(&private, dir.path().join("other.pub")),

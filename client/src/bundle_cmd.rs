@@ -40,13 +40,15 @@ fn read_signed(path: &Path) -> Result<SignedBundle, BundleError> {
 }
 
 /// Builds (and, with keys, signs) the bundle of `manifest`; returns the
-/// output path and a report.
+/// output path and a report. Objects outside the manifest's directory are
+/// refused, except those in `allowed` (named on the command line).
 pub fn build(
     manifest: &Path,
     out: Option<&Path>,
     keys: &[PathBuf],
+    allowed: &[PathBuf],
 ) -> Result<(PathBuf, String), BundleError> {
-    let bundle = Bundle::build(manifest)?;
+    let bundle = Bundle::build_allowing(manifest, allowed)?;
     let out = out.map_or_else(|| default_output(&bundle), Path::to_path_buf);
     let mut signed = SignedBundle::new(bundle);
     for k in keys {
@@ -151,7 +153,7 @@ mod tests {
         keygen(&d.join("a.key"), &d.join("a.pub")).unwrap();
         keygen(&d.join("b.key"), &d.join("b.pub")).unwrap();
         let out = d.join("edge.rlb");
-        let (_, report) = build(&d.join("manifest.toml"), Some(&out), &[]).unwrap();
+        let (_, report) = build(&d.join("manifest.toml"), Some(&out), &[], &[]).unwrap();
         assert!(report.contains("0 signatures"), "{report}");
         assert!(matches!(
             verify(&out, &[d.join("a.pub")]),
@@ -175,7 +177,7 @@ mod tests {
             "name = \"edge\"\nversion = \"v1\"\n[[rootlets]]\ninterface = \"rl0\"\n[[stages]]\nname = \"sampler\"\nobject = \"sampler.o\"\nprogram = \"sampler\"\npriority = \"high\"\nowner = \"obs\"\n",
         )
         .unwrap();
-        let e = build(&d.join("bad.toml"), Some(&out), &[])
+        let e = build(&d.join("bad.toml"), Some(&out), &[], &[])
             .unwrap_err()
             .to_string();
         assert!(

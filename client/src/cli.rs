@@ -3,7 +3,9 @@
 //! Exit codes: 0 success; 1 failed (a command that could not do its work,
 //! or a rollout that could not complete nor roll back cleanly); 2 usage or
 //! configuration errors (bad flags, files, selections); 3 a rollout that
-//! stopped and rolled back (gate, deadline, unavailable hosts, abort).
+//! stopped and rolled back (gate, deadline, unavailable hosts, abort; a
+//! first install rolled back leaves the hosts without the bundle); 4 a
+//! rollout that finished but skipped hosts (unreachable to the end).
 
 use std::{
     path::{Path, PathBuf},
@@ -32,6 +34,8 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_ROLLED_BACK: i32 = 3;
+/// A rollout that finished on every host that answered, but skipped some.
+pub const EXIT_INCOMPLETE: i32 = 4;
 /// Interrupted by a signal (128 + SIGINT).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -43,7 +47,7 @@ const MAX_WATCH: Duration = Duration::from_secs(7 * 86_400);
     name = "rootletctl",
     version,
     about = "Builds and signs Rootlet bundles and rolls them out to a fleet of rootletd agents",
-    after_help = "Exit codes: 0 success, 1 failed, 2 usage or configuration error, 3 rolled back."
+    after_help = "Exit codes: 0 success, 1 failed, 2 usage or configuration error, 3 rolled back, 4 incomplete (hosts skipped)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -88,6 +92,10 @@ pub enum BundleCmd {
         /// Sign with this private key (repeatable).
         #[arg(long = "key")]
         keys: Vec<PathBuf>,
+        /// Accept this object although it is outside the manifest's
+        /// directory (repeatable); any other such object is refused.
+        #[arg(long = "allow-object")]
+        allow_objects: Vec<PathBuf>,
     },
     /// Add signatures to a bundle.
     Sign {
@@ -107,6 +115,10 @@ pub enum BundleCmd {
     },
     /// Show what a bundle holds.
     Inspect { bundle: PathBuf },
+    /// Remove a bundle from the fleet, by name, with the same plan, waves
+    /// and gates as a rollout (rolled back, by applying each host's
+    /// previous version again, if it stops).
+    Remove(RemoveArgs),
     /// Generate an ed25519 key pair (PEM).
     Keygen {
         #[arg(long)]
@@ -184,6 +196,25 @@ pub struct StartArgs {
     /// The signed bundle (`rootletctl bundle build --key ...`).
     #[arg(long, short = 'b')]
     pub bundle: PathBuf,
+    /// Label selector: `role=edge,zone!=c,canary` (all terms must hold).
+    #[arg(long, short = 'l', default_value = "")]
+    pub selector: String,
+    #[command(flatten)]
+    pub journal: JournalArg,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct RemoveArgs {
+    /// The bundle's name (as in its manifest).
+    pub name: String,
+    #[arg(long, short = 'i')]
+    pub inventory: PathBuf,
+    #[arg(long, short = 'p')]
+    pub plan: PathBuf,
     /// Label selector: `role=edge,zone!=c,canary` (all terms must hold).
     #[arg(long, short = 'l', default_value = "")]
     pub selector: String,
@@ -307,6 +338,7 @@ fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
 /// Runs one command; returns the exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
+        Command::Bundle(BundleCmd::Remove(a)) => remove(a).await,
         Command::Bundle(b) => bundle(b),
         Command::Rollout(r) => rollout_cmd(r).await,
         Command::Status(s) => status_cmd(s).await,
@@ -404,11 +436,15 @@ fn bundle(cmd: BundleCmd) -> i32 {
             manifest,
             out,
             keys,
-        } => bundle_cmd::build(&manifest, out.as_deref(), &keys).map(|(_, r)| r),
+            allow_objects,
+        } => bundle_cmd::build(&manifest, out.as_deref(), &keys, &allow_objects).map(|(_, r)| r),
         BundleCmd::Sign { bundle, keys, out } => bundle_cmd::sign(&bundle, &keys, out.as_deref()),
         BundleCmd::Verify { bundle, trusted } => bundle_cmd::verify(&bundle, &trusted),
         BundleCmd::Inspect { bundle } => bundle_cmd::inspect(&bundle),
         BundleCmd::Keygen { private, public } => bundle_cmd::keygen(&private, &public),
+        BundleCmd::Remove(_) => {
+            return fail(EXIT_FAILED, "bundle remove runs as a rollout");
+        }
     };
     match r {
         Ok(text) => {
@@ -591,7 +627,7 @@ async fn rollout_cmd(cmd: RolloutCmd) -> i32 {
 fn take_over_engine(path: &Path, output: Output) -> Result<(JournalLock, rollout::Engine), i32> {
     let lock = JournalLock::acquire(path).map_err(|e| rollout_error(e.into()))?;
     let j = journal::read(path).map_err(|e| fail(EXIT_USAGE, e))?;
-    if j.state.is_final() {
+    if !j.state.is_resumable() {
         println!(
             "rollout {} already ended ({})",
             j.rollout_id,
@@ -600,7 +636,7 @@ fn take_over_engine(path: &Path, output: Output) -> Result<(JournalLock, rollout
         return Err(Outcome::of(j.state).map_or(EXIT_OK, Outcome::exit_code));
     }
     let bundle = match rollout::bundle_of(&j) {
-        Ok(b) => Some(b),
+        Ok(b) => b,
         Err(e) => return Err(fail(EXIT_USAGE, e)),
     };
     let engine = rollout::engine_for(path, j, bundle, mode(output)).map_err(rollout_error)?;
@@ -743,6 +779,79 @@ async fn start(a: StartArgs) -> i32 {
     code
 }
 
+/// `bundle remove`: a rollout whose push is RemoveBundle, through the same
+/// engine (plan, waves, gates, journal, rollback, operator commands).
+async fn remove(a: RemoveArgs) -> i32 {
+    let t0 = Instant::now();
+    let selector = match Selector::parse(&a.selector) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let inv = match Inventory::load(&a.inventory) {
+        Ok(i) => i,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let plan = match Plan::load(&a.plan) {
+        Ok(p) => p,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    if a.name.trim().is_empty() {
+        return fail(EXIT_USAGE, "the bundle name is empty");
+    }
+    let hosts = inv.select(&selector);
+    if hosts.is_empty() {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "the selector {selector} matches none of the {} hosts of {}",
+                inv.hosts.len(),
+                a.inventory.display()
+            ),
+        );
+    }
+    let path = a.journal.journal.clone();
+    let lock = match JournalLock::acquire(&path) {
+        Ok(l) => l,
+        Err(e) => return rollout_error(e.into()),
+    };
+    let req = rollout::RemoveRequest {
+        hosts,
+        selector: a.selector.trim().to_string(),
+        plan,
+        name: a.name.trim().to_string(),
+        journal: path.clone(),
+        transport: a.transport.options(),
+    };
+    let j = match rollout::plan_remove(&req) {
+        Ok(Start::New(j)) => {
+            if let Err(e) = control::reset(&path) {
+                return fail(EXIT_FAILED, e);
+            }
+            j
+        }
+        Ok(Start::Resume(j)) => j,
+        Err(e) => return rollout_error(e),
+    };
+    let m = mode(a.output);
+    if m != Mode::Quiet {
+        println!(
+            "removal {}: bundle {} from {} hosts in {} steps; journal {}",
+            j.rollout_id,
+            j.bundle.name,
+            j.hosts.len(),
+            j.steps.len(),
+            path.display()
+        );
+    }
+    let engine = match rollout::engine_for(&path, j, None, m) {
+        Ok(e) => e,
+        Err(e) => return rollout_error(e),
+    };
+    let code = drive(engine, a.output, t0).await;
+    drop(lock);
+    code
+}
+
 async fn rollout_status(path: &Path, watch: bool, timeout: Duration, output: Output) -> i32 {
     let t0 = Instant::now();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -765,7 +874,12 @@ async fn rollout_status(path: &Path, watch: bool, timeout: Duration, output: Out
                     print!("\x1b[2J\x1b[H");
                 }
                 print!("{}", summary::status_table(&j));
-                if !j.state.is_final() {
+                if j.state == journal::RolloutState::Incomplete {
+                    println!(
+                        "hosts were skipped: `rootletctl rollout resume --journal {}` tries them again",
+                        path.display()
+                    );
+                } else if !j.state.is_final() {
                     println!(
                         "{}",
                         if running {

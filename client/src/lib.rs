@@ -19,7 +19,8 @@
 //! - [`rollout`]: the rollout engine, its gates, journal, operator
 //!   controls, progress display and summaries.
 //! - [`status`]: hosts × rootlets read back from the agents.
-//! - [`bundle_cmd`]: `bundle build|sign|verify|inspect|keygen`.
+//! - [`bundle_cmd`]: `bundle build|sign|verify|inspect|keygen` (`bundle
+//!   remove` is a rollout: [`rollout`]).
 //! - [`sim`]: a simulated agent (in memory, no kernel) for tests and the
 //!   fleet benchmark; never used by `rootletctl` itself.
 #![forbid(unsafe_code)]

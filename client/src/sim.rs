@@ -11,9 +11,16 @@
 //! simulated traffic: `pps` packets per second per rootlet run through
 //! its stages in priority order; a stage whose name starts with `abort`
 //! aborts every packet (as `rootlet_ebpf::TEST_ABORT` does on a real
-//! agent), every other stage passes it. Faults: [`SimAgent::set_silent`]
+//! agent), every other stage passes it. `RemoveBundle` works as on a real
+//! agent: the bundle's stages go, a rootlet the bundle loaded is unloaded
+//! once it holds no other stage, and the history says "removed";
+//! [`SimAgent::add_foreign_stage`] puts another team's stage beside a
+//! bundle's. `GetApplyStatus` with an idempotency key reports the attempt
+//! that key made. Faults: [`SimAgent::set_silent`]
 //! (every call hangs, like a stopped process), [`SimAgent::set_unhealthy`]
-//! (health NOT_SERVING) and [`SimAgent::set_nack`] (applies fail).
+//! (health NOT_SERVING), [`SimAgent::set_nack`] (applies fail) and
+//! [`SimAgent::replace_out_of_band`] (a stage changed behind the agent's
+//! back: drift).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -63,6 +70,10 @@ struct SimStage {
     prog_id: u32,
     aborts: bool,
     counters: pb::Counters,
+    /// The bundle that manages it (empty: linked by someone else).
+    bundle: String,
+    /// The object digest the bundle says (`digest` is what runs).
+    bundle_digest: String,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +89,8 @@ struct SimRootlet {
     stages: Vec<SimStage>,
     next_slot: u32,
     traffic_at: Instant,
+    /// The bundle whose apply loaded it (empty: loaded otherwise).
+    loaded_by: String,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +107,10 @@ struct SimState {
     rootlets: BTreeMap<(String, String), SimRootlet>,
     next_ifindex: u32,
     idempotency: HashMap<String, (String, pb::ApplyBundleResponse)>,
+    /// The attempt each idempotency key made.
+    keyed: HashMap<String, pb::Attempt>,
+    /// Bundles removed after their newest history entry.
+    removed: std::collections::BTreeSet<String>,
 }
 
 struct Inner {
@@ -184,6 +201,81 @@ impl SimAgent {
     /// The version of the rootlet on `ifname`, if loaded.
     pub fn version_of(&self, ifname: &str) -> Option<String> {
         self.versions().get(ifname).cloned()
+    }
+
+    /// The stages of the rootlet on `ifname` (None: no rootlet there).
+    pub fn stages_of(&self, ifname: &str) -> Option<Vec<String>> {
+        lock(&self.inner.state)
+            .rootlets
+            .values()
+            .find(|r| r.ifname == ifname)
+            .map(|r| r.stages.iter().map(|s| s.name.clone()).collect())
+    }
+
+    /// Replaces the program of stage `stage` on `ifname` behind the agent's
+    /// back (as a person with bpftool could): `GetApplyStatus` then reports
+    /// the stage's drift, derived from what runs.
+    pub fn replace_out_of_band(&self, ifname: &str, stage: &str) {
+        let prog_id = self.prog_id();
+        let mut st = lock(&self.inner.state);
+        if let Some(s) = st
+            .rootlets
+            .values_mut()
+            .filter(|r| r.ifname == ifname)
+            .flat_map(|r| r.stages.iter_mut())
+            .find(|s| s.name == stage)
+        {
+            s.prog_id = prog_id;
+            s.digest = format!("{:064x}", prog_id);
+        }
+    }
+
+    /// Links stage `name` of team `owner` on `ifname` (loading the rootlet
+    /// if needed), outside any bundle: what another team's own tooling
+    /// would do on a real agent.
+    pub fn add_foreign_stage(&self, ifname: &str, name: &str, owner: &str, priority: i32) {
+        let prog_id = self.prog_id();
+        let mut st = lock(&self.inner.state);
+        let key = (String::new(), ifname.to_string());
+        if !st.rootlets.contains_key(&key) {
+            st.next_ifindex += 1;
+            let id = format!("netns:4026531840/if:{}", st.next_ifindex + 1);
+            st.rootlets.insert(
+                key.clone(),
+                SimRootlet {
+                    id,
+                    netns: String::new(),
+                    ifname: ifname.to_string(),
+                    generation: 0,
+                    bundle: String::new(),
+                    applied_version: String::new(),
+                    applied_digest: String::new(),
+                    last_attempt: None,
+                    stages: Vec::new(),
+                    next_slot: 0,
+                    traffic_at: Instant::now(),
+                    loaded_by: String::new(),
+                },
+            );
+        }
+        if let Some(r) = st.rootlets.get_mut(&key) {
+            r.next_slot += 1;
+            r.stages.push(SimStage {
+                slot: r.next_slot - 1,
+                name: name.to_string(),
+                owner: owner.to_string(),
+                priority,
+                digest: String::new(),
+                prog_id,
+                aborts: name.starts_with("abort"),
+                counters: pb::Counters::default(),
+                bundle: String::new(),
+                bundle_digest: String::new(),
+            });
+            r.stages
+                .sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+            r.generation += 1;
+        }
     }
 
     async fn enter(&self) -> Result<(), Status> {
@@ -314,16 +406,23 @@ impl SimAgent {
             .map(|t| (t.netns.clone().unwrap_or_default(), t.interface.clone()))
             .collect();
         let now = now_ms();
+        let attempt = |outcome: &str, error: &str| pb::Attempt {
+            version: m.version.clone(),
+            outcome: outcome.into(),
+            error: error.into(),
+            at_unix_ms: now,
+            digest: digest.clone(),
+            idempotency_key: req.idempotency_key.clone(),
+        };
         if self.inner.nack.load(Ordering::SeqCst) {
+            let nack = attempt("nack", "simulated failure");
             for k in &keys {
                 if let Some(r) = st.rootlets.get_mut(k) {
-                    r.last_attempt = Some(pb::Attempt {
-                        version: m.version.clone(),
-                        outcome: "nack".into(),
-                        error: "simulated failure".into(),
-                        at_unix_ms: now,
-                    });
+                    r.last_attempt = Some(nack.clone());
                 }
+            }
+            if !req.idempotency_key.is_empty() {
+                st.keyed.insert(req.idempotency_key.clone(), nack);
             }
             return Err(Status::failed_precondition(format!(
                 "bundle `{}` {} was not applied: simulated failure; every rootlet keeps its previous version",
@@ -354,6 +453,7 @@ impl SimAgent {
                         stages: Vec::new(),
                         next_slot: 0,
                         traffic_at: Instant::now(),
+                        loaded_by: m.name.clone(),
                     },
                 );
             }
@@ -364,7 +464,13 @@ impl SimAgent {
             if !noop {
                 let mut stages: Vec<&rootlet_bundle::Stage> = m.stages_for(t).collect();
                 stages.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
-                let mut next = Vec::new();
+                // Another team's stages stay as they are.
+                let mut next: Vec<SimStage> = r
+                    .stages
+                    .iter()
+                    .filter(|o| o.bundle != m.name && !stages.iter().any(|s| s.name == o.name))
+                    .cloned()
+                    .collect();
                 for s in stages {
                     let old = r.stages.iter().find(|o| o.name == s.name);
                     let (slot, counters) = match old {
@@ -383,19 +489,17 @@ impl SimAgent {
                         prog_id: self.prog_id(),
                         aborts: s.name.starts_with("abort"),
                         counters,
+                        bundle: m.name.clone(),
+                        bundle_digest: s.sha256.clone().unwrap_or_default(),
                     });
                 }
+                next.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
                 r.stages = next;
                 r.generation += 1;
                 r.bundle = m.name.clone();
                 r.applied_version = m.version.clone();
                 r.applied_digest = digest.clone();
-                r.last_attempt = Some(pb::Attempt {
-                    version: m.version.clone(),
-                    outcome: "ack".into(),
-                    error: String::new(),
-                    at_unix_ms: now,
-                });
+                r.last_attempt = Some(attempt("ack", ""));
             }
             outcomes.push(pb::RootletOutcome {
                 rootlet_id: r.id.clone(),
@@ -403,6 +507,11 @@ impl SimAgent {
                 changed: !noop,
             });
         }
+        if !req.idempotency_key.is_empty() {
+            st.keyed
+                .insert(req.idempotency_key.clone(), attempt("ack", ""));
+        }
+        st.removed.remove(&m.name);
         if !noop {
             self.inner.applies.fetch_add(1, Ordering::Relaxed);
             let h = st.history.entry(m.name.clone()).or_default();
@@ -422,8 +531,99 @@ impl SimAgent {
             version: m.version,
             noop,
             rootlets: outcomes,
+            removed: false,
         };
         if !req.idempotency_key.is_empty() {
+            st.idempotency
+                .insert(req.idempotency_key, (req_hash, resp.clone()));
+        }
+        Ok(resp)
+    }
+
+    /// RemoveBundle, as the real agent does it: the bundle's stages go,
+    /// a rootlet it loaded goes once no other stage is left, and nothing
+    /// else is touched.
+    fn remove(&self, req: pb::RemoveBundleRequest) -> Result<pb::ApplyBundleResponse, Status> {
+        self.inner.apply_calls.fetch_add(1, Ordering::Relaxed);
+        let mut st = lock(&self.inner.state);
+        let req_hash = format!("remove\0{}\0{}", req.name, req.expected_digest);
+        if !req.idempotency_key.is_empty()
+            && let Some((hash, resp)) = st.idempotency.get(&req.idempotency_key)
+        {
+            if *hash == req_hash {
+                return Ok(resp.clone());
+            }
+            return Err(Status::already_exists(
+                "idempotency key reused for another request",
+            ));
+        }
+        let current = st
+            .history
+            .get(&req.name)
+            .and_then(|h| h.first())
+            .filter(|_| !st.removed.contains(&req.name))
+            .cloned();
+        if !req.expected_digest.is_empty()
+            && let Some(c) = &current
+            && c.digest != req.expected_digest
+        {
+            return Err(Status::failed_precondition(format!(
+                "bundle `{}` runs {} here, not the expected digest",
+                req.name, c.version
+            )));
+        }
+        let now = now_ms();
+        let Some(current) = current else {
+            return Ok(pb::ApplyBundleResponse {
+                noop: true,
+                removed: true,
+                ..Default::default()
+            });
+        };
+        let attempt = pb::Attempt {
+            version: current.version.clone(),
+            outcome: "removed".into(),
+            error: String::new(),
+            at_unix_ms: now,
+            digest: current.digest.clone(),
+            idempotency_key: req.idempotency_key.clone(),
+        };
+        let mut outcomes = Vec::new();
+        let mut gone = Vec::new();
+        for (k, r) in st.rootlets.iter_mut() {
+            if r.bundle != req.name && !r.stages.iter().any(|s| s.bundle == req.name) {
+                continue;
+            }
+            self.advance(r);
+            r.stages.retain(|s| s.bundle != req.name);
+            r.generation += 1;
+            r.bundle.clear();
+            r.applied_version.clear();
+            r.applied_digest.clear();
+            r.last_attempt = Some(attempt.clone());
+            if r.loaded_by == req.name && r.stages.is_empty() {
+                gone.push(k.clone());
+            }
+            outcomes.push(pb::RootletOutcome {
+                rootlet_id: r.id.clone(),
+                generation: r.generation,
+                changed: true,
+            });
+        }
+        for k in gone {
+            st.rootlets.remove(&k);
+        }
+        st.removed.insert(req.name.clone());
+        self.inner.applies.fetch_add(1, Ordering::Relaxed);
+        let resp = pb::ApplyBundleResponse {
+            digest: current.digest,
+            version: current.version,
+            noop: false,
+            rootlets: outcomes,
+            removed: true,
+        };
+        if !req.idempotency_key.is_empty() {
+            st.keyed.insert(req.idempotency_key.clone(), attempt);
             st.idempotency
                 .insert(req.idempotency_key, (req_hash, resp.clone()));
         }
@@ -597,13 +797,30 @@ impl pb::rootlet_server::Rootlet for SimAgent {
         req: Request<pb::GetApplyStatusRequest>,
     ) -> Result<Response<pb::ApplyStatus>, Status> {
         self.enter().await?;
+        let req = req.into_inner();
         let mut st = lock(&self.inner.state);
-        let r = Self::find(&mut st, req.into_inner().rootlet)?;
+        let keyed_attempt = (!req.idempotency_key.is_empty())
+            .then(|| st.keyed.get(&req.idempotency_key).cloned())
+            .flatten();
+        let r = Self::find(&mut st, req.rootlet)?;
         Ok(Response::new(pb::ApplyStatus {
             rootlet_id: r.id.clone(),
             applied_version: r.applied_version.clone(),
             applied_digest: r.applied_digest.clone(),
             last_attempt: r.last_attempt.clone(),
+            bundle: r.bundle.clone(),
+            drift: r
+                .stages
+                .iter()
+                .filter(|s| !s.bundle.is_empty() && s.digest != s.bundle_digest)
+                .map(|s| pb::StageDrift {
+                    stage: s.name.clone(),
+                    expected_digest: s.bundle_digest.clone(),
+                    running_digest: s.digest.clone(),
+                    reason: "replaced out of band".into(),
+                })
+                .collect(),
+            keyed_attempt,
         }))
     }
 
@@ -615,18 +832,28 @@ impl pb::rootlet_server::Rootlet for SimAgent {
         let st = lock(&self.inner.state);
         let mut bundles = Vec::new();
         for (name, h) in &st.history {
+            let removed = st.removed.contains(name);
             for (i, e) in h.iter().enumerate() {
                 bundles.push(pb::BundleInfo {
                     name: name.clone(),
                     version: e.version.clone(),
                     digest: e.digest.clone(),
                     applied_at_unix_ms: e.at,
-                    current: i == 0,
+                    current: i == 0 && !removed,
+                    removed: i == 0 && removed,
                 });
             }
         }
         bundles.sort_by_key(|b| std::cmp::Reverse(b.applied_at_unix_ms));
         Ok(Response::new(pb::ListBundlesResponse { bundles }))
+    }
+
+    async fn remove_bundle(
+        &self,
+        req: Request<pb::RemoveBundleRequest>,
+    ) -> Result<Response<pb::ApplyBundleResponse>, Status> {
+        self.enter().await?;
+        self.remove(req.into_inner()).map(Response::new)
     }
 
     async fn rollback(

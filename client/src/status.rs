@@ -2,8 +2,11 @@
 //! rootlets: the bundle version applied and its digest, the last attempt
 //! (ack or nack, and why), the generation, each stage with its program id
 //! and counters, and drift (the kernel no longer runs what the agent
-//! built, or the host does not run the version asked for with
-//! `--expect`), as a table for people or JSON for programs.
+//! built; a stage of the bundle that the kernel does not run as the
+//! bundle says, from `ApplyStatus.drift`; or the host does not run the
+//! version asked for with `--expect`, where a rootlet with stage drift
+//! does not count as running it), as a table for people or JSON for
+//! programs.
 
 use std::{fmt::Write, time::Duration};
 
@@ -30,6 +33,8 @@ pub struct RootletStatus {
     pub counters: Counters,
     /// Empty unless the kernel no longer runs what the agent built.
     pub drift: String,
+    /// The bundle's stages the kernel does not run as the bundle says.
+    pub stage_drift: Vec<StageDrift>,
     /// Set when `--expect` names another version than the one applied.
     pub version_drift: Option<String>,
 }
@@ -40,6 +45,15 @@ pub struct Attempt {
     pub outcome: String,
     pub error: String,
     pub at_unix_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageDrift {
+    pub stage: String,
+    pub expected_digest: String,
+    /// Empty: the stage is not running.
+    pub running_digest: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,7 +93,7 @@ impl HostStatus {
     pub fn has_drift(&self) -> bool {
         self.rootlets
             .iter()
-            .any(|r| !r.drift.is_empty() || r.version_drift.is_some())
+            .any(|r| !r.drift.is_empty() || !r.stage_drift.is_empty() || r.version_drift.is_some())
     }
 }
 
@@ -157,6 +171,7 @@ async fn read_host(
                     c.get_apply_status(request(
                         pb::GetApplyStatusRequest {
                             rootlet: Some(by_id(&id)),
+                            idempotency_key: String::new(),
                         },
                         t,
                     ))
@@ -203,17 +218,25 @@ async fn read_host(
         } else {
             r.applied_version.clone()
         };
+        let stage_drift: Vec<pb::StageDrift> =
+            st.as_ref().map(|s| s.drift.clone()).unwrap_or_default();
         let version_drift = expect.and_then(|want| {
-            (applied_version != want && applied_digest != want).then(|| {
-                format!(
+            if applied_version != want && applied_digest != want {
+                Some(format!(
                     "runs {}, expected {want}",
                     if applied_version.is_empty() {
                         "nothing"
                     } else {
                         &applied_version
                     }
-                )
-            })
+                ))
+            } else if !stage_drift.is_empty() || !r.drift.is_empty() {
+                Some(format!(
+                    "not on {want}: the kernel does not run it as the bundle says"
+                ))
+            } else {
+                None
+            }
         });
         let iface = r.interface.clone().unwrap_or_default();
         rootlets.push(RootletStatus {
@@ -232,6 +255,15 @@ async fn read_host(
             stages,
             counters: total,
             drift: r.drift,
+            stage_drift: stage_drift
+                .into_iter()
+                .map(|d| StageDrift {
+                    stage: d.stage,
+                    expected_digest: d.expected_digest,
+                    running_digest: d.running_digest,
+                    reason: d.reason,
+                })
+                .collect(),
             version_drift,
         });
     }
@@ -320,6 +352,22 @@ pub fn table(hosts: &[HostStatus]) -> String {
             let mut drift = Vec::new();
             if !r.drift.is_empty() {
                 drift.push(format!("kernel: {}", r.drift));
+            }
+            for d in &r.stage_drift {
+                drift.push(format!(
+                    "stage {}: {} ({})",
+                    d.stage,
+                    d.reason,
+                    if d.running_digest.is_empty() {
+                        "not running".to_string()
+                    } else {
+                        format!(
+                            "runs {}, the bundle has {}",
+                            short(&d.running_digest),
+                            short(&d.expected_digest)
+                        )
+                    }
+                ));
             }
             if let Some(v) = &r.version_drift {
                 drift.push(v.clone());

@@ -86,10 +86,23 @@ pub struct RpcError {
 }
 
 impl RpcError {
-    /// The host did not answer (UNAVAILABLE after every retry, or a
-    /// deadline): it counts against `max_unavailable`.
+    /// The host did not answer (UNAVAILABLE after every retry, a
+    /// deadline, or the connection dropped: `UNKNOWN: transport error`,
+    /// CANCELLED): it counts against `max_unavailable`. The agent itself
+    /// answers with other codes.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self.code, Code::Unavailable | Code::DeadlineExceeded)
+        self.outcome_unknown()
+    }
+
+    /// The call may or may not have happened: the connection dropped or
+    /// no answer came (`UNKNOWN: transport error`, UNAVAILABLE, a
+    /// deadline, CANCELLED). A mutation that ends so must be followed by
+    /// asking the agent what it did, never counted as refused.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self.code,
+            Code::Unknown | Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+        )
     }
 
     fn local(what: &'static str, message: impl Into<String>) -> RpcError {

@@ -75,6 +75,35 @@ fn bundle_rollout_status_and_exit_codes() {
         ctl(&["bundle", "build", s(&d.join("bad.toml"))]),
         EXIT_USAGE
     );
+    // An object outside the manifest's directory: refused, unless named.
+    let sub = d.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    let outside = sub.join("outside.toml");
+    std::fs::write(
+        &outside,
+        std::fs::read_to_string(&m1)
+            .unwrap()
+            .replace("\"sampler.o\"", "\"../sampler.o\""),
+    )
+    .unwrap();
+    let out = d.join("outside.rlb");
+    assert_eq!(
+        ctl(&["bundle", "build", s(&outside), "-o", s(&out)]),
+        EXIT_USAGE
+    );
+    assert!(!out.exists());
+    assert_eq!(
+        ctl(&[
+            "bundle",
+            "build",
+            s(&outside),
+            "-o",
+            s(&out),
+            "--allow-object",
+            s(&d.join("sampler.o"))
+        ]),
+        EXIT_OK
+    );
 
     // Inventory and plan.
     let mut inv = String::new();
@@ -151,6 +180,33 @@ fn bundle_rollout_status_and_exit_codes() {
         ]),
         EXIT_FAILED
     );
+    // Drift: a stage of the bundle replaced behind the agent's back. The
+    // host still says v1, but does not count as running it.
+    agents[1].agent.replace_out_of_band("rl0", "sampler");
+    assert_eq!(
+        ctl(&["status", "-i", s(&inventory), "--expect", "v1"]),
+        EXIT_FAILED
+    );
+    let hosts = rt.block_on(async {
+        let fleet = rootlet_client::transport::Fleet::new(
+            rootlet_client::inventory::Inventory::load(&inventory)
+                .unwrap()
+                .hosts,
+            Default::default(),
+        );
+        rootlet_client::status::read(&fleet, Some("v1")).await
+    });
+    let drifted: Vec<&str> = hosts
+        .iter()
+        .filter(|h| h.has_drift())
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(drifted, ["h1"]);
+    let r = &hosts[1].rootlets[0];
+    assert_eq!(r.applied_version, "v1");
+    assert_eq!(r.stage_drift.len(), 1);
+    assert_eq!(r.stage_drift[0].stage, "sampler");
+    assert!(rootlet_client::status::table(&hosts).contains("stage sampler: replaced out of band"));
     // A finished rollout cannot be steered.
     assert_eq!(ctl(&["rollout", "pause", "-j", s(&journal)]), EXIT_USAGE);
 
@@ -165,6 +221,27 @@ fn bundle_rollout_status_and_exit_codes() {
         ctl(&["rollout", "status", "-j", s(&journal)]),
         EXIT_ROLLED_BACK
     );
+
+    // `bundle remove` with the same plan: no host runs edge afterwards.
+    let removal = d.join("rm.json");
+    assert_eq!(
+        ctl(&[
+            "bundle",
+            "remove",
+            "edge",
+            "-i",
+            s(&inventory),
+            "-p",
+            s(&plan),
+            "-j",
+            s(&removal),
+            "--rpc-timeout",
+            "2s",
+        ]),
+        EXIT_OK
+    );
+    assert!(agents.iter().all(|a| a.agent.stages_of("rl0").is_none()));
+    assert_eq!(ctl(&["status", "-i", s(&inventory)]), EXIT_OK);
 
     // A host that does not answer: status says so (exit 1).
     agents[2].agent.set_silent(true);

@@ -175,6 +175,34 @@ fn copy(r: &mut TcpStream, w: &mut TcpStream) -> io::Result<()> {
     }
 }
 
+/// Starts the agent of the host whose namespaces are `pair` and whose
+/// config is in `state_dir`, with `ROOTLETD_CRASH_AT=crash_at` if given;
+/// its output is appended to `rootletd.log`.
+fn spawn_agent(
+    pair: &VethPair,
+    state_dir: &Path,
+    rootletd: &Path,
+    crash_at: Option<&str>,
+) -> io::Result<Child> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join("rootletd.log"))?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", pair.host().path().display()))
+        .arg("--")
+        .arg(rootletd)
+        .arg("--config")
+        .arg(state_dir.join("rootletd.toml"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(step) = crash_at {
+        cmd.env("ROOTLETD_CRASH_AT", step);
+    }
+    cmd.spawn()
+}
+
 /// One host of the fleet.
 pub struct RealHost {
     pub name: String,
@@ -292,17 +320,7 @@ impl RealFleet {
         ));
         let config = state_dir.join("rootletd.toml");
         fs::write(&config, cfg)?;
-        let log = fs::File::create(state_dir.join("rootletd.log"))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", pair.host().path().display()))
-            .arg("--")
-            .arg(rootletd)
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = spawn_agent(&pair, &state_dir, rootletd, None)?;
         let forwarder = if mtls {
             Some(Forwarder::start(
                 pair.host().path(),
@@ -519,6 +537,39 @@ impl RealFleet {
         .map_err(io::Error::other)?;
         h.stopped = stop;
         Ok(())
+    }
+
+    /// Kills host `i`'s agent (SIGKILL, continuing it first if stopped)
+    /// and starts it again, with `ROOTLETD_CRASH_AT=crash_at` if given (it
+    /// then aborts at that step of its next change). Returns once the new
+    /// agent reports SERVING.
+    pub async fn restart(&mut self, i: usize, crash_at: Option<&str>) -> io::Result<()> {
+        let rootletd = sibling_binary("rootletd");
+        let h = self
+            .hosts
+            .get_mut(i)
+            .ok_or_else(|| io::Error::other(format!("no host {i}")))?;
+        if let Some(mut child) = h.child.take() {
+            if h.stopped
+                && let Ok(pid) = i32::try_from(child.id())
+            {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        h.stopped = false;
+        h.child = Some(spawn_agent(&h.pair, &h.state_dir, &rootletd, crash_at)?);
+        self.wait_ready().await
+    }
+
+    /// Whether host `i`'s agent process has exited (it crashed, or was
+    /// killed).
+    pub fn agent_exited(&mut self, i: usize) -> bool {
+        self.hosts
+            .get_mut(i)
+            .and_then(|h| h.child.as_mut())
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     /// The agent log of host `i`.

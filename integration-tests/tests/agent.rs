@@ -3,16 +3,18 @@
 //! a veth pair in fresh namespaces, with real packets.
 
 use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use rootlet_integration_tests::{
     fixture::{self, Fixture},
-    netns::VethPair,
+    netns::{HOST_IP, VethPair},
     packet::seq_payload,
     pki::Pki,
-    traffic::RawSocket,
+    traffic::{RawSocket, UdpSink},
     witness,
 };
 use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
@@ -162,18 +164,44 @@ impl Agent {
 
     /// A signed bundle of embedded objects: (stage, object, priority).
     fn bundle(&self, version: &str, stages: &[(&str, &str, i32)], sign: bool) -> Vec<u8> {
-        let dir = self.state_dir.join(format!("bundle-{version}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut manifest = format!(
-            "name = \"edge\"\nversion = \"{version}\"\n[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        let stages: Vec<_> = stages.iter().map(|(n, o, p)| (*n, *o, *p, "ops")).collect();
+        self.bundle_of("edge", version, &stages, sign)
+    }
+
+    /// A signed bundle `name` of embedded objects: (stage, object,
+    /// priority, owner), for this agent's rootlet.
+    fn bundle_of(
+        &self,
+        name: &str,
+        version: &str,
+        stages: &[(&str, &str, i32, &str)],
+        sign: bool,
+    ) -> Vec<u8> {
+        let targets = format!(
+            "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
             self.f.pair.host_if(),
             self.f.netns_path().display()
         );
-        for (name, object, prio) in stages {
+        self.bundle_for(name, version, &targets, stages, sign)
+    }
+
+    /// A bundle with the manifest's `[[rootlets]]` tables given.
+    fn bundle_for(
+        &self,
+        name: &str,
+        version: &str,
+        targets: &str,
+        stages: &[(&str, &str, i32, &str)],
+        sign: bool,
+    ) -> Vec<u8> {
+        let dir = self.state_dir.join(format!("bundle-{name}-{version}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut manifest = format!("name = \"{name}\"\nversion = \"{version}\"\n{targets}");
+        for (stage, object, prio, owner) in stages {
             let e = rootlet_ebpf::stage(object).expect("object");
             std::fs::write(dir.join(format!("{object}.o")), e.object).expect("object file");
             manifest.push_str(&format!(
-                "[[stages]]\nname = \"{name}\"\nobject = \"{object}.o\"\nprogram = \"{}\"\npriority = {prio}\nowner = \"ops\"\n",
+                "[[stages]]\nname = \"{stage}\"\nobject = \"{object}.o\"\nprogram = \"{}\"\npriority = {prio}\nowner = \"{owner}\"\n",
                 e.program
             ));
         }
@@ -779,8 +807,9 @@ async fn oversized_truncated_and_malformed_requests_change_nothing() {
     let mut big = stage("big", "test_pass", 2);
     big.object = vec![0x7f; 2 << 20];
     let err = ops.link_stage(link(r.clone(), big)).await.unwrap_err();
-    assert!(
-        matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange),
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
         "oversized: {err:?}"
     );
 
@@ -1058,4 +1087,1053 @@ async fn a_deadline_ends_the_call_and_a_retry_with_its_key_converges() {
         ["sampler"]
     );
     assert_eq!(s.generation, 2, "one change, whatever the deadline did");
+}
+
+fn apply(bytes: Vec<u8>) -> pb::ApplyBundleRequest {
+    pb::ApplyBundleRequest {
+        source: Some(pb::apply_bundle_request::Source::Bundle(bytes)),
+        ..Default::default()
+    }
+}
+
+fn remove(name: &str) -> pb::RemoveBundleRequest {
+    pb::RemoveBundleRequest {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// What the kernel runs on a rootlet, as the agent reads it back:
+/// (generation, [(stage, owner, object digest)]); None without a rootlet.
+type Kernel = Option<(u64, Vec<(String, String, String)>)>;
+
+async fn kernel(c: &mut RootletClient<Channel>, r: Option<pb::RootletRef>) -> Kernel {
+    match c.get_rootlet(pb::GetRootletRequest { rootlet: r }).await {
+        Ok(s) => {
+            let s = s.into_inner();
+            Some((
+                s.generation,
+                s.slots
+                    .iter()
+                    .map(|x| (x.stage.clone(), x.owner.clone(), x.digest.clone()))
+                    .collect(),
+            ))
+        }
+        Err(e) if e.code() == Code::NotFound => None,
+        Err(e) => panic!("get rootlet: {e:?}"),
+    }
+}
+
+/// The sha256 of an embedded object, as slots and drift report it.
+fn digest_of(object: &str) -> String {
+    rootlet_bundle::sha256_hex(rootlet_ebpf::stage(object).expect("object").object)
+}
+
+async fn apply_status(
+    c: &mut RootletClient<Channel>,
+    r: Option<pb::RootletRef>,
+    key: &str,
+) -> pb::ApplyStatus {
+    c.get_apply_status(pb::GetApplyStatusRequest {
+        rootlet: r,
+        idempotency_key: key.into(),
+    })
+    .await
+    .expect("apply status")
+    .into_inner()
+}
+
+/// Real packets from the peer to a UDP sink on the host.
+struct Probe {
+    sink: UdpSink,
+    raw: RawSocket,
+    port: u16,
+    seq: u64,
+}
+
+impl Probe {
+    fn new(a: &Agent, port: u16) -> Probe {
+        Probe {
+            sink: UdpSink::bind(a.f.pair.host(), SocketAddrV4::new(HOST_IP, port)).expect("sink"),
+            raw: RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw"),
+            port,
+            seq: 0,
+        }
+    }
+
+    fn send(&mut self, a: &Agent) {
+        self.seq += 1;
+        let frame =
+            a.f.pair
+                .udp_to_host(40000, self.port, seq_payload(self.seq, 64));
+        self.raw.send(&frame.to_bytes()).expect("send");
+    }
+
+    /// Whether a packet sent now reaches the host: the socket got it, or
+    /// the host's stack counted it as dropped after the data plane passed
+    /// it (a starved socket is not the data plane's doing).
+    fn delivered(&mut self, a: &Agent) -> bool {
+        let before = witness::StackDrops::read(a.f.pair.host()).expect("snmp");
+        self.send(a);
+        let got = self
+            .sink
+            .recv_until_idle(
+                Duration::from_millis(200),
+                Instant::now() + Duration::from_secs(2),
+            )
+            .expect("recv");
+        let stack = witness::StackDrops::read(a.f.pair.host())
+            .expect("snmp")
+            .since(&before);
+        !got.is_empty() || stack.total() > 0
+    }
+
+    /// Whether the data plane dropped a packet sent now, by its own count
+    /// (the pinned stats map), not by a socket that stayed silent.
+    fn dropped(&mut self, a: &Agent) -> bool {
+        let before = a.f.pinned_count(XdpAction::Drop);
+        self.send(a);
+        fixture::wait_for(Duration::from_secs(10), || {
+            a.f.pinned_count(XdpAction::Drop) == before + 1
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remove_bundle_undoes_a_first_install_and_nothing_else() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let mut mon = a.client("mon").await;
+    let mut probe = Probe::new(&a, 6100);
+    assert!(probe.delivered(&a), "no rootlet yet: packets arrive");
+
+    // A first install loads the rootlet and links a stage that drops.
+    let v1 = a.bundle("1.0", &[("drop", "test_drop", 10)], true);
+    let r1 = ops
+        .apply_bundle(apply(v1))
+        .await
+        .expect("first install")
+        .into_inner();
+    assert!(probe.dropped(&a), "the bundle's stage drops");
+
+    // A reader may not remove it; nothing changes.
+    let before = kernel(&mut ops, a.rootlet()).await;
+    assert!(before.is_some());
+    let err = mon.remove_bundle(remove("edge")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        kernel(&mut ops, a.rootlet()).await,
+        before,
+        "nothing changed"
+    );
+    assert!(probe.dropped(&a), "still dropping");
+
+    // Another digest is not the current version: refused, nothing changes.
+    let err = ops
+        .remove_bundle(pb::RemoveBundleRequest {
+            expected_digest: "00".repeat(32),
+            ..remove("edge")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "BUNDLE_NOT_CURRENT")
+    );
+    assert_eq!(kernel(&mut ops, a.rootlet()).await, before);
+
+    // The removal unlinks the stage and unloads the rootlet the bundle loaded.
+    let done = ops
+        .remove_bundle(pb::RemoveBundleRequest {
+            expected_digest: r1.digest.clone(),
+            idempotency_key: "rm-1".into(),
+            ..remove("edge")
+        })
+        .await
+        .expect("remove")
+        .into_inner();
+    assert!(done.removed && !done.noop, "{done:?}");
+    assert_eq!((done.version.as_str(), &done.digest), ("1.0", &r1.digest));
+    assert_eq!(kernel(&mut ops, a.rootlet()).await, None, "no rootlet left");
+    let listed = ops
+        .list_rootlets(pb::ListRootletsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.rootlets.is_empty(), "{listed:?}");
+    assert!(a.f.pins().is_empty(), "no pins left: {:?}", a.f.pins());
+    assert!(probe.delivered(&a), "packets arrive again");
+    let bundles = ops
+        .list_bundles(pb::ListBundlesRequest {})
+        .await
+        .expect("bundles")
+        .into_inner()
+        .bundles;
+    assert_eq!(
+        bundles
+            .iter()
+            .map(|b| (b.version.as_str(), b.current, b.removed))
+            .collect::<Vec<_>>(),
+        [("1.0", false, true)],
+        "edge: removed (from 1.0)"
+    );
+
+    // Removing again is a no-op.
+    let again = ops
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("remove again")
+        .into_inner();
+    assert!(again.removed && again.noop, "{again:?}");
+    assert!(probe.delivered(&a));
+
+    // Installed again; meanwhile another team links its own stage on the
+    // rootlet the bundle loaded. The removal takes only the bundle's stage.
+    let v2 = a.bundle("2.0", &[("drop", "test_drop", 10)], true);
+    ops.apply_bundle(apply(v2)).await.expect("install again");
+    assert!(probe.dropped(&a));
+    team_a
+        .link_stage(link(a.rootlet(), stage("a-sampler", "sampler", 5)))
+        .await
+        .expect("team a's own stage");
+    let done = ops
+        .remove_bundle(pb::RemoveBundleRequest {
+            idempotency_key: "rm-2".into(),
+            ..remove("edge")
+        })
+        .await
+        .expect("remove")
+        .into_inner();
+    assert!(done.removed && !done.noop, "{done:?}");
+    let (_, stages) = kernel(&mut ops, a.rootlet())
+        .await
+        .expect("the rootlet stays: another team's stage runs on it");
+    assert_eq!(
+        stages,
+        [(
+            "a-sampler".to_owned(),
+            "team-a".to_owned(),
+            digest_of("sampler")
+        )]
+    );
+    assert!(probe.delivered(&a), "the bundle's stage is gone");
+    let status = apply_status(&mut ops, a.rootlet(), "rm-2").await;
+    assert_eq!(status.applied_version, "", "{status:?}");
+    let last = status.last_attempt.expect("last attempt");
+    assert_eq!(
+        (last.version.as_str(), last.outcome.as_str()),
+        ("2.0", "removed")
+    );
+    let keyed = status.keyed_attempt.expect("the attempt of key rm-2");
+    assert_eq!(keyed.outcome, "removed");
+    assert!(status.drift.is_empty(), "{:?}", status.drift);
+    let again = ops
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("remove again")
+        .into_inner();
+    assert!(again.noop, "{again:?}");
+    assert_eq!(
+        kernel(&mut ops, a.rootlet()).await.map(|k| k.1.len()),
+        Some(1),
+        "team a's stage stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_change_a_bundle_makes_is_authorised_for_the_caller() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let mut team_b = a.client("team-b").await;
+    let mut mon = a.client("mon").await;
+    a.load(&mut ops).await;
+    let r = a.rootlet();
+
+    // `edge`, applied by the admin: one stage of each team.
+    let edge = a.bundle_of(
+        "edge",
+        "1.0",
+        &[
+            ("a-sampler", "sampler", 10, "team-a"),
+            ("b-lb", "l4lb", 30, "team-b"),
+        ],
+        true,
+    );
+    ops.apply_bundle(apply(edge)).await.expect("admin applies");
+    let before = kernel(&mut ops, r.clone()).await;
+    let stages = |k: &Kernel| {
+        k.as_ref()
+            .map(|k| k.1.iter().map(|s| s.0.clone()).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        stages(&before),
+        Some(vec!["a-sampler".to_owned(), "b-lb".to_owned()])
+    );
+    let denied = |err: tonic::Status, what: &str| {
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::PermissionDenied, "PERMISSION_DENIED"),
+            "{what}: {err:?}"
+        );
+    };
+
+    // A reader with a trusted-signed `edge` of no stages: refused (it would
+    // unlink every stage), and the kernel is unchanged.
+    let empty = a.bundle_of("edge", "9.0", &[], true);
+    denied(
+        mon.apply_bundle(apply(empty.clone())).await.unwrap_err(),
+        "reader unlinks by bundle",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // An owner applying an `edge` of only its own stage would unlink team
+    // b's: refused.
+    let only_a = a.bundle_of(
+        "edge",
+        "9.1",
+        &[("a-sampler", "sampler", 10, "team-a")],
+        true,
+    );
+    denied(
+        team_a.apply_bundle(apply(only_a)).await.unwrap_err(),
+        "owner unlinks another team's stage by bundle",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // ... nor replace it (a bundle can only name its own stages, and team b's
+    // own `edge` replacing b-lb would unlink a-sampler).
+    let only_b = a.bundle_of("edge", "9.2", &[("b-lb", "test_pass", 30, "team-b")], true);
+    denied(
+        team_b.apply_bundle(apply(only_b)).await.unwrap_err(),
+        "owner replaces its stage and unlinks another's by bundle",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // Shipping another team's stage is refused whatever the bundle does.
+    let ships_b = a.bundle_of(
+        "edge",
+        "9.3",
+        &[
+            ("a-sampler", "sampler", 10, "team-a"),
+            ("b-lb", "test_pass", 30, "team-b"),
+        ],
+        true,
+    );
+    denied(
+        team_a.apply_bundle(apply(ships_b)).await.unwrap_err(),
+        "owner ships another team's stage",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // RemoveBundle by a reader or by one of the two teams: refused.
+    denied(
+        mon.remove_bundle(remove("edge")).await.unwrap_err(),
+        "reader removes",
+    );
+    denied(
+        team_a.remove_bundle(remove("edge")).await.unwrap_err(),
+        "owner removes a bundle with another team's stage",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+    // Rollback is an apply: the reader cannot roll `edge` back either.
+    denied(
+        mon.rollback(pb::RollbackRequest {
+            name: "edge".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+        "reader rolls back",
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before);
+
+    // A team's own bundle: it links, replaces and unlinks its own stages.
+    let mine =
+        |v: &str, stages: &[(&str, &str, i32, &str)]| a.bundle_of("team-a-edge", v, stages, true);
+    team_a
+        .apply_bundle(apply(mine("1", &[("a-x", "test_pass", 5, "team-a")])))
+        .await
+        .expect("owner links its own stage");
+    team_a
+        .apply_bundle(apply(mine("2", &[("a-x", "ddos", 5, "team-a")])))
+        .await
+        .expect("owner replaces its own stage");
+    let k = kernel(&mut ops, r.clone()).await.expect("rootlet");
+    assert!(k.1.contains(&("a-x".into(), "team-a".into(), digest_of("ddos"))));
+    // A reader and the other team may not make it unlink a-x.
+    let other = a.bundle_of("team-a-edge", "3", &[], true);
+    denied(
+        mon.apply_bundle(apply(other.clone())).await.unwrap_err(),
+        "reader unlinks by another's bundle",
+    );
+    denied(
+        team_b.apply_bundle(apply(other.clone())).await.unwrap_err(),
+        "owner unlinks another team's stage by its bundle",
+    );
+    let unchanged = kernel(&mut ops, r.clone()).await;
+    assert_eq!(unchanged.as_ref().map(|k| &k.1), Some(&k.1));
+    team_a
+        .apply_bundle(apply(other))
+        .await
+        .expect("owner unlinks its own stage");
+    let k = kernel(&mut ops, r.clone()).await;
+    assert_eq!(
+        stages(&k),
+        Some(vec!["a-sampler".to_owned(), "b-lb".to_owned()])
+    );
+
+    // Loading a rootlet is the admin's: an owner's bundle for an interface
+    // without one is refused, and no rootlet appears.
+    let second = VethPair::new().expect("second veth pair");
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        second.host_if(),
+        second.host().path().display()
+    );
+    let loads = a.bundle_for(
+        "team-a-far",
+        "1",
+        &targets,
+        &[("a-far", "test_pass", 5, "team-a")],
+        true,
+    );
+    denied(
+        team_a.apply_bundle(apply(loads)).await.unwrap_err(),
+        "owner loads a rootlet by bundle",
+    );
+    let listed = ops
+        .list_rootlets(pb::ListRootletsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.rootlets.len(), 1, "no rootlet was loaded");
+
+    // The admin may do all of it; the teams' stages are the bundle's to
+    // remove, and the rootlet (loaded by hand) stays.
+    ops.remove_bundle(remove("edge"))
+        .await
+        .expect("admin removes");
+    let k = kernel(&mut ops, r.clone()).await;
+    assert_eq!(stages(&k), Some(vec![]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apply_converges_on_the_kernel_and_drift_is_reported_per_stage() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let r = a.rootlet();
+    let v1 = a.bundle(
+        "1.0",
+        &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
+        true,
+    );
+    let r1 = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1")
+        .into_inner();
+    let expected = vec![
+        ("sampler".to_owned(), "ops".to_owned(), digest_of("sampler")),
+        ("ddos".to_owned(), "ops".to_owned(), digest_of("ddos")),
+    ];
+    let running = |k: Kernel| k.map(|k| k.1);
+    assert_eq!(
+        running(kernel(&mut ops, r.clone()).await),
+        Some(expected.clone())
+    );
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(
+        (s.bundle.as_str(), s.applied_version.as_str()),
+        ("edge", "1.0")
+    );
+    assert!(s.drift.is_empty(), "{:?}", s.drift);
+
+    // The admin replaces a bundle stage out of band: drift, per stage.
+    ops.replace_stage(pb::ReplaceStageRequest {
+        rootlet: r.clone(),
+        stage: Some(stage("ddos", "ddos_v2", 20)),
+        ..Default::default()
+    })
+    .await
+    .expect("out-of-band replace");
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(s.applied_version, "1.0");
+    assert_eq!(
+        s.drift
+            .iter()
+            .map(|d| (
+                d.stage.as_str(),
+                d.expected_digest.clone(),
+                d.running_digest.clone()
+            ))
+            .collect::<Vec<_>>(),
+        [("ddos", digest_of("ddos"), digest_of("ddos_v2"))],
+        "{:?}",
+        s.drift
+    );
+    // Re-applying the version converges instead of answering no-op.
+    let again = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1 again")
+        .into_inner();
+    assert!(!again.noop && again.rootlets[0].changed, "{again:?}");
+    assert_eq!(
+        running(kernel(&mut ops, r.clone()).await),
+        Some(expected.clone())
+    );
+    assert!(apply_status(&mut ops, r.clone(), "").await.drift.is_empty());
+    let again = ops
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("v1 once more")
+        .into_inner();
+    assert!(again.noop, "now the kernel matches: {again:?}");
+
+    // A stage unlinked by hand: drift, and the same digest links it again.
+    ops.unlink_stage(pb::UnlinkStageRequest {
+        rootlet: r.clone(),
+        stage: "sampler".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unlink by hand");
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(
+        s.drift
+            .iter()
+            .map(|d| (d.stage.as_str(), d.running_digest.as_str()))
+            .collect::<Vec<_>>(),
+        [("sampler", "")]
+    );
+    let by_digest = ops
+        .apply_bundle(pb::ApplyBundleRequest {
+            source: Some(pb::apply_bundle_request::Source::Digest(r1.digest.clone())),
+            ..Default::default()
+        })
+        .await
+        .expect("by digest")
+        .into_inner();
+    assert!(!by_digest.noop, "{by_digest:?}");
+    assert_eq!(
+        running(kernel(&mut ops, r.clone()).await),
+        Some(expected.clone())
+    );
+    assert!(apply_status(&mut ops, r.clone(), "").await.drift.is_empty());
+
+    // A refused (NACKed) bundle is not kept.
+    let bad = a.bundle(
+        "2.0",
+        &[
+            ("sampler", "sampler", 10),
+            ("ddos", "ddos", 20),
+            ("bad", "test_bad_verifier", 30),
+        ],
+        true,
+    );
+    let bad_digest = rootlet_bundle::SignedBundle::from_bytes(&bad)
+        .expect("decode")
+        .bundle
+        .digest();
+    let mut req = apply(bad);
+    req.idempotency_key = "bad-1".into();
+    let err = ops.apply_bundle(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let has = ops
+        .has_bundle(pb::HasBundleRequest {
+            digest: bad_digest.clone(),
+        })
+        .await
+        .expect("has")
+        .into_inner();
+    assert!(!has.present, "the NACKed bundle was kept");
+    let s = apply_status(&mut ops, r.clone(), "bad-1").await;
+    let keyed = s.keyed_attempt.expect("the attempt of key bad-1");
+    assert_eq!(
+        (
+            keyed.version.as_str(),
+            keyed.outcome.as_str(),
+            &keyed.digest
+        ),
+        ("2.0", "nack", &bad_digest)
+    );
+    assert_eq!(s.applied_version, "1.0");
+    assert_eq!(running(kernel(&mut ops, r).await), Some(expected));
+}
+
+/// Starts rootletd as a process with `env` set.
+fn rootletd_with(config: &Path, env: &[(&str, &str)]) -> std::process::Child {
+    let exe = std::env::current_exe().expect("exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("dir");
+    let mut cmd = std::process::Command::new(dir.join("rootletd"));
+    cmd.arg("--config").arg(config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .expect("spawn rootletd (cargo build -p rootlet-server)")
+}
+
+/// Waits, bounded, until the rootletd at `addr` serves; then an ops client.
+async fn serving(addr: &str, a: &Agent) -> RootletClient<Channel> {
+    let end = Instant::now() + Duration::from_secs(60);
+    while health(addr, a).await != Some(1) {
+        assert!(Instant::now() < end, "rootletd at {addr} never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
+        .domain_name("localhost")
+        .identity({
+            let c = a.pki.client("ops");
+            Identity::from_pem(c.cert_pem, c.key_pem)
+        });
+    let ch = Channel::from_shared(addr.to_owned())
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .expect("connect");
+    RootletClient::new(ch)
+}
+
+/// Waits (bounded) for `child` to exit; SIGTERM first if `term`.
+async fn exited(child: &mut std::process::Child, term: bool) -> std::process::ExitStatus {
+    if term {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("rootletd did not exit");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What an apply status says the kernel runs: the applied version's stages
+/// (stage → object digest) with its drift applied.
+fn said(status: &pb::ApplyStatus, versions: &[(&str, &[(&str, &str)])]) -> Vec<(String, String)> {
+    let mut stages: BTreeMap<String, String> = versions
+        .iter()
+        .find(|(v, _)| *v == status.applied_version)
+        .map(|(_, s)| {
+            s.iter()
+                .map(|(stage, object)| ((*stage).to_owned(), digest_of(object)))
+                .collect()
+        })
+        .unwrap_or_default();
+    for d in &status.drift {
+        if d.running_digest.is_empty() {
+            stages.remove(&d.stage);
+        } else {
+            stages.insert(d.stage.clone(), d.running_digest.clone());
+        }
+    }
+    stages.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let mut a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let v1_stages: &[(&str, &str)] = &[("sampler", "sampler"), ("ddos", "ddos")];
+    // v2 replaces sampler's object, unlinks ddos and links lb.
+    let v2_stages: &[(&str, &str)] = &[("sampler", "test_pass"), ("lb", "l4lb")];
+    let versions = [("1.0", v1_stages), ("2.0", v2_stages)];
+    let v1 = a.bundle(
+        "1.0",
+        &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
+        true,
+    );
+    let v2 = a.bundle(
+        "2.0",
+        &[("sampler", "test_pass", 10), ("lb", "l4lb", 30)],
+        true,
+    );
+    ops.apply_bundle(apply(v1.clone())).await.expect("v1");
+    drop(ops);
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let kernel_of = |k: Kernel| -> Vec<(String, String)> {
+        let mut s: Vec<_> = k
+            .expect("the rootlet survives")
+            .1
+            .into_iter()
+            .map(|(stage, _, digest)| (stage, digest))
+            .collect();
+        s.sort();
+        s
+    };
+    let as_kernel = |stages: &[(&str, &str)]| -> Vec<(String, String)> {
+        let mut s: Vec<_> = stages
+            .iter()
+            .map(|(stage, object)| ((*stage).to_owned(), digest_of(object)))
+            .collect();
+        s.sort();
+        s
+    };
+
+    // Traffic through the rootlet the whole time.
+    let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
+    let frame =
+        a.f.pair
+            .udp_to_host(40000, 6200, seq_payload(1, 64))
+            .to_bytes();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(600);
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                if raw.send(&frame).is_ok() {
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+    let steps = [
+        "store-pending",
+        "rootlet-loaded",
+        "stage-attached",
+        "built",
+        "swapped",
+        "store-committed",
+        "released",
+        "bundle-pending",
+        "bundle-rootlet-committed",
+        "bundle-committed",
+        "bundle-status-written",
+    ];
+    let mut crashes = 0;
+    for step in steps {
+        let mut child = rootletd_with(&path, &[("ROOTLETD_CRASH_AT", step)]);
+        let mut c = serving(&addr, &a).await;
+        let mut req = apply(v2.clone());
+        req.idempotency_key = format!("crash-{step}");
+        let answer = c.apply_bundle(req).await;
+        drop(c);
+        let crashed = answer.is_err();
+        let status = exited(&mut child, !crashed).await;
+        if crashed {
+            crashes += 1;
+            assert!(
+                !status.success(),
+                "{step}: the call failed, the agent aborted"
+            );
+        }
+
+        // After the restart, the status says what the kernel runs.
+        let mut child = rootletd_with(&path, &[]);
+        let mut c = serving(&addr, &a).await;
+        let running = kernel_of(kernel(&mut c, a.rootlet()).await);
+        assert!(
+            running == as_kernel(v1_stages) || running == as_kernel(v2_stages),
+            "{step}: the kernel runs a mix: {running:?}"
+        );
+        let s = apply_status(&mut c, a.rootlet(), &format!("crash-{step}")).await;
+        let mut told = said(&s, &versions);
+        told.sort();
+        assert_eq!(
+            told, running,
+            "{step} (crashed: {crashed}): the status ({} with drift {:?}) disagrees with the kernel",
+            s.applied_version, s.drift
+        );
+        if running == as_kernel(v2_stages) {
+            assert_eq!(
+                s.applied_version, "2.0",
+                "{step}: the kernel runs 2.0 exactly"
+            );
+            let keyed = s.keyed_attempt.expect("the keyed attempt is known");
+            assert_eq!(keyed.outcome, "ack", "{step}");
+        }
+        // Re-applying converges, whatever the crash left.
+        let again = c
+            .apply_bundle(apply(v2.clone()))
+            .await
+            .expect("re-apply 2.0")
+            .into_inner();
+        assert_eq!(again.version, "2.0");
+        assert_eq!(
+            kernel_of(kernel(&mut c, a.rootlet()).await),
+            as_kernel(v2_stages),
+            "{step}: converged on 2.0"
+        );
+        let s = apply_status(&mut c, a.rootlet(), "").await;
+        assert!(
+            s.applied_version == "2.0" && s.drift.is_empty(),
+            "{step}: {s:?}"
+        );
+        // And back to 1.0 for the next step.
+        c.apply_bundle(apply(v1.clone()))
+            .await
+            .expect("back to 1.0");
+        assert_eq!(
+            kernel_of(kernel(&mut c, a.rootlet()).await),
+            as_kernel(v1_stages)
+        );
+        drop(c);
+        assert!(
+            exited(&mut child, true).await.success(),
+            "{step}: clean exit"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = traffic.join().expect("traffic");
+    assert!(sent > 100, "traffic flowed: {sent} frames");
+    assert!(crashes >= 9, "the agent crashed at {crashes} of the steps");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let second = VethPair::new().expect("second veth pair");
+    let r2 = Some(pb::RootletRef {
+        r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
+            netns: second.host().path().display().to_string(),
+            ifname: second.host_if().into(),
+        })),
+    });
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n\
+         [[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        a.f.pair.host_if(),
+        a.f.netns_path().display(),
+        second.host_if(),
+        second.host().path().display()
+    );
+    // The second rootlet, which the apply changes second, fails: its
+    // expected generation is wrong.
+    let second_id = format!(
+        "netns:{}/if:{}",
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(second.host().path()).expect("netns")
+        ),
+        second.host_ifindex()
+    );
+    let failing_on_2 = |bytes: Vec<u8>| pb::ApplyBundleRequest {
+        expected_generations: [(second_id.clone(), 999)].into_iter().collect(),
+        ..apply(bytes)
+    };
+
+    // A first install over two rootlets that fails on the second: the first
+    // rootlet, which the apply loaded, is unloaded again; nothing is left.
+    let first = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[("sampler", "sampler", 10, "ops")],
+        true,
+    );
+    let err = ops.apply_bundle(failing_on_2(first)).await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
+        "{err:?}"
+    );
+    assert!(
+        err.message()
+            .contains("every rootlet keeps its previous version"),
+        "{err:?}"
+    );
+    assert_eq!(kernel(&mut ops, a.rootlet()).await, None, "unloaded again");
+    assert_eq!(kernel(&mut ops, r2.clone()).await, None);
+    assert!(a.f.pins().is_empty(), "{:?}", a.f.pins());
+
+    // 1.0 on both; then team a links its own stage on the first rootlet.
+    let v1 = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    );
+    ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
+    team_a
+        .link_stage(link(a.rootlet(), stage("a-mine", "test_pass", 5)))
+        .await
+        .expect("team a's stage");
+    let before1 = kernel(&mut ops, a.rootlet()).await;
+    let before2 = kernel(&mut ops, r2.clone()).await;
+
+    // 2.0 replaces sampler, unlinks ddos and links lb on the first rootlet,
+    // then fails on the second: the first gets exactly the inverse.
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    );
+    let err = ops.apply_bundle(failing_on_2(v2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let stages_of = |k: &Kernel| k.as_ref().map(|k| k.1.clone());
+    assert_eq!(
+        stages_of(&kernel(&mut ops, a.rootlet()).await),
+        stages_of(&before1),
+        "the first rootlet runs exactly what it ran, team a's stage included"
+    );
+    assert_eq!(
+        stages_of(&kernel(&mut ops, r2.clone()).await),
+        stages_of(&before2)
+    );
+    for r in [a.rootlet(), r2] {
+        let s = apply_status(&mut ops, r, "").await;
+        assert_eq!(s.applied_version, "1.0");
+        assert!(s.drift.is_empty(), "{:?}", s.drift);
+        let last = s.last_attempt.expect("attempt");
+        assert_eq!(
+            (last.version.as_str(), last.outcome.as_str()),
+            ("2.0", "nack")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
+    let mut a = Agent::start().await;
+    let second = VethPair::new().expect("second veth pair");
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n\
+         [[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        a.f.pair.host_if(),
+        a.f.netns_path().display(),
+        second.host_if(),
+        second.host().path().display()
+    );
+    {
+        let mut ops = a.client("ops").await;
+        let v1 = a.bundle_for(
+            "edge",
+            "1.0",
+            &targets,
+            &[("sampler", "sampler", 10, "ops")],
+            true,
+        );
+        ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    // A rootletd that pauses after each rootlet of an apply is committed.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+    let mut child = rootletd_with(&path, &[("ROOTLETD_PAUSE_AT", "bundle-rootlet-committed")]);
+    let mut ops = serving(&addr, &a).await;
+    let before = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
+
+    // 2.0 adds lb on both rootlets and fails on the second (its expected
+    // generation is wrong).
+    let second_id = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: Some(pb::RootletRef {
+                r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
+                    netns: second.host().path().display().to_string(),
+                    ifname: second.host_if().into(),
+                })),
+            }),
+        })
+        .await
+        .expect("second rootlet")
+        .into_inner()
+        .id;
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[("sampler", "sampler", 10, "ops"), ("lb", "l4lb", 30, "ops")],
+        true,
+    );
+    let mut applier = ops.clone();
+    let apply_v2 = tokio::spawn(async move {
+        applier
+            .apply_bundle(pb::ApplyBundleRequest {
+                expected_generations: [(second_id, 999)].into_iter().collect(),
+                ..apply(v2)
+            })
+            .await
+    });
+    // While the agent pauses after the first rootlet, another change links
+    // a stage there.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
+        if now.0 > before.0 {
+            break;
+        }
+        assert!(Instant::now() < end, "the first rootlet never changed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ops.link_stage(link(a.rootlet(), stage("late", "test_pass", 5)))
+        .await
+        .expect("a stage linked meanwhile");
+    let err = tokio::time::timeout(Duration::from_secs(60), apply_v2)
+        .await
+        .expect("the apply ends")
+        .expect("task")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let (_, after) = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
+    let mut names: Vec<&str> = after.iter().map(|s| s.0.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["late", "sampler"],
+        "lb undone, the stage linked meanwhile kept"
+    );
+    drop(ops);
+    assert!(exited(&mut child, true).await.success(), "clean exit");
 }

@@ -224,7 +224,7 @@ async fn a_silent_host_counts_against_max_unavailable_and_an_interrupted_rollout
 
     // 1. Host 6 (in the last wave) stops answering once the canary is
     // healthy: it is counted against max_unavailable = 1, and the rollout
-    // completes without it.
+    // completes without it, as INCOMPLETE (exit 4): host 6 is not on 1.0.0.
     let req = request(&fleet, PLAN, &v1, &j);
     let Start::New(jn) = rollout::plan_start(&req).expect("journal") else {
         panic!("a new rollout")
@@ -246,7 +246,8 @@ async fn a_silent_host_counts_against_max_unavailable_and_an_interrupted_rollout
         .expect("the rollout ends")
         .expect("no panic")
         .expect("journal written");
-    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert_eq!(outcome, Outcome::Incomplete, "{:?}", jf.journal.stop);
+    assert_eq!(outcome.exit_code(), 4);
     assert_eq!(jf.journal.hosts[6].state, HostState::Unreachable);
     assert!(
         jf.journal.hosts[6].detail.contains("DEADLINE_EXCEEDED"),
@@ -337,4 +338,314 @@ async fn generation_of(fleet: &RealFleet, i: usize) -> u64 {
     let f = Fleet::new(fleet.inventory(), transport());
     let hosts = status::read(&f, None).await;
     hosts[i].rootlets.first().map_or(0, |r| r.generation)
+}
+
+/// Four hosts, one per step (canary, then waves of one), gated on the
+/// aborted rate; one host may be unavailable.
+const SMALL_HOSTS: usize = 4;
+const SMALL_PLAN: &str = r#"
+soak = "1s"
+progress_deadline = "2m"
+max_unavailable = 1
+canary = { hosts = 1 }
+
+[[waves]]
+hosts = 1
+
+[[gates.counters]]
+stage = "*"
+metric = "aborted_rate"
+max = 0.01
+window = "1s"
+min_packets = 100
+"#;
+
+fn spawn_rollout(
+    fleet: &RealFleet,
+    plan: &str,
+    bundle: &Path,
+    journal: &Path,
+) -> tokio::task::JoinHandle<Result<(Outcome, JournalFile), journal::JournalError>> {
+    let req = request(fleet, plan, bundle, journal);
+    let j = match rollout::plan_start(&req).expect("journal") {
+        Start::New(j) | Start::Resume(j) => j,
+    };
+    let engine = rollout::engine_for(journal, j, Some(Arc::clone(&req.bundle.bytes)), Mode::Lines)
+        .expect("engine");
+    tokio::spawn(engine.run())
+}
+
+async fn join(
+    task: tokio::task::JoinHandle<Result<(Outcome, JournalFile), journal::JournalError>>,
+) -> (Outcome, JournalFile) {
+    tokio::time::timeout(Duration::from_secs(300), task)
+        .await
+        .expect("the rollout ends within five minutes")
+        .expect("no panic")
+        .expect("journal written")
+}
+
+/// The stages of every host's rootlets (one list per host; empty: no
+/// rootlet).
+async fn stages(fleet: &RealFleet) -> Vec<Vec<String>> {
+    let f = Fleet::new(fleet.inventory(), transport());
+    status::read(&f, None)
+        .await
+        .into_iter()
+        .map(|h| {
+            assert!(h.error.is_none(), "{}: {:?}", h.name, h.error);
+            h.rootlets
+                .iter()
+                .flat_map(|r| r.stages.iter().map(|s| s.name.clone()))
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outcomes_are_asked_of_agents_killed_mid_apply_and_skipped_hosts_are_finished() {
+    let mut fleet = RealFleet::start(SMALL_HOSTS, &[]).await.expect("4 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+
+    // 1. Host 1 is down (stopped) when its wave starts, and back before the
+    // end: it is tried again, and the rollout succeeds with it.
+    fleet.freeze(1, true).expect("SIGSTOP host-01");
+    let v1 = fleet.sample_bundle("1.0.0", false).expect("bundle v1");
+    let j1 = journal_path(&fleet, "r1.json");
+    let task = spawn_rollout(&fleet, SMALL_PLAN, &v1, &j1);
+    let t0 = Instant::now();
+    while journal::read(&j1).map(|x| x.steps_done).unwrap_or(0) < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "wave 1 never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet.freeze(1, false).expect("SIGCONT host-01");
+    let (outcome, jf) = join(task).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.hosts[1]);
+    assert_eq!(jf.journal.hosts[1].state, HostState::Healthy);
+    assert!(
+        jf.journal
+            .events
+            .iter()
+            .any(|e| e.message.contains("retrying 1 host skipped before")),
+        "{:?}",
+        jf.journal.events
+    );
+    assert_eq!(
+        versions(&fleet).await,
+        vec![vec!["1.0.0".to_string()]; SMALL_HOSTS]
+    );
+
+    // 2. Host 1's agent dies in the middle of ApplyBundle (after the apply
+    // took effect, before it answered) and comes back: rootletctl asks it
+    // what the call did, counts the host as changed, and goes on.
+    fleet
+        .restart(1, Some("bundle-status-written"))
+        .await
+        .expect("host-01 armed to crash");
+    let v2 = fleet.sample_bundle_v2("1.1.0").expect("bundle v2");
+    let j2 = journal_path(&fleet, "r2.json");
+    let task = spawn_rollout(&fleet, SMALL_PLAN, &v2, &j2);
+    let t0 = Instant::now();
+    while !fleet.agent_exited(1) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "host-01 never crashed:\n{}",
+            fleet.log(1)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fleet.restart(1, None).await.expect("host-01 back");
+    let (outcome, jf) = join(task).await;
+    assert_eq!(
+        outcome,
+        Outcome::Succeeded,
+        "{:?}\n{:?}\n{}",
+        jf.journal.stop,
+        jf.journal.hosts[1],
+        fleet.log(1)
+    );
+    assert_eq!(jf.journal.hosts[1].state, HostState::Healthy);
+    assert_eq!(jf.journal.hosts[1].changed, journal::Changed::Yes);
+    assert_eq!(
+        versions(&fleet).await,
+        vec![vec!["1.1.0".to_string()]; SMALL_HOSTS]
+    );
+
+    // 3. Host 2's agent dies mid-apply and stays down: the outcome is
+    // unknown, so it is one unavailable host (not a refusal that rolls the
+    // fleet back); the others finish, and the rollout ends INCOMPLETE
+    // (exit 4) naming it. Once it is back, `rollout resume` finishes it.
+    fleet
+        .restart(2, Some("bundle-status-written"))
+        .await
+        .expect("host-02 armed to crash");
+    let v3 = fleet.sample_bundle("1.2.0", false).expect("bundle v3");
+    let j3 = journal_path(&fleet, "r3.json");
+    let (outcome, jf) = run(&fleet, SMALL_PLAN, &v3, &j3).await;
+    assert_eq!(outcome, Outcome::Incomplete, "{:?}", jf.journal.stop);
+    assert_eq!(outcome.exit_code(), 4);
+    assert!(jf.journal.stop.is_none(), "{:?}", jf.journal.stop);
+    let h2 = &jf.journal.hosts[2];
+    assert_eq!(h2.state, HostState::Unreachable, "{}", h2.detail);
+    assert_eq!(h2.changed, journal::Changed::Unknown, "{}", h2.detail);
+    assert!(
+        rollout::summary::human(&jf.journal, None).contains("host-02"),
+        "the skipped host is listed"
+    );
+    for i in [0, 1, 3] {
+        assert_eq!(jf.journal.hosts[i].state, HostState::Healthy);
+    }
+    fleet.restart(2, None).await.expect("host-02 back");
+    let (outcome, jf, _) = rollout::take_over(&j3, Mode::Lines, false)
+        .await
+        .expect("resume");
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.hosts[2]);
+    assert_eq!(
+        versions(&fleet).await,
+        vec![vec!["1.2.0".to_string()]; SMALL_HOSTS]
+    );
+    for i in 0..SMALL_HOSTS {
+        assert!(
+            fleet.traffic_flows(i, 50).expect("traffic"),
+            "host {i} passes traffic on 1.2.0"
+        );
+    }
+}
+
+/// A bundle `fw` of another team: one stage on `rl0`.
+fn other_team_bundle(fleet: &RealFleet) -> PathBuf {
+    let dir = fleet.dir.join("bundle-fw");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("sampler.o"), rootlet_ebpf::SAMPLER).expect("object");
+    let manifest = dir.join("manifest.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"fw\"\nversion = \"1\"\n[[rootlets]]\ninterface = \"rl0\"\n\
+         [[stages]]\nname = \"fw_sampler\"\nobject = \"sampler.o\"\nprogram = \"sampler\"\npriority = 90\nowner = \"fw\"\n",
+    )
+    .expect("manifest");
+    let mut signed =
+        rootlet_bundle::SignedBundle::new(rootlet_bundle::Bundle::build(&manifest).expect("build"));
+    signed.sign(&rootlet_bundle::read_signing_key(&fleet.signing_key).expect("key"));
+    let out = fleet.dir.join("fw-1.rlb");
+    std::fs::write(&out, signed.to_bytes()).expect("bundle");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_install_rolled_back_or_aborted_leaves_hosts_without_the_bundle() {
+    let mut fleet = RealFleet::start(SMALL_HOSTS, &[]).await.expect("4 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+    // Host 0 already runs another team's stage (its own bundle).
+    let fw = BundleFile::read(&other_team_bundle(&fleet)).expect("fw bundle");
+    let f = Fleet::new(fleet.inventory(), transport());
+    f.call(0, "ApplyBundle", None, |mut c, t| {
+        let req = rootlet_proto::v1::ApplyBundleRequest {
+            source: Some(rootlet_proto::v1::apply_bundle_request::Source::Bundle(
+                fw.bytes.as_ref().clone(),
+            )),
+            idempotency_key: String::new(),
+            expected_generations: Default::default(),
+        };
+        async move {
+            c.apply_bundle(rootlet_client::transport::request(req, t))
+                .await
+        }
+    })
+    .await
+    .expect("fw applied on host-00");
+    let fw_only = vec![vec!["fw_sampler".to_string()], vec![], vec![], vec![]];
+    assert_eq!(stages(&fleet).await, fw_only);
+
+    // 1. A first install whose canary gate trips: the canary goes back to
+    // having no edge at all (its other stage stays), ROLLED BACK, exit 3.
+    let bad = fleet
+        .sample_bundle("1.0.0-abort", true)
+        .expect("bad bundle");
+    let (outcome, jf) = run(&fleet, SMALL_PLAN, &bad, &journal_path(&fleet, "b.json")).await;
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.hosts[0]);
+    assert_eq!(outcome.exit_code(), 3);
+    assert_eq!(jf.journal.state, RolloutState::RolledBack);
+    assert_eq!(
+        jf.journal.stop.as_ref().map(|s| s.kind),
+        Some(StopKind::Gate)
+    );
+    let h0 = &jf.journal.hosts[0];
+    assert_eq!(h0.state, HostState::RolledBack, "{}", h0.detail);
+    assert!(h0.detail.contains("removed"), "{}", h0.detail);
+    assert_eq!(stages(&fleet).await, fw_only);
+    for i in 0..SMALL_HOSTS {
+        assert!(
+            fleet.traffic_flows(i, 50).expect("traffic"),
+            "host {i} passes traffic after the rollback"
+        );
+    }
+
+    // 2. A good first install interrupted mid-wave (rootletctl goes away
+    // while wave 1 soaks) and then aborted: the bundle is removed from
+    // every host it reached, and only from those.
+    let v1 = fleet.sample_bundle("1.0.0", false).expect("bundle v1");
+    let j = journal_path(&fleet, "a.json");
+    let plan = SMALL_PLAN.replace("soak = \"1s\"", "soak = \"20s\"");
+    let task = spawn_rollout(&fleet, &plan, &v1, &j);
+    let t0 = Instant::now();
+    while journal::read(&j).map(|x| x.hosts[1].state).ok() != Some(HostState::Pushed) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "wave 1 never pushed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    let mid = stages(&fleet).await;
+    assert!(mid[1].contains(&"sampler".to_string()), "{mid:?}");
+    let (outcome, jf, _) = rollout::take_over(&j, Mode::Lines, true)
+        .await
+        .expect("abort");
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.hosts);
+    assert_eq!(
+        jf.journal.stop.as_ref().map(|s| s.kind),
+        Some(StopKind::Abort)
+    );
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    assert_eq!(jf.journal.hosts[1].state, HostState::RolledBack);
+    assert_eq!(stages(&fleet).await, fw_only);
+    for i in 0..SMALL_HOSTS {
+        assert!(
+            fleet.traffic_flows(i, 50).expect("traffic"),
+            "host {i} passes traffic after the abort"
+        );
+    }
+
+    // 3. On purpose: edge everywhere, then `bundle remove edge` through the
+    // same engine and plan; every host is back to what it was, host 0 with
+    // its other team's stage.
+    let (outcome, jf) = run(&fleet, SMALL_PLAN, &v1, &journal_path(&fleet, "v1.json")).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    let j = journal_path(&fleet, "remove.json");
+    let req = rollout::RemoveRequest {
+        hosts: fleet.inventory(),
+        selector: String::new(),
+        plan: Plan::parse(SMALL_PLAN, "plan.toml").expect("plan"),
+        name: "edge".into(),
+        journal: j.clone(),
+        transport: transport(),
+    };
+    let Start::New(jn) = rollout::plan_remove(&req).expect("journal") else {
+        panic!("a new removal")
+    };
+    let engine = rollout::engine_for(&j, jn, None, Mode::Lines).expect("engine");
+    let (outcome, jf) = join(tokio::spawn(engine.run())).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.hosts);
+    assert_eq!(stages(&fleet).await, fw_only);
+    for i in 0..SMALL_HOSTS {
+        assert!(
+            fleet.traffic_flows(i, 50).expect("traffic"),
+            "host {i} passes traffic after the removal"
+        );
+    }
 }

@@ -36,7 +36,7 @@ use std::{
     time::Duration,
 };
 
-use rootlet_proto::v1::rootlet_server::{RootletServer, SERVICE_NAME};
+use rootlet_proto::v1::rootlet_server::SERVICE_NAME;
 use tokio::{
     net::{TcpListener, UnixListener},
     sync::{oneshot, watch},
@@ -55,7 +55,6 @@ use tonic_health::{
 
 use crate::{
     agent::{Agent, AgentError},
-    api::RootletService,
     config::{Config, ConfigError, TlsConfig},
     metrics::{self, Metrics},
 };
@@ -220,7 +219,7 @@ pub async fn start(config: Config) -> Result<Running, RuntimeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
-    let rootlet: Slot<RootletServer<RootletService>> = gate::slot(None);
+    let rootlet: Slot<crate::api::Served> = gate::slot(None);
     let (stop_servers_tx, stop_servers_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_servers_rx.clone();
@@ -368,7 +367,7 @@ fn routes<H: Health>(
     builder: Server,
     health: HealthServer<H>,
     phase: &watch::Receiver<Phase>,
-    rootlet: &Slot<RootletServer<RootletService>>,
+    rootlet: &Slot<crate::api::Served>,
 ) -> Result<Router, RuntimeError> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -486,7 +485,7 @@ struct Supervisor {
     metrics: Arc<Metrics>,
     health: HealthReporter,
     phase: watch::Sender<Phase>,
-    rootlet: Slot<RootletServer<RootletService>>,
+    rootlet: Slot<crate::api::Served>,
     servers: JoinSet<ServerEnd>,
     stop_servers: watch::Sender<bool>,
     metrics_stop: oneshot::Sender<()>,

@@ -8,17 +8,24 @@
 //! 2. **push**: `HasBundle`, then `ApplyBundle` with the bytes only where
 //!    the agent lacks the digest, under an idempotency key made of the
 //!    digest, the rollout and the step; then the counters right after;
-//! 3. **soak**: gates evaluated every window (or a fifth of the soak)
-//!    until the soak and the longest window have passed; a failure ends
-//!    the step at once;
+//! 3. **soak**: gates evaluated every window (or a fifth of the soak), at
+//!    least every second, until the soak and the longest window have
+//!    passed; a failure ends the step at once (a counter gate over its
+//!    threshold fails before its window has passed);
 //! 4. the step's hosts are healthy; the plan's pause follows.
 //!
 //! Hosts that do not answer are marked unreachable and count against
-//! `max_unavailable`. A failed gate, too many unreachable hosts, a step
-//! over its progress deadline, an operator abort or a pause that waited
-//! longer than `pause_timeout` stops the rollout: every host it changed
-//! goes back to its previous version (`ApplyBundle` by that digest; the
-//! agent keeps the last versions), and the journal says exactly why.
+//! `max_unavailable`; after the last step they are tried once more, and a
+//! rollout that still skipped some ends incomplete. A push whose outcome
+//! is unknown (a dropped connection, no answer) is settled by asking the
+//! agent what the call with its idempotency key did. A failed gate, too
+//! many unreachable hosts, a step over its progress deadline, an operator
+//! abort or a pause that waited longer than `pause_timeout` stops the
+//! rollout: every host it changed goes back to its previous version
+//! (`ApplyBundle` by that digest; the agent keeps the last versions), or,
+//! after a first install, loses the bundle (`RemoveBundle`), and the
+//! journal says exactly why. For `bundle remove` the push is
+//! `RemoveBundle` and the rest is the same.
 //!
 //! The engine owns the journal; host work runs concurrently (bounded by
 //! the transport's concurrency) and only returns results, which this loop
@@ -41,8 +48,8 @@ use super::{
     control::{Control, POLL_INTERVAL},
     gates::{self, by_id, by_interface, short},
     journal::{
-        Changed, GateResult, HostState, JournalError, JournalFile, RolloutState, Sample, StopKind,
-        StopReason, Verdict, Version, now_ms,
+        Action, Changed, GateResult, HostState, JournalError, JournalFile, RolloutState, Sample,
+        StopKind, StopReason, Verdict, Version, now_ms,
     },
     progress::Progress,
 };
@@ -56,7 +63,11 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Succeeded,
-    /// Stopped, and every changed host is back on its previous version.
+    /// Every host that answered is on the new version; some hosts were
+    /// skipped (unreachable to the end, after a last retry).
+    Incomplete,
+    /// Stopped, and every changed host is back on its previous version
+    /// (a first install: without the bundle).
     RolledBack,
     /// Stopped, and some host could not be put back; or `undo` could not
     /// put every host back.
@@ -66,19 +77,21 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The process exit code: 0 success (or undone), 3 rolled back, 1
-    /// failed.
+    /// The process exit code: 0 success (or undone), 3 rolled back, 4
+    /// incomplete (hosts skipped), 1 failed.
     pub fn exit_code(self) -> i32 {
         match self {
-            Outcome::Succeeded | Outcome::Undone => 0,
-            Outcome::RolledBack => 3,
-            Outcome::Failed => 1,
+            Outcome::Succeeded | Outcome::Undone => crate::cli::EXIT_OK,
+            Outcome::RolledBack => crate::cli::EXIT_ROLLED_BACK,
+            Outcome::Incomplete => crate::cli::EXIT_INCOMPLETE,
+            Outcome::Failed => crate::cli::EXIT_FAILED,
         }
     }
 
     pub fn of(state: RolloutState) -> Option<Outcome> {
         match state {
             RolloutState::Succeeded => Some(Outcome::Succeeded),
+            RolloutState::Incomplete => Some(Outcome::Incomplete),
             RolloutState::RolledBack => Some(Outcome::RolledBack),
             RolloutState::Failed => Some(Outcome::Failed),
             RolloutState::Undone => Some(Outcome::Undone),
@@ -98,6 +111,11 @@ pub fn idempotency_key(action: &str, digest: &str, rollout: &str, step: &str) ->
     }
     hex::encode(h.finalize())
 }
+
+/// The most time between two gate evaluations of a soak.
+const MAX_EVALUATION_INTERVAL: Duration = Duration::from_secs(1);
+/// The least (short windows do not make the agents busier than this).
+const MIN_EVALUATION_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What pushing to one host did.
 enum Pushed {
@@ -179,8 +197,17 @@ impl Engine {
 
     /// Runs (or resumes) the rollout to its end.
     pub async fn run(mut self) -> EResult<(Outcome, JournalFile)> {
-        if let Some(o) = Outcome::of(self.jf.journal.state) {
+        let incomplete = self.jf.journal.state == RolloutState::Incomplete;
+        if !incomplete && let Some(o) = Outcome::of(self.jf.journal.state) {
             return Ok((o, self.jf));
+        }
+        if incomplete {
+            // `rollout resume` of a rollout that skipped hosts: only those
+            // are left to do.
+            self.jf.journal.state = RolloutState::Running;
+            self.jf.journal.event("resumed to finish the skipped hosts");
+            self.jf.save()?;
+            return self.finish().await;
         }
         if self.jf.journal.state == RolloutState::RollingBack {
             let outcome = self.roll_back(None, false).await?;
@@ -222,11 +249,66 @@ impl Engine {
             self.jf.journal.current_step = s + 1;
             self.jf.save()?;
         }
-        self.jf.journal.state = RolloutState::Succeeded;
-        self.jf.journal.event("succeeded");
+        self.finish().await
+    }
+
+    /// After the last step: hosts skipped because they did not answer get
+    /// one more try (those that came back are pushed and gated like any
+    /// other); then the rollout succeeded, or is incomplete and lists the
+    /// hosts still skipped.
+    async fn finish(mut self) -> EResult<(Outcome, JournalFile)> {
+        let steps = self.jf.journal.steps.len();
+        // Bounded: one pass over the steps.
+        for s in 0..steps {
+            let skipped = self.hosts_of(s, &[HostState::Unreachable]);
+            if skipped.is_empty() {
+                continue;
+            }
+            let label = self.label(s);
+            self.jf.journal.event(format!(
+                "{label}: retrying {} skipped before",
+                plural(skipped.len(), "host")
+            ));
+            for &i in &skipped {
+                if let Some(h) = self.jf.journal.hosts.get_mut(i) {
+                    h.set(HostState::Pending, "");
+                }
+            }
+            self.jf.save()?;
+            if let Some(stop) = self.run_step(s).await? {
+                return self.finish_stopped(stop).await;
+            }
+        }
+        let skipped: Vec<String> = self
+            .jf
+            .journal
+            .hosts
+            .iter()
+            .filter(|h| h.state == HostState::Unreachable)
+            .map(|h| h.host.name.clone())
+            .collect();
+        let outcome = if skipped.is_empty() {
+            self.jf.journal.state = RolloutState::Succeeded;
+            self.jf.journal.event("succeeded");
+            Outcome::Succeeded
+        } else {
+            self.jf.journal.state = RolloutState::Incomplete;
+            let not_done = match self.jf.journal.action {
+                Action::Apply => format!("not on {}", self.jf.journal.bundle.version),
+                Action::Remove => format!("may still run `{}`", self.jf.journal.bundle.name),
+            };
+            let msg = format!(
+                "incomplete: {} skipped, {not_done} ({}); `rollout resume` tries them again",
+                plural(skipped.len(), "host"),
+                skipped.join(", ")
+            );
+            self.ui.line(msg.clone());
+            self.jf.journal.event(msg);
+            Outcome::Incomplete
+        };
         self.jf.save()?;
         self.ui.finish();
-        Ok((Outcome::Succeeded, self.jf))
+        Ok((outcome, self.jf))
     }
 
     async fn finish_stopped(mut self, stop: StopReason) -> EResult<(Outcome, JournalFile)> {
@@ -268,49 +350,35 @@ impl Engine {
         let fleet = self.fleet.clone();
         let rollout = self.jf.journal.rollout_id.clone();
         let name = self.jf.journal.bundle.name.clone();
-        let new_version = self.jf.journal.bundle.version.clone();
-        let jobs: Vec<(usize, Option<Version>, Changed)> = targets
+        let new_digest = self.jf.journal.bundle.digest.clone();
+        let jobs: Vec<(usize, Option<Version>)> = targets
             .iter()
             .filter_map(|&i| {
                 self.jf
                     .journal
                     .hosts
                     .get(i)
-                    .map(|h| (i, h.previous.clone(), h.changed))
+                    .map(|h| (i, h.previous.clone()))
             })
             .collect();
         let deadline = fleet.options().host_deadline;
         let concurrency = fleet.options().concurrency.max(1);
         let mut results = stream::iter(jobs)
-            .map(|(i, previous, changed)| {
+            .map(|(i, previous)| {
                 let fleet = &fleet;
                 let rollout = &rollout;
                 let name = &name;
-                let new_version = &new_version;
+                let new_digest = &new_digest;
                 async move {
-                    let Some(prev) = previous else {
-                        let may = if changed == Changed::Unknown { "may still run" } else { "still runs" };
-                        return (
-                            i,
-                            Err(format!(
-                                "had no earlier version of bundle `{name}`, so it {may} {new_version} (rootletctl unloads nothing)"
-                            )),
-                        );
-                    };
                     let _slot = fleet.permit().await;
-                    let key = idempotency_key(what, &prev.digest, rollout, "");
-                    let call = fleet.call(i, "ApplyBundle", Some(fleet.options().apply_timeout), |mut c, t| {
-                        let req = pb::ApplyBundleRequest {
-                            source: Some(Source::Digest(prev.digest.clone())),
-                            idempotency_key: key.clone(),
-                            expected_generations: Default::default(),
-                        };
-                        async move { c.apply_bundle(request(req, t)).await }
-                    });
-                    let r = match tokio::time::timeout(deadline, call).await {
-                        Ok(Ok(_)) => Ok(prev.version.clone()),
-                        Ok(Err(e)) => Err(format!("could not return to {} ({}): {e}", prev.version, short(&prev.digest))),
-                        Err(_) => Err(format!("could not return to {}: no answer within {}", prev.version, Human(deadline))),
+                    let work =
+                        put_back(fleet, i, what, rollout, name, new_digest, previous.as_ref());
+                    let r = match tokio::time::timeout(deadline, work).await {
+                        Ok(r) => r,
+                        Err(_) => Err(format!(
+                            "could not be put back: no answer within {}",
+                            Human(deadline)
+                        )),
                     };
                     (i, r)
                 }
@@ -323,8 +391,8 @@ impl Engine {
                 continue;
             };
             match r {
-                Ok(v) => {
-                    h.set(HostState::RolledBack, format!("back on {v}"));
+                Ok(detail) => {
+                    h.set(HostState::RolledBack, detail);
                     h.changed = Changed::No;
                 }
                 Err(e) => {
@@ -758,8 +826,13 @@ impl Engine {
             };
             match r {
                 Ok((previous, baseline)) => {
-                    h.previous = previous;
-                    h.previous_recorded = true;
+                    // A host tried before (skipped, or a push whose outcome
+                    // was unknown) keeps what it ran before the rollout
+                    // first touched it.
+                    if !h.previous_recorded {
+                        h.previous = previous;
+                        h.previous_recorded = true;
+                    }
                     h.baseline = Some(baseline);
                     h.set(HostState::Prepared, "");
                 }
@@ -812,11 +885,14 @@ impl Engine {
         if todo.is_empty() {
             return Ok(None);
         }
-        let Some(bundle) = self.bundle.clone() else {
+        let removing = self.jf.journal.action == Action::Remove;
+        let bundle = self.bundle.clone();
+        if bundle.is_none() && !removing {
             let msg =
                 format!("{label}: the bundle file is not available, so nothing can be pushed");
             return Ok(Some(self.stop(StopKind::Gate, Some(s), None, msg)));
-        };
+        }
+        let name = self.jf.journal.bundle.name.clone();
         let fleet = self.fleet.clone();
         let digest = self.jf.journal.bundle.digest.clone();
         let rollout = self.jf.journal.rollout_id.clone();
@@ -839,8 +915,11 @@ impl Engine {
         let deadline = fleet.options().host_deadline;
         let concurrency = fleet.options().concurrency.max(1);
         let apply_gate = self.jf.journal.plan.gates.apply;
+        let targets = self.interface_refs();
         let mut results = stream::iter(jobs)
             .map(|(i, previous)| {
+                let targets = &targets;
+                let name = &name;
                 let fleet = &fleet;
                 let bundle = &bundle;
                 let digest = &digest;
@@ -853,8 +932,27 @@ impl Engine {
                     if stopping.load(Ordering::Relaxed) || control.borrow().abort {
                         return (i, None);
                     }
-                    let was_new = previous.as_ref().is_none_or(|p| p.digest != *digest);
-                    let work = push_host(fleet, i, bundle, digest, rollout, step_name, was_new);
+                    // Whether this push changes the host: a new digest, or a
+                    // bundle there is to remove.
+                    let was_new = if removing {
+                        previous.is_some()
+                    } else {
+                        previous.as_ref().is_none_or(|p| p.digest != *digest)
+                    };
+                    let work = async {
+                        match bundle {
+                            Some(bundle) if !removing => {
+                                push_host(
+                                    fleet, i, bundle, digest, rollout, step_name, was_new, targets,
+                                )
+                                .await
+                            }
+                            _ => {
+                                remove_host(fleet, i, name, previous.as_ref(), rollout, step_name)
+                                    .await
+                            }
+                        }
+                    };
                     let r = match tokio::time::timeout(deadline, work).await {
                         Ok(r) => r,
                         Err(_) => Pushed::Unreachable(
@@ -893,7 +991,11 @@ impl Engine {
                     h.set(HostState::Pushed, "");
                 }
                 Pushed::Nack(e) => {
-                    let msg = format!("the agent did not apply the bundle: {e}");
+                    let msg = if removing {
+                        format!("the agent did not remove the bundle: {e}")
+                    } else {
+                        format!("the agent did not apply the bundle: {e}")
+                    };
                     self.ui.line(format!("{}: {msg}", h.host.name));
                     h.set(HostState::Failed, msg.clone());
                     if apply_gate {
@@ -956,11 +1058,15 @@ impl Engine {
         let plan = self.jf.journal.plan.clone();
         let window = plan.longest_window();
         let total = plan.soak.max(window);
+        // At least every second, whatever the windows: a gate over its
+        // threshold (with min_packets met) fails at once, not when its
+        // window closes.
         let interval = if !window.is_zero() {
             window
         } else {
-            (plan.soak / 5).max(Duration::from_secs(1))
-        };
+            plan.soak / 5
+        }
+        .clamp(MIN_EVALUATION_INTERVAL, MAX_EVALUATION_INTERVAL);
         let t0 = Instant::now();
         let mut next = t0 + interval.min(total);
         if !plan.soak.is_zero() {
@@ -1006,6 +1112,7 @@ impl Engine {
         let fleet = self.fleet.clone();
         let plan = self.jf.journal.plan.clone();
         let digest = self.jf.journal.bundle.digest.clone();
+        let removing = self.jf.journal.action == Action::Remove;
         let recs: Vec<(usize, super::journal::HostRecord)> = todo
             .iter()
             .filter_map(|&i| self.jf.journal.hosts.get(i).map(|h| (i, h.clone())))
@@ -1019,7 +1126,7 @@ impl Engine {
                 let digest = &digest;
                 async move {
                     let _slot = fleet.permit().await;
-                    let work = gates::evaluate(fleet, i, &rec, plan, digest, last);
+                    let work = gates::evaluate(fleet, i, &rec, plan, digest, removing, last);
                     (i, with_deadline(deadline, "gates", work).await)
                 }
             })
@@ -1110,7 +1217,229 @@ async fn with_deadline<T>(
     }
 }
 
-/// HasBundle, ApplyBundle (bytes only if absent), then the counters.
+/// Most times a mutation whose outcome is unknown is sent again under the
+/// same idempotency key (the agent replays what it did, or does it once).
+const MUTATION_TRIES: usize = 3;
+/// Most times the agent is asked what a call with a key did.
+const ASK_TRIES: usize = 10;
+
+/// Puts host `i` back as it was before the rollout: its previous version
+/// (`ApplyBundle` by digest), or, after a first install, without bundle
+/// `name` (`RemoveBundle`, only while it runs `new_digest`, so that a
+/// newer apply by someone else is not undone). Returns what it did.
+async fn put_back(
+    fleet: &Fleet,
+    i: usize,
+    what: &str,
+    rollout: &str,
+    name: &str,
+    new_digest: &str,
+    previous: Option<&Version>,
+) -> Result<String, String> {
+    match previous {
+        Some(prev) => {
+            let key = idempotency_key(what, &prev.digest, rollout, "");
+            let req = pb::ApplyBundleRequest {
+                source: Some(Source::Digest(prev.digest.clone())),
+                idempotency_key: key,
+                expected_generations: Default::default(),
+            };
+            mutate(fleet, i, "ApplyBundle", |mut c, t| {
+                let req = req.clone();
+                async move { c.apply_bundle(request(req, t)).await }
+            })
+            .await
+            .map(|_| format!("back on {}", prev.version))
+            .map_err(|e| {
+                format!(
+                    "could not return to {} ({}): {e}",
+                    prev.version,
+                    short(&prev.digest)
+                )
+            })
+        }
+        None => {
+            let key = idempotency_key(&format!("{what}-remove"), new_digest, rollout, "");
+            let req = pb::RemoveBundleRequest {
+                name: name.to_string(),
+                idempotency_key: key,
+                expected_digest: new_digest.to_string(),
+            };
+            mutate(fleet, i, "RemoveBundle", |mut c, t| {
+                let req = req.clone();
+                async move { c.remove_bundle(request(req, t)).await }
+            })
+            .await
+            .map(|r| {
+                if r.noop {
+                    format!("did not run bundle `{name}`: nothing to remove")
+                } else {
+                    format!("bundle `{name}` removed (it had no earlier version)")
+                }
+            })
+            .map_err(|e| format!("could not remove bundle `{name}` (a first install): {e}"))
+        }
+    }
+}
+
+/// An idempotent mutation (it carries its idempotency key): sent again,
+/// up to [`MUTATION_TRIES`] times, while its outcome is unknown.
+async fn mutate<T, F, Fut>(fleet: &Fleet, i: usize, what: &'static str, f: F) -> Result<T, RpcError>
+where
+    F: Fn(
+        rootlet_proto::v1::rootlet_client::RootletClient<tonic::transport::Channel>,
+        Duration,
+    ) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut last = None;
+    for _ in 0..MUTATION_TRIES {
+        match fleet
+            .call(i, what, Some(fleet.options().apply_timeout), &f)
+            .await
+        {
+            Ok(r) => return Ok(r),
+            Err(e) if e.outcome_unknown() => {
+                last = Some(e);
+                tokio::time::sleep(fleet.options().backoff_max).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or(RpcError {
+        what,
+        code: tonic::Code::Unknown,
+        message: "no attempt made".into(),
+        attempts: 0,
+    }))
+}
+
+/// `bundle remove` on one host: RemoveBundle of `name` (only while it
+/// runs `previous`, what prepare saw), then the counters of what is left.
+async fn remove_host(
+    fleet: &Fleet,
+    i: usize,
+    name: &str,
+    previous: Option<&Version>,
+    rollout: &str,
+    step: &str,
+) -> Pushed {
+    let expected = previous.map(|p| p.digest.clone()).unwrap_or_default();
+    let req = pb::RemoveBundleRequest {
+        name: name.to_string(),
+        idempotency_key: idempotency_key("remove", &expected, rollout, step),
+        expected_digest: expected,
+    };
+    let reply = mutate(fleet, i, "RemoveBundle", |mut c, t| {
+        let req = req.clone();
+        async move { c.remove_bundle(request(req, t)).await }
+    })
+    .await;
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) if e.outcome_unknown() => return Pushed::Unreachable(e, Changed::Unknown),
+        Err(e) => return Pushed::Nack(e),
+    };
+    let rootlets: Vec<String> = reply
+        .rootlets
+        .iter()
+        .map(|r| r.rootlet_id.clone())
+        .collect();
+    let refs: Vec<pb::RootletRef> = rootlets.iter().map(|id| by_id(id)).collect();
+    match gates::sample(fleet, i, &refs).await {
+        Ok(post) => Pushed::Ok {
+            uploaded: false,
+            rootlets,
+            post,
+        },
+        Err(e) => Pushed::Unreachable(
+            e,
+            if previous.is_some() {
+                Changed::Yes
+            } else {
+                Changed::No
+            },
+        ),
+    }
+}
+
+/// What the agent says a call with an idempotency key did.
+enum Keyed {
+    /// It applied: the rootlets it applied to.
+    Applied(Vec<String>),
+    /// It was refused, and the agent kept its previous version.
+    Refused(String),
+    /// No call with that key took effect.
+    NotApplied,
+    /// The agent did not answer.
+    NoAnswer(RpcError),
+}
+
+/// Asks host `i` (reconnecting, with backoff, up to [`ASK_TRIES`] times)
+/// what the call with `key` did to the bundle's rootlets `targets`.
+async fn ask_keyed(
+    fleet: &Fleet,
+    i: usize,
+    key: &str,
+    targets: &[pb::RootletRef],
+    first: RpcError,
+) -> Keyed {
+    let mut last = first;
+    let mut backoff = fleet.options().backoff_base.max(Duration::from_millis(50));
+    for _ in 0..ASK_TRIES {
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(fleet.options().backoff_max.max(Duration::from_secs(1)));
+        let mut applied = Vec::new();
+        let mut refused = None;
+        let mut failed = None;
+        for r in targets {
+            let reply = fleet
+                .call(i, "GetApplyStatus", None, |mut c, t| {
+                    let req = pb::GetApplyStatusRequest {
+                        rootlet: Some(r.clone()),
+                        idempotency_key: key.to_string(),
+                    };
+                    async move { c.get_apply_status(request(req, t)).await }
+                })
+                .await;
+            match reply {
+                Ok(st) => match st.keyed_attempt {
+                    Some(a) if a.outcome == "ack" => applied.push(st.rootlet_id),
+                    Some(a) if a.outcome == "nack" => refused = Some(a.error),
+                    _ => {}
+                },
+                // Not loaded: the call did not load it.
+                Err(e) if e.code == tonic::Code::NotFound => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        match failed {
+            Some(e) if e.outcome_unknown() => {
+                last = e;
+                continue;
+            }
+            Some(e) => return Keyed::NoAnswer(e),
+            None => {}
+        }
+        if let Some(err) = refused {
+            return Keyed::Refused(err);
+        }
+        if !applied.is_empty() {
+            return Keyed::Applied(applied);
+        }
+        return Keyed::NotApplied;
+    }
+    Keyed::NoAnswer(last)
+}
+
+/// HasBundle, ApplyBundle (bytes only if absent), then the counters. An
+/// ApplyBundle whose outcome is unknown (the connection dropped, no
+/// answer) is followed by asking the agent, once it answers again, what
+/// the call did ([`ask_keyed`]); it is sent again only if it did nothing.
+#[allow(clippy::too_many_arguments)]
 async fn push_host(
     fleet: &Fleet,
     i: usize,
@@ -1119,6 +1448,7 @@ async fn push_host(
     rollout: &str,
     step: &str,
     was_new: bool,
+    targets: &[pb::RootletRef],
 ) -> Pushed {
     let has = match fleet
         .call(i, "HasBundle", None, |mut c, t| async move {
@@ -1142,36 +1472,84 @@ async fn push_host(
         rollout,
         step,
     );
-    let reply = fleet
-        .call(
-            i,
-            "ApplyBundle",
-            Some(fleet.options().apply_timeout),
-            |mut c, t| {
-                let source = if has {
-                    Source::Digest(digest.to_string())
-                } else {
-                    Source::Bundle(bundle.as_ref().clone())
-                };
-                let req = pb::ApplyBundleRequest {
-                    source: Some(source),
-                    idempotency_key: key.clone(),
-                    expected_generations: Default::default(),
-                };
-                async move { c.apply_bundle(request(req, t)).await }
+    let mut rootlets: Option<Vec<String>> = None;
+    let mut last: Option<RpcError> = None;
+    // Bounded: MUTATION_TRIES applies, each followed at most by ASK_TRIES asks.
+    for _ in 0..MUTATION_TRIES {
+        let reply = fleet
+            .call(
+                i,
+                "ApplyBundle",
+                Some(fleet.options().apply_timeout),
+                |mut c, t| {
+                    let source = if has {
+                        Source::Digest(digest.to_string())
+                    } else {
+                        Source::Bundle(bundle.as_ref().clone())
+                    };
+                    let req = pb::ApplyBundleRequest {
+                        source: Some(source),
+                        idempotency_key: key.clone(),
+                        expected_generations: Default::default(),
+                    };
+                    async move { c.apply_bundle(request(req, t)).await }
+                },
+            )
+            .await;
+        match reply {
+            Ok(r) => {
+                rootlets = Some(r.rootlets.iter().map(|r| r.rootlet_id.clone()).collect());
+                break;
+            }
+            Err(e) if e.outcome_unknown() => {
+                match ask_keyed(fleet, i, &key, targets, e.clone()).await {
+                    Keyed::Applied(ids) => {
+                        rootlets = Some(ids);
+                        break;
+                    }
+                    Keyed::Refused(msg) => {
+                        return Pushed::Nack(RpcError {
+                            message: format!("{msg} (the agent's record of the call after {e})"),
+                            ..e
+                        });
+                    }
+                    Keyed::NotApplied => last = Some(e),
+                    Keyed::NoAnswer(asked) => {
+                        return Pushed::Unreachable(
+                            RpcError {
+                                message: format!(
+                                    "{}; outcome unknown: asked what the call did, the agent did not answer ({asked})",
+                                    e.message
+                                ),
+                                ..e
+                            },
+                            Changed::Unknown,
+                        );
+                    }
+                }
+            }
+            Err(e) => return Pushed::Nack(e),
+        }
+    }
+    let Some(rootlets) = rootlets else {
+        let e = last.unwrap_or(RpcError {
+            what: "ApplyBundle",
+            code: tonic::Code::Unknown,
+            message: "no attempt made".into(),
+            attempts: 0,
+        });
+        // The agent answered every time that the call had not taken effect.
+        return Pushed::Unreachable(
+            RpcError {
+                message: format!(
+                    "{}; the agent says none of {MUTATION_TRIES} attempts took effect",
+                    e.message
+                ),
+                ..e
             },
-        )
-        .await;
-    let reply = match reply {
-        Ok(r) => r,
-        Err(e) if e.is_unreachable() => return Pushed::Unreachable(e, Changed::Unknown),
-        Err(e) => return Pushed::Nack(e),
+            Changed::No,
+        );
     };
-    let rootlets: Vec<String> = reply
-        .rootlets
-        .iter()
-        .map(|r| r.rootlet_id.clone())
-        .collect();
     let refs: Vec<pb::RootletRef> = rootlets.iter().map(|id| by_id(id)).collect();
     match gates::sample(fleet, i, &refs).await {
         Ok(post) => Pushed::Ok {
@@ -1204,6 +1582,7 @@ mod tests {
         }
         assert_eq!(Outcome::RolledBack.exit_code(), 3);
         assert_eq!(Outcome::Failed.exit_code(), 1);
+        assert_eq!(Outcome::Incomplete.exit_code(), 4);
         assert_eq!(Outcome::Succeeded.exit_code(), 0);
     }
 }

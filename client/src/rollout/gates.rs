@@ -3,8 +3,9 @@
 //!
 //! - health: grpc.health.v1 `Check` of `rootlet.v1.Rootlet` is SERVING;
 //! - apply: every rootlet the bundle applied to still reports the new
-//!   digest (`GetApplyStatus`), so a NACK or a change behind the
-//!   rollout's back is caught;
+//!   digest and no per-stage drift (`GetApplyStatus`), so a NACK or a
+//!   change behind the rollout's back is caught; for `bundle remove`, no
+//!   rootlet still runs the version removed (or it is gone);
 //! - counters: per stage, `GetStats` now against the sample taken right
 //!   after the push (`post`), and for `drop_rate_change` against the
 //!   host's own drop rate before the change (between `baseline_start` and
@@ -250,6 +251,7 @@ pub async fn evaluate(
     rec: &HostRecord,
     plan: &Plan,
     digest: &str,
+    removing: bool,
     last: bool,
 ) -> Result<Vec<GateResult>, RpcError> {
     let mut out = Vec::new();
@@ -286,13 +288,30 @@ pub async fn evaluate(
                     c.get_apply_status(request(
                         pb::GetApplyStatusRequest {
                             rootlet: Some(by_id(id)),
+                            idempotency_key: String::new(),
                         },
                         t,
                     ))
                     .await
                 })
-                .await?;
-            if st.applied_digest != digest {
+                .await;
+            let st = match st {
+                Ok(st) => st,
+                // Removing: the rootlet went with the bundle.
+                Err(e) if removing && e.code == Code::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if removing {
+                if let Some(prev) = &rec.previous
+                    && st.applied_digest == prev.digest
+                {
+                    bad.push(format!(
+                        "rootlet {id} still runs {} ({})",
+                        prev.version,
+                        short(&prev.digest)
+                    ));
+                }
+            } else if st.applied_digest != digest {
                 let last_attempt = st
                     .last_attempt
                     .map(|a| format!("; last attempt {} {}: {}", a.version, a.outcome, a.error))
@@ -305,6 +324,12 @@ pub async fn evaluate(
                         &st.applied_version
                     },
                     short(&st.applied_digest)
+                ));
+            } else if !st.drift.is_empty() {
+                bad.push(format!(
+                    "rootlet {id} runs {} but the kernel differs: {}",
+                    st.applied_version,
+                    drift_text(&st.drift)
                 ));
             }
         }
@@ -319,7 +344,9 @@ pub async fn evaluate(
             value: None,
             max: None,
             packets: None,
-            detail: if bad.is_empty() {
+            detail: if bad.is_empty() && removing {
+                format!("{} rootlet(s) without the bundle", rec.rootlets.len())
+            } else if bad.is_empty() {
                 format!("{} rootlet(s) on {}", rec.rootlets.len(), short(digest))
             } else {
                 bad.join("; ")
@@ -332,6 +359,28 @@ pub async fn evaluate(
         out.extend(judge_counters(&plan.gates.counters, rec, &now, last));
     }
     Ok(out)
+}
+
+/// Per-stage drift as one line: `ddos: replaced out of band (runs
+/// sha256:…, the bundle has sha256:…)`.
+pub fn drift_text(drift: &[pb::StageDrift]) -> String {
+    drift
+        .iter()
+        .map(|d| {
+            let running = if d.running_digest.is_empty() {
+                "not running".to_string()
+            } else {
+                format!("runs {}", short(&d.running_digest))
+            };
+            format!(
+                "{}: {} ({running}, the bundle has {})",
+                d.stage,
+                d.reason,
+                short(&d.expected_digest)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The first 12 hex digits of a digest, for people.

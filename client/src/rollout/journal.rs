@@ -50,8 +50,12 @@ pub enum RolloutState {
     /// A step's pause waits for `rollout promote`.
     WaitingForPromote,
     RollingBack,
-    /// Every host is on the new version (or counted unavailable).
+    /// Every host is on the new version.
     Succeeded,
+    /// Every host that answered is on the new version, but some were
+    /// skipped (unreachable until the end, after a last retry); they are
+    /// listed, and `rollout resume` tries them again.
+    Incomplete,
     /// Stopped; every host it changed is back on its previous version.
     RolledBack,
     /// Stopped, and some host could not be put back (or could not be
@@ -67,10 +71,17 @@ impl RolloutState {
         matches!(
             self,
             RolloutState::Succeeded
+                | RolloutState::Incomplete
                 | RolloutState::RolledBack
                 | RolloutState::Failed
                 | RolloutState::Undone
         )
+    }
+
+    /// Whether `rollout resume` (or `rollout start` with the same bundle)
+    /// continues it: unfinished, or incomplete (hosts skipped).
+    pub fn is_resumable(self) -> bool {
+        !self.is_final() || self == RolloutState::Incomplete
     }
 
     pub fn name(self) -> &'static str {
@@ -80,6 +91,7 @@ impl RolloutState {
             RolloutState::WaitingForPromote => "waiting-for-promote",
             RolloutState::RollingBack => "rolling-back",
             RolloutState::Succeeded => "succeeded",
+            RolloutState::Incomplete => "incomplete",
             RolloutState::RolledBack => "rolled-back",
             RolloutState::Failed => "failed",
             RolloutState::Undone => "undone",
@@ -103,7 +115,8 @@ pub enum HostState {
     Failed,
     /// Did not answer; counts against `max_unavailable`.
     Unreachable,
-    /// Back on its previous version.
+    /// Back on its previous version (or, after a first install, without
+    /// the bundle).
     RolledBack,
     /// Could not be put back (see `detail`).
     RollbackFailed,
@@ -231,8 +244,8 @@ pub struct HostRecord {
     pub step: usize,
     pub state: HostState,
     pub changed: Changed,
-    /// What it ran before (recorded before the push); None: no version of
-    /// this bundle.
+    /// What it ran before (recorded before its first push, and kept
+    /// through retries); None: no version of this bundle.
     pub previous: Option<Version>,
     /// Whether `previous` was recorded.
     pub previous_recorded: bool,
@@ -328,11 +341,25 @@ pub struct BundleRef {
     pub targets: Vec<(String, String)>,
 }
 
+/// What a rollout does to each host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Apply the bundle (`ApplyBundle`).
+    #[default]
+    Apply,
+    /// Remove the bundle by name (`RemoveBundle`): `rootletctl bundle
+    /// remove`. The bundle has no file, version or digest then.
+    Remove,
+}
+
 /// The journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Journal {
     pub format: u32,
     pub rollout_id: String,
+    #[serde(default)]
+    pub action: Action,
     pub created_unix_ms: i64,
     pub updated_unix_ms: i64,
     pub bundle: BundleRef,
@@ -565,6 +592,7 @@ mod tests {
         Journal {
             format: FORMAT,
             rollout_id: "r1".into(),
+            action: Action::Apply,
             created_unix_ms: 1,
             updated_unix_ms: 1,
             bundle: BundleRef {

@@ -1,5 +1,7 @@
 //! Fleet rollouts of a signed bundle: `rollout start` (or resume),
-//! `pause`, `resume`, `promote`, `abort`, `undo` and `status`.
+//! `pause`, `resume`, `promote`, `abort`, `undo` and `status`; and
+//! `bundle remove`, the same rollout with `RemoveBundle` as its push
+//! ([`journal::Action`]).
 //!
 //! - [`engine`]: the state machine (canary, waves, soak, gates, rollback).
 //! - [`gates`]: what agents report, judged against the plan.
@@ -25,8 +27,8 @@ use sha2::{Digest, Sha256};
 
 pub use engine::{Engine, Outcome};
 use journal::{
-    BundleRef, FORMAT, HostRecord, Journal, JournalError, JournalFile, JournalLock, RolloutState,
-    now_ms,
+    Action, BundleRef, FORMAT, HostRecord, Journal, JournalError, JournalFile, JournalLock,
+    RolloutState, now_ms,
 };
 
 use crate::{
@@ -108,18 +110,95 @@ pub struct StartRequest {
 
 /// A new journal for `req` (not yet written).
 pub fn new_journal(req: &StartRequest) -> Journal {
-    let bref = req.bundle.reference();
+    fresh_journal(
+        Action::Apply,
+        req.bundle.reference(),
+        &req.hosts,
+        &req.selector,
+        &req.plan,
+        &req.transport,
+    )
+}
+
+/// What `bundle remove` needs: the same plan, waves and gates as a
+/// rollout, and the name of the bundle to remove.
+pub struct RemoveRequest {
+    pub hosts: Vec<Host>,
+    pub selector: String,
+    pub plan: Plan,
+    pub name: String,
+    pub journal: PathBuf,
+    pub transport: TransportOptions,
+}
+
+/// The version a removal journal records (it has none of its own).
+pub const REMOVAL: &str = "(removal)";
+
+/// A new journal that removes bundle `req.name` (not yet written). A
+/// journal of a finished rollout at `req.journal` is kept as
+/// `<journal>.<id>`; an unfinished one of the same removal is resumed; any
+/// other unfinished one is an error.
+pub fn plan_remove(req: &RemoveRequest) -> Result<Start, RolloutError> {
+    let path = &req.journal;
+    if path.exists() {
+        let old = journal::read(path)?;
+        if old.state.is_resumable() && old.action == Action::Remove && old.bundle.name == req.name {
+            return Ok(Start::Resume(old));
+        }
+        if !old.state.is_final() {
+            return Err(RolloutError::Usage(format!(
+                "{} holds the unfinished rollout {} of {} {} ({}); resume it (rollout resume), abort or undo it, or use another --journal",
+                path.display(),
+                old.rollout_id,
+                old.bundle.name,
+                old.bundle.version,
+                old.state.name()
+            )));
+        }
+        let archive = journal::sibling(path, &format!(".{}", old.rollout_id));
+        std::fs::rename(path, &archive).map_err(|e| JournalError::Io {
+            path: archive.clone(),
+            source: e,
+        })?;
+        control::reset(path)?;
+    }
+    let bref = BundleRef {
+        name: req.name.clone(),
+        version: REMOVAL.into(),
+        digest: String::new(),
+        path: PathBuf::new(),
+        size: 0,
+        targets: Vec::new(),
+    };
+    Ok(Start::New(fresh_journal(
+        Action::Remove,
+        bref,
+        &req.hosts,
+        &req.selector,
+        &req.plan,
+        &req.transport,
+    )))
+}
+
+fn fresh_journal(
+    action: Action,
+    bref: BundleRef,
+    hosts: &[Host],
+    selector: &str,
+    plan: &Plan,
+    transport: &TransportOptions,
+) -> Journal {
     let created = now_ms();
     let mut h = Sha256::new();
+    h.update(bref.name.as_bytes());
     h.update(bref.digest.as_bytes());
-    h.update(req.selector.as_bytes());
+    h.update(selector.as_bytes());
     h.update(created.to_le_bytes());
     h.update(std::process::id().to_le_bytes());
     h.update(fastrand::u64(..).to_le_bytes());
     let rollout_id = hex::encode(h.finalize()).chars().take(16).collect();
-    let steps = req.plan.steps(req.hosts.len());
-    let mut hosts: Vec<HostRecord> = req
-        .hosts
+    let steps = plan.steps(hosts.len());
+    let mut hosts: Vec<HostRecord> = hosts
         .iter()
         .map(|h| HostRecord::new(h.clone(), 0))
         .collect();
@@ -133,12 +212,13 @@ pub fn new_journal(req: &StartRequest) -> Journal {
     let mut j = Journal {
         format: FORMAT,
         rollout_id,
+        action,
         created_unix_ms: created,
         updated_unix_ms: created,
         bundle: bref,
-        selector: req.selector.clone(),
-        plan: req.plan.clone(),
-        transport: req.transport.clone(),
+        selector: selector.to_string(),
+        plan: plan.clone(),
+        transport: transport.clone(),
         steps,
         state: RolloutState::Running,
         current_step: 0,
@@ -150,7 +230,11 @@ pub fn new_journal(req: &StartRequest) -> Journal {
         control_plane_ms: 0,
     };
     j.event(format!(
-        "rollout of {} {} to {} hosts ({})",
+        "{} of {} {} to {} hosts ({})",
+        match action {
+            Action::Apply => "rollout",
+            Action::Remove => "removal",
+        },
         j.bundle.name,
         j.bundle.version,
         j.hosts.len(),
@@ -180,10 +264,10 @@ pub fn plan_start(req: &StartRequest) -> Result<Start, RolloutError> {
     }
     let old = journal::read(path)?;
     let digest = req.bundle.signed.bundle.digest();
+    if old.state.is_resumable() && old.bundle.digest == digest {
+        return Ok(Start::Resume(old));
+    }
     if !old.state.is_final() {
-        if old.bundle.digest == digest {
-            return Ok(Start::Resume(old));
-        }
         return Err(RolloutError::Usage(format!(
             "{} holds the unfinished rollout {} of {} {} ({}); resume it (rollout resume), abort or undo it, or use another --journal",
             path.display(),
@@ -224,8 +308,15 @@ pub fn engine_for(
 }
 
 /// The bundle bytes of journal `j`, read again from its file and checked
-/// against its digest; None (with a warning) if that is not possible.
-pub fn bundle_of(j: &Journal) -> Result<Arc<Vec<u8>>, String> {
+/// against its digest; None for a removal, which pushes no bytes.
+pub fn bundle_of(j: &Journal) -> Result<Option<Arc<Vec<u8>>>, String> {
+    if j.action == Action::Remove {
+        return Ok(None);
+    }
+    bundle_bytes(j).map(Some)
+}
+
+fn bundle_bytes(j: &Journal) -> Result<Arc<Vec<u8>>, String> {
     let f = BundleFile::read(&j.bundle.path).map_err(|e| e.to_string())?;
     let digest = f.signed.bundle.digest();
     if digest != j.bundle.digest {
@@ -248,10 +339,10 @@ pub async fn take_over(
 ) -> Result<(Outcome, JournalFile, u64), RolloutError> {
     let _lock = JournalLock::acquire(path)?;
     let j = journal::read(path)?;
-    let bundle = if abort || j.state.is_final() {
+    let bundle = if abort || !j.state.is_resumable() || j.action == Action::Remove {
         None
     } else {
-        Some(bundle_of(&j).map_err(RolloutError::Usage)?)
+        bundle_of(&j).map_err(RolloutError::Usage)?
     };
     let mut engine = engine_for(path, j, bundle, mode)?;
     let fleet = engine.fleet_arc();

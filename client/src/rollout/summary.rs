@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::{
     gates::short,
-    journal::{HostState, Journal, RolloutState},
+    journal::{Action, HostState, Journal, RolloutState},
 };
 use crate::config::Human;
 
@@ -26,6 +26,7 @@ pub struct RunStats {
 fn headline(state: RolloutState) -> &'static str {
     match state {
         RolloutState::Succeeded => "SUCCEEDED",
+        RolloutState::Incomplete => "INCOMPLETE (hosts skipped)",
         RolloutState::RolledBack => "ROLLED BACK",
         RolloutState::Failed => "FAILED",
         RolloutState::Undone => "UNDONE",
@@ -39,13 +40,19 @@ fn headline(state: RolloutState) -> &'static str {
 /// The summary for people.
 pub fn human(j: &Journal, run: Option<RunStats>) -> String {
     let mut out = String::new();
+    let what = match j.action {
+        Action::Apply => format!(
+            "rollout {}: {} {} ({}) to",
+            j.rollout_id,
+            j.bundle.name,
+            j.bundle.version,
+            short(&j.bundle.digest)
+        ),
+        Action::Remove => format!("removal {}: bundle {} from", j.rollout_id, j.bundle.name),
+    };
     let _ = writeln!(
         out,
-        "rollout {}: {} {} ({}) to {} host{}{}",
-        j.rollout_id,
-        j.bundle.name,
-        j.bundle.version,
-        short(&j.bundle.digest),
+        "{what} {} host{}{}",
         j.hosts.len(),
         if j.hosts.len() == 1 { "" } else { "s" },
         if j.selector.is_empty() {
@@ -139,6 +146,7 @@ pub fn human(j: &Journal, run: Option<RunStats>) -> String {
 pub fn json(j: &Journal, run: Option<RunStats>, exit_code: Option<i32>) -> Value {
     json!({
         "rollout_id": j.rollout_id,
+        "action": j.action,
         "bundle": {
             "name": j.bundle.name,
             "version": j.bundle.version,

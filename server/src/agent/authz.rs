@@ -54,6 +54,15 @@ impl Grant {
         Ok(())
     }
 
+    /// Any change at all: admins and owners (within their stages), never
+    /// readers.
+    pub fn mutate(&self, what: &str) -> Result<(), Denied> {
+        if self.role == Role::Reader {
+            return Err(self.deny(what));
+        }
+        Ok(())
+    }
+
     /// Loading and unloading rootlets: admins only.
     pub fn admin(&self, what: &str) -> Result<(), Denied> {
         if self.is_admin() {

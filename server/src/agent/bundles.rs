@@ -1,10 +1,16 @@
 //! Bundles applied as one transaction over every rootlet they target:
-//! verify the signature and every object's digest, check who may ship each
-//! stage, then per rootlet link/replace/unlink what the bundle manages, as
-//! one new generation each. If any rootlet fails, every rootlet already
-//! changed goes back to what it ran before, and the attempt is a NACK with
-//! the reason. The same digest again is a no-op. The last K versions of
-//! each bundle are kept for rollback.
+//! verify the signature and every object's digest, authorise every change
+//! the apply makes (each link, replace and unlink, and each rootlet it
+//! loads) for the caller, then per rootlet link/replace/unlink what the
+//! bundle manages, as one new generation each. If any rootlet fails, every
+//! rootlet already changed gets the exact inverse of what the apply changed
+//! there, and the attempt is a NACK with the reason. An apply is a no-op
+//! only when the kernel already runs exactly the bundle. The last K versions
+//! of each bundle are kept for rollback; RemoveBundle returns each host to
+//! "no version of this bundle".
+//!
+//! A signature proves where a bundle came from, not who may apply it: the
+//! caller's role decides that, change by change.
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
@@ -12,9 +18,13 @@ use rootlet_bundle::{Bundle, BundleError, Lifetime, SignedBundle};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentError, ApplyStatus, Attempt, BUNDLES, Grant, HISTORY, Result, STATUS, lock, unix_ms,
+    AgentError, ApplyStatus, Attempt, BUNDLES, Grant, HISTORY, Pending, Result, STATUS,
+    crash::Step, lock, unix_ms,
 };
-use crate::dataplane::spec::{ActionSet, Change, InterfaceRef, RootletKey, RootletSpec, StageSpec};
+use crate::dataplane::{
+    spec::{ActionSet, Change, InterfaceRef, Pipeline, RootletKey, RootletSpec, StageSpec},
+    state::{RootletState, SlotState},
+};
 
 /// Where the bundle comes from.
 pub enum BundleSource {
@@ -23,25 +33,47 @@ pub enum BundleSource {
     Digest(String),
 }
 
-/// What an apply did, per rootlet: (key, generation, changed).
+/// What an apply (or a removal) did, per rootlet: (key, generation,
+/// changed); a rootlet the removal unloaded has generation 0.
 #[derive(Debug, Clone)]
 pub struct ApplyOutcome {
     pub name: String,
     pub version: String,
     pub digest: String,
     pub noop: bool,
+    /// RemoveBundle: the host no longer runs the bundle.
+    pub removed: bool,
     pub rootlets: Vec<(RootletKey, u64, bool)>,
+}
+
+/// A stage the bundle manages that the kernel does not run as the bundle
+/// says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageDrift {
+    pub stage: String,
+    /// The bundle's object digest; empty for a stage of an earlier version
+    /// that is still running.
+    pub expected_digest: String,
+    /// Empty: the stage is not running.
+    pub running_digest: String,
+    pub reason: String,
+}
+
+/// A rootlet's apply status with what is derived from the kernel.
+#[derive(Debug, Clone)]
+pub struct StatusView {
+    pub status: ApplyStatus,
+    pub drift: Vec<StageDrift>,
+    pub keyed: Option<Attempt>,
 }
 
 /// How to put one rootlet back if a later rootlet of the same apply fails.
 struct Undo {
     key: RootletKey,
-    /// The apply loaded the rootlet: unload it.
+    /// The apply loaded the rootlet: unload it (if it holds nothing else).
     loaded_now: bool,
-    /// The rootlet's new generation went live.
-    applied: bool,
-    /// Its stages before.
-    before: Vec<String>,
+    /// What the apply changed, once its generation went live.
+    applied: Vec<Change>,
     /// The version of this bundle it ran before, and its target entry.
     previous: Option<(Bundle, rootlet_bundle::RootletTarget)>,
 }
@@ -67,12 +99,62 @@ fn spec_of(bundle: &Bundle, stage: &rootlet_bundle::Stage) -> Result<StageSpec> 
     })
 }
 
+/// Why a running slot is not `spec` (None: it is).
+fn differs(slot: &SlotState, spec: &StageSpec) -> Option<&'static str> {
+    if slot.prog.is_none() {
+        Some("emptied: its program is gone")
+    } else if slot.digest != spec.digest() {
+        Some("another object runs (replaced out of band)")
+    } else if slot.priority != spec.priority || slot.proceed_set() != spec.proceed_on {
+        Some("runs with another priority or proceed-on set")
+    } else if slot.pinned != spec.pin {
+        Some("pinned differently")
+    } else {
+        None
+    }
+}
+
+/// The stage `change` is about.
+pub(super) fn change_name(change: &Change) -> &str {
+    match change {
+        Change::Link(s) | Change::Replace(s) => &s.name,
+        Change::Unlink { name } | Change::SetPin { name, .. } => name,
+    }
+}
+
+/// Whether `grant` may make every one of `changes` to `pipeline`: the
+/// right to touch each stage, as it is owned now.
+pub(super) fn authorize(grant: &Grant, pipeline: &Pipeline, changes: &[Change]) -> Result<()> {
+    for change in changes {
+        let name = change_name(change);
+        let owner = pipeline.by_name(name).map(|s| s.owner.as_str());
+        grant.stage(name, owner)?;
+    }
+    Ok(())
+}
+
+/// The rootlet target of `bundle` on the interface `target` names.
+fn same_target(
+    bundle: &Bundle,
+    target: &rootlet_bundle::RootletTarget,
+) -> Option<rootlet_bundle::RootletTarget> {
+    bundle
+        .manifest()
+        .rootlets
+        .iter()
+        .find(|t| t.interface == target.interface && t.netns == target.netns)
+        .cloned()
+}
+
 /// One version of a bundle, as kept for rollback.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub version: String,
     pub digest: String,
     pub applied_at_unix_ms: i64,
+    /// RemoveBundle removed the bundle after this (the newest) version.
+    #[serde(default)]
+    pub removed: bool,
 }
 
 impl super::Agent {
@@ -88,6 +170,11 @@ impl super::Agent {
             .map_err(|e| AgentError::NotFound(format!("stored bundle {digest} is corrupt: {e}")))
     }
 
+    /// A bundle this agent stored (it verified it then).
+    pub(super) fn stored(&self, digest: &str) -> Result<Bundle> {
+        Ok(SignedBundle::from_bytes(&self.stored_bundle(digest)?)?.bundle)
+    }
+
     /// Decodes and verifies a signed bundle (or accepts an unsigned one if
     /// the config allows it).
     fn verify(&self, bytes: &[u8]) -> Result<Bundle> {
@@ -99,16 +186,153 @@ impl super::Agent {
         }
     }
 
+    /// The rootlet target of `bundle` that is `key`, if any.
+    pub(super) fn target_on(
+        &self,
+        bundle: &Bundle,
+        key: RootletKey,
+    ) -> Option<rootlet_bundle::RootletTarget> {
+        bundle
+            .manifest()
+            .rootlets
+            .iter()
+            .find(|t| {
+                let iface = InterfaceRef {
+                    netns: t.netns.as_ref().map(Into::into),
+                    ifname: t.interface.clone(),
+                };
+                self.key_of(&iface).is_ok_and(|k| k == key)
+            })
+            .cloned()
+    }
+
+    /// Where the kernel does not run `bundle` on `target` as the bundle
+    /// says, and stages of `managed` (earlier versions) still running.
+    pub(super) fn drift_of(
+        state: &RootletState,
+        bundle: &Bundle,
+        target: &rootlet_bundle::RootletTarget,
+        managed: &[String],
+    ) -> Result<Vec<StageDrift>> {
+        let mut drift = vec![];
+        let manifest = bundle.manifest();
+        for stage in manifest.stages_for(target) {
+            let spec = spec_of(bundle, stage)?;
+            let expected = spec.digest();
+            match state.slots.iter().find(|s| s.stage == stage.name) {
+                None => drift.push(StageDrift {
+                    stage: stage.name.clone(),
+                    expected_digest: expected,
+                    running_digest: String::new(),
+                    reason: "not running (unlinked)".into(),
+                }),
+                Some(slot) => {
+                    if let Some(why) = differs(slot, &spec) {
+                        drift.push(StageDrift {
+                            stage: stage.name.clone(),
+                            expected_digest: expected,
+                            running_digest: if slot.prog.is_some() {
+                                slot.digest.clone()
+                            } else {
+                                String::new()
+                            },
+                            reason: why.into(),
+                        });
+                    }
+                }
+            }
+        }
+        for name in managed {
+            if manifest.stages_for(target).any(|s| &s.name == name) {
+                continue;
+            }
+            if let Some(slot) = state.slots.iter().find(|s| &s.stage == name) {
+                drift.push(StageDrift {
+                    stage: name.clone(),
+                    expected_digest: String::new(),
+                    running_digest: slot.digest.clone(),
+                    reason: "not in this version, still running".into(),
+                });
+            }
+        }
+        Ok(drift)
+    }
+
+    /// The apply status of `key` with its drift from the bundle, derived
+    /// from the kernel now, and the attempt of `idempotency_key`.
+    pub fn apply_status(&self, key: RootletKey, idempotency_key: &str) -> Result<StatusView> {
+        let status = self.status(key)?;
+        let keyed = (!idempotency_key.is_empty())
+            .then(|| {
+                status
+                    .keyed
+                    .iter()
+                    .find(|a| a.idempotency_key == idempotency_key)
+                    .cloned()
+            })
+            .flatten();
+        let mut drift = vec![];
+        if !status.applied_digest.is_empty() {
+            let bundle = match self.stored(&status.applied_digest) {
+                Ok(b) => b,
+                Err(e) => {
+                    // Nothing to compare the kernel with: say so.
+                    drift.push(StageDrift {
+                        stage: String::new(),
+                        expected_digest: String::new(),
+                        running_digest: String::new(),
+                        reason: format!("cannot compare with the applied bundle: {e}"),
+                    });
+                    return Ok(StatusView {
+                        status,
+                        drift,
+                        keyed,
+                    });
+                }
+            };
+            let state = self.dp.state(key)?;
+            if let Some(target) = self.target_on(&bundle, key) {
+                let managed = status
+                    .managed
+                    .get(&status.bundle)
+                    .cloned()
+                    .unwrap_or_default();
+                drift = Self::drift_of(&state, &bundle, &target, &managed)?;
+            }
+        } else if !status.managed.is_empty() {
+            // No version applied, yet stages a bundle manages may run (an
+            // interrupted first install): each is drift.
+            let state = self.dp.state(key)?;
+            for (bundle, names) in &status.managed {
+                for slot in state.slots.iter().filter(|s| names.contains(&s.stage)) {
+                    drift.push(StageDrift {
+                        stage: slot.stage.clone(),
+                        expected_digest: String::new(),
+                        running_digest: slot.digest.clone(),
+                        reason: format!("left by an unfinished apply of bundle `{bundle}`"),
+                    });
+                }
+            }
+        }
+        Ok(StatusView {
+            status,
+            drift,
+            keyed,
+        })
+    }
+
     /// Applies a bundle to every rootlet it targets, or to none.
     pub fn apply_bundle(
         &self,
         grant: &Grant,
         source: BundleSource,
         expected: &BTreeMap<String, u64>,
+        idempotency_key: &str,
     ) -> Result<ApplyOutcome> {
-        let bytes = match source {
-            BundleSource::Bytes(b) => b,
-            BundleSource::Digest(d) => self.stored_bundle(&d)?,
+        grant.mutate("apply bundles")?;
+        let (bytes, stored) = match source {
+            BundleSource::Bytes(b) => (b, false),
+            BundleSource::Digest(d) => (self.stored_bundle(&d)?, true),
         };
         let bundle = self.verify(&bytes)?;
         let manifest = bundle.manifest().clone();
@@ -125,6 +349,8 @@ impl super::Agent {
                 .into());
             }
         }
+        // Every change, authorised before anything changes (and again under
+        // each rootlet's lock as it changes).
         let mut targets = vec![];
         for t in &manifest.rootlets {
             let iface = InterfaceRef {
@@ -132,21 +358,32 @@ impl super::Agent {
                 ifname: t.interface.clone(),
             };
             let key = self.key_of(&iface)?;
-            for stage in manifest.stages_for(t) {
-                let owner = self.owner_of_if_loaded(key, &stage.name)?;
-                grant.stage(&stage.name, owner.as_deref())?;
-            }
-            targets.push((key, iface, t));
+            let status = self.status(key)?;
+            let exists = self.dp.list().contains(&key);
+            let changes = if exists {
+                let changes = self.changes_for(key, &bundle, &status, t)?;
+                authorize(grant, &self.pipeline_of(key)?, &changes)?;
+                changes
+            } else {
+                grant.admin("load rootlets (the bundle targets an interface without one)")?;
+                let changes = manifest
+                    .stages_for(t)
+                    .map(|s| spec_of(&bundle, s).map(Change::Link))
+                    .collect::<Result<Vec<_>>>()?;
+                authorize(grant, &Pipeline::default(), &changes)?;
+                changes
+            };
+            targets.push((key, iface, t, status, exists, changes));
         }
-        self.kv.put(BUNDLES, &digest, &hex::encode(&bytes))?;
 
-        let statuses: Vec<ApplyStatus> = targets
-            .iter()
-            .map(|(k, ..)| self.status(*k))
-            .collect::<Result<_>>()?;
-        if statuses.iter().all(|s| s.applied_digest == digest)
-            && targets.iter().all(|(k, ..)| self.dp.list().contains(k))
-        {
+        // A no-op only if the record says so and the kernel agrees.
+        let recorded = targets.iter().all(|(_, _, _, s, exists, _)| {
+            *exists
+                && s.bundle == manifest.name
+                && s.applied_digest == digest
+                && s.pending.is_none()
+        });
+        if recorded && targets.iter().all(|t| t.5.is_empty()) {
             let rootlets = targets
                 .iter()
                 .map(|(k, ..)| Ok((*k, self.dp.state(*k)?.generation, false)))
@@ -156,25 +393,49 @@ impl super::Agent {
                 version: manifest.version,
                 digest,
                 noop: true,
+                removed: false,
                 rootlets,
             });
         }
+        if !stored {
+            self.kv.put(BUNDLES, &digest, &hex::encode(&bytes))?;
+        }
+
+        // Pending, before any change: what a crash leaves is the bundle's.
+        let now = unix_ms(SystemTime::now());
+        for (key, _, target, status, exists, _) in &targets {
+            let mut pending = status.clone();
+            pending.pending = Some(Pending {
+                bundle: manifest.name.clone(),
+                version: manifest.version.clone(),
+                digest: digest.clone(),
+                idempotency_key: idempotency_key.to_owned(),
+                loads: !exists,
+                at_unix_ms: now,
+            });
+            let managed = pending.managed.entry(manifest.name.clone()).or_default();
+            for s in manifest.stages_for(target) {
+                if !managed.contains(&s.name) {
+                    managed.push(s.name.clone());
+                }
+            }
+            self.kv.put(STATUS, &key.to_string(), &pending)?;
+        }
+        self.crash.point(Step::BundlePending);
 
         // Apply rootlet by rootlet; remember how to undo each.
         let mut done: Vec<Undo> = vec![];
         let mut outcome = vec![];
         let mut failure = None;
-        for ((key, iface, target), status) in targets.iter().zip(&statuses) {
+        for (key, iface, target, status, exists, changes) in &targets {
             let mut undo = Undo {
                 key: *key,
                 loaded_now: false,
-                applied: false,
-                before: vec![],
+                applied: vec![],
                 previous: None,
             };
             let result = (|| -> Result<(u64, bool)> {
-                if !self.dp.list().contains(key) {
-                    grant.admin("load rootlets (the bundle targets an interface without one)")?;
+                if !exists {
                     self.dp.load_rootlet(RootletSpec {
                         iface: iface.clone(),
                         mode: target.mode,
@@ -184,22 +445,19 @@ impl super::Agent {
                     self.emit(*key, "loaded");
                 }
                 if status.bundle == manifest.name && !status.applied_digest.is_empty() {
-                    let prev = self.verify(&self.stored_bundle(&status.applied_digest)?)?;
-                    let t = prev
-                        .manifest()
-                        .rootlets
-                        .iter()
-                        .find(|t| t.interface == target.interface && t.netns == target.netns)
-                        .cloned();
-                    undo.previous = t.map(|t| (prev, t));
+                    let prev = self.stored(&status.applied_digest)?;
+                    undo.previous = same_target(&prev, target).map(|t| (prev, t));
                 }
-                let state = self.dp.state(*key)?;
-                undo.before = state.slots.into_iter().map(|s| s.stage).collect();
-                let changes = self.changes_for(*key, &bundle, status, target)?;
+                let before = self.dp.state(*key)?.generation;
                 let expected_gen = expected.get(&key.to_string()).copied();
-                let generation = self.dp.apply(*key, &changes, expected_gen)?;
-                undo.applied = true;
-                Ok((generation, generation != state.generation))
+                let generation =
+                    self.dp
+                        .apply_guarded(*key, changes, expected_gen, |pipeline| {
+                            authorize(grant, pipeline, changes)
+                        })?;
+                undo.applied = changes.clone();
+                self.crash.point(Step::BundleRootletCommitted);
+                Ok((generation, generation != before || undo.loaded_now))
             })();
             done.push(undo);
             match result {
@@ -213,34 +471,62 @@ impl super::Agent {
 
         let now = unix_ms(SystemTime::now());
         if let Some((failed_key, error)) = failure {
-            // Undo, newest first: back to the previous version of this
-            // bundle, or without its stages; unload rootlets it loaded.
+            // Undo, newest first: the exact inverse of what the apply did.
+            let mut unrestored = vec![];
             for undo in done.iter().rev() {
                 if let Err(e) = self.undo(undo) {
                     tracing::error!(rootlet = %undo.key, error = %e, "cannot restore a rootlet after a failed bundle apply");
+                    unrestored.push((undo.key.to_string(), e.to_string()));
                 }
             }
-            for ((key, ..), mut status) in targets.iter().zip(statuses) {
-                status.last_attempt = Some(Attempt {
+            for ((key, _, target, status, _, _), undo) in targets
+                .iter()
+                .zip(done.iter().map(Some).chain(std::iter::repeat(None)))
+            {
+                let mut status = status.clone();
+                if unrestored.iter().any(|(k, _)| *k == key.to_string()) {
+                    // What the undo left is still the bundle's to converge.
+                    let managed = status.managed.entry(manifest.name.clone()).or_default();
+                    for s in manifest.stages_for(target) {
+                        if !managed.contains(&s.name) {
+                            managed.push(s.name.clone());
+                        }
+                    }
+                }
+                if undo.is_some_and(|u| u.loaded_now) {
+                    status.loaded_by = Some(manifest.name.clone());
+                }
+                status.attempted(Attempt {
                     version: manifest.version.clone(),
                     digest: digest.clone(),
                     outcome: "nack".into(),
                     error: error.to_string(),
                     at_unix_ms: now,
+                    idempotency_key: idempotency_key.to_owned(),
                 });
                 if self.dp.list().contains(key) {
                     self.kv.put(STATUS, &key.to_string(), &status)?;
+                } else {
+                    self.kv.delete(STATUS, &key.to_string())?;
                 }
+            }
+            // A refused bundle is not kept (unless a version it is ran here).
+            if !self.in_history(&digest)? {
+                self.kv.delete(BUNDLES, &digest)?;
             }
             return Err(AgentError::Nack {
                 name: manifest.name,
                 version: manifest.version,
                 rootlet: failed_key.to_string(),
                 source: Box::new(error),
+                unrestored,
             });
         }
 
-        for ((key, _, target), mut status) in targets.iter().zip(statuses) {
+        self.crash.point(Step::BundleCommitted);
+        for ((key, _, target, status, _, _), undo) in targets.iter().zip(&done) {
+            let mut status = status.clone();
+            status.pending = None;
             status.bundle = manifest.name.clone();
             status.applied_version = manifest.version.clone();
             status.applied_digest = digest.clone();
@@ -251,12 +537,16 @@ impl super::Agent {
                     .map(|s| s.name.clone())
                     .collect(),
             );
-            status.last_attempt = Some(Attempt {
+            if undo.loaded_now {
+                status.loaded_by = Some(manifest.name.clone());
+            }
+            status.attempted(Attempt {
                 version: manifest.version.clone(),
                 digest: digest.clone(),
                 outcome: "ack".into(),
                 error: String::new(),
                 at_unix_ms: now,
+                idempotency_key: idempotency_key.to_owned(),
             });
             self.kv.put(STATUS, &key.to_string(), &status)?;
             for stage in manifest.stages_for(target) {
@@ -267,29 +557,47 @@ impl super::Agent {
             }
             self.emit(*key, "changed");
         }
+        self.crash.point(Step::BundleStatusWritten);
         self.record_history(&manifest.name, &manifest.version, &digest, now)?;
         Ok(ApplyOutcome {
             name: manifest.name,
             version: manifest.version,
             digest,
             noop: false,
+            removed: false,
             rootlets: outcome,
         })
     }
 
-    fn owner_of_if_loaded(&self, key: RootletKey, stage: &str) -> Result<Option<String>> {
-        if !self.dp.list().contains(&key) {
-            return Ok(None);
-        }
-        self.owner_of(key, stage)
+    /// The committed pipeline of `key` (stages and their owners).
+    pub(super) fn pipeline_of(&self, key: RootletKey) -> Result<Pipeline> {
+        let state = self.dp.state(key)?;
+        Ok(Pipeline {
+            stages: state
+                .slots
+                .iter()
+                .map(|s| crate::dataplane::spec::StageRecord {
+                    name: s.stage.clone(),
+                    slot: s.slot,
+                    priority: s.priority,
+                    proceed_on: s.proceed_set(),
+                    pin: s.pinned,
+                    owner: s.owner.clone(),
+                    program: String::new(),
+                    digest: s.digest.clone(),
+                    chainable: false,
+                })
+                .collect(),
+        })
     }
 
-    /// The changes that make `key` run `bundle`'s stages for `target`:
-    /// link what is new, replace what the bundle already manages (a no-op
-    /// for unchanged stages), unlink what its previous version had. A stage
-    /// of the same name that the bundle does not manage is a conflict: the
-    /// bundle could not put it back if the apply failed.
-    fn changes_for(
+    /// The changes that make `key` run `bundle`'s stages for `target`,
+    /// derived from what the kernel runs: link what is missing (or
+    /// emptied), replace what the bundle manages and does not run as the
+    /// bundle says, unlink what its earlier versions had. A stage of the
+    /// same name that the bundle does not manage is a conflict: the bundle
+    /// could not put it back if the apply failed.
+    pub(super) fn changes_for(
         &self,
         key: RootletKey,
         bundle: &Bundle,
@@ -297,13 +605,7 @@ impl super::Agent {
         target: &rootlet_bundle::RootletTarget,
     ) -> Result<Vec<Change>> {
         let manifest = bundle.manifest();
-        let running: Vec<String> = self
-            .dp
-            .state(key)?
-            .slots
-            .into_iter()
-            .map(|s| s.stage)
-            .collect();
+        let slots = self.dp.state(key)?.slots;
         let managed = status
             .managed
             .get(&manifest.name)
@@ -312,35 +614,37 @@ impl super::Agent {
         let mut changes = vec![];
         for stage in manifest.stages_for(target) {
             let spec = spec_of(bundle, stage)?;
-            changes.push(if !running.contains(&stage.name) {
-                Change::Link(spec)
-            } else if managed.contains(&stage.name) {
-                Change::Replace(spec)
-            } else {
-                return Err(AgentError::Conflict(format!(
-                    "stage `{}` on {key} is not managed by bundle `{}`; unlink it first",
-                    stage.name, manifest.name
-                )));
-            });
+            match slots.iter().find(|s| s.stage == stage.name) {
+                Some(_) if !managed.contains(&stage.name) => {
+                    return Err(AgentError::Conflict(format!(
+                        "stage `{}` on {key} is not managed by bundle `{}`; unlink it first",
+                        stage.name, manifest.name
+                    )));
+                }
+                // An emptied slot is dropped by the next change: link anew.
+                None => changes.push(Change::Link(spec)),
+                Some(slot) if slot.prog.is_none() => changes.push(Change::Link(spec)),
+                Some(slot) => {
+                    if differs(slot, &spec).is_some() {
+                        changes.push(Change::Replace(spec));
+                    }
+                }
+            }
         }
         for name in &managed {
-            if !manifest.stages_for(target).any(|s| &s.name == name) && running.contains(name) {
+            if !manifest.stages_for(target).any(|s| &s.name == name)
+                && slots.iter().any(|s| &s.stage == name && s.prog.is_some())
+            {
                 changes.push(Change::Unlink { name: name.clone() });
             }
         }
         Ok(changes)
     }
 
-    /// Puts a rootlet back as it was before a failed bundle apply.
+    /// Puts a rootlet back as it was before a failed bundle apply: the
+    /// exact inverse of what the apply changed there. Stages the apply did
+    /// not touch (another team's, linked meanwhile) stay.
     fn undo(&self, undo: &Undo) -> Result<()> {
-        if undo.loaded_now {
-            self.dp.unload_rootlet(undo.key)?;
-            self.emit(undo.key, "unloaded");
-            return Ok(());
-        }
-        if !undo.applied {
-            return Ok(());
-        }
         let running: Vec<String> = self
             .dp
             .state(undo.key)?
@@ -348,29 +652,71 @@ impl super::Agent {
             .into_iter()
             .map(|s| s.stage)
             .collect();
-        let mut changes: Vec<Change> = running
-            .iter()
-            .filter(|s| !undo.before.contains(s))
-            .map(|s| Change::Unlink { name: s.clone() })
-            .collect();
-        if let Some((prev, target)) = &undo.previous {
-            for stage in prev.manifest().stages_for(target) {
-                let spec = spec_of(prev, stage)?;
-                if running.contains(&stage.name) {
-                    changes.push(Change::Replace(spec));
-                } else if undo.before.contains(&stage.name) {
-                    changes.push(Change::Link(spec));
+        if undo.loaded_now {
+            let linked: Vec<&str> = undo.applied.iter().map(change_name).collect();
+            if running.iter().all(|s| linked.contains(&s.as_str())) {
+                self.dp.unload_rootlet(undo.key)?;
+                self.emit(undo.key, "unloaded");
+                return Ok(());
+            }
+        }
+        let previous = |name: &str| -> Result<StageSpec> {
+            let (prev, target) = undo.previous.as_ref().ok_or_else(|| {
+                AgentError::NotFound(format!(
+                    "stage `{name}`: no earlier version of the bundle to restore it from"
+                ))
+            })?;
+            let stage = prev
+                .manifest()
+                .stages_for(target)
+                .find(|s| s.name == name)
+                .ok_or_else(|| {
+                    AgentError::NotFound(format!("stage `{name}` is not in the earlier version"))
+                })?;
+            spec_of(prev, stage)
+        };
+        let mut inverse = vec![];
+        for change in &undo.applied {
+            let name = change_name(change);
+            let is_running = running.iter().any(|s| s == name);
+            match change {
+                Change::Link(_) if is_running => inverse.push(Change::Unlink {
+                    name: name.to_owned(),
+                }),
+                Change::Link(_) | Change::SetPin { .. } => {}
+                Change::Replace(_) | Change::Unlink { .. } => {
+                    let spec = previous(name)?;
+                    inverse.push(if is_running {
+                        Change::Replace(spec)
+                    } else {
+                        Change::Link(spec)
+                    });
                 }
             }
         }
-        if !changes.is_empty() {
-            self.dp.apply(undo.key, &changes, None)?;
+        if !inverse.is_empty() {
+            self.dp.apply(undo.key, &inverse, None)?;
             self.emit(undo.key, "changed");
         }
         Ok(())
     }
 
-    fn record_history(&self, name: &str, version: &str, digest: &str, now: i64) -> Result<()> {
+    /// Whether any bundle's history holds `digest`.
+    pub(super) fn in_history(&self, digest: &str) -> Result<bool> {
+        Ok(self
+            .kv
+            .list::<Vec<HistoryEntry>>(HISTORY)?
+            .iter()
+            .any(|(_, h)| h.iter().any(|e| e.digest == digest)))
+    }
+
+    pub(super) fn record_history(
+        &self,
+        name: &str,
+        version: &str,
+        digest: &str,
+        now: i64,
+    ) -> Result<()> {
         let mut history: Vec<HistoryEntry> = self.kv.get(HISTORY, name)?.unwrap_or_default();
         history.retain(|h| h.digest != digest);
         history.insert(
@@ -379,6 +725,7 @@ impl super::Agent {
                 version: version.to_owned(),
                 digest: digest.to_owned(),
                 applied_at_unix_ms: now,
+                removed: false,
             },
         );
         for dropped in history.split_off(self.history.min(history.len())) {
@@ -400,7 +747,9 @@ impl super::Agent {
         grant: &Grant,
         name: &str,
         to_digest: Option<&str>,
+        idempotency_key: &str,
     ) -> Result<ApplyOutcome> {
+        grant.mutate("roll bundles back")?;
         let bundles = self.kv.list::<Vec<HistoryEntry>>(HISTORY)?;
         let (name, history) = match (name, bundles.len()) {
             ("", 1) => bundles
@@ -427,6 +776,7 @@ impl super::Agent {
             grant,
             BundleSource::Digest(target.digest.clone()),
             &BTreeMap::new(),
+            idempotency_key,
         )
     }
 }

@@ -12,6 +12,9 @@
 
 pub mod authz;
 mod bundles;
+pub mod crash;
+mod reconcile;
+mod remove;
 
 use std::{
     collections::BTreeMap,
@@ -35,7 +38,7 @@ use crate::{
     metrics::SlotSample,
 };
 pub use authz::{Authz, Caller, Denied, Grant};
-pub use bundles::{ApplyOutcome, BundleSource};
+pub use bundles::{ApplyOutcome, BundleSource, StageDrift, StatusView};
 
 /// Why the agent refused or failed a call.
 #[derive(Debug, thiserror::Error)]
@@ -50,15 +53,22 @@ pub enum AgentError {
     NotFound(String),
     #[error("bundle: {0}")]
     Bundle(#[from] BundleError),
-    #[error(
-        "bundle `{name}` {version} was not applied: {source}; every rootlet keeps its previous version"
-    )]
+    #[error("bundle `{name}` {version} was not applied: {source}; {}", restored_note(.unrestored))]
     Nack {
         name: String,
         version: String,
         rootlet: String,
         #[source]
         source: Box<AgentError>,
+        /// Rootlets the undo could not put back, with why: they may run a
+        /// mix (GetApplyStatus reports their drift).
+        unrestored: Vec<(String, String)>,
+    },
+    #[error("bundle `{name}`: {current} is its current version here, not {expected}")]
+    NotCurrent {
+        name: String,
+        expected: String,
+        current: String,
     },
     #[error("{0}")]
     Conflict(String),
@@ -78,14 +88,45 @@ pub enum AgentError {
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
 
+fn restored_note(unrestored: &[(String, String)]) -> String {
+    if unrestored.is_empty() {
+        return "every rootlet keeps its previous version".into();
+    }
+    let which: Vec<String> = unrestored
+        .iter()
+        .map(|(rootlet, why)| format!("{rootlet} ({why})"))
+        .collect();
+    format!(
+        "the undo failed on {}: see their apply status",
+        which.join(", ")
+    )
+}
+
 /// One bundle attempt on a rootlet, as xDS clients report ACK/NACK.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
     pub version: String,
     pub digest: String,
-    /// "ack" or "nack".
+    /// "ack", "nack" or "removed".
     pub outcome: String,
     pub error: String,
+    pub at_unix_ms: i64,
+    /// The idempotency key of the call that made the attempt, if any.
+    #[serde(default)]
+    pub idempotency_key: String,
+}
+
+/// An apply (or removal) under way on a rootlet, written before the data
+/// plane changes anything: if the agent dies before the outcome is
+/// recorded, adoption finds it and records what the kernel runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub bundle: String,
+    pub version: String,
+    pub digest: String,
+    pub idempotency_key: String,
+    /// The apply loads the rootlet.
+    pub loads: bool,
     pub at_unix_ms: i64,
 }
 
@@ -97,8 +138,36 @@ pub struct ApplyStatus {
     pub applied_version: String,
     pub applied_digest: String,
     pub last_attempt: Option<Attempt>,
-    /// By bundle name: the stages that bundle put here.
+    /// By bundle name: the stages that bundle put here. While an apply is
+    /// pending: those of the running and of the new version, so that
+    /// whatever a crash left is still the bundle's to replace or unlink.
     pub managed: BTreeMap<String, Vec<String>>,
+    /// The bundle whose apply loaded this rootlet (removing it unloads the
+    /// rootlet when no other stage is left).
+    #[serde(default)]
+    pub loaded_by: Option<String>,
+    #[serde(default)]
+    pub pending: Option<Pending>,
+    /// The latest attempts made by calls with an idempotency key, newest
+    /// first (at most [`KEYED_ATTEMPTS`]).
+    #[serde(default)]
+    pub keyed: Vec<Attempt>,
+}
+
+/// How many keyed attempts a rootlet's status keeps.
+pub const KEYED_ATTEMPTS: usize = 32;
+
+impl ApplyStatus {
+    /// Records `attempt` as the last one (and as keyed, if it has a key).
+    pub fn attempted(&mut self, attempt: Attempt) {
+        if !attempt.idempotency_key.is_empty() {
+            self.keyed
+                .retain(|a| a.idempotency_key != attempt.idempotency_key);
+            self.keyed.insert(0, attempt.clone());
+            self.keyed.truncate(KEYED_ATTEMPTS);
+        }
+        self.last_attempt = Some(attempt);
+    }
 }
 
 /// A stage linked with a lease.
@@ -182,6 +251,7 @@ pub struct Agent {
     /// Bundle applies span rootlets: one at a time.
     bundle_lock: Mutex<()>,
     insecure_tcp: bool,
+    crash: crash::CrashAt,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,8 +273,11 @@ impl Agent {
 
     pub fn open_waiting(config: &Config, wait: Duration) -> Result<Arc<Agent>> {
         let deadline = Instant::now() + wait;
+        let crash = crash::CrashAt::from_env();
+        let mut dp_config = config.dataplane_config();
+        dp_config.crash_at = crash.dataplane;
         let dp = loop {
-            match Dataplane::open(config.dataplane_config()) {
+            match Dataplane::open(dp_config.clone()) {
                 Err(dataplane::Error::StoreLocked { path }) if Instant::now() < deadline => {
                     tracing::warn!(store = %path.display(), "the store is held by another process; waiting");
                     std::thread::sleep(Duration::from_millis(250));
@@ -226,7 +299,7 @@ impl Agent {
             })?;
             trusted.push(key);
         }
-        Ok(Arc::new(Agent {
+        let agent = Agent {
             dp,
             kv,
             authz: Authz::new(config.authz.clone()),
@@ -237,7 +310,10 @@ impl Agent {
             events: broadcast::channel(1024).0,
             bundle_lock: Mutex::new(()),
             insecure_tcp: config.listen.insecure_tcp,
-        }))
+            crash,
+        };
+        agent.reconcile()?;
+        Ok(Arc::new(agent))
     }
 
     /// Plain TCP without client certificates was configured.
@@ -327,6 +403,7 @@ impl Agent {
         op: StageOp,
         expected: Option<u64>,
     ) -> Result<ChangeOutcome> {
+        grant.mutate("change stages")?;
         let current_owner = self.owner_of(key, op.name())?;
         grant.stage(op.name(), current_owner.as_deref())?;
         let (change, lease_ttl) = match op {
@@ -345,9 +422,24 @@ impl Agent {
             Change::Link(s) | Change::Replace(s) => s.name.clone(),
             Change::Unlink { name } | Change::SetPin { name, .. } => name.clone(),
         };
-        let generation = self
-            .dp
-            .apply(key, std::slice::from_ref(&change), expected)?;
+        // Authorised again under the rootlet's lock: the owner cannot change
+        // between the check and the change.
+        let generation = self.dp.apply_guarded(
+            key,
+            std::slice::from_ref(&change),
+            expected,
+            |pipeline| -> Result<()> {
+                let owner = pipeline.by_name(&name).map(|s| s.owner.as_str());
+                if let (Some(then), Some(now)) = (current_owner.as_deref(), owner)
+                    && then != now
+                {
+                    return Err(AgentError::Conflict(format!(
+                        "stage `{name}` on {key} changed owner during the call; retry"
+                    )));
+                }
+                Ok(grant.stage(&name, owner)?)
+            },
+        )?;
         let lease = match (&change, lease_ttl) {
             (Change::Unlink { .. }, _) | (Change::Link(_) | Change::Replace(_), None) => {
                 lock(&self.leases).retain(|_, l| !(l.key == key && l.stage == name));

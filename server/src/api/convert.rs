@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use rootlet_proto::v1 as pb;
 
 use crate::{
-    agent::{Agent, AgentError, ApplyStatus, Attempt, Result, unix_ms},
+    agent::{Agent, AgentError, Attempt, Result, StatusView, unix_ms},
     dataplane::{
         spec::{
             ActionSet, Backend, InterfaceRef, MapPolicy, RootletKey, StageSpec, XdpAction, XdpMode,
@@ -177,15 +177,30 @@ fn attempt_to(a: &Attempt) -> pb::Attempt {
         outcome: a.outcome.clone(),
         error: a.error.clone(),
         at_unix_ms: a.at_unix_ms,
+        digest: a.digest.clone(),
+        idempotency_key: a.idempotency_key.clone(),
     }
 }
 
-pub fn status_to(key: RootletKey, s: &ApplyStatus) -> pb::ApplyStatus {
+pub fn status_to(key: RootletKey, v: &StatusView) -> pb::ApplyStatus {
+    let s = &v.status;
     pb::ApplyStatus {
         rootlet_id: key.to_string(),
         applied_version: s.applied_version.clone(),
         applied_digest: s.applied_digest.clone(),
         last_attempt: s.last_attempt.as_ref().map(attempt_to),
+        bundle: s.bundle.clone(),
+        drift: v
+            .drift
+            .iter()
+            .map(|d| pb::StageDrift {
+                stage: d.stage.clone(),
+                expected_digest: d.expected_digest.clone(),
+                running_digest: d.running_digest.clone(),
+                reason: d.reason.clone(),
+            })
+            .collect(),
+        keyed_attempt: v.keyed.as_ref().map(attempt_to),
     }
 }
 

@@ -8,6 +8,7 @@
 //! **Architecture invariant:** this is the only layer that knows gRPC.
 
 pub mod convert;
+pub mod oversize;
 pub mod status;
 
 use std::{
@@ -28,15 +29,17 @@ use crate::{
     metrics::Metrics,
 };
 
+/// The Rootlet service as served: with message size limits, whose
+/// violations answer RESOURCE_EXHAUSTED.
+pub type Served = oversize::Mapped<RootletServer<RootletService>>;
+
 /// Builds the service with message size limits.
-pub fn service(
-    agent: Arc<Agent>,
-    metrics: Arc<Metrics>,
-    max_message_bytes: usize,
-) -> RootletServer<RootletService> {
-    RootletServer::new(RootletService { agent, metrics })
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes)
+pub fn service(agent: Arc<Agent>, metrics: Arc<Metrics>, max_message_bytes: usize) -> Served {
+    oversize::Mapped::new(
+        RootletServer::new(RootletService { agent, metrics })
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes),
+    )
 }
 
 #[derive(Clone)]
@@ -540,7 +543,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
                     }
                 };
                 let expected: BTreeMap<String, u64> = r.expected_generations.into_iter().collect();
-                let outcome = agent.apply_bundle(grant, source, &expected);
+                let outcome = agent.apply_bundle(grant, source, &expected, &r.idempotency_key);
                 record_apply(&metrics, agent, &outcome);
                 apply_response(outcome?)
             },
@@ -555,7 +558,10 @@ impl pb::rootlet_server::Rootlet for RootletService {
         self.call("GetApplyStatus", false, req, |agent, grant, r| {
             grant.read()?;
             let key = convert::key_from(agent, r.rootlet)?;
-            Ok(convert::status_to(key, &agent.status(key)?))
+            Ok(convert::status_to(
+                key,
+                &agent.apply_status(key, &r.idempotency_key)?,
+            ))
         })
         .await
     }
@@ -573,7 +579,8 @@ impl pb::rootlet_server::Rootlet for RootletService {
                         version: h.version,
                         digest: h.digest,
                         applied_at_unix_ms: h.applied_at_unix_ms,
-                        current: i == 0,
+                        current: i == 0 && !h.removed,
+                        removed: i == 0 && h.removed,
                     });
                 }
             }
@@ -591,7 +598,27 @@ impl pb::rootlet_server::Rootlet for RootletService {
             |r| &r.idempotency_key,
             move |agent, grant, r| {
                 let to = (!r.to_digest.is_empty()).then_some(r.to_digest.as_str());
-                let outcome = agent.rollback(grant, &r.name, to);
+                let outcome = agent.rollback(grant, &r.name, to, &r.idempotency_key);
+                record_apply(&metrics, agent, &outcome);
+                apply_response(outcome?)
+            },
+        )
+        .await
+    }
+
+    async fn remove_bundle(
+        &self,
+        req: Request<pb::RemoveBundleRequest>,
+    ) -> Reply<pb::ApplyBundleResponse> {
+        let metrics = self.metrics.clone();
+        self.idempotent(
+            "RemoveBundle",
+            req,
+            |r| &r.idempotency_key,
+            move |agent, grant, r| {
+                let expected =
+                    (!r.expected_digest.is_empty()).then_some(r.expected_digest.as_str());
+                let outcome = agent.remove_bundle(grant, &r.name, expected, &r.idempotency_key);
                 record_apply(&metrics, agent, &outcome);
                 apply_response(outcome?)
             },
@@ -607,6 +634,7 @@ fn record_apply(
 ) {
     match outcome {
         Ok(o) if o.noop => metrics.observe_apply("noop"),
+        Ok(o) if o.removed => metrics.observe_apply("removed"),
         Ok(o) => {
             metrics.observe_apply("ack");
             for (key, _, _) in &o.rootlets {
@@ -624,6 +652,7 @@ fn apply_response(o: crate::agent::ApplyOutcome) -> Result<pb::ApplyBundleRespon
         digest: o.digest,
         version: o.version,
         noop: o.noop,
+        removed: o.removed,
         rootlets: o
             .rootlets
             .into_iter()

@@ -1,4 +1,5 @@
-//! The one mapping of errors to gRPC status codes, with google.rpc error
+//! The one mapping of errors to gRPC status codes (ours, and those tonic
+//! makes itself: [`transport`]), with google.rpc error
 //! details: `ErrorInfo` (a reason code and metadata) always, `BadRequest`
 //! for invalid fields, `PreconditionFailure` for failed preconditions, and
 //! `DebugInfo` carrying the verifier log.
@@ -72,6 +73,7 @@ pub fn status(e: &AgentError) -> Status {
             version,
             rootlet,
             source,
+            unrestored,
         } => {
             // The cause's code and details, with the bundle named.
             let inner = status(source);
@@ -83,6 +85,10 @@ pub fn status(e: &AgentError) -> Status {
             meta.insert("bundle".into(), name.clone());
             meta.insert("version".into(), version.clone());
             meta.insert("rootlet".into(), rootlet.clone());
+            if !unrestored.is_empty() {
+                let which: Vec<&str> = unrestored.iter().map(|(k, _)| k.as_str()).collect();
+                meta.insert("unrestored".into(), which.join(","));
+            }
             let reason = details
                 .error_info()
                 .map(|i| i.reason.clone())
@@ -93,6 +99,15 @@ pub fn status(e: &AgentError) -> Status {
         AgentError::Conflict(_) => {
             d.add_precondition_failure_violation("STAGE_OWNERSHIP", "stage", msg.clone());
             info(&mut d, "STAGE_NOT_MANAGED_BY_BUNDLE", &[]);
+            Code::FailedPrecondition
+        }
+        AgentError::NotCurrent { name, current, .. } => {
+            d.add_precondition_failure_violation("BUNDLE_VERSION", name.clone(), msg.clone());
+            info(
+                &mut d,
+                "BUNDLE_NOT_CURRENT",
+                &[("bundle", name.clone()), ("current", current.clone())],
+            );
             Code::FailedPrecondition
         }
         AgentError::NothingToRollBack(_) => {
@@ -114,6 +129,22 @@ pub fn status(e: &AgentError) -> Status {
         }
     };
     Status::with_error_details(code, msg, d)
+}
+
+/// A status tonic made itself (no handler ran), mapped like ours, or None
+/// if it stands: a message over the size limit is RESOURCE_EXHAUSTED
+/// (tonic says OUT_OF_RANGE), with reason MESSAGE_TOO_LARGE.
+pub fn transport(s: &Status) -> Option<Status> {
+    if s.code() != Code::OutOfRange || !s.message().contains("message length too large") {
+        return None;
+    }
+    let mut d = ErrorDetails::new();
+    info(&mut d, "MESSAGE_TOO_LARGE", &[]);
+    Some(Status::with_error_details(
+        Code::ResourceExhausted,
+        s.message(),
+        d,
+    ))
 }
 
 fn dataplane_status(e: &DpError, msg: &str) -> Status {

@@ -476,8 +476,34 @@ impl Dataplane {
         changes: &[Change],
         expected_generation: Option<u64>,
     ) -> Result<u64> {
+        self.apply_guarded(key, changes, expected_generation, |_| Ok::<(), Error>(()))
+    }
+
+    /// [`Dataplane::apply`], with `guard` run first under the rootlet's
+    /// lock on the committed pipeline (the stages, their owners): whatever
+    /// it refuses is refused before anything is checked or built, and
+    /// nothing can change the rootlet between the guard and the change.
+    /// The agent authorises changes here.
+    pub fn apply_guarded<E: From<Error>>(
+        &self,
+        key: RootletKey,
+        changes: &[Change],
+        expected_generation: Option<u64>,
+        guard: impl FnOnce(&Pipeline) -> std::result::Result<(), E>,
+    ) -> std::result::Result<u64, E> {
         let rootlet = self.get(key)?;
         let mut r = lock(&rootlet);
+        guard(&r.record.committed.pipeline)?;
+        Ok(self.apply_locked(key, &mut r, changes, expected_generation)?)
+    }
+
+    fn apply_locked(
+        &self,
+        key: RootletKey,
+        r: &mut Rootlet,
+        changes: &[Change],
+        expected_generation: Option<u64>,
+    ) -> Result<u64> {
         if let Some(drift) = r.check_drift(&self.ctx.layout) {
             r.drift = Some(drift.clone());
             return Err(Error::Drifted { key, reason: drift });
@@ -719,12 +745,26 @@ impl Dataplane {
     /// Detaches the rootlet from its interface and removes every pin and
     /// record of it. Works on drifted rootlets too.
     pub fn unload_rootlet(&self, key: RootletKey) -> Result<()> {
+        self.unload_rootlet_if(key, |_| Ok::<bool, Error>(true))
+            .map(|_| ())
+    }
+
+    /// [`Dataplane::unload_rootlet`] if `guard`, run under the rootlet's
+    /// lock on its committed pipeline, says so; returns whether it did.
+    pub fn unload_rootlet_if<E: From<Error>>(
+        &self,
+        key: RootletKey,
+        guard: impl FnOnce(&Pipeline) -> std::result::Result<bool, E>,
+    ) -> std::result::Result<bool, E> {
         let rootlet = self.get(key)?;
         let mut r = lock(&rootlet);
+        if !guard(&r.record.committed.pipeline)? {
+            return Ok(false);
+        }
         if let Some(link) = &r.link
             && r.drift.is_none()
         {
-            sys::link_detach(link.as_fd())?;
+            sys::link_detach(link.as_fd()).map_err(Error::from)?;
         }
         r.live = None;
         r.link = None;
@@ -736,7 +776,7 @@ impl Dataplane {
         self.store.delete(key)?;
         lock(&self.rootlets).remove(&key);
         tracing::info!(%key, "rootlet unloaded");
-        Ok(())
+        Ok(true)
     }
 
     /// Reads a rootlet back from the kernel.

@@ -1,0 +1,91 @@
+//! Crash injection for the agent's own steps, between the data plane's
+//! commit and the agent's records (tests only). `ROOTLETD_CRASH_AT` names
+//! one step, of the agent or of the data plane (`crate::dataplane::crash`);
+//! rootletd aborts the process when it gets there. `ROOTLETD_PAUSE_AT`
+//! names an agent step where it waits [`PAUSE`] instead, so that a test can
+//! make a change in the middle of an apply.
+
+use crate::dataplane::crash as dp;
+
+/// The environment variable a test sets on a rootletd it starts.
+pub const ENV: &str = "ROOTLETD_CRASH_AT";
+/// The environment variable for a pause.
+pub const PAUSE_ENV: &str = "ROOTLETD_PAUSE_AT";
+/// How long a pause lasts.
+pub const PAUSE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The agent's steps of a bundle apply or removal, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The pending marker of an apply is written; no rootlet changed yet.
+    BundlePending,
+    /// One rootlet of an apply (or a removal) is committed by the data
+    /// plane; its status is not written yet.
+    BundleRootletCommitted,
+    /// Every rootlet of an apply is committed; no status is written yet.
+    BundleCommitted,
+    /// The statuses are written; the history is not.
+    BundleStatusWritten,
+}
+
+impl Step {
+    pub const ALL: [Step; 4] = [
+        Step::BundlePending,
+        Step::BundleRootletCommitted,
+        Step::BundleCommitted,
+        Step::BundleStatusWritten,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::BundlePending => "bundle-pending",
+            Step::BundleRootletCommitted => "bundle-rootlet-committed",
+            Step::BundleCommitted => "bundle-committed",
+            Step::BundleStatusWritten => "bundle-status-written",
+        }
+    }
+}
+
+/// Where to crash: a step of the agent, or of the data plane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CrashAt {
+    pub agent: Option<Step>,
+    pub dataplane: Option<dp::Step>,
+    pub pause: Option<Step>,
+}
+
+impl CrashAt {
+    /// From `ROOTLETD_CRASH_AT`; unset or unknown: nowhere (an unknown
+    /// name is logged).
+    pub fn from_env() -> CrashAt {
+        let step = |var: &str| {
+            let name = std::env::var(var).ok()?;
+            let agent = Step::ALL.into_iter().find(|s| s.name() == name);
+            let dataplane = dp::Step::from_name(&name);
+            if agent.is_none() && dataplane.is_none() {
+                tracing::warn!(%name, "{var}: no such step; nothing injected");
+            } else {
+                tracing::warn!(%name, "{var}: injection armed");
+            }
+            Some((agent, dataplane))
+        };
+        let (agent, dataplane) = step(ENV).unwrap_or_default();
+        CrashAt {
+            agent,
+            dataplane,
+            pause: step(PAUSE_ENV).and_then(|(a, _)| a),
+        }
+    }
+
+    /// Aborts the process if `step` is the chosen one.
+    pub fn point(&self, step: Step) {
+        if self.pause == Some(step) {
+            tracing::warn!(step = step.name(), "injected pause");
+            std::thread::sleep(PAUSE);
+        }
+        if self.agent == Some(step) {
+            tracing::warn!(step = step.name(), "injected crash");
+            std::process::abort();
+        }
+    }
+}
