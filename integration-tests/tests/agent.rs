@@ -2087,3 +2087,93 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
     drop(ops);
     assert!(exited(&mut child, true).await.success(), "clean exit");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_during_remove_bundle_leaves_the_truth_and_a_retry_converges() {
+    let mut a = Agent::start().await;
+    {
+        let mut ops = a.client("ops").await;
+        // A first install: the bundle loads the rootlet.
+        let v1 = a.bundle(
+            "1.0",
+            &[("drop", "test_drop", 10), ("ddos", "ddos", 20)],
+            true,
+        );
+        ops.apply_bundle(apply(v1)).await.expect("first install");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let mut probe = Probe::new(&a, 6300);
+    assert!(!probe.delivered(&a), "the bundle drops");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+
+    // Crash once the rootlet's stages are unlinked and it is unloaded,
+    // before anything is recorded.
+    let mut child = rootletd_with(&path, &[("ROOTLETD_CRASH_AT", "bundle-rootlet-committed")]);
+    let mut c = serving(&addr, &a).await;
+    let err = c.remove_bundle(remove("edge")).await.unwrap_err();
+    drop(c);
+    assert!(
+        !exited(&mut child, false).await.success(),
+        "crashed: {err:?}"
+    );
+    assert!(probe.delivered(&a), "the kernel no longer runs the bundle");
+
+    // After the restart the agent says so, and the retry records the removal.
+    let mut child = rootletd_with(&path, &[]);
+    let mut c = serving(&addr, &a).await;
+    assert_eq!(
+        kernel(&mut c, a.rootlet()).await,
+        None,
+        "the rootlet is gone"
+    );
+    let listed = c
+        .list_rootlets(pb::ListRootletsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.rootlets.is_empty(), "{listed:?}");
+    let done = c
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(done.removed, "{done:?}");
+    let bundles = c
+        .list_bundles(pb::ListBundlesRequest {})
+        .await
+        .expect("bundles")
+        .into_inner()
+        .bundles;
+    assert_eq!(
+        bundles
+            .iter()
+            .map(|b| (b.version.as_str(), b.current, b.removed))
+            .collect::<Vec<_>>(),
+        [("1.0", false, true)]
+    );
+    // Installing again starts from nothing: the stale record is gone.
+    let v2 = a.bundle("2.0", &[("drop", "test_drop", 10)], true);
+    let r2 = c
+        .apply_bundle(apply(v2))
+        .await
+        .expect("install again")
+        .into_inner();
+    assert!(!r2.noop);
+    let s = apply_status(&mut c, a.rootlet(), "").await;
+    assert_eq!(s.applied_version, "2.0");
+    assert!(s.drift.is_empty(), "{:?}", s.drift);
+    assert!(!probe.delivered(&a), "dropping again");
+    drop(c);
+    assert!(exited(&mut child, true).await.success());
+}

@@ -4,7 +4,8 @@
 //! the status write was lost); any other keeps its previous version as
 //! applied, with the attempt recorded as interrupted, and the drift its
 //! status then reports is what the kernel runs. The stages either version
-//! manages stay the bundle's, so a re-apply of either converges.
+//! manages stay the bundle's, so a re-apply of either converges. The status
+//! of a rootlet that no longer exists is dropped.
 
 use std::time::SystemTime;
 
@@ -19,12 +20,13 @@ impl Agent {
         let live: Vec<RootletKey> = self.dp.list();
         let mut applied = vec![];
         for (id, mut status) in self.kv.list::<ApplyStatus>(STATUS)? {
-            let Some(pending) = status.pending.take() else {
+            let Some(key) = live.iter().copied().find(|k| k.to_string() == id) else {
+                // No rootlet, no status: the interrupted apply never loaded
+                // it, or a crash came between an unload and this record.
+                self.kv.delete(STATUS, &id)?;
                 continue;
             };
-            let Some(key) = live.iter().copied().find(|k| k.to_string() == id) else {
-                // The interrupted apply never loaded the rootlet it targeted.
-                self.kv.delete(STATUS, &id)?;
+            let Some(pending) = status.pending.take() else {
                 continue;
             };
             if pending.loads {
