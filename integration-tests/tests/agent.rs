@@ -2177,3 +2177,130 @@ async fn a_crash_during_remove_bundle_leaves_the_truth_and_a_retry_converges() {
     drop(c);
     assert!(exited(&mut child, true).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_role_and_every_stage_mutation() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    a.load(&mut ops).await;
+    let r = a.rootlet();
+    team_a
+        .link_stage(link(r.clone(), stage("a-s", "sampler", 10)))
+        .await
+        .expect("team a links its stage");
+    let before = kernel(&mut ops, r.clone()).await;
+    let pins = a.f.pins();
+    // Who may not touch team a's stage (nor load or unload), and may not.
+    for who in ["team-b", "mon"] {
+        let mut c = a.client(who).await;
+        let mut refused = vec![];
+        refused.push((
+            "link",
+            c.link_stage(link(r.clone(), stage("a-t", "test_pass", 5)))
+                .await
+                .map(|_| ()),
+        ));
+        refused.push((
+            "replace",
+            c.replace_stage(pb::ReplaceStageRequest {
+                rootlet: r.clone(),
+                stage: Some(stage("a-s", "test_drop", 10)),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        refused.push((
+            "unlink",
+            c.unlink_stage(pb::UnlinkStageRequest {
+                rootlet: r.clone(),
+                stage: "a-s".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        refused.push((
+            "set pin",
+            c.set_stage_pin(pb::SetStagePinRequest {
+                rootlet: r.clone(),
+                stage: "a-s".into(),
+                pin: false,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        refused.push((
+            "unload",
+            c.unload_rootlet(pb::UnloadRootletRequest {
+                rootlet: r.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        refused.push((
+            "load",
+            c.load_rootlet(pb::LoadRootletRequest {
+                interface: Some(a.iface()),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        for (what, result) in refused {
+            let err = result.expect_err(&format!("{who} may not {what}"));
+            assert_eq!(err.code(), Code::PermissionDenied, "{who} {what}: {err:?}");
+        }
+        assert_eq!(
+            kernel(&mut ops, r.clone()).await,
+            before,
+            "{who}: nothing changed"
+        );
+        assert_eq!(a.f.pins(), pins, "{who}: no pin changed");
+    }
+    // The owner and the admin may.
+    team_a
+        .set_stage_pin(pb::SetStagePinRequest {
+            rootlet: r.clone(),
+            stage: "a-s".into(),
+            pin: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the owner pins its stage");
+    team_a
+        .replace_stage(pb::ReplaceStageRequest {
+            rootlet: r.clone(),
+            stage: Some(stage("a-s", "test_pass", 10)),
+            ..Default::default()
+        })
+        .await
+        .expect("the owner replaces its stage");
+    let (_, stages) = kernel(&mut ops, r.clone()).await.expect("rootlet");
+    assert_eq!(
+        stages,
+        [(
+            "a-s".to_owned(),
+            "team-a".to_owned(),
+            digest_of("test_pass")
+        )]
+    );
+    ops.unlink_stage(pb::UnlinkStageRequest {
+        rootlet: r.clone(),
+        stage: "a-s".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("the admin unlinks any stage");
+    ops.unload_rootlet(pb::UnloadRootletRequest {
+        rootlet: r.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("the admin unloads");
+    assert_eq!(kernel(&mut ops, r).await, None);
+    assert!(a.f.pins().is_empty(), "{:?}", a.f.pins());
+}
