@@ -2304,3 +2304,116 @@ async fn every_role_and_every_stage_mutation() {
     assert_eq!(kernel(&mut ops, r).await, None);
     assert!(a.f.pins().is_empty(), "{:?}", a.f.pins());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apply_half_done_at_a_crash_is_put_back_on_every_rootlet() {
+    let mut a = Agent::start().await;
+    let second = VethPair::new().expect("second veth pair");
+    let r2 = Some(pb::RootletRef {
+        r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
+            netns: second.host().path().display().to_string(),
+            ifname: second.host_if().into(),
+        })),
+    });
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n\
+         [[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        a.f.pair.host_if(),
+        a.f.netns_path().display(),
+        second.host_if(),
+        second.host().path().display()
+    );
+    let v1 = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    );
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    );
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+    let crash_after_first = [("ROOTLETD_CRASH_AT", "bundle-rootlet-committed")];
+
+    // A first install that crashes after the first of its two rootlets:
+    // after the restart, no rootlet runs any of it.
+    let mut child = rootletd_with(&path, &crash_after_first);
+    let mut c = serving(&addr, &a).await;
+    assert!(c.apply_bundle(apply(v1.clone())).await.is_err());
+    drop(c);
+    assert!(!exited(&mut child, false).await.success(), "crashed");
+    let mut child = rootletd_with(&path, &[]);
+    let mut c = serving(&addr, &a).await;
+    assert_eq!(
+        kernel(&mut c, a.rootlet()).await,
+        None,
+        "the first rootlet is unloaded"
+    );
+    assert_eq!(kernel(&mut c, r2.clone()).await, None);
+    assert!(a.f.pins().is_empty(), "{:?}", a.f.pins());
+    // 1.0 for real, on both.
+    c.apply_bundle(apply(v1.clone())).await.expect("1.0");
+    let on_v1 = (
+        kernel(&mut c, a.rootlet()).await.map(|k| k.1),
+        kernel(&mut c, r2.clone()).await.map(|k| k.1),
+    );
+    drop(c);
+    assert!(exited(&mut child, true).await.success());
+
+    // 2.0 crashes after the first rootlet: both are back on 1.0.
+    let mut child = rootletd_with(&path, &crash_after_first);
+    let mut c = serving(&addr, &a).await;
+    let mut req = apply(v2.clone());
+    req.idempotency_key = "half".into();
+    assert!(c.apply_bundle(req).await.is_err());
+    drop(c);
+    assert!(!exited(&mut child, false).await.success(), "crashed");
+    let mut child = rootletd_with(&path, &[]);
+    let mut c = serving(&addr, &a).await;
+    let now = (
+        kernel(&mut c, a.rootlet()).await.map(|k| k.1),
+        kernel(&mut c, r2.clone()).await.map(|k| k.1),
+    );
+    assert_eq!(now, on_v1, "every rootlet runs 1.0 again");
+    for r in [a.rootlet(), r2.clone()] {
+        let s = apply_status(&mut c, r, "half").await;
+        assert_eq!(s.applied_version, "1.0");
+        assert!(s.drift.is_empty(), "{:?}", s.drift);
+        let keyed = s.keyed_attempt.expect("the interrupted attempt");
+        assert_eq!(
+            (keyed.version.as_str(), keyed.outcome.as_str()),
+            ("2.0", "nack")
+        );
+    }
+    // And 2.0 applies on both.
+    c.apply_bundle(apply(v2)).await.expect("2.0");
+    for r in [a.rootlet(), r2] {
+        let s = apply_status(&mut c, r, "").await;
+        assert!(s.applied_version == "2.0" && s.drift.is_empty(), "{s:?}");
+    }
+    drop(c);
+    assert!(exited(&mut child, true).await.success());
+}
