@@ -2137,3 +2137,333 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
     drop(ops);
     assert!(exited(&mut child, true).await.success(), "clean exit");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_during_remove_bundle_leaves_the_truth_and_a_retry_converges() {
+    let mut a = Agent::start().await;
+    {
+        let mut ops = a.client("ops").await;
+        // A first install: the bundle loads the rootlet.
+        let v1 = a.bundle(
+            "1.0",
+            &[("drop", "test_drop", 10), ("ddos", "ddos", 20)],
+            true,
+        );
+        ops.apply_bundle(apply(v1)).await.expect("first install");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let mut probe = Probe::new(&a, 6300);
+    assert!(!probe.delivered(&a), "the bundle drops");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+
+    // Crash once the rootlet's stages are unlinked and it is unloaded,
+    // before anything is recorded.
+    let mut child = rootletd_with(&path, &[("ROOTLETD_CRASH_AT", "bundle-rootlet-committed")]);
+    let mut c = serving(&addr, &a).await;
+    let err = c.remove_bundle(remove("edge")).await.unwrap_err();
+    drop(c);
+    assert!(
+        !exited(&mut child, false).await.success(),
+        "crashed: {err:?}"
+    );
+    assert!(probe.delivered(&a), "the kernel no longer runs the bundle");
+
+    // After the restart the agent says so, and the retry records the removal.
+    let mut child = rootletd_with(&path, &[]);
+    let mut c = serving(&addr, &a).await;
+    assert_eq!(
+        kernel(&mut c, a.rootlet()).await,
+        None,
+        "the rootlet is gone"
+    );
+    let listed = c
+        .list_rootlets(pb::ListRootletsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.rootlets.is_empty(), "{listed:?}");
+    let done = c
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(done.removed, "{done:?}");
+    let bundles = c
+        .list_bundles(pb::ListBundlesRequest {})
+        .await
+        .expect("bundles")
+        .into_inner()
+        .bundles;
+    assert_eq!(
+        bundles
+            .iter()
+            .map(|b| (b.version.as_str(), b.current, b.removed))
+            .collect::<Vec<_>>(),
+        [("1.0", false, true)]
+    );
+    // Installing again starts from nothing: the stale record is gone.
+    let v2 = a.bundle("2.0", &[("drop", "test_drop", 10)], true);
+    let r2 = c
+        .apply_bundle(apply(v2))
+        .await
+        .expect("install again")
+        .into_inner();
+    assert!(!r2.noop);
+    let s = apply_status(&mut c, a.rootlet(), "").await;
+    assert_eq!(s.applied_version, "2.0");
+    assert!(s.drift.is_empty(), "{:?}", s.drift);
+    assert!(!probe.delivered(&a), "dropping again");
+    drop(c);
+    assert!(exited(&mut child, true).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_role_and_every_stage_mutation() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    a.load(&mut ops).await;
+    let r = a.rootlet();
+    team_a
+        .link_stage(link(r.clone(), stage("a-s", "sampler", 10)))
+        .await
+        .expect("team a links its stage");
+    let before = kernel(&mut ops, r.clone()).await;
+    let pins = a.f.pins();
+    // Who may not touch team a's stage (nor load or unload), and may not.
+    for who in ["team-b", "mon"] {
+        let mut c = a.client(who).await;
+        let mut refused = vec![];
+        refused.push((
+            "link",
+            c.link_stage(link(r.clone(), stage("a-t", "test_pass", 5)))
+                .await
+                .map(|_| ()),
+        ));
+        refused.push((
+            "replace",
+            c.replace_stage(pb::ReplaceStageRequest {
+                rootlet: r.clone(),
+                stage: Some(stage("a-s", "test_drop", 10)),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        refused.push((
+            "unlink",
+            c.unlink_stage(pb::UnlinkStageRequest {
+                rootlet: r.clone(),
+                stage: "a-s".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        refused.push((
+            "set pin",
+            c.set_stage_pin(pb::SetStagePinRequest {
+                rootlet: r.clone(),
+                stage: "a-s".into(),
+                pin: false,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        refused.push((
+            "unload",
+            c.unload_rootlet(pb::UnloadRootletRequest {
+                rootlet: r.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        refused.push((
+            "load",
+            c.load_rootlet(pb::LoadRootletRequest {
+                interface: Some(a.iface()),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ));
+        for (what, result) in refused {
+            let err = result.expect_err(&format!("{who} may not {what}"));
+            assert_eq!(err.code(), Code::PermissionDenied, "{who} {what}: {err:?}");
+        }
+        assert_eq!(
+            kernel(&mut ops, r.clone()).await,
+            before,
+            "{who}: nothing changed"
+        );
+        assert_eq!(a.f.pins(), pins, "{who}: no pin changed");
+    }
+    // The owner and the admin may.
+    team_a
+        .set_stage_pin(pb::SetStagePinRequest {
+            rootlet: r.clone(),
+            stage: "a-s".into(),
+            pin: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the owner pins its stage");
+    team_a
+        .replace_stage(pb::ReplaceStageRequest {
+            rootlet: r.clone(),
+            stage: Some(stage("a-s", "test_pass", 10)),
+            ..Default::default()
+        })
+        .await
+        .expect("the owner replaces its stage");
+    let (_, stages) = kernel(&mut ops, r.clone()).await.expect("rootlet");
+    assert_eq!(
+        stages,
+        [(
+            "a-s".to_owned(),
+            "team-a".to_owned(),
+            digest_of("test_pass")
+        )]
+    );
+    ops.unlink_stage(pb::UnlinkStageRequest {
+        rootlet: r.clone(),
+        stage: "a-s".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("the admin unlinks any stage");
+    ops.unload_rootlet(pb::UnloadRootletRequest {
+        rootlet: r.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("the admin unloads");
+    assert_eq!(kernel(&mut ops, r).await, None);
+    assert!(a.f.pins().is_empty(), "{:?}", a.f.pins());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apply_half_done_at_a_crash_is_put_back_on_every_rootlet() {
+    let mut a = Agent::start().await;
+    let second = VethPair::new().expect("second veth pair");
+    let r2 = Some(pb::RootletRef {
+        r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
+            netns: second.host().path().display().to_string(),
+            ifname: second.host_if().into(),
+        })),
+    });
+    let targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n\
+         [[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        a.f.pair.host_if(),
+        a.f.netns_path().display(),
+        second.host_if(),
+        second.host().path().display()
+    );
+    let v1 = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    );
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    );
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    config.metrics.listen = None;
+    let path = a.state_dir.join("rootletd.toml");
+    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let addr = format!("https://localhost:{port}");
+    let crash_after_first = [("ROOTLETD_CRASH_AT", "bundle-rootlet-committed")];
+
+    // A first install that crashes after the first of its two rootlets:
+    // after the restart, no rootlet runs any of it.
+    let mut child = rootletd_with(&path, &crash_after_first);
+    let mut c = serving(&addr, &a).await;
+    assert!(c.apply_bundle(apply(v1.clone())).await.is_err());
+    drop(c);
+    assert!(!exited(&mut child, false).await.success(), "crashed");
+    let mut child = rootletd_with(&path, &[]);
+    let mut c = serving(&addr, &a).await;
+    assert_eq!(
+        kernel(&mut c, a.rootlet()).await,
+        None,
+        "the first rootlet is unloaded"
+    );
+    assert_eq!(kernel(&mut c, r2.clone()).await, None);
+    assert!(a.f.pins().is_empty(), "{:?}", a.f.pins());
+    // 1.0 for real, on both.
+    c.apply_bundle(apply(v1.clone())).await.expect("1.0");
+    let on_v1 = (
+        kernel(&mut c, a.rootlet()).await.map(|k| k.1),
+        kernel(&mut c, r2.clone()).await.map(|k| k.1),
+    );
+    drop(c);
+    assert!(exited(&mut child, true).await.success());
+
+    // 2.0 crashes after the first rootlet: both are back on 1.0.
+    let mut child = rootletd_with(&path, &crash_after_first);
+    let mut c = serving(&addr, &a).await;
+    let mut req = apply(v2.clone());
+    req.idempotency_key = "half".into();
+    assert!(c.apply_bundle(req).await.is_err());
+    drop(c);
+    assert!(!exited(&mut child, false).await.success(), "crashed");
+    let mut child = rootletd_with(&path, &[]);
+    let mut c = serving(&addr, &a).await;
+    let now = (
+        kernel(&mut c, a.rootlet()).await.map(|k| k.1),
+        kernel(&mut c, r2.clone()).await.map(|k| k.1),
+    );
+    assert_eq!(now, on_v1, "every rootlet runs 1.0 again");
+    for r in [a.rootlet(), r2.clone()] {
+        let s = apply_status(&mut c, r, "half").await;
+        assert_eq!(s.applied_version, "1.0");
+        assert!(s.drift.is_empty(), "{:?}", s.drift);
+        let keyed = s.keyed_attempt.expect("the interrupted attempt");
+        assert_eq!(
+            (keyed.version.as_str(), keyed.outcome.as_str()),
+            ("2.0", "nack")
+        );
+    }
+    // And 2.0 applies on both.
+    c.apply_bundle(apply(v2)).await.expect("2.0");
+    for r in [a.rootlet(), r2] {
+        let s = apply_status(&mut c, r, "").await;
+        assert!(s.applied_version == "2.0" && s.drift.is_empty(), "{s:?}");
+    }
+    drop(c);
+    assert!(exited(&mut child, true).await.success());
+}

@@ -640,3 +640,33 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nack(unrestored: Vec<(String, String)>) -> String {
+        AgentError::Nack {
+            name: "edge".into(),
+            version: "2.0".into(),
+            rootlet: "netns:1/if:2".into(),
+            source: Box::new(AgentError::NotFound("boom".into())),
+            unrestored,
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn a_nack_says_whether_the_undo_restored_every_rootlet() {
+        assert_eq!(
+            nack(vec![]),
+            "bundle `edge` 2.0 was not applied: boom; every rootlet keeps its previous version"
+        );
+        let failed = nack(vec![("netns:1/if:3".into(), "EPERM".into())]);
+        assert!(
+            !failed.contains("keeps its previous version")
+                && failed.contains("the undo failed on netns:1/if:3 (EPERM)"),
+            "{failed}"
+        );
+    }
+}

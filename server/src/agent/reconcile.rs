@@ -1,32 +1,69 @@
 //! Adoption of the agent's records: an apply that a crash interrupted left
-//! its pending marker on each rootlet it targets. The kernel is the truth:
-//! a rootlet that runs exactly the new version records it as applied (only
-//! the status write was lost); any other keeps its previous version as
-//! applied, with the attempt recorded as interrupted, and the drift its
-//! status then reports is what the kernel runs. The stages either version
-//! manages stay the bundle's, so a re-apply of either converges.
+//! its pending marker on each rootlet it targets. The kernel is the truth.
+//! If the apply went through on some of its rootlets and not on others,
+//! those that run the new version are first put back on the previous one
+//! (or, for a first install, without the bundle), so that an apply stays
+//! all or nothing across a crash. Then a rootlet that runs exactly the new
+//! version records it as applied (only the status write was lost); any
+//! other keeps its previous version as applied, with the attempt recorded
+//! as interrupted, and the drift its status then reports is what the kernel
+//! runs. The stages either version manages stay the bundle's, so a
+//! re-apply of either converges. The status of a rootlet that no longer
+//! exists is dropped.
 
 use std::time::SystemTime;
 
 use super::{
     Agent, ApplyStatus, Attempt, HISTORY, Pending, Result, STATUS, bundles::HistoryEntry, unix_ms,
 };
-use crate::dataplane::spec::RootletKey;
+use crate::dataplane::spec::{Change, RootletKey};
 
 impl Agent {
     /// Settles every pending apply against what the kernel runs.
     pub(super) fn reconcile(&self) -> Result<()> {
         let live: Vec<RootletKey> = self.dp.list();
-        let mut applied = vec![];
-        for (id, mut status) in self.kv.list::<ApplyStatus>(STATUS)? {
-            let Some(pending) = status.pending.take() else {
-                continue;
-            };
+        let mut interrupted = vec![];
+        // Interrupted applies that never loaded a rootlet they target.
+        let mut never_loaded = vec![];
+        for (id, status) in self.kv.list::<ApplyStatus>(STATUS)? {
             let Some(key) = live.iter().copied().find(|k| k.to_string() == id) else {
-                // The interrupted apply never loaded the rootlet it targeted.
+                // No rootlet, no status: the interrupted apply never loaded
+                // it, or a crash came between an unload and this record.
+                never_loaded.extend(status.pending);
                 self.kv.delete(STATUS, &id)?;
                 continue;
             };
+            if let Some(pending) = status.pending.clone() {
+                let runs_new = self.runs_new(key, &status, &pending).unwrap_or(false);
+                interrupted.push((id, key, status, pending, runs_new));
+            }
+        }
+        // Half applied: back to what ran before, where it went through.
+        for (id, key, status, pending, runs_new) in &interrupted {
+            let same =
+                |p: &Pending| p.digest == pending.digest && p.at_unix_ms == pending.at_unix_ms;
+            let mixed = interrupted.iter().any(|(.., p, new)| same(p) && !new)
+                || never_loaded.iter().any(same);
+            if *runs_new && mixed {
+                match self.restore(*key, status, pending) {
+                    Ok(()) => {
+                        tracing::warn!(rootlet = %key, bundle = %pending.bundle, "an interrupted apply went through on some rootlets only: put back")
+                    }
+                    Err(e) => {
+                        tracing::error!(rootlet = %key, error = %e, "cannot put back a rootlet of an interrupted apply")
+                    }
+                }
+                if !self.dp.list().contains(key) {
+                    self.kv.delete(STATUS, id)?;
+                }
+            }
+        }
+        let mut applied = vec![];
+        for (id, key, mut status, pending, _) in interrupted {
+            if !self.dp.list().contains(&key) {
+                continue;
+            }
+            status.pending = None;
             if pending.loads {
                 status.loaded_by = Some(pending.bundle.clone());
             }
@@ -81,6 +118,53 @@ impl Agent {
                     at,
                 )?;
             }
+        }
+        Ok(())
+    }
+
+    /// Whether `key` runs exactly the version `pending` applies.
+    fn runs_new(&self, key: RootletKey, status: &ApplyStatus, pending: &Pending) -> Result<bool> {
+        let bundle = self.stored(&pending.digest)?;
+        let Some(target) = self.target_on(&bundle, key) else {
+            return Ok(false);
+        };
+        let managed = status
+            .managed
+            .get(&pending.bundle)
+            .cloned()
+            .unwrap_or_default();
+        Ok(Self::drift_of(&self.dp.state(key)?, &bundle, &target, &managed)?.is_empty())
+    }
+
+    /// Puts `key` back on the version it ran before `pending` (or without
+    /// the bundle, unloading a rootlet the apply loaded).
+    fn restore(&self, key: RootletKey, status: &ApplyStatus, pending: &Pending) -> Result<()> {
+        if status.bundle == pending.bundle && !status.applied_digest.is_empty() {
+            let prev = self.stored(&status.applied_digest)?;
+            if let Some(target) = self.target_on(&prev, key) {
+                let changes = self.changes_for(key, &prev, status, &target)?;
+                if !changes.is_empty() {
+                    self.dp.apply(key, &changes, None)?;
+                }
+                return Ok(());
+            }
+        }
+        let managed = status
+            .managed
+            .get(&pending.bundle)
+            .cloned()
+            .unwrap_or_default();
+        let state = self.dp.state(key)?;
+        if pending.loads && state.slots.iter().all(|s| managed.contains(&s.stage)) {
+            return Ok(self.dp.unload_rootlet(key)?);
+        }
+        let unlinks: Vec<Change> = managed
+            .iter()
+            .filter(|m| state.slots.iter().any(|s| &s.stage == *m))
+            .map(|m| Change::Unlink { name: m.clone() })
+            .collect();
+        if !unlinks.is_empty() {
+            self.dp.apply(key, &unlinks, None)?;
         }
         Ok(())
     }
