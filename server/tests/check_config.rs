@@ -265,7 +265,8 @@ fn insecure_tcp_beyond_loopback_is_refused_unless_the_risk_is_named() {
     let (ok, stdout, stderr) = check(&path);
     assert!(ok, "the named override is accepted: {stderr}");
     assert!(
-        stdout.contains("warning: listen.insecure_tcp") && stdout.contains("ANYONE WHO CAN REACH IT"),
+        stdout.contains("warning: listen.insecure_tcp")
+            && stdout.contains("ANYONE WHO CAN REACH IT"),
         "still warned: {stdout}"
     );
 
