@@ -48,7 +48,7 @@ for t in $vm_tests; do run="$run${run:+ && }$t --test-threads=2"; done
 # prefix that names one series; the newest installed image of it is used).
 for cell in ${ROOTLET_VM_MATRIX:-6.12:freplace 6.12:tailcall 6.1:freplace 6.1:tailcall}; do
     series="${cell%%:*}" backend="${cell#*:}"
-    kernel="$(ls -1 /boot/vmlinuz-"$series"[.-]* 2>/dev/null | sort -V | tail -n 1)"
+    kernel="$(ls -1 /boot/vmlinuz-"$series"[.-]* 2>/dev/null | sort -V | tail -n 1 || true)"
     [ -n "$kernel" ] || { echo "no /boot/vmlinuz-$series* (scripts/install-deps.sh installs it)" >&2; exit 1; }
     echo "== VM tier: $(basename "$kernel"), $backend backend"
     scripts/vm-run --kernel "$kernel" --env ROOTLET_TEST_BACKEND="$backend" --env ROOTLET_EXPECT_EXT=permitted \
