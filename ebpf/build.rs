@@ -15,6 +15,7 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("DDOS", "src/ddos.c", &[]),
     ("DDOS_V2", "src/ddos.c", &["-DROOTLET_BUILD=2"]),
     ("L4LB", "src/l4lb.c", &[]),
+    ("PROBE_EXT", "src/probe/ext.c", &[]),
     ("TEST_PASS", "src/test/verdict.c", &["-DVERDICT=XDP_PASS"]),
     ("TEST_DROP", "src/test/verdict.c", &["-DVERDICT=XDP_DROP"]),
     (

@@ -6,7 +6,8 @@
 #
 #   - the eBPF toolchain: clang-19 llvm-19 libbpf-dev, plus iproute2 bpftool
 #   - the VM tier (scripts/vm-run, docs/VM-TIER.md): qemu-system-x86,
-#     busybox-static, the newest linux-image-6.12.*+deb12-amd64-unsigned,
+#     busybox-static, the newest linux-image-6.12.*+deb12-amd64-unsigned
+#     and linux-image-6.1.0-*-amd64-unsigned (the guest kernels CI runs),
 #     and virtme-ng in a venv at /opt/vng
 #   - bpffs mounted at /sys/fs/bpf
 #
@@ -55,24 +56,29 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
 
-# Guest kernel for the VM tier: any installed 6.12 deb12 generic image will
-# do; otherwise the newest one the archive has.
-have_kernel=0
-while read -r status pkg; do
-    if [ "$status" = "installed" ] && [ -e "/boot/vmlinuz-${pkg#linux-image-}" ]; then
-        have_kernel=1
+# Guest kernels for the VM tier, one per kernel CI runs (docs/VM-TIER.md):
+# Debian 12's backports 6.12 and its default 6.1. For each, any installed
+# image will do; otherwise the newest one the archive has.
+#   $1: dpkg-query pattern of the -unsigned package; $2: apt-cache regex.
+install_guest_kernel() {
+    local have_kernel=0 status pkg kpkg
+    while read -r status pkg; do
+        if [ "$status" = "installed" ] && [ -e "/boot/vmlinuz-${pkg#linux-image-}" ]; then
+            have_kernel=1
+        fi
+    done < <(dpkg-query -W -f='${db:Status-Status} ${Package}\n' "$1" 2>/dev/null | sed 's/-unsigned$//')
+    if [ "$have_kernel" -eq 0 ]; then
+        apt_update_once
+        kpkg="$(apt-cache search --names-only "$2" | awk '{print $1}' | sort -V | tail -n 1)"
+        if [ -z "$kpkg" ]; then
+            echo "install-deps: no $1 in the apt sources" >&2
+            exit 1
+        fi
+        apt_install "$kpkg"
     fi
-done < <(dpkg-query -W -f='${db:Status-Status} ${Package}\n' 'linux-image-6.12.*+deb12-amd64-unsigned' 2>/dev/null | sed 's/-unsigned$//')
-if [ "$have_kernel" -eq 0 ]; then
-    apt_update_once
-    kpkg="$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' \
-        | awk '{print $1}' | sort -V | tail -n 1)"
-    if [ -z "$kpkg" ]; then
-        echo "install-deps: no linux-image-6.12.*+deb12-amd64-unsigned in the apt sources" >&2
-        exit 1
-    fi
-    apt_install "$kpkg"
-fi
+}
+install_guest_kernel 'linux-image-6.12.*+deb12-amd64-unsigned' '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'
+install_guest_kernel 'linux-image-6.1.0-*-amd64-unsigned' '^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$'
 
 # virtme-ng (vng) in its own venv.
 if [ ! -x "$VNG_DIR/bin/vng" ]; then

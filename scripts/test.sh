@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine too: installs what it needs, checks
 # formatting and lints, runs every test natively (this kernel: tail-call
-# backend), then runs the data-plane suite again inside a Debian 6.12 kernel
-# booted under qemu (the VM tier), where freplace is permitted.
+# backend), then runs the data-plane and agent suites again inside Debian's
+# 6.12 and 6.1 kernels booted under qemu (the VM tier), where freplace is
+# permitted, with each backend.
 #
 #   ROOTLET_EXPECT_EXT   what the probe must find on this host: "refused"
 #                        (default: this sandbox forbids BPF_PROG_TYPE_EXT) or
 #                        "permitted" on hosts that allow freplace.
 #   ROOTLET_SKIP_VM=1    skip the VM tier (says so loudly; CI never sets it).
+#   ROOTLET_VM_JOBS      VM cells run at once (default 2: one vCPU each).
+#   ROOTLET_VM_MATRIX    the VM tier's KERNEL:BACKEND cells (default: 6.12 and
+#                        6.1, each with freplace and tailcall).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -46,7 +50,7 @@ fi
 rm -f "$panic_log"
 echo "ok: exit 255, one boot, the panic shown ($(( $(date +%s) - vm_started )) s)"
 
-echo "== VM tier: Debian 6.12 kernel under qemu (TCG), freplace backend"
+echo "== VM tier: Debian kernels under qemu (TCG)"
 # The suites that exercise the kernel: the data plane, and the agent over it.
 vm_tests=$(cargo test -p rootlet-integration-tests --test dataplane --test agent --locked --no-run --message-format=json 2>/dev/null |
     python3 -c 'import sys, json
@@ -56,9 +60,51 @@ for line in sys.stdin:
         print(m["executable"])')
 [ "$(echo "$vm_tests" | wc -l)" = 2 ] || { echo "cannot find the dataplane and agent test binaries" >&2; exit 1; }
 cargo build -p rootlet-integration-tests -p rootlet-server --bins --locked
-run=""
-for t in $vm_tests; do run="$run${run:+ && }$t --test-threads=2"; done
-scripts/vm-run --env ROOTLET_TEST_BACKEND=freplace --env ROOTLET_EXPECT_EXT=permitted \
-    --env RUST_BACKTRACE=1 -- "$run"
+# Both suites run even when the first fails; the guest exits non-zero if either did.
+run="rc=0"
+for t in $vm_tests; do run="$run; $t --test-threads=2 || rc=1"; done
+run="$run; exit \$rc"
+# The kernel matrix (#21): each guest kernel CI supports, with each backend.
+# ROOTLET_VM_MATRIX: space-separated KERNEL:BACKEND (KERNEL: a /boot/vmlinuz-
+# prefix that names one series; the newest installed image of it is used).
+# Cells run two at a time (ROOTLET_VM_JOBS): a guest has one vCPU, so two
+# guests use the two cores of a CI machine; each cell's output is printed
+# whole when it ends, and every cell runs even when one fails.
+cells=(${ROOTLET_VM_MATRIX:-6.12:freplace 6.12:tailcall 6.1:freplace 6.1:tailcall})
+vm_logs=$(mktemp -d)
+run_cell() {
+    local i="$1" cell="$2" series backend kernel t0
+    series="${cell%%:*}" backend="${cell#*:}"
+    kernel="$(ls -1 /boot/vmlinuz-"$series"[.-]* 2>/dev/null | sort -V | tail -n 1 || true)"
+    if [ -z "$kernel" ]; then
+        echo "no /boot/vmlinuz-$series* (scripts/install-deps.sh installs it)" >"$vm_logs/$i.log"
+        echo 1 >"$vm_logs/$i.rc"
+        return
+    fi
+    echo "$(basename "$kernel"), $backend backend" >"$vm_logs/$i.name"
+    t0=$(date +%s)
+    set +e
+    scripts/vm-run --kernel "$kernel" --env ROOTLET_TEST_BACKEND="$backend" --env ROOTLET_EXPECT_EXT=permitted \
+        --env RUST_BACKTRACE=1 -- "$run" >"$vm_logs/$i.log" 2>&1
+    echo $? >"$vm_logs/$i.rc"
+    echo $(( $(date +%s) - t0 )) >"$vm_logs/$i.secs"
+}
+for i in "${!cells[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "${ROOTLET_VM_JOBS:-2}" ]; do wait -n || true; done
+    echo "-- VM tier: starting cell ${cells[$i]}"
+    run_cell "$i" "${cells[$i]}" &
+done
+wait
+vm_failed=""
+for i in "${!cells[@]}"; do
+    echo "== VM tier: $(cat "$vm_logs/$i.name" 2>/dev/null || echo "${cells[$i]}") ($(cat "$vm_logs/$i.secs" 2>/dev/null || echo '?') s)"
+    cat "$vm_logs/$i.log"
+    [ "$(cat "$vm_logs/$i.rc" 2>/dev/null)" = 0 ] || vm_failed="$vm_failed ${cells[$i]}"
+done
+rm -rf "$vm_logs"
+if [ -n "$vm_failed" ]; then
+    echo "== VM tier FAILED in:$vm_failed" >&2
+    exit 1
+fi
 
 echo "== all tiers passed in $(( $(date +%s) - started )) s"

@@ -180,6 +180,7 @@ impl Pki {
             cert: self.server_cert.clone(),
             key: self.server_key.clone(),
             client_ca: self.ca.cert_path.clone(),
+            allow_key_access_by_group_or_others: false,
         }
     }
 

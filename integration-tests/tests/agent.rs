@@ -439,17 +439,8 @@ async fn an_expired_lease_returns_the_slot_to_the_placeholder_while_packets_flow
     let a = Agent::start().await;
     let mut ops = a.client("ops").await;
     a.load(&mut ops).await;
-    let mut team_a = a.client("team-a").await;
-    let mut drop_stage = stage("a-drop", "test_drop", 10);
-    drop_stage.lease_seconds = 2;
-    let done = team_a
-        .link_stage(link(a.rootlet(), drop_stage))
-        .await
-        .expect("leased")
-        .into_inner();
-    assert!(!done.lease_id.is_empty());
-
-    // The witness, last, records what the pipeline let through.
+    // The witness, last, records what the pipeline let through. Linked
+    // first: a change takes seconds in the VM tier, longer than the lease.
     let linked = ops
         .link_stage(link(a.rootlet(), stage("w", witness::OBJECT, 100)))
         .await
@@ -462,6 +453,16 @@ async fn an_expired_lease_returns_the_slot_to_the_placeholder_while_packets_flow
         .and_then(|s| s.program.as_ref())
         .map(|p| p.id)
         .expect("the witness runs");
+    let mut team_a = a.client("team-a").await;
+    let mut drop_stage = stage("a-drop", "test_drop", 10);
+    drop_stage.lease_seconds = 2;
+    let done = team_a
+        .link_stage(link(a.rootlet(), drop_stage))
+        .await
+        .expect("leased")
+        .into_inner();
+    assert!(!done.lease_id.is_empty());
+
     let drops = |state: &pb::RootletState| {
         state
             .slots

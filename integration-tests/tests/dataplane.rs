@@ -1053,7 +1053,8 @@ fn drift_is_reported_never_overwritten() {
 
 #[test]
 fn probe_matches_this_kernel() {
-    let caps = rootlet_server::dataplane::probe::capabilities();
+    use rootlet_server::dataplane::probe;
+    let caps = probe::capabilities();
     eprintln!("{}", caps.summary());
     assert!(
         caps.xdp.permitted()
@@ -1074,6 +1075,32 @@ fn probe_matches_this_kernel() {
         ),
         Ok(other) => panic!("ROOTLET_EXPECT_EXT={other}"),
         Err(_) => panic!("set ROOTLET_EXPECT_EXT=permitted|refused (the test command does)"),
+    }
+    // Rootlet's own programs pass the verifier of every kernel it supports,
+    // whether or not the kernel permits their backend: a rejection is a bug.
+    for backend in [Backend::Freplace, Backend::TailCall] {
+        assert!(
+            caps.programs(backend).verified(),
+            "our {backend} programs fail the verifier of kernel {}: {:?}",
+            caps.kernel,
+            caps.programs(backend)
+        );
+    }
+    // tcx: permitted from 6.6 on; before, the probe's typed answer says so
+    // (a probe wrong for the kernel fails here, it is not skipped).
+    let version = caps.kernel_version().expect("uname -r parses");
+    if version >= probe::TCX_SINCE {
+        assert!(
+            caps.tcx.permitted(),
+            "kernel {version} has tcx, the probe says {:?}",
+            caps.tcx
+        );
+    } else {
+        assert!(
+            matches!(caps.tcx, probe::Probe::Unsupported { requires, .. } if requires == probe::TCX_SINCE),
+            "kernel {version} predates tcx; the probe says {:?}",
+            caps.tcx
+        );
     }
     let auto = caps.choose(Default::default()).expect("some backend");
     assert_eq!(

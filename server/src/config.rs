@@ -46,8 +46,12 @@ pub struct ListenConfig {
     pub unix: Option<PathBuf>,
     /// Serve plain TCP without TLS (tests, local development). There are no
     /// identities then: every TCP caller has the admin role, like a caller
-    /// on the Unix socket. Keep it on a loopback address.
+    /// on the Unix socket. Refused on an address that is not loopback
+    /// unless `allow_insecure_tcp_on_non_loopback`.
     pub insecure_tcp: bool,
+    /// Accept `insecure_tcp` on an address other hosts may reach: anyone
+    /// who reaches it is admin, and the traffic is readable.
+    pub allow_insecure_tcp_on_non_loopback: bool,
 }
 
 impl Default for ListenConfig {
@@ -56,6 +60,7 @@ impl Default for ListenConfig {
             tcp: None,
             unix: Some(PathBuf::from("/run/rootlet/rootletd.sock")),
             insecure_tcp: false,
+            allow_insecure_tcp_on_non_loopback: false,
         }
     }
 }
@@ -66,8 +71,14 @@ impl Default for ListenConfig {
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
+    /// Refused if group or others may access it (mode & 0o077), unless
+    /// `allow_key_access_by_group_or_others`.
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// Accept a private key file that users other than its owner may read
+    /// (or write): they could then impersonate this agent.
+    #[serde(default)]
+    pub allow_key_access_by_group_or_others: bool,
 }
 
 /// `[metrics]`: Prometheus text format on `GET /metrics`.
@@ -415,6 +426,19 @@ impl Config {
             (None, true, None) => problem("listen.insecure_tcp", "insecure_tcp = true but listen.tcp is not set".into()),
             _ => {}
         }
+        if let (Some(tcp), true, false) = (
+            self.listen.tcp,
+            self.listen.insecure_tcp,
+            self.listen.allow_insecure_tcp_on_non_loopback,
+        ) && !tcp.ip().is_loopback()
+        {
+            problem(
+                "listen.insecure_tcp",
+                format!(
+                    "plain TCP without TLS on {tcp}, which is not a loopback address: anyone who reaches it would be admin; use a loopback address, or [tls], or set listen.allow_insecure_tcp_on_non_loopback = true to accept that risk"
+                ),
+            );
+        }
         if let Some(tls) = &self.tls {
             for p in check_tls(tls) {
                 problem(&p.field, p.message);
@@ -538,15 +562,13 @@ impl Config {
             );
         }
         if let Some(tls) = &self.tls
-            && let Ok(meta) = fs::metadata(&tls.key)
-            && meta.permissions().mode() & 0o077 != 0
+            && let Some(mode) = shared_key_mode(&tls.key)
         {
             warn(
                 "tls.key",
                 format!(
-                    "{} is accessible to group or others (mode {:o}); 0600 is advised",
+                    "{} is accessible to group or others (mode {mode:o}), accepted because tls.allow_key_access_by_group_or_others = true; 0600 is advised",
                     tls.key.display(),
-                    meta.permissions().mode() & 0o777
                 ),
             );
         }
@@ -744,8 +766,25 @@ fn read_certs(field: &str, path: &Path, problems: &mut Vec<Problem>) -> Option<V
     Some(bytes)
 }
 
+/// The mode of `key` if group or others may access it.
+fn shared_key_mode(key: &Path) -> Option<u32> {
+    let mode = fs::metadata(key).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
 fn check_tls(tls: &TlsConfig) -> Vec<Problem> {
     let mut problems = vec![];
+    if !tls.allow_key_access_by_group_or_others
+        && let Some(mode) = shared_key_mode(&tls.key)
+    {
+        problems.push(Problem {
+            field: "tls.key".into(),
+            message: format!(
+                "{} is accessible to group or others (mode {mode:o}): they could impersonate this agent; chmod 600 it, or set tls.allow_key_access_by_group_or_others = true to accept that risk",
+                tls.key.display()
+            ),
+        });
+    }
     let cert = read_certs("tls.cert", &tls.cert, &mut problems);
     let ca = read_certs("tls.client_ca", &tls.client_ca, &mut problems);
     let key = match fs::read(&tls.key) {

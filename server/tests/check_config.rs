@@ -32,6 +32,11 @@ fn check(config: &Path) -> (bool, String, String) {
     )
 }
 
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
 /// TLS files in a temporary directory: a CA, a server certificate, its key,
 /// another key, an expired certificate, and a public key.
 struct Files {
@@ -67,8 +72,8 @@ impl Files {
         let files = Files { dir };
         files.write("ca.pem", &ca.pem());
         files.write("server.pem", &server);
-        files.write("server.key", &server_key.serialize_pem());
-        files.write("other.key", &other_key.serialize_pem());
+        files.write_key("server.key", &server_key.serialize_pem());
+        files.write_key("other.key", &other_key.serialize_pem());
         files.write("expired.pem", &expired);
         files.write("release.pub", &other_key.public_key_pem());
         files
@@ -81,6 +86,13 @@ impl Files {
     fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.path(name);
         std::fs::write(&path, text).expect("write a test file");
+        path
+    }
+
+    /// A private key file, mode 0600 as rootletd requires.
+    fn write_key(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.write(name, text);
+        chmod(&path, 0o600);
         path
     }
 
@@ -222,6 +234,91 @@ fn tcp_without_tls_is_invalid() {
         stderr.contains("tls: listen.tcp is set, so [tls]"),
         "{stderr}"
     );
+}
+
+#[test]
+fn insecure_tcp_beyond_loopback_is_refused_unless_the_risk_is_named() {
+    let files = Files::new();
+    let path = files.write(
+        "open.toml",
+        "[listen]\ntcp = \"0.0.0.0:50051\"\ninsecure_tcp = true\n",
+    );
+    let (ok, stdout, stderr) = check(&path);
+    assert!(!ok, "plain TCP on 0.0.0.0 passes: {stdout}");
+    assert!(
+        stderr.contains("listen.insecure_tcp: plain TCP without TLS on 0.0.0.0:50051")
+            && stderr.contains("allow_insecure_tcp_on_non_loopback"),
+        "{stderr}"
+    );
+
+    let path = files.write(
+        "open-v6.toml",
+        "[listen]\ntcp = \"[::]:50051\"\ninsecure_tcp = true\n",
+    );
+    let (ok, stdout, _) = check(&path);
+    assert!(!ok, "plain TCP on [::] passes: {stdout}");
+
+    let path = files.write(
+        "open-accepted.toml",
+        "[listen]\ntcp = \"0.0.0.0:50051\"\ninsecure_tcp = true\nallow_insecure_tcp_on_non_loopback = true\n",
+    );
+    let (ok, stdout, stderr) = check(&path);
+    assert!(ok, "the named override is accepted: {stderr}");
+    assert!(
+        stdout.contains("warning: listen.insecure_tcp")
+            && stdout.contains("ANYONE WHO CAN REACH IT"),
+        "still warned: {stdout}"
+    );
+
+    let path = files.write(
+        "loopback.toml",
+        "[listen]\ntcp = \"127.0.0.1:50051\"\ninsecure_tcp = true\n",
+    );
+    let (ok, stdout, stderr) = check(&path);
+    assert!(ok, "plain TCP on loopback stays allowed: {stderr}");
+    assert!(stdout.contains("warning: listen.insecure_tcp"), "{stdout}");
+}
+
+#[test]
+fn a_tls_key_others_can_read_is_refused_unless_the_risk_is_named() {
+    let files = Files::new();
+    let key = files.path("server.key");
+    let path = files.write("rootletd.toml", &files.config("server.pem", "server.key"));
+    for mode in [0o644, 0o666, 0o640, 0o604] {
+        chmod(&key, mode);
+        let (ok, stdout, stderr) = check(&path);
+        assert!(!ok, "a key of mode {mode:o} passes: {stdout}");
+        assert!(
+            stderr.contains(&format!(
+                "tls.key: {} is accessible to group or others (mode {mode:o})",
+                key.display()
+            )) && stderr.contains("allow_key_access_by_group_or_others"),
+            "{stderr}"
+        );
+    }
+
+    let accepted = files.write(
+        "accepted.toml",
+        &files.config("server.pem", "server.key").replace(
+            "client_ca = ",
+            "allow_key_access_by_group_or_others = true\nclient_ca = ",
+        ),
+    );
+    chmod(&key, 0o644);
+    let (ok, stdout, stderr) = check(&accepted);
+    assert!(ok, "the named override is accepted: {stderr}");
+    assert!(
+        stdout.contains("warning: tls.key:") && stdout.contains("mode 644"),
+        "still warned: {stdout}"
+    );
+
+    chmod(&key, 0o600);
+    let (ok, stdout, stderr) = check(&path);
+    assert!(ok, "{stderr}");
+    assert!(!stdout.contains("tls.key"), "no warning at 0600: {stdout}");
+    chmod(&key, 0o400);
+    let (ok, _, stderr) = check(&path);
+    assert!(ok, "0400 is fine: {stderr}");
 }
 
 #[test]

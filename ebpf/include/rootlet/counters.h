@@ -24,6 +24,21 @@ static __always_inline int rootlet_normalize(int verdict)
 	return (verdict >= XDP_ABORTED && verdict <= XDP_REDIRECT) ? verdict : XDP_ABORTED;
 }
 
+/*
+ * `v` (never above `max`: callers check), bounded again in the very register
+ * that indexes with it. Clang may test one register and index with a copy
+ * (`w1 = w6; if w6 < 0x5 ...; use w1`); the Linux 6.1 verifier keeps the
+ * bound on the tested register only and refuses the access, while 6.12's
+ * carries it over to the copy. This compare is in the generated code, on
+ * the register returned, so every verifier sees the bound. Check with
+ * `llvm-objdump -d`: an `if rN <= max` right before rN is scaled and added.
+ */
+static __always_inline __u64 rootlet_bound(__u64 v, __u64 max)
+{
+	asm volatile("if %[v] <= %[max] goto +1;\n\t%[v] = %[max];" : [v] "+r"(v) : [max] "i"(max));
+	return v;
+}
+
 /* Counts `verdict` (ROOTLET_PROCEED: the slot was empty) for `slot`. */
 static __always_inline void rootlet_count(__u32 parity, __u32 slot, int verdict)
 {
@@ -32,7 +47,8 @@ static __always_inline void rootlet_count(__u32 parity, __u32 slot, int verdict)
 	struct rootlet_percpu *p = bpf_map_lookup_elem(&rootlet_stats, &zero);
 
 	if (p && slot < ROOTLET_MAX_SLOTS)
-		p->count[parity & 1][slot][idx] += 1;
+		p->count[parity & 1][rootlet_bound(slot, ROOTLET_MAX_SLOTS - 1)]
+			[rootlet_bound(idx, ROOTLET_COUNT_EMPTY)] += 1;
 }
 
 static __always_inline int rootlet_proceeds(int verdict, __u32 mask)

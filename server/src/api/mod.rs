@@ -199,10 +199,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
             let probe = |name: &str, p: &crate::dataplane::probe::Probe| pb::Probe {
                 name: name.to_owned(),
                 permitted: p.permitted(),
-                reason: match p {
-                    crate::dataplane::probe::Probe::Refused { reason } => reason.clone(),
-                    crate::dataplane::probe::Probe::Permitted => String::new(),
-                },
+                reason: p.reason().unwrap_or_default(),
             };
             Ok(pb::Capabilities {
                 kernel: caps.kernel.clone(),

@@ -231,6 +231,25 @@ fn dataplane_status(e: &DpError, msg: &str) -> Status {
             );
             Code::FailedPrecondition
         }
+        DpError::ProgramsRejected {
+            backend,
+            kernel,
+            program,
+            log,
+            ..
+        } => {
+            d.set_debug_info(vec![], log.clone());
+            info(
+                &mut d,
+                "PROGRAMS_REJECTED",
+                &[
+                    ("backend", backend.to_string()),
+                    ("kernel", kernel.clone()),
+                    ("program", program.clone()),
+                ],
+            );
+            Code::Internal
+        }
         DpError::Drifted { key, reason } => {
             d.add_precondition_failure_violation("DRIFT", key.to_string(), reason.clone());
             info(&mut d, "DRIFTED", &[("rootlet", key.to_string())]);

@@ -62,6 +62,18 @@ pub enum Error {
         probe: &'static str,
         reason: String,
     },
+    /// Rootlet's own programs for `backend` fail this kernel's verifier:
+    /// a bug in Rootlet, not a kernel limitation.
+    #[error(
+        "bug in Rootlet: its {backend} program `{program}` fails the verifier of kernel {kernel} ({message}); please report it with this message\n{log}"
+    )]
+    ProgramsRejected {
+        backend: super::spec::Backend,
+        kernel: String,
+        program: String,
+        message: String,
+        log: String,
+    },
     #[error(
         "rootlet {key} has drifted: {reason}; it will not be changed until it is unloaded and loaded again"
     )]

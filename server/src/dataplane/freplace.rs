@@ -190,6 +190,28 @@ pub fn load_instance(
     .xdp_target()
 }
 
+/// Loads a rootlet instance with every position enabled (so the verifier
+/// sees every path, and every placeholder is reachable), against maps of
+/// its own, and drops it: the probe's check of the freplace rootlet.
+pub fn verify_programs() -> Result<()> {
+    let full = Pipeline {
+        stages: (0..abi::MAX_SLOTS as u32)
+            .map(|slot| super::spec::StageRecord {
+                name: format!("check-{slot}"),
+                slot,
+                priority: slot as i32,
+                proceed_on: Default::default(),
+                pin: false,
+                owner: String::new(),
+                program: String::new(),
+                digest: String::new(),
+                chainable: true,
+            })
+            .collect(),
+    };
+    load_instance(&full, XdpAction::Pass, None).map(drop)
+}
+
 fn pin(fd: BorrowedFd<'_>, path: PathBuf, what: &'static str) -> Result<()> {
     sys::obj_pin(fd, &path).map_err(|e| Error::Pin {
         what,

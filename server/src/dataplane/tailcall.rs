@@ -302,6 +302,31 @@ fn slot_reuse(ctx: &Ctx, maps: &Shared, slot: u32, keep: Option<MapReuse>) -> Re
     Ok(reuse)
 }
 
+/// Loads the chain rootlet and the gate of the last slot in each parity,
+/// against maps of their own, and drops them: the probe's check of the
+/// tail-call backend's own programs.
+pub fn verify_programs() -> Result<()> {
+    fn load(program: &str, globals: Vec<(&str, &[u8], bool)>) -> Result<()> {
+        Load {
+            bytes: rootlet_ebpf::ROOTLET_CHAIN,
+            what: What {
+                stage: None,
+                program,
+            },
+            globals,
+            reuse: None,
+        }
+        .xdp()
+        .map(drop)
+    }
+    load(abi::CHAIN_PROGRAM, vec![])?;
+    for parity in 0..2 {
+        let chain = ChainMode::new(abi::MAX_SLOTS as u32 - 1, parity);
+        load(abi::GATE_PROGRAM, chain.globals())?;
+    }
+    Ok(())
+}
+
 /// The values of the globals that put a program in tail-call mode in
 /// `slot`, as the instance of parity `parity`.
 struct ChainMode {
