@@ -137,6 +137,21 @@ impl Agent {
         self.client_with(Some((cn, false))).await.expect("connect")
     }
 
+    /// A config file for this agent as a `rootletd` process on a free
+    /// loopback port (mTLS, no metrics): its path and the address to dial.
+    fn process_config(&self) -> (PathBuf, String) {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+            l.local_addr().expect("addr").port()
+        };
+        let mut config = Agent::config(&self.f, &self.pki, &self.state_dir, 80 << 20);
+        config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+        config.metrics.listen = None;
+        let path = self.state_dir.join("rootletd.toml");
+        std::fs::write(&path, toml_of(&config)).expect("config file");
+        (path, format!("https://localhost:{port}"))
+    }
+
     fn iface(&self) -> pb::Interface {
         pb::Interface {
             netns: self.f.netns_path().display().to_string(),
@@ -944,17 +959,8 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
     // Another process holds the store (an old agent still exiting): the new
     // agent listens but reports NOT_SERVING until it can adopt.
     let holder = a.f.dp_hold(&[]);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
-    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
-    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
-    config.metrics.listen = None;
-    let path = a.state_dir.join("rootletd.toml");
-    std::fs::write(&path, toml_of(&config)).expect("config file");
+    let (path, addr) = a.process_config();
     let mut child = rootletd(&path);
-    let addr = format!("https://localhost:{port}");
     let end = Instant::now() + Duration::from_secs(60);
     let mut saw_not_serving = false;
     while Instant::now() < end {
@@ -1820,16 +1826,7 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
         })
     };
 
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
-    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
-    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
-    config.metrics.listen = None;
-    let path = a.state_dir.join("rootletd.toml");
-    std::fs::write(&path, toml_of(&config)).expect("config file");
-    let addr = format!("https://localhost:{port}");
+    let (path, addr) = a.process_config();
     let steps = [
         "store-pending",
         "rootlet-loaded",
@@ -1922,11 +1919,9 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
     assert!(crashes >= 9, "the agent crashed at {crashes} of the steps");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
-    let a = Agent::start().await;
-    let mut ops = a.client("ops").await;
-    let mut team_a = a.client("team-a").await;
+/// A second veth pair beside the agent's own: the pair, a reference to a
+/// rootlet on it, and a manifest's `[[rootlets]]` targeting both.
+fn second_rootlet(a: &Agent) -> (VethPair, Option<pb::RootletRef>, String) {
     let second = VethPair::new().expect("second veth pair");
     let r2 = Some(pb::RootletRef {
         r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
@@ -1942,6 +1937,15 @@ async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
         second.host_if(),
         second.host().path().display()
     );
+    (second, r2, targets)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let (second, r2, targets) = second_rootlet(&a);
     // The second rootlet, which the apply changes second, fails: its
     // expected generation is wrong.
     let second_id = format!(
@@ -2062,16 +2066,7 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
         r.shutdown().await.expect("graceful shutdown");
     }
     // A rootletd that pauses after each rootlet of an apply is committed.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
-    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
-    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
-    config.metrics.listen = None;
-    let path = a.state_dir.join("rootletd.toml");
-    std::fs::write(&path, toml_of(&config)).expect("config file");
-    let addr = format!("https://localhost:{port}");
+    let (path, addr) = a.process_config();
     let mut child = rootletd_with(&path, &[("ROOTLETD_PAUSE_AT", "bundle-rootlet-committed")]);
     let mut ops = serving(&addr, &a).await;
     let before = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
@@ -2156,17 +2151,8 @@ async fn a_crash_during_remove_bundle_leaves_the_truth_and_a_retry_converges() {
         r.shutdown().await.expect("graceful shutdown");
     }
     let mut probe = Probe::new(&a, 6300);
-    assert!(!probe.delivered(&a), "the bundle drops");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
-    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
-    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
-    config.metrics.listen = None;
-    let path = a.state_dir.join("rootletd.toml");
-    std::fs::write(&path, toml_of(&config)).expect("config file");
-    let addr = format!("https://localhost:{port}");
+    assert!(probe.dropped(&a), "the bundle drops");
+    let (path, addr) = a.process_config();
 
     // Crash once the rootlet's stages are unlinked and it is unloaded,
     // before anything is recorded.
@@ -2224,7 +2210,7 @@ async fn a_crash_during_remove_bundle_leaves_the_truth_and_a_retry_converges() {
     let s = apply_status(&mut c, a.rootlet(), "").await;
     assert_eq!(s.applied_version, "2.0");
     assert!(s.drift.is_empty(), "{:?}", s.drift);
-    assert!(!probe.delivered(&a), "dropping again");
+    assert!(probe.dropped(&a), "dropping again");
     drop(c);
     assert!(exited(&mut child, true).await.success());
 }
@@ -2359,21 +2345,7 @@ async fn every_role_and_every_stage_mutation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_apply_half_done_at_a_crash_is_put_back_on_every_rootlet() {
     let mut a = Agent::start().await;
-    let second = VethPair::new().expect("second veth pair");
-    let r2 = Some(pb::RootletRef {
-        r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
-            netns: second.host().path().display().to_string(),
-            ifname: second.host_if().into(),
-        })),
-    });
-    let targets = format!(
-        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n\
-         [[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
-        a.f.pair.host_if(),
-        a.f.netns_path().display(),
-        second.host_if(),
-        second.host().path().display()
-    );
+    let (_second, r2, targets) = second_rootlet(&a);
     let v1 = a.bundle_for(
         "edge",
         "1.0",
@@ -2397,16 +2369,7 @@ async fn an_apply_half_done_at_a_crash_is_put_back_on_every_rootlet() {
     if let Some(r) = a.running.take() {
         r.shutdown().await.expect("graceful shutdown");
     }
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
-    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
-    config.listen.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
-    config.metrics.listen = None;
-    let path = a.state_dir.join("rootletd.toml");
-    std::fs::write(&path, toml_of(&config)).expect("config file");
-    let addr = format!("https://localhost:{port}");
+    let (path, addr) = a.process_config();
     let crash_after_first = [("ROOTLETD_CRASH_AT", "bundle-rootlet-committed")];
 
     // A first install that crashes after the first of its two rootlets:
