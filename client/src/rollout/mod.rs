@@ -139,28 +139,9 @@ pub const REMOVAL: &str = "(removal)";
 /// `<journal>.<id>`; an unfinished one of the same removal is resumed; any
 /// other unfinished one is an error.
 pub fn plan_remove(req: &RemoveRequest) -> Result<Start, RolloutError> {
-    let path = &req.journal;
-    if path.exists() {
-        let old = journal::read(path)?;
-        if old.state.is_resumable() && old.action == Action::Remove && old.bundle.name == req.name {
-            return Ok(Start::Resume(old));
-        }
-        if !old.state.is_final() {
-            return Err(RolloutError::Usage(format!(
-                "{} holds the unfinished rollout {} of {} {} ({}); resume it (rollout resume), abort or undo it, or use another --journal",
-                path.display(),
-                old.rollout_id,
-                old.bundle.name,
-                old.bundle.version,
-                old.state.name()
-            )));
-        }
-        let archive = journal::sibling(path, &format!(".{}", old.rollout_id));
-        std::fs::rename(path, &archive).map_err(|e| JournalError::Io {
-            path: archive.clone(),
-            source: e,
-        })?;
-        control::reset(path)?;
+    let same = |old: &Journal| old.action == Action::Remove && old.bundle.name == req.name;
+    if let Some(old) = take_journal(&req.journal, same)? {
+        return Ok(Start::Resume(old));
     }
     let bref = BundleRef {
         name: req.name.clone(),
@@ -247,25 +228,20 @@ fn fresh_journal(
     j
 }
 
-/// What `start` decided to do with an existing journal.
-pub enum Start {
-    New(Journal),
-    /// The same bundle's unfinished rollout: resume it.
-    Resume(Journal),
-}
-
-/// Decides between a new rollout and resuming the journal at
-/// `req.journal`. A finished journal is kept as `<journal>.<id>` and
-/// replaced; an unfinished one for another bundle is an error.
-pub fn plan_start(req: &StartRequest) -> Result<Start, RolloutError> {
-    let path = &req.journal;
+/// The journal at `path`, if it holds an unfinished rollout that `same`
+/// says is this one (to resume). Otherwise a finished journal is kept as
+/// `<journal>.<id>` and moved aside (`None`: start anew), and an unfinished
+/// one of another rollout is an error.
+fn take_journal(
+    path: &Path,
+    same: impl Fn(&Journal) -> bool,
+) -> Result<Option<Journal>, RolloutError> {
     if !path.exists() {
-        return Ok(Start::New(new_journal(req)));
+        return Ok(None);
     }
     let old = journal::read(path)?;
-    let digest = req.bundle.signed.bundle.digest();
-    if old.state.is_resumable() && old.bundle.digest == digest {
-        return Ok(Start::Resume(old));
+    if old.state.is_resumable() && same(&old) {
+        return Ok(Some(old));
     }
     if !old.state.is_final() {
         return Err(RolloutError::Usage(format!(
@@ -283,6 +259,24 @@ pub fn plan_start(req: &StartRequest) -> Result<Start, RolloutError> {
         source: e,
     })?;
     control::reset(path)?;
+    Ok(None)
+}
+
+/// What `start` decided to do with an existing journal.
+pub enum Start {
+    New(Journal),
+    /// The same bundle's unfinished rollout: resume it.
+    Resume(Journal),
+}
+
+/// Decides between a new rollout and resuming the journal at
+/// `req.journal`. A finished journal is kept as `<journal>.<id>` and
+/// replaced; an unfinished one for another bundle is an error.
+pub fn plan_start(req: &StartRequest) -> Result<Start, RolloutError> {
+    let digest = req.bundle.signed.bundle.digest();
+    if let Some(old) = take_journal(&req.journal, |old| old.bundle.digest == digest)? {
+        return Ok(Start::Resume(old));
+    }
     Ok(Start::New(new_journal(req)))
 }
 
