@@ -691,33 +691,14 @@ fn operator(path: &Path, req: control::Request) -> i32 {
 
 async fn start(a: StartArgs) -> i32 {
     let t0 = Instant::now();
-    let selector = match Selector::parse(&a.selector) {
-        Ok(s) => s,
-        Err(e) => return fail(EXIT_USAGE, e),
-    };
-    let inv = match Inventory::load(&a.inventory) {
-        Ok(i) => i,
-        Err(e) => return fail(EXIT_USAGE, e),
-    };
-    let plan = match Plan::load(&a.plan) {
-        Ok(p) => p,
-        Err(e) => return fail(EXIT_USAGE, e),
+    let (hosts, plan) = match hosts_and_plan(&a.selector, &a.inventory, &a.plan) {
+        Ok(t) => t,
+        Err(code) => return code,
     };
     let bundle = match BundleFile::read(&a.bundle) {
         Ok(b) => b,
         Err(e) => return rollout_error(e),
     };
-    let hosts = inv.select(&selector);
-    if hosts.is_empty() {
-        return fail(
-            EXIT_USAGE,
-            format!(
-                "the selector {selector} matches none of the {} hosts of {}",
-                inv.hosts.len(),
-                a.inventory.display()
-            ),
-        );
-    }
     if bundle.signed.signatures.is_empty() {
         eprintln!(
             "rootletctl: warning: {} is unsigned; agents refuse it unless they allow unsigned bundles",
@@ -779,35 +760,40 @@ async fn start(a: StartArgs) -> i32 {
     code
 }
 
-/// `bundle remove`: a rollout whose push is RemoveBundle, through the same
-/// engine (plan, waves, gates, journal, rollback, operator commands).
-async fn remove(a: RemoveArgs) -> i32 {
-    let t0 = Instant::now();
-    let selector = match Selector::parse(&a.selector) {
-        Ok(s) => s,
-        Err(e) => return fail(EXIT_USAGE, e),
-    };
-    let inv = match Inventory::load(&a.inventory) {
-        Ok(i) => i,
-        Err(e) => return fail(EXIT_USAGE, e),
-    };
-    let plan = match Plan::load(&a.plan) {
-        Ok(p) => p,
-        Err(e) => return fail(EXIT_USAGE, e),
-    };
-    if a.name.trim().is_empty() {
-        return fail(EXIT_USAGE, "the bundle name is empty");
-    }
+/// The hosts `selector` picks from the inventory, and the plan; a usage
+/// error (exit code) if any of them is wrong or nothing is picked.
+fn hosts_and_plan(
+    selector: &str,
+    inventory: &std::path::Path,
+    plan: &std::path::Path,
+) -> Result<(Vec<crate::inventory::Host>, Plan), i32> {
+    let selector = Selector::parse(selector).map_err(|e| fail(EXIT_USAGE, e))?;
+    let inv = Inventory::load(inventory).map_err(|e| fail(EXIT_USAGE, e))?;
+    let plan = Plan::load(plan).map_err(|e| fail(EXIT_USAGE, e))?;
     let hosts = inv.select(&selector);
     if hosts.is_empty() {
-        return fail(
+        return Err(fail(
             EXIT_USAGE,
             format!(
                 "the selector {selector} matches none of the {} hosts of {}",
                 inv.hosts.len(),
-                a.inventory.display()
+                inventory.display()
             ),
-        );
+        ));
+    }
+    Ok((hosts, plan))
+}
+
+/// `bundle remove`: a rollout whose push is RemoveBundle, through the same
+/// engine (plan, waves, gates, journal, rollback, operator commands).
+async fn remove(a: RemoveArgs) -> i32 {
+    let t0 = Instant::now();
+    let (hosts, plan) = match hosts_and_plan(&a.selector, &a.inventory, &a.plan) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    if a.name.trim().is_empty() {
+        return fail(EXIT_USAGE, "the bundle name is empty");
     }
     let path = a.journal.journal.clone();
     let lock = match JournalLock::acquire(&path) {
