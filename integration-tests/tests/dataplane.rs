@@ -1241,3 +1241,110 @@ fn tail_call_rollback_is_instant_and_freplace_says_why_not() {
         }
     }
 }
+
+// ---- Foreign loaders (issue #13, item 13) ----
+
+/// Runs `xdp-loader ARGS` (Debian's xdp-tools) inside `ns` with nsenter, so
+/// the host's bpffs (libxdp's dispatcher pins there) stays visible, which
+/// `ip netns exec` would hide. Returns (success, stdout, stderr).
+fn xdp_loader(
+    ns: &rootlet_integration_tests::netns::Netns,
+    args: &[&str],
+) -> (bool, String, String) {
+    let net = format!("--net={}", ns.path().display());
+    let out = std::process::Command::new("nsenter")
+        .arg(&net)
+        .arg("xdp-loader")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run xdp-loader (scripts/install-deps.sh installs xdp-tools): {e}")
+        });
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_stage_h_object_loads_under_libxdp() {
+    // `xdp-loader load` takes the object's first program: the standalone
+    // one, which has no tail call. Under libxdp's dispatcher (freplace) the
+    // kernel refuses an extension that "changes packet data" where the
+    // dispatcher's placeholder does not, and a tail call does; where EXT is
+    // refused (this sandbox), libxdp falls back to attaching the program
+    // alone, which the test checks and says.
+    let ext = match std::env::var("ROOTLET_EXPECT_EXT").as_deref() {
+        Ok("permitted") => true,
+        Ok("refused") => false,
+        other => {
+            panic!("set ROOTLET_EXPECT_EXT=permitted|refused (the test command does): {other:?}")
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, delivered) in [("test_drop", 0), ("test_pass", 20)] {
+        let pair = rootlet_integration_tests::netns::VethPair::new().expect("veth pair");
+        let path = dir.path().join(format!("{name}.o"));
+        std::fs::write(&path, rootlet_ebpf::stage(name).expect("object").object).expect("write");
+        let path = path.to_str().expect("utf-8 path");
+        let (ok, out, err) = xdp_loader(
+            pair.host(),
+            &["load", "-vv", "-m", "skb", pair.host_if(), path],
+        );
+        assert!(ok, "xdp-loader load {name}: {out}\n{err}");
+        let fell_back = err.contains("Falling back to loading single prog without dispatcher");
+        let (ok, status, serr) = xdp_loader(pair.host(), &["status", pair.host_if()]);
+        assert!(ok, "xdp-loader status: {status}\n{serr}");
+        let line = status
+            .lines()
+            .find(|l| l.contains("verdict"))
+            .unwrap_or_else(|| panic!("{name}'s program `verdict` is attached: {status}"));
+        let iface = status
+            .lines()
+            .find(|l| l.starts_with(pair.host_if()))
+            .unwrap_or_else(|| panic!("{} is listed: {status}", pair.host_if()));
+        assert!(iface.contains("skb"), "attached in skb mode: {status}");
+        if ext {
+            assert!(
+                !fell_back
+                    && iface.contains("xdp_dispatcher")
+                    && line.trim_start().starts_with("=>"),
+                "EXT is permitted here: libxdp must run {name} under its dispatcher\n{status}\n{err}"
+            );
+        } else {
+            assert!(
+                fell_back && !status.contains("xdp_dispatcher"),
+                "EXT is refused here: libxdp must say it falls back to the program alone\n{status}\n{err}"
+            );
+            eprintln!(
+                "{name}: EXT refused on this kernel, libxdp attached the program without its dispatcher"
+            );
+        }
+        let sink = UdpSink::bind(pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+        let raw = RawSocket::open(pair.peer(), pair.peer_if()).expect("raw");
+        for i in 0..20 {
+            raw.send(
+                &pair
+                    .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
+                    .to_bytes(),
+            )
+            .expect("send");
+        }
+        let got = sink
+            .recv_until_idle(Duration::from_millis(300), deadline(10))
+            .expect("receive");
+        assert_eq!(
+            got.len(),
+            delivered,
+            "{name} under xdp-loader: its verdict holds"
+        );
+        let (ok, out, err) = xdp_loader(pair.host(), &["unload", "-a", pair.host_if()]);
+        assert!(ok, "xdp-loader unload: {out}\n{err}");
+        let shown = pair
+            .host()
+            .ip(&["-j", "link", "show", "dev", pair.host_if()])
+            .expect("ip link");
+        assert!(!shown.contains("\"prog\""), "unloaded: {shown}");
+    }
+}
