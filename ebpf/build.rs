@@ -35,6 +35,7 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("TEST_BIGSTACK", "src/test/bigstack.c", &[]),
     ("TEST_WITNESS", "src/test/witness.c", &[]),
     ("TEST_LOSSY", "src/test/lossy.c", &[]),
+    ("TEST_PINNED", "src/test/pinned.c", &[]),
     ("BENCH_MONO", "src/bench/mono.c", &[]),
     ("BENCH_BARE_CHAIN", "src/bench/bare_chain.c", &[]),
 ];

@@ -78,6 +78,11 @@ pub const STAGES: &[Entry] = &[
         program: "lossy",
     },
     Entry {
+        name: "test_pinned",
+        object: TEST_PINNED,
+        program: "pinned",
+    },
+    Entry {
         name: "test_bad_verifier",
         object: TEST_BAD_VERIFIER,
         program: "bad_verifier",

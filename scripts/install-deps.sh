@@ -9,6 +9,10 @@
 #     busybox-static, the newest linux-image-6.12.*+deb12-amd64-unsigned
 #     and linux-image-6.1.0-*-amd64-unsigned (the guest kernels CI runs),
 #     and virtme-ng in a venv at /opt/vng
+#   - xdp-tools (Debian's xdp-loader and xdpfilt_*.o: the foreign-loader
+#     and foreign-object tests)
+#   - Python grpcio, grpcio-tools and grpcio-status from PyPI (pinned) in a
+#     venv at /opt/rootlet-grpcio: the non-Rust client test (tests/grpcio.rs)
 #   - bpffs mounted at /sys/fs/bpf
 #
 # Environment: ROOTLET_VNG_VERSION (default 1.42, the version measured with
@@ -47,7 +51,7 @@ apt_install() {
 }
 
 # python3-venv: `python3 -m venv` needs ensurepip, which Debian ships apart.
-packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv)
+packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv xdp-tools)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -88,6 +92,22 @@ if [ ! -x "$VNG_DIR/bin/vng" ]; then
     if ! "$VNG_DIR/bin/pip" install -q --disable-pip-version-check "$spec" >/tmp/rootlet-install-deps.log 2>&1; then
         tail -n 30 /tmp/rootlet-install-deps.log >&2
         echo "install-deps: pip install $spec failed (log: /tmp/rootlet-install-deps.log)" >&2
+        exit 1
+    fi
+fi
+
+# Python grpcio for the non-Rust client test, in its own venv (pinned; the
+# test generates its stubs from proto/ at run time).
+GRPCIO_DIR=/opt/rootlet-grpcio
+GRPCIO_VERSION=1.85.1
+if ! "$GRPCIO_DIR/bin/python3" -c "import grpc, grpc_tools, grpc_status, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" 2>/dev/null; then
+    echo "install-deps: installing grpcio $GRPCIO_VERSION into $GRPCIO_DIR"
+    python3 -m venv "$GRPCIO_DIR"
+    if ! "$GRPCIO_DIR/bin/pip" install -q --disable-pip-version-check \
+        "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION" "grpcio-status==$GRPCIO_VERSION" \
+        >/tmp/rootlet-install-deps.log 2>&1; then
+        tail -n 30 /tmp/rootlet-install-deps.log >&2
+        echo "install-deps: pip install grpcio failed (log: /tmp/rootlet-install-deps.log)" >&2
         exit 1
     fi
 fi

@@ -67,7 +67,7 @@ int rootlet_gate(struct xdp_md *ctx)
 {
 	rootlet_hop_to(ctx, &rootlet_owner, ROOTLET_STAGE_PARITY);
 	/* The owner exited: the slot is empty, go on. */
-	return rootlet_stage_return(ctx, ROOTLET_PROCEED);
+	return rootlet_chain_return(ctx, ROOTLET_PROCEED);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -1241,3 +1241,282 @@ fn tail_call_rollback_is_instant_and_freplace_says_why_not() {
         }
     }
 }
+
+// ---- Foreign loaders (issue #13, item 13) ----
+
+/// Runs `xdp-loader ARGS` (Debian's xdp-tools) inside `ns` with nsenter, so
+/// the host's bpffs (libxdp's dispatcher pins there) stays visible, which
+/// `ip netns exec` would hide. Returns (success, stdout, stderr).
+fn xdp_loader(
+    ns: &rootlet_integration_tests::netns::Netns,
+    args: &[&str],
+) -> (bool, String, String) {
+    let net = format!("--net={}", ns.path().display());
+    let out = std::process::Command::new("nsenter")
+        .arg(&net)
+        .arg("xdp-loader")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run xdp-loader (scripts/install-deps.sh installs xdp-tools): {e}")
+        });
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_stage_h_object_loads_under_libxdp() {
+    // `xdp-loader load` takes the object's first program: the standalone
+    // one, which has no tail call. Under libxdp's dispatcher (freplace) the
+    // kernel refuses an extension that "changes packet data" where the
+    // dispatcher's placeholder does not, and a tail call does; where EXT is
+    // refused (this sandbox), libxdp falls back to attaching the program
+    // alone, which the test checks and says.
+    let ext = match std::env::var("ROOTLET_EXPECT_EXT").as_deref() {
+        Ok("permitted") => true,
+        Ok("refused") => false,
+        other => {
+            panic!("set ROOTLET_EXPECT_EXT=permitted|refused (the test command does): {other:?}")
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, delivered) in [("test_drop", 0), ("test_pass", 20)] {
+        let pair = rootlet_integration_tests::netns::VethPair::new().expect("veth pair");
+        let path = dir.path().join(format!("{name}.o"));
+        std::fs::write(&path, rootlet_ebpf::stage(name).expect("object").object).expect("write");
+        let path = path.to_str().expect("utf-8 path");
+        let (ok, out, err) = xdp_loader(
+            pair.host(),
+            &["load", "-vv", "-m", "skb", pair.host_if(), path],
+        );
+        assert!(ok, "xdp-loader load {name}: {out}\n{err}");
+        let fell_back = err.contains("Falling back to loading single prog without dispatcher");
+        let (ok, status, serr) = xdp_loader(pair.host(), &["status", pair.host_if()]);
+        assert!(ok, "xdp-loader status: {status}\n{serr}");
+        let line = status
+            .lines()
+            .find(|l| l.contains("verdict"))
+            .unwrap_or_else(|| panic!("{name}'s program `verdict` is attached: {status}"));
+        let iface = status
+            .lines()
+            .find(|l| l.starts_with(pair.host_if()))
+            .unwrap_or_else(|| panic!("{} is listed: {status}", pair.host_if()));
+        assert!(iface.contains("skb"), "attached in skb mode: {status}");
+        if ext {
+            assert!(
+                !fell_back
+                    && iface.contains("xdp_dispatcher")
+                    && line.trim_start().starts_with("=>"),
+                "EXT is permitted here: libxdp must run {name} under its dispatcher\n{status}\n{err}"
+            );
+        } else {
+            assert!(
+                fell_back && !status.contains("xdp_dispatcher"),
+                "EXT is refused here: libxdp must say it falls back to the program alone\n{status}\n{err}"
+            );
+            eprintln!(
+                "{name}: EXT refused on this kernel, libxdp attached the program without its dispatcher"
+            );
+        }
+        let sink = UdpSink::bind(pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+        let raw = RawSocket::open(pair.peer(), pair.peer_if()).expect("raw");
+        for i in 0..20 {
+            raw.send(
+                &pair
+                    .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
+                    .to_bytes(),
+            )
+            .expect("send");
+        }
+        let got = sink
+            .recv_until_idle(Duration::from_millis(300), deadline(10))
+            .expect("receive");
+        assert_eq!(
+            got.len(),
+            delivered,
+            "{name} under xdp-loader: its verdict holds"
+        );
+        let (ok, out, err) = xdp_loader(pair.host(), &["unload", "-a", pair.host_if()]);
+        assert!(ok, "xdp-loader unload: {out}\n{err}");
+        let shown = pair
+            .host()
+            .ip(&["-j", "link", "show", "dev", pair.host_if()])
+            .expect("ip link");
+        assert!(!shown.contains("\"prog\""), "unloaded: {shown}");
+    }
+}
+
+// ---- Foreign objects: maps pinned by name (issue #13, item 6) ----
+
+/// Every path under /sys/fs/bpf (bounded: depth 6, 100 000 entries) whose
+/// file name is one of `names`, outside `root`.
+fn pins_named(names: &[&str], root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = vec![];
+    let mut todo = vec![(std::path::PathBuf::from("/sys/fs/bpf"), 0)];
+    let mut seen = 0;
+    while let Some((dir, depth)) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            seen += 1;
+            assert!(seen < 100_000, "bpffs walk bounded");
+            let path = entry.path();
+            if path.starts_with(root) {
+                continue;
+            }
+            if names.iter().any(|n| entry.file_name() == *n) {
+                found.push(path.clone());
+            }
+            if depth < 6 && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push((path, depth + 1));
+            }
+        }
+    }
+    found
+}
+
+/// The map `name` of the running program of stage `stage`.
+fn stage_map(
+    dp: &rootlet_server::dataplane::Dataplane,
+    key: rootlet_server::dataplane::spec::RootletKey,
+    stage: &str,
+    name: &str,
+) -> (u32, std::os::fd::OwnedFd) {
+    let state = dp.state(key).expect("state");
+    let s = slot(&state, stage);
+    let listed = s
+        .maps
+        .iter()
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("{stage}'s state lists map {name}: {:?}", s.maps));
+    assert!(
+        listed.shared_with.is_empty(),
+        "{stage}'s {name} is its own: {:?}",
+        s.maps
+    );
+    let mut maps = maps_of_prog(s.prog.as_ref().expect("running").id);
+    let fd = maps.remove(name).expect("the program uses the map");
+    (listed.id, fd)
+}
+
+fn send_udp(f: &Fixture, n: u64) {
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    for i in 0..n {
+        raw.send(
+            &f.pair
+                .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
+                .to_bytes(),
+        )
+        .expect("send");
+    }
+}
+
+/// Debian's xdp-tools object with LIBBPF_PIN_BY_NAME maps
+/// (`scripts/install-deps.sh` installs xdp-tools).
+const XDPFILT: &str = "/usr/lib/x86_64-linux-gnu/bpf/xdpfilt_alw_all.o";
+const XDPFILT_MAPS: &[&str] = &[
+    "xdp_stats_map",
+    "filter_ports",
+    "filter_ipv4",
+    "filter_ipv6",
+    "filter_ethernet",
+];
+
+#[test]
+fn pin_by_name_maps_stay_inside_the_root_and_are_never_reused() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    let before = pins_named(&["pinned_hits"], &f.root);
+    assert!(
+        before.is_empty(),
+        "a pinned_hits pin outside any test root: {before:?}"
+    );
+
+    // A stage whose map asks to be pinned by name counts what it sees.
+    dp.apply(
+        key,
+        &[Change::Link(stage("pin-a", "test_pinned", 10))],
+        None,
+    )
+    .expect("link pin-a");
+    let outside = pins_named(&["pinned_hits"], &f.root);
+    assert!(outside.is_empty(), "pinned outside the root: {outside:?}");
+    send_udp(&f, 10);
+    let (a_id, a_map) = stage_map(&dp, key, "pin-a", "pinned_hits");
+    assert!(
+        fixture::wait_for(Duration::from_secs(10), || read_u64(&a_map, 0, false) == 10),
+        "pin-a counted 10 packets: {}",
+        read_u64(&a_map, 0, false)
+    );
+    dp.apply(
+        key,
+        &[Change::Unlink {
+            name: "pin-a".into(),
+        }],
+        None,
+    )
+    .expect("unlink pin-a");
+    let anywhere = pins_named(&["pinned_hits"], std::path::Path::new("/nonexistent"));
+    assert!(
+        anywhere.is_empty(),
+        "nothing stays after unlink: {anywhere:?}"
+    );
+
+    // A later stage of the same object starts from a map of its own.
+    dp.apply(
+        key,
+        &[Change::Link(stage("pin-b", "test_pinned", 10))],
+        None,
+    )
+    .expect("link pin-b");
+    let (b_id, b_map) = stage_map(&dp, key, "pin-b", "pinned_hits");
+    assert_ne!(a_id, b_id, "pin-b does not get pin-a's map");
+    assert_eq!(read_u64(&b_map, 0, false), 0, "pin-b starts from zero");
+    drop(a_map);
+
+    // Debian's xdpfilt_* (an unmodified object: the last stage).
+    let object = std::fs::read(XDPFILT)
+        .unwrap_or_else(|e| panic!("{XDPFILT}: {e}; scripts/install-deps.sh installs xdp-tools"));
+    let foreign_before = pins_named(XDPFILT_MAPS, &f.root);
+    let mut filt = stage("filt", "test_pass", 20);
+    filt.object = std::sync::Arc::new(object);
+    filt.program = "xdpfilt_alw_all".into();
+    dp.apply(key, &[Change::Link(filt)], None)
+        .expect("link Debian's xdpfilt_alw_all");
+    let state = dp.state(key).expect("state");
+    let names: Vec<&str> = slot(&state, "filt")
+        .maps
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect();
+    for m in XDPFILT_MAPS {
+        assert!(names.contains(m), "filt's state lists {m}: {names:?}");
+    }
+    assert_eq!(
+        pins_named(XDPFILT_MAPS, &f.root),
+        foreign_before,
+        "xdpfilt's maps are pinned nowhere outside the root"
+    );
+    dp.apply(
+        key,
+        &[Change::Unlink {
+            name: "filt".into(),
+        }],
+        None,
+    )
+    .expect("unlink filt");
+    assert_eq!(pins_named(XDPFILT_MAPS, &f.root), foreign_before);
+    let leftovers: Vec<_> = std::fs::read_dir(f.root.join("loading"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers.is_empty(),
+        "no transient pins stay: {leftovers:?}"
+    );
+    dp.unload_rootlet(key).expect("unload");
+}

@@ -25,6 +25,7 @@
 //! handler): `main.rs` does that, and tests run [`start`] in-process on
 //! `127.0.0.1:0`.
 
+mod authority;
 mod gate;
 
 use std::{
@@ -278,7 +279,12 @@ pub async fn start(config: Config) -> Result<Running, RuntimeError> {
         )?;
         let signal = stopped();
         servers.spawn(async move {
-            let incoming = UnixListenerStream::new(listener);
+            // Stock gRPC clients' invalid :authority made valid below h2
+            // (runtime/authority.rs).
+            let incoming =
+                tokio_stream::StreamExt::map(UnixListenerStream::new(listener), |conn| {
+                    conn.map(authority::FixAuthority::new)
+                });
             (
                 "unix",
                 router.serve_with_incoming_shutdown(incoming, signal).await,

@@ -63,9 +63,10 @@ struct rootlet_hop_config {
 #define ROOTLET_HOP_PASS_UNCOUNTED (1u << 8)
 #define ROOTLET_HOP_SECTION ".bss.rootlet"
 
-/* Stage mode, set at load time by the agent in ROOTLET_STAGE_MODE. */
-#define ROOTLET_MODE_RETURN 0 /* standalone XDP or freplace: return the verdict */
-#define ROOTLET_MODE_CHAIN 1  /* tail-call chain: count, then continue the chain */
+/* A stage built with <rootlet/stage.h> has two programs: NAME (standalone
+ * and freplace: returns its verdict, no tail call) and NAME__chain (the
+ * tail-call backend's: counts, then continues the chain). */
+#define ROOTLET_CHAIN_SUFFIX "__chain"
 /* In tail-call mode the agent loads one instance of a stage per generation
  * parity, with ROOTLET_STAGE_PARITY set: a packet's parity is which
  * instances it runs, so no program reads it at run time. */

@@ -10,25 +10,36 @@
  *             return XDP_PASS;    // "proceed" by default
  *     }
  *
- * The object is an ordinary SEC("xdp") program named my_stage. Loaded alone
- * (ip link, libxdp, aya) it returns its verdict; loaded by Rootlet as a
- * freplace stage it returns its verdict to the rootlet. Loaded by Rootlet in
- * tail-call mode (the agent sets ROOTLET_STAGE_MODE = ROOTLET_MODE_CHAIN,
- * ROOTLET_STAGE_SLOT and ROOTLET_STAGE_PARITY at load time; one instance
- * per generation parity) it tail-calls the next stage of its parity straight
- * from rootlet_next, its slot's hop array, if the verdict is in its
- * proceed-on mask (rootlet_hop, its own global data): one tail call per
- * stage. It counts its verdict in the rootlet's per-slot counters, except a
- * PASS that goes on to a program that counts every packet it gets: the
- * agent derives those from the counts further down the chain, so a packet
- * costs no counter update until it stops.
+ * The object holds two programs. `my_stage` is an ordinary SEC("xdp")
+ * program with no tail call and no counter: loaded alone (ip link, aya,
+ * libxdp's xdp-loader, also under libxdp's dispatcher, whose freplace
+ * refuses an extension that "changes packet data" where its placeholder
+ * does not, and to the verifier every tail call does) it returns its
+ * verdict, and Rootlet's freplace backend loads it as the extension of a
+ * placeholder, where it returns its verdict to the rootlet. It comes first
+ * in the object, so a loader that takes the first program takes it.
+ *
+ * `my_stage__chain` is the same body in tail-call mode; only Rootlet's
+ * tail-call backend loads it (the agent sets ROOTLET_STAGE_SLOT and
+ * ROOTLET_STAGE_PARITY at load time; one instance per generation parity).
+ * It tail-calls the next stage of its parity straight from rootlet_next,
+ * its slot's hop array, if the verdict is in its proceed-on mask
+ * (rootlet_hop, its own global data): one static tail call per stage. It
+ * counts its verdict in the rootlet's per-slot counters, except a PASS that
+ * goes on to a program that counts every packet it gets: the agent derives
+ * those from the counts further down the chain, so a packet costs no
+ * counter update until it stops. An object without a `__chain` program
+ * (an unmodified XDP program, or one built with a stage.h older than this
+ * split) is loaded as it is, and can only be the last stage.
  *
  * A stage's mutable globals (.data, .bss) belong to one instance: in
  * tail-call mode packets of the two parities see different copies. Keep
  * state that packets share in maps, which both instances share.
  *
  * The maps below are replaced by the interface's own maps when the agent
- * loads the stage in tail-call mode; otherwise they are tiny and unused.
+ * loads the chain program; otherwise they are tiny and unused (a loader
+ * that loads the whole object, like libxdp, creates them; the standalone
+ * program never touches them).
  */
 #ifndef ROOTLET_STAGE_H
 #define ROOTLET_STAGE_H
@@ -37,7 +48,6 @@
 #include <bpf/bpf_helpers.h>
 #include "counters.h"
 
-volatile const __u32 ROOTLET_STAGE_MODE = ROOTLET_MODE_RETURN;
 /* Tail-call mode: the stable slot id this program was loaded for. */
 volatile const __u32 ROOTLET_STAGE_SLOT = 0;
 /* Tail-call mode: the generation parity this instance runs in. */
@@ -106,20 +116,27 @@ struct {
 		return rootlet_hop.final_verdict[P];                             \
 	} while (0)
 
-static __always_inline int rootlet_stage_return(struct xdp_md *ctx, int verdict)
+/* The chain program's end: count, then continue the chain or stop. */
+static __always_inline int rootlet_chain_return(struct xdp_md *ctx, int verdict)
 {
-	if (ROOTLET_STAGE_MODE != ROOTLET_MODE_CHAIN)
-		return verdict;
 	if (ROOTLET_STAGE_PARITY)
 		rootlet_onward(ctx, verdict, 1);
 	rootlet_onward(ctx, verdict, 0);
 }
 
+/*
+ * The standalone program first (loaders that take an object's first
+ * program take it), then the chain program; the body is inlined in both.
+ */
 #define ROOTLET_STAGE(name)                                              \
 	static __always_inline int name##__body(struct xdp_md *ctx);     \
 	SEC("xdp") int name(struct xdp_md *ctx)                          \
 	{                                                                \
-		return rootlet_stage_return(ctx, name##__body(ctx));     \
+		return name##__body(ctx);                                \
+	}                                                                \
+	SEC("xdp") int name##__chain(struct xdp_md *ctx)                 \
+	{                                                                \
+		return rootlet_chain_return(ctx, name##__body(ctx));     \
 	}                                                                \
 	static __always_inline int name##__body(struct xdp_md *ctx)
 

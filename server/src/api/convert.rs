@@ -253,6 +253,15 @@ pub fn state_to(agent: &Agent, s: &RootletState) -> Result<pb::RootletState> {
                     counters: Some(counters_to(&slot.counters)),
                     lease_id: lease.as_ref().map(|l| l.id.clone()).unwrap_or_default(),
                     lease_expires_unix_ms: lease.as_ref().map_or(0, |l| l.expires_unix_ms()),
+                    maps: slot
+                        .maps
+                        .iter()
+                        .map(|m| pb::StageMap {
+                            name: m.name.clone(),
+                            id: m.id,
+                            shared_with: m.shared_with.clone(),
+                        })
+                        .collect(),
                 }
             })
             .collect(),

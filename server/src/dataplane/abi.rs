@@ -7,7 +7,6 @@ pub const MAX_SLOTS: usize = 16;
 pub const NUM_COUNTERS: usize = 6;
 /// Counter index of "slot enabled but empty: the placeholder proceeded".
 pub const COUNT_EMPTY: usize = 5;
-pub const MODE_CHAIN: u32 = 1;
 
 /// Names shared with the C programs.
 pub const STATS_MAP: &str = "rootlet_stats";
@@ -26,11 +25,19 @@ pub const HOP_CONFIG_GLOBAL: &str = "rootlet_hop";
 /// Size of `struct rootlet_hop_config`.
 pub const HOP_CONFIG_SIZE: usize = 16;
 pub const CONFIG_GLOBAL: &str = "ROOTLET_CONFIG";
-pub const STAGE_MODE_GLOBAL: &str = "ROOTLET_STAGE_MODE";
 pub const STAGE_SLOT_GLOBAL: &str = "ROOTLET_STAGE_SLOT";
 pub const STAGE_PARITY_GLOBAL: &str = "ROOTLET_STAGE_PARITY";
 pub const FREPLACE_PROGRAM: &str = "rootlet";
 pub const CHAIN_PROGRAM: &str = "rootlet_chain";
+/// A stage built with `<rootlet/stage.h>` holds program `NAME` (standalone
+/// and freplace: no tail call) and `NAME__chain`, which the tail-call
+/// backend loads instead (ROOTLET_CHAIN_SUFFIX).
+pub const CHAIN_SUFFIX: &str = "__chain";
+
+/// The tail-call program of stage program `program` built with stage.h.
+pub fn chain_program(program: &str) -> String {
+    format!("{program}{CHAIN_SUFFIX}")
+}
 
 /// Size of `struct rootlet_percpu`, the per-CPU value of `rootlet_stats`:
 /// counters by generation parity, slot and counter.

@@ -130,16 +130,28 @@ pub fn build(
     for (position, stage) in next.pipeline.stages.iter().enumerate() {
         let func = abi::placeholder(position);
         let prog = match plan.sources.get(&stage.slot) {
-            Some(Source::New(spec)) => Load {
-                bytes: &spec.object,
-                what: What {
-                    stage: Some(&spec.name),
-                    program: &spec.program,
-                },
-                globals: vec![],
-                reuse: keep.get(&stage.slot),
+            Some(Source::New(spec)) => {
+                // The stage's own transient directory even without maps to
+                // keep: maps it asks to pin by name are pinned there only.
+                let fresh;
+                let reuse = match keep.get(&stage.slot) {
+                    Some(k) => k,
+                    None => {
+                        fresh = MapReuse::new(&ctx.layout)?;
+                        &fresh
+                    }
+                };
+                Load {
+                    bytes: &spec.object,
+                    what: What {
+                        stage: Some(&spec.name),
+                        program: &spec.program,
+                    },
+                    globals: vec![],
+                    reuse: Some(reuse),
+                }
+                .extension(&target, &func)?
             }
-            .extension(&target, &func)?,
             Some(Source::Existing) | None => {
                 let running = current
                     .and_then(|c| c.stages.get(&stage.slot))

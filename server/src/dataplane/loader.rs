@@ -24,7 +24,9 @@ use super::{
     sys,
 };
 
-/// Existing maps to use instead of creating new ones, by name.
+/// Existing maps to use instead of creating new ones, by name, in a
+/// transient directory of the load's own, where maps the object asks to pin
+/// by name are pinned too (and so are not pinned anywhere once it goes).
 pub struct MapReuse {
     dir: PathBuf,
     maps: Vec<(String, PathBuf)>,
@@ -60,6 +62,14 @@ impl MapReuse {
     }
 
     fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        // A map the object asks to pin by name (LIBBPF_PIN_BY_NAME) is
+        // pinned here, in this load's own transient directory, which goes
+        // when the load is done: never under /sys/fs/bpf (aya's default,
+        // libbpf's), and never an existing map found by its name. The stage
+        // gets a map of its own, like any other; only the maps added above
+        // (the rootlet's, the stage's twin's, those kept on request) are
+        // shared.
+        loader.default_map_pin_directory(&self.dir);
         for (name, path) in &self.maps {
             loader.map_pin_path(name.as_str(), path.as_path());
         }
@@ -147,6 +157,8 @@ pub struct Load<'a> {
     pub bytes: &'a [u8],
     pub what: What<'a>,
     pub globals: Vec<(&'a str, &'a [u8], bool)>,
+    /// Always set for a stage's object (it may declare pin-by-name maps):
+    /// None only for Rootlet's own programs.
     pub reuse: Option<&'a MapReuse>,
 }
 

@@ -50,7 +50,7 @@ use probe::Capabilities;
 use spec::{
     Backend, BackendChoice, Change, Pipeline, Plan, RootletKey, RootletSpec, Source, XdpMode,
 };
-use state::{Counters, ProgState, RootletState, SlotState};
+use state::{Counters, ProgState, RootletState, SlotState, StageMap};
 use store::{Generation, RootletRecord, Store};
 use tally::Tally;
 
@@ -824,6 +824,10 @@ impl Dataplane {
                     (prog, None, twin, pin_path)
                 }
             };
+            let maps = match &prog {
+                Some(p) => StageMap::of(sys::prog_fd_by_id(p.id)?.as_fd())?,
+                None => vec![],
+            };
             slots.push(SlotState {
                 slot: s.slot,
                 position,
@@ -841,7 +845,21 @@ impl Dataplane {
                     .get(s.slot as usize)
                     .map(Counters::of)
                     .unwrap_or_default(),
+                maps,
             });
+        }
+        let users: Vec<(u32, String)> = slots
+            .iter()
+            .flat_map(|s| s.maps.iter().map(move |m| (m.id, s.stage.clone())))
+            .collect();
+        for slot in &mut slots {
+            for map in &mut slot.maps {
+                map.shared_with = users
+                    .iter()
+                    .filter(|(id, stage)| *id == map.id && *stage != slot.stage)
+                    .map(|(_, stage)| stage.clone())
+                    .collect();
+            }
         }
         Ok(RootletState {
             key,

@@ -87,7 +87,9 @@ fn describe(map_type: u32, key: u32, value: u32, max: u32, flags: u32) -> String
 pub struct StageObject {
     /// The stage's own maps (not the rootlet's, not .rodata/.data/.bss).
     pub maps: Vec<MapDef>,
-    /// Built with <rootlet/stage.h>: can continue a tail-call chain.
+    /// Built with <rootlet/stage.h>: has the program `NAME__chain`
+    /// ([`abi::chain_program`]), which the tail-call backend loads instead
+    /// of `NAME` and which can continue a tail-call chain.
     pub chainable: bool,
     /// Estimated stack of the program and its deepest callee, rounded up as
     /// the verifier does (32 bytes a frame).
@@ -167,31 +169,42 @@ pub fn inspect(bytes: &[u8], program: &str, rootlet_stack: u32) -> Result<StageO
         return Err(CheckError::IsRootlet);
     }
 
-    let Some(prog) = obj.programs.get(program) else {
+    if !obj.programs.contains_key(program) {
         let mut names: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
         names.sort_unstable();
         return Err(CheckError::NoProgram {
             program: program.to_owned(),
             available: names.join(", "),
         });
-    };
-    if !matches!(prog.section, aya_obj::ProgramSection::Xdp { .. }) {
-        return Err(CheckError::NotXdp {
-            program: program.to_owned(),
-            section: format!("{:?}", prog.section),
-        });
     }
-
     let btf = elf.section_by_name(".BTF").ok_or(CheckError::NoBtf)?;
     let btf = btf.data().map_err(|e| CheckError::Elf(e.to_string()))?;
-    Btf::parse(btf)?.check_xdp_signature(program)?;
+    let btf = Btf::parse(btf)?;
+
+    // Built with <rootlet/stage.h>: `program` is the standalone program and
+    // `program__chain` the one the tail-call backend loads. Every check
+    // below applies to each program that may be loaded.
+    let chain_name = abi::chain_program(program);
+    let chainable = obj.programs.contains_key(&chain_name)
+        && symbols.iter().any(|s| s == abi::HOP_CONFIG_GLOBAL);
+    let mut stack = 0;
+    for name in std::iter::once(program).chain(chainable.then_some(chain_name.as_str())) {
+        let prog = &obj.programs[name];
+        if !matches!(prog.section, aya_obj::ProgramSection::Xdp { .. }) {
+            return Err(CheckError::NotXdp {
+                program: name.to_owned(),
+                section: format!("{:?}", prog.section),
+            });
+        }
+        btf.check_xdp_signature(name)?;
+        stack = stack.max(estimate_stack(&obj, prog.section_index, prog.address));
+    }
 
     let license = obj.license.to_string_lossy().into_owned();
     if !GPL_COMPATIBLE.contains(&license.as_str()) {
         return Err(CheckError::License(license));
     }
 
-    let stack = estimate_stack(&obj, prog.section_index, prog.address);
     if stack + rootlet_stack > STACK_LIMIT {
         return Err(CheckError::Stack {
             stage: stack,
@@ -216,9 +229,7 @@ pub fn inspect(bytes: &[u8], program: &str, rootlet_stack: u32) -> Result<StageO
     maps.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(StageObject {
         maps,
-        chainable: [abi::STAGE_MODE_GLOBAL, abi::HOP_CONFIG_GLOBAL]
-            .iter()
-            .all(|g| symbols.iter().any(|s| s == g)),
+        chainable,
         stack,
     })
 }
@@ -319,6 +330,45 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["ddos_blocklist"]
         );
+    }
+
+    /// Whether `program` in `bytes` calls bpf_tail_call (helper 12).
+    fn calls_tail_call(bytes: &[u8], program: &str) -> bool {
+        let obj = aya_obj::Object::parse(bytes).unwrap();
+        let p = &obj.programs[program];
+        obj.functions[&(p.section_index, p.address)]
+            .instructions
+            .iter()
+            .any(|i| i.code == 0x85 && i.src_reg() == 0 && i.imm == 12)
+    }
+
+    #[test]
+    fn a_stage_h_object_has_a_standalone_program_without_tail_call() {
+        // libxdp's dispatcher (freplace) refuses an extension that "changes
+        // packet data" where its placeholder does not; a tail call does. So
+        // the standalone program has none, and the chain program is apart.
+        for (obj, prog) in [
+            (rootlet_ebpf::SAMPLER, "sampler"),
+            (rootlet_ebpf::DDOS, "ddos"),
+            (rootlet_ebpf::L4LB, "l4lb"),
+            (rootlet_ebpf::TEST_PASS, "verdict"),
+            (rootlet_ebpf::TEST_WITNESS, "witness"),
+        ] {
+            assert!(!calls_tail_call(obj, prog), "{prog} has no tail call");
+            assert!(
+                calls_tail_call(obj, &abi::chain_program(prog)),
+                "{prog}__chain continues the chain"
+            );
+            assert!(inspect(obj, prog, 0).unwrap().chainable);
+        }
+        // Loaders that take the first program take the standalone one.
+        let obj = aya_obj::Object::parse(rootlet_ebpf::TEST_PASS).unwrap();
+        let (first, _) = obj
+            .programs
+            .iter()
+            .min_by_key(|(_, p)| (p.section_index, p.address))
+            .unwrap();
+        assert_eq!(first, "verdict");
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!                                   it runs, then by parity the one kept for the next rebuild
 //!     chain/gate-<K>-<P>            tail-call: the parity-P gate that stands for unpinned stage K
 //!                                   in hop arrays
-//! loading/                          transient pins used while loading (bpffs forbids dots in names)
+//! loading/                          transient pins used while loading, and the pin-by-name
+//!                                   maps of the object being loaded (bpffs forbids dots in names)
 //! ```
 
 use std::{

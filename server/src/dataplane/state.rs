@@ -4,7 +4,7 @@
 //! hold (names, owners, priorities, digests).
 
 use std::{
-    os::fd::BorrowedFd,
+    os::fd::{AsFd, BorrowedFd},
     path::PathBuf,
     time::{Duration, SystemTime},
 };
@@ -128,6 +128,45 @@ pub struct SlotState {
     pub twin_id: Option<u32>,
     pub pin_path: Option<PathBuf>,
     pub counters: Counters,
+    /// The stage's own maps (not the rootlet's, not its global data), as
+    /// the kernel reports them for the running program.
+    pub maps: Vec<StageMap>,
+}
+
+/// One map of a stage. Rootlet pins no stage map, whatever the object asks
+/// (a `LIBBPF_PIN_BY_NAME` map gets a new map of its own, like any other),
+/// and shares a stage's maps only between its own instances (tail-call:
+/// one per parity) and, with `MapPolicy::Keep`, with the stage it replaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StageMap {
+    /// The kernel's name (at most 15 characters).
+    pub name: String,
+    pub id: u32,
+    /// Other stages of this rootlet whose programs use this very map; empty
+    /// unless something outside Rootlet made them share it.
+    pub shared_with: Vec<String>,
+}
+
+impl StageMap {
+    /// The stage maps of program `prog` (see [`SlotState::maps`]).
+    pub fn of(prog: BorrowedFd<'_>) -> Result<Vec<StageMap>> {
+        let mut maps = vec![];
+        for id in sys::prog_info(prog)?.map_ids {
+            let info = sys::map_info(sys::map_fd_by_id(id)?.as_fd())?;
+            // Rootlet's own maps start with `rootlet_`; global data
+            // (`<obj>.rodata`, `.bss.rootlet`, …) has a dot in its name.
+            if info.name.starts_with("rootlet_") || info.name.contains('.') {
+                continue;
+            }
+            maps.push(StageMap {
+                name: info.name,
+                id,
+                shared_with: vec![],
+            });
+        }
+        maps.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(maps)
+    }
 }
 
 /// One rootlet.

@@ -330,7 +330,6 @@ pub fn verify_programs() -> Result<()> {
 /// The values of the globals that put a program in tail-call mode in
 /// `slot`, as the instance of parity `parity`.
 struct ChainMode {
-    mode: [u8; 4],
     slot: [u8; 4],
     parity: [u8; 4],
 }
@@ -338,7 +337,6 @@ struct ChainMode {
 impl ChainMode {
     fn new(slot: u32, parity: u32) -> Self {
         ChainMode {
-            mode: abi::MODE_CHAIN.to_ne_bytes(),
             slot: slot.to_ne_bytes(),
             parity: parity.to_ne_bytes(),
         }
@@ -346,7 +344,6 @@ impl ChainMode {
 
     fn globals(&self) -> Vec<(&'static str, &[u8], bool)> {
         vec![
-            (abi::STAGE_MODE_GLOBAL, &self.mode, true),
             (abi::STAGE_SLOT_GLOBAL, &self.slot, true),
             (abi::STAGE_PARITY_GLOBAL, &self.parity, true),
         ]
@@ -437,13 +434,20 @@ fn load_instances(
     chainable: bool,
     keep: Option<MapReuse>,
 ) -> Result<(OwnedFd, OwnedFd)> {
+    // A stage built with stage.h runs its chain program here; any other is
+    // loaded as it is.
+    let program = if chainable {
+        abi::chain_program(&spec.program)
+    } else {
+        spec.program.clone()
+    };
     let load = |parity: u32, reuse: &MapReuse| {
         let chain = ChainMode::new(slot, parity);
         Load {
             bytes: &spec.object,
             what: What {
                 stage: Some(&spec.name),
-                program: &spec.program,
+                program: &program,
             },
             globals: if chainable { chain.globals() } else { vec![] },
             reuse: Some(reuse),
