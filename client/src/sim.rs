@@ -336,6 +336,7 @@ impl SimAgent {
                         ..Default::default()
                     }),
                     counters: Some(s.counters),
+                    counted: true,
                     ..Default::default()
                 })
                 .collect(),
@@ -740,8 +741,11 @@ impl pb::rootlet_server::Rootlet for SimAgent {
                     slot: s.slot,
                     stage: s.name.clone(),
                     counters: Some(s.counters),
+                    counted: true,
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         }))
     }
 
