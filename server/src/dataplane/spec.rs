@@ -454,13 +454,62 @@ mod tests {
                 |_| true,
             )
             .unwrap();
+        // ddos is counted in slot 1 until the swap: aaa takes another.
         assert_eq!(
             names(&plan2.pipeline),
-            [("aaa", 1), ("sampler", 2), ("lb", 0)]
+            [("aaa", 3), ("sampler", 2), ("lb", 0)]
         );
         assert_eq!(plan2.retired, [1]);
-        assert!(matches!(plan2.sources[&1], Source::New(_)));
+        assert!(matches!(plan2.sources[&3], Source::New(_)));
         assert!(matches!(plan2.sources[&2], Source::Existing));
+        // Once free, a slot id is reused.
+        let plan3 = plan2
+            .pipeline
+            .plan(&[Change::Link(spec("bbb", 10, b"e"))], |_| true)
+            .unwrap();
+        assert_eq!(plan3.pipeline.by_name("bbb").map(|s| s.slot), Some(1));
+    }
+
+    #[test]
+    fn new_stages_avoid_the_slots_the_kernel_still_counts_in() {
+        let full: Vec<Change> = (0..MAX_SLOTS)
+            .map(|i| Change::Link(spec(&format!("s{i:02}"), 1, b"x")))
+            .collect();
+        let p = Pipeline::default().plan(&full, |_| true).unwrap().pipeline;
+        // Slot 4 is free in this pipeline but the running generation (say,
+        // with a dead stage dropped) still counts in it.
+        let p = p
+            .plan(
+                &[
+                    Change::Unlink { name: "s04".into() },
+                    Change::Unlink { name: "s05".into() },
+                ],
+                |_| true,
+            )
+            .unwrap()
+            .pipeline;
+        let plan = p
+            .plan_beside(&[Change::Link(spec("new", 1, b"y"))], |_| true, &[4])
+            .unwrap();
+        assert_eq!(plan.pipeline.by_name("new").map(|s| s.slot), Some(5));
+        // With every id taken but one the change frees, that one is reused.
+        let plan = p
+            .plan(
+                &[
+                    Change::Unlink { name: "s00".into() },
+                    Change::Link(spec("a", 1, b"y")),
+                    Change::Link(spec("b", 1, b"y")),
+                    Change::Link(spec("c", 1, b"y")),
+                ],
+                |_| true,
+            )
+            .unwrap();
+        let mut slots: Vec<u32> = ["a", "b", "c"]
+            .iter()
+            .filter_map(|n| plan.pipeline.by_name(n).map(|s| s.slot))
+            .collect();
+        slots.sort_unstable();
+        assert_eq!(slots, [0, 4, 5]);
     }
 
     #[test]
