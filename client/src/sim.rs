@@ -336,7 +336,6 @@ impl SimAgent {
                         ..Default::default()
                     }),
                     counters: Some(s.counters),
-                    counted: true,
                     ..Default::default()
                 })
                 .collect(),
@@ -741,7 +740,6 @@ impl pb::rootlet_server::Rootlet for SimAgent {
                     slot: s.slot,
                     stage: s.name.clone(),
                     counters: Some(s.counters),
-                    counted: true,
                     ..Default::default()
                 })
                 .collect(),

@@ -204,7 +204,7 @@ async fn read_host(
                     tx: c.tx,
                     redirect: c.redirect,
                 };
-                if s.counted {
+                if !s.uncounted {
                     total.add(&c);
                 }
                 StageStatus {
@@ -218,7 +218,7 @@ async fn read_host(
                     digest: s.digest.clone(),
                     loaded_generation: s.loaded_generation,
                     counters_since_generation: s.counters_since_generation,
-                    counted: s.counted,
+                    counted: !s.uncounted,
                     counters: c,
                 }
             })

@@ -379,7 +379,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
                         slot: slot.slot,
                         stage: slot.stage.clone(),
                         counters: Some(convert::counters_to(&slot.counters)),
-                        counted: slot.counted,
+                        uncounted: !slot.counted,
                         counters_since_generation: slot.linked_generation,
                     })
                     .collect(),

@@ -901,7 +901,7 @@ impl Dataplane {
             }
             // A plain XDP program last in the chain returns its verdict to
             // the kernel: nothing sees it.
-            let counted = !(matches!(live, Live::TailCall(_)) && !s.chainable);
+            let counted = s.chainable || !matches!(live, Live::TailCall(_));
             let mut slot_counts = counts.get(s.slot as usize).copied().unwrap_or_default();
             for (c, b) in slot_counts.iter_mut().zip(&s.counts_base) {
                 *c = c.saturating_sub(*b);
