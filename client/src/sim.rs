@@ -740,8 +740,10 @@ impl pb::rootlet_server::Rootlet for SimAgent {
                     slot: s.slot,
                     stage: s.name.clone(),
                     counters: Some(s.counters),
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         }))
     }
 

@@ -30,7 +30,10 @@ pub struct RootletStatus {
     pub applied_digest: String,
     pub last_attempt: Option<Attempt>,
     pub stages: Vec<StageStatus>,
+    /// The stages' counters added up (those counted).
     pub counters: Counters,
+    /// Packets the rootlet handled with its final verdict.
+    pub final_verdict_count: u64,
     /// Empty unless the kernel no longer runs what the agent built.
     pub drift: String,
     /// The bundle's stages the kernel does not run as the bundle says.
@@ -66,6 +69,14 @@ pub struct StageStatus {
     pub program_name: Option<String>,
     pub pinned: bool,
     pub digest: String,
+    /// The generation that loaded the stage's build: with `digest`, its
+    /// stable identity (program ids change with tail-call generations).
+    pub loaded_generation: u64,
+    /// The generation its counters count from.
+    pub counters_since_generation: u64,
+    /// False: the rootlet cannot see this stage's verdicts and `counters`
+    /// say nothing (shown as "-").
+    pub counted: bool,
     pub counters: Counters,
 }
 
@@ -193,7 +204,9 @@ async fn read_host(
                     tx: c.tx,
                     redirect: c.redirect,
                 };
-                total.add(&c);
+                if !s.uncounted {
+                    total.add(&c);
+                }
                 StageStatus {
                     name: s.stage.clone(),
                     slot: s.slot,
@@ -203,6 +216,9 @@ async fn read_host(
                     program_name: s.program.as_ref().map(|p| p.name.clone()),
                     pinned: s.pinned,
                     digest: s.digest.clone(),
+                    loaded_generation: s.loaded_generation,
+                    counters_since_generation: s.counters_since_generation,
+                    counted: !s.uncounted,
                     counters: c,
                 }
             })
@@ -254,6 +270,7 @@ async fn read_host(
             }),
             stages,
             counters: total,
+            final_verdict_count: r.final_verdict_count,
             drift: r.drift,
             stage_drift: stage_drift
                 .into_iter()
@@ -283,7 +300,7 @@ async fn read_host(
 
 /// The table for people: one line per host and rootlet.
 pub fn table(hosts: &[HostStatus]) -> String {
-    let mut rows: Vec<[String; 10]> = vec![[
+    let mut rows: Vec<[String; 11]> = vec![[
         "HOST".into(),
         "ROOTLET".into(),
         "GEN".into(),
@@ -293,12 +310,14 @@ pub fn table(hosts: &[HostStatus]) -> String {
         "STAGES (program id)".into(),
         "PASS/DROP/ABORTED".into(),
         "TX/REDIRECT".into(),
+        "FINAL".into(),
         "DRIFT".into(),
     ]];
     for h in hosts {
         if let Some(e) = &h.error {
             rows.push([
                 h.name.clone(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -315,6 +334,7 @@ pub fn table(hosts: &[HostStatus]) -> String {
             rows.push([
                 h.name.clone(),
                 "(none)".into(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -340,11 +360,14 @@ pub fn table(hosts: &[HostStatus]) -> String {
                 .stages
                 .iter()
                 .map(|s| {
+                    // name#program@build generation; "-": not counted.
                     format!(
-                        "{}#{}",
+                        "{}#{}@g{}{}",
                         s.name,
                         s.program_id
-                            .map_or_else(|| "empty".to_string(), |id| id.to_string())
+                            .map_or_else(|| "empty".to_string(), |id| id.to_string()),
+                        s.loaded_generation,
+                        if s.counted { "" } else { "(counters: -)" }
                     )
                 })
                 .collect::<Vec<_>>()
@@ -398,6 +421,7 @@ pub fn table(hosts: &[HostStatus]) -> String {
                     r.counters.pass, r.counters.drop, r.counters.aborted
                 ),
                 format!("{}/{}", r.counters.tx, r.counters.redirect),
+                r.final_verdict_count.to_string(),
                 if drift.is_empty() {
                     "-".into()
                 } else {
@@ -406,7 +430,7 @@ pub fn table(hosts: &[HostStatus]) -> String {
             ]);
         }
     }
-    let mut widths = [0usize; 10];
+    let mut widths = [0usize; 11];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());

@@ -57,6 +57,7 @@ int rootlet(struct xdp_md *ctx)
 	RUN(8)  RUN(9)  RUN(10) RUN(11) RUN(12) RUN(13) RUN(14) RUN(15)
 #undef RUN
 done:
+	rootlet_count_final(0);
 	return ROOTLET_CONFIG.final_verdict;
 }
 

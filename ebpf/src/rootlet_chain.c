@@ -59,7 +59,12 @@ int rootlet_chain(struct xdp_md *ctx)
 	parity = *gen & 1;
 	rootlet_hop_to(ctx, &rootlet_first, parity);
 	/* No stage. */
-	return parity ? rootlet_hop.final_verdict[1] : rootlet_hop.final_verdict[0];
+	if (parity) {
+		rootlet_count_final(1);
+		return rootlet_hop.final_verdict[1];
+	}
+	rootlet_count_final(0);
+	return rootlet_hop.final_verdict[0];
 }
 
 SEC("xdp")

@@ -2431,3 +2431,142 @@ async fn an_apply_half_done_at_a_crash_is_put_back_on_every_rootlet() {
     drop(c);
     assert!(exited(&mut child, true).await.success());
 }
+
+// ---------------------------------------------------------------------------
+// Counters over the API (issue #13, items 2 and 3): GetStats, GetRootlet and
+// `rootletctl status` show a stage's own counts, the final verdict's count,
+// and "-" for a stage the rootlet cannot see.
+// ---------------------------------------------------------------------------
+
+async fn stats(c: &mut RootletClient<Channel>, a: &Agent) -> pb::GetStatsResponse {
+    c.get_stats(pb::GetStatsRequest {
+        rootlet: a.rootlet(),
+    })
+    .await
+    .expect("stats")
+    .into_inner()
+}
+
+/// GetStats once `done` holds (at most 20 s).
+async fn stats_when(
+    c: &mut RootletClient<Channel>,
+    a: &Agent,
+    done: impl Fn(&pb::GetStatsResponse) -> bool,
+) -> pb::GetStatsResponse {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = stats(c, a).await;
+        if done(&s) || Instant::now() > end {
+            // Settle: a count past the mark must show too.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return stats(c, a).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn send_udp(a: &Agent, n: u64) {
+    let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
+    for i in 0..n {
+        raw.send(
+            &a.f.pair
+                .udp_to_host(40000, 6000, seq_payload(i, 64))
+                .to_bytes(),
+        )
+        .expect("send");
+    }
+}
+
+fn slot_stats<'a>(s: &'a pb::GetStatsResponse, name: &str) -> &'a pb::SlotStats {
+    s.slots
+        .iter()
+        .find(|x| x.stage == name)
+        .unwrap_or_else(|| panic!("no stage {name} in {s:?}"))
+}
+
+fn passes(s: &pb::GetStatsResponse, name: &str) -> u64 {
+    slot_stats(s, name).counters.map_or(0, |c| c.pass)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn counters_item2_3_stats_and_status_show_a_stages_own_counts_and_the_final_verdict() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    ops.link_stage(link(a.rootlet(), stage("a", "test_pass", 10)))
+        .await
+        .expect("link a");
+    send_udp(&a, 20);
+    let s = stats_when(&mut ops, &a, |s| passes(s, "a") >= 20).await;
+    assert_eq!(passes(&s, "a"), 20, "{s:?}");
+    assert_eq!(s.final_verdict_count, 20, "every packet got the final PASS");
+
+    ops.unlink_stage(pb::UnlinkStageRequest {
+        rootlet: a.rootlet(),
+        stage: "a".into(),
+        expected_generation: None,
+        idempotency_key: String::new(),
+    })
+    .await
+    .expect("unlink a");
+    let linked = ops
+        .link_stage(link(a.rootlet(), stage("b", "test_pass", 10)))
+        .await
+        .expect("link b")
+        .into_inner();
+    let s = stats(&mut ops, &a).await;
+    let b = slot_stats(&s, "b");
+    assert_eq!(
+        b.counters.unwrap_or_default(),
+        pb::Counters::default(),
+        "b has seen no packet: {b:?}"
+    );
+    assert!(!b.uncounted);
+    assert_eq!(b.counters_since_generation, linked.generation);
+    send_udp(&a, 5);
+    let s = stats_when(&mut ops, &a, |s| passes(s, "b") >= 5).await;
+    assert_eq!(passes(&s, "b"), 5);
+    assert_eq!(s.final_verdict_count, 25);
+
+    // A plain XDP program last: in tail-call mode the rootlet cannot see it.
+    let state = ops
+        .link_stage(link(a.rootlet(), stage("p", "test_plain", 50)))
+        .await
+        .expect("link plain")
+        .into_inner()
+        .rootlet
+        .expect("state");
+    let tail_call = state.backend == pb::Backend::Tailcall as i32;
+    let p = state.slots.iter().find(|s| s.stage == "p").expect("p");
+    assert_eq!(p.uncounted, tail_call, "{p:?}");
+    let b = state.slots.iter().find(|s| s.stage == "b").expect("b");
+    assert_eq!(b.loaded_generation, linked.generation);
+    assert_eq!(state.final_verdict_count, 25);
+
+    // rootletctl status, over the Unix socket.
+    let inventory = rootlet_client::inventory::Inventory::parse(
+        &format!(
+            "[[hosts]]\nname = \"h\"\naddress = \"unix:{}\"\n",
+            a.state_dir.join("rootletd.sock").display()
+        ),
+        "hosts.toml",
+        &a.state_dir,
+    )
+    .expect("inventory");
+    let fleet = rootlet_client::transport::Fleet::new(inventory.hosts, Default::default());
+    let hosts = rootlet_client::status::read(&fleet, None).await;
+    let table = rootlet_client::status::table(&hosts);
+    let b_id = b.program.as_ref().map(|p| p.id).expect("b runs");
+    assert!(
+        table.contains(&format!("b#{b_id}@g{}", linked.generation)),
+        "{table}"
+    );
+    assert_eq!(
+        table.contains("(counters: -)"),
+        tail_call,
+        "an unseen stage shows \"-\": {table}"
+    );
+    let r = &hosts[0].rootlets[0];
+    assert_eq!(r.final_verdict_count, 25, "{table}");
+    assert!(table.lines().next().is_some_and(|h| h.contains("FINAL")));
+}

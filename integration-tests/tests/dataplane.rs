@@ -1403,6 +1403,15 @@ fn stage_map(
     (listed.id, fd)
 }
 
+
+// ---------------------------------------------------------------------------
+// Counters and stage identity (issue #13, items 2, 3 and 11): a stage's
+// counters are its own life in its slot, the final verdict is counted, a
+// stage the rootlet cannot see says so, and a build keeps one identity
+// while its program ids change.
+// ---------------------------------------------------------------------------
+
+/// Sends `n` UDP packets from the peer through the veth pair to the rootlet.
 fn send_udp(f: &Fixture, n: u64) {
     let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
     for i in 0..n {
@@ -1518,5 +1527,224 @@ fn pin_by_name_maps_stay_inside_the_root_and_are_never_reused() {
         leftovers.is_empty(),
         "no transient pins stay: {leftovers:?}"
     );
+    dp.unload_rootlet(key).expect("unload");
+}
+
+/// The counters of stage `name`, once they add up to `total` (at most 10 s).
+fn counters_reach(
+    dp: &rootlet_server::dataplane::Dataplane,
+    key: rootlet_server::dataplane::spec::RootletKey,
+    name: &str,
+    total: u64,
+) -> rootlet_server::dataplane::state::Counters {
+    fixture::wait_for(Duration::from_secs(10), || {
+        slot(&dp.state(key).expect("state"), name).counters.total() >= total
+    });
+    // Settle: a count above `total` must show too.
+    std::thread::sleep(Duration::from_millis(100));
+    slot(&dp.state(key).expect("state"), name).counters
+}
+
+#[test]
+fn counters_item2_a_new_stage_starts_from_zero_in_a_reused_slot() {
+    let f = Fixture::new();
+    let dp = f.open();
+    assert_backend(&dp);
+    let key = f.load(&dp);
+    dp.apply(key, &[Change::Link(stage("a", "test_pass", 10))], None)
+        .expect("link a");
+    send_udp(&f, 40);
+    let a = counters_reach(&dp, key, "a", 40);
+    assert_eq!((a.pass, a.total()), (40, 40), "{a:?}");
+    let a_slot = slot(&dp.state(key).expect("state"), "a").slot;
+
+    // Unlink a, then link b: b takes a's free slot id, and none of a's counts.
+    dp.apply(key, &[Change::Unlink { name: "a".into() }], None)
+        .expect("unlink a");
+    let generation = dp
+        .apply(key, &[Change::Link(stage("b", "test_pass", 10))], None)
+        .expect("link b");
+    let state = dp.state(key).expect("state");
+    let b = slot(&state, "b");
+    assert_eq!(b.slot, a_slot, "slot ids are reused once free");
+    assert_eq!(
+        b.counters.total(),
+        0,
+        "b inherits nothing: {:?}",
+        b.counters
+    );
+    assert_eq!(b.linked_generation, generation);
+    send_udp(&f, 10);
+    let b = counters_reach(&dp, key, "b", 10);
+    assert_eq!((b.pass, b.total()), (10, 10), "{b:?}");
+
+    // Unlink b and link c in one change: c takes another slot id than the
+    // one b is still counted in until the swap, and starts from zero.
+    let generation = dp
+        .apply(
+            key,
+            &[
+                Change::Unlink { name: "b".into() },
+                Change::Link(stage("c", "test_pass", 10)),
+            ],
+            None,
+        )
+        .expect("swap b for c");
+    let state = dp.state(key).expect("state");
+    let c = slot(&state, "c");
+    assert_ne!(c.slot, a_slot, "not the slot the departing stage counts in");
+    assert_eq!(c.counters.total(), 0, "{:?}", c.counters);
+    assert_eq!(c.linked_generation, generation);
+    send_udp(&f, 10);
+    let c = counters_reach(&dp, key, "c", 10);
+    assert_eq!((c.pass, c.total()), (10, 10), "{c:?}");
+
+    // A replacement with another object is the same stage's life in its
+    // slot: its counters go on, from the generation that linked it.
+    let replaced = dp
+        .apply(key, &[Change::Replace(stage("c", "sampler", 10))], None)
+        .expect("replace c");
+    let state = dp.state(key).expect("state");
+    let c = slot(&state, "c");
+    assert_eq!(
+        c.counters.pass, 10,
+        "cumulative across replace: {:?}",
+        c.counters
+    );
+    assert_eq!(c.linked_generation, generation, "counting since its link");
+    assert_eq!(c.loaded_generation, replaced, "a new build");
+    send_udp(&f, 5);
+    let c = counters_reach(&dp, key, "c", 15);
+    assert_eq!((c.pass, c.total()), (15, 15), "{c:?}");
+    dp.unload_rootlet(key).expect("unload");
+}
+
+#[test]
+fn counters_item3_the_final_verdict_is_counted_and_an_unseen_stage_says_so() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let backend = assert_backend(&dp);
+    let mut spec = f.rootlet_spec(XdpMode::Auto);
+    spec.final_verdict = XdpAction::Drop;
+    let key = dp.load_rootlet(spec).expect("load rootlet");
+    let final_count = |want: u64| {
+        fixture::wait_for(Duration::from_secs(10), || {
+            dp.state(key).expect("state").final_verdict_count >= want
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        dp.state(key).expect("state").final_verdict_count
+    };
+
+    // No stage: every packet is handled with the final verdict.
+    send_udp(&f, 10);
+    assert_eq!(final_count(10), 10, "an empty pipeline's drops are counted");
+
+    // Every stage proceeds: the final verdict's drops are counted, besides
+    // the stages' passes.
+    dp.apply(
+        key,
+        &[
+            Change::Link(stage("a", "test_pass", 10)),
+            Change::Link(stage("b", "test_pass", 20)),
+        ],
+        None,
+    )
+    .expect("link");
+    send_udp(&f, 10);
+    assert_eq!(final_count(20), 20);
+    let state = dp.state(key).expect("state");
+    for name in ["a", "b"] {
+        let s = slot(&state, name);
+        assert!(s.counted);
+        assert_eq!((s.counters.pass, s.counters.total()), (10, 10), "{name}");
+    }
+
+    // A plain XDP program last: the tail-call chain cannot see its verdict
+    // (it goes straight to the kernel), and the state says so.
+    dp.apply(key, &[Change::Link(stage("p", "test_plain", 30))], None)
+        .expect("link plain");
+    send_udp(&f, 10);
+    let a = counters_reach(&dp, key, "a", 20);
+    assert_eq!(a.pass, 20);
+    std::thread::sleep(Duration::from_millis(200));
+    let state = dp.state(key).expect("state");
+    let p = slot(&state, "p");
+    match backend {
+        Backend::TailCall => {
+            assert!(!p.counted, "the rootlet cannot see a plain last stage");
+            assert_eq!(state.final_verdict_count, 20, "its PASS is final");
+            assert!(slot(&state, "b").counted);
+            assert_eq!(slot(&state, "b").counters.pass, 20);
+        }
+        Backend::Freplace => {
+            assert!(p.counted, "freplace sees every verdict");
+            assert_eq!(p.counters.pass, 10, "{:?}", p.counters);
+            assert_eq!(state.final_verdict_count, 30);
+        }
+    }
+    dp.unload_rootlet(key).expect("unload");
+}
+
+#[test]
+fn counters_item11_a_build_keeps_its_identity_and_reports_every_instance() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let backend = assert_backend(&dp);
+    let key = f.load(&dp);
+    let linked = dp
+        .apply(key, &[Change::Link(stage("a", "test_pass", 10))], None)
+        .expect("link a");
+    let instances = |state: &rootlet_server::dataplane::state::RootletState| {
+        let a = slot(state, "a");
+        let live: Vec<u32> = a
+            .instances
+            .iter()
+            .filter(|i| i.live)
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(
+            live,
+            [a.prog.as_ref().expect("program").id],
+            "exactly the live program is live: {:?}",
+            a.instances
+        );
+        let mut ids: Vec<u32> = a.instances.iter().map(|i| i.id).collect();
+        ids.sort_unstable();
+        match backend {
+            Backend::TailCall => {
+                let mut parities: Vec<u32> = a.instances.iter().map(|i| i.parity).collect();
+                parities.sort_unstable();
+                assert_eq!(parities, [0, 1], "one instance per parity");
+                assert_ne!(ids[0], ids[1]);
+            }
+            Backend::Freplace => assert_eq!(a.instances.len(), 1),
+        }
+        (a.digest.clone(), a.loaded_generation, ids)
+    };
+    let first = instances(&dp.state(key).expect("state"));
+    assert_eq!(first.1, linked);
+
+    // Other stages change, twice: a is not reloaded, so its identity and
+    // its set of instances stay, whichever is live.
+    for name in ["b", "c"] {
+        dp.apply(key, &[Change::Link(stage(name, "test_pass", 20))], None)
+            .expect("link another");
+        let state = dp.state(key).expect("state");
+        assert_eq!(
+            instances(&state),
+            first,
+            "untouched in {}",
+            state.generation
+        );
+    }
+
+    // A new object: a new build, loaded now.
+    let replaced = dp
+        .apply(key, &[Change::Replace(stage("a", "sampler", 10))], None)
+        .expect("replace a");
+    let now = instances(&dp.state(key).expect("state"));
+    assert_eq!(now.1, replaced);
+    assert_ne!(now.0, first.0);
+    assert!(now.2.iter().all(|id| !first.2.contains(id)), "new programs");
     dp.unload_rootlet(key).expect("unload");
 }

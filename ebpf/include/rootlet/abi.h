@@ -45,6 +45,17 @@ struct rootlet_percpu {
 };
 
 /*
+ * Per-CPU count of the packets the rootlet handled with its final verdict
+ * (every stage proceeded, or there was none), the only entry (key 0) of
+ * rootlet_final, by generation parity (the freplace rootlet counts in
+ * parity 0). A map of its own, not a field of rootlet_percpu, so that
+ * rootlet_stats keeps its size for stages built before it existed.
+ */
+struct rootlet_final {
+	__u64 count[2];
+};
+
+/*
  * tail-call rootlet: what a program of the chain (the rootlet, a gate, a
  * stage) does after its verdict, by generation parity. Each program has its
  * own, in the global-data section ROOTLET_HOP_SECTION, so a packet reads it

@@ -18,6 +18,13 @@ struct {
 	__type(value, struct rootlet_percpu);
 } rootlet_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rootlet_final);
+} rootlet_final SEC(".maps");
+
 /* An action the kernel does not know is an abort. */
 static __always_inline int rootlet_normalize(int verdict)
 {
@@ -49,6 +56,16 @@ static __always_inline void rootlet_count(__u32 parity, __u32 slot, int verdict)
 	if (p && slot < ROOTLET_MAX_SLOTS)
 		p->count[parity & 1][rootlet_bound(slot, ROOTLET_MAX_SLOTS - 1)]
 			[rootlet_bound(idx, ROOTLET_COUNT_EMPTY)] += 1;
+}
+
+/* Counts a packet handled with the final verdict, in `parity` (a constant). */
+static __always_inline void rootlet_count_final(__u32 parity)
+{
+	__u32 zero = 0;
+	struct rootlet_final *f = bpf_map_lookup_elem(&rootlet_final, &zero);
+
+	if (f)
+		f->count[parity & 1] += 1;
 }
 
 static __always_inline int rootlet_proceeds(int verdict, __u32 mask)

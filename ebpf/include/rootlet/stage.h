@@ -107,12 +107,14 @@ struct {
 			bpf_tail_call(ctx, &rootlet_next, P);                    \
 			/* Nothing follows after all: count it here. */          \
 			rootlet_count(P, ROOTLET_STAGE_SLOT, XDP_PASS);          \
+			rootlet_count_final(P);                                  \
 			return rootlet_hop.final_verdict[P];                     \
 		}                                                                \
 		rootlet_count(P, ROOTLET_STAGE_SLOT, verdict);                   \
 		if (!rootlet_proceeds(verdict, rootlet_hop.proceed_mask[P]))     \
 			return rootlet_normalize(verdict);                       \
 		bpf_tail_call(ctx, &rootlet_next, P);                            \
+		rootlet_count_final(P);                                          \
 		return rootlet_hop.final_verdict[P];                             \
 	} while (0)
 

@@ -586,6 +586,9 @@ impl super::Agent {
                     program: String::new(),
                     digest: s.digest.clone(),
                     chainable: false,
+                    linked_generation: s.linked_generation,
+                    loaded_generation: s.loaded_generation,
+                    counts_base: Default::default(),
                 })
                 .collect(),
         })

@@ -253,6 +253,18 @@ pub fn state_to(agent: &Agent, s: &RootletState) -> Result<pb::RootletState> {
                     counters: Some(counters_to(&slot.counters)),
                     lease_id: lease.as_ref().map(|l| l.id.clone()).unwrap_or_default(),
                     lease_expires_unix_ms: lease.as_ref().map_or(0, |l| l.expires_unix_ms()),
+                    uncounted: !slot.counted,
+                    counters_since_generation: slot.linked_generation,
+                    loaded_generation: slot.loaded_generation,
+                    instances: slot
+                        .instances
+                        .iter()
+                        .map(|i| pb::ProgramInstance {
+                            parity: i.parity,
+                            program_id: i.id,
+                            live: i.live,
+                        })
+                        .collect(),
                     maps: slot
                         .maps
                         .iter()
@@ -267,5 +279,6 @@ pub fn state_to(agent: &Agent, s: &RootletState) -> Result<pb::RootletState> {
             .collect(),
         applied_version: status.applied_version.clone(),
         last_attempt: status.last_attempt.as_ref().map(attempt_to),
+        final_verdict_count: s.final_verdict_count,
     })
 }

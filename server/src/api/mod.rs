@@ -379,8 +379,11 @@ impl pb::rootlet_server::Rootlet for RootletService {
                         slot: slot.slot,
                         stage: slot.stage.clone(),
                         counters: Some(convert::counters_to(&slot.counters)),
+                        uncounted: !slot.counted,
+                        counters_since_generation: slot.linked_generation,
                     })
                     .collect(),
+                final_verdict_count: s.final_verdict_count,
             })
         })
         .await

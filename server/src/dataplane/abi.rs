@@ -10,6 +10,8 @@ pub const COUNT_EMPTY: usize = 5;
 
 /// Names shared with the C programs.
 pub const STATS_MAP: &str = "rootlet_stats";
+/// The count of packets the rootlet handled with its final verdict.
+pub const FINAL_MAP: &str = "rootlet_final";
 pub const GEN_MAP: &str = "rootlet_gen";
 /// The rootlet's hop array: the first stage, by parity.
 pub const FIRST_MAP: &str = "rootlet_first";
@@ -42,6 +44,10 @@ pub fn chain_program(program: &str) -> String {
 /// Size of `struct rootlet_percpu`, the per-CPU value of `rootlet_stats`:
 /// counters by generation parity, slot and counter.
 pub const PERCPU_SIZE: usize = 8 * 2 * MAX_SLOTS * NUM_COUNTERS;
+
+/// Size of `struct rootlet_final`, the per-CPU value of `rootlet_final`:
+/// the final verdict's count by generation parity.
+pub const FINAL_SIZE: usize = 8 * 2;
 
 /// Offset of counter `counter` of `slot` in parity `parity` of `struct
 /// rootlet_percpu`.

@@ -118,6 +118,7 @@ pub fn build(
 
     let mut shared = MapReuse::new(&ctx.layout)?;
     shared.pinned(abi::STATS_MAP, ctx.layout.stats(key));
+    shared.pinned(abi::FINAL_MAP, ctx.layout.final_counts(key));
     let target = load_instance(&next.pipeline, final_verdict, Some(&shared))?;
     pin(
         target.fd.as_fd(),
@@ -218,6 +219,9 @@ pub fn verify_programs() -> Result<()> {
                 program: String::new(),
                 digest: String::new(),
                 chainable: true,
+                linked_generation: 0,
+                loaded_generation: 0,
+                counts_base: Default::default(),
             })
             .collect(),
     };

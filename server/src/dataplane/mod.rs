@@ -50,7 +50,7 @@ use probe::Capabilities;
 use spec::{
     Backend, BackendChoice, Change, Pipeline, Plan, RootletKey, RootletSpec, Source, XdpMode,
 };
-use state::{Counters, ProgState, RootletState, SlotState, StageMap};
+use state::{Counters, Instance, ProgState, RootletState, SlotState, StageMap};
 use store::{Generation, RootletRecord, Store};
 use tally::Tally;
 
@@ -178,6 +178,23 @@ pub struct Dataplane {
 }
 
 const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);
+
+/// Marks where each stage of `next` starts: a stage that `base` does not
+/// run in its slot is linked by `next` (its counters start from the slot's
+/// counts now, `counts`); a slot that loads a new object loads its build
+/// in `next`.
+fn stamp(next: &mut Generation, base: &Pipeline, plan: &Plan, counts: &tally::Slots) {
+    for s in &mut next.pipeline.stages {
+        let continues = base.by_name(&s.name).is_some_and(|old| old.slot == s.slot);
+        if !continues {
+            s.linked_generation = next.number;
+            s.counts_base = counts.get(s.slot as usize).copied().unwrap_or_default();
+        }
+        if !continues || matches!(plan.sources.get(&s.slot), Some(Source::New(_))) {
+            s.loaded_generation = next.number;
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -538,9 +555,19 @@ impl Dataplane {
             }
         }
         let base = r.effective_pipeline();
-        let plan = base.plan(changes, |spec| {
-            inspected.get(&spec.name).is_some_and(|o| o.chainable)
-        })?;
+        let running: Vec<u32> = r
+            .record
+            .committed
+            .pipeline
+            .stages
+            .iter()
+            .map(|s| s.slot)
+            .collect();
+        let plan = base.plan_beside(
+            changes,
+            |spec| inspected.get(&spec.name).is_some_and(|o| o.chainable),
+            &running,
+        )?;
         let dropped_dead = base != r.record.committed.pipeline;
         if plan.pipeline == base
             && !dropped_dead
@@ -582,18 +609,25 @@ impl Dataplane {
             keep.insert(*slot, reuse);
         }
 
-        let next = Generation {
+        let mut next = Generation {
             number: current + 1,
             pipeline: plan.pipeline.clone(),
         };
-        if let Live::TailCall(l) = live {
-            // Stored with the pending generation, before it can run.
-            let raw = tailcall::quiesced_counts(l)?;
-            let chain = tally::chain(&next.pipeline);
-            r.record
-                .tally
-                .begin(tailcall::parity(next.number), &raw, chain);
-        }
+        let counts_now = match live {
+            Live::TailCall(l) => {
+                // Stored with the pending generation, before it can run.
+                let raw = tailcall::quiesced_counts(l)?;
+                let chain = tally::chain(&next.pipeline);
+                r.record
+                    .tally
+                    .begin(tailcall::parity(next.number), &raw, chain);
+                r.record.tally.counts(&raw)
+            }
+            Live::Freplace(_) => {
+                tally::read(sys::obj_get(&self.ctx.layout.stats(key))?.as_fd())?[0]
+            }
+        };
+        stamp(&mut next, &base, &plan, &counts_now);
         r.record.pending = Some(next.clone());
         self.store.put(&r.record)?;
         crash::point(self.ctx.crash_at, crash::Step::StorePending);
@@ -779,7 +813,9 @@ impl Dataplane {
         Ok(true)
     }
 
-    /// Reads a rootlet back from the kernel.
+    /// Reads a rootlet back from the kernel. A slot's counters are its
+    /// stage's since it was linked: the slot's counts less those it had
+    /// then.
     pub fn state(&self, key: RootletKey) -> Result<RootletState> {
         let rootlet = self.get(key)?;
         let mut r = lock(&rootlet);
@@ -792,11 +828,21 @@ impl Dataplane {
             key,
             reason: r.drift.clone().unwrap_or_default(),
         })?;
-        let counts = match live {
-            Live::Freplace(_) => tally::read(sys::obj_get(&layout.stats(key))?.as_fd())?[0],
-            Live::TailCall(l) => l
-                .reported
-                .report(r.record.tally.counts(&tally::read(l.maps.stats.as_fd())?)),
+        let (counts, final_count) = match live {
+            Live::Freplace(_) => (
+                tally::read(sys::obj_get(&layout.stats(key))?.as_fd())?[0],
+                match sys::obj_get(&layout.final_counts(key)) {
+                    Ok(fd) => tally::read_final(fd.as_fd())?,
+                    // Not built yet: no generation since this version.
+                    Err(e) if e.errno() == Some(libc::ENOENT) => 0,
+                    Err(e) => return Err(e.into()),
+                },
+            ),
+            Live::TailCall(l) => (
+                l.reported
+                    .report(r.record.tally.counts(&tally::read(l.maps.stats.as_fd())?)),
+                tally::read_final(l.maps.finals.as_fd())?,
+            ),
         };
         let mut slots = vec![];
         for (position, s) in r.record.committed.pipeline.stages.iter().enumerate() {
@@ -828,6 +874,42 @@ impl Dataplane {
                 Some(p) => StageMap::of(sys::prog_fd_by_id(p.id)?.as_fd())?,
                 None => vec![],
             };
+            let mut instances = vec![];
+            match live {
+                Live::Freplace(_) => {
+                    if let Some(p) = &prog {
+                        instances.push(Instance {
+                            parity: 0,
+                            id: p.id,
+                            live: true,
+                        });
+                    }
+                }
+                Live::TailCall(l) => {
+                    let parity = tailcall::parity(l.generation);
+                    if let Some(p) = &prog {
+                        instances.push(Instance {
+                            parity,
+                            id: p.id,
+                            live: true,
+                        });
+                    }
+                    if let Some(id) = twin_id {
+                        instances.push(Instance {
+                            parity: 1 - parity,
+                            id,
+                            live: false,
+                        });
+                    }
+                }
+            }
+            // A plain XDP program last in the chain returns its verdict to
+            // the kernel: nothing sees it.
+            let counted = s.chainable || !matches!(live, Live::TailCall(_));
+            let mut slot_counts = counts.get(s.slot as usize).copied().unwrap_or_default();
+            for (c, b) in slot_counts.iter_mut().zip(&s.counts_base) {
+                *c = c.saturating_sub(*b);
+            }
             slots.push(SlotState {
                 slot: s.slot,
                 position,
@@ -841,10 +923,11 @@ impl Dataplane {
                 link_id,
                 twin_id,
                 pin_path,
-                counters: counts
-                    .get(s.slot as usize)
-                    .map(Counters::of)
-                    .unwrap_or_default(),
+                counters: Counters::of(&slot_counts),
+                counted,
+                linked_generation: s.linked_generation,
+                loaded_generation: s.loaded_generation,
+                instances,
                 maps,
             });
         }
@@ -877,6 +960,7 @@ impl Dataplane {
                 .transpose()?
                 .map_or(0, |i| i.id),
             drift: r.drift.clone(),
+            final_verdict_count: final_count,
             slots,
         })
     }

@@ -62,6 +62,11 @@ impl Layout {
         self.rootlet_dir(key).join("stats")
     }
 
+    /// The count of packets handled with the final verdict, by parity.
+    pub fn final_counts(&self, key: RootletKey) -> PathBuf {
+        self.rootlet_dir(key).join("final")
+    }
+
     pub fn gen_dir(&self, key: RootletKey, generation: u64) -> PathBuf {
         self.rootlet_dir(key).join(format!("gen-{generation}"))
     }

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, fmt, path::PathBuf, sync::Arc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::abi::MAX_SLOTS;
+use super::abi::{MAX_SLOTS, NUM_COUNTERS};
 
 /// The vocabulary a bundle manifest spells, shared so that a bundle's
 /// stage becomes a [`StageSpec`] without translation.
@@ -179,6 +179,21 @@ pub struct StageRecord {
     /// Whether the object was built with <rootlet/stage.h> and can continue
     /// a tail-call chain.
     pub chainable: bool,
+    /// The generation that linked the stage into its slot: its counters
+    /// count from there, across replacements (0: linked by a version that
+    /// did not record it; its counters then count from the slot's first
+    /// use).
+    #[serde(default)]
+    pub linked_generation: u64,
+    /// The generation that loaded the running program (its link, or the
+    /// last replacement that loaded a new object): with the digest, the
+    /// stable identity of the build, whatever instances run it.
+    #[serde(default)]
+    pub loaded_generation: u64,
+    /// The slot's counts (as `tally` keeps them) when the stage was linked:
+    /// what it reports is the slot's counts less these.
+    #[serde(default)]
+    pub counts_base: [u64; NUM_COUNTERS],
 }
 
 /// The ordered set of stages of one rootlet.
@@ -242,8 +257,12 @@ impl Pipeline {
 
     /// Applies `changes` in order. The execution order is by priority, lower
     /// first, then by name (bytewise), so it never depends on the order in
-    /// which stages were linked. A new stage takes the lowest free slot id;
-    /// a replaced stage keeps its slot (and so its counters).
+    /// which stages were linked. A new stage takes the lowest slot id used
+    /// neither by the next pipeline, nor by this one, nor in `in_use` (the
+    /// generation the kernel runs), so that no packet still counts a
+    /// departed stage in the slot a new one counts in; only when every id
+    /// is taken does it reuse one this pipeline frees. A replaced stage
+    /// keeps its slot and its counters.
     ///
     /// A replacement whose object, program and map policy are unchanged
     /// reuses the running program (only its placement or proceed-on
@@ -253,6 +272,17 @@ impl Pipeline {
         &self,
         changes: &[Change],
         chainable: impl Fn(&StageSpec) -> bool,
+    ) -> Result<Plan, PlanError> {
+        self.plan_beside(changes, chainable, &[])
+    }
+
+    /// [`Pipeline::plan`], keeping the slot ids `in_use` for new stages as
+    /// long as others are free.
+    pub fn plan_beside(
+        &self,
+        changes: &[Change],
+        chainable: impl Fn(&StageSpec) -> bool,
+        in_use: &[u32],
     ) -> Result<Plan, PlanError> {
         let mut stages: BTreeMap<String, StageRecord> = self
             .stages
@@ -280,12 +310,15 @@ impl Pipeline {
                         return Err(PlanError::AlreadyLinked(spec.name.clone()));
                     }
                     let used: Vec<u32> = stages.values().map(|s| s.slot).collect();
-                    let slot = (0..MAX_SLOTS as u32).find(|i| !used.contains(i)).ok_or(
-                        PlanError::TooManyStages {
+                    let running =
+                        |i: &u32| self.stages.iter().any(|s| s.slot == *i) || in_use.contains(i);
+                    let slot = (0..MAX_SLOTS as u32)
+                        .find(|i| !used.contains(i) && !running(i))
+                        .or_else(|| (0..MAX_SLOTS as u32).find(|i| !used.contains(i)))
+                        .ok_or(PlanError::TooManyStages {
                             max: MAX_SLOTS,
                             wanted: stages.len() + 1,
-                        },
-                    )?;
+                        })?;
                     stages.insert(spec.name.clone(), record(spec, slot, chainable(spec)));
                     sources.insert(slot, Source::New(spec.clone()));
                 }
@@ -297,7 +330,7 @@ impl Pipeline {
                     // The same object and program: keep the running program
                     // (and so its maps); only placement or proceed-on change.
                     let same_program = old.digest == spec.digest() && old.program == spec.program;
-                    let rec = record(
+                    let mut rec = record(
                         spec,
                         slot,
                         if same_program {
@@ -306,6 +339,10 @@ impl Pipeline {
                             chainable(spec)
                         },
                     );
+                    // The same stage's life in its slot goes on.
+                    rec.linked_generation = old.linked_generation;
+                    rec.counts_base = old.counts_base;
+                    rec.loaded_generation = old.loaded_generation;
                     if same_program {
                         sources.entry(slot).or_insert(Source::Existing);
                     } else {
@@ -360,6 +397,9 @@ fn record(spec: &StageSpec, slot: u32, chainable: bool) -> StageRecord {
         program: spec.program.clone(),
         digest: spec.digest(),
         chainable,
+        linked_generation: 0,
+        loaded_generation: 0,
+        counts_base: [0; NUM_COUNTERS],
     }
 }
 
@@ -414,13 +454,62 @@ mod tests {
                 |_| true,
             )
             .unwrap();
+        // ddos is counted in slot 1 until the swap: aaa takes another.
         assert_eq!(
             names(&plan2.pipeline),
-            [("aaa", 1), ("sampler", 2), ("lb", 0)]
+            [("aaa", 3), ("sampler", 2), ("lb", 0)]
         );
         assert_eq!(plan2.retired, [1]);
-        assert!(matches!(plan2.sources[&1], Source::New(_)));
+        assert!(matches!(plan2.sources[&3], Source::New(_)));
         assert!(matches!(plan2.sources[&2], Source::Existing));
+        // Once free, a slot id is reused.
+        let plan3 = plan2
+            .pipeline
+            .plan(&[Change::Link(spec("bbb", 10, b"e"))], |_| true)
+            .unwrap();
+        assert_eq!(plan3.pipeline.by_name("bbb").map(|s| s.slot), Some(1));
+    }
+
+    #[test]
+    fn new_stages_avoid_the_slots_the_kernel_still_counts_in() {
+        let full: Vec<Change> = (0..MAX_SLOTS)
+            .map(|i| Change::Link(spec(&format!("s{i:02}"), 1, b"x")))
+            .collect();
+        let p = Pipeline::default().plan(&full, |_| true).unwrap().pipeline;
+        // Slot 4 is free in this pipeline but the running generation (say,
+        // with a dead stage dropped) still counts in it.
+        let p = p
+            .plan(
+                &[
+                    Change::Unlink { name: "s04".into() },
+                    Change::Unlink { name: "s05".into() },
+                ],
+                |_| true,
+            )
+            .unwrap()
+            .pipeline;
+        let plan = p
+            .plan_beside(&[Change::Link(spec("new", 1, b"y"))], |_| true, &[4])
+            .unwrap();
+        assert_eq!(plan.pipeline.by_name("new").map(|s| s.slot), Some(5));
+        // With every id taken but one the change frees, that one is reused.
+        let plan = p
+            .plan(
+                &[
+                    Change::Unlink { name: "s00".into() },
+                    Change::Link(spec("a", 1, b"y")),
+                    Change::Link(spec("b", 1, b"y")),
+                    Change::Link(spec("c", 1, b"y")),
+                ],
+                |_| true,
+            )
+            .unwrap();
+        let mut slots: Vec<u32> = ["a", "b", "c"]
+            .iter()
+            .filter_map(|n| plan.pipeline.by_name(n).map(|s| s.slot))
+            .collect();
+        slots.sort_unstable();
+        assert_eq!(slots, [0, 4, 5]);
     }
 
     #[test]

@@ -127,10 +127,35 @@ pub struct SlotState {
     /// stays.
     pub twin_id: Option<u32>,
     pub pin_path: Option<PathBuf>,
+    /// The stage's counts since `linked_generation`, across replacements.
     pub counters: Counters,
+    /// Whether the rootlet sees the stage's verdicts: false for a plain XDP
+    /// program (not built with <rootlet/stage.h>) last in a tail-call
+    /// chain, which returns its verdict to the kernel; its counters then
+    /// stay zero whatever it does.
+    pub counted: bool,
+    /// The generation that linked the stage into this slot (0: before this
+    /// was recorded): where its counters start.
+    pub linked_generation: u64,
+    /// The generation that loaded its build: with `digest`, an identity that
+    /// stays while the build runs, whatever program ids it has.
+    pub loaded_generation: u64,
+    /// The kernel programs running the build: freplace, one (parity 0);
+    /// tail-call, one per generation parity.
+    pub instances: Vec<Instance>,
     /// The stage's own maps (not the rootlet's, not its global data), as
     /// the kernel reports them for the running program.
     pub maps: Vec<StageMap>,
+}
+
+/// One kernel program running a stage's build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Instance {
+    /// The generation parity it runs in (freplace: 0).
+    pub parity: u32,
+    pub id: u32,
+    /// Whether the live generation runs it.
+    pub live: bool,
 }
 
 /// One map of a stage. Rootlet pins no stage map, whatever the object asks
@@ -184,6 +209,9 @@ pub struct RootletState {
     pub xdp_link_id: u32,
     /// Why the kernel no longer runs what the store describes, if it doesn't.
     pub drift: Option<String>,
+    /// Packets the rootlet handled with `final_verdict` (every stage
+    /// proceeded, or there was none), since the rootlet was loaded.
+    pub final_verdict_count: u64,
     pub slots: Vec<SlotState>,
 }
 

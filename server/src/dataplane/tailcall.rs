@@ -66,6 +66,8 @@ use super::{
 pub struct Shared {
     pub generation: OwnedFd,
     pub stats: OwnedFd,
+    /// The final verdict's count (`rootlet_final`).
+    pub finals: OwnedFd,
     /// Hop array to the first stage.
     pub first: OwnedFd,
     /// Hop array after each slot (pinned).
@@ -223,12 +225,24 @@ fn owner(ctx: &Ctx, key: RootletKey, slot: u32) -> Result<OwnedFd> {
 
 /// The interface's counters: pinned, so created (and pinned) if missing.
 fn stats(ctx: &Ctx, key: RootletKey) -> Result<OwnedFd> {
-    let path = ctx.layout.stats(key);
+    counters(ctx.layout.stats(key), abi::PERCPU_SIZE, abi::STATS_MAP)
+}
+
+/// The interface's count of the final verdict: pinned, so created (and
+/// pinned) if missing (a rootlet loaded before it existed).
+fn finals(ctx: &Ctx, key: RootletKey) -> Result<OwnedFd> {
+    counters(
+        ctx.layout.final_counts(key),
+        abi::FINAL_SIZE,
+        abi::FINAL_MAP,
+    )
+}
+
+fn counters(path: PathBuf, size: usize, name: &str) -> Result<OwnedFd> {
     match sys::obj_get(&path) {
         Ok(fd) => Ok(fd),
         Err(e) if e.errno() == Some(libc::ENOENT) => {
-            let size = abi::PERCPU_SIZE as u32;
-            let fd = sys::map_create(sys::BPF_MAP_TYPE_PERCPU_ARRAY, 4, size, 1, abi::STATS_MAP)?;
+            let fd = sys::map_create(sys::BPF_MAP_TYPE_PERCPU_ARRAY, 4, size as u32, 1, name)?;
             pin(fd.as_fd(), path, "counters")?;
             Ok(fd)
         }
@@ -242,6 +256,7 @@ fn shared_of(ctx: &Ctx, key: RootletKey, rootlet: BorrowedFd<'_>) -> Result<Shar
     Ok(Shared {
         generation: take(&mut maps, what, abi::GEN_MAP)?,
         stats: stats(ctx, key)?,
+        finals: finals(ctx, key)?,
         first: take(&mut maps, what, abi::FIRST_MAP)?,
         hops: hops(ctx, key)?,
         owners: (0..abi::MAX_SLOTS as u32)
@@ -262,6 +277,7 @@ pub fn create(ctx: &Ctx, key: RootletKey, final_verdict: XdpAction) -> Result<Li
     for name in [abi::GEN_MAP, abi::FIRST_MAP] {
         reuse.pinned(name, ctx.layout.chain_obj(key, name));
     }
+    reuse.pinned(abi::FINAL_MAP, ctx.layout.final_counts(key));
     let rootlet = Load {
         bytes: rootlet_ebpf::ROOTLET_CHAIN,
         what: What {
@@ -298,6 +314,7 @@ fn slot_reuse(ctx: &Ctx, maps: &Shared, slot: u32, keep: Option<MapReuse>) -> Re
         None => MapReuse::new(&ctx.layout)?,
     };
     reuse.add(abi::STATS_MAP, maps.stats.as_fd())?;
+    reuse.add(abi::FINAL_MAP, maps.finals.as_fd())?;
     reuse.add(abi::NEXT_MAP, maps.hops[slot as usize].as_fd())?;
     Ok(reuse)
 }

@@ -58,6 +58,21 @@ pub fn read(stats: BorrowedFd<'_>) -> Result<Raw> {
     Ok(raw)
 }
 
+/// Reads a rootlet's count of its final verdict (`rootlet_final`), summed
+/// over CPUs and parities: a plain count, which needs no derivation.
+pub fn read_final(finals: BorrowedFd<'_>) -> Result<u64> {
+    let cpus =
+        aya::util::nr_cpus().map_err(|(what, source)| sys::SysError { call: what, source })?;
+    let mut buf = vec![0u8; abi::FINAL_SIZE * cpus];
+    let mut total = 0u64;
+    if sys::map_lookup(finals, &0u32.to_ne_bytes(), &mut buf)? {
+        for word in buf.chunks_exact(8) {
+            total += word.try_into().map_or(0, u64::from_ne_bytes);
+        }
+    }
+    Ok(total)
+}
+
 /// One stage of a chain, as its counts are to be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hop {
