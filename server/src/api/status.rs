@@ -293,7 +293,7 @@ fn check_name(e: &crate::dataplane::object::CheckError) -> &'static str {
     use crate::dataplane::object::CheckError as C;
     match e {
         C::Elf(_) => "elf",
-        C::NoProgram { .. } => "program",
+        C::NoProgram { .. } | C::ChainHalf { .. } => "program",
         C::NotXdp { .. } => "program_type",
         C::NoBtf => "btf",
         C::Signature(_) => "signature",

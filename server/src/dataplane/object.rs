@@ -27,6 +27,10 @@ pub enum CheckError {
     Elf(String),
     #[error("no program `{program}` in the object (it has: {available})")]
     NoProgram { program: String, available: String },
+    #[error(
+        "program `{program}` is the tail-call half of stage `{stage}` (<rootlet/stage.h>): name `{stage}`; Rootlet loads this half itself"
+    )]
+    ChainHalf { program: String, stage: String },
     #[error("program `{program}` is not an XDP program (section kind {section})")]
     NotXdp { program: String, section: String },
     #[error("the object has no BTF (.BTF section); compile it with clang -g")]
@@ -169,6 +173,17 @@ pub fn inspect(bytes: &[u8], program: &str, rootlet_stack: u32) -> Result<StageO
         return Err(CheckError::IsRootlet);
     }
 
+    // `NAME__chain` is the half of a stage.h stage that only the tail-call
+    // backend may load: loaded as a stage of its own it would read an
+    // unwritten hop configuration and never count.
+    if let Some(stage) = program.strip_suffix(abi::CHAIN_SUFFIX)
+        && obj.programs.contains_key(stage)
+    {
+        return Err(CheckError::ChainHalf {
+            program: program.to_owned(),
+            stage: stage.to_owned(),
+        });
+    }
     if !obj.programs.contains_key(program) {
         let mut names: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
         names.sort_unstable();
@@ -403,6 +418,14 @@ mod tests {
         );
         let plain = inspect(rootlet_ebpf::TEST_PLAIN, "plain", 0).unwrap();
         assert!(!plain.chainable);
+        // The tail-call half of a stage.h stage is not a stage of its own.
+        assert_eq!(
+            inspect(rootlet_ebpf::DDOS, "ddos__chain", 0).unwrap_err(),
+            CheckError::ChainHalf {
+                program: "ddos__chain".into(),
+                stage: "ddos".into()
+            }
+        );
     }
 
     #[test]
