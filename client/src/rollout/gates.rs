@@ -49,10 +49,7 @@ pub async fn sample(
     host: usize,
     rootlets: &[pb::RootletRef],
 ) -> Result<Sample, RpcError> {
-    let mut s = Sample {
-        at_unix_ms: 0,
-        stages: Default::default(),
-    };
+    let mut s = Sample::default();
     for r in rootlets {
         let reply = fleet
             .call(host, "GetStats", None, |mut c, t| {
@@ -66,6 +63,9 @@ pub async fn sample(
         match reply {
             Ok(stats) => {
                 for slot in stats.slots {
+                    if slot.uncounted {
+                        s.uncounted.insert(slot.stage.clone());
+                    }
                     let c = slot.counters.unwrap_or_default();
                     s.stages.entry(slot.stage).or_default().add(&Counters {
                         aborted: c.aborted,
@@ -116,6 +116,25 @@ pub fn judge_counters(
             continue;
         }
         for stage in stages {
+            if now.uncounted.contains(stage) {
+                // Zeros from a stage nobody counts would pass any gate. A
+                // gate that names the stage cannot be met, so it fails; a
+                // gate over every stage says it could not judge this one.
+                let named = g.stage != "*";
+                out.push(GateResult {
+                    gate: g.metric.name().into(),
+                    stage: stage.clone(),
+                    verdict: if named { Verdict::Fail } else { Verdict::Idle },
+                    value: None,
+                    max: Some(g.max),
+                    packets: None,
+                    detail: format!(
+                        "stage {stage} is not counted: a plain XDP program last in a tail-call chain returns its verdict to the kernel{}",
+                        if named { "; this gate can never be judged" } else { ": not judged" }
+                    ),
+                });
+                continue;
+            }
             let zero = Counters::default();
             let d = now
                 .stages
@@ -426,7 +445,28 @@ mod tests {
         Sample {
             at_unix_ms: at,
             stages: stages.iter().map(|(s, c)| (s.to_string(), *c)).collect(),
+            uncounted: Default::default(),
         }
+    }
+
+    #[test]
+    fn an_uncounted_stage_is_never_judged_by_its_zeros() {
+        let r = rec();
+        let mut now = sample(20_000, &[("plain", c(0, 0, 0)), ("ddos", c(0, 0, 500))]);
+        now.uncounted.insert("plain".into());
+        let mut named = gate(Metric::DropRate, 0.1);
+        named.stage = "plain".into();
+        named.min_packets = 0;
+        let res = judge_counters(std::slice::from_ref(&named), &r, &now, true);
+        assert_eq!(res.len(), 1);
+        assert_eq!(res[0].verdict, Verdict::Fail, "{}", res[0].detail);
+        assert!(res[0].detail.contains("not counted"), "{}", res[0].detail);
+        let res = judge_counters(&[gate(Metric::DropRate, 0.1)], &r, &now, true);
+        let plain = res.iter().find(|g| g.stage == "plain").expect("plain judged");
+        assert_eq!(plain.verdict, Verdict::Idle);
+        assert!(plain.detail.contains("not counted"), "{}", plain.detail);
+        let ddos = res.iter().find(|g| g.stage == "ddos").expect("ddos judged");
+        assert_eq!(ddos.verdict, Verdict::Pass);
     }
 
     fn rec() -> HostRecord {

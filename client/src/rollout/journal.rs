@@ -11,7 +11,7 @@
 //! [`super::control`]).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::{self, File, OpenOptions},
     io::Write,
     path::{Path, PathBuf},
@@ -200,6 +200,10 @@ impl Counters {
 pub struct Sample {
     pub at_unix_ms: i64,
     pub stages: BTreeMap<String, Counters>,
+    /// Stages whose verdicts the rootlet cannot see (`Slot.uncounted`):
+    /// their counters are not evidence of anything.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub uncounted: BTreeSet<String>,
 }
 
 /// One gate's verdict on one host.
@@ -638,6 +642,7 @@ mod tests {
                 },
             )]
             .into(),
+            uncounted: Default::default(),
         });
         let mut f = JournalFile::new(path.clone(), j.clone());
         f.save().unwrap();
