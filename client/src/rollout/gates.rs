@@ -11,7 +11,8 @@
 //!   host's own drop rate before the change (between `baseline_start` and
 //!   `baseline`, or since the stage was loaded when there is no
 //!   `baseline_start`). A stage with fewer than `min_packets` packets in
-//!   the window is idle and not judged; a gate over its threshold fails at
+//!   the window is idle and not judged, and so is an uncounted stage under a
+//!   `*` gate (one gate naming it fails: it can never be judged); a gate over its threshold fails at
 //!   once, even before its window has passed; a `dry_run` gate is
 //!   reported, never enforced.
 
