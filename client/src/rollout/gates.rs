@@ -11,10 +11,10 @@
 //!   host's own drop rate before the change (between `baseline_start` and
 //!   `baseline`, or since the stage was loaded when there is no
 //!   `baseline_start`). A stage with fewer than `min_packets` packets in
-//!   the window is idle and not judged, and so is an uncounted stage under a
-//!   `*` gate (one gate naming it fails: it can never be judged); a gate over its threshold fails at
-//!   once, even before its window has passed; a `dry_run` gate is
-//!   reported, never enforced.
+//!   the window is idle and not judged, and so is an uncounted stage under
+//!   a `*` gate (a gate naming it fails: it can never be judged); a gate
+//!   over its threshold fails at once, even before its window has passed;
+//!   a `dry_run` gate is reported, never enforced.
 
 use rootlet_proto::v1::{self as pb, rootlet_ref::Ref};
 use tonic::Code;
