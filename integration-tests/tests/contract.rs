@@ -181,6 +181,18 @@ impl Drop for Local {
     }
 }
 
+/// A rootletd process, killed if the test fails before it exits.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn stage(name: &str, object: &str, priority: i32) -> pb::Stage {
     let e = rootlet_ebpf::stage(object).expect("object");
     pb::Stage {
@@ -606,7 +618,7 @@ async fn drift_reads_the_same_before_and_after_a_restart() {
     let path = a.dir.path().join("rootletd.toml");
     let config = Local::config(&a.f, a.dir.path());
     std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("config");
-    let mut child = rootletd(&path);
+    let mut child = Killed(rootletd(&path));
     let end = Instant::now() + Duration::from_secs(60);
     let mut c = loop {
         assert!(Instant::now() < end, "rootletd never served");
@@ -616,7 +628,10 @@ async fn drift_reads_the_same_before_and_after_a_restart() {
             .await
         {
             let mut c = RootletClient::new(ch);
-            if c.list_rootlets(pb::ListRootletsRequest {}).await.is_ok() {
+            if c.get_capabilities(pb::GetCapabilitiesRequest {})
+                .await
+                .is_ok()
+            {
                 break c;
             }
         }
@@ -656,7 +671,7 @@ async fn drift_reads_the_same_before_and_after_a_restart() {
     let table = rootlet_client::status::table(&hosts);
     assert!(table.contains(a.f.pair.host_if()), "{table}");
     drop(c);
-    assert!(exited(&mut child, true).await.success());
+    assert!(exited(&mut child.0, true).await.success());
 }
 
 // ---------------------------------------------------------------- item 8

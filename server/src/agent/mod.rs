@@ -484,7 +484,11 @@ impl Agent {
                 }
                 Ok(grant.stage(&name, owner)?)
             },
-        )?;
+        );
+        if let Err(AgentError::Dataplane(dataplane::Error::Drifted { reason, .. })) = &generation {
+            self.note_drift(key, Some(reason));
+        }
+        let generation = generation?;
         let lease = match (&change, lease_ttl) {
             (Change::Unlink { .. }, _) | (Change::Link(_) | Change::Replace(_), None) => {
                 lock(&self.leases).retain(|_, l| !(l.key == key && l.stage == name));
