@@ -25,6 +25,7 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ),
     ("TEST_TX", "src/test/verdict.c", &["-DVERDICT=XDP_TX"]),
     ("TEST_BAD_VERIFIER", "src/test/bad_verifier.c", &[]),
+    ("TEST_LONG_LOG", "src/test/long_log.c", &[]),
     (
         "TEST_DDOS_INCOMPATIBLE",
         "src/test/ddos_incompatible.c",

@@ -88,6 +88,11 @@ pub const STAGES: &[Entry] = &[
         program: "bad_verifier",
     },
     Entry {
+        name: "test_long_log",
+        object: TEST_LONG_LOG,
+        program: "long_log",
+    },
+    Entry {
         name: "test_ddos_incompatible",
         object: TEST_DDOS_INCOMPATIBLE,
         program: "ddos",

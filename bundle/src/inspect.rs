@@ -15,7 +15,7 @@ impl Bundle {
         let m = self.manifest();
         let mut out = String::new();
         let _ = writeln!(out, "bundle   {} {}", m.name, m.version);
-        let _ = writeln!(out, "digest   sha256:{}", self.digest());
+        let _ = writeln!(out, "digest   {}", self.digest());
         let size: usize = self.objects().values().map(|o| o.len()).sum();
         let _ = writeln!(
             out,

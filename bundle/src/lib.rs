@@ -28,6 +28,8 @@
 //!
 //! # Layout
 //!
+//! - [`digest`]: [`Digest`], the one spelling of a digest (bare lowercase
+//!   hex; `sha256:` accepted on input).
 //! - [`error`]: [`BundleError`], the crate's one error type.
 //! - [`manifest`]: the manifest's types and its parser, [`Manifest::parse`],
 //!   whose errors name the field, line and column.
@@ -44,6 +46,7 @@
 
 pub mod bundle;
 pub mod canonical;
+pub mod digest;
 pub mod error;
 pub mod format;
 pub mod inspect;
@@ -52,6 +55,7 @@ pub mod manifest;
 pub mod sign;
 
 pub use bundle::{Bundle, EMBEDDED_MANIFEST_NAME, sha256_hex};
+pub use digest::{Digest, DigestError};
 pub use error::{BundleError, Result};
 pub use format::{
     MAX_BUNDLE_SIZE, MAX_MANIFEST_SIZE, MAX_OBJECT_SIZE, MAX_OBJECTS, MAX_SIGNATURES,

@@ -305,7 +305,7 @@ fn inspect_summarises() -> TestResult {
     let text = s.inspect();
     for needle in [
         "edge-pipeline 1.4.0".to_string(),
-        format!("sha256:{}", s.bundle.digest()),
+        format!("digest   {}", s.bundle.digest()),
         sha256_hex(rootlet_ebpf::DDOS),
         format!("object ddos.o ({} bytes)", rootlet_ebpf::DDOS.len()),
         format!("object l4lb.o ({} bytes)", rootlet_ebpf::L4LB.len()),

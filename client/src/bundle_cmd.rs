@@ -58,7 +58,7 @@ pub fn build(
     write(&out, &bytes)?;
     let m = signed.bundle.manifest();
     let report = format!(
-        "built {} {} -> {} ({} bytes, {} stage{}, {} signature{})\ndigest sha256:{}\n",
+        "built {} {} -> {} ({} bytes, {} stage{}, {} signature{})\ndigest {}\n",
         m.name,
         m.version,
         out.display(),
@@ -113,7 +113,7 @@ pub fn verify(path: &Path, trusted: &[PathBuf]) -> Result<String, BundleError> {
     let signers: Vec<String> = verified.signers().iter().map(ToString::to_string).collect();
     let m = verified.bundle().manifest();
     Ok(format!(
-        "OK: {} {} (sha256:{}) signed by {}\n",
+        "OK: {} {} (digest {}) signed by {}\n",
         m.name,
         m.version,
         verified.bundle().digest(),

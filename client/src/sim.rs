@@ -657,6 +657,16 @@ impl pb::rootlet_server::Rootlet for SimAgent {
         ))
     }
 
+    async fn get_verifier_log(
+        &self,
+        _: Request<pb::GetVerifierLogRequest>,
+    ) -> Result<Response<pb::VerifierLog>, Status> {
+        self.enter().await?;
+        Err(Status::not_found(
+            "the simulated agent loads no programs: no verifier log",
+        ))
+    }
+
     async fn list_rootlets(
         &self,
         _: Request<pb::ListRootletsRequest>,

@@ -39,6 +39,8 @@
 //!   [`packet::l4lb_flow_hash`], the flow hash of `ebpf/src/l4lb.c`.
 //! - [`pki`]: [`pki::Pki`], a throwaway CA with server and client
 //!   certificates (and an untrusted CA) for tests of the gRPC API.
+//! - [`rootletd`]: `rootletd` as a process (spawn with a config file,
+//!   wait bounded for its exit), for restart and crash tests.
 //! - [`traffic`]: [`traffic::RawSocket`] (AF_PACKET on one interface),
 //!   [`traffic::UdpSink`] (a bound UDP socket), [`traffic::Blaster`] (paced
 //!   sender thread that skips rather than bursts when it falls behind) and
@@ -56,6 +58,7 @@ pub mod fleet;
 pub mod netns;
 pub mod packet;
 pub mod pki;
+pub mod rootletd;
 pub mod traffic;
 pub mod witness;
 

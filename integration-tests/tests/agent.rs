@@ -14,6 +14,7 @@ use rootlet_integration_tests::{
     netns::{HOST_IP, VethPair},
     packet::seq_payload,
     pki::Pki,
+    rootletd::{exited, rootletd, rootletd_with},
     traffic::{RawSocket, UdpSink},
     witness,
 };
@@ -886,26 +887,6 @@ async fn oversized_truncated_and_malformed_requests_change_nothing() {
     assert_eq!(a.f.pins(), pins, "no pins left behind");
 }
 
-/// Starts rootletd as a process with a config file.
-fn rootletd(config: &Path) -> std::process::Child {
-    let exe = std::env::current_exe().expect("exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| {
-            if d.ends_with("deps") {
-                d.parent()
-            } else {
-                Some(d)
-            }
-        })
-        .expect("dir");
-    std::process::Command::new(dir.join("rootletd"))
-        .arg("--config")
-        .arg(config)
-        .spawn()
-        .expect("spawn rootletd (cargo build -p rootlet-server)")
-}
-
 async fn health(addr: &str, a: &Agent) -> Option<i32> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
@@ -1667,28 +1648,6 @@ async fn an_apply_converges_on_the_kernel_and_drift_is_reported_per_stage() {
     assert_eq!(running(kernel(&mut ops, r).await), Some(expected));
 }
 
-/// Starts rootletd as a process with `env` set.
-fn rootletd_with(config: &Path, env: &[(&str, &str)]) -> std::process::Child {
-    let exe = std::env::current_exe().expect("exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| {
-            if d.ends_with("deps") {
-                d.parent()
-            } else {
-                Some(d)
-            }
-        })
-        .expect("dir");
-    let mut cmd = std::process::Command::new(dir.join("rootletd"));
-    cmd.arg("--config").arg(config);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn()
-        .expect("spawn rootletd (cargo build -p rootlet-server)")
-}
-
 /// Waits, bounded, until the rootletd at `addr` serves; then an ops client.
 async fn serving(addr: &str, a: &Agent) -> RootletClient<Channel> {
     let end = Instant::now() + Duration::from_secs(60);
@@ -1712,27 +1671,6 @@ async fn serving(addr: &str, a: &Agent) -> RootletClient<Channel> {
         .await
         .expect("connect");
     RootletClient::new(ch)
-}
-
-/// Waits (bounded) for `child` to exit; SIGTERM first if `term`.
-async fn exited(child: &mut std::process::Child, term: bool) -> std::process::ExitStatus {
-    if term {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            return s;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            panic!("rootletd did not exit");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// What an apply status says the kernel runs: the applied version's stages

@@ -998,6 +998,10 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_pipeline() {
         .expect("a change after every crash");
 }
 
+fn slot_names(s: &rootlet_server::dataplane::state::RootletState) -> Vec<String> {
+    s.slots.iter().map(|s| s.stage.clone()).collect()
+}
+
 #[test]
 fn drift_is_reported_never_overwritten() {
     let f = Fixture::new();
@@ -1034,11 +1038,25 @@ fn drift_is_reported_never_overwritten() {
     assert!(matches!(err, Error::Drifted { .. }), "{err}");
     drop(dp);
     let dp = f.open();
-    let state = dp.state(key);
+    // After a restart the state reads as before it: the full state, with
+    // the drift set (never an error, never a stub).
+    let after = dp.state(key).expect("the state of a drifted rootlet");
     assert!(
-        matches!(state, Err(Error::Drifted { .. })),
-        "adoption reports drift: {state:?}"
+        after
+            .drift
+            .as_deref()
+            .is_some_and(|d| d.contains("detached")),
+        "adoption reports drift: {after:?}"
     );
+    assert_eq!(
+        (after.generation, after.rootlet.id, slot_names(&after)),
+        (state.generation, state.rootlet.id, slot_names(&state)),
+        "the same state as before the restart"
+    );
+    let err = dp
+        .apply(key, &[Change::Link(stage("b", "test_pass", 20))], None)
+        .unwrap_err();
+    assert!(matches!(err, Error::Drifted { .. }), "{err}");
     let foreign = f
         .pair
         .host()

@@ -126,7 +126,15 @@ pub struct DataplaneConfig {
     pub state_dir: PathBuf,
     /// `auto` (freplace where the kernel permits it), `freplace`, `tailcall`.
     pub backend: BackendChoice,
+    /// How often, in seconds, every rootlet is compared with the kernel so
+    /// that drift (a link detached or replaced by another tool, a pin
+    /// removed) reaches Watch subscribers (cause "drift") even when no call
+    /// reads the rootlet. 0: only reads and changes detect drift.
+    pub drift_check_seconds: u64,
 }
+
+/// The default of `[dataplane] drift_check_seconds`.
+pub const DEFAULT_DRIFT_CHECK_SECONDS: u64 = 10;
 
 impl Default for DataplaneConfig {
     fn default() -> Self {
@@ -134,6 +142,7 @@ impl Default for DataplaneConfig {
             bpffs_root: "/sys/fs/bpf/rootlet".into(),
             state_dir: "/var/lib/rootlet".into(),
             backend: BackendChoice::Auto,
+            drift_check_seconds: DEFAULT_DRIFT_CHECK_SECONDS,
         }
     }
 }

@@ -382,7 +382,7 @@ pub async fn evaluate(
 }
 
 /// Per-stage drift as one line: `ddos: replaced out of band (runs
-/// sha256:…, the bundle has sha256:…)`.
+/// 1a2b3c…, the bundle has 4d5e6f…)`.
 pub fn drift_text(drift: &[pb::StageDrift]) -> String {
     drift
         .iter()
@@ -408,7 +408,7 @@ pub fn short(digest: &str) -> String {
     if digest.is_empty() {
         "-".into()
     } else {
-        format!("sha256:{}", digest.get(..12).unwrap_or(digest))
+        digest.get(..12).unwrap_or(digest).to_owned()
     }
 }
 

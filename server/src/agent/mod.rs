@@ -192,7 +192,7 @@ impl Lease {
 #[derive(Debug, Clone)]
 pub struct Event {
     pub key: RootletKey,
-    /// "loaded", "changed", "unloaded", "lease-expired".
+    /// "loaded", "changed", "unloaded", "lease-expired", "drift".
     pub cause: &'static str,
 }
 
@@ -252,6 +252,10 @@ pub struct Agent {
     bundle_lock: Mutex<()>,
     insecure_tcp: bool,
     crash: crash::CrashAt,
+    /// The drift last reported to watchers, per rootlet.
+    drift_seen: Mutex<BTreeMap<RootletKey, String>>,
+    /// How often the background compares every rootlet with the kernel.
+    drift_check: Option<Duration>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -311,6 +315,9 @@ impl Agent {
             bundle_lock: Mutex::new(()),
             insecure_tcp: config.listen.insecure_tcp,
             crash,
+            drift_seen: Mutex::new(BTreeMap::new()),
+            drift_check: (config.dataplane.drift_check_seconds > 0)
+                .then(|| Duration::from_secs(config.dataplane.drift_check_seconds)),
         };
         agent.reconcile()?;
         Ok(Arc::new(agent))
@@ -365,7 +372,37 @@ impl Agent {
 
     pub fn state(&self, grant: &Grant, key: RootletKey) -> Result<RootletState> {
         grant.read()?;
-        Ok(self.dp.state(key)?)
+        let state = self.dp.state(key)?;
+        self.note_drift(key, state.drift.as_deref());
+        Ok(state)
+    }
+
+    /// Tells watchers (cause "drift") when `key`'s drift is new or
+    /// different from what they last heard.
+    fn note_drift(&self, key: RootletKey, drift: Option<&str>) {
+        let mut seen = lock(&self.drift_seen);
+        match drift {
+            Some(d) if seen.get(&key).map(String::as_str) != Some(d) => {
+                seen.insert(key, d.to_owned());
+                drop(seen);
+                tracing::warn!(%key, drift = %d, "drift");
+                self.emit(key, "drift");
+            }
+            Some(_) => {}
+            None => {
+                seen.remove(&key);
+            }
+        }
+    }
+
+    /// Compares every rootlet with the kernel, telling watchers of drift.
+    pub fn check_drift(&self) {
+        for key in self.dp.list() {
+            match self.dp.drift(key) {
+                Ok(d) => self.note_drift(key, d.as_deref()),
+                Err(e) => tracing::debug!(%key, error = %e, "drift check"),
+            }
+        }
     }
 
     pub fn list(&self, grant: &Grant) -> Result<Vec<RootletKey>> {
@@ -375,6 +412,14 @@ impl Agent {
 
     pub fn status(&self, key: RootletKey) -> Result<ApplyStatus> {
         Ok(self.kv.get(STATUS, &key.to_string())?.unwrap_or_default())
+    }
+
+    /// Whether the agent holds an apply status for `key`.
+    pub fn has_status(&self, key: RootletKey) -> Result<bool> {
+        Ok(self
+            .kv
+            .get::<ApplyStatus>(STATUS, &key.to_string())?
+            .is_some())
     }
 
     /// The lease of `stage` on `key`, if it has one.
@@ -439,7 +484,11 @@ impl Agent {
                 }
                 Ok(grant.stage(&name, owner)?)
             },
-        )?;
+        );
+        if let Err(AgentError::Dataplane(dataplane::Error::Drifted { reason, .. })) = &generation {
+            self.note_drift(key, Some(reason));
+        }
+        let generation = generation?;
         let lease = match (&change, lease_ttl) {
             (Change::Unlink { .. }, _) | (Change::Link(_) | Change::Replace(_), None) => {
                 lock(&self.leases).retain(|_, l| !(l.key == key && l.stage == name));
@@ -545,14 +594,25 @@ impl Agent {
         expired.len()
     }
 
-    /// Background work until `shutdown` turns true: the lease reaper.
+    /// Background work until `shutdown` turns true: the lease reaper and
+    /// the periodic drift check (`[dataplane] drift_check_seconds`).
     pub async fn run_background(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        // Disabled: a period no test or host waits for.
+        let mut drift_tick = tokio::time::interval(
+            self.drift_check
+                .unwrap_or(Duration::from_secs(86_400 * 365)),
+        );
+        let drift_check = self.drift_check.is_some();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     let agent = self.clone();
                     let _ = tokio::task::spawn_blocking(move || agent.reap_leases()).await;
+                }
+                _ = drift_tick.tick(), if drift_check => {
+                    let agent = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || agent.check_drift()).await;
                 }
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {

@@ -23,16 +23,29 @@ fn invalid(field: &str, message: impl Into<String>) -> AgentError {
     }
 }
 
+/// An action; UNSPECIFIED is invalid here (see [`final_verdict_from`]).
 pub fn action_from(field: &str, v: i32) -> Result<XdpAction> {
     let a =
         pb::XdpAction::try_from(v).map_err(|_| invalid(field, format!("unknown action {v}")))?;
     Ok(match a {
+        pb::XdpAction::Unspecified => {
+            return Err(invalid(field, "XDP_ACTION_UNSPECIFIED is not an action"));
+        }
         pb::XdpAction::Aborted => XdpAction::Aborted,
         pb::XdpAction::Drop => XdpAction::Drop,
         pb::XdpAction::Pass => XdpAction::Pass,
         pb::XdpAction::Tx => XdpAction::Tx,
         pb::XdpAction::Redirect => XdpAction::Redirect,
     })
+}
+
+/// A rootlet's final verdict: unspecified (proto3's zero, what a caller
+/// that leaves the field unset sends) is PASS, never a verdict that drops.
+pub fn final_verdict_from(v: i32) -> Result<XdpAction> {
+    if v == pb::XdpAction::Unspecified as i32 {
+        return Ok(XdpAction::Pass);
+    }
+    action_from("final_verdict", v)
 }
 
 pub fn action_to(a: XdpAction) -> pb::XdpAction {
@@ -47,7 +60,7 @@ pub fn action_to(a: XdpAction) -> pb::XdpAction {
 
 pub fn mode_from(v: i32) -> Result<XdpMode> {
     match pb::XdpMode::try_from(v).map_err(|_| invalid("mode", format!("unknown mode {v}")))? {
-        pb::XdpMode::Auto => Ok(XdpMode::Auto),
+        pb::XdpMode::Unspecified | pb::XdpMode::Auto => Ok(XdpMode::Auto),
         pb::XdpMode::Driver => Ok(XdpMode::Driver),
         pb::XdpMode::Generic => Ok(XdpMode::Generic),
     }
@@ -77,6 +90,19 @@ pub fn interface_from(i: Option<pb::Interface>) -> Result<InterfaceRef> {
         netns: (!i.netns.is_empty()).then(|| i.netns.into()),
         ifname: i.ifname,
     })
+}
+
+/// A digest from a request, in its canonical form (bare lowercase hex):
+/// `sha256:<hex>` is accepted too, anything else is INVALID_ARGUMENT.
+pub fn digest_from(field: &str, s: &str) -> Result<String> {
+    rootlet_bundle::Digest::parse(s)
+        .map(|d| d.canonical())
+        .map_err(|e| invalid(field, e.to_string()))
+}
+
+/// [`digest_from`] for a field where empty means "not set".
+pub fn optional_digest_from(field: &str, s: &str) -> Result<Option<String>> {
+    (!s.is_empty()).then(|| digest_from(field, s)).transpose()
 }
 
 /// Parses "netns:<inode>/if:<ifindex>" (what `RootletKey` displays).
@@ -109,6 +135,25 @@ pub fn key_from(agent: &Agent, r: Option<pb::RootletRef>) -> Result<RootletKey> 
     }
 }
 
+/// [`key_from`] for a read that names one rootlet: a rootlet this agent
+/// does not manage is NOT_FOUND (ROOTLET_NOT_FOUND), never an empty answer.
+/// `or_recorded`: a rootlet that is gone but whose apply status the agent
+/// still holds (a failed first install undone) counts as known.
+pub fn known_key_from(
+    agent: &Agent,
+    r: Option<pb::RootletRef>,
+    or_recorded: bool,
+) -> Result<RootletKey> {
+    let key = key_from(agent, r)?;
+    if agent.dataplane().list().contains(&key) || (or_recorded && agent.has_status(key)?) {
+        Ok(key)
+    } else {
+        Err(AgentError::Dataplane(crate::dataplane::Error::NoRootlet(
+            key,
+        )))
+    }
+}
+
 /// A stage from the API: object bytes, program, placement, terms.
 pub fn stage_from(s: Option<pb::Stage>) -> Result<(StageSpec, Option<Duration>)> {
     let s = s.ok_or_else(|| invalid("stage", "required"))?;
@@ -131,7 +176,7 @@ pub fn stage_from(s: Option<pb::Stage>) -> Result<(StageSpec, Option<Duration>)>
     let maps = match pb::MapPolicy::try_from(s.maps)
         .map_err(|_| invalid("stage.maps", "unknown map policy"))?
     {
-        pb::MapPolicy::Fresh => MapPolicy::Fresh,
+        pb::MapPolicy::Unspecified | pb::MapPolicy::Fresh => MapPolicy::Fresh,
         pb::MapPolicy::Keep => MapPolicy::Keep,
     };
     let lease = (s.lease_seconds > 0).then(|| Duration::from_secs(u64::from(s.lease_seconds)));
@@ -222,7 +267,8 @@ pub fn state_to(agent: &Agent, s: &RootletState) -> Result<pb::RootletState> {
         mode: mode_to(s.mode) as i32,
         final_verdict: action_to(s.final_verdict) as i32,
         generation: s.generation,
-        rootlet: Some(prog_to(&s.rootlet)),
+        // Absent: a drifted rootlet whose program the kernel no longer holds.
+        rootlet: (s.rootlet.id != 0).then(|| prog_to(&s.rootlet)),
         xdp_link_id: s.xdp_link_id,
         drift: s.drift.clone().unwrap_or_default(),
         slots: s

@@ -10,6 +10,7 @@
 pub mod convert;
 pub mod oversize;
 pub mod status;
+pub mod verifier_logs;
 
 use std::{
     collections::BTreeMap,
@@ -36,9 +37,13 @@ pub type Served = oversize::Mapped<RootletServer<RootletService>>;
 /// Builds the service with message size limits.
 pub fn service(agent: Arc<Agent>, metrics: Arc<Metrics>, max_message_bytes: usize) -> Served {
     oversize::Mapped::new(
-        RootletServer::new(RootletService { agent, metrics })
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes),
+        RootletServer::new(RootletService {
+            agent,
+            metrics,
+            verifier_logs: Arc::default(),
+        })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes),
     )
 }
 
@@ -46,6 +51,7 @@ pub fn service(agent: Arc<Agent>, metrics: Arc<Metrics>, max_message_bytes: usiz
 pub struct RootletService {
     agent: Arc<Agent>,
     metrics: Arc<Metrics>,
+    verifier_logs: Arc<verifier_logs::VerifierLogs>,
 }
 
 /// The identity of a client certificate: its subject CN, else its first DNS
@@ -117,7 +123,10 @@ impl RootletService {
             Ok(grant) => {
                 let joined = tokio::task::spawn_blocking(move || f(&agent, &grant, req)).await;
                 match joined {
-                    Ok(r) => r.map_err(|e| status::status(&e)),
+                    Ok(r) => r.map_err(|e| {
+                        self.verifier_logs.record(&e);
+                        status::status(&e)
+                    }),
                     Err(e) => Err(Status::internal(format!("the call failed: {e}"))),
                 }
             }
@@ -231,7 +240,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
                 let spec = crate::dataplane::spec::RootletSpec {
                     iface: convert::interface_from(r.interface)?,
                     mode: convert::mode_from(r.mode)?,
-                    final_verdict: convert::action_from("final_verdict", r.final_verdict)?,
+                    final_verdict: convert::final_verdict_from(r.final_verdict)?,
                 };
                 let key = agent.load_rootlet(grant, spec)?;
                 convert::state_to(agent, &agent.dataplane().state(key)?)
@@ -249,14 +258,8 @@ impl pb::rootlet_server::Rootlet for RootletService {
             for key in agent.list(grant)? {
                 match agent.state(grant, key) {
                     Ok(s) => rootlets.push(convert::state_to(agent, &s)?),
-                    Err(AgentError::Dataplane(crate::dataplane::Error::Drifted {
-                        key,
-                        reason,
-                    })) => rootlets.push(pb::RootletState {
-                        id: key.to_string(),
-                        drift: reason,
-                        ..Default::default()
-                    }),
+                    // Unloaded since the list was taken.
+                    Err(AgentError::Dataplane(crate::dataplane::Error::NoRootlet(_))) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -396,7 +399,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
         let snapshot = self
             .call("Watch", false, req, |agent, grant, r| {
                 let only = match r.rootlet {
-                    Some(r) => Some(convert::key_from(agent, Some(r))?),
+                    Some(r) => Some(convert::known_key_from(agent, Some(r), false)?),
                     None => None,
                 };
                 let mut snap = vec![];
@@ -512,11 +515,23 @@ impl pb::rootlet_server::Rootlet for RootletService {
         Ok(Response::new(Box::pin(out)))
     }
 
+    async fn get_verifier_log(
+        &self,
+        req: Request<pb::GetVerifierLogRequest>,
+    ) -> Reply<pb::VerifierLog> {
+        let logs = self.verifier_logs.clone();
+        self.call("GetVerifierLog", false, req, move |_, grant, r| {
+            grant.read()?;
+            logs.get(&r.stage)
+        })
+        .await
+    }
+
     async fn has_bundle(&self, req: Request<pb::HasBundleRequest>) -> Reply<pb::HasBundleResponse> {
         self.call("HasBundle", false, req, |agent, grant, r| {
             grant.read()?;
             Ok(pb::HasBundleResponse {
-                present: agent.has_bundle(&r.digest)?,
+                present: agent.has_bundle(&convert::digest_from("digest", &r.digest)?)?,
             })
         })
         .await
@@ -534,7 +549,9 @@ impl pb::rootlet_server::Rootlet for RootletService {
             move |agent, grant, r| {
                 let source = match r.source {
                     Some(pb::apply_bundle_request::Source::Bundle(b)) => BundleSource::Bytes(b),
-                    Some(pb::apply_bundle_request::Source::Digest(d)) => BundleSource::Digest(d),
+                    Some(pb::apply_bundle_request::Source::Digest(d)) => {
+                        BundleSource::Digest(convert::digest_from("digest", &d)?)
+                    }
                     None => {
                         return Err(AgentError::InvalidArgument {
                             field: "source".into(),
@@ -557,7 +574,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
     ) -> Reply<pb::ApplyStatus> {
         self.call("GetApplyStatus", false, req, |agent, grant, r| {
             grant.read()?;
-            let key = convert::key_from(agent, r.rootlet)?;
+            let key = convert::known_key_from(agent, r.rootlet, true)?;
             Ok(convert::status_to(
                 key,
                 &agent.apply_status(key, &r.idempotency_key)?,
@@ -597,8 +614,8 @@ impl pb::rootlet_server::Rootlet for RootletService {
             req,
             |r| &r.idempotency_key,
             move |agent, grant, r| {
-                let to = (!r.to_digest.is_empty()).then_some(r.to_digest.as_str());
-                let outcome = agent.rollback(grant, &r.name, to, &r.idempotency_key);
+                let to = convert::optional_digest_from("to_digest", &r.to_digest)?;
+                let outcome = agent.rollback(grant, &r.name, to.as_deref(), &r.idempotency_key);
                 record_apply(&metrics, agent, &outcome);
                 apply_response(outcome?)
             },
@@ -617,8 +634,9 @@ impl pb::rootlet_server::Rootlet for RootletService {
             |r| &r.idempotency_key,
             move |agent, grant, r| {
                 let expected =
-                    (!r.expected_digest.is_empty()).then_some(r.expected_digest.as_str());
-                let outcome = agent.remove_bundle(grant, &r.name, expected, &r.idempotency_key);
+                    convert::optional_digest_from("expected_digest", &r.expected_digest)?;
+                let outcome =
+                    agent.remove_bundle(grant, &r.name, expected.as_deref(), &r.idempotency_key);
                 record_apply(&metrics, agent, &outcome);
                 apply_response(outcome?)
             },

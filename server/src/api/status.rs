@@ -2,7 +2,10 @@
 //! makes itself: [`transport`]), with google.rpc error
 //! details: `ErrorInfo` (a reason code and metadata) always, `BadRequest`
 //! for invalid fields, `PreconditionFailure` for failed preconditions, and
-//! `DebugInfo` carrying the verifier log.
+//! `DebugInfo` carrying the end of the verifier log (at most
+//! [`DEBUG_LOG_BYTES`] of it: a status travels in HTTP/2 trailers, and a
+//! default client refuses more than 16 KiB of them; `GetVerifierLog`
+//! returns the whole log).
 
 use std::collections::HashMap;
 
@@ -15,6 +18,23 @@ use crate::{
 };
 
 const DOMAIN: &str = "rootlet.dev";
+
+/// The most of a verifier log an error's `DebugInfo` carries.
+pub const DEBUG_LOG_BYTES: usize = 4096;
+
+/// `DebugInfo.detail` for a verifier log: all of a short one; of a long
+/// one, its total size and its last lines.
+fn log_detail(log: &str) -> String {
+    let shown = super::verifier_logs::tail(log, DEBUG_LOG_BYTES);
+    if shown.len() == log.len() {
+        return log.to_owned();
+    }
+    format!(
+        "[verifier log: {} bytes; its last {} shown; GetVerifierLog returns all of it]\n{shown}",
+        log.len(),
+        shown.len()
+    )
+}
 
 fn info(details: &mut ErrorDetails, reason: &str, meta: &[(&str, String)]) {
     let metadata: HashMap<String, String> = meta
@@ -209,7 +229,7 @@ fn dataplane_status(e: &DpError, msg: &str) -> Status {
             ..
         } => {
             d.add_bad_request_violation("stage.object", "the verifier rejected the program");
-            d.set_debug_info(vec![], log.clone());
+            d.set_debug_info(vec![], log_detail(log));
             info(
                 &mut d,
                 "VERIFIER_REJECTED",
@@ -238,7 +258,7 @@ fn dataplane_status(e: &DpError, msg: &str) -> Status {
             log,
             ..
         } => {
-            d.set_debug_info(vec![], log.clone());
+            d.set_debug_info(vec![], log_detail(log));
             info(
                 &mut d,
                 "PROGRAMS_REJECTED",

@@ -27,7 +27,14 @@ pub enum Error {
         #[source]
         source: CheckError,
     },
-    #[error("stage `{stage}`: the verifier rejected program `{program}`: {errno}\n{log}")]
+    /// Displays one line of the log (the verifier's reason), never all of
+    /// it: a log runs to megabytes, and this text travels in statuses and
+    /// attempts.
+    #[error(
+        "stage `{stage}`: the verifier rejected program `{program}`: {errno}: {} ({} bytes of verifier log)",
+        verifier_reason(log),
+        log.len()
+    )]
     Verifier {
         stage: String,
         program: String,
@@ -65,7 +72,9 @@ pub enum Error {
     /// Rootlet's own programs for `backend` fail this kernel's verifier:
     /// a bug in Rootlet, not a kernel limitation.
     #[error(
-        "bug in Rootlet: its {backend} program `{program}` fails the verifier of kernel {kernel} ({message}); please report it with this message\n{log}"
+        "bug in Rootlet: its {backend} program `{program}` fails the verifier of kernel {kernel} ({message}: {}); please report it with this message and its verifier log ({} bytes, in the error's details)",
+        verifier_reason(log),
+        log.len()
     )]
     ProgramsRejected {
         backend: super::spec::Backend,
@@ -96,3 +105,24 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The verifier's reason in `log`: its last line that is not a statistic
+/// (the kernel ends a log with "processed N insns …"), at most 200
+/// characters.
+pub fn verifier_reason(log: &str) -> &str {
+    let line = log
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| {
+            !l.is_empty()
+                && !l.starts_with("processed ")
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+        })
+        .unwrap_or("no verifier log");
+    match line.char_indices().nth(200) {
+        Some((i, _)) => &line[..i],
+        None => line,
+    }
+}

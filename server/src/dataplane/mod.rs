@@ -290,8 +290,17 @@ impl Dataplane {
             live: None,
             drift: Some(why),
         };
-        let link = match sys::obj_get(&layout.link(key)) {
-            Ok(l) => l,
+        // A drifted rootlet is still adopted where its pins allow (its
+        // programs and counters then read as before the restart); drift
+        // only stops changes to it.
+        let (link, info, mut drift) = match sys::obj_get(&layout.link(key)) {
+            Ok(l) => {
+                let info = sys::link_info(l.as_fd())?;
+                let detached = (info.ifindex == 0).then(|| {
+                    "the XDP link was detached from the interface (the interface went away, or another tool detached it)".to_owned()
+                });
+                (Some(l), Some(info), detached)
+            }
             Err(_) if record.committed.number == 0 => {
                 // The first load crashed before the XDP link existed.
                 tracing::info!(%key, "removing a rootlet whose first load did not finish");
@@ -299,41 +308,48 @@ impl Dataplane {
                 self.store.delete(key)?;
                 return Ok(None);
             }
-            Err(e) => {
-                return Ok(Some(drifted(
-                    record,
-                    None,
-                    format!("the XDP link pin is gone ({e})"),
-                )));
-            }
+            Err(e) => (None, None, Some(format!("the XDP link pin is gone ({e})"))),
         };
-        let info = sys::link_info(link.as_fd())?;
-        if info.ifindex == 0 {
-            let why = "the XDP link was detached from the interface (the interface went away, or another tool detached it)";
-            return Ok(Some(drifted(record, Some(link), why.into())));
-        }
         let generations: Vec<&Generation> = std::iter::once(&record.committed)
             .chain(record.pending.as_ref())
             .collect();
-        let live = match record.backend {
-            Backend::Freplace => {
-                freplace::adopt(&self.ctx, key, info.prog_id, &generations)?.map(Live::Freplace)
+        let live = match (record.backend, &info) {
+            (Backend::Freplace, Some(info)) => {
+                freplace::adopt(&self.ctx, key, info.prog_id, &generations)
+                    .map(|l| l.map(Live::Freplace))
             }
-            Backend::TailCall => tailcall::adopt(&self.ctx, key, &generations)?.map(Live::TailCall),
+            (Backend::Freplace, None) => Ok(None),
+            (Backend::TailCall, _) => {
+                tailcall::adopt(&self.ctx, key, &generations).map(|l| l.map(Live::TailCall))
+            }
+        };
+        // What a drifted rootlet's pins no longer allow is reported as
+        // drift, not as a failure to start.
+        let live = match live {
+            Err(e) if drift.is_some() => {
+                tracing::warn!(%key, error = %e, "cannot adopt the programs of a drifted rootlet");
+                None
+            }
+            other => other?,
         };
         let Some(live) = live else {
-            let why = format!(
-                "the XDP link runs program {} which is not a generation of this rootlet",
-                info.prog_id
-            );
-            return Ok(Some(drifted(record, Some(link), why)));
+            let why = match (drift, &info) {
+                (Some(d), _) => d,
+                (None, Some(info)) => format!(
+                    "the XDP link runs program {} which is not a generation of this rootlet",
+                    info.prog_id
+                ),
+                (None, None) => "no generation of this rootlet is pinned".into(),
+            };
+            return Ok(Some(drifted(record, link, why)));
         };
-        if sys::prog_info(live.rootlet())?.id != info.prog_id {
-            let why = format!(
-                "the XDP link runs program {} instead of the chain rootlet",
+        if let (None, Some(info)) = (&drift, &info)
+            && sys::prog_info(live.rootlet())?.id != info.prog_id
+        {
+            drift = Some(format!(
+                "the XDP link runs program {} instead of the rootlet program",
                 info.prog_id
-            );
-            return Ok(Some(drifted(record, Some(link), why)));
+            ));
         }
         // Finish or forget the change a crash interrupted.
         if let Some(pending) = record.pending.take() {
@@ -350,9 +366,9 @@ impl Dataplane {
         }
         Ok(Some(Rootlet {
             record,
-            link: Some(link),
+            link,
             live: Some(live),
-            drift: None,
+            drift,
         }))
     }
 
@@ -813,6 +829,17 @@ impl Dataplane {
         Ok(true)
     }
 
+    /// Why the kernel no longer runs what this data plane built for `key`,
+    /// if it doesn't (cheaper than [`Dataplane::state`]).
+    pub fn drift(&self, key: RootletKey) -> Result<Option<String>> {
+        let rootlet = self.get(key)?;
+        let mut r = lock(&rootlet);
+        if let Some(d) = r.check_drift(&self.ctx.layout) {
+            r.drift = Some(d);
+        }
+        Ok(r.drift.clone())
+    }
+
     /// Reads a rootlet back from the kernel. A slot's counters are its
     /// stage's since it was linked: the slot's counts less those it had
     /// then.
@@ -824,10 +851,9 @@ impl Dataplane {
             r.drift = drift.clone();
         }
         let layout = &self.ctx.layout;
-        let live = r.live.as_ref().ok_or_else(|| Error::Drifted {
-            key,
-            reason: r.drift.clone().unwrap_or_default(),
-        })?;
+        let Some(live) = r.live.as_ref() else {
+            return Ok(self.unadopted_state(key, &r));
+        };
         let (counts, final_count) = match live {
             Live::Freplace(_) => (
                 tally::read(sys::obj_get(&layout.stats(key))?.as_fd())?[0],
@@ -963,6 +989,70 @@ impl Dataplane {
             final_verdict_count: final_count,
             slots,
         })
+    }
+
+    /// The state of a drifted rootlet whose programs this process could
+    /// not adopt (its pins were gone or the link ran another program when
+    /// it started): what the store records, with the drift, the rootlet
+    /// program if its pin still holds it, and stages without programs or
+    /// counts (the kernel no longer runs them as built).
+    fn unadopted_state(&self, key: RootletKey, r: &Rootlet) -> RootletState {
+        let layout = &self.ctx.layout;
+        let pin = match r.record.backend {
+            Backend::Freplace => layout.gen_rootlet(key, r.record.committed.number),
+            Backend::TailCall => layout.chain_obj(key, "rootlet"),
+        };
+        let rootlet = sys::obj_get(&pin)
+            .ok()
+            .and_then(|fd| ProgState::read(fd.as_fd()).ok())
+            .unwrap_or_else(ProgState::unknown);
+        let slots = r
+            .record
+            .committed
+            .pipeline
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(position, s)| SlotState {
+                slot: s.slot,
+                position,
+                stage: s.name.clone(),
+                owner: s.owner.clone(),
+                priority: s.priority,
+                proceed_on: s.proceed_on.actions(),
+                digest: s.digest.clone(),
+                pinned: s.pin,
+                prog: None,
+                link_id: None,
+                twin_id: None,
+                pin_path: None,
+                counters: Counters::default(),
+                // Its programs are not readable: the zeros are no evidence.
+                counted: false,
+                linked_generation: s.linked_generation,
+                loaded_generation: s.loaded_generation,
+                instances: vec![],
+                maps: vec![],
+            })
+            .collect();
+        RootletState {
+            key,
+            ifname: r.record.spec.iface.ifname.clone(),
+            netns: r.record.spec.iface.netns.clone(),
+            backend: r.record.backend,
+            mode: r.record.attached_mode,
+            final_verdict: r.record.spec.final_verdict,
+            generation: r.record.committed.number,
+            rootlet,
+            xdp_link_id: r
+                .link
+                .as_ref()
+                .and_then(|l| sys::link_info(l.as_fd()).ok())
+                .map_or(0, |i| i.id),
+            drift: r.drift.clone(),
+            slots,
+            final_verdict_count: 0,
+        }
     }
 
     /// A map of a linked stage, by name: to configure a stage (a blocklist,

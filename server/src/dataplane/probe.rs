@@ -278,7 +278,14 @@ pub fn capabilities() -> &'static Capabilities {
         tracing::info!("probe: {}", caps.summary());
         for backend in [Backend::Freplace, Backend::TailCall] {
             if let Err(e) = caps.programs_verified(backend) {
-                tracing::error!("{e}");
+                // The error shows one line of the log; the bug report
+                // needs all of it.
+                match &e {
+                    Error::ProgramsRejected { log, .. } => {
+                        tracing::error!("{e}\nverifier log:\n{log}");
+                    }
+                    _ => tracing::error!("{e}"),
+                }
             }
         }
         caps

@@ -32,6 +32,17 @@ pub struct ProgState {
 }
 
 impl ProgState {
+    /// A program the kernel no longer reports (id 0).
+    pub fn unknown() -> Self {
+        ProgState {
+            id: 0,
+            name: String::new(),
+            tag: String::new(),
+            verified_insns: 0,
+            loaded_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
     pub fn read(fd: BorrowedFd<'_>) -> Result<Self> {
         let info = sys::prog_info(fd)?;
         Ok(ProgState {
