@@ -1421,7 +1421,6 @@ fn stage_map(
     (listed.id, fd)
 }
 
-
 // ---------------------------------------------------------------------------
 // Counters and stage identity (issue #13, items 2, 3 and 11): a stage's
 // counters are its own life in its slot, the final verdict is counted, a

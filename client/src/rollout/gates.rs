@@ -463,7 +463,10 @@ mod tests {
         assert_eq!(res[0].verdict, Verdict::Fail, "{}", res[0].detail);
         assert!(res[0].detail.contains("not counted"), "{}", res[0].detail);
         let res = judge_counters(&[gate(Metric::DropRate, 0.1)], &r, &now, true);
-        let plain = res.iter().find(|g| g.stage == "plain").expect("plain judged");
+        let plain = res
+            .iter()
+            .find(|g| g.stage == "plain")
+            .expect("plain judged");
         assert_eq!(plain.verdict, Verdict::Idle);
         assert!(plain.detail.contains("not counted"), "{}", plain.detail);
         let ddos = res.iter().find(|g| g.stage == "ddos").expect("ddos judged");
