@@ -25,6 +25,8 @@
 //!
 //! # Layout
 //!
+//! - [`api`]: rootlet.v1 requests the API tests share (the fixture's
+//!   interface, a load, a stage, a link, a bundle, an error's details).
 //! - [`fixture`]: what every data-plane test starts from (a
 //!   [`netns::VethPair`], its own bpffs root and store, the backend under
 //!   test); see its own docs.
@@ -53,6 +55,7 @@
 //!   socket calls `std` and `nix` do not cover.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod fixture;
 pub mod fleet;
 pub mod netns;

@@ -10,6 +10,7 @@ use std::{
 };
 
 use rootlet_integration_tests::{
+    api::{self, link, reason, stage},
     fixture::{self, Fixture},
     netns::{HOST_IP, VethPair},
     packet::seq_payload,
@@ -154,28 +155,15 @@ impl Agent {
     }
 
     fn iface(&self) -> pb::Interface {
-        pb::Interface {
-            netns: self.f.netns_path().display().to_string(),
-            ifname: self.f.pair.host_if().into(),
-        }
+        api::interface(&self.f)
     }
 
     fn rootlet(&self) -> Option<pb::RootletRef> {
-        Some(pb::RootletRef {
-            r#ref: Some(pb::rootlet_ref::Ref::Interface(self.iface())),
-        })
+        api::rootlet_ref(&self.f)
     }
 
     async fn load(&self, ops: &mut RootletClient<Channel>) -> pb::RootletState {
-        ops.load_rootlet(pb::LoadRootletRequest {
-            interface: Some(self.iface()),
-            mode: pb::XdpMode::Generic as i32,
-            final_verdict: pb::XdpAction::Pass as i32,
-            idempotency_key: String::new(),
-        })
-        .await
-        .expect("load rootlet")
-        .into_inner()
+        api::load(ops, &self.f).await
     }
 
     /// A signed bundle of embedded objects: (stage, object, priority).
@@ -193,12 +181,7 @@ impl Agent {
         stages: &[(&str, &str, i32, &str)],
         sign: bool,
     ) -> Vec<u8> {
-        let targets = format!(
-            "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
-            self.f.pair.host_if(),
-            self.f.netns_path().display()
-        );
-        self.bundle_for(name, version, &targets, stages, sign)
+        self.bundle_for(name, version, &api::targets(&self.f), stages, sign)
     }
 
     /// A bundle with the manifest's `[[rootlets]]` tables given.
@@ -210,21 +193,7 @@ impl Agent {
         stages: &[(&str, &str, i32, &str)],
         sign: bool,
     ) -> Vec<u8> {
-        let dir = self.state_dir.join(format!("bundle-{name}-{version}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut manifest = format!("name = \"{name}\"\nversion = \"{version}\"\n{targets}");
-        for (stage, object, prio, owner) in stages {
-            let e = rootlet_ebpf::stage(object).expect("object");
-            std::fs::write(dir.join(format!("{object}.o")), e.object).expect("object file");
-            manifest.push_str(&format!(
-                "[[stages]]\nname = \"{stage}\"\nobject = \"{object}.o\"\nprogram = \"{}\"\npriority = {prio}\nowner = \"{owner}\"\n",
-                e.program
-            ));
-        }
-        std::fs::write(dir.join("manifest.toml"), manifest).expect("manifest");
-        let bundle =
-            rootlet_bundle::Bundle::build(dir.join("manifest.toml")).expect("build bundle");
-        let mut signed = rootlet_bundle::SignedBundle::new(bundle);
+        let mut signed = api::bundle(&self.state_dir, name, version, targets, stages);
         if sign {
             signed.sign(&self.signing_key);
         }
@@ -237,34 +206,6 @@ impl Drop for Agent {
         // The runtime shuts down in the background when dropped.
         self.running.take();
     }
-}
-
-fn stage(name: &str, object: &str, priority: i32) -> pb::Stage {
-    let e = rootlet_ebpf::stage(object).expect("object");
-    pb::Stage {
-        name: name.into(),
-        object: e.object.to_vec(),
-        program: e.program.into(),
-        priority,
-        pin: true,
-        ..Default::default()
-    }
-}
-
-fn link(r: Option<pb::RootletRef>, s: pb::Stage) -> pb::LinkStageRequest {
-    pb::LinkStageRequest {
-        rootlet: r,
-        stage: Some(s),
-        expected_generation: None,
-        idempotency_key: String::new(),
-    }
-}
-
-fn reason(s: &tonic::Status) -> String {
-    s.get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,6 +18,7 @@ use std::{
 
 use futures::StreamExt;
 use rootlet_integration_tests::{
+    api::{self, bad_fields, link, reason, stage},
     fixture::{self, Fixture},
     netns::HOST_IP,
     packet::seq_payload,
@@ -96,51 +97,29 @@ impl Local {
     }
 
     fn iface(&self) -> pb::Interface {
-        pb::Interface {
-            netns: self.f.netns_path().display().to_string(),
-            ifname: self.f.pair.host_if().into(),
-        }
+        api::interface(&self.f)
     }
 
     fn rootlet(&self) -> Option<pb::RootletRef> {
-        Some(pb::RootletRef {
-            r#ref: Some(pb::rootlet_ref::Ref::Interface(self.iface())),
-        })
+        api::rootlet_ref(&self.f)
     }
 
     async fn load(&self, c: &mut RootletClient<Channel>) -> pb::RootletState {
-        c.load_rootlet(pb::LoadRootletRequest {
-            interface: Some(self.iface()),
-            mode: pb::XdpMode::Generic as i32,
-            ..Default::default()
-        })
-        .await
-        .expect("load rootlet")
-        .into_inner()
+        api::load(c, &self.f).await
     }
 
     /// An unsigned bundle `edge` `version` of embedded objects (stage,
-    /// object, priority) for this rootlet.
+    /// object, priority) for this rootlet, and what `rootletctl bundle
+    /// inspect` shows of it.
     fn bundle(&self, version: &str, stages: &[(&str, &str, i32)]) -> (Vec<u8>, String) {
-        let dir = self.dir.path().join(format!("bundle-{version}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut manifest = format!(
-            "name = \"edge\"\nversion = \"{version}\"\n[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
-            self.f.pair.host_if(),
-            self.f.netns_path().display()
+        let stages: Vec<_> = stages.iter().map(|(n, o, p)| (*n, *o, *p, "ops")).collect();
+        let signed = api::bundle(
+            self.dir.path(),
+            "edge",
+            version,
+            &api::targets(&self.f),
+            &stages,
         );
-        for (stage, object, prio) in stages {
-            let e = rootlet_ebpf::stage(object).expect("object");
-            std::fs::write(dir.join(format!("{object}.o")), e.object).expect("object file");
-            manifest.push_str(&format!(
-                "[[stages]]\nname = \"{stage}\"\nobject = \"{object}.o\"\nprogram = \"{}\"\npriority = {prio}\nowner = \"ops\"\n",
-                e.program
-            ));
-        }
-        std::fs::write(dir.join("manifest.toml"), manifest).expect("manifest");
-        let bundle =
-            rootlet_bundle::Bundle::build(dir.join("manifest.toml")).expect("build bundle");
-        let signed = rootlet_bundle::SignedBundle::new(bundle);
         (signed.to_bytes(), signed.inspect())
     }
 
@@ -191,40 +170,6 @@ impl Drop for Killed {
             let _ = self.0.wait();
         }
     }
-}
-
-fn stage(name: &str, object: &str, priority: i32) -> pb::Stage {
-    let e = rootlet_ebpf::stage(object).expect("object");
-    pb::Stage {
-        name: name.into(),
-        object: e.object.to_vec(),
-        program: e.program.into(),
-        priority,
-        pin: true,
-        ..Default::default()
-    }
-}
-
-fn link(r: Option<pb::RootletRef>, s: pb::Stage) -> pb::LinkStageRequest {
-    pb::LinkStageRequest {
-        rootlet: r,
-        stage: Some(s),
-        ..Default::default()
-    }
-}
-
-fn reason(s: &tonic::Status) -> String {
-    s.get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
-}
-
-fn bad_field(s: &tonic::Status) -> Vec<String> {
-    s.get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------- item 1
@@ -287,7 +232,7 @@ async fn a_rootlet_loaded_with_only_an_interface_passes_traffic() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(bad_field(&err), ["stage.proceed_on"]);
+    assert_eq!(bad_fields(&err), ["stage.proceed_on"]);
 }
 
 // ---------------------------------------------------------------- item 4
@@ -365,7 +310,7 @@ async fn a_digest_has_one_spelling_out_and_two_in() {
             .await
             .unwrap_err();
         assert_eq!(
-            (err.code(), bad_field(&err)),
+            (err.code(), bad_fields(&err)),
             (Code::InvalidArgument, vec!["digest".to_owned()]),
             "{bad:?}: {err:?}"
         );
@@ -411,7 +356,7 @@ async fn a_digest_has_one_spelling_out_and_two_in() {
         .await
         .unwrap_err();
     assert_eq!(
-        (err.code(), bad_field(&err)),
+        (err.code(), bad_fields(&err)),
         (Code::InvalidArgument, vec!["to_digest".to_owned()])
     );
     let status = c
@@ -433,7 +378,7 @@ async fn a_digest_has_one_spelling_out_and_two_in() {
         .await
         .unwrap_err();
     assert_eq!(
-        (err.code(), bad_field(&err)),
+        (err.code(), bad_fields(&err)),
         (Code::InvalidArgument, vec!["expected_digest".to_owned()])
     );
     let removed = c
