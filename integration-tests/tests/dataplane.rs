@@ -1156,21 +1156,8 @@ fn sample_stages_also_run_standalone() {
             .ip(&["-j", "link", "show", "dev", pair.host_if()])
             .expect("ip link");
         assert!(shown.contains(program), "{program} is attached: {shown}");
-        let sink = UdpSink::bind(pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
-        let raw = RawSocket::open(pair.peer(), pair.peer_if()).expect("raw");
-        for i in 0..20 {
-            raw.send(
-                &pair
-                    .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
-                    .to_bytes(),
-            )
-            .expect("send");
-        }
-        let got = sink
-            .recv_until_idle(Duration::from_millis(300), deadline(10))
-            .expect("receive");
         assert_eq!(
-            got.len(),
+            passed_of_20(&pair),
             20,
             "{program} standalone passes what it does not act on"
         );
@@ -1262,6 +1249,28 @@ fn tail_call_rollback_is_instant_and_freplace_says_why_not() {
 
 // ---- Foreign loaders (issue #13, item 13) ----
 
+/// Sends 20 UDP packets from the peer; returns how many the host's XDP
+/// program passed: what the socket got plus what the stack counted dropped
+/// after XDP (programs loaded without Rootlet count nothing of their own).
+fn passed_of_20(pair: &rootlet_integration_tests::netns::VethPair) -> u64 {
+    let sink = UdpSink::bind(pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
+    let raw = RawSocket::open(pair.peer(), pair.peer_if()).expect("raw");
+    let before = StackDrops::read(pair.host()).expect("snmp");
+    for i in 0..20 {
+        raw.send(
+            &pair
+                .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
+                .to_bytes(),
+        )
+        .expect("send");
+    }
+    let got = sink
+        .recv_until_idle(Duration::from_millis(300), deadline(10))
+        .expect("receive");
+    let stack = StackDrops::read(pair.host()).expect("snmp").since(&before);
+    got.len() as u64 + stack.total()
+}
+
 /// Runs `xdp-loader ARGS` (Debian's xdp-tools) inside `ns` with nsenter, so
 /// the host's bpffs (libxdp's dispatcher pins there) stays visible, which
 /// `ip netns exec` would hide. Returns (success, stdout, stderr).
@@ -1339,21 +1348,8 @@ fn a_stage_h_object_loads_under_libxdp() {
                 "{name}: EXT refused on this kernel, libxdp attached the program without its dispatcher"
             );
         }
-        let sink = UdpSink::bind(pair.host(), SocketAddrV4::new(HOST_IP, SINK_PORT)).expect("sink");
-        let raw = RawSocket::open(pair.peer(), pair.peer_if()).expect("raw");
-        for i in 0..20 {
-            raw.send(
-                &pair
-                    .udp_to_host(40000, SINK_PORT, seq_payload(i, 64))
-                    .to_bytes(),
-            )
-            .expect("send");
-        }
-        let got = sink
-            .recv_until_idle(Duration::from_millis(300), deadline(10))
-            .expect("receive");
         assert_eq!(
-            got.len(),
+            passed_of_20(&pair),
             delivered,
             "{name} under xdp-loader: its verdict holds"
         );

@@ -48,7 +48,8 @@ use loader::MapReuse;
 use pins::Layout;
 use probe::Capabilities;
 use spec::{
-    Backend, BackendChoice, Change, Pipeline, Plan, RootletKey, RootletSpec, Source, XdpMode,
+    Backend, BackendChoice, Change, Pipeline, Plan, RootletKey, RootletSpec, Source, StageRecord,
+    XdpMode,
 };
 use state::{Counters, Instance, ProgState, RootletState, SlotState, StageMap};
 use store::{Generation, RootletRecord, Store};
@@ -193,6 +194,32 @@ fn stamp(next: &mut Generation, base: &Pipeline, plan: &Plan, counts: &tally::Sl
         if !continues || matches!(plan.sources.get(&s.slot), Some(Source::New(_))) {
             s.loaded_generation = next.number;
         }
+    }
+}
+
+/// A slot as the store records it, with nothing read from the kernel: no
+/// program, zero counters that are no evidence (`counted: false`). The state
+/// of a rootlet the agent could not adopt, and the base of every slot's.
+fn recorded_slot(s: &StageRecord, position: usize) -> SlotState {
+    SlotState {
+        slot: s.slot,
+        position,
+        stage: s.name.clone(),
+        owner: s.owner.clone(),
+        priority: s.priority,
+        proceed_on: s.proceed_on.actions(),
+        digest: s.digest.clone(),
+        pinned: s.pin,
+        prog: None,
+        link_id: None,
+        twin_id: None,
+        pin_path: None,
+        counters: Counters::default(),
+        counted: false,
+        linked_generation: s.linked_generation,
+        loaded_generation: s.loaded_generation,
+        instances: vec![],
+        maps: vec![],
     }
 }
 
@@ -937,24 +964,15 @@ impl Dataplane {
                 *c = c.saturating_sub(*b);
             }
             slots.push(SlotState {
-                slot: s.slot,
-                position,
-                stage: s.name.clone(),
-                owner: s.owner.clone(),
-                priority: s.priority,
-                proceed_on: s.proceed_on.actions(),
-                digest: s.digest.clone(),
-                pinned: s.pin,
                 prog,
                 link_id,
                 twin_id,
                 pin_path,
                 counters: Counters::of(&slot_counts),
                 counted,
-                linked_generation: s.linked_generation,
-                loaded_generation: s.loaded_generation,
                 instances,
                 maps,
+                ..recorded_slot(s, position)
             });
         }
         let users: Vec<(u32, String)> = slots
@@ -1013,27 +1031,7 @@ impl Dataplane {
             .stages
             .iter()
             .enumerate()
-            .map(|(position, s)| SlotState {
-                slot: s.slot,
-                position,
-                stage: s.name.clone(),
-                owner: s.owner.clone(),
-                priority: s.priority,
-                proceed_on: s.proceed_on.actions(),
-                digest: s.digest.clone(),
-                pinned: s.pin,
-                prog: None,
-                link_id: None,
-                twin_id: None,
-                pin_path: None,
-                counters: Counters::default(),
-                // Its programs are not readable: the zeros are no evidence.
-                counted: false,
-                linked_generation: s.linked_generation,
-                loaded_generation: s.loaded_generation,
-                instances: vec![],
-                maps: vec![],
-            })
+            .map(|(position, s)| recorded_slot(s, position))
             .collect();
         RootletState {
             key,
