@@ -22,6 +22,7 @@ scripts/install-deps.sh
 echo "== checks: rustfmt, clippy"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+scripts/check-layers.sh
 
 echo "== native tier: kernel $(uname -r), tail-call backend"
 ROOTLET_TEST_BACKEND=tailcall ROOTLET_EXPECT_EXT="${ROOTLET_EXPECT_EXT:-refused}" \

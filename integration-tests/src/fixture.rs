@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rootlet_server::dataplane::{
+use rootlet_dataplane::{
     Config, Dataplane, crash, prog_maps,
     spec::{
         ActionSet, BackendChoice, InterfaceRef, MapPolicy, RootletKey, RootletSpec, StageSpec,
@@ -51,7 +51,7 @@ pub fn backend_name() -> &'static str {
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
 pub fn ensure_bpffs() {
-    if !rootlet_server::dataplane::is_bpffs(Path::new("/sys/fs/bpf")) {
+    if !rootlet_dataplane::is_bpffs(Path::new("/sys/fs/bpf")) {
         let status = Command::new("mount")
             .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
             .status();
@@ -180,9 +180,9 @@ impl Fixture {
     /// maps (no agent needed; DROP, TX, REDIRECT and ABORTED are always
     /// counted where they happen, in both backends).
     pub fn pinned_count(&self, action: XdpAction) -> u64 {
-        let layout = rootlet_server::dataplane::pins::Layout::new(&self.root);
+        let layout = rootlet_dataplane::pins::Layout::new(&self.root);
         let cpus = aya_cpus();
-        let abi = rootlet_server::dataplane::abi::PERCPU_SIZE;
+        let abi = rootlet_dataplane::abi::PERCPU_SIZE;
         let mut total = 0;
         for key in layout.rootlets().unwrap_or_default() {
             let Ok(map) = sys::obj_get(&layout.stats(key)) else {
@@ -194,12 +194,9 @@ impl Fixture {
             }
             for cpu in value.chunks_exact(abi) {
                 for parity in 0..2 {
-                    for slot in 0..rootlet_server::dataplane::abi::MAX_SLOTS {
-                        let at = rootlet_server::dataplane::abi::counter_offset(
-                            parity,
-                            slot,
-                            action as usize,
-                        );
+                    for slot in 0..rootlet_dataplane::abi::MAX_SLOTS {
+                        let at =
+                            rootlet_dataplane::abi::counter_offset(parity, slot, action as usize);
                         let word: [u8; 8] = cpu[at..at + 8].try_into().unwrap_or_default();
                         total += u64::from_ne_bytes(word);
                     }
@@ -312,10 +309,7 @@ pub fn stage(name: &str, object: &str, priority: i32) -> StageSpec {
 }
 
 /// The counters of stage `name` in `state`.
-pub fn slot<'a>(
-    state: &'a RootletState,
-    name: &str,
-) -> &'a rootlet_server::dataplane::state::SlotState {
+pub fn slot<'a>(state: &'a RootletState, name: &str) -> &'a rootlet_dataplane::state::SlotState {
     state
         .slots
         .iter()

@@ -26,7 +26,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use rootlet_server::dataplane::sys;
+use rootlet_dataplane::sys;
 
 use std::net::SocketAddrV4;
 use std::time::Duration;
@@ -90,7 +90,7 @@ impl Witnessed {
     /// running `test_witness` stage).
     pub fn of_prog(prog_id: u32) -> io::Result<Witnessed> {
         let prog = sys::prog_fd_by_id(prog_id).map_err(io::Error::other)?;
-        let maps = rootlet_server::dataplane::prog_maps(prog.as_fd()).map_err(io::Error::other)?;
+        let maps = rootlet_dataplane::prog_maps(prog.as_fd()).map_err(io::Error::other)?;
         let map = maps.get(MAP).ok_or_else(|| {
             io::Error::other(format!(
                 "program {prog_id} has no map `{MAP}` (maps: {:?}): is it the witness stage?",

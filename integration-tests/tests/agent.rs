@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rootlet_dataplane::spec::XdpAction;
 use rootlet_integration_tests::{
     api::{self, link, reason, stage},
     fixture::{self, Fixture},
@@ -22,7 +23,6 @@ use rootlet_integration_tests::{
 use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
 use rootlet_server::{
     config::{Config, IdentityConfig, Role},
-    dataplane::spec::XdpAction,
     runtime::{self, Running},
 };
 use std::error::Error as _;

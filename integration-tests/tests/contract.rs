@@ -17,6 +17,7 @@ use std::{
 };
 
 use futures::StreamExt;
+use rootlet_dataplane::sys;
 use rootlet_integration_tests::{
     api::{self, bad_fields, link, reason, stage},
     fixture::{self, Fixture},
@@ -29,7 +30,6 @@ use rootlet_integration_tests::{
 use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
 use rootlet_server::{
     config::Config,
-    dataplane::sys,
     runtime::{self, Running},
 };
 use tonic::{

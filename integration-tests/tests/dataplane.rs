@@ -9,18 +9,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rootlet_dataplane::{
+    Error,
+    object::CheckError,
+    spec::{ActionSet, Backend, Change, MapPolicy, XdpAction, XdpMode},
+    sys,
+};
 use rootlet_integration_tests::{
     fixture::{self, Fixture, Step, maps_of_prog, read_u64, slot, stage, test_run},
     netns::{HOST_IP, PEER_IP, PEER_MAC},
     packet::{ParsedUdp, ipv4_checksum_valid, payload_seq, seq_payload, udp_checksum_valid},
     traffic::{RawSocket, UdpSink},
     witness::{self, Delivery, StackDrops, Traffic, TrafficRun, Witnessed},
-};
-use rootlet_server::dataplane::{
-    Error,
-    object::CheckError,
-    spec::{ActionSet, Backend, Change, MapPolicy, XdpAction, XdpMode},
-    sys,
 };
 
 const BLOCKED: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 3);
@@ -29,8 +29,8 @@ const VIP_PORT: u16 = 7000;
 const SINK_PORT: u16 = 6000;
 
 fn block(
-    dp: &rootlet_server::dataplane::Dataplane,
-    key: rootlet_server::dataplane::spec::RootletKey,
+    dp: &rootlet_dataplane::Dataplane,
+    key: rootlet_dataplane::spec::RootletKey,
     ip: Ipv4Addr,
 ) {
     let map = dp
@@ -42,8 +42,8 @@ fn block(
 }
 
 fn is_blocked(
-    dp: &rootlet_server::dataplane::Dataplane,
-    key: rootlet_server::dataplane::spec::RootletKey,
+    dp: &rootlet_dataplane::Dataplane,
+    key: rootlet_dataplane::spec::RootletKey,
     ip: Ipv4Addr,
 ) -> bool {
     let map = dp
@@ -55,10 +55,7 @@ fn is_blocked(
     sys::map_lookup(map.as_fd(), &k, &mut v).expect("lookup")
 }
 
-fn configure_lb(
-    dp: &rootlet_server::dataplane::Dataplane,
-    key: rootlet_server::dataplane::spec::RootletKey,
-) {
+fn configure_lb(dp: &rootlet_dataplane::Dataplane, key: rootlet_dataplane::spec::RootletKey) {
     let service = dp
         .stage_map(key, "lb", "l4lb_service")
         .expect("service map");
@@ -82,7 +79,7 @@ fn deadline(secs: u64) -> Instant {
 }
 
 /// The backend the data plane picked must be the one under test.
-fn assert_backend(dp: &rootlet_server::dataplane::Dataplane) -> Backend {
+fn assert_backend(dp: &rootlet_dataplane::Dataplane) -> Backend {
     let b = dp.backend().expect("a backend");
     match fixture::backend_name() {
         "freplace" => assert_eq!(b, Backend::Freplace),
@@ -230,8 +227,8 @@ fn three_stage_pipeline_verdicts_and_counters() {
 
 /// The witness's record, read through stage `name` of the rootlet `key`.
 fn witnessed(
-    dp: &rootlet_server::dataplane::Dataplane,
-    key: rootlet_server::dataplane::spec::RootletKey,
+    dp: &rootlet_dataplane::Dataplane,
+    key: rootlet_dataplane::spec::RootletKey,
     name: &str,
 ) -> std::io::Result<Witnessed> {
     let map = dp
@@ -247,7 +244,7 @@ fn witnessed(
 fn replace_under_traffic(
     objects: [&str; 2],
     tail: Duration,
-) -> (TrafficRun, rootlet_server::dataplane::state::RootletState) {
+) -> (TrafficRun, rootlet_dataplane::state::RootletState) {
     let f = Fixture::new();
     let dp = f.open();
     let key = f.load(&dp);
@@ -356,8 +353,8 @@ fn a_stage_that_drops_one_packet_in_a_thousand_fails_the_judgement() {
 /// no more bounced frames than `bounce` sent.
 fn passed_and_bounced(
     f: &Fixture,
-    dp: &rootlet_server::dataplane::Dataplane,
-    key: rootlet_server::dataplane::spec::RootletKey,
+    dp: &rootlet_dataplane::Dataplane,
+    key: rootlet_dataplane::spec::RootletKey,
     (sink, raw): (&UdpSink, &RawSocket),
     first: u64,
     n: u64,
@@ -445,7 +442,7 @@ fn a_proceed_on_change_keeps_the_program_and_takes_effect() {
     let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
     // The running program, and (tail-call) the instance kept for the other
     // parity: a change that keeps the stage runs one of those two.
-    let prog_ids = |dp: &rootlet_server::dataplane::Dataplane| {
+    let prog_ids = |dp: &rootlet_dataplane::Dataplane| {
         let state = dp.state(key).expect("state");
         let s = slot(&state, "bounce");
         (s.prog.as_ref().map(|p| p.id).expect("a program"), s.twin_id)
@@ -530,7 +527,7 @@ fn multi_slot_change_is_atomic_under_traffic() {
     // Each load of a stage counts in its own map: if no packet ever sees a
     // mix of generations, `a` and `b` of one generation count the same.
     let mut generations = vec![];
-    let ids = |dp: &rootlet_server::dataplane::Dataplane| {
+    let ids = |dp: &rootlet_dataplane::Dataplane| {
         let st = dp.state(key).expect("state");
         let id = |n: &str| slot(&st, n).prog.as_ref().map(|p| p.id).unwrap_or_default();
         (
@@ -754,7 +751,7 @@ fn bad_inputs_leave_the_running_pipeline_untouched() {
     block(&dp, key, BLOCKED);
     let mut before = dp.state(key).expect("state");
     let mut pins = f.pins();
-    let ids = |s: &rootlet_server::dataplane::state::RootletState| {
+    let ids = |s: &rootlet_dataplane::state::RootletState| {
         (
             s.generation,
             s.rootlet.id,
@@ -998,7 +995,7 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_pipeline() {
         .expect("a change after every crash");
 }
 
-fn slot_names(s: &rootlet_server::dataplane::state::RootletState) -> Vec<String> {
+fn slot_names(s: &rootlet_dataplane::state::RootletState) -> Vec<String> {
     s.slots.iter().map(|s| s.stage.clone()).collect()
 }
 
@@ -1071,7 +1068,7 @@ fn drift_is_reported_never_overwritten() {
 
 #[test]
 fn probe_matches_this_kernel() {
-    use rootlet_server::dataplane::probe;
+    use rootlet_dataplane::probe;
     let caps = probe::capabilities();
     eprintln!("{}", caps.summary());
     assert!(
@@ -1127,7 +1124,7 @@ fn probe_matches_this_kernel() {
     );
     if !caps.ext_load.permitted() {
         let err = caps
-            .choose(rootlet_server::dataplane::spec::BackendChoice::Freplace)
+            .choose(rootlet_dataplane::spec::BackendChoice::Freplace)
             .unwrap_err();
         assert!(
             err.to_string().contains("ext_load"),
@@ -1232,7 +1229,7 @@ fn tail_call_rollback_is_instant_and_freplace_says_why_not() {
             assert!(err.is_err());
             assert!(matches!(
                 dp.rollback(key),
-                Err(rootlet_server::dataplane::Error::NoRollback { .. })
+                Err(rootlet_dataplane::Error::NoRollback { .. })
             ));
             dp.apply(key, &[Change::Unlink { name: "a".into() }], None)
                 .expect("changes go on");
@@ -1240,7 +1237,7 @@ fn tail_call_rollback_is_instant_and_freplace_says_why_not() {
         Backend::Freplace => {
             let err = dp.rollback(key).unwrap_err();
             assert!(
-                matches!(err, rootlet_server::dataplane::Error::NoRollback { .. }),
+                matches!(err, rootlet_dataplane::Error::NoRollback { .. }),
                 "{err}"
             );
         }
@@ -1395,8 +1392,8 @@ fn pins_named(names: &[&str], root: &std::path::Path) -> Vec<std::path::PathBuf>
 
 /// The map `name` of the running program of stage `stage`.
 fn stage_map(
-    dp: &rootlet_server::dataplane::Dataplane,
-    key: rootlet_server::dataplane::spec::RootletKey,
+    dp: &rootlet_dataplane::Dataplane,
+    key: rootlet_dataplane::spec::RootletKey,
     stage: &str,
     name: &str,
 ) -> (u32, std::os::fd::OwnedFd) {
@@ -1545,11 +1542,11 @@ fn pin_by_name_maps_stay_inside_the_root_and_are_never_reused() {
 
 /// The counters of stage `name`, once they add up to `total` (at most 10 s).
 fn counters_reach(
-    dp: &rootlet_server::dataplane::Dataplane,
-    key: rootlet_server::dataplane::spec::RootletKey,
+    dp: &rootlet_dataplane::Dataplane,
+    key: rootlet_dataplane::spec::RootletKey,
     name: &str,
     total: u64,
-) -> rootlet_server::dataplane::state::Counters {
+) -> rootlet_dataplane::state::Counters {
     fixture::wait_for(Duration::from_secs(10), || {
         slot(&dp.state(key).expect("state"), name).counters.total() >= total
     });
@@ -1707,7 +1704,7 @@ fn counters_item11_a_build_keeps_its_identity_and_reports_every_instance() {
     let linked = dp
         .apply(key, &[Change::Link(stage("a", "test_pass", 10))], None)
         .expect("link a");
-    let instances = |state: &rootlet_server::dataplane::state::RootletState| {
+    let instances = |state: &rootlet_dataplane::state::RootletState| {
         let a = slot(state, "a");
         let live: Vec<u32> = a
             .instances

@@ -17,7 +17,8 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::dataplane::{self, spec::BackendChoice};
+pub use rootlet_agent::{AuthzConfig, IdentityConfig, Role};
+use rootlet_dataplane::{self as dataplane, spec::BackendChoice};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -190,48 +191,6 @@ impl Default for LimitsConfig {
     }
 }
 
-/// `[authz]`: who may do what, by client certificate identity. Callers on
-/// the Unix socket are root on this host.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthzConfig {
-    pub identity: Vec<IdentityConfig>,
-}
-
-/// One `[[authz.identity]]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityConfig {
-    /// The client certificate's subject CN, or one of its DNS/URI SANs.
-    pub name: String,
-    pub role: Role,
-    /// For owners: the stage names they may touch; a trailing `*` matches
-    /// a prefix (`ddos-*`).
-    #[serde(default)]
-    pub stages: Vec<String>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Everything, including loading and unloading rootlets.
-    Admin,
-    /// Its own stages (`stages`), and reading.
-    Owner,
-    /// Reading only.
-    Reader,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Admin => "admin",
-            Role::Owner => "owner",
-            Role::Reader => "reader",
-        })
-    }
-}
-
 /// One thing wrong (or, from [`Config::warnings`], dubious) in a config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -367,6 +326,21 @@ impl Config {
             store_path: self.dataplane.state_dir.join("dataplane.redb"),
             backend: self.dataplane.backend,
             crash_at: None,
+        }
+    }
+
+    /// What the agent takes from this configuration.
+    pub fn agent_options(&self) -> rootlet_agent::Options {
+        rootlet_agent::Options {
+            dataplane: self.dataplane_config(),
+            store_path: self.agent_store_path(),
+            trusted_keys: self.bundles.trusted_keys.clone(),
+            authz: self.authz.clone(),
+            allow_unsigned: self.bundles.allow_unsigned,
+            history: self.bundles.history,
+            insecure_tcp: self.listen.insecure_tcp,
+            drift_check: (self.dataplane.drift_check_seconds > 0)
+                .then(|| std::time::Duration::from_secs(self.dataplane.drift_check_seconds)),
         }
     }
 
@@ -678,24 +652,6 @@ fn backend_name(b: BackendChoice) -> &'static str {
         BackendChoice::Auto => "auto",
         BackendChoice::Freplace => "freplace",
         BackendChoice::TailCall => "tailcall",
-    }
-}
-
-impl AuthzConfig {
-    /// The identity named `name`, if the config lists it.
-    pub fn find(&self, name: &str) -> Option<&IdentityConfig> {
-        self.identity.iter().find(|i| i.name == name)
-    }
-}
-
-impl IdentityConfig {
-    /// Whether one of `stages` matches `stage` (exactly, or by prefix for a
-    /// pattern ending in `*`). Says nothing about the role.
-    pub fn matches_stage(&self, stage: &str) -> bool {
-        self.stages.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => stage.starts_with(prefix),
-            None => p == stage,
-        })
     }
 }
 

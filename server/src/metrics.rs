@@ -43,18 +43,7 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 
-/// One per-slot, per-action packet counter, as the agent reads it from the
-/// kernel at scrape time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotSample {
-    /// The rootlet id (`netns:<inode>/if:<ifindex>`).
-    pub rootlet: String,
-    pub slot: u32,
-    pub stage: String,
-    /// `aborted`, `drop`, `pass`, `tx`, `redirect`, `empty`.
-    pub action: &'static str,
-    pub packets: u64,
-}
+pub use rootlet_agent::SlotSample;
 
 /// What reads the slot counters on each scrape.
 pub type SlotSource = Box<dyn Fn() -> Vec<SlotSample> + Send + Sync>;

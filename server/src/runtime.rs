@@ -55,11 +55,11 @@ use tonic_health::{
 };
 
 use crate::{
-    agent::{Agent, AgentError},
     config::{Config, ConfigError, TlsConfig},
     metrics::{self, Metrics},
 };
 use gate::{Gate, Phase, Slot};
+use rootlet_agent::{Agent, AgentError};
 
 /// How long in-flight calls may run after shutdown begins.
 pub const GRACE: Duration = Duration::from_secs(10);
@@ -513,7 +513,7 @@ impl Supervisor {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Result<(), RuntimeError> {
         let config = self.config.clone();
         tracing::info!("opening the agent: adopting the pinned state");
-        let mut opening = tokio::task::spawn_blocking(move || Agent::open(&config));
+        let mut opening = tokio::task::spawn_blocking(move || Agent::open(&config.agent_options()));
         let mut adopting = true;
         let mut agent = None;
         let mut failure = None;

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Rootlet ABI: the layout shared by the rootlet dispatchers, stages built
- * with <rootlet/stage.h>, and the Rust agent (server/src/dataplane/abi.rs
+ * with <rootlet/stage.h>, and the Rust agent (dataplane/src/abi.rs
  * mirrors every definition here; change both together).
  */
 #ifndef ROOTLET_ABI_H

@@ -4,7 +4,7 @@
  * try: probe_target calls the global function probe_func, and probe_ext
  * replaces it. Nothing here is Rootlet's own code, so whether these load
  * and attach says only whether the kernel permits EXT; the real rootlet is
- * checked apart (server/src/dataplane/probe.rs).
+ * checked apart (dataplane/src/probe.rs).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>

@@ -32,12 +32,12 @@ use std::{
 
 use aya::{Ebpf, EbpfLoader, programs::Xdp};
 use clap::Parser;
-use rootlet_integration_tests::fixture::{Fixture, stage};
-use rootlet_server::dataplane::{
+use rootlet_dataplane::{
     Config, Dataplane,
     spec::{BackendChoice, Change, RootletKey, StageSpec, XdpMode},
     sys,
 };
+use rootlet_integration_tests::fixture::{Fixture, stage};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
@@ -259,7 +259,7 @@ impl BpffsDir {
     fn new() -> Result<BpffsDir> {
         let dir = PathBuf::from(format!("/sys/fs/bpf/rootlet-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        if !rootlet_server::dataplane::is_bpffs(&dir) {
+        if !rootlet_dataplane::is_bpffs(&dir) {
             return Err(format!("{} is not on bpffs", dir.display()).into());
         }
         Ok(BpffsDir(dir))

@@ -10,17 +10,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rootlet_dataplane::{
+    Dataplane,
+    spec::{Change, MapPolicy, RootletKey, XdpMode},
+    state::RootletState,
+    sys,
+};
 use rootlet_integration_tests::{
     fixture::{self, Fixture},
     netns::{HOST_IP, PEER_IP, PEER_MAC},
     packet::{ParsedUdp, seq_payload},
     traffic::{BlastConfig, Blaster, RawSocket, SeqReceiver, UdpSink},
-};
-use rootlet_server::dataplane::{
-    Dataplane,
-    spec::{Change, MapPolicy, RootletKey, XdpMode},
-    state::RootletState,
-    sys,
 };
 
 const BLOCKED: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 3);

@@ -17,7 +17,7 @@
 use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Parser;
-use rootlet_server::dataplane::{
+use rootlet_dataplane::{
     Config, Dataplane,
     crash::Step,
     spec::{

@@ -6,14 +6,12 @@ use std::{sync::Arc, time::Duration};
 
 use rootlet_proto::v1 as pb;
 
-use crate::{
-    agent::{Agent, AgentError, Attempt, Result, StatusView, unix_ms},
-    dataplane::{
-        spec::{
-            ActionSet, Backend, InterfaceRef, MapPolicy, RootletKey, StageSpec, XdpAction, XdpMode,
-        },
-        state::{Counters, ProgState, RootletState},
+use rootlet_agent::{Agent, AgentError, Attempt, Result, StatusView, unix_ms};
+use rootlet_dataplane::{
+    spec::{
+        ActionSet, Backend, InterfaceRef, MapPolicy, RootletKey, StageSpec, XdpAction, XdpMode,
     },
+    state::{Counters, ProgState, RootletState},
 };
 
 fn invalid(field: &str, message: impl Into<String>) -> AgentError {
@@ -148,7 +146,7 @@ pub fn known_key_from(
     if agent.dataplane().list().contains(&key) || (or_recorded && agent.has_status(key)?) {
         Ok(key)
     } else {
-        Err(AgentError::Dataplane(crate::dataplane::Error::NoRootlet(
+        Err(AgentError::Dataplane(rootlet_dataplane::Error::NoRootlet(
             key,
         )))
     }

@@ -25,10 +25,8 @@ use rootlet_proto::v1::{self as pb, rootlet_server::RootletServer};
 use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::{
-    agent::{Agent, AgentError, BundleSource, Caller, Grant, StageOp},
-    metrics::Metrics,
-};
+use crate::metrics::Metrics;
+use rootlet_agent::{Agent, AgentError, BundleSource, Caller, Grant, StageOp};
 
 /// The Rootlet service as served: with message size limits, whose
 /// violations answer RESOURCE_EXHAUSTED.
@@ -205,7 +203,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
         self.call("GetCapabilities", false, req, |agent, grant, _| {
             grant.read()?;
             let caps = agent.dataplane().capabilities();
-            let probe = |name: &str, p: &crate::dataplane::probe::Probe| pb::Probe {
+            let probe = |name: &str, p: &rootlet_dataplane::probe::Probe| pb::Probe {
                 name: name.to_owned(),
                 permitted: p.permitted(),
                 reason: p.reason().unwrap_or_default(),
@@ -237,7 +235,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
             req,
             |r| &r.idempotency_key,
             |agent, grant, r| {
-                let spec = crate::dataplane::spec::RootletSpec {
+                let spec = rootlet_dataplane::spec::RootletSpec {
                     iface: convert::interface_from(r.interface)?,
                     mode: convert::mode_from(r.mode)?,
                     final_verdict: convert::final_verdict_from(r.final_verdict)?,
@@ -259,7 +257,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
                 match agent.state(grant, key) {
                     Ok(s) => rootlets.push(convert::state_to(agent, &s)?),
                     // Unloaded since the list was taken.
-                    Err(AgentError::Dataplane(crate::dataplane::Error::NoRootlet(_))) => {}
+                    Err(AgentError::Dataplane(rootlet_dataplane::Error::NoRootlet(_))) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -648,7 +646,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
 fn record_apply(
     metrics: &Metrics,
     agent: &Agent,
-    outcome: &Result<crate::agent::ApplyOutcome, AgentError>,
+    outcome: &Result<rootlet_agent::ApplyOutcome, AgentError>,
 ) {
     match outcome {
         Ok(o) if o.noop => metrics.observe_apply("noop"),
@@ -665,7 +663,7 @@ fn record_apply(
     }
 }
 
-fn apply_response(o: crate::agent::ApplyOutcome) -> Result<pb::ApplyBundleResponse, AgentError> {
+fn apply_response(o: rootlet_agent::ApplyOutcome) -> Result<pb::ApplyBundleResponse, AgentError> {
     Ok(pb::ApplyBundleResponse {
         digest: o.digest,
         version: o.version,
@@ -693,4 +691,4 @@ fn async_stream<T: Send + 'static, F: std::future::Future<Output = ()> + Send + 
 }
 
 /// How long a lease stage may go unrenewed, at most (re-exported for docs).
-pub const MAX_LEASE: Duration = crate::agent::MAX_LEASE;
+pub const MAX_LEASE: Duration = rootlet_agent::MAX_LEASE;

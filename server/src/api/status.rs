@@ -12,10 +12,8 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{
-    agent::{AgentError, Denied},
-    dataplane::{Error as DpError, spec::PlanError},
-};
+use rootlet_agent::{AgentError, Denied};
+use rootlet_dataplane::{Error as DpError, spec::PlanError};
 
 const DOMAIN: &str = "rootlet.dev";
 
@@ -309,8 +307,8 @@ fn dataplane_status(e: &DpError, msg: &str) -> Status {
     Status::with_error_details(code, msg, d)
 }
 
-fn check_name(e: &crate::dataplane::object::CheckError) -> &'static str {
-    use crate::dataplane::object::CheckError as C;
+fn check_name(e: &rootlet_dataplane::object::CheckError) -> &'static str {
+    use rootlet_dataplane::object::CheckError as C;
     match e {
         C::Elf(_) => "elf",
         C::NoProgram { .. } | C::ChainHalf { .. } => "program",

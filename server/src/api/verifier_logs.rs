@@ -7,10 +7,8 @@ use std::{collections::BTreeMap, sync::Mutex, time::SystemTime};
 
 use rootlet_proto::v1 as pb;
 
-use crate::{
-    agent::{AgentError, unix_ms},
-    dataplane::Error as DpError,
-};
+use rootlet_agent::{AgentError, unix_ms};
+use rootlet_dataplane::Error as DpError;
 
 /// The longest log kept (its end: where the verifier says why).
 pub const MAX_LOG_BYTES: usize = 1 << 20;

@@ -12,7 +12,7 @@ use super::{
     crash::Step,
     lock, unix_ms,
 };
-use crate::dataplane::spec::{Change, RootletKey};
+use rootlet_dataplane::spec::{Change, RootletKey};
 
 /// What the removal does on one rootlet.
 struct Plan {

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use super::{
     Agent, ApplyStatus, Attempt, HISTORY, Pending, Result, STATUS, bundles::HistoryEntry, unix_ms,
 };
-use crate::dataplane::spec::{Change, RootletKey};
+use rootlet_dataplane::spec::{Change, RootletKey};
 
 impl Agent {
     /// Settles every pending apply against what the kernel runs.

@@ -21,7 +21,7 @@ use super::{
     AgentError, ApplyStatus, Attempt, BUNDLES, Grant, HISTORY, Pending, Result, STATUS,
     crash::Step, lock, unix_ms,
 };
-use crate::dataplane::{
+use rootlet_dataplane::{
     spec::{ActionSet, Change, InterfaceRef, Pipeline, RootletKey, RootletSpec, StageSpec},
     state::{RootletState, SlotState},
 };
@@ -576,7 +576,7 @@ impl super::Agent {
             stages: state
                 .slots
                 .iter()
-                .map(|s| crate::dataplane::spec::StageRecord {
+                .map(|s| rootlet_dataplane::spec::StageRecord {
                     name: s.stage.clone(),
                     slot: s.slot,
                     priority: s.priority,

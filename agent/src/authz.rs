@@ -3,7 +3,9 @@
 //! the config maps identities to roles: `admin` (everything), `owner` of
 //! named stages (a team may touch only its own), `reader`.
 
-use crate::config::{AuthzConfig, Role};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,10 +140,69 @@ impl Authz {
     }
 }
 
+/// `[authz]`: who may do what, by client certificate identity. Callers on
+/// the Unix socket are root on this host.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthzConfig {
+    pub identity: Vec<IdentityConfig>,
+}
+
+/// One `[[authz.identity]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The client certificate's subject CN, or one of its DNS/URI SANs.
+    pub name: String,
+    pub role: Role,
+    /// For owners: the stage names they may touch; a trailing `*` matches
+    /// a prefix (`ddos-*`).
+    #[serde(default)]
+    pub stages: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, including loading and unloading rootlets.
+    Admin,
+    /// Its own stages (`stages`), and reading.
+    Owner,
+    /// Reading only.
+    Reader,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+            Role::Reader => "reader",
+        })
+    }
+}
+
+impl AuthzConfig {
+    /// The identity named `name`, if the config lists it.
+    pub fn find(&self, name: &str) -> Option<&IdentityConfig> {
+        self.identity.iter().find(|i| i.name == name)
+    }
+}
+
+impl IdentityConfig {
+    /// Whether one of `stages` matches `stage` (exactly, or by prefix for a
+    /// pattern ending in `*`). Says nothing about the role.
+    pub fn matches_stage(&self, stage: &str) -> bool {
+        self.stages.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => stage.starts_with(prefix),
+            None => p == stage,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::IdentityConfig;
 
     fn authz() -> Authz {
         Authz::new(AuthzConfig {

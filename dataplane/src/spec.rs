@@ -12,7 +12,7 @@ use super::abi::{MAX_SLOTS, NUM_COUNTERS};
 
 /// The vocabulary a bundle manifest spells, shared so that a bundle's
 /// stage becomes a [`StageSpec`] without translation.
-pub use rootlet_bundle::{MapPolicy, XdpAction, XdpMode};
+pub use rootlet_types::{Backend, BackendChoice, MapPolicy, XdpAction, XdpMode};
 
 /// A set of XDP actions: after which verdicts the pipeline goes on to the
 /// next stage ("proceed-on").
@@ -47,36 +47,6 @@ impl Default for ActionSet {
     fn default() -> Self {
         ActionSet::of(&[XdpAction::Pass])
     }
-}
-
-/// How stages are linked into a rootlet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// BPF_PROG_TYPE_EXT programs replacing the rootlet's placeholders.
-    Freplace,
-    /// Per-slot program arrays and a chain flipped by generation.
-    TailCall,
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Backend::Freplace => "freplace",
-            Backend::TailCall => "tailcall",
-        })
-    }
-}
-
-/// What the configuration asks for; `Auto` takes freplace where the kernel
-/// permits it (see [`super::probe`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendChoice {
-    #[default]
-    Auto,
-    Freplace,
-    TailCall,
 }
 
 /// An interface in a network namespace.

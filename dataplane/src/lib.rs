@@ -24,6 +24,7 @@ pub mod btf;
 pub mod crash;
 pub mod error;
 pub mod freplace;
+pub mod kv;
 pub mod loader;
 pub mod netns;
 pub mod object;

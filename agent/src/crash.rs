@@ -1,11 +1,11 @@
 //! Crash injection for the agent's own steps, between the data plane's
 //! commit and the agent's records (tests only). `ROOTLETD_CRASH_AT` names
-//! one step, of the agent or of the data plane (`crate::dataplane::crash`);
+//! one step, of the agent or of the data plane (`rootlet_dataplane::crash`);
 //! rootletd aborts the process when it gets there. `ROOTLETD_PAUSE_AT`
 //! names an agent step where it waits [`PAUSE`] instead, so that a test can
 //! make a change in the middle of an apply.
 
-use crate::dataplane::crash as dp;
+use rootlet_dataplane::crash as dp;
 
 /// The environment variable a test sets on a rootletd it starts.
 pub const ENV: &str = "ROOTLETD_CRASH_AT";

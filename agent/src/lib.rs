@@ -27,18 +27,45 @@ use rootlet_bundle::{BundleError, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::{
-    config::Config,
-    dataplane::{
-        self, Dataplane,
-        spec::{Change, InterfaceRef, RootletKey, RootletSpec, StageSpec},
-        state::RootletState,
-    },
-    kv::{Kv, KvError},
-    metrics::SlotSample,
-};
-pub use authz::{Authz, Caller, Denied, Grant};
+pub use authz::{Authz, AuthzConfig, Caller, Denied, Grant, IdentityConfig, Role};
 pub use bundles::{ApplyOutcome, BundleSource, StageDrift, StatusView};
+use rootlet_dataplane::{
+    self as dataplane, Dataplane,
+    kv::{Kv, KvError},
+    spec::{Change, InterfaceRef, RootletKey, RootletSpec, StageSpec},
+    state::RootletState,
+};
+
+/// One per-slot, per-action packet counter, as the agent reads it from the
+/// kernel at scrape time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotSample {
+    /// The rootlet id (`netns:<inode>/if:<ifindex>`).
+    pub rootlet: String,
+    pub slot: u32,
+    pub stage: String,
+    /// `aborted`, `drop`, `pass`, `tx`, `redirect`, `empty`.
+    pub action: &'static str,
+    pub packets: u64,
+}
+
+/// What the agent needs from `rootletd`'s configuration.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dataplane: dataplane::Config,
+    /// The agent's own store (`state_dir/agent.redb`).
+    pub store_path: std::path::PathBuf,
+    /// Keys whose bundle signatures are accepted (files of PEM public keys).
+    pub trusted_keys: Vec<std::path::PathBuf>,
+    pub authz: AuthzConfig,
+    pub allow_unsigned: bool,
+    /// How many applied bundles per name are kept for rollback (at least 1).
+    pub history: usize,
+    /// Plain TCP without client certificates was configured.
+    pub insecure_tcp: bool,
+    /// How often the background compares every rootlet with the kernel.
+    pub drift_check: Option<Duration>,
+}
 
 /// Why the agent refused or failed a call.
 #[derive(Debug, thiserror::Error)]
@@ -271,14 +298,14 @@ impl Agent {
     /// Opens the data plane (adopting pinned state) and the agent's store.
     /// While another process holds the store (an old agent still shutting
     /// down), waits for it, up to `wait`.
-    pub fn open(config: &Config) -> Result<Arc<Agent>> {
+    pub fn open(config: &Options) -> Result<Arc<Agent>> {
         Self::open_waiting(config, Duration::from_secs(120))
     }
 
-    pub fn open_waiting(config: &Config, wait: Duration) -> Result<Arc<Agent>> {
+    pub fn open_waiting(config: &Options, wait: Duration) -> Result<Arc<Agent>> {
         let deadline = Instant::now() + wait;
         let crash = crash::CrashAt::from_env();
-        let mut dp_config = config.dataplane_config();
+        let mut dp_config = config.dataplane.clone();
         dp_config.crash_at = crash.dataplane;
         let dp = loop {
             match Dataplane::open(dp_config.clone()) {
@@ -289,12 +316,9 @@ impl Agent {
                 other => break other?,
             }
         };
-        let kv = Kv::open(
-            &Path::new(&config.dataplane.state_dir).join("agent.redb"),
-            &[STATUS, BUNDLES, HISTORY, IDEMPOTENCY],
-        )?;
+        let kv = Kv::open(&config.store_path, &[STATUS, BUNDLES, HISTORY, IDEMPOTENCY])?;
         let mut trusted = vec![];
-        for path in &config.bundles.trusted_keys {
+        for path in &config.trusted_keys {
             let key = rootlet_bundle::read_verifying_key(path).map_err(|source| {
                 AgentError::TrustedKey {
                     path: Path::new(path).display().to_string(),
@@ -308,16 +332,15 @@ impl Agent {
             kv,
             authz: Authz::new(config.authz.clone()),
             trusted,
-            allow_unsigned: config.bundles.allow_unsigned,
-            history: config.bundles.history.max(1),
+            allow_unsigned: config.allow_unsigned,
+            history: config.history.max(1),
             leases: Mutex::new(BTreeMap::new()),
             events: broadcast::channel(1024).0,
             bundle_lock: Mutex::new(()),
-            insecure_tcp: config.listen.insecure_tcp,
+            insecure_tcp: config.insecure_tcp,
             crash,
             drift_seen: Mutex::new(BTreeMap::new()),
-            drift_check: (config.dataplane.drift_check_seconds > 0)
-                .then(|| Duration::from_secs(config.dataplane.drift_check_seconds)),
+            drift_check: config.drift_check,
         };
         agent.reconcile()?;
         Ok(Arc::new(agent))
