@@ -30,7 +30,7 @@ use tokio::sync::broadcast;
 pub use authz::{Authz, AuthzConfig, Caller, Denied, Grant, IdentityConfig, Role};
 pub use bundles::{ApplyOutcome, BundleSource, StageDrift, StatusView};
 use rootlet_dataplane::{
-    self as dataplane, Dataplane,
+    self as dataplane, Dataplane, budget,
     kv::{Kv, KvError},
     spec::{Change, InterfaceRef, RootletKey, RootletSpec, StageSpec},
     state::RootletState,
@@ -316,7 +316,11 @@ impl Agent {
                 other => break other?,
             }
         };
-        let kv = Kv::open(&config.store_path, &[STATUS, BUNDLES, HISTORY, IDEMPOTENCY])?;
+        let kv = Kv::open_timed(
+            &config.store_path,
+            &[STATUS, BUNDLES, HISTORY, IDEMPOTENCY],
+            budget::Step::AgentStore,
+        )?;
         let mut trusted = vec![];
         for path in &config.trusted_keys {
             let key = rootlet_bundle::read_verifying_key(path).map_err(|source| {

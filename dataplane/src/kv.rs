@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
 
+use crate::budget::{self, Step};
+
 /// A store error: the file, and what went wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("store {path}: {message}")]
@@ -19,6 +21,8 @@ pub struct KvError {
 pub struct Kv {
     db: Database,
     path: PathBuf,
+    /// The step of a change its durable writes are timed as.
+    step: Step,
 }
 
 type Table<'a> = TableDefinition<'a, &'static str, &'static [u8]>;
@@ -27,6 +31,12 @@ impl Kv {
     /// Opens (creating) the database and `tables`. Fails if another process
     /// holds it: redb locks the file.
     pub fn open(path: &Path, tables: &[&str]) -> Result<Self, KvError> {
+        Self::open_timed(path, tables, Step::Store)
+    }
+
+    /// [`Kv::open`], with writes timed as `step` of the change that makes
+    /// them (see [`crate::budget`]).
+    pub fn open_timed(path: &Path, tables: &[&str], step: Step) -> Result<Self, KvError> {
         let err = |e: &dyn std::fmt::Display| KvError {
             path: path.to_owned(),
             message: e.to_string(),
@@ -42,6 +52,7 @@ impl Kv {
         let kv = Kv {
             db,
             path: path.to_owned(),
+            step,
         };
         let txn = kv.db.begin_write().map_err(|e| kv.err(e))?;
         for &t in tables {
@@ -88,7 +99,7 @@ impl Kv {
             let mut t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
             t.insert(key, bytes.as_slice()).map_err(|e| self.err(e))?;
         }
-        txn.commit().map_err(|e| self.err(e))
+        budget::time(self.step, || txn.commit()).map_err(|e| self.err(e))
     }
 
     pub fn delete(&self, table: &str, key: &str) -> Result<(), KvError> {
@@ -97,6 +108,6 @@ impl Kv {
             let mut t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
             t.remove(key).map_err(|e| self.err(e))?;
         }
-        txn.commit().map_err(|e| self.err(e))
+        budget::time(self.step, || txn.commit()).map_err(|e| self.err(e))
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod abi;
 pub mod btf;
+pub mod budget;
 pub mod crash;
 pub mod error;
 pub mod freplace;
@@ -44,6 +45,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
+use budget::Step;
 pub use error::{Error, Result};
 use loader::MapReuse;
 use pins::Layout;
@@ -565,6 +567,7 @@ impl Dataplane {
         changes: &[Change],
         expected_generation: Option<u64>,
     ) -> Result<u64> {
+        let _timed = budget::begin();
         if let Some(drift) = r.check_drift(&self.ctx.layout) {
             r.drift = Some(drift.clone());
             return Err(Error::Drifted { key, reason: drift });
@@ -587,6 +590,7 @@ impl Dataplane {
             Backend::TailCall => 0,
         };
         let mut inspected = BTreeMap::new();
+        let check = std::time::Instant::now();
         for change in changes {
             if let Change::Link(spec) | Change::Replace(spec) = change {
                 let obj = object::inspect(&spec.object, &spec.program, rootlet_stack).map_err(
@@ -598,6 +602,8 @@ impl Dataplane {
                 inspected.insert(spec.name.clone(), obj);
             }
         }
+        budget::add(Step::Check, check.elapsed());
+        let planning = std::time::Instant::now();
         let base = r.effective_pipeline();
         let running: Vec<u32> = r
             .record
@@ -624,6 +630,8 @@ impl Dataplane {
             key,
             reason: "no live generation".into(),
         })?;
+        budget::add(Step::Plan, planning.elapsed());
+        let reusing = std::time::Instant::now();
         let mut keep = BTreeMap::new();
         for (slot, source) in &plan.sources {
             let Source::New(spec) = source else { continue };
@@ -652,6 +660,8 @@ impl Dataplane {
             }
             keep.insert(*slot, reuse);
         }
+        budget::add(Step::MapReuse, reusing.elapsed());
+        let counting = std::time::Instant::now();
 
         let mut next = Generation {
             number: current + 1,
@@ -672,6 +682,7 @@ impl Dataplane {
             }
         };
         stamp(&mut next, &base, &plan, &counts_now);
+        budget::add(Step::Plan, counting.elapsed());
         r.record.pending = Some(next.clone());
         self.store.put(&r.record)?;
         crash::point(self.ctx.crash_at, crash::Step::StorePending);
@@ -680,17 +691,21 @@ impl Dataplane {
         let link = r.link.as_ref().map(|l| sys::dup(l.as_fd())).transpose()?;
         let result = match (r.live.take(), link) {
             (Some(Live::Freplace(old)), Some(link)) => {
-                match freplace::build(
-                    &self.ctx,
-                    key,
-                    &next,
-                    final_verdict,
-                    &plan,
-                    Some(&old),
-                    &mut keep,
-                )
+                match budget::time(Step::Build, || {
+                    freplace::build(
+                        &self.ctx,
+                        key,
+                        &next,
+                        final_verdict,
+                        &plan,
+                        Some(&old),
+                        &mut keep,
+                    )
+                })
                 .and_then(|built| {
-                    sys::link_update(link.as_fd(), built.rootlet(), old.rootlet.as_fd())?;
+                    budget::time(Step::Swap, || {
+                        sys::link_update(link.as_fd(), built.rootlet(), old.rootlet.as_fd())
+                    })?;
                     Ok(built)
                 }) {
                     Ok(built) => {
@@ -705,17 +720,20 @@ impl Dataplane {
                 }
             }
             (Some(Live::TailCall(mut live)), Some(_)) => {
-                match tailcall::build(
-                    &self.ctx,
-                    key,
-                    &live,
-                    &next,
-                    final_verdict,
-                    &plan,
-                    &mut keep,
-                )
-                .and_then(|progs| tailcall::swap(&live, next.number).map(|()| progs))
-                {
+                match budget::time(Step::Build, || {
+                    tailcall::build(
+                        &self.ctx,
+                        key,
+                        &live,
+                        &next,
+                        final_verdict,
+                        &plan,
+                        &mut keep,
+                    )
+                })
+                .and_then(|progs| {
+                    budget::time(Step::Swap, || tailcall::swap(&live, next.number)).map(|()| progs)
+                }) {
                     Ok(progs) => {
                         crash::point(self.ctx.crash_at, crash::Step::Swapped);
                         live.generation = next.number;
@@ -758,10 +776,10 @@ impl Dataplane {
         r.record.pending = None;
         self.store.put(&r.record)?;
         crash::point(self.ctx.crash_at, crash::Step::StoreCommitted);
-        match old {
+        budget::time(Step::Release, || match old {
             Some(old) => freplace::release(&self.ctx, key, old),
             None => tailcall::release(&self.ctx, key, &next),
-        }
+        });
         crash::point(self.ctx.crash_at, crash::Step::Released);
         tracing::info!(%key, generation = next.number, stages = next.pipeline.stages.len(), "applied");
         Ok(next.number)

@@ -7,6 +7,7 @@
 //! mechanism serves the rootlet's shared maps, the tail-call maps a stage
 //! shares with its rootlet, and a stage's maps kept across a replacement.
 
+use crate::budget::{self, Step};
 use std::{
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::PathBuf,
@@ -190,16 +191,14 @@ impl<'a> Load<'a> {
     /// Loads the object and keeps aya's handle, for a rootlet that
     /// extensions will be loaded against.
     pub fn xdp_target(&self) -> Result<Target> {
-        let mut ebpf = self
-            .loader()
-            .load(self.bytes)
+        let mut ebpf = budget::time(Step::Parse, || self.loader().load(self.bytes))
             .map_err(|e| load_error(&self.what, e))?;
         let prog: &mut Xdp = ebpf
             .program_mut(self.what.program)
             .ok_or_else(|| load_error(&self.what, LoadFailure::Other("no such program".into())))?
             .try_into()
             .map_err(|e: ProgramError| load_error(&self.what, e))?;
-        prog.load().map_err(|e| load_error(&self.what, e))?;
+        budget::time(Step::Verify, || prog.load()).map_err(|e| load_error(&self.what, e))?;
         let fd = prog.fd().map_err(|e| load_error(&self.what, e))?;
         let owned = sys::dup(fd.as_fd())?;
         let aya_fd = fd
@@ -212,8 +211,7 @@ impl<'a> Load<'a> {
     pub fn extension(&self, target: &Target, func: &str) -> Result<OwnedFd> {
         let mut loader = self.loader();
         loader.extension(self.what.program);
-        let mut ebpf = loader
-            .load(self.bytes)
+        let mut ebpf = budget::time(Step::Parse, || loader.load(self.bytes))
             .map_err(|e| load_error(&self.what, e))?;
         let ext: &mut Extension = ebpf
             .program_mut(self.what.program)
@@ -224,7 +222,7 @@ impl<'a> Load<'a> {
             .aya_fd
             .try_clone()
             .map_err(|e| load_error(&self.what, LoadFailure::Other(e.to_string())))?;
-        ext.load(target_fd, func)
+        budget::time(Step::Verify, || ext.load(target_fd, func))
             .map_err(|e| load_error(&self.what, e))?;
         let fd = ext.fd().map_err(|e| load_error(&self.what, e))?;
         Ok(sys::dup(fd.as_fd())?)

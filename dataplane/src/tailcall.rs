@@ -130,7 +130,7 @@ impl Quiescence {
     pub fn wait(&self) {
         let handle = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(h) = handle {
-            let _ = h.join();
+            let _ = crate::budget::time(crate::budget::Step::Grace, || h.join());
         }
     }
 }

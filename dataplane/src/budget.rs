@@ -1,0 +1,220 @@
+//! Where the time of a change goes: each step of an apply adds its wall
+//! time to the change that is running on this thread, and the totals are
+//! kept per step for the process (`rootletd` exports them as
+//! `rootlet_apply_step_seconds_total{step}`; `rootlet-bench` prints them
+//! per change).
+//!
+//! A change is timed from [`begin`] to the drop of its guard; [`time`]
+//! outside a change costs one thread-local read and records nothing. A
+//! nested [`begin`] (the agent times a bundle apply, the data plane each
+//! rootlet's apply) joins the outer change.
+//!
+//! Steps are inclusive of each other only where documented on [`Step`]
+//! (the verifier's loads happen inside the backend's build).
+
+use std::{
+    cell::RefCell,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+/// A step of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Step {
+    /// Checks on the new objects (`object::inspect`: ELF, BTF, signature).
+    Check,
+    /// Computing the next pipeline, and reading the live counts it stamps.
+    Plan,
+    /// Matching a `keep` stage's maps with the running stage's.
+    MapReuse,
+    /// aya parsing and relocating an object, and creating its maps.
+    Parse,
+    /// BPF_PROG_LOAD: the verifier (and the JIT). Part of [`Step::Build`].
+    Verify,
+    /// Waiting for the grace period of the parity to be rebuilt.
+    Grace,
+    /// The backend's build of the next generation beside the live one,
+    /// including [`Step::Parse`], [`Step::Verify`] and [`Step::Grace`].
+    Build,
+    /// The one kernel operation that makes the new generation live.
+    Swap,
+    /// Durable writes to the data plane's store (pending, committed).
+    Store,
+    /// Durable writes to the agent's store (apply status, history, bundles).
+    AgentStore,
+    /// Dropping the old generation's pins and descriptors.
+    Release,
+}
+
+impl Step {
+    pub const ALL: [Step; 11] = [
+        Step::Check,
+        Step::Plan,
+        Step::MapReuse,
+        Step::Parse,
+        Step::Verify,
+        Step::Grace,
+        Step::Build,
+        Step::Swap,
+        Step::Store,
+        Step::AgentStore,
+        Step::Release,
+    ];
+
+    /// The metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Check => "check",
+            Step::Plan => "plan",
+            Step::MapReuse => "map_reuse",
+            Step::Parse => "parse",
+            Step::Verify => "verify",
+            Step::Grace => "grace",
+            Step::Build => "build",
+            Step::Swap => "swap",
+            Step::Store => "store",
+            Step::AgentStore => "agent_store",
+            Step::Release => "release",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+const STEPS: usize = Step::ALL.len();
+
+/// The time of each step of one change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Record {
+    pub steps: [Duration; STEPS],
+    pub total: Duration,
+}
+
+impl Record {
+    pub fn get(&self, step: Step) -> Duration {
+        self.steps[step.index()]
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<(Instant, Record)>> = const { RefCell::new(None) };
+}
+
+static TOTAL_NS: [AtomicU64; STEPS] = [const { AtomicU64::new(0) }; STEPS];
+static CHANGES: AtomicU64 = AtomicU64::new(0);
+static CHANGE_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Ends the timing of a change when dropped (if it began one).
+#[must_use]
+pub struct Guard(bool);
+
+/// Starts timing a change on this thread, unless one is being timed.
+pub fn begin() -> Guard {
+    CURRENT.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_some() {
+            Guard(false)
+        } else {
+            *c = Some((Instant::now(), Record::default()));
+            Guard(true)
+        }
+    })
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !self.0 {
+            return;
+        }
+        let Some((start, mut record)) = CURRENT.with(|c| c.borrow_mut().take()) else {
+            return;
+        };
+        record.total = start.elapsed();
+        for step in Step::ALL {
+            TOTAL_NS[step.index()].fetch_add(nanos(record.get(step)), Ordering::Relaxed);
+        }
+        CHANGE_NS.fetch_add(nanos(record.total), Ordering::Relaxed);
+        CHANGES.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f`, adding its wall time to `step` of the change being timed.
+pub fn time<T>(step: Step, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    add(step, start.elapsed());
+    out
+}
+
+/// Adds `d` to `step` of the change being timed, if any.
+pub fn add(step: Step, d: Duration) {
+    CURRENT.with(|c| {
+        if let Some((_, r)) = c.borrow_mut().as_mut() {
+            r.steps[step.index()] += d;
+        }
+    });
+}
+
+/// Totals for the process: changes timed, their total wall time, and each
+/// step's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub changes: u64,
+    pub total: Duration,
+    pub steps: Vec<(Step, Duration)>,
+}
+
+pub fn totals() -> Totals {
+    Totals {
+        changes: CHANGES.load(Ordering::Relaxed),
+        total: Duration::from_nanos(CHANGE_NS.load(Ordering::Relaxed)),
+        steps: Step::ALL
+            .into_iter()
+            .map(|s| {
+                (
+                    s,
+                    Duration::from_nanos(TOTAL_NS[s.index()].load(Ordering::Relaxed)),
+                )
+            })
+            .collect(),
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_sums_its_steps_and_nested_begins_join_it() {
+        let before = totals();
+        {
+            let _outer = begin();
+            time(Step::Check, || std::thread::sleep(Duration::from_millis(2)));
+            {
+                let _inner = begin();
+                time(Step::Swap, || std::thread::sleep(Duration::from_millis(1)));
+            }
+            // Still the outer change: the inner guard did not end it.
+            time(Step::Swap, || std::thread::sleep(Duration::from_millis(1)));
+        }
+        // Outside a change nothing is recorded.
+        time(Step::Verify, || {
+            std::thread::sleep(Duration::from_millis(1))
+        });
+        let after = totals();
+        let delta = |s: Step| {
+            let get = |t: &Totals| t.steps.iter().find(|(x, _)| *x == s).map(|(_, d)| *d);
+            get(&after).unwrap_or_default() - get(&before).unwrap_or_default()
+        };
+        assert!(after.changes > before.changes);
+        assert!(delta(Step::Check) >= Duration::from_millis(2));
+        assert!(delta(Step::Swap) >= Duration::from_millis(2));
+        assert!(after.total - before.total >= Duration::from_millis(4));
+    }
+}
