@@ -82,7 +82,7 @@ struct {
  * site has a constant map and a constant index, so the x86-64 JIT emits a
  * direct jump that it patches when the entry changes, not the indirect
  * tail call (a retpoline with Spectre v2 mitigations). See
- * docs/BENCHMARKS.md.
+ * docs/BENCHMARKS-HISTORY.md.
  */
 #define rootlet_hop_to(ctx, hop, parity)                    \
 	do {                                                \

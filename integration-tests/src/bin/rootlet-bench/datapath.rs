@@ -1,6 +1,7 @@
 //! Per-packet cost: the live rootlet against the monolithic program and a bare chain.
 
 use super::*;
+use crate::libxdp::{self, LIBXDP_MAX_PROGS, Libxdp};
 
 fn xdp_fd(ebpf: &mut Ebpf, program: &str) -> Result<OwnedFd> {
     let prog: &mut Xdp = ebpf
@@ -72,33 +73,69 @@ pub(crate) struct Cost {
     median: f64,
     min: f64,
     max: f64,
+    /// The first and third quartiles.
+    q1: f64,
+    q3: f64,
+}
+
+/// The `q` quantile (0..=1) of sorted `v`, interpolated between ranks.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    match v.len() {
+        0 => f64::NAN,
+        n => {
+            let at = q * (n - 1) as f64;
+            let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (at - lo as f64)
+        }
+    }
 }
 
 impl Cost {
     fn of(mut v: Vec<f64>) -> Cost {
         v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = match n {
-            0 => f64::NAN,
-            _ if n % 2 == 1 => v[n / 2],
-            _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        };
         Cost {
-            median,
+            median: quantile(&v, 0.5),
             min: v.first().copied().unwrap_or(f64::NAN),
             max: v.last().copied().unwrap_or(f64::NAN),
+            q1: quantile(&v, 0.25),
+            q3: quantile(&v, 0.75),
         }
+    }
+
+    /// Per run `r`, `f(a[r], b[r])`: a figure of two programs measured in
+    /// the same round, so that drift between rounds cancels.
+    fn paired(a: &[f64], b: &[f64], f: impl Fn(f64, f64) -> f64) -> Cost {
+        Cost::of(a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect())
+    }
+
+    /// `median (min..max, IQR q1..q3)` with `digits` decimals.
+    fn spread(&self, digits: usize) -> String {
+        format!(
+            "{:.d$} ({:.d$}..{:.d$}, IQR {:.d$}..{:.d$})",
+            self.median,
+            self.min,
+            self.max,
+            self.q1,
+            self.q3,
+            d = digits
+        )
     }
 }
 
-/// Runs every program of `progs` `runs` times, interleaved (so that drift
-/// affects them alike), after one warm-up run each.
-fn measure(progs: &[BorrowedFd<'_>], packet: &[u8], args: &Args) -> Result<Vec<Cost>> {
-    let warm = (args.repeat / 10).max(1);
+/// Runs every program of `progs` `runs` times with `repeat` repetitions,
+/// interleaved (so that drift affects them alike), after one warm-up run
+/// each; the kernel-reported mean ns per repetition of every run.
+fn measure(
+    progs: &[BorrowedFd<'_>],
+    packet: &[u8],
+    runs_of: u32,
+    repeat: u32,
+) -> Result<Vec<Vec<f64>>> {
+    let warm = (repeat / 10).max(1);
     let mut runs = vec![vec![]; progs.len()];
-    for round in 0..=args.runs {
+    for round in 0..=runs_of {
         for (i, p) in progs.iter().enumerate() {
-            let repeat = if round == 0 { warm } else { args.repeat };
+            let repeat = if round == 0 { warm } else { repeat };
             let (ret, ns) = sys::prog_test_run(*p, packet, repeat)?;
             if ret != XDP_PASS {
                 return Err(format!("a benchmarked program returned {ret}, not XDP_PASS").into());
@@ -108,19 +145,47 @@ fn measure(progs: &[BorrowedFd<'_>], packet: &[u8], args: &Args) -> Result<Vec<C
             }
         }
     }
-    Ok(runs.into_iter().map(Cost::of).collect())
+    Ok(runs)
 }
 
 pub(crate) struct PerPacketRow {
     pub(crate) n: u32,
+    /// Repetitions per run of this row (longer for the longest chain).
+    pub(crate) repeat: u32,
     pub(crate) rootlet: Cost,
     pub(crate) mono: Cost,
     pub(crate) bare: Option<Cost>,
+    /// libxdp's dispatcher holding `n` copies of `test_pass`, or why not.
+    pub(crate) libxdp: std::result::Result<Cost, String>,
+    /// Per run: (rootlet - mono) / n, (bare - mono) / n, (rootlet - bare) / n.
+    pub(crate) root_mono: Cost,
+    pub(crate) bare_mono: Option<Cost>,
+    pub(crate) root_bare: Option<Cost>,
+    /// Per run: rootlet / libxdp.
+    pub(crate) root_libxdp: Option<Cost>,
     /// Packets the last stage counted as passed (proof the chain ran).
     pub(crate) last_stage_passes: Option<u64>,
     pub(crate) rootlet_insns: u32,
     pub(crate) mono_insns: u32,
+    /// (bytes_xlated, bytes_jited) of the rootlet and the dispatcher.
+    pub(crate) rootlet_image: Option<(u64, u64)>,
+    pub(crate) libxdp_image: Option<(u64, u64)>,
 }
+
+/// The longest chain is measured with this many times the repetitions, so
+/// that its per-stage figure resolves a fraction of a nanosecond.
+const LONG_CHAIN_REPEAT: u32 = 4;
+
+/// Per-change latency, freplace: libxdp adding its k-th program against
+/// Rootlet replacing one stage of k, both at k = 10.
+pub(crate) struct PerChange {
+    pub(crate) k: u32,
+    pub(crate) libxdp: std::result::Result<Vec<Duration>, String>,
+    pub(crate) rootlet: Vec<Duration>,
+}
+
+/// Times per-change figure measured on each side.
+const PER_CHANGE_TIMES: u32 = 5;
 
 pub(crate) fn per_packet(
     args: &Args,
@@ -129,9 +194,12 @@ pub(crate) fn per_packet(
     scratch: &BpffsDir,
     packet: &[u8],
     tailcall: bool,
-) -> Result<Vec<PerPacketRow>> {
+    libxdp: Option<&Libxdp<'_>>,
+) -> Result<(Vec<PerPacketRow>, Option<PerChange>)> {
     let mut rows = vec![];
+    let mut per_change = None;
     let mut linked = 0;
+    let longest = STAGE_COUNTS.iter().copied().max().unwrap_or(0);
     for n in STAGE_COUNTS {
         while linked < n {
             let s = stage(&format!("s{linked}"), "test_pass", linked as i32);
@@ -150,11 +218,30 @@ pub(crate) fn per_packet(
         } else {
             None
         };
+        let dispatcher = match libxdp {
+            Some(l) if n > 0 => Some(l.dispatcher(n)?),
+            _ => None,
+        };
         let mut progs = vec![rootlet.as_fd(), mono.as_fd()];
         if let Some(b) = &bare {
             progs.push(b.entry());
         }
-        let costs = measure(&progs, packet, args)?;
+        if let Some(Ok((fd, _))) = &dispatcher {
+            progs.push(fd.as_fd());
+        }
+        let repeat = if n == longest && n > 0 {
+            args.repeat.saturating_mul(LONG_CHAIN_REPEAT)
+        } else {
+            args.repeat
+        };
+        let runs = measure(&progs, packet, args.runs, repeat)?;
+        let (root, mo) = (&runs[0], &runs[1]);
+        let bare_runs = bare.as_ref().map(|_| &runs[2]);
+        let libxdp_runs = match &dispatcher {
+            Some(Ok(_)) => runs.last(),
+            _ => None,
+        };
+        let nf = f64::from(n.max(1));
         let last_stage_passes = match n {
             0 => None,
             _ => dp
@@ -166,15 +253,59 @@ pub(crate) fn per_packet(
         };
         rows.push(PerPacketRow {
             n,
-            rootlet: costs[0],
-            mono: costs[1],
-            bare: costs.get(2).copied(),
+            repeat,
+            rootlet: Cost::of(root.clone()),
+            mono: Cost::of(mo.clone()),
+            bare: bare_runs.map(|b| Cost::of(b.clone())),
+            libxdp: match &dispatcher {
+                Some(Ok(_)) => Ok(Cost::of(libxdp_runs.cloned().unwrap_or_default())),
+                Some(Err(why)) => Err(why.clone()),
+                None if n == 0 => Err("no program".into()),
+                None => Err("not measured".into()),
+            },
+            root_mono: Cost::paired(root, mo, |a, b| (a - b) / nf),
+            bare_mono: bare_runs.map(|b| Cost::paired(b, mo, |a, b| (a - b) / nf)),
+            root_bare: bare_runs.map(|b| Cost::paired(root, b, |a, b| (a - b) / nf)),
+            root_libxdp: libxdp_runs.map(|l| Cost::paired(root, l, |a, b| a / b)),
             last_stage_passes,
             rootlet_insns: state.rootlet.verified_insns,
             mono_insns,
+            rootlet_image: libxdp::image_sizes(state.rootlet.id),
+            libxdp_image: match &dispatcher {
+                Some(Ok((_, info))) => libxdp::image_sizes(info.id),
+                _ => None,
+            },
         });
+        if n == LIBXDP_MAX_PROGS
+            && !tailcall
+            && let Some(l) = libxdp
+        {
+            per_change = Some(PerChange {
+                k: n,
+                libxdp: l.time_adding(n, PER_CHANGE_TIMES)?,
+                rootlet: time_replacing(dp, key, n)?,
+            });
+        }
     }
-    Ok(rows)
+    Ok((rows, per_change))
+}
+
+/// Wall time of `Dataplane::apply` replacing the last of `n` stages with
+/// `test_pass` (what libxdp loads), in process, `PER_CHANGE_TIMES` times;
+/// in between, untimed, with the other object, so each timed one replaces.
+fn time_replacing(dp: &Dataplane, key: RootletKey, n: u32) -> Result<Vec<Duration>> {
+    let name = format!("s{}", n - 1);
+    let mut took = vec![];
+    for i in 0..PER_CHANGE_TIMES * 2 {
+        let object = OBJECTS[i as usize % 2];
+        let change = [Change::Replace(stage(&name, object, n as i32 - 1))];
+        let start = Instant::now();
+        dp.apply(key, &change, None)?;
+        if object == "test_pass" {
+            took.push(start.elapsed());
+        }
+    }
+    Ok(took)
 }
 
 fn per_stage(a: f64, b: f64, n: u32) -> String {
@@ -189,11 +320,15 @@ pub(crate) fn print_per_packet(args: &Args, rows: &[PerPacketRow], tailcall: boo
     println!();
     println!(
         "1. Per-packet cost, ns/packet: BPF_PROG_TEST_RUN, kernel-reported mean per repetition \
-         (whole ns), median of {} runs x {} repetitions",
-        args.runs, args.repeat
+         (whole ns), median of {} interleaved runs x {} repetitions ({}x that for {} stages)",
+        args.runs,
+        args.repeat,
+        LONG_CHAIN_REPEAT,
+        rows.last().map_or(0, |r| r.n)
     );
     println!(
-        "   rootlet = the live rootlet + N test_pass stages; mono = BENCH_MONO (N stages inlined){}",
+        "   rootlet = the live rootlet + N test_pass stages; mono = BENCH_MONO (N stages inlined){}; \
+         libxdp = libxdp's dispatcher (xdp-loader) with N test_pass",
         if tailcall {
             "; bare = BENCH_BARE_CHAIN (N bare tail calls)"
         } else {
@@ -205,7 +340,7 @@ pub(crate) fn print_per_packet(args: &Args, rows: &[PerPacketRow], tailcall: boo
     if tailcall {
         head.push_str(&format!(" {:>8} |", "bare"));
     }
-    head.push_str(&format!(" {:>13} |", "(root-mono)/N"));
+    head.push_str(&format!(" {:>8} | {:>13} |", "libxdp", "(root-mono)/N"));
     if tailcall {
         head.push_str(&format!(
             " {:>13} | {:>13} |",
@@ -219,6 +354,10 @@ pub(crate) fn print_per_packet(args: &Args, rows: &[PerPacketRow], tailcall: boo
         let mut line = format!("   {:>6} | {rt:>8.1} | {mo:>8.1} |", r.n);
         if let Some(b) = r.bare {
             line.push_str(&format!(" {:>8.1} |", b.median));
+        }
+        match &r.libxdp {
+            Ok(l) => line.push_str(&format!(" {:>8.1} |", l.median)),
+            Err(_) => line.push_str(&format!(" {:>8} |", "-")),
         }
         line.push_str(&format!(" {:>13} |", per_stage(rt, mo, r.n)));
         if let Some(b) = r.bare {
@@ -252,23 +391,121 @@ pub(crate) fn print_per_packet(args: &Args, rows: &[PerPacketRow], tailcall: boo
         );
     }
     println!();
-    println!("   Spread (min..max over the runs), verified insns, and proof the chain ran:");
+    println!(
+        "   Spread of every figure: median (min..max, IQR) over the runs, ns/packet; proof the chain ran:"
+    );
     for r in rows {
-        let spread = |c: Cost| format!("{:.0}..{:.0}", c.min, c.max);
         println!(
-            "   {:>2} stages: rootlet {:>7} mono {:>7}{}  | insns: rootlet program {}, mono {} | last stage counted {} passes",
+            "   {:>2} stages, {} repetitions per run, last stage counted {} passes; verified insns: \
+             rootlet program {}, mono {}",
             r.n,
-            spread(r.rootlet),
-            spread(r.mono),
-            r.bare
-                .map(|b| format!(" bare {:>7}", spread(b)))
-                .unwrap_or_default(),
-            r.rootlet_insns,
-            r.mono_insns,
+            r.repeat,
             r.last_stage_passes
-                .map_or_else(|| "-".to_owned(), |p| p.to_string())
+                .map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            r.rootlet_insns,
+            r.mono_insns
         );
+        println!("      rootlet  {}", r.rootlet.spread(1));
+        println!("      mono     {}", r.mono.spread(1));
+        if let Some(b) = r.bare {
+            println!("      bare     {}", b.spread(1));
+        }
+        match &r.libxdp {
+            Ok(l) => println!("      libxdp   {}", l.spread(1)),
+            Err(why) if r.n > 0 => println!("      libxdp   not measured: {why}"),
+            Err(_) => {}
+        }
     }
+    println!();
+    println!(
+        "   Per-stage overhead, ns/stage, from each run's own figures (paired, so drift between runs \
+         cancels): median (min..max, IQR)"
+    );
+    for r in rows.iter().filter(|r| r.n > 0) {
+        let mut line = format!(
+            "   {:>2} stages: (root-mono)/N {}",
+            r.n,
+            r.root_mono.spread(2)
+        );
+        if let (Some(bm), Some(rb)) = (r.bare_mono, r.root_bare) {
+            line.push_str(&format!(
+                "; (bare-mono)/N {}; (root-bare)/N {}",
+                bm.spread(2),
+                rb.spread(2)
+            ));
+        }
+        println!("{line}");
+    }
+    print_against_libxdp(rows);
+}
+
+/// Rootlet against libxdp's dispatcher at each k, per run, and what the
+/// kernel says about the two images.
+fn print_against_libxdp(rows: &[PerPacketRow]) {
+    println!();
+    println!(
+        "   Against libxdp (rootlet / libxdp, per run, median (min..max, IQR); goal <= 1.10; libxdp's \
+         dispatcher holds at most {LIBXDP_MAX_PROGS} programs):"
+    );
+    for r in rows.iter().filter(|r| r.n > 0) {
+        let images = match (r.rootlet_image, r.libxdp_image) {
+            (Some((rx, rj)), Some((lx, lj))) => format!(
+                " | images: rootlet {rx} B xlated / {rj} B jited, dispatcher {lx} B / {lj} B"
+            ),
+            (Some((rx, rj)), None) => format!(" | images: rootlet {rx} B xlated / {rj} B jited"),
+            _ => String::new(),
+        };
+        match (&r.libxdp, r.root_libxdp) {
+            (Ok(_), Some(ratio)) => println!(
+                "   k = {:>2}: {}  {}{images}",
+                r.n,
+                ratio.spread(3),
+                if ratio.max <= 1.10 {
+                    "goal met in every run"
+                } else if ratio.median <= 1.10 {
+                    "goal met at the median, not in every run"
+                } else {
+                    "GOAL NOT MET"
+                }
+            ),
+            (Err(why), _) => println!("   k = {:>2}: libxdp not measured: {why}{images}", r.n),
+            _ => {}
+        }
+    }
+}
+
+pub(crate) fn print_per_change(c: &Option<PerChange>, tailcall: bool) {
+    println!();
+    if tailcall {
+        println!(
+            "   Per change against libxdp: measured with the freplace backend only (libxdp's dispatcher is freplace)."
+        );
+        return;
+    }
+    let Some(c) = c else {
+        println!("   Per change against libxdp: not measured (xdp-loader unavailable).");
+        return;
+    };
+    let ms = |v: &[Duration]| Cost::of(v.iter().map(|d| d.as_secs_f64() * 1e3).collect()).spread(1);
+    println!(
+        "   Per change at k = {}, wall ms, median (min..max, IQR) of {PER_CHANGE_TIMES}:",
+        c.k
+    );
+    match &c.libxdp {
+        Ok(v) => println!(
+            "      libxdp: `xdp-loader load` adding program {} to {}   {}",
+            c.k,
+            c.k - 1,
+            ms(v)
+        ),
+        Err(why) => println!("      libxdp: not measured: {why}"),
+    }
+    println!(
+        "      Rootlet: Dataplane::apply replacing stage {} of {} (in process; section 2 times it on 3 stages)   {}",
+        c.k - 1,
+        c.k,
+        ms(&c.rootlet)
+    );
 }
 
 // ---------------------------------------------------------------- changes

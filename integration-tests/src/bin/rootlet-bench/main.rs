@@ -7,11 +7,15 @@
 //! ```
 //!
 //! 1. Per-packet cost (BPF_PROG_TEST_RUN, `--repeat` repetitions per run,
-//!    median of `--runs` runs of the kernel-reported mean ns per repetition)
-//!    of a live rootlet with 0, 1, 3 and 10 trivial stages (`test_pass`),
-//!    against `BENCH_MONO` (the rootlet's logic with N trivial stages
-//!    inlined in one program) and, for the tail-call backend, a bare
-//!    hand-written chain of N tail calls (`BENCH_BARE_CHAIN`).
+//!    `--runs` interleaved runs, every figure as its median with min..max
+//!    and IQR) of a live rootlet with 0, 1, 3, 10 and 16 trivial stages
+//!    (`test_pass`), against `BENCH_MONO` (the rootlet's logic with N
+//!    trivial stages inlined in one program), libxdp's dispatcher holding N
+//!    copies of `test_pass` (`xdp-loader`; where the kernel allows EXT) and,
+//!    for the tail-call backend, a bare hand-written chain of N tail calls
+//!    (`BENCH_BARE_CHAIN`); per-stage overheads and the ratio to libxdp per
+//!    run. Then, freplace, libxdp's time to add a 10th program against
+//!    Rootlet replacing one stage of 10.
 //! 2. Wall-clock latency of `--replacements` one-stage replacements
 //!    (`Dataplane::apply`) on a rootlet with 3 stages.
 //! 3. Instructions the verifier processed for one such replacement, against
@@ -41,15 +45,16 @@ use rootlet_integration_tests::fixture::{Fixture, stage};
 
 mod apply;
 mod datapath;
+mod libxdp;
 
 use apply::{multi_replacements, print_multi, print_single, single_replacements};
-use datapath::{per_packet, print_per_packet};
+use datapath::{per_packet, print_per_change, print_per_packet};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 const XDP_PASS: u32 = 2;
 /// Stage counts of the per-packet comparison.
-const STAGE_COUNTS: [u32; 4] = [0, 1, 3, 10];
+const STAGE_COUNTS: [u32; 5] = [0, 1, 3, 10, 16];
 /// The two objects a replaced stage alternates between.
 const OBJECTS: [&str; 2] = ["sampler_v2", "test_pass"];
 
@@ -63,7 +68,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
     repeat: u32,
     /// Runs per figure (the median is reported).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=101))]
+    #[arg(long, default_value_t = 11, value_parser = clap::value_parser!(u32).range(1..=101))]
     runs: u32,
     /// One-stage replacements to time.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(2..=10_000))]
@@ -117,11 +122,22 @@ fn run(args: &Args) -> Result<()> {
         return Err(format!("the test frame is {} bytes, not 64", packet.len()).into());
     }
 
-    let per_packet = per_packet(args, &dp, key, &scratch, &packet, tailcall)?;
+    // libxdp on the veth's other end, in the bench's peer namespace.
+    let libxdp = match libxdp::Libxdp::new(f.pair.peer(), f.pair.peer_if())? {
+        Ok(l) => Some(l),
+        Err(why) => {
+            println!("  libxdp       not measured: {why}");
+            None
+        }
+    };
+    let (per_packet, per_change) =
+        per_packet(args, &dp, key, &scratch, &packet, tailcall, libxdp.as_ref())?;
+    drop(libxdp);
     print_per_packet(args, &per_packet, tailcall);
+    print_per_change(&per_change, tailcall);
 
     // Back to 3 stages for the change measurements.
-    let unlink: Vec<Change> = (3..10)
+    let unlink: Vec<Change> = (3..STAGE_COUNTS[STAGE_COUNTS.len() - 1])
         .map(|i| Change::Unlink {
             name: format!("s{i}"),
         })
