@@ -18,14 +18,18 @@ use std::{
 
 use super::{
     Ctx, abi,
+    backend::{self, Build, Linker, SlotKernel},
     btf::Btf,
     crash::{self, Step},
     error::{Error, Result},
+    hook,
     loader::{Load, MapReuse, Target, What},
-    pins,
-    spec::{Pipeline, Plan, RootletKey, Source, XdpAction},
+    object, pins,
+    spec::{Pipeline, Plan, RootletKey, Source, StageRecord, XdpAction},
+    state::{Instance, ProgState},
     store::Generation,
     sys,
+    tally::{self, Tally},
 };
 
 /// A stage attached to the live rootlet instance.
@@ -60,6 +64,7 @@ pub fn attach(ext: BorrowedFd<'_>, target: BorrowedFd<'_>, func: &str) -> Result
 
 /// A generation built but not yet live. Dropping it uncommitted removes its
 /// pins; its programs and links go with the file descriptors.
+#[derive(Debug)]
 pub struct Built {
     dir: PathBuf,
     /// Set once everything is built; taken by [`Built::commit`].
@@ -289,4 +294,173 @@ pub fn adopt(
         rootlet,
         stages,
     }))
+}
+
+/// The freplace backend of one rootlet: its live generation; during a
+/// change, the generation built beside it, then the one it replaced until
+/// that is released.
+#[derive(Debug)]
+pub struct Freplace {
+    live: Live,
+    built: Option<Built>,
+    old: Option<Live>,
+}
+
+impl Freplace {
+    /// Builds and commits the first generation (no stages).
+    pub fn create(
+        ctx: &Ctx,
+        key: RootletKey,
+        first: &Generation,
+        final_verdict: XdpAction,
+    ) -> Result<Self> {
+        let plan = Plan {
+            pipeline: Pipeline::default(),
+            sources: BTreeMap::new(),
+            retired: vec![],
+        };
+        let built = build(
+            ctx,
+            key,
+            first,
+            final_verdict,
+            &plan,
+            None,
+            &mut BTreeMap::new(),
+        )?;
+        Ok(Self::adopted(built.commit()))
+    }
+
+    pub fn adopted(live: Live) -> Self {
+        Freplace {
+            live,
+            built: None,
+            old: None,
+        }
+    }
+}
+
+impl Linker for Freplace {
+    fn generation(&self) -> u64 {
+        self.live.generation
+    }
+
+    fn rootlet(&self) -> BorrowedFd<'_> {
+        self.live.rootlet.as_fd()
+    }
+
+    fn stage_prog(&self, slot: u32) -> Option<BorrowedFd<'_>> {
+        self.live.stages.get(&slot).map(|a| a.prog.as_fd())
+    }
+
+    fn rootlet_stack(&self) -> u32 {
+        object::rootlet_frame(rootlet_ebpf::ROOTLET, abi::FREPLACE_PROGRAM)
+    }
+
+    fn keeps_previous(&self) -> bool {
+        false
+    }
+
+    fn counts_before(
+        &self,
+        ctx: &Ctx,
+        key: RootletKey,
+        _next: &Generation,
+        _tally: &mut Tally,
+    ) -> Result<tally::Slots> {
+        Ok(tally::read(sys::obj_get(&ctx.layout.stats(key))?.as_fd())?[0])
+    }
+
+    fn build(
+        &mut self,
+        ctx: &Ctx,
+        key: RootletKey,
+        next: &Generation,
+        how: Build<'_>,
+    ) -> Result<()> {
+        let Build::Plan {
+            plan,
+            final_verdict,
+            keep,
+        } = how
+        else {
+            return Err(backend::out_of_order("a restored freplace generation"));
+        };
+        self.built = Some(build(
+            ctx,
+            key,
+            next,
+            final_verdict,
+            plan,
+            Some(&self.live),
+            keep,
+        )?);
+        Ok(())
+    }
+
+    fn restore(&mut self, key: RootletKey, _next: &Generation) -> Result<()> {
+        Err(Error::NoRollback {
+            key,
+            reason: "the freplace backend releases the previous generation; apply its stages again",
+        })
+    }
+
+    /// BPF_LINK_UPDATE of the hook's link from the live rootlet instance
+    /// to the built one.
+    fn swap(&mut self, link: &hook::Link, _next: &Generation) -> Result<()> {
+        let built = self
+            .built
+            .take()
+            .ok_or_else(|| backend::out_of_order("swap"))?;
+        // On failure `built` drops here, uncommitted: its pins go.
+        link.update(built.rootlet(), self.live.rootlet.as_fd())?;
+        self.old = Some(std::mem::replace(&mut self.live, built.commit()));
+        Ok(())
+    }
+
+    fn abandon(&mut self, _ctx: &Ctx, _key: RootletKey, _committed: &Generation) {
+        self.built = None;
+    }
+
+    fn release(&mut self, ctx: &Ctx, key: RootletKey, _next: &Generation) {
+        if let Some(old) = self.old.take() {
+            release(ctx, key, old);
+        }
+    }
+
+    fn counts(&self, ctx: &Ctx, key: RootletKey, _tally: &Tally) -> Result<(tally::Slots, u64)> {
+        let counts = tally::read(sys::obj_get(&ctx.layout.stats(key))?.as_fd())?[0];
+        let finals = match sys::obj_get(&ctx.layout.final_counts(key)) {
+            Ok(fd) => tally::read_final(fd.as_fd())?,
+            // Not built yet: no generation since this version.
+            Err(e) if e.errno() == Some(libc::ENOENT) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        Ok((counts, finals))
+    }
+
+    fn slot(&self, ctx: &Ctx, key: RootletKey, stage: &StageRecord) -> Result<SlotKernel> {
+        let Some(a) = self.live.stages.get(&stage.slot) else {
+            return Ok(SlotKernel {
+                counted: true,
+                ..SlotKernel::default()
+            });
+        };
+        let prog = ProgState::read(a.prog.as_fd())?;
+        Ok(SlotKernel {
+            link_id: Some(sys::link_info(a.link.as_fd())?.id),
+            pin_path: stage.pin.then(|| {
+                ctx.layout
+                    .gen_slot_link(key, self.live.generation, stage.slot)
+            }),
+            instances: vec![Instance {
+                parity: 0,
+                id: prog.id,
+                live: true,
+            }],
+            prog: Some(prog),
+            twin_id: None,
+            counted: true,
+        })
+    }
 }

@@ -5,26 +5,36 @@
 //!
 //! **Architecture invariant:** this layer knows nothing about gRPC.
 //!
-//! **Architecture invariant:** the XDP link of a rootlet is created once, at
-//! load, and afterwards only ever changed by BPF_LINK_UPDATE with
-//! BPF_F_REPLACE (freplace) or not at all (tail-call: the generation word
-//! flips instead).
+//! **Architecture invariant:** the hook's link of a rootlet (XDP) is
+//! created once, at load, and afterwards only ever changed by
+//! BPF_LINK_UPDATE with BPF_F_REPLACE (freplace) or not at all (tail-call:
+//! the generation word flips instead).
+//!
+//! **Architecture invariant:** the order of the steps of a change, its
+//! crash points and store records are [`txn`]'s alone; a backend
+//! ([`backend::Linker`]) holds only what is specific to it, and nothing
+//! outside [`backend`] matches on the backend kind to act.
 //!
 //! # Layout
 //! - [`spec`]: vocabulary and planning (no kernel).
 //! - [`object`], [`btf`]: checks on a stage object before loading it.
 //! - [`loader`]: aya loads ELF objects; [`sys`]: every other bpf(2) call.
-//! - [`freplace`], [`tailcall`]: the two backends.
+//! - [`txn`]: the transaction driver, the steps of every change.
+//! - [`backend`]: the [`backend::Linker`] trait; [`freplace`],
+//!   [`tailcall`]: the two backends.
+//! - [`hook`]: the attach point (XDP), an axis apart from the backend.
 //! - [`probe`]: which backend the kernel permits.
 //! - [`pins`]: the bpffs layout; [`store`]: the redb store.
 //! - [`state`]: read-back from the kernel; [`crash`]: crash injection.
 
 pub mod abi;
+pub mod backend;
 pub mod btf;
 pub mod budget;
 pub mod crash;
 pub mod error;
 pub mod freplace;
+pub mod hook;
 pub mod kv;
 pub mod loader;
 pub mod netns;
@@ -37,6 +47,7 @@ pub mod store;
 pub mod sys;
 pub mod tailcall;
 pub mod tally;
+pub mod txn;
 
 use std::{
     collections::BTreeMap,
@@ -45,16 +56,14 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use budget::Step;
+use backend::Linker;
 pub use error::{Error, Result};
-use loader::MapReuse;
 use pins::Layout;
 use probe::Capabilities;
 use spec::{
-    Backend, BackendChoice, Change, Pipeline, Plan, RootletKey, RootletSpec, Source, StageRecord,
-    XdpMode,
+    Backend, BackendChoice, Change, HookKind, Pipeline, RootletKey, RootletSpec, StageRecord,
 };
-use state::{Counters, Instance, ProgState, RootletState, SlotState, StageMap};
+use state::{Counters, ProgState, RootletState, SlotState, StageMap};
 use store::{Generation, RootletRecord, Store};
 use tally::Tally;
 
@@ -86,40 +95,13 @@ pub struct Ctx {
     pub crash_at: Option<crash::Step>,
 }
 
-#[derive(Debug)]
-enum Live {
-    Freplace(freplace::Live),
-    TailCall(tailcall::Live),
-}
-
-impl Live {
-    fn generation(&self) -> u64 {
-        match self {
-            Live::Freplace(l) => l.generation,
-            Live::TailCall(l) => l.generation,
-        }
-    }
-
-    fn rootlet(&self) -> BorrowedFd<'_> {
-        match self {
-            Live::Freplace(l) => l.rootlet.as_fd(),
-            Live::TailCall(l) => l.rootlet.as_fd(),
-        }
-    }
-
-    /// The running program of `slot`, if it has one.
-    fn stage_prog(&self, slot: u32) -> Option<BorrowedFd<'_>> {
-        match self {
-            Live::Freplace(l) => l.stages.get(&slot).map(|a| a.prog.as_fd()),
-            Live::TailCall(l) => l.stages.get(&slot).map(|p| p.as_fd()),
-        }
-    }
-}
-
+/// One rootlet as this process holds it.
 struct Rootlet {
     record: RootletRecord,
-    link: Option<OwnedFd>,
-    live: Option<Live>,
+    /// The hook's link (pinned).
+    link: Option<hook::Link>,
+    /// The backend and its live generation; None when not adopted (drift).
+    live: Option<Box<dyn Linker>>,
     drift: Option<String>,
 }
 
@@ -155,19 +137,7 @@ impl Rootlet {
             ));
         }
         let rootlet_id = sys::prog_info(live.rootlet()).map(|i| i.id).ok();
-        match sys::link_info(link.as_fd()) {
-            Err(e) => Some(format!("cannot read the XDP link: {e}")),
-            Ok(i) if i.ifindex == 0 => Some(
-                "the XDP link was detached from the interface (the interface went away, or another tool detached it)"
-                    .into(),
-            ),
-            Ok(i) if Some(i.prog_id) != rootlet_id => Some(format!(
-                "the XDP link runs program {} instead of rootlet program {}",
-                i.prog_id,
-                rootlet_id.unwrap_or(0)
-            )),
-            Ok(_) => None,
-        }
+        link.drift(rootlet_id)
     }
 }
 
@@ -182,23 +152,6 @@ pub struct Dataplane {
 }
 
 const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);
-
-/// Marks where each stage of `next` starts: a stage that `base` does not
-/// run in its slot is linked by `next` (its counters start from the slot's
-/// counts now, `counts`); a slot that loads a new object loads its build
-/// in `next`.
-fn stamp(next: &mut Generation, base: &Pipeline, plan: &Plan, counts: &tally::Slots) {
-    for s in &mut next.pipeline.stages {
-        let continues = base.by_name(&s.name).is_some_and(|old| old.slot == s.slot);
-        if !continues {
-            s.linked_generation = next.number;
-            s.counts_base = counts.get(s.slot as usize).copied().unwrap_or_default();
-        }
-        if !continues || matches!(plan.sources.get(&s.slot), Some(Source::New(_))) {
-            s.loaded_generation = next.number;
-        }
-    }
-}
 
 /// A slot as the store records it, with nothing read from the kernel: no
 /// program, zero counters that are no evidence (`counted: false`). The state
@@ -314,7 +267,9 @@ impl Dataplane {
     fn adopt(&self, mut record: RootletRecord) -> Result<Option<Rootlet>> {
         let key = record.key;
         let layout = &self.ctx.layout;
-        let drifted = |record: RootletRecord, link: Option<OwnedFd>, why: String| Rootlet {
+        let hook = hook::of(record.hook, record.spec.mode);
+        let name = hook.name();
+        let drifted = |record: RootletRecord, link: Option<hook::Link>, why: String| Rootlet {
             record,
             link,
             live: None,
@@ -325,11 +280,10 @@ impl Dataplane {
         // only stops changes to it.
         let (link, info, mut drift) = match sys::obj_get(&layout.link(key)) {
             Ok(l) => {
-                let info = sys::link_info(l.as_fd())?;
-                let detached = (info.ifindex == 0).then(|| {
-                    "the XDP link was detached from the interface (the interface went away, or another tool detached it)".to_owned()
-                });
-                (Some(l), Some(info), detached)
+                let link = hook::Link::new(l, hook.as_ref());
+                let info = link.info()?;
+                let detached = (info.ifindex == 0).then(|| hook::detached(name));
+                (Some(link), Some(info), detached)
             }
             Err(_) if record.committed.number == 0 => {
                 // The first load crashed before the XDP link existed.
@@ -338,21 +292,18 @@ impl Dataplane {
                 self.store.delete(key)?;
                 return Ok(None);
             }
-            Err(e) => (None, None, Some(format!("the XDP link pin is gone ({e})"))),
+            Err(e) => (None, None, Some(format!("the {name} pin is gone ({e})"))),
         };
         let generations: Vec<&Generation> = std::iter::once(&record.committed)
             .chain(record.pending.as_ref())
             .collect();
-        let live = match (record.backend, &info) {
-            (Backend::Freplace, Some(info)) => {
-                freplace::adopt(&self.ctx, key, info.prog_id, &generations)
-                    .map(|l| l.map(Live::Freplace))
-            }
-            (Backend::Freplace, None) => Ok(None),
-            (Backend::TailCall, _) => {
-                tailcall::adopt(&self.ctx, key, &generations).map(|l| l.map(Live::TailCall))
-            }
-        };
+        let live = backend::adopt(
+            record.backend,
+            &self.ctx,
+            key,
+            info.as_ref().map(|i| i.prog_id),
+            &generations,
+        );
         // What a drifted rootlet's pins no longer allow is reported as
         // drift, not as a failure to start.
         let live = match live {
@@ -366,7 +317,7 @@ impl Dataplane {
             let why = match (drift, &info) {
                 (Some(d), _) => d,
                 (None, Some(info)) => format!(
-                    "the XDP link runs program {} which is not a generation of this rootlet",
+                    "the {name} runs program {} which is not a generation of this rootlet",
                     info.prog_id
                 ),
                 (None, None) => "no generation of this rootlet is pinned".into(),
@@ -377,23 +328,11 @@ impl Dataplane {
             && sys::prog_info(live.rootlet())?.id != info.prog_id
         {
             drift = Some(format!(
-                "the XDP link runs program {} instead of the rootlet program",
+                "the {name} runs program {} instead of the rootlet program",
                 info.prog_id
             ));
         }
-        // Finish or forget the change a crash interrupted.
-        if let Some(pending) = record.pending.take() {
-            if pending.number == live.generation() {
-                tracing::info!(%key, generation = pending.number, "a change interrupted after its swap: committing it");
-                let old = std::mem::replace(&mut record.committed, pending);
-                record.previous = (record.backend == Backend::TailCall).then_some(old);
-            } else {
-                tracing::info!(%key, generation = pending.number, "a change interrupted before its swap: dropping it");
-                // The inactive parity may be half rewritten.
-                record.previous = None;
-            }
-            self.store.put(&record)?;
-        }
+        txn::settle(&self.store, &mut record, live.as_ref())?;
         Ok(Some(Rootlet {
             record,
             link,
@@ -444,10 +383,11 @@ impl Dataplane {
             number: 1,
             pipeline: Pipeline::default(),
         };
-        let mut record = RootletRecord {
+        let record = RootletRecord {
             key,
             spec: spec.clone(),
             backend,
+            hook: HookKind::Xdp,
             attached_mode: spec.mode,
             committed: Generation {
                 number: 0,
@@ -458,72 +398,11 @@ impl Dataplane {
             // The counters are created with the rootlet: all zero.
             tally: Tally::default(),
         };
-        self.store.put(&record)?;
-        crash::point(self.ctx.crash_at, crash::Step::StorePending);
-
-        let attempt = (|| -> Result<(OwnedFd, Live, XdpMode)> {
-            let live = match backend {
-                Backend::Freplace => {
-                    let plan = Plan {
-                        pipeline: Pipeline::default(),
-                        sources: BTreeMap::new(),
-                        retired: vec![],
-                    };
-                    let built = freplace::build(
-                        &self.ctx,
-                        key,
-                        &first,
-                        spec.final_verdict,
-                        &plan,
-                        None,
-                        &mut BTreeMap::new(),
-                    )?;
-                    Live::Freplace(built.commit())
-                }
-                Backend::TailCall => {
-                    let live = tailcall::create(&self.ctx, key, spec.final_verdict)?;
-                    tailcall::swap(&live, first.number)?;
-                    Live::TailCall(tailcall::Live {
-                        generation: first.number,
-                        ..live
-                    })
-                }
-            };
-            let prog = sys::dup(live.rootlet())?;
-            let (link, mode) = netns::run_in(netns, move || {
-                attach_xdp(prog.as_fd(), key.ifindex, spec.mode)
-            })?;
-            sys::obj_pin(link.as_fd(), &self.ctx.layout.link(key)).map_err(|e| Error::Pin {
-                what: "XDP link",
-                path: self.ctx.layout.link(key),
-                source: e.source,
-            })?;
-            Ok((link, live, mode))
-        })();
-        let (link, live, mode) = match attempt {
-            Ok(ok) => ok,
-            Err(e) => {
-                let _ = pins::remove(&self.ctx.layout.rootlet_dir(key));
-                self.store.delete(key)?;
-                return Err(e);
-            }
-        };
-        crash::point(self.ctx.crash_at, crash::Step::Swapped);
-        record.attached_mode = mode;
-        record.committed = first;
-        record.pending = None;
-        self.store.put(&record)?;
-        crash::point(self.ctx.crash_at, crash::Step::StoreCommitted);
+        let hook = hook::of(record.hook, spec.mode);
+        let rootlet = txn::load(&self.ctx, &self.store, record, hook.as_ref(), netns)?;
+        let mode = rootlet.record.attached_mode;
         tracing::info!(%key, %backend, ?mode, ifname = %spec.iface.ifname, "rootlet loaded");
-        rootlets.insert(
-            key,
-            Arc::new(Mutex::new(Rootlet {
-                record,
-                link: Some(link),
-                live: Some(live),
-                drift: None,
-            })),
-        );
+        rootlets.insert(key, Arc::new(Mutex::new(rootlet)));
         Ok(key)
     }
 
@@ -557,232 +436,13 @@ impl Dataplane {
         let rootlet = self.get(key)?;
         let mut r = lock(&rootlet);
         guard(&r.record.committed.pipeline)?;
-        Ok(self.apply_locked(key, &mut r, changes, expected_generation)?)
-    }
-
-    fn apply_locked(
-        &self,
-        key: RootletKey,
-        r: &mut Rootlet,
-        changes: &[Change],
-        expected_generation: Option<u64>,
-    ) -> Result<u64> {
-        let _timed = budget::begin();
-        if let Some(drift) = r.check_drift(&self.ctx.layout) {
-            r.drift = Some(drift.clone());
-            return Err(Error::Drifted { key, reason: drift });
-        }
-        let current = r.record.committed.number;
-        if let Some(expected) = expected_generation
-            && expected != current
-        {
-            return Err(Error::VersionMismatch {
-                key,
-                expected,
-                current,
-            });
-        }
-
-        let rootlet_stack = match r.record.backend {
-            Backend::Freplace => {
-                object::rootlet_frame(rootlet_ebpf::ROOTLET, abi::FREPLACE_PROGRAM)
-            }
-            Backend::TailCall => 0,
-        };
-        let mut inspected = BTreeMap::new();
-        let check = std::time::Instant::now();
-        for change in changes {
-            if let Change::Link(spec) | Change::Replace(spec) = change {
-                let obj = object::inspect(&spec.object, &spec.program, rootlet_stack).map_err(
-                    |source| Error::Check {
-                        stage: spec.name.clone(),
-                        source,
-                    },
-                )?;
-                inspected.insert(spec.name.clone(), obj);
-            }
-        }
-        budget::add(Step::Check, check.elapsed());
-        let planning = std::time::Instant::now();
-        let base = r.effective_pipeline();
-        let running: Vec<u32> = r
-            .record
-            .committed
-            .pipeline
-            .stages
-            .iter()
-            .map(|s| s.slot)
-            .collect();
-        let plan = base.plan_beside(
+        Ok(txn::apply(
+            &self.ctx,
+            &self.store,
+            &mut r,
             changes,
-            |spec| inspected.get(&spec.name).is_some_and(|o| o.chainable),
-            &running,
-        )?;
-        let dropped_dead = base != r.record.committed.pipeline;
-        if plan.pipeline == base
-            && !dropped_dead
-            && plan.sources.values().all(|s| matches!(s, Source::Existing))
-        {
-            return Ok(current);
-        }
-
-        let live = r.live.as_ref().ok_or_else(|| Error::Drifted {
-            key,
-            reason: "no live generation".into(),
-        })?;
-        budget::add(Step::Plan, planning.elapsed());
-        let reusing = std::time::Instant::now();
-        let mut keep = BTreeMap::new();
-        for (slot, source) in &plan.sources {
-            let Source::New(spec) = source else { continue };
-            if spec.maps != spec::MapPolicy::Keep {
-                continue;
-            }
-            let Some(running) = live.stage_prog(*slot) else {
-                continue;
-            };
-            let running_maps = prog_maps(running)?;
-            let infos: Vec<sys::MapInfo> = running_maps
-                .iter()
-                .filter(|(name, _)| object::is_stage_map(name))
-                .map(|(_, fd)| sys::map_info(fd.as_fd()))
-                .collect::<std::result::Result<_, _>>()?;
-            let new = &inspected[&spec.name];
-            new.check_keep(&infos).map_err(|source| Error::Check {
-                stage: spec.name.clone(),
-                source,
-            })?;
-            let mut reuse = MapReuse::new(&self.ctx.layout)?;
-            for def in &new.maps {
-                if let Some(fd) = running_maps.get(object::truncate(&def.name)) {
-                    reuse.add(&def.name, fd.as_fd())?;
-                }
-            }
-            keep.insert(*slot, reuse);
-        }
-        budget::add(Step::MapReuse, reusing.elapsed());
-        let counting = std::time::Instant::now();
-
-        let mut next = Generation {
-            number: current + 1,
-            pipeline: plan.pipeline.clone(),
-        };
-        let counts_now = match live {
-            Live::TailCall(l) => {
-                // Stored with the pending generation, before it can run.
-                let raw = tailcall::quiesced_counts(l)?;
-                let chain = tally::chain(&next.pipeline);
-                r.record
-                    .tally
-                    .begin(tailcall::parity(next.number), &raw, chain);
-                r.record.tally.counts(&raw)
-            }
-            Live::Freplace(_) => {
-                tally::read(sys::obj_get(&self.ctx.layout.stats(key))?.as_fd())?[0]
-            }
-        };
-        stamp(&mut next, &base, &plan, &counts_now);
-        budget::add(Step::Plan, counting.elapsed());
-        r.record.pending = Some(next.clone());
-        self.store.put(&r.record)?;
-        crash::point(self.ctx.crash_at, crash::Step::StorePending);
-
-        let final_verdict = r.record.spec.final_verdict;
-        let link = r.link.as_ref().map(|l| sys::dup(l.as_fd())).transpose()?;
-        let result = match (r.live.take(), link) {
-            (Some(Live::Freplace(old)), Some(link)) => {
-                match budget::time(Step::Build, || {
-                    freplace::build(
-                        &self.ctx,
-                        key,
-                        &next,
-                        final_verdict,
-                        &plan,
-                        Some(&old),
-                        &mut keep,
-                    )
-                })
-                .and_then(|built| {
-                    budget::time(Step::Swap, || {
-                        sys::link_update(link.as_fd(), built.rootlet(), old.rootlet.as_fd())
-                    })?;
-                    Ok(built)
-                }) {
-                    Ok(built) => {
-                        crash::point(self.ctx.crash_at, crash::Step::Swapped);
-                        r.live = Some(Live::Freplace(built.commit()));
-                        Ok(Some(old))
-                    }
-                    Err(e) => {
-                        r.live = Some(Live::Freplace(old));
-                        Err(e)
-                    }
-                }
-            }
-            (Some(Live::TailCall(mut live)), Some(_)) => {
-                match budget::time(Step::Build, || {
-                    tailcall::build(
-                        &self.ctx,
-                        key,
-                        &live,
-                        &next,
-                        final_verdict,
-                        &plan,
-                        &mut keep,
-                    )
-                })
-                .and_then(|progs| {
-                    budget::time(Step::Swap, || tailcall::swap(&live, next.number)).map(|()| progs)
-                }) {
-                    Ok(progs) => {
-                        crash::point(self.ctx.crash_at, crash::Step::Swapped);
-                        live.generation = next.number;
-                        live.stages = progs;
-                        r.live = Some(Live::TailCall(live));
-                        Ok(None)
-                    }
-                    Err(e) => {
-                        tailcall::release(&self.ctx, key, &r.record.committed);
-                        r.live = Some(Live::TailCall(live));
-                        Err(e)
-                    }
-                }
-            }
-            (live, _) => {
-                r.live = live;
-                Err(Error::Drifted {
-                    key,
-                    reason: "no live generation".into(),
-                })
-            }
-        };
-        let old = match result {
-            Ok(old) => old,
-            Err(e) => {
-                r.record.pending = None;
-                // A failed tail-call build emptied the inactive parity.
-                r.record.previous = None;
-                if let Err(store_err) = self.store.put(&r.record) {
-                    tracing::error!(%key, error = %store_err, "cannot clear the pending generation");
-                }
-                if let Some(drift) = r.check_drift(&self.ctx.layout) {
-                    r.drift = Some(drift);
-                }
-                return Err(e);
-            }
-        };
-        let before = std::mem::replace(&mut r.record.committed, next.clone());
-        r.record.previous = (r.record.backend == Backend::TailCall).then_some(before);
-        r.record.pending = None;
-        self.store.put(&r.record)?;
-        crash::point(self.ctx.crash_at, crash::Step::StoreCommitted);
-        budget::time(Step::Release, || match old {
-            Some(old) => freplace::release(&self.ctx, key, old),
-            None => tailcall::release(&self.ctx, key, &next),
-        });
-        crash::point(self.ctx.crash_at, crash::Step::Released);
-        tracing::info!(%key, generation = next.number, stages = next.pipeline.stages.len(), "applied");
-        Ok(next.number)
+            expected_generation,
+        )?)
     }
 
     /// Tail-call backend: returns to the previous generation at once. Its
@@ -792,50 +452,8 @@ impl Dataplane {
     /// (and after a failed change) this is `Error::NoRollback`.
     pub fn rollback(&self, key: RootletKey) -> Result<u64> {
         let rootlet = self.get(key)?;
-        let mut guard = lock(&rootlet);
-        if let Some(drift) = guard.check_drift(&self.ctx.layout) {
-            guard.drift = Some(drift.clone());
-            return Err(Error::Drifted { key, reason: drift });
-        }
-        let r = &mut *guard;
-        let Some(Live::TailCall(live)) = &mut r.live else {
-            return Err(Error::NoRollback {
-                key,
-                reason: "the freplace backend releases the previous generation; apply its stages again",
-            });
-        };
-        let previous = r.record.previous.clone().ok_or(Error::NoRollback {
-            key,
-            reason: "no previous generation is kept (none yet, or the last change failed)",
-        })?;
-        let next = Generation {
-            number: r.record.committed.number + 1,
-            pipeline: previous.pipeline,
-        };
-        debug_assert_eq!(
-            tailcall::parity(next.number),
-            tailcall::parity(previous.number),
-            "same parity"
-        );
-        let progs = tailcall::parity_progs(live, &next)?.ok_or(Error::NoRollback {
-            key,
-            reason: "a stage of the previous generation is gone (its owner exited)",
-        })?;
-        r.record.pending = Some(next.clone());
-        self.store.put(&r.record)?;
-        crash::point(self.ctx.crash_at, crash::Step::StorePending);
-        tailcall::pin_arrays(&self.ctx, key, live, &next)?;
-        tailcall::swap(live, next.number)?;
-        crash::point(self.ctx.crash_at, crash::Step::Swapped);
-        live.generation = next.number;
-        live.stages = progs;
-        let before = std::mem::replace(&mut r.record.committed, next.clone());
-        r.record.previous = Some(before);
-        r.record.pending = None;
-        self.store.put(&r.record)?;
-        tailcall::release(&self.ctx, key, &next);
-        tracing::info!(%key, generation = next.number, "rolled back to the previous generation");
-        Ok(next.number)
+        let mut r = lock(&rootlet);
+        txn::rollback(&self.ctx, &self.store, &mut r)
     }
 
     /// Detaches the rootlet from its interface and removes every pin and
@@ -857,19 +475,7 @@ impl Dataplane {
         if !guard(&r.record.committed.pipeline)? {
             return Ok(false);
         }
-        if let Some(link) = &r.link
-            && r.drift.is_none()
-        {
-            sys::link_detach(link.as_fd()).map_err(Error::from)?;
-        }
-        r.live = None;
-        r.link = None;
-        pins::remove(&self.ctx.layout.rootlet_dir(key)).map_err(|source| Error::Pin {
-            what: "rootlet directory",
-            path: self.ctx.layout.rootlet_dir(key),
-            source,
-        })?;
-        self.store.delete(key)?;
+        txn::unload(&self.ctx, &self.store, &mut r)?;
         lock(&self.rootlets).remove(&key);
         tracing::info!(%key, "rootlet unloaded");
         Ok(true)
@@ -896,88 +502,24 @@ impl Dataplane {
         if drift.is_some() {
             r.drift = drift.clone();
         }
-        let layout = &self.ctx.layout;
         let Some(live) = r.live.as_ref() else {
             return Ok(self.unadopted_state(key, &r));
         };
-        let (counts, final_count) = match live {
-            Live::Freplace(_) => (
-                tally::read(sys::obj_get(&layout.stats(key))?.as_fd())?[0],
-                match sys::obj_get(&layout.final_counts(key)) {
-                    Ok(fd) => tally::read_final(fd.as_fd())?,
-                    // Not built yet: no generation since this version.
-                    Err(e) if e.errno() == Some(libc::ENOENT) => 0,
-                    Err(e) => return Err(e.into()),
-                },
-            ),
-            Live::TailCall(l) => (
-                l.reported
-                    .report(r.record.tally.counts(&tally::read(l.maps.stats.as_fd())?)),
-                tally::read_final(l.maps.finals.as_fd())?,
-            ),
-        };
+        let (counts, final_count) = live.counts(&self.ctx, key, &r.record.tally)?;
         let mut slots = vec![];
         for (position, s) in r.record.committed.pipeline.stages.iter().enumerate() {
-            let (prog, link_id, twin_id, pin_path) = match live {
-                Live::Freplace(l) => match l.stages.get(&s.slot) {
-                    Some(a) => (
-                        Some(ProgState::read(a.prog.as_fd())?),
-                        Some(sys::link_info(a.link.as_fd())?.id),
-                        None,
-                        s.pin
-                            .then(|| layout.gen_slot_link(key, l.generation, s.slot)),
-                    ),
-                    None => (None, None, None, None),
-                },
-                Live::TailCall(l) => {
-                    let prog = match tailcall::slot_prog_id(l, s.slot)? {
-                        Some(id) => Some(ProgState::read(sys::prog_fd_by_id(id)?.as_fd())?),
-                        None => None,
-                    };
-                    let twin = match prog {
-                        Some(_) => tailcall::slot_twin_id(l, s.slot)?,
-                        None => None,
-                    };
-                    let pin_path = s.pin.then(|| layout.chain_slot(key, s.slot));
-                    (prog, None, twin, pin_path)
-                }
-            };
+            let backend::SlotKernel {
+                prog,
+                link_id,
+                twin_id,
+                pin_path,
+                instances,
+                counted,
+            } = live.slot(&self.ctx, key, s)?;
             let maps = match &prog {
                 Some(p) => StageMap::of(sys::prog_fd_by_id(p.id)?.as_fd())?,
                 None => vec![],
             };
-            let mut instances = vec![];
-            match live {
-                Live::Freplace(_) => {
-                    if let Some(p) = &prog {
-                        instances.push(Instance {
-                            parity: 0,
-                            id: p.id,
-                            live: true,
-                        });
-                    }
-                }
-                Live::TailCall(l) => {
-                    let parity = tailcall::parity(l.generation);
-                    if let Some(p) = &prog {
-                        instances.push(Instance {
-                            parity,
-                            id: p.id,
-                            live: true,
-                        });
-                    }
-                    if let Some(id) = twin_id {
-                        instances.push(Instance {
-                            parity: 1 - parity,
-                            id,
-                            live: false,
-                        });
-                    }
-                }
-            }
-            // A plain XDP program last in the chain returns its verdict to
-            // the kernel: nothing sees it.
-            let counted = s.chainable || !matches!(live, Live::TailCall(_));
             let mut slot_counts = counts.get(s.slot as usize).copied().unwrap_or_default();
             for (c, b) in slot_counts.iter_mut().zip(&s.counts_base) {
                 *c = c.saturating_sub(*b);
@@ -1019,7 +561,7 @@ impl Dataplane {
             xdp_link_id: r
                 .link
                 .as_ref()
-                .map(|l| sys::link_info(l.as_fd()))
+                .map(|l| l.info())
                 .transpose()?
                 .map_or(0, |i| i.id),
             drift: r.drift.clone(),
@@ -1035,10 +577,7 @@ impl Dataplane {
     /// counts (the kernel no longer runs them as built).
     fn unadopted_state(&self, key: RootletKey, r: &Rootlet) -> RootletState {
         let layout = &self.ctx.layout;
-        let pin = match r.record.backend {
-            Backend::Freplace => layout.gen_rootlet(key, r.record.committed.number),
-            Backend::TailCall => layout.chain_obj(key, "rootlet"),
-        };
+        let pin = backend::rootlet_pin(r.record.backend, layout, key, r.record.committed.number);
         let rootlet = sys::obj_get(&pin)
             .ok()
             .and_then(|fd| ProgState::read(fd.as_fd()).ok())
@@ -1064,7 +603,7 @@ impl Dataplane {
             xdp_link_id: r
                 .link
                 .as_ref()
-                .and_then(|l| sys::link_info(l.as_fd()).ok())
+                .and_then(|l| l.info().ok())
                 .map_or(0, |i| i.id),
             drift: r.drift.clone(),
             slots,
@@ -1102,23 +641,6 @@ impl Dataplane {
 /// The maps a loaded program uses, by kernel name (15 characters at most).
 pub fn prog_maps(prog: BorrowedFd<'_>) -> Result<BTreeMap<String, OwnedFd>> {
     tailcall::maps_of(prog)
-}
-
-/// Attaches `prog` to `ifindex` in the calling thread's namespace.
-fn attach_xdp(prog: BorrowedFd<'_>, ifindex: u32, mode: XdpMode) -> Result<(OwnedFd, XdpMode)> {
-    let driver = || sys::xdp_link_create(prog, ifindex, sys::XDP_FLAGS_DRV_MODE);
-    let generic = || sys::xdp_link_create(prog, ifindex, sys::XDP_FLAGS_SKB_MODE);
-    Ok(match mode {
-        XdpMode::Driver => (driver()?, XdpMode::Driver),
-        XdpMode::Generic => (generic()?, XdpMode::Generic),
-        XdpMode::Auto => match driver() {
-            Ok(l) => (l, XdpMode::Driver),
-            Err(e) => {
-                tracing::info!(ifindex, error = %e, "driver-mode XDP refused; using generic mode");
-                (generic()?, XdpMode::Generic)
-            }
-        },
-    })
 }
 
 /// Whether `path` is on bpffs (used by tools that prepare a root).

@@ -12,7 +12,7 @@ use super::abi::{MAX_SLOTS, NUM_COUNTERS};
 
 /// The vocabulary a bundle manifest spells, shared so that a bundle's
 /// stage becomes a [`StageSpec`] without translation.
-pub use rootlet_types::{Backend, BackendChoice, MapPolicy, XdpAction, XdpMode};
+pub use rootlet_types::{Backend, BackendChoice, HookKind, MapPolicy, XdpAction, XdpMode};
 
 /// A set of XDP actions: after which verdicts the pipeline goes on to the
 /// next stage ("proceed-on").

@@ -13,7 +13,7 @@ use crate::kv::{Kv, KvError};
 
 use super::{
     error::{Error, Result},
-    spec::{Backend, Pipeline, RootletKey, RootletSpec, XdpMode},
+    spec::{Backend, HookKind, Pipeline, RootletKey, RootletSpec, XdpMode},
     tally::Tally,
 };
 
@@ -30,6 +30,10 @@ pub struct RootletRecord {
     pub key: RootletKey,
     pub spec: RootletSpec,
     pub backend: Backend,
+    /// Where the rootlet is attached (records before hooks were a kind are
+    /// XDP).
+    #[serde(default)]
+    pub hook: HookKind,
     /// The mode the XDP link was created in (driver or generic).
     pub attached_mode: XdpMode,
     /// The last generation known to be live.

@@ -52,13 +52,17 @@ use std::{
 
 use super::{
     Ctx, abi,
+    backend::{self, Build, Linker, Progs, SlotKernel},
     crash::{self, Step},
     error::{Error, Result},
+    hook,
     loader::{Load, MapReuse, What},
     object, pins,
-    spec::{Plan, RootletKey, Source, XdpAction},
+    spec::{Plan, RootletKey, Source, StageRecord, XdpAction},
+    state::{Instance, ProgState},
     store::Generation,
-    sys, tally,
+    sys,
+    tally::{self, Tally},
 };
 
 /// The maps a tail-call rootlet shares with its stages.
@@ -747,4 +751,181 @@ fn pin(fd: BorrowedFd<'_>, path: PathBuf, what: &'static str) -> Result<()> {
         path,
         source: e.source,
     })
+}
+
+/// The tail-call backend of one rootlet: its live state and, during a
+/// change, the programs of the parity built for the next generation.
+#[derive(Debug)]
+pub struct TailCall {
+    live: Live,
+    next: Option<Progs>,
+}
+
+impl TailCall {
+    /// Loads the chain rootlet and flips it to generation `first` (no
+    /// stages).
+    pub fn create(
+        ctx: &Ctx,
+        key: RootletKey,
+        first: &Generation,
+        final_verdict: XdpAction,
+    ) -> Result<Self> {
+        let live = create(ctx, key, final_verdict)?;
+        swap(&live, first.number)?;
+        Ok(Self::adopted(Live {
+            generation: first.number,
+            ..live
+        }))
+    }
+
+    pub fn adopted(live: Live) -> Self {
+        TailCall { live, next: None }
+    }
+}
+
+impl Linker for TailCall {
+    fn generation(&self) -> u64 {
+        self.live.generation
+    }
+
+    fn rootlet(&self) -> BorrowedFd<'_> {
+        self.live.rootlet.as_fd()
+    }
+
+    fn stage_prog(&self, slot: u32) -> Option<BorrowedFd<'_>> {
+        self.live.stages.get(&slot).map(|p| p.as_fd())
+    }
+
+    /// Stages run as programs of their own: no frame below them.
+    fn rootlet_stack(&self) -> u32 {
+        0
+    }
+
+    fn keeps_previous(&self) -> bool {
+        true
+    }
+
+    /// Waits out the grace period of the parity `next` rebuilds, and opens
+    /// its counting epoch in `tally`.
+    fn counts_before(
+        &self,
+        _ctx: &Ctx,
+        _key: RootletKey,
+        next: &Generation,
+        tally: &mut Tally,
+    ) -> Result<tally::Slots> {
+        let raw = quiesced_counts(&self.live)?;
+        tally.begin(parity(next.number), &raw, tally::chain(&next.pipeline));
+        Ok(tally.counts(&raw))
+    }
+
+    fn build(
+        &mut self,
+        ctx: &Ctx,
+        key: RootletKey,
+        next: &Generation,
+        how: Build<'_>,
+    ) -> Result<()> {
+        match how {
+            Build::Plan {
+                plan,
+                final_verdict,
+                keep,
+            } => {
+                self.next = Some(build(
+                    ctx,
+                    key,
+                    &self.live,
+                    next,
+                    final_verdict,
+                    plan,
+                    keep,
+                )?);
+            }
+            Build::Restored => {
+                if self.next.is_none() {
+                    return Err(backend::out_of_order("a restored generation"));
+                }
+                pin_arrays(ctx, key, &self.live, next)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, key: RootletKey, next: &Generation) -> Result<()> {
+        let progs = parity_progs(&self.live, next)?.ok_or(Error::NoRollback {
+            key,
+            reason: "a stage of the previous generation is gone (its owner exited)",
+        })?;
+        self.next = Some(progs);
+        Ok(())
+    }
+
+    /// One write of the generation word; the hook's link is untouched.
+    fn swap(&mut self, _link: &hook::Link, next: &Generation) -> Result<()> {
+        let progs = self
+            .next
+            .take()
+            .ok_or_else(|| backend::out_of_order("swap"))?;
+        swap(&self.live, next.number)?;
+        self.live.generation = next.number;
+        self.live.stages = progs;
+        Ok(())
+    }
+
+    fn abandon(&mut self, ctx: &Ctx, key: RootletKey, committed: &Generation) {
+        self.next = None;
+        release(ctx, key, committed);
+    }
+
+    fn release(&mut self, ctx: &Ctx, key: RootletKey, next: &Generation) {
+        release(ctx, key, next);
+    }
+
+    fn counts(&self, _ctx: &Ctx, _key: RootletKey, tally: &Tally) -> Result<(tally::Slots, u64)> {
+        let live = &self.live;
+        Ok((
+            live.reported
+                .report(tally.counts(&tally::read(live.maps.stats.as_fd())?)),
+            tally::read_final(live.maps.finals.as_fd())?,
+        ))
+    }
+
+    fn slot(&self, ctx: &Ctx, key: RootletKey, stage: &StageRecord) -> Result<SlotKernel> {
+        let live = &self.live;
+        let prog = match slot_prog_id(live, stage.slot)? {
+            Some(id) => Some(ProgState::read(sys::prog_fd_by_id(id)?.as_fd())?),
+            None => None,
+        };
+        let twin_id = match prog {
+            Some(_) => slot_twin_id(live, stage.slot)?,
+            None => None,
+        };
+        let parity = parity(live.generation);
+        let mut instances = vec![];
+        if let Some(p) = &prog {
+            instances.push(Instance {
+                parity,
+                id: p.id,
+                live: true,
+            });
+        }
+        if let Some(id) = twin_id {
+            instances.push(Instance {
+                parity: 1 - parity,
+                id,
+                live: false,
+            });
+        }
+        Ok(SlotKernel {
+            prog,
+            link_id: None,
+            twin_id,
+            pin_path: stage.pin.then(|| ctx.layout.chain_slot(key, stage.slot)),
+            instances,
+            // A plain XDP program last in the chain returns its verdict to
+            // the kernel: nothing sees it.
+            counted: stage.chainable,
+        })
+    }
 }

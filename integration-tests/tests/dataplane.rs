@@ -995,6 +995,99 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_pipeline() {
         .expect("a change after every crash");
 }
 
+/// A rollback goes through the same steps as a change: a crash at any of
+/// them leaves the generation before it or the rollback, never a mix, and
+/// the rootlet changes afterwards. freplace keeps nothing to roll back to:
+/// refused at every step, and nothing changes.
+#[test]
+fn a_crash_at_any_step_of_a_rollback_leaves_the_old_or_the_new_pipeline() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let backend = assert_backend(&dp);
+    let key = f.load(&dp);
+    dp.apply(key, &[Change::Link(stage("a", "test_pass", 10))], None)
+        .expect("link");
+    drop(dp);
+    let pass = f
+        .pair
+        .udp_to_host(40000, SINK_PORT, seq_payload(1, 64))
+        .to_bytes();
+    // The stage's verdict now; it alternates with every replace.
+    let mut drops = false;
+    for step in Step::ALL {
+        // A replace first, so that there is a previous generation (a crash
+        // before a swap drops it) with the other verdict.
+        let dp = f.open();
+        drops = !drops;
+        let object = if drops { "test_drop" } else { "test_pass" };
+        let before = dp
+            .apply(key, &[Change::Replace(stage("a", object, 10))], None)
+            .expect("replace");
+        drop(dp);
+        let out = f
+            .dp_command()
+            .arg("--crash-at")
+            .arg(step.name())
+            .arg("rollback")
+            .output()
+            .expect("run rootlet-dp");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let dp = f.open();
+        let state = dp
+            .state(key)
+            .unwrap_or_else(|e| panic!("{step:?}: adoption failed: {e}"));
+        assert!(state.drift.is_none(), "{step:?}: {:?}", state.drift);
+        if backend == Backend::Freplace {
+            assert_eq!(out.status.code(), Some(1), "{step:?}: refused: {stderr}");
+            assert!(stderr.contains("previous generation"), "{step:?}: {stderr}");
+            assert_eq!(state.generation, before, "{step:?}: nothing changed");
+            continue;
+        }
+        // A rollback has no rootlet to load, no stage to attach, nothing
+        // to build: it passes every other step.
+        let passes = matches!(
+            step,
+            Step::StorePending | Step::Swapped | Step::StoreCommitted | Step::Released
+        );
+        assert_eq!(!out.status.success(), passes, "{step:?}: {stderr}");
+        if passes {
+            assert_eq!(
+                out.status.code(),
+                None,
+                "{step:?}: died of a signal (abort)"
+            );
+        }
+        let rolled_back = state.generation == before + 1;
+        assert!(
+            rolled_back || state.generation == before,
+            "{step:?}: generation {} after {before}",
+            state.generation
+        );
+        assert_eq!(
+            rolled_back,
+            step != Step::StorePending,
+            "{step:?}: a rollback is live from its swap on"
+        );
+        if rolled_back {
+            drops = !drops;
+        }
+        let want = if drops {
+            XdpAction::Drop
+        } else {
+            XdpAction::Pass
+        } as u32;
+        assert_eq!(
+            test_run(&state, &pass),
+            want,
+            "{step:?} (rolled back: {rolled_back}): the kernel runs a mix"
+        );
+        drop(dp);
+    }
+    let dp = f.open();
+    dp.apply(key, &[Change::Unlink { name: "a".into() }], None)
+        .expect("a change after every crash");
+}
+
 fn slot_names(s: &rootlet_dataplane::state::RootletState) -> Vec<String> {
     s.slots.iter().map(|s| s.stage.clone()).collect()
 }

@@ -115,6 +115,25 @@ impl fmt::Display for MapPolicy {
     }
 }
 
+/// Where a rootlet's program runs on its interface: the attach point, an
+/// axis apart from the [`Backend`] that links stages into it. XDP only for
+/// now; tcx (ingress, egress) is the next kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookKind {
+    /// An XDP link on the interface (driver or generic mode).
+    #[default]
+    Xdp,
+}
+
+impl fmt::Display for HookKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HookKind::Xdp => "xdp",
+        })
+    }
+}
+
 /// How stages are linked into a rootlet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

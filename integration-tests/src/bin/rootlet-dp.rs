@@ -8,6 +8,7 @@
 //!   link=NAME:OBJECT:PRIO[:unpinned]
 //!   replace=NAME:OBJECT:PRIO[:unpinned][:keep]
 //!   unlink=NAME
+//!   rollback                   return to the previous generation (tail-call)
 //!   state                      print the state as JSON
 //!   hold                       print "ready", then wait (up to 10 min) to be killed
 //! ```
@@ -115,6 +116,9 @@ fn main() -> Result<(), String> {
             "unlink" => {
                 dp.apply(need_key()?, &[Change::Unlink { name: rest.into() }], None)
                     .map_err(|e| e.to_string())?;
+            }
+            "rollback" => {
+                dp.rollback(need_key()?).map_err(|e| e.to_string())?;
             }
             "state" => {
                 let state = dp.state(need_key()?).map_err(|e| e.to_string())?;
