@@ -568,7 +568,7 @@ impl Dataplane {
         expected_generation: Option<u64>,
     ) -> Result<u64> {
         let _timed = budget::begin();
-        if let Some(drift) = r.check_drift(&self.ctx.layout) {
+        if let Some(drift) = budget::time(Step::Drift, || r.check_drift(&self.ctx.layout)) {
             r.drift = Some(drift.clone());
             return Err(Error::Drifted { key, reason: drift });
         }
@@ -590,7 +590,7 @@ impl Dataplane {
             Backend::TailCall => 0,
         };
         let mut inspected = BTreeMap::new();
-        let check = std::time::Instant::now();
+        let check = budget::span();
         for change in changes {
             if let Change::Link(spec) | Change::Replace(spec) = change {
                 let obj = object::inspect(&spec.object, &spec.program, rootlet_stack).map_err(
@@ -602,8 +602,8 @@ impl Dataplane {
                 inspected.insert(spec.name.clone(), obj);
             }
         }
-        budget::add(Step::Check, check.elapsed());
-        let planning = std::time::Instant::now();
+        check.end(Step::Check);
+        let planning = budget::span();
         let base = r.effective_pipeline();
         let running: Vec<u32> = r
             .record
@@ -630,8 +630,8 @@ impl Dataplane {
             key,
             reason: "no live generation".into(),
         })?;
-        budget::add(Step::Plan, planning.elapsed());
-        let reusing = std::time::Instant::now();
+        planning.end(Step::Plan);
+        let reusing = budget::span();
         let mut keep = BTreeMap::new();
         for (slot, source) in &plan.sources {
             let Source::New(spec) = source else { continue };
@@ -660,8 +660,8 @@ impl Dataplane {
             }
             keep.insert(*slot, reuse);
         }
-        budget::add(Step::MapReuse, reusing.elapsed());
-        let counting = std::time::Instant::now();
+        reusing.end(Step::MapReuse);
+        let counting = budget::span();
 
         let mut next = Generation {
             number: current + 1,
@@ -682,7 +682,7 @@ impl Dataplane {
             }
         };
         stamp(&mut next, &base, &plan, &counts_now);
-        budget::add(Step::Plan, counting.elapsed());
+        counting.end(Step::Plan);
         r.record.pending = Some(next.clone());
         self.store.put(&r.record)?;
         crash::point(self.ctx.crash_at, crash::Step::StorePending);
