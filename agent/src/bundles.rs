@@ -334,7 +334,9 @@ impl super::Agent {
             BundleSource::Bytes(b) => (b, false),
             BundleSource::Digest(d) => (self.stored_bundle(&d)?, true),
         };
-        let bundle = self.verify(&bytes)?;
+        let bundle = rootlet_dataplane::budget::time(rootlet_dataplane::budget::Step::Check, || {
+            self.verify(&bytes)
+        })?;
         let manifest = bundle.manifest().clone();
         let digest = bundle.digest();
         let _one_at_a_time = lock(&self.bundle_lock);
