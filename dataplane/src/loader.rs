@@ -165,7 +165,7 @@ pub struct Load<'a> {
 
 /// The kernel's BTF, parsed once per process, the first time an object
 /// needs it: aya would otherwise read and parse /sys/kernel/btf/vmlinux
-/// (megabytes) on every load, and once parsed it holds about 15 MiB.
+/// (megabytes) on every load, and it holds megabytes once parsed.
 fn kernel_btf() -> Option<&'static aya::Btf> {
     static BTF: std::sync::OnceLock<Option<aya::Btf>> = std::sync::OnceLock::new();
     BTF.get_or_init(|| aya::Btf::from_sys_fs().ok()).as_ref()
