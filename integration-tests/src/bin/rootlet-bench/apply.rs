@@ -332,7 +332,6 @@ pub(crate) fn over_rpc(args: &Args, backend: BackendChoice) -> Result<OverRpc> {
         };
         let get = pb::GetRootletRequest {
             rootlet: rootlet.clone(),
-            ..Default::default()
         };
         for i in 0..args.multi as usize {
             let req = apply(&bundles[i % 2]);
