@@ -220,7 +220,8 @@ impl<'a> Load<'a> {
 
     /// Loads the object's program as an extension of `func` in `target`.
     pub fn extension(&self, target: &Target, func: &str) -> Result<OwnedFd> {
-        let mut loader = self.loader();
+        // EbpfLoader::new() parses the kernel BTF: part of the parse.
+        let mut loader = budget::time(Step::Parse, || self.loader());
         loader.extension(self.what.program);
         let mut ebpf = budget::time(Step::Parse, || loader.load(self.bytes))
             .map_err(|e| load_error(&self.what, e))?;
