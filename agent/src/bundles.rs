@@ -22,6 +22,7 @@ use super::{
     crash::Step, lock, unix_ms,
 };
 use rootlet_dataplane::{
+    kv::{Batch, KvError},
     spec::{ActionSet, Change, InterfaceRef, Pipeline, RootletKey, RootletSpec, StageSpec},
     state::{RootletState, SlotState},
 };
@@ -334,7 +335,10 @@ impl super::Agent {
             BundleSource::Bytes(b) => (b, false),
             BundleSource::Digest(d) => (self.stored_bundle(&d)?, true),
         };
-        let bundle = self.verify(&bytes)?;
+        let bundle =
+            rootlet_dataplane::budget::time(rootlet_dataplane::budget::Step::Check, || {
+                self.verify(&bytes)
+            })?;
         let manifest = bundle.manifest().clone();
         let digest = bundle.digest();
         let _one_at_a_time = lock(&self.bundle_lock);
@@ -397,12 +401,11 @@ impl super::Agent {
                 rootlets,
             });
         }
-        if !stored {
-            self.kv.put(BUNDLES, &digest, &hex::encode(&bytes))?;
-        }
-
-        // Pending, before any change: what a crash leaves is the bundle's.
+        // The bundle and every target's pending status, in one durable
+        // transaction before any change: what a crash leaves is the
+        // bundle's (one write rather than one per record, so one fsync).
         let now = unix_ms(SystemTime::now());
+        let mut pendings = vec![];
         for (key, _, target, status, exists, _) in &targets {
             let mut pending = status.clone();
             pending.pending = Some(Pending {
@@ -419,8 +422,17 @@ impl super::Agent {
                     managed.push(s.name.clone());
                 }
             }
-            self.kv.put(STATUS, &key.to_string(), &pending)?;
+            pendings.push((key.to_string(), pending));
         }
+        self.kv.write(|b| {
+            if !stored {
+                b.put(BUNDLES, &digest, &hex::encode(&bytes))?;
+            }
+            for (key, pending) in &pendings {
+                b.put(STATUS, key, pending)?;
+            }
+            Ok(())
+        })?;
         self.crash.point(Step::BundlePending);
 
         // Apply rootlet by rootlet; remember how to undo each.
@@ -524,6 +536,9 @@ impl super::Agent {
         }
 
         self.crash.point(Step::BundleCommitted);
+        // Every target's status and the bundle's history, in one durable
+        // transaction (after every rootlet committed its change).
+        let mut statuses = vec![];
         for ((key, _, target, status, _, _), undo) in targets.iter().zip(&done) {
             let mut status = status.clone();
             status.pending = None;
@@ -548,7 +563,15 @@ impl super::Agent {
                 at_unix_ms: now,
                 idempotency_key: idempotency_key.to_owned(),
             });
-            self.kv.put(STATUS, &key.to_string(), &status)?;
+            statuses.push((key.to_string(), status));
+        }
+        self.kv.write(|b| {
+            for (key, status) in &statuses {
+                b.put(STATUS, key, status)?;
+            }
+            self.record_history_in(b, &manifest.name, &manifest.version, &digest, now)
+        })?;
+        for (key, _, target, _, _, _) in &targets {
             for stage in manifest.stages_for(target) {
                 if let Lifetime::Lease { seconds } = stage.lifetime {
                     let ttl = std::time::Duration::from_secs(u64::from(seconds));
@@ -558,7 +581,6 @@ impl super::Agent {
             self.emit(*key, "changed");
         }
         self.crash.point(Step::BundleStatusWritten);
-        self.record_history(&manifest.name, &manifest.version, &digest, now)?;
         Ok(ApplyOutcome {
             name: manifest.name,
             version: manifest.version,
@@ -720,6 +742,20 @@ impl super::Agent {
         digest: &str,
         now: i64,
     ) -> Result<()> {
+        Ok(self
+            .kv
+            .write(|b| self.record_history_in(b, name, version, digest, now))?)
+    }
+
+    /// [`Self::record_history`]'s writes, in the batch `b`.
+    fn record_history_in(
+        &self,
+        b: &mut Batch<'_>,
+        name: &str,
+        version: &str,
+        digest: &str,
+        now: i64,
+    ) -> std::result::Result<(), KvError> {
         let mut history: Vec<HistoryEntry> = self.kv.get(HISTORY, name)?.unwrap_or_default();
         history.retain(|h| h.digest != digest);
         history.insert(
@@ -732,9 +768,9 @@ impl super::Agent {
             },
         );
         for dropped in history.split_off(self.history.min(history.len())) {
-            self.kv.delete(BUNDLES, &dropped.digest)?;
+            b.delete(BUNDLES, &dropped.digest)?;
         }
-        Ok(self.kv.put(HISTORY, name, &history)?)
+        b.put(HISTORY, name, &history)
     }
 
     /// Every bundle name with its kept versions, newest first.

@@ -9,8 +9,9 @@
 //! nested [`begin`] (the agent times a bundle apply, the data plane each
 //! rootlet's apply) joins the outer change.
 //!
-//! Steps are inclusive of each other only where documented on [`Step`]
-//! (the verifier's loads happen inside the backend's build).
+//! Step times are exclusive: a step timed inside another (the verifier's
+//! loads inside the backend's build) counts for itself and not for the
+//! outer one, so the steps and [`other`] add up to the change's total.
 
 use std::{
     cell::RefCell,
@@ -21,6 +22,8 @@ use std::{
 /// A step of a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Step {
+    /// Comparing the rootlet with the kernel before the change (drift).
+    Drift,
     /// Checks on the new objects (`object::inspect`: ELF, BTF, signature).
     Check,
     /// Computing the next pipeline, and reading the live counts it stamps.
@@ -29,12 +32,13 @@ pub enum Step {
     MapReuse,
     /// aya parsing and relocating an object, and creating its maps.
     Parse,
-    /// BPF_PROG_LOAD: the verifier (and the JIT). Part of [`Step::Build`].
+    /// BPF_PROG_LOAD: the verifier (and the JIT).
     Verify,
     /// Waiting for the grace period of the parity to be rebuilt.
     Grace,
     /// The backend's build of the next generation beside the live one,
-    /// including [`Step::Parse`], [`Step::Verify`] and [`Step::Grace`].
+    /// apart from its [`Step::Parse`], [`Step::Verify`] and
+    /// [`Step::Grace`] (map and pin syscalls, program arrays).
     Build,
     /// The one kernel operation that makes the new generation live.
     Swap,
@@ -44,10 +48,13 @@ pub enum Step {
     AgentStore,
     /// Dropping the old generation's pins and descriptors.
     Release,
+    /// Reading the new state back for the RPC's reply (the API layer).
+    Respond,
 }
 
 impl Step {
-    pub const ALL: [Step; 11] = [
+    pub const ALL: [Step; 13] = [
+        Step::Drift,
         Step::Check,
         Step::Plan,
         Step::MapReuse,
@@ -59,11 +66,13 @@ impl Step {
         Step::Store,
         Step::AgentStore,
         Step::Release,
+        Step::Respond,
     ];
 
     /// The metric label.
     pub fn name(self) -> &'static str {
         match self {
+            Step::Drift => "drift",
             Step::Check => "check",
             Step::Plan => "plan",
             Step::MapReuse => "map_reuse",
@@ -75,6 +84,7 @@ impl Step {
             Step::Store => "store",
             Step::AgentStore => "agent_store",
             Step::Release => "release",
+            Step::Respond => "respond",
         }
     }
 
@@ -98,8 +108,22 @@ impl Record {
     }
 }
 
+/// What none of the steps covers: `total` minus the sum of the steps
+/// (zero if they sum to more).
+pub fn other(total: Duration, steps: impl IntoIterator<Item = (Step, Duration)>) -> Duration {
+    total.saturating_sub(steps.into_iter().map(|(_, d)| d).sum())
+}
+
+/// The change being timed on a thread: when it began, its steps, and the
+/// sum of its steps so far (what a [`Span`] subtracts of inner steps).
+struct Current {
+    start: Instant,
+    record: Record,
+    timed: Duration,
+}
+
 thread_local! {
-    static CURRENT: RefCell<Option<(Instant, Record)>> = const { RefCell::new(None) };
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
 }
 
 static TOTAL_NS: [AtomicU64; STEPS] = [const { AtomicU64::new(0) }; STEPS];
@@ -112,12 +136,22 @@ pub struct Guard(bool);
 
 /// Starts timing a change on this thread, unless one is being timed.
 pub fn begin() -> Guard {
+    begin_at(Instant::now())
+}
+
+/// [`begin`], for a change that started at `start` (the API layer's RPC,
+/// received before it reached this thread).
+pub fn begin_at(start: Instant) -> Guard {
     CURRENT.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_some() {
             Guard(false)
         } else {
-            *c = Some((Instant::now(), Record::default()));
+            *c = Some(Current {
+                start,
+                record: Record::default(),
+                timed: Duration::ZERO,
+            });
             Guard(true)
         }
     })
@@ -128,7 +162,10 @@ impl Drop for Guard {
         if !self.0 {
             return;
         }
-        let Some((start, mut record)) = CURRENT.with(|c| c.borrow_mut().take()) else {
+        let Some(Current {
+            start, mut record, ..
+        }) = CURRENT.with(|c| c.borrow_mut().take())
+        else {
             return;
         };
         record.total = start.elapsed();
@@ -140,19 +177,49 @@ impl Drop for Guard {
     }
 }
 
-/// Runs `f`, adding its wall time to `step` of the change being timed.
+/// Runs `f`, adding its wall time, less the steps timed inside it, to
+/// `step` of the change being timed.
 pub fn time<T>(step: Step, f: impl FnOnce() -> T) -> T {
-    let start = Instant::now();
+    let span = span();
     let out = f();
-    add(step, start.elapsed());
+    span.end(step);
     out
+}
+
+/// A part of a change being timed, from [`span`] to [`Span::end`].
+#[must_use]
+pub struct Span {
+    start: Instant,
+    timed: Duration,
+}
+
+/// Starts timing a step whose code is not one closure.
+pub fn span() -> Span {
+    Span {
+        start: Instant::now(),
+        timed: timed(),
+    }
+}
+
+impl Span {
+    /// Adds the time since [`span`], less the steps timed meanwhile, to
+    /// `step` of the change being timed.
+    pub fn end(self, step: Step) {
+        let inner = timed().saturating_sub(self.timed);
+        add(step, self.start.elapsed().saturating_sub(inner));
+    }
+}
+
+fn timed() -> Duration {
+    CURRENT.with(|c| c.borrow().as_ref().map_or(Duration::ZERO, |c| c.timed))
 }
 
 /// Adds `d` to `step` of the change being timed, if any.
 pub fn add(step: Step, d: Duration) {
     CURRENT.with(|c| {
-        if let Some((_, r)) = c.borrow_mut().as_mut() {
-            r.steps[step.index()] += d;
+        if let Some(c) = c.borrow_mut().as_mut() {
+            c.record.steps[step.index()] += d;
+            c.timed += d;
         }
     });
 }
@@ -164,6 +231,13 @@ pub struct Totals {
     pub changes: u64,
     pub total: Duration,
     pub steps: Vec<(Step, Duration)>,
+}
+
+impl Totals {
+    /// The time of the changes that none of the steps covers.
+    pub fn other(&self) -> Duration {
+        other(self.total, self.steps.iter().copied())
+    }
 }
 
 pub fn totals() -> Totals {
@@ -216,5 +290,56 @@ mod tests {
         assert!(delta(Step::Check) >= Duration::from_millis(2));
         assert!(delta(Step::Swap) >= Duration::from_millis(2));
         assert!(after.total - before.total >= Duration::from_millis(4));
+    }
+
+    #[test]
+    fn an_inner_step_counts_for_itself_not_for_the_step_around_it() {
+        let before = totals();
+        {
+            let _change = begin();
+            let outer = span();
+            time(Step::Build, || {
+                std::thread::sleep(Duration::from_millis(2));
+                time(Step::Verify, || {
+                    std::thread::sleep(Duration::from_millis(20))
+                });
+            });
+            outer.end(Step::Plan);
+        }
+        let after = totals();
+        let delta = |s: Step| {
+            let get = |t: &Totals| t.steps.iter().find(|(x, _)| *x == s).map(|(_, d)| *d);
+            get(&after).unwrap_or_default() - get(&before).unwrap_or_default()
+        };
+        assert!(delta(Step::Verify) >= Duration::from_millis(20));
+        // Other tests' changes may add to the totals meanwhile, but never
+        // 20 ms of build or plan: neither holds the verify inside it.
+        assert!(delta(Step::Build) >= Duration::from_millis(2));
+        assert!(delta(Step::Build) < Duration::from_millis(20));
+        assert!(delta(Step::Plan) < Duration::from_millis(20));
+    }
+
+    #[test]
+    fn other_is_what_the_steps_leave() {
+        let steps = [
+            (Step::Build, Duration::from_millis(10)),
+            (Step::Store, Duration::from_millis(3)),
+        ];
+        assert_eq!(
+            other(Duration::from_millis(20), steps),
+            Duration::from_millis(7)
+        );
+        assert_eq!(other(Duration::from_millis(5), steps), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_change_begun_earlier_counts_from_then() {
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_millis(3));
+        let before = totals();
+        drop(begin_at(start));
+        let after = totals();
+        // Other tests on other threads may end changes meanwhile: at least.
+        assert!(after.total - before.total >= Duration::from_millis(3));
     }
 }

@@ -1,5 +1,6 @@
 //! A redb database of JSON values in named tables, one durable transaction
-//! per write: what both the data plane's and the agent's stores are made of.
+//! per write (or per [`Kv::write`] batch of writes): what both the data
+//! plane's and the agent's stores are made of.
 
 use std::path::{Path, PathBuf};
 
@@ -93,21 +94,53 @@ impl Kv {
     }
 
     pub fn put<T: Serialize>(&self, table: &str, key: &str, value: &T) -> Result<(), KvError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| self.err(e))?;
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
-            t.insert(key, bytes.as_slice()).map_err(|e| self.err(e))?;
-        }
-        budget::time(self.step, || txn.commit()).map_err(|e| self.err(e))
+        self.write(|b| b.put(table, key, value))
     }
 
     pub fn delete(&self, table: &str, key: &str) -> Result<(), KvError> {
+        self.write(|b| b.delete(table, key))
+    }
+
+    /// The writes `f` makes, in one durable transaction: after a crash
+    /// either all of them are in the store or none is. Nothing is written
+    /// if `f` fails.
+    pub fn write(
+        &self,
+        f: impl FnOnce(&mut Batch<'_>) -> Result<(), KvError>,
+    ) -> Result<(), KvError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
-            t.remove(key).map_err(|e| self.err(e))?;
-        }
+        f(&mut Batch {
+            kv: self,
+            txn: &txn,
+        })?;
         budget::time(self.step, || txn.commit()).map_err(|e| self.err(e))
+    }
+}
+
+/// The writes of one [`Kv::write`] transaction.
+pub struct Batch<'a> {
+    kv: &'a Kv,
+    txn: &'a redb::WriteTransaction,
+}
+
+impl Batch<'_> {
+    pub fn put<T: Serialize>(&mut self, table: &str, key: &str, value: &T) -> Result<(), KvError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| self.kv.err(e))?;
+        let mut t = self
+            .txn
+            .open_table(Table::new(table))
+            .map_err(|e| self.kv.err(e))?;
+        t.insert(key, bytes.as_slice())
+            .map_err(|e| self.kv.err(e))?;
+        Ok(())
+    }
+
+    pub fn delete(&mut self, table: &str, key: &str) -> Result<(), KvError> {
+        let mut t = self
+            .txn
+            .open_table(Table::new(table))
+            .map_err(|e| self.kv.err(e))?;
+        t.remove(key).map_err(|e| self.kv.err(e))?;
+        Ok(())
     }
 }

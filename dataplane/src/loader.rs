@@ -163,17 +163,28 @@ pub struct Load<'a> {
     pub reuse: Option<&'a MapReuse>,
 }
 
-/// The kernel's BTF, parsed once per process: aya would otherwise read and
-/// parse /sys/kernel/btf/vmlinux (megabytes) on every load.
+/// The kernel's BTF, parsed once per process, the first time an object
+/// needs it: aya would otherwise read and parse /sys/kernel/btf/vmlinux
+/// (megabytes) on every load, and it holds megabytes once parsed.
 fn kernel_btf() -> Option<&'static aya::Btf> {
     static BTF: std::sync::OnceLock<Option<aya::Btf>> = std::sync::OnceLock::new();
     BTF.get_or_init(|| aya::Btf::from_sys_fs().ok()).as_ref()
 }
 
+/// The kernel BTF for loading `bytes`: aya uses it only to apply the
+/// object's CO-RE relocations (`relocate_btf`; an XDP program or an
+/// extension attaches without it), so an object without any loads
+/// without it, and a process whose objects have none never parses it.
+/// An object aya cannot parse gets it too, and fails in aya's load.
+fn kernel_btf_for(bytes: &[u8]) -> Option<&'static aya::Btf> {
+    let relocated = aya_obj::Object::parse(bytes).map_or(true, |o| o.has_btf_relocations());
+    if relocated { kernel_btf() } else { None }
+}
+
 impl<'a> Load<'a> {
     fn loader(&'a self) -> EbpfLoader<'a> {
         let mut loader = EbpfLoader::new();
-        loader.btf(kernel_btf());
+        loader.btf(budget::time(Step::Parse, || kernel_btf_for(self.bytes)));
         for &(name, value, must_exist) in &self.globals {
             loader.override_global(name, value, must_exist);
         }
@@ -209,7 +220,8 @@ impl<'a> Load<'a> {
 
     /// Loads the object's program as an extension of `func` in `target`.
     pub fn extension(&self, target: &Target, func: &str) -> Result<OwnedFd> {
-        let mut loader = self.loader();
+        // EbpfLoader::new() parses the kernel BTF: part of the parse.
+        let mut loader = budget::time(Step::Parse, || self.loader());
         loader.extension(self.what.program);
         let mut ebpf = budget::time(Step::Parse, || loader.load(self.bytes))
             .map_err(|e| load_error(&self.what, e))?;

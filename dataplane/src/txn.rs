@@ -109,7 +109,7 @@ pub(crate) fn apply(
 ) -> Result<u64> {
     let _timed = budget::begin();
     let key = r.record.key;
-    if let Some(drift) = r.check_drift(&ctx.layout) {
+    if let Some(drift) = budget::time(Step::Drift, || r.check_drift(&ctx.layout)) {
         r.drift = Some(drift.clone());
         return Err(Error::Drifted { key, reason: drift });
     }
@@ -130,7 +130,7 @@ pub(crate) fn apply(
 
     let rootlet_stack = r.live.as_ref().ok_or_else(no_live)?.rootlet_stack();
     let mut inspected = BTreeMap::new();
-    let check = std::time::Instant::now();
+    let check = budget::span();
     for change in changes {
         if let Change::Link(spec) | Change::Replace(spec) = change {
             let obj =
@@ -143,8 +143,8 @@ pub(crate) fn apply(
             inspected.insert(spec.name.clone(), obj);
         }
     }
-    budget::add(Step::Check, check.elapsed());
-    let planning = std::time::Instant::now();
+    check.end(Step::Check);
+    let planning = budget::span();
     let base = r.effective_pipeline();
     let running: Vec<u32> = r
         .record
@@ -168,11 +168,11 @@ pub(crate) fn apply(
     }
 
     let live = r.live.as_deref().ok_or_else(no_live)?;
-    budget::add(Step::Plan, planning.elapsed());
-    let reusing = std::time::Instant::now();
+    planning.end(Step::Plan);
+    let reusing = budget::span();
     let mut keep = kept_maps(ctx, live, &plan, &inspected)?;
-    budget::add(Step::MapReuse, reusing.elapsed());
-    let counting = std::time::Instant::now();
+    reusing.end(Step::MapReuse);
+    let counting = budget::span();
 
     let mut next = Generation {
         number: current + 1,
@@ -181,7 +181,7 @@ pub(crate) fn apply(
     // Stored with the pending generation, before it can run.
     let counts_now = live.counts_before(ctx, key, &next, &mut r.record.tally)?;
     stamp(&mut next, &base, &plan, &counts_now);
-    budget::add(Step::Plan, counting.elapsed());
+    counting.end(Step::Plan);
     let final_verdict = r.record.spec.final_verdict;
     run(
         ctx,

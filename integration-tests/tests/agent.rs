@@ -2449,3 +2449,90 @@ async fn counters_item2_3_stats_and_status_show_a_stages_own_counts_and_the_fina
     assert_eq!(r.final_verdict_count, 25, "{table}");
     assert!(table.lines().next().is_some_and(|h| h.contains("FINAL")));
 }
+
+/// rootletd's change budget over its Unix socket: one ReplaceStage with an
+/// idempotency key, then one ApplyBundle, each timed as exactly one change
+/// whose steps (checks, aya's parse, the verifier, the build, the store
+/// writes of both layers, the swap, the reply) took time, and whose steps
+/// add up to no more than its total.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_give_each_step_of_a_change_over_the_unix_socket() {
+    use rootlet_integration_tests::rootletd::{Budget, Daemon};
+    let f = Fixture::new();
+    let mut d = Daemon::start(&f, fixture::backend()).expect("start rootletd");
+    let mut c = d.connect().await.expect("connect");
+    api::load(&mut c, &f).await;
+    c.link_stage(link(api::rootlet_ref(&f), stage("s0", "test_pass", 0)))
+        .await
+        .expect("link");
+    let steps = [
+        "drift",
+        "check",
+        "plan",
+        "map_reuse",
+        "store",
+        "grace",
+        "parse",
+        "verify",
+        "build",
+        "swap",
+        "release",
+        "agent_store",
+        "respond",
+        "other",
+    ];
+    let consistent = |b: &Budget, what: &str| {
+        assert_eq!(b.changes, 1, "{what}: one change timed: {b:?}");
+        for step in ["check", "parse", "verify", "build", "store", "swap"] {
+            assert!(b.step(step) > 0.0, "{what}: no time in {step}: {b:?}");
+        }
+        assert_eq!(
+            b.steps.len(),
+            steps.len(),
+            "{what}: every step is exported: {b:?}"
+        );
+        let sum: f64 = steps.iter().map(|s| b.step(s)).sum();
+        assert!(
+            (sum - b.total).abs() < 1e-6,
+            "{what}: the steps and other add up to the total: {sum} vs {b:?}"
+        );
+    };
+
+    let before = d.budget().expect("budget");
+    c.replace_stage(pb::ReplaceStageRequest {
+        rootlet: api::rootlet_ref(&f),
+        stage: Some(stage("s0", "sampler_v2", 0)),
+        idempotency_key: "budget-1".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("replace");
+    let b = d.budget().expect("budget").since(&before);
+    consistent(&b, "ReplaceStage");
+    // The idempotency record and the reply's state are the RPC's too.
+    assert!(b.step("agent_store") > 0.0, "{b:?}");
+    assert!(b.step("respond") > 0.0, "{b:?}");
+
+    let bundle = api::bundle(
+        d.dir.path(),
+        "edge",
+        "1.0.0",
+        &api::targets(&f),
+        &[("b0", "test_pass", 5, "local")],
+    )
+    .to_bytes();
+    let before = d.budget().expect("budget");
+    let reply = c
+        .apply_bundle(pb::ApplyBundleRequest {
+            source: Some(pb::apply_bundle_request::Source::Bundle(bundle)),
+            ..Default::default()
+        })
+        .await
+        .expect("apply")
+        .into_inner();
+    assert!(!reply.noop);
+    let b = d.budget().expect("budget").since(&before);
+    consistent(&b, "ApplyBundle");
+    // Pending, status, history and the bundle itself: the agent's store.
+    assert!(b.step("agent_store") > 0.0, "{b:?}");
+}

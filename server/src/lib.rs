@@ -4,7 +4,9 @@
 //! # Layout
 //! - [`api`]: the rootlet.v1 gRPC service; the only layer that knows gRPC.
 //! - [`config`], [`runtime`], [`metrics`]: running `rootletd`.
+//! - [`memory`]: its footprint in glibc's allocator.
 pub mod api;
 pub mod config;
+pub mod memory;
 pub mod metrics;
 pub mod runtime;

@@ -5,6 +5,7 @@ use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 use clap::Parser;
 use rootlet_server::{
     config::{Config, LogFormat},
+    memory,
     runtime::{self, error_chain},
 };
 use tracing_subscriber::{EnvFilter, fmt};
@@ -28,8 +29,30 @@ struct Args {
     check_config: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Async workers: they only accept connections, run h2 and the metrics
+/// endpoint, and hand every RPC to a blocking thread; one per core (the
+/// default) would give a large host dozens of idle threads and arenas.
+const MAX_WORKERS: usize = 2;
+/// How long an idle blocking thread (the RPCs run on them) is kept.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+fn main() -> ExitCode {
+    memory::limit_arenas();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS));
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(rootletd()),
+        Err(e) => {
+            eprintln!("rootletd: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn rootletd() -> ExitCode {
     let args = Args::parse();
     let path = args.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
     let (config, origin) = match Config::load_or_default(&path, args.config.is_none()) {

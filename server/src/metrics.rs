@@ -9,6 +9,16 @@
 //! | `rootlet_applied_version` | gauge, always 1 | `rootlet`, `bundle`, `version` |
 //! | `rootlet_slot_packets_total` | counter, read at scrape time | `rootlet`, `slot`, `stage`, `action` |
 //! | `rootlet_build_info` | info | `version` |
+//! | `rootlet_apply_changes_total` | counter | |
+//! | `rootlet_apply_seconds_total` | counter | |
+//! | `rootlet_apply_step_seconds_total` | counter | `step` |
+//!
+//! The `rootlet_apply_*` series are the data plane's change budget
+//! (`rootlet_dataplane::budget`), read at scrape time: the changes timed
+//! (every mutating RPC, from its arrival until its reply is built, and
+//! changes the agent makes by itself), their wall time, and each step's.
+//! Each step's time excludes the steps timed inside it, so the steps and
+//! `other` (the time no step covers) add up to the total.
 
 use std::{
     collections::HashMap,
@@ -41,6 +51,7 @@ use prometheus_client::{
     },
     registry::{Registry, Unit},
 };
+use rootlet_dataplane::budget;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 
 pub use rootlet_agent::SlotSample;
@@ -141,6 +152,52 @@ impl Collector for SlotCollector {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: &'static str,
+}
+
+/// Encodes the change budget's totals on each scrape.
+#[derive(Debug)]
+struct BudgetCollector;
+
+impl Collector for BudgetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let totals = budget::totals();
+        let changes = encoder.encode_descriptor(
+            "rootlet_apply_changes",
+            "Changes timed: mutating RPCs, and changes the agent makes by itself",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(totals.changes).encode(changes)?;
+        let total = encoder.encode_descriptor(
+            "rootlet_apply",
+            "Wall time of the changes timed, from the RPC's arrival to its reply",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(totals.total.as_secs_f64()).encode(total)?;
+        let mut steps = encoder.encode_descriptor(
+            "rootlet_apply_step",
+            "Wall time of the changes timed, by step (exclusive; other is what no step covers)",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?;
+        let other = totals.other();
+        for (step, d) in totals
+            .steps
+            .iter()
+            .map(|(s, d)| (s.name(), *d))
+            .chain([("other", other)])
+        {
+            ConstCounter::new(d.as_secs_f64())
+                .encode(steps.encode_family(&StepLabels { step })?)?;
+        }
+        Ok(())
+    }
+}
+
 /// The canonical name of a gRPC status code (`OK`, `NOT_FOUND`, ...).
 pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
@@ -203,6 +260,7 @@ impl Metrics {
         );
         let slots = Arc::new(SlotCollector::default());
         registry.register_collector(Box::new(slots.clone()));
+        registry.register_collector(Box::new(BudgetCollector));
         Arc::new(Metrics {
             registry,
             rpc_requests,

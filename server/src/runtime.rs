@@ -513,7 +513,12 @@ impl Supervisor {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Result<(), RuntimeError> {
         let config = self.config.clone();
         tracing::info!("opening the agent: adopting the pinned state");
-        let mut opening = tokio::task::spawn_blocking(move || Agent::open(&config.agent_options()));
+        let mut opening = tokio::task::spawn_blocking(move || {
+            let agent = Agent::open(&config.agent_options());
+            // Probing and adopting loaded programs: hand their heap back.
+            crate::memory::trim();
+            agent
+        });
         let mut adopting = true;
         let mut agent = None;
         let mut failure = None;

@@ -27,6 +27,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
 use rootlet_agent::{Agent, AgentError, BundleSource, Caller, Grant, StageOp};
+use rootlet_dataplane::budget::{self, Step};
 
 /// The Rootlet service as served: with message size limits, whose
 /// violations answer RESOURCE_EXHAUSTED.
@@ -119,7 +120,14 @@ impl RootletService {
         let result = match agent.grant(who.clone()) {
             Err(e) => Err(status::status(&e)),
             Ok(grant) => {
-                let joined = tokio::task::spawn_blocking(move || f(&agent, &grant, req)).await;
+                let joined = tokio::task::spawn_blocking(move || {
+                    // A mutation is one timed change, from the RPC's arrival:
+                    // the data plane's steps, the agent's store writes and
+                    // the idempotency record join it (rootlet_apply_*).
+                    let _timed = mutation.then(|| budget::begin_at(start));
+                    f(&agent, &grant, req)
+                })
+                .await;
                 match joined {
                     Ok(r) => r.map_err(|e| {
                         self.verifier_logs.record(&e);
@@ -132,6 +140,8 @@ impl RootletService {
         let code = result.as_ref().err().map_or(Code::Ok, Status::code);
         self.metrics.observe_rpc(method, code, start.elapsed());
         if mutation {
+            // A change's loads inflated the heap: hand it back once idle.
+            crate::memory::trim_when_idle();
             let outcome = result.as_ref().err().map_or_else(
                 || "ok".to_owned(),
                 |s| format!("{:?}: {}", s.code(), s.message()),
@@ -183,10 +193,12 @@ fn stage_change(
 ) -> Result<pb::ChangeResult, AgentError> {
     let key = convert::key_from(agent, r)?;
     let outcome = agent.change(grant, key, op, expected)?;
-    let state = agent.dataplane().state(key)?;
+    let rootlet = budget::time(Step::Respond, || {
+        convert::state_to(agent, &agent.dataplane().state(key)?)
+    })?;
     Ok(pb::ChangeResult {
         generation: outcome.generation,
-        rootlet: Some(convert::state_to(agent, &state)?),
+        rootlet: Some(rootlet),
         lease_id: outcome.lease.map(|l| l.id).unwrap_or_default(),
     })
 }

@@ -3,6 +3,12 @@
 use super::*;
 
 use crate::datapath::PerPacketRow;
+use rootlet_integration_tests::{
+    api,
+    rootletd::{Budget, Daemon, Memory},
+};
+use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
+use tonic::transport::Channel;
 
 #[derive(Default)]
 pub(crate) struct Latencies(Vec<Duration>);
@@ -210,4 +216,329 @@ pub(crate) fn print_multi(args: &Args, single: &Single, multi: &Latencies) {
     if args.multi < 100 {
         println!("   (nearest rank: with n < 100 samples, p99 is the maximum)");
     }
+}
+
+// ---------------------------------------------------------------- over gRPC
+
+/// What the changes over gRPC cost: wall time from the RPC call to its
+/// reply, and rootletd's budget of each change (scraped before and after
+/// it, outside the timed window).
+pub(crate) struct OverRpc {
+    pub(crate) single: Latencies,
+    pub(crate) single_steps: Vec<Budget>,
+    /// One-stage replacements SPACING apart, after the back-to-back ones.
+    pub(crate) spaced: Latencies,
+    pub(crate) spaced_steps: Vec<Budget>,
+    pub(crate) multi: Latencies,
+    pub(crate) multi_steps: Vec<Budget>,
+    /// aya 0.14's `EbpfLoader::new()` in this process (it parses the
+    /// kernel BTF, which every load pays): the median of 5.
+    pub(crate) loader_new: Duration,
+    /// Idle after startup, idle after the changes.
+    pub(crate) idle: Memory,
+    pub(crate) after: Memory,
+}
+
+/// The time rootletd is left idle before its memory is read: longer than
+/// the 2 s its idle blocking threads (the RPCs run on them) are kept.
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// Starts a rootletd of its own on a new fixture and times, over its Unix
+/// socket, one-stage ReplaceStage calls and 3-stage ApplyBundle switches.
+pub(crate) fn over_rpc(args: &Args, backend: BackendChoice) -> Result<OverRpc> {
+    let loader_new = {
+        let mut v: Vec<Duration> = (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                drop(aya::EbpfLoader::new());
+                start.elapsed()
+            })
+            .collect();
+        v.sort_unstable();
+        v[2]
+    };
+    let f = Fixture::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut d = Daemon::start(&f, backend)?;
+    let out = rt.block_on(async {
+        let mut c = d.connect().await?;
+        tokio::time::sleep(SETTLE).await;
+        let idle = d.memory()?;
+        api::load(&mut c, &f).await;
+        let rootlet = api::rootlet_ref(&f);
+        for (i, o) in ["test_pass", OBJECTS[1], "test_pass"].iter().enumerate() {
+            c.link_stage(api::link(
+                rootlet.clone(),
+                api::stage(&format!("s{i}"), o, i as i32),
+            ))
+            .await?;
+        }
+
+        let (single, single_steps) = replacements(
+            &mut c,
+            &d,
+            &rootlet,
+            args.replacements as usize,
+            Duration::ZERO,
+        )
+        .await?;
+        let spaced = (args.replacements as usize).min(SPACED);
+        let (spaced, spaced_steps) = replacements(&mut c, &d, &rootlet, spaced, SPACING).await?;
+
+        // The 3-stage switch: one bundle of s0, s1, s2, alternating the
+        // object all three run, so that each apply replaces three programs.
+        for i in 0..3 {
+            c.unlink_stage(pb::UnlinkStageRequest {
+                rootlet: rootlet.clone(),
+                stage: format!("s{i}"),
+                ..Default::default()
+            })
+            .await?;
+        }
+        let bundles: Vec<Vec<u8>> = OBJECTS
+            .iter()
+            .enumerate()
+            .map(|(v, o)| {
+                let stages: Vec<(String, &str, i32)> =
+                    (0..3).map(|i| (format!("s{i}"), *o, i)).collect();
+                let stages: Vec<(&str, &str, i32, &str)> = stages
+                    .iter()
+                    .map(|(n, o, p)| (n.as_str(), *o, *p, "local"))
+                    .collect();
+                api::bundle(
+                    d.dir.path(),
+                    "bench",
+                    &format!("{v}.0.0"),
+                    &api::targets(&f),
+                    &stages,
+                )
+                .to_bytes()
+            })
+            .collect();
+        let apply = |b: &Vec<u8>| pb::ApplyBundleRequest {
+            source: Some(pb::apply_bundle_request::Source::Bundle(b.clone())),
+            ..Default::default()
+        };
+        c.apply_bundle(apply(&bundles[1])).await?;
+        let mut multi = Latencies::default();
+        let mut multi_steps = vec![];
+        let ids = |s: &pb::RootletState| -> Vec<u32> {
+            s.slots
+                .iter()
+                .map(|s| s.program.as_ref().map_or(0, |p| p.id))
+                .collect()
+        };
+        let get = pb::GetRootletRequest {
+            rootlet: rootlet.clone(),
+        };
+        for i in 0..args.multi as usize {
+            let req = apply(&bundles[i % 2]);
+            let was = ids(&c.get_rootlet(get.clone()).await?.into_inner());
+            let before = d.budget()?;
+            let start = Instant::now();
+            let reply = c.apply_bundle(req).await?.into_inner();
+            let took = start.elapsed();
+            let budget = d.budget()?.since(&before);
+            let now = ids(&c.get_rootlet(get.clone()).await?.into_inner());
+            let replaced = was.iter().zip(&now).filter(|(a, b)| a != b).count();
+            if reply.noop || replaced != 3 || now.len() != 3 || budget.changes != 1 {
+                return Err(format!(
+                    "3-stage switch {i}: replaced {replaced} of {} programs, {} changes timed",
+                    now.len(),
+                    budget.changes
+                )
+                .into());
+            }
+            multi.0.push(took);
+            multi_steps.push(budget);
+        }
+        tokio::time::sleep(SETTLE).await;
+        let after = d.memory()?;
+        Ok(OverRpc {
+            single,
+            single_steps,
+            spaced,
+            spaced_steps,
+            multi,
+            multi_steps,
+            loader_new,
+            idle,
+            after,
+        })
+    });
+    // The client's connection runs on `rt`: closed before rootletd is
+    // stopped, so that it does not wait for it.
+    drop(rt);
+    drop(d);
+    out
+}
+
+/// `n` ReplaceStage calls of s1, alternating OBJECTS, `pause` apart:
+/// each one's wall time and rootletd's budget of it.
+async fn replacements(
+    c: &mut RootletClient<Channel>,
+    d: &Daemon,
+    rootlet: &Option<pb::RootletRef>,
+    n: usize,
+    pause: Duration,
+) -> Result<(Latencies, Vec<Budget>)> {
+    let mut out = Latencies::default();
+    let mut steps = vec![];
+    for i in 0..n {
+        tokio::time::sleep(pause).await;
+        let req = pb::ReplaceStageRequest {
+            rootlet: rootlet.clone(),
+            stage: Some(api::stage("s1", OBJECTS[i % 2], 1)),
+            ..Default::default()
+        };
+        let before = d.budget()?;
+        let start = Instant::now();
+        let reply = c.replace_stage(req).await?.into_inner();
+        let took = start.elapsed();
+        let budget = d.budget()?.since(&before);
+        let program = reply
+            .rootlet
+            .as_ref()
+            .and_then(|r| r.slots.iter().find(|s| s.stage == "s1"))
+            .and_then(|s| s.program.as_ref())
+            .ok_or("the reply has no program in s1")?;
+        if program.id == 0 || budget.changes != 1 {
+            return Err(format!(
+                "replacement {i}: {} changes timed, program {program:?}",
+                budget.changes
+            )
+            .into());
+        }
+        out.0.push(took);
+        steps.push(budget);
+    }
+    Ok((out, steps))
+}
+
+/// The median of `v` (0 if empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The steps in the order of a change (rootletd's step labels); `other`,
+/// the time no step covers, last.
+const STEPS: [&str; 14] = [
+    "drift",
+    "check",
+    "plan",
+    "map_reuse",
+    "store",
+    "grace",
+    "parse",
+    "verify",
+    "build",
+    "swap",
+    "release",
+    "agent_store",
+    "respond",
+    "other",
+];
+
+pub(crate) fn print_rpc(args: &Args, r: &OverRpc) {
+    println!();
+    println!(
+        "5. Changes over gRPC on the Unix socket, against a rootletd process the bench started: \
+         from the RPC call to its reply (the new generation is live when rootletd replies)"
+    );
+    println!();
+    println!(
+        "   one-stage ReplaceStage (s1, 3 stages)  {}",
+        r.single.summary()
+    );
+    println!(
+        "   the same, {} ms apart                {}",
+        SPACING.as_millis(),
+        r.spaced.summary()
+    );
+    println!(
+        "   3-stage ApplyBundle switch            {}",
+        r.multi.summary()
+    );
+    if args.replacements < 100 || args.multi < 100 {
+        println!("   (nearest rank: with n < 100 samples, p99 is the maximum)");
+    }
+    println!();
+    println!(
+        "   Per step, from rootletd's metrics (rootlet_apply_step_seconds_total) around each change: \
+         the median per change, and the step's share of the sum of the changes' totals \
+         (exclusive: the steps add up to rootletd's total)"
+    );
+    println!();
+    println!(
+        "   {:<26}{:>20}{:>20}{:>20}",
+        "step",
+        "one-stage",
+        format!("{} ms apart", SPACING.as_millis()),
+        "3-stage"
+    );
+    let cell = |steps: &[Budget], name: &str| {
+        let sum: f64 = steps.iter().map(|b| b.total).sum();
+        let of: Vec<f64> = steps.iter().map(|b| b.step(name)).collect();
+        let share = of.iter().sum::<f64>() / sum.max(f64::MIN_POSITIVE);
+        format!("{:>9.3} ms {:>5.1}%", median(of) * 1e3, share * 100.0)
+    };
+    for name in STEPS {
+        println!(
+            "   {:<26}{:>20}{:>20}{:>20}",
+            name,
+            cell(&r.single_steps, name),
+            cell(&r.spaced_steps, name),
+            cell(&r.multi_steps, name)
+        );
+    }
+    let total = |steps: &[Budget]| median(steps.iter().map(|b| b.total).collect()) * 1e3;
+    let outside = |lat: &Latencies, steps: &[Budget]| {
+        let per: Vec<f64> = lat
+            .0
+            .iter()
+            .zip(steps)
+            .map(|(d, b)| d.as_secs_f64() - b.total)
+            .collect();
+        median(per) * 1e3
+    };
+    println!(
+        "   {:<26}{:>12.3} ms{:>17.3} ms{:>17.3} ms",
+        "rootletd total",
+        total(&r.single_steps),
+        total(&r.spaced_steps),
+        total(&r.multi_steps)
+    );
+    println!(
+        "   {:<26}{:>12.3} ms{:>17.3} ms{:>17.3} ms",
+        "outside it (client, h2)",
+        outside(&r.single, &r.single_steps),
+        outside(&r.spaced, &r.spaced_steps),
+        outside(&r.multi, &r.multi_steps)
+    );
+    println!(
+        "   (aya 0.14's EbpfLoader::new(), which every load calls, parses the kernel BTF: {} here)",
+        ms(r.loader_new)
+    );
+    println!();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let line = |what: &str, m: &Memory| {
+        println!(
+            "   {what:<24} VmRSS {:>6.1} MiB (anonymous {:.1}, file {:.1}), VmHWM {:>6.1} MiB, {} threads",
+            mib(m.rss_kib),
+            mib(m.anon_kib),
+            mib(m.file_kib),
+            mib(m.hwm_kib),
+            m.threads
+        )
+    };
+    println!(
+        "6. rootletd memory (/proc/PID/status), each after {} s idle",
+        SETTLE.as_secs()
+    );
+    println!();
+    line("after startup", &r.idle);
+    line("after the changes", &r.after);
 }

@@ -22,6 +22,14 @@
 //!    rebuilding the monolithic program with 3 and 10 stages.
 //! 4. Tail-call backend: latency of one apply() that replaces 3 stages at
 //!    once (`--multi` times), against a one-stage replacement.
+//! 5. Against a `rootletd` process the bench starts (own config, state and
+//!    bpffs directories, Unix socket, on a fixture of its own), over gRPC on
+//!    its Unix socket: `--replacements` one-stage ReplaceStage calls and
+//!    `--multi` 3-stage ApplyBundle switches, from the call to the reply,
+//!    and each step's median and share, from rootletd's
+//!    `rootlet_apply_step_seconds_total` scraped around each change.
+//! 6. That rootletd's VmRSS and VmHWM, idle after startup and after the
+//!    changes.
 //!
 //! It runs as root, in fresh network namespaces (the integration tests'
 //! [`Fixture`]), with its own bpffs directories, all removed at exit.
@@ -47,7 +55,9 @@ mod apply;
 mod datapath;
 mod libxdp;
 
-use apply::{multi_replacements, print_multi, print_single, single_replacements};
+use apply::{
+    multi_replacements, over_rpc, print_multi, print_rpc, print_single, single_replacements,
+};
 use datapath::{per_packet, print_per_change, print_per_packet};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
@@ -155,6 +165,11 @@ fn run(args: &Args) -> Result<()> {
     }
 
     dp.unload_rootlet(key)?;
+    drop(dp);
+    drop(f);
+
+    let rpc = over_rpc(args, backend)?;
+    print_rpc(args, &rpc);
     Ok(())
 }
 
