@@ -151,11 +151,7 @@ fn fd_by_id(call: &'static str, cmd: bpf_cmd, id: u32) -> Result<OwnedFd> {
 }
 
 pub fn prog_fd_by_id(id: u32) -> Result<OwnedFd> {
-    fd_by_id(
-        "BPF_PROG_GET_FD_BY_ID",
-        bpf_cmd::BPF_PROG_GET_FD_BY_ID,
-        id,
-    )
+    fd_by_id("BPF_PROG_GET_FD_BY_ID", bpf_cmd::BPF_PROG_GET_FD_BY_ID, id)
 }
 
 pub fn map_fd_by_id(id: u32) -> Result<OwnedFd> {
@@ -163,11 +159,7 @@ pub fn map_fd_by_id(id: u32) -> Result<OwnedFd> {
 }
 
 pub fn link_fd_by_id(id: u32) -> Result<OwnedFd> {
-    fd_by_id(
-        "BPF_LINK_GET_FD_BY_ID",
-        bpf_cmd::BPF_LINK_GET_FD_BY_ID,
-        id,
-    )
+    fd_by_id("BPF_LINK_GET_FD_BY_ID", bpf_cmd::BPF_LINK_GET_FD_BY_ID, id)
 }
 
 fn btf_fd_by_id(id: u32) -> Result<OwnedFd> {
@@ -448,11 +440,7 @@ fn elem(map: BorrowedFd<'_>, key: &[u8], value: u64, flags: u64) -> bpf_attr {
 /// Returns false when the key is absent.
 pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> Result<bool> {
     let mut a = elem(map, key, value.as_mut_ptr() as u64, 0);
-    match bpf(
-        "BPF_MAP_LOOKUP_ELEM",
-        bpf_cmd::BPF_MAP_LOOKUP_ELEM,
-        &mut a,
-    ) {
+    match bpf("BPF_MAP_LOOKUP_ELEM", bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut a) {
         Ok(_) => Ok(true),
         Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
@@ -460,23 +448,19 @@ pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> Result<b
 }
 
 pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> Result<()> {
-    let mut a = elem(map, key, value.as_ptr() as u64, u64::from(generated::BPF_ANY));
-    bpf(
-        "BPF_MAP_UPDATE_ELEM",
-        bpf_cmd::BPF_MAP_UPDATE_ELEM,
-        &mut a,
-    )
-    .map(drop)
+    let mut a = elem(
+        map,
+        key,
+        value.as_ptr() as u64,
+        u64::from(generated::BPF_ANY),
+    );
+    bpf("BPF_MAP_UPDATE_ELEM", bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut a).map(drop)
 }
 
 /// Deletes `key`; absent keys are not an error.
 pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> Result<()> {
     let mut a = elem(map, key, 0, 0);
-    match bpf(
-        "BPF_MAP_DELETE_ELEM",
-        bpf_cmd::BPF_MAP_DELETE_ELEM,
-        &mut a,
-    ) {
+    match bpf("BPF_MAP_DELETE_ELEM", bpf_cmd::BPF_MAP_DELETE_ELEM, &mut a) {
         Err(e) if e.errno() != Some(libc::ENOENT) => Err(e),
         _ => Ok(()),
     }
