@@ -6,7 +6,8 @@
 //! ([`toml::de::DeTable`]) and walked by hand rather than through serde, so
 //! that every error (unknown key, wrong type, bad value, broken rule) can
 //! name both the field (`stages[1].priority`, indices from 0) and where it
-//! is in the file.
+//! is in the file ([`crate::located`] says why serde's derive does not
+//! serve here).
 //!
 //! The same parser reads the manifest embedded in a bundle, where two more
 //! rules hold: every stage records its object's `sha256`, and its `object`

@@ -1,21 +1,35 @@
-//! A minimal reader of raw BTF: enough to find a function by name and check
-//! that its signature is `int f(struct xdp_md *)`, which is what a stage must
-//! have to replace a rootlet placeholder or to run as an XDP program.
+//! A stage's BTF: aya-obj parses it and finds functions by name; a small
+//! reader here checks that a function's signature is `int f(struct xdp_md *)`,
+//! which is what a stage must have to replace a rootlet placeholder or to run
+//! as an XDP program.
+//!
+//! Why part of it is still hand-written: aya-obj 0.3 parses and validates BTF
+//! (`aya_obj::btf::Btf::parse`) and finds a type's id by name and kind
+//! (`id_by_type_name_kind`), and that is what [`Btf::parse`] and
+//! [`Btf::func_id`] use. But it gives no way to read a type back: `type_by_id`,
+//! `resolve_type`, `type_name` and `types()` are `pub(crate)`, and so are the
+//! fields of `FuncProto`, `Ptr`, `Struct` and the other `BtfType` variants. A
+//! signature check must follow FUNC -> FUNC_PROTO -> return and parameter
+//! types -> PTR -> STRUCT and read names, so [`Types`] reads the type section
+//! itself for that one check, after aya-obj has accepted the blob.
 
-use std::collections::HashMap;
+use aya_obj::btf::BtfKind;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BtfError {
     #[error("BTF is truncated or malformed: {0}")]
-    Malformed(&'static str),
+    Malformed(String),
     #[error("no function `{0}` in BTF")]
     NoSuchFunction(String),
     #[error("function `{name}` has signature {found}, expected int {name}(struct xdp_md *)")]
     WrongSignature { name: String, found: String },
 }
 
-const BTF_MAGIC: u16 = 0xeb9f;
+fn malformed(what: &str) -> BtfError {
+    BtfError::Malformed(what.to_owned())
+}
 
+const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
@@ -45,31 +59,66 @@ struct Type {
     params: Vec<u32>,
 }
 
-/// Parsed BTF: types by id (id 0 is void) and the string section.
+/// BTF that aya-obj has parsed, and the blob it came from (read again by
+/// [`Types`] for signature checks).
 #[derive(Debug)]
-pub struct Btf {
+pub struct Btf<'a> {
+    parsed: aya_obj::btf::Btf,
+    raw: &'a [u8],
+}
+
+/// The type section, read by hand (see the module comment for why): types
+/// by id (id 0 is void) and the string section.
+#[derive(Debug)]
+struct Types {
     types: Vec<Type>,
     strings: Vec<u8>,
-    funcs: HashMap<String, u32>,
 }
 
 fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
     b.get(off..off + 4)
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or(BtfError::Malformed("read past end"))
+        .ok_or_else(|| malformed("read past end"))
 }
 
-impl Btf {
+impl<'a> Btf<'a> {
     /// Parses a little-endian BTF blob (an ELF `.BTF` section, or what the
     /// kernel returns for a loaded program).
-    pub fn parse(b: &[u8]) -> Result<Self, BtfError> {
+    pub fn parse(b: &'a [u8]) -> Result<Self, BtfError> {
         let magic = b
             .get(0..2)
             .map(|s| u16::from_le_bytes([s[0], s[1]]))
-            .ok_or(BtfError::Malformed("no header"))?;
+            .ok_or_else(|| malformed("no header"))?;
         if magic != BTF_MAGIC {
-            return Err(BtfError::Malformed("bad magic (not little-endian BTF)"));
+            return Err(malformed("bad magic (not little-endian BTF)"));
         }
+        let parsed = aya_obj::btf::Btf::parse(b, aya::Endianness::Little)
+            .map_err(|e| BtfError::Malformed(e.to_string()))?;
+        Ok(Btf { parsed, raw: b })
+    }
+
+    /// The BTF id of function `name` (what BPF_LINK_CREATE wants as
+    /// `target_btf_id` for freplace).
+    pub fn func_id(&self, name: &str) -> Result<u32, BtfError> {
+        match self.parsed.id_by_type_name_kind(name, BtfKind::Func) {
+            Ok(id) => Ok(id),
+            Err(aya_obj::btf::BtfError::UnknownBtfTypeName { .. }) => {
+                Err(BtfError::NoSuchFunction(name.to_owned()))
+            }
+            Err(e) => Err(BtfError::Malformed(e.to_string())),
+        }
+    }
+
+    /// Checks that function `name` is `int name(struct xdp_md *)`.
+    pub fn check_xdp_signature(&self, name: &str) -> Result<(), BtfError> {
+        let id = self.func_id(name)?;
+        Types::parse(self.raw)?.check_xdp_signature(id, name)
+    }
+}
+
+impl Types {
+    /// Reads the type section of a blob aya-obj has accepted.
+    fn parse(b: &[u8]) -> Result<Self, BtfError> {
         let hdr_len = u32_at(b, 4)? as usize;
         let type_off = u32_at(b, 8)? as usize;
         let type_len = u32_at(b, 12)? as usize;
@@ -77,10 +126,10 @@ impl Btf {
         let str_len = u32_at(b, 20)? as usize;
         let types_bytes = b
             .get(hdr_len + type_off..hdr_len + type_off + type_len)
-            .ok_or(BtfError::Malformed("type section out of bounds"))?;
+            .ok_or_else(|| malformed("type section out of bounds"))?;
         let strings = b
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or(BtfError::Malformed("string section out of bounds"))?
+            .ok_or_else(|| malformed("string section out of bounds"))?
             .to_vec();
 
         let mut types = vec![Type {
@@ -111,7 +160,7 @@ impl Btf {
                 }
                 KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
                 | KIND_FUNC | 16 | KIND_TYPE_TAG => 0,
-                _ => return Err(BtfError::Malformed("unknown BTF kind")),
+                _ => return Err(malformed("unknown BTF kind")),
             };
             types.push(Type {
                 name_off,
@@ -120,18 +169,7 @@ impl Btf {
                 params,
             });
         }
-        let mut btf = Btf {
-            types,
-            strings,
-            funcs: HashMap::new(),
-        };
-        for (id, t) in btf.types.iter().enumerate() {
-            if t.kind == KIND_FUNC {
-                btf.funcs
-                    .insert(btf.str_at(t.name_off).to_owned(), id as u32);
-            }
-        }
-        Ok(btf)
+        Ok(Types { types, strings })
     }
 
     fn str_at(&self, off: u32) -> &str {
@@ -142,15 +180,6 @@ impl Btf {
 
     fn ty(&self, id: u32) -> Option<&Type> {
         self.types.get(id as usize)
-    }
-
-    /// The BTF id of function `name` (what BPF_LINK_CREATE wants as
-    /// `target_btf_id` for freplace).
-    pub fn func_id(&self, name: &str) -> Result<u32, BtfError> {
-        self.funcs
-            .get(name)
-            .copied()
-            .ok_or_else(|| BtfError::NoSuchFunction(name.to_owned()))
     }
 
     /// Skips typedefs and qualifiers.
@@ -182,15 +211,16 @@ impl Btf {
         }
     }
 
-    /// Checks that function `name` is `int name(struct xdp_md *)`.
-    pub fn check_xdp_signature(&self, name: &str) -> Result<(), BtfError> {
+    /// Checks that function `name`, type `id`, is `int name(struct xdp_md *)`.
+    fn check_xdp_signature(&self, id: u32, name: &str) -> Result<(), BtfError> {
         let func = self
-            .ty(self.func_id(name)?)
-            .ok_or(BtfError::Malformed("dangling FUNC"))?;
+            .ty(id)
+            .filter(|t| t.kind == KIND_FUNC)
+            .ok_or_else(|| malformed("dangling FUNC"))?;
         let proto = self
             .ty(func.size_or_type)
             .filter(|t| t.kind == KIND_FUNC_PROTO)
-            .ok_or(BtfError::Malformed("FUNC without FUNC_PROTO"))?;
+            .ok_or_else(|| malformed("FUNC without FUNC_PROTO"))?;
         let ret_ok = self
             .resolve(proto.size_or_type)
             .is_some_and(|t| t.kind == KIND_INT);
@@ -215,5 +245,102 @@ impl Btf {
                 params.join(", ")
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A BTF blob of `types` (each already encoded) and `strings`.
+    fn blob(types: &[u32], strings: &[u8]) -> Vec<u8> {
+        let type_len = (types.len() * 4) as u32;
+        let mut b = Vec::new();
+        b.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        b.extend_from_slice(&[1, 0]); // version, flags
+        for v in [24, 0, type_len, type_len, strings.len() as u32] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for t in types {
+            b.extend_from_slice(&t.to_le_bytes());
+        }
+        b.extend_from_slice(strings);
+        b
+    }
+
+    fn info(kind: u32, vlen: u32) -> u32 {
+        (kind << 24) | vlen
+    }
+
+    /// `int good(struct xdp_md *)` and `int bad(int)`.
+    fn two_functions() -> Vec<u8> {
+        // offsets:          0  1    5       12    17
+        let strings = b"\0int\0xdp_md\0good\0bad\0";
+        #[rustfmt::skip]
+        let types = [
+            // 1: int (32 bits, signed)
+            1, info(KIND_INT, 0), 4, (1 << 24) | 32,
+            // 2: struct xdp_md {} (members do not matter here)
+            5, info(KIND_STRUCT, 0), 0,
+            // 3: struct xdp_md *
+            0, info(KIND_PTR, 0), 2,
+            // 4: int (struct xdp_md *)
+            0, info(KIND_FUNC_PROTO, 1), 1, 0, 3,
+            // 5: int good(struct xdp_md *), global linkage
+            12, info(KIND_FUNC, 1), 4,
+            // 6: int (int)
+            0, info(KIND_FUNC_PROTO, 1), 1, 0, 1,
+            // 7: int bad(int)
+            17, info(KIND_FUNC, 1), 6,
+        ];
+        blob(&types, strings)
+    }
+
+    #[test]
+    fn finds_functions_and_checks_their_signature() {
+        let b = two_functions();
+        let btf = Btf::parse(&b).unwrap();
+        assert_eq!(btf.func_id("good"), Ok(5));
+        assert_eq!(btf.func_id("bad"), Ok(7));
+        assert_eq!(btf.check_xdp_signature("good"), Ok(()));
+        assert_eq!(
+            btf.check_xdp_signature("bad").unwrap_err().to_string(),
+            "function `bad` has signature int bad(int), expected int bad(struct xdp_md *)"
+        );
+        assert_eq!(
+            btf.func_id("missing"),
+            Err(BtfError::NoSuchFunction("missing".into()))
+        );
+        // A struct is not a function.
+        assert_eq!(
+            btf.check_xdp_signature("xdp_md"),
+            Err(BtfError::NoSuchFunction("xdp_md".into()))
+        );
+    }
+
+    #[test]
+    fn a_real_stage_has_the_xdp_signature() {
+        let elf = object::read::File::parse(rootlet_ebpf::DDOS).unwrap();
+        use object::{Object as _, ObjectSection as _};
+        let data = elf.section_by_name(".BTF").unwrap().data().unwrap();
+        let btf = Btf::parse(data).unwrap();
+        assert_eq!(btf.check_xdp_signature("ddos"), Ok(()));
+    }
+
+    #[test]
+    fn broken_blobs_are_malformed() {
+        let b = two_functions();
+        for cut in [0, 1, 10, 30, b.len() - 1] {
+            assert!(
+                matches!(Btf::parse(&b[..cut]), Err(BtfError::Malformed(_))),
+                "cut at {cut}"
+            );
+        }
+        let mut big_endian = b.clone();
+        big_endian[..2].copy_from_slice(&BTF_MAGIC.to_be_bytes());
+        assert_eq!(
+            Btf::parse(&big_endian).unwrap_err(),
+            BtfError::Malformed("bad magic (not little-endian BTF)".into())
+        );
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! aya loads ELF objects; everything that happens to a kernel object after it
 //! is loaded (links, pins, updates, info, map elements, test runs) goes
-//! through here. This is the only module with `unsafe`; every block says why
-//! it is sound.
+//! through here, through aya where its public API takes a raw file
+//! descriptor (map info) and by bpf(2) with aya-obj's bindings of the
+//! attribute layouts where it does not (each wrapper says what aya lacks).
+//! This is the only module with `unsafe`; every block says why it is sound.
 
 use std::{
     ffi::CString,
@@ -13,7 +15,10 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_btf_info, bpf_link_info, bpf_map_info, bpf_prog_info};
+use aya_obj::generated::{
+    self, bpf_attach_type, bpf_attr, bpf_btf_info, bpf_cmd, bpf_link_info, bpf_link_type,
+    bpf_map_type, bpf_prog_info, bpf_prog_type,
+};
 
 /// A failed bpf(2) command: which one, and the errno.
 #[derive(Debug, thiserror::Error)]
@@ -32,76 +37,46 @@ impl SysError {
 
 pub type Result<T> = std::result::Result<T, SysError>;
 
-// bpf(2) commands (include/uapi/linux/bpf.h).
-const BPF_MAP_CREATE: u32 = 0;
-const BPF_MAP_LOOKUP_ELEM: u32 = 1;
-const BPF_MAP_UPDATE_ELEM: u32 = 2;
-const BPF_MAP_DELETE_ELEM: u32 = 3;
-const BPF_PROG_LOAD: u32 = 5;
-const BPF_OBJ_PIN: u32 = 6;
-const BPF_OBJ_GET: u32 = 7;
-const BPF_PROG_TEST_RUN: u32 = 10;
-const BPF_PROG_GET_FD_BY_ID: u32 = 13;
-const BPF_MAP_GET_FD_BY_ID: u32 = 14;
-const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
-const BPF_BTF_GET_FD_BY_ID: u32 = 19;
-const BPF_LINK_CREATE: u32 = 28;
-const BPF_LINK_UPDATE: u32 = 29;
-const BPF_LINK_GET_FD_BY_ID: u32 = 30;
-const BPF_LINK_DETACH: u32 = 34;
+// What aya 0.14 covers, and why the rest is here. aya's public API works on
+// the objects it loaded itself (`Ebpf`, `Xdp`, `Extension`, `ProgramFd`,
+// `FdLink`, typed maps); Rootlet keeps its kernel objects as `OwnedFd`s
+// (pinned, adopted by id after a restart, passed between generations), and
+// aya has no public way to turn an `OwnedFd` into a program, a link or a
+// `ProgramFd` (`FdLink::new` and `ProgramInfo::new_from_fd` are
+// `pub(crate)`). Maps are the exception: `MapData::from_fd` takes an
+// `OwnedFd`, so [`map_info`] uses aya. Every other wrapper below says what
+// aya lacks. The attribute layouts and constants are aya-obj's bindgen of
+// include/uapi/linux/bpf.h (`aya_obj::generated`), not hand-written.
 
-pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-pub const BPF_PROG_TYPE_XDP: u32 = 6;
-pub const BPF_PROG_TYPE_EXT: u32 = 28;
-pub const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
-pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-pub const BPF_XDP: u32 = 37;
-pub const BPF_TCX_INGRESS: u32 = 46;
-pub const BPF_LINK_TYPE_XDP: u32 = 6;
-pub const BPF_LINK_TYPE_TRACING: u32 = 2;
-pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
-pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-const BPF_F_REPLACE: u32 = 1 << 2;
-const BPF_ANY: u64 = 0;
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS as u32;
+pub const BPF_PROG_TYPE_XDP: u32 = bpf_prog_type::BPF_PROG_TYPE_XDP as u32;
+pub const BPF_PROG_TYPE_EXT: u32 = bpf_prog_type::BPF_PROG_TYPE_EXT as u32;
+pub const BPF_MAP_TYPE_PROG_ARRAY: u32 = bpf_map_type::BPF_MAP_TYPE_PROG_ARRAY as u32;
+pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY as u32;
+pub const BPF_XDP: u32 = bpf_attach_type::BPF_XDP as u32;
+pub const BPF_TCX_INGRESS: u32 = bpf_attach_type::BPF_TCX_INGRESS as u32;
+pub const BPF_LINK_TYPE_XDP: u32 = bpf_link_type::BPF_LINK_TYPE_XDP as u32;
+pub const BPF_LINK_TYPE_TRACING: u32 = bpf_link_type::BPF_LINK_TYPE_TRACING as u32;
+pub const XDP_FLAGS_SKB_MODE: u32 = generated::XDP_FLAGS_SKB_MODE;
+pub const XDP_FLAGS_DRV_MODE: u32 = generated::XDP_FLAGS_DRV_MODE;
 
-/// The attribute block every command takes: large enough for all of ours,
-/// zero beyond the fields a command uses, as the kernel requires.
-#[repr(C, align(8))]
-struct Attr([u8; 128]);
-
-impl Attr {
-    fn new<T: Copy>(fields: T) -> Self {
-        const { assert!(size_of::<T>() <= 128) };
-        let mut attr = Attr([0; 128]);
-        // SAFETY: T is a plain #[repr(C)] struct of integers no larger than
-        // the buffer (checked above); copying its bytes is what the kernel
-        // reads.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                (&raw const fields).cast::<u8>(),
-                attr.0.as_mut_ptr(),
-                size_of::<T>(),
-            );
-        }
-        attr
-    }
-
-    fn read<T: Copy>(&self) -> T {
-        const { assert!(size_of::<T>() <= 128) };
-        // SAFETY: as in `new`; the kernel may have written results in place.
-        unsafe { std::ptr::read_unaligned(self.0.as_ptr().cast::<T>()) }
-    }
+/// The attribute block every command takes, all zero: the kernel requires
+/// zero beyond the fields a command uses.
+fn attr() -> bpf_attr {
+    // SAFETY: bpf_attr is a union of plain integer structs; all-zero is a
+    // valid value of every member.
+    unsafe { zeroed() }
 }
 
-fn bpf(call: &'static str, cmd: u32, attr: &mut Attr) -> Result<i64> {
-    // SAFETY: `attr` is a valid, writable 128-byte block, and we pass its
-    // size; pointers inside it point to buffers that outlive the call.
+fn bpf(call: &'static str, cmd: bpf_cmd, attr: &mut bpf_attr) -> Result<i64> {
+    // SAFETY: `attr` is a valid, writable bpf_attr, and we pass its size;
+    // pointers inside it point to buffers that outlive the call.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd as libc::c_long,
-            attr.0.as_mut_ptr(),
-            attr.0.len() as libc::c_long,
+            (attr as *mut bpf_attr).cast::<u8>(),
+            size_of::<bpf_attr>() as libc::c_long,
         )
     };
     if ret < 0 {
@@ -114,7 +89,7 @@ fn bpf(call: &'static str, cmd: u32, attr: &mut Attr) -> Result<i64> {
     }
 }
 
-fn bpf_fd(call: &'static str, cmd: u32, attr: &mut Attr) -> Result<OwnedFd> {
+fn bpf_fd(call: &'static str, cmd: bpf_cmd, attr: &mut bpf_attr) -> Result<OwnedFd> {
     let fd = bpf(call, cmd, attr)?;
     // SAFETY: the kernel returned a new file descriptor that nothing else
     // owns.
@@ -132,90 +107,78 @@ fn cpath(path: &Path) -> Result<CString> {
     })
 }
 
+/// A name of at most 15 bytes, NUL-padded, as the kernel takes it.
+fn obj_name(name: &str) -> [libc::c_char; 16] {
+    let mut out = [0; 16];
+    for (d, s) in out.iter_mut().zip(name.bytes().take(15)) {
+        *d = s as libc::c_char;
+    }
+    out
+}
+
 // ---------------------------------------------------------------- pins
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct ObjAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-/// Pins a program, map or link at `path` in bpffs.
+/// Pins a program, map or link at `path` in bpffs. aya pins only what it
+/// owns (`FdLink::pin`, `MapData::pin`, `ProgramData::pin`); these are raw
+/// file descriptors of any kind.
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
     let p = cpath(path)?;
-    let mut attr = Attr::new(ObjAttr {
-        pathname: p.as_ptr() as u64,
-        bpf_fd: raw(fd),
-        file_flags: 0,
-    });
-    bpf("BPF_OBJ_PIN", BPF_OBJ_PIN, &mut attr).map(drop)
+    let mut a = attr();
+    a.__bindgen_anon_4.pathname = p.as_ptr() as u64;
+    a.__bindgen_anon_4.bpf_fd = raw(fd);
+    bpf("BPF_OBJ_PIN", bpf_cmd::BPF_OBJ_PIN, &mut a).map(drop)
 }
 
-/// Opens the object pinned at `path`.
+/// Opens the object pinned at `path`. aya opens pins only as typed objects
+/// (`PinnedLink::from_pin`, `MapData::from_pin`, `ProgramInfo::from_pin`),
+/// each with an extra info call, and none hands back the file descriptor.
 pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let p = cpath(path)?;
-    let mut attr = Attr::new(ObjAttr {
-        pathname: p.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    });
-    bpf_fd("BPF_OBJ_GET", BPF_OBJ_GET, &mut attr)
+    let mut a = attr();
+    a.__bindgen_anon_4.pathname = p.as_ptr() as u64;
+    bpf_fd("BPF_OBJ_GET", bpf_cmd::BPF_OBJ_GET, &mut a)
 }
 
 // ---------------------------------------------------------------- ids
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct IdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
+// aya opens objects by id only inside `loaded_programs()`/`MapData::from_id`
+// and keeps the file descriptor; these return it.
 
-fn fd_by_id(call: &'static str, cmd: u32, id: u32) -> Result<OwnedFd> {
-    let mut attr = Attr::new(IdAttr {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    });
-    bpf_fd(call, cmd, &mut attr)
+fn fd_by_id(call: &'static str, cmd: bpf_cmd, id: u32) -> Result<OwnedFd> {
+    let mut a = attr();
+    a.__bindgen_anon_6.__bindgen_anon_1.start_id = id;
+    bpf_fd(call, cmd, &mut a)
 }
 
 pub fn prog_fd_by_id(id: u32) -> Result<OwnedFd> {
-    fd_by_id("BPF_PROG_GET_FD_BY_ID", BPF_PROG_GET_FD_BY_ID, id)
+    fd_by_id("BPF_PROG_GET_FD_BY_ID", bpf_cmd::BPF_PROG_GET_FD_BY_ID, id)
 }
 
 pub fn map_fd_by_id(id: u32) -> Result<OwnedFd> {
-    fd_by_id("BPF_MAP_GET_FD_BY_ID", BPF_MAP_GET_FD_BY_ID, id)
+    fd_by_id("BPF_MAP_GET_FD_BY_ID", bpf_cmd::BPF_MAP_GET_FD_BY_ID, id)
 }
 
 pub fn link_fd_by_id(id: u32) -> Result<OwnedFd> {
-    fd_by_id("BPF_LINK_GET_FD_BY_ID", BPF_LINK_GET_FD_BY_ID, id)
+    fd_by_id("BPF_LINK_GET_FD_BY_ID", bpf_cmd::BPF_LINK_GET_FD_BY_ID, id)
 }
 
 fn btf_fd_by_id(id: u32) -> Result<OwnedFd> {
-    fd_by_id("BPF_BTF_GET_FD_BY_ID", BPF_BTF_GET_FD_BY_ID, id)
+    fd_by_id("BPF_BTF_GET_FD_BY_ID", bpf_cmd::BPF_BTF_GET_FD_BY_ID, id)
 }
 
 // ---------------------------------------------------------------- info
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
 fn obj_info<T: Copy>(fd: BorrowedFd<'_>, info: &mut T) -> Result<()> {
-    let mut attr = Attr::new(InfoAttr {
-        bpf_fd: raw(fd),
-        info_len: size_of::<T>() as u32,
-        info: (info as *mut T) as u64,
-    });
-    bpf("BPF_OBJ_GET_INFO_BY_FD", BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+    let mut a = attr();
+    a.info.bpf_fd = raw(fd);
+    a.info.info_len = size_of::<T>() as u32;
+    a.info.info = (info as *mut T) as u64;
+    bpf(
+        "BPF_OBJ_GET_INFO_BY_FD",
+        bpf_cmd::BPF_OBJ_GET_INFO_BY_FD,
+        &mut a,
+    )
+    .map(drop)
 }
 
 /// What the kernel says about a loaded program.
@@ -231,6 +194,9 @@ pub struct ProgInfo {
     pub map_ids: Vec<u32>,
 }
 
+/// aya's `ProgramInfo` has the same fields, but is made from a file
+/// descriptor only inside aya (`ProgramInfo::new_from_fd` is `pub(crate)`);
+/// from outside, only from a pin or by listing every program.
 pub fn prog_info(fd: BorrowedFd<'_>) -> Result<ProgInfo> {
     // SAFETY: bpf_prog_info is plain old data; all-zero is valid.
     let mut info: bpf_prog_info = unsafe { zeroed() };
@@ -268,19 +234,36 @@ pub struct MapInfo {
     pub map_flags: u32,
 }
 
+/// Through aya: `MapData::from_fd` takes the map's (duplicated) file
+/// descriptor and `MapData::info` asks the kernel.
 pub fn map_info(fd: BorrowedFd<'_>) -> Result<MapInfo> {
-    // SAFETY: bpf_map_info is plain old data; all-zero is valid.
-    let mut info: bpf_map_info = unsafe { zeroed() };
-    obj_info(fd, &mut info)?;
+    let map = aya::maps::MapData::from_fd(dup(fd)?).map_err(map_error)?;
+    let info = map.info().map_err(map_error)?;
+    let map_type = info.map_type().map_err(map_error)?;
     Ok(MapInfo {
-        id: info.id,
-        map_type: info.type_,
-        name: cstr_name(&info.name),
-        key_size: info.key_size,
-        value_size: info.value_size,
-        max_entries: info.max_entries,
-        map_flags: info.map_flags,
+        id: info.id(),
+        map_type: map_type as u32,
+        name: String::from_utf8_lossy(info.name()).into_owned(),
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        map_flags: info.map_flags(),
     })
+}
+
+/// An aya map error as a [`SysError`]: the syscall and errno when there is
+/// one.
+fn map_error(e: aya::maps::MapError) -> SysError {
+    match e {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error }) => SysError {
+            call,
+            source: io_error,
+        },
+        other => SysError {
+            call: "BPF_OBJ_GET_INFO_BY_FD",
+            source: io::Error::other(other.to_string()),
+        },
+    }
 }
 
 /// What the kernel says about a link. `ifindex` is set for XDP links; 0
@@ -294,6 +277,8 @@ pub struct LinkInfo {
     pub ifindex: u32,
 }
 
+/// aya's `LinkInfo` has no XDP ifindex and is made only from an `FdLink`,
+/// which cannot be made from a file descriptor outside aya.
 pub fn link_info(fd: BorrowedFd<'_>) -> Result<LinkInfo> {
     // SAFETY: bpf_link_info is plain old data; all-zero is valid.
     let mut info: bpf_link_info = unsafe { zeroed() };
@@ -312,7 +297,9 @@ pub fn link_info(fd: BorrowedFd<'_>) -> Result<LinkInfo> {
     })
 }
 
-/// The raw BTF blob a loaded program carries, or None without BTF.
+/// The raw BTF blob a loaded program carries, or None without BTF. aya
+/// reads BTF only from files (`Btf::from_sys_fs`, `Btf::parse_file`), not
+/// from the kernel by id.
 pub fn prog_btf(fd: BorrowedFd<'_>) -> Result<Option<(OwnedFd, Vec<u8>)>> {
     let info = prog_info(fd)?;
     if info.btf_id == 0 {
@@ -343,39 +330,50 @@ fn cstr_name(raw: &[libc::c_char]) -> String {
 
 // ---------------------------------------------------------------- links
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct LinkCreateAttr {
-    prog_fd: u32,
+// aya creates links only for programs it loaded (`Xdp::attach`,
+// `SchedClassifier::attach_with_options`, `Extension::attach_to_program`,
+// all on `&mut self` of the aya program); these take raw file descriptors.
+
+fn link_create(
+    call: &'static str,
+    prog: u32,
     target: u32,
     attach_type: u32,
     flags: u32,
     target_btf_id: u32,
+) -> Result<OwnedFd> {
+    let mut a = attr();
+    a.link_create.__bindgen_anon_1.prog_fd = prog;
+    a.link_create.__bindgen_anon_2.target_fd = target;
+    a.link_create.attach_type = attach_type;
+    a.link_create.flags = flags;
+    a.link_create.__bindgen_anon_3.target_btf_id = target_btf_id;
+    bpf_fd(call, bpf_cmd::BPF_LINK_CREATE, &mut a)
 }
 
 /// Attaches an XDP program to `ifindex` (in the calling thread's network
 /// namespace) through a bpf_link.
 pub fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> Result<OwnedFd> {
-    let mut attr = Attr::new(LinkCreateAttr {
-        prog_fd: raw(prog),
-        target: ifindex,
-        attach_type: BPF_XDP,
+    link_create(
+        "BPF_LINK_CREATE(xdp)",
+        raw(prog),
+        ifindex,
+        BPF_XDP,
         flags,
-        target_btf_id: 0,
-    });
-    bpf_fd("BPF_LINK_CREATE(xdp)", BPF_LINK_CREATE, &mut attr)
+        0,
+    )
 }
 
 /// Attaches a tcx program to `ifindex` ingress (used by the probe only).
 pub fn tcx_link_create(prog: BorrowedFd<'_>, ifindex: u32) -> Result<OwnedFd> {
-    let mut attr = Attr::new(LinkCreateAttr {
-        prog_fd: raw(prog),
-        target: ifindex,
-        attach_type: BPF_TCX_INGRESS,
-        flags: 0,
-        target_btf_id: 0,
-    });
-    bpf_fd("BPF_LINK_CREATE(tcx)", BPF_LINK_CREATE, &mut attr)
+    link_create(
+        "BPF_LINK_CREATE(tcx)",
+        raw(prog),
+        ifindex,
+        BPF_TCX_INGRESS,
+        0,
+        0,
+    )
 }
 
 /// Attaches an extension (freplace) program in place of the function with
@@ -386,72 +384,63 @@ pub fn ext_link_create(
     target: BorrowedFd<'_>,
     btf_id: u32,
 ) -> Result<OwnedFd> {
-    let mut attr = Attr::new(LinkCreateAttr {
-        prog_fd: raw(ext),
-        target: raw(target),
-        attach_type: 0,
-        flags: 0,
-        target_btf_id: btf_id,
-    });
-    bpf_fd("BPF_LINK_CREATE(freplace)", BPF_LINK_CREATE, &mut attr)
-}
-
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct LinkUpdateAttr {
-    link_fd: u32,
-    new_prog_fd: u32,
-    flags: u32,
-    old_prog_fd: u32,
+    link_create(
+        "BPF_LINK_CREATE(freplace)",
+        raw(ext),
+        raw(target),
+        0,
+        0,
+        btf_id,
+    )
 }
 
 /// Atomically points `link` at `new_prog`, but only if it still runs
 /// `expected_old` (BPF_F_REPLACE): a link changed behind our back makes this
-/// fail with EPERM instead of being overwritten.
+/// fail with EPERM instead of being overwritten. aya has no link update.
 pub fn link_update(
     link: BorrowedFd<'_>,
     new_prog: BorrowedFd<'_>,
     expected_old: BorrowedFd<'_>,
 ) -> Result<()> {
-    let mut attr = Attr::new(LinkUpdateAttr {
-        link_fd: raw(link),
-        new_prog_fd: raw(new_prog),
-        flags: BPF_F_REPLACE,
-        old_prog_fd: raw(expected_old),
-    });
-    bpf("BPF_LINK_UPDATE", BPF_LINK_UPDATE, &mut attr).map(drop)
+    let mut a = attr();
+    a.link_update.link_fd = raw(link);
+    a.link_update.__bindgen_anon_1.new_prog_fd = raw(new_prog);
+    a.link_update.flags = generated::BPF_F_REPLACE;
+    a.link_update.__bindgen_anon_2.old_prog_fd = raw(expected_old);
+    bpf("BPF_LINK_UPDATE", bpf_cmd::BPF_LINK_UPDATE, &mut a).map(drop)
 }
 
 /// Detaches a link from its hook while it stays open (BPF_LINK_DETACH).
+/// aya detaches only by closing its own link objects.
 pub fn link_detach(link: BorrowedFd<'_>) -> Result<()> {
-    let mut attr = Attr::new(raw(link));
-    bpf("BPF_LINK_DETACH", BPF_LINK_DETACH, &mut attr).map(drop)
+    let mut a = attr();
+    a.link_detach.link_fd = raw(link);
+    bpf("BPF_LINK_DETACH", bpf_cmd::BPF_LINK_DETACH, &mut a).map(drop)
 }
 
 // ---------------------------------------------------------------- maps
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
+// aya's typed maps (`Array<_, V>`, `PerCpuArray<_, V>`, `ProgramArray`)
+// need the value type at compile time and a `MapData` per map (one more
+// BPF_OBJ_GET_INFO_BY_FD each time one is made), and `ProgramArray::set`
+// takes a `ProgramFd`, which cannot be made from a raw file descriptor.
+// These take bytes of the sizes the kernel reported.
+
+fn elem(map: BorrowedFd<'_>, key: &[u8], value: u64, flags: u64) -> bpf_attr {
+    let mut a = attr();
+    a.__bindgen_anon_2.map_fd = raw(map);
+    a.__bindgen_anon_2.key = key.as_ptr() as u64;
+    a.__bindgen_anon_2.__bindgen_anon_1.value = value;
+    a.__bindgen_anon_2.flags = flags;
+    a
 }
 
 /// Looks up `key`; `value` must be exactly the map's value size (times the
 /// number of possible CPUs, rounded to 8 bytes each, for per-CPU maps).
 /// Returns false when the key is absent.
 pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> Result<bool> {
-    let mut attr = Attr::new(ElemAttr {
-        map_fd: raw(map),
-        _pad: 0,
-        key: key.as_ptr() as u64,
-        value: value.as_mut_ptr() as u64,
-        flags: 0,
-    });
-    match bpf("BPF_MAP_LOOKUP_ELEM", BPF_MAP_LOOKUP_ELEM, &mut attr) {
+    let mut a = elem(map, key, value.as_mut_ptr() as u64, 0);
+    match bpf("BPF_MAP_LOOKUP_ELEM", bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut a) {
         Ok(_) => Ok(true),
         Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
@@ -459,45 +448,26 @@ pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> Result<b
 }
 
 pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> Result<()> {
-    let mut attr = Attr::new(ElemAttr {
-        map_fd: raw(map),
-        _pad: 0,
-        key: key.as_ptr() as u64,
-        value: value.as_ptr() as u64,
-        flags: BPF_ANY,
-    });
-    bpf("BPF_MAP_UPDATE_ELEM", BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+    let mut a = elem(
+        map,
+        key,
+        value.as_ptr() as u64,
+        u64::from(generated::BPF_ANY),
+    );
+    bpf("BPF_MAP_UPDATE_ELEM", bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut a).map(drop)
 }
 
 /// Deletes `key`; absent keys are not an error.
 pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> Result<()> {
-    let mut attr = Attr::new(ElemAttr {
-        map_fd: raw(map),
-        _pad: 0,
-        key: key.as_ptr() as u64,
-        value: 0,
-        flags: 0,
-    });
-    match bpf("BPF_MAP_DELETE_ELEM", BPF_MAP_DELETE_ELEM, &mut attr) {
+    let mut a = elem(map, key, 0, 0);
+    match bpf("BPF_MAP_DELETE_ELEM", bpf_cmd::BPF_MAP_DELETE_ELEM, &mut a) {
         Err(e) if e.errno() != Some(libc::ENOENT) => Err(e),
         _ => Ok(()),
     }
 }
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct MapCreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-    inner_map_fd: u32,
-    numa_node: u32,
-    map_name: [u8; 16],
-}
-
-/// Creates a map named `name` (at most 15 bytes kept).
+/// Creates a map named `name` (at most 15 bytes kept). aya creates maps
+/// only from an object's map definitions.
 pub fn map_create(
     map_type: u32,
     key_size: u32,
@@ -505,44 +475,22 @@ pub fn map_create(
     max_entries: u32,
     name: &str,
 ) -> Result<OwnedFd> {
-    let mut map_name = [0u8; 16];
-    for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
-        *d = s;
-    }
-    let mut attr = Attr::new(MapCreateAttr {
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-        map_flags: 0,
-        inner_map_fd: 0,
-        numa_node: 0,
-        map_name,
-    });
-    bpf_fd("BPF_MAP_CREATE", BPF_MAP_CREATE, &mut attr)
+    let mut a = attr();
+    a.__bindgen_anon_1.map_type = map_type;
+    a.__bindgen_anon_1.key_size = key_size;
+    a.__bindgen_anon_1.value_size = value_size;
+    a.__bindgen_anon_1.max_entries = max_entries;
+    a.__bindgen_anon_1.map_name = obj_name(name);
+    bpf_fd("BPF_MAP_CREATE", bpf_cmd::BPF_MAP_CREATE, &mut a)
 }
 
 // ---------------------------------------------------------------- programs
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
 /// Loads a program made of raw instructions (8 bytes each), without BTF:
 /// what the probe uses to ask the kernel whether a program type may load.
+/// aya loads only ELF objects, and its feature probes
+/// (`aya::sys::is_program_supported`) answer yes or no, where the probe
+/// needs the errno and a program to attach.
 pub fn prog_load_raw(
     prog_type: u32,
     expected_attach_type: u32,
@@ -550,58 +498,33 @@ pub fn prog_load_raw(
     name: &str,
 ) -> Result<OwnedFd> {
     let license = c"GPL";
-    let mut prog_name = [0u8; 16];
-    for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
-        *d = s;
-    }
-    let mut attr = Attr::new(ProgLoadAttr {
-        prog_type,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 0,
-        log_size: 0,
-        log_buf: 0,
-        kern_version: 0,
-        prog_flags: 0,
-        prog_name,
-        prog_ifindex: 0,
-        expected_attach_type,
-    });
-    bpf_fd("BPF_PROG_LOAD", BPF_PROG_LOAD, &mut attr)
-}
-
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
+    let mut a = attr();
+    a.__bindgen_anon_3.prog_type = prog_type;
+    a.__bindgen_anon_3.insn_cnt = insns.len() as u32;
+    a.__bindgen_anon_3.insns = insns.as_ptr() as u64;
+    a.__bindgen_anon_3.license = license.as_ptr() as u64;
+    a.__bindgen_anon_3.prog_name = obj_name(name);
+    a.__bindgen_anon_3.expected_attach_type = expected_attach_type;
+    bpf_fd("BPF_PROG_LOAD", bpf_cmd::BPF_PROG_LOAD, &mut a)
 }
 
 /// Runs `prog` on `packet` `repeat` times in the kernel (BPF_PROG_TEST_RUN).
 /// Returns the program's last return value and the mean duration per run in
-/// nanoseconds as the kernel measured it.
+/// nanoseconds as the kernel measured it. aya 0.14 has no public test run.
 pub fn prog_test_run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> Result<(u32, u32)> {
     let mut out = vec![0u8; packet.len() + 256];
-    let mut attr = Attr::new(TestRunAttr {
-        prog_fd: raw(prog),
-        retval: 0,
-        data_size_in: packet.len() as u32,
-        data_size_out: out.len() as u32,
-        data_in: packet.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
-        repeat,
-        duration: 0,
-    });
-    bpf("BPF_PROG_TEST_RUN", BPF_PROG_TEST_RUN, &mut attr)?;
-    let done: TestRunAttr = attr.read();
-    Ok((done.retval, done.duration))
+    let mut a = attr();
+    a.test.prog_fd = raw(prog);
+    a.test.data_size_in = packet.len() as u32;
+    a.test.data_size_out = out.len() as u32;
+    a.test.data_in = packet.as_ptr() as u64;
+    a.test.data_out = out.as_mut_ptr() as u64;
+    a.test.repeat = repeat;
+    bpf("BPF_PROG_TEST_RUN", bpf_cmd::BPF_PROG_TEST_RUN, &mut a)?;
+    // SAFETY: `test` is the member this command uses; the kernel wrote its
+    // results there.
+    let (retval, duration) = unsafe { (a.test.retval, a.test.duration) };
+    Ok((retval, duration))
 }
 
 /// The `OwnedFd` of a borrowed one, for storing.
@@ -618,6 +541,7 @@ pub fn dup(fd: impl AsFd) -> Result<OwnedFd> {
 /// it is called (every BPF program run, XDP included) has ended when it
 /// returns. `membarrier(MEMBARRIER_CMD_GLOBAL)` is implemented with
 /// `synchronize_rcu()`; kernels booted with nohz_full refuse it (EINVAL).
+/// Not a bpf(2) command; neither aya nor libc wraps it.
 pub fn synchronize_rcu() -> Result<()> {
     const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
     // SAFETY: membarrier takes no pointers; the arguments are plain integers.
