@@ -32,7 +32,7 @@ forbid rootlet-agent tonic prost hyper rootlet-proto rootlet-server
 # The bundle format knows nothing of the kernel or the API.
 forbid rootlet-bundle aya rootlet-dataplane rootlet-agent rootlet-proto tonic tokio
 # The fleet client only speaks the API.
-forbid rootlet-client rootlet-dataplane rootlet-agent rootlet-server aya
+forbid rootlet-client rootlet-dataplane rootlet-agent rootlet-server aya rootlet-client-sim
 
 if [ "$fail" = 0 ]; then
     echo "check-layers: the crate graph keeps the layers"

@@ -159,16 +159,16 @@ pub struct HistoryEntry {
 }
 
 impl super::Agent {
+    /// Whether the agent holds the bundle `digest`: a look-up of the key,
+    /// which reads, decodes and verifies nothing.
     pub fn has_bundle(&self, digest: &str) -> Result<bool> {
-        Ok(self.kv.get::<String>(BUNDLES, digest)?.is_some())
+        Ok(self.kv.contains_bytes(BUNDLES, digest)?)
     }
 
     fn stored_bundle(&self, digest: &str) -> Result<Vec<u8>> {
-        let hexed: String = self.kv.get(BUNDLES, digest)?.ok_or_else(|| {
+        self.kv.get_bytes(BUNDLES, digest)?.ok_or_else(|| {
             AgentError::NotFound(format!("no bundle with digest {digest} on this agent"))
-        })?;
-        hex::decode(hexed)
-            .map_err(|e| AgentError::NotFound(format!("stored bundle {digest} is corrupt: {e}")))
+        })
     }
 
     /// A bundle this agent stored (it verified it then).
@@ -426,7 +426,7 @@ impl super::Agent {
         }
         self.kv.write(|b| {
             if !stored {
-                b.put(BUNDLES, &digest, &hex::encode(&bytes))?;
+                b.put_bytes(BUNDLES, &digest, &bytes)?;
             }
             for (key, pending) in &pendings {
                 b.put(STATUS, key, pending)?;
@@ -524,7 +524,8 @@ impl super::Agent {
             }
             // A refused bundle is not kept (unless a version it is ran here).
             if !self.in_history(&digest)? {
-                self.kv.delete(BUNDLES, &digest)?;
+                self.kv
+                    .delete_bytes(BUNDLES, std::slice::from_ref(&digest))?;
             }
             return Err(AgentError::Nack {
                 name: manifest.name,
@@ -767,9 +768,12 @@ impl super::Agent {
                 removed: false,
             },
         );
-        for dropped in history.split_off(self.history.min(history.len())) {
-            b.delete(BUNDLES, &dropped.digest)?;
-        }
+        let dropped: Vec<String> = history
+            .split_off(self.history.min(history.len()))
+            .into_iter()
+            .map(|h| h.digest)
+            .collect();
+        b.delete_bytes(BUNDLES, &dropped)?;
         b.put(HISTORY, name, &history)
     }
 

@@ -15,6 +15,7 @@ mod bundles;
 pub mod crash;
 mod reconcile;
 mod remove;
+pub mod retention;
 
 use std::{
     collections::BTreeMap,
@@ -65,6 +66,8 @@ pub struct Options {
     pub insecure_tcp: bool,
     /// How often the background compares every rootlet with the kernel.
     pub drift_check: Option<Duration>,
+    /// How long an idempotency record is replayed (see [`retention`]).
+    pub idempotency_ttl: Duration,
 }
 
 /// Why the agent refused or failed a call.
@@ -260,7 +263,11 @@ pub struct ChangeOutcome {
 }
 
 const STATUS: &str = "status";
-const BUNDLES: &str = "bundles";
+/// Signed bundles by digest, raw bytes ([`Kv::put_bytes`]).
+const BUNDLES: &str = "bundle_bytes";
+/// Where agents before raw bytes kept bundles (hex in JSON); emptied by
+/// [`retention`] when the agent opens.
+const LEGACY_BUNDLES: &str = "bundles";
 const HISTORY: &str = "history";
 const IDEMPOTENCY: &str = "idempotency";
 /// Longest lease.
@@ -283,6 +290,7 @@ pub struct Agent {
     drift_seen: Mutex<BTreeMap<RootletKey, String>>,
     /// How often the background compares every rootlet with the kernel.
     drift_check: Option<Duration>,
+    idempotency_ttl: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -318,9 +326,10 @@ impl Agent {
         };
         let kv = Kv::open_timed(
             &config.store_path,
-            &[STATUS, BUNDLES, HISTORY, IDEMPOTENCY],
+            &[STATUS, LEGACY_BUNDLES, HISTORY, IDEMPOTENCY],
             budget::Step::AgentStore,
         )?;
+        kv.open_bytes_table(BUNDLES)?;
         let mut trusted = vec![];
         for path in &config.trusted_keys {
             let key = rootlet_bundle::read_verifying_key(path).map_err(|source| {
@@ -345,8 +354,11 @@ impl Agent {
             crash,
             drift_seen: Mutex::new(BTreeMap::new()),
             drift_check: config.drift_check,
+            idempotency_ttl: config.idempotency_ttl,
         };
+        agent.migrate()?;
         agent.reconcile()?;
+        agent.sweep()?;
         Ok(Arc::new(agent))
     }
 
@@ -631,6 +643,7 @@ impl Agent {
                 .unwrap_or(Duration::from_secs(86_400 * 365)),
         );
         let drift_check = self.drift_check.is_some();
+        let mut sweep_tick = tokio::time::interval(self.sweep_period());
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -640,6 +653,12 @@ impl Agent {
                 _ = drift_tick.tick(), if drift_check => {
                     let agent = self.clone();
                     let _ = tokio::task::spawn_blocking(move || agent.check_drift()).await;
+                }
+                _ = sweep_tick.tick() => {
+                    let agent = self.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || agent.sweep()).await {
+                        tracing::warn!(error = %e, "cannot sweep the agent's store");
+                    }
                 }
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -678,37 +697,6 @@ impl Agent {
             }
         }
         out
-    }
-
-    /// A response stored under an idempotency key, if `request_hash`
-    /// matches; a conflict if the key was used for another request.
-    pub fn idempotent_get(
-        &self,
-        scope: &str,
-        key: &str,
-        request_hash: &str,
-    ) -> Result<Option<Vec<u8>>> {
-        let stored: Option<(String, Vec<u8>)> =
-            self.kv.get(IDEMPOTENCY, &format!("{scope}\n{key}"))?;
-        match stored {
-            Some((hash, response)) if hash == request_hash => Ok(Some(response)),
-            Some(_) => Err(AgentError::IdempotencyConflict(key.to_owned())),
-            None => Ok(None),
-        }
-    }
-
-    pub fn idempotent_put(
-        &self,
-        scope: &str,
-        key: &str,
-        request_hash: &str,
-        response: Vec<u8>,
-    ) -> Result<()> {
-        Ok(self.kv.put(
-            IDEMPOTENCY,
-            &format!("{scope}\n{key}"),
-            &(request_hash, response),
-        )?)
     }
 }
 

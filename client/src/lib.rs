@@ -21,8 +21,9 @@
 //! - [`status`]: hosts × rootlets read back from the agents.
 //! - [`bundle_cmd`]: `bundle build|sign|verify|inspect|keygen` (`bundle
 //!   remove` is a rollout: [`rollout`]).
-//! - [`sim`]: a simulated agent (in memory, no kernel) for tests and the
-//!   fleet benchmark; never used by `rootletctl` itself.
+//!
+//! The simulated agent the tests and the fleet benchmark use is the
+//! `rootlet-client-sim` crate (`client/sim/`), outside this library.
 #![forbid(unsafe_code)]
 
 pub mod bundle_cmd;
@@ -31,6 +32,5 @@ pub mod config;
 pub mod inventory;
 pub mod plan;
 pub mod rollout;
-pub mod sim;
 pub mod status;
 pub mod transport;

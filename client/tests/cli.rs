@@ -4,10 +4,8 @@
 
 use std::path::Path;
 
-use rootlet_client::{
-    cli::{EXIT_FAILED, EXIT_OK, EXIT_ROLLED_BACK, EXIT_USAGE, run_from},
-    sim::{self, SimOptions},
-};
+use rootlet_client::cli::{EXIT_FAILED, EXIT_OK, EXIT_ROLLED_BACK, EXIT_USAGE, run_from};
+use rootlet_client_sim::{self as sim, SimOptions};
 
 fn ctl(args: &[&str]) -> i32 {
     run_from(std::iter::once("rootletctl").chain(args.iter().copied()))

@@ -19,9 +19,9 @@ use rootlet_client::{
         journal::{self, HostState, JournalFile, RolloutState, StopKind},
         progress::Mode,
     },
-    sim::{self, SimHandle, SimOptions},
     transport::TransportOptions,
 };
+use rootlet_client_sim::{self as sim, SimHandle, SimOptions};
 
 struct Fleet {
     dir: tempfile::TempDir,

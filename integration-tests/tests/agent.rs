@@ -73,6 +73,11 @@ impl Agent {
     }
 
     async fn start_with(max_message_bytes: usize) -> Agent {
+        Self::start_edited(max_message_bytes, |_| {}).await
+    }
+
+    /// [`Agent::start_with`], with `edit` applied to the configuration.
+    async fn start_edited(max_message_bytes: usize, edit: impl Fn(&mut Config)) -> Agent {
         let f = Fixture::new();
         let pki = Pki::new();
         let state_dir = pki.dir.join("state");
@@ -83,9 +88,9 @@ impl Agent {
             rootlet_bundle::verifying_key_to_pem(&signing_key.verifying_key()),
         )
         .expect("public key");
-        let mut running = runtime::start(Self::config(&f, &pki, &state_dir, max_message_bytes))
-            .await
-            .expect("start rootletd");
+        let mut config = Self::config(&f, &pki, &state_dir, max_message_bytes);
+        edit(&mut config);
+        let mut running = runtime::start(config).await.expect("start rootletd");
         assert!(running.ready().await, "the agent serves");
         Agent {
             f,
@@ -2291,6 +2296,20 @@ async fn an_apply_half_done_at_a_crash_is_put_back_on_every_rootlet() {
         kernel(&mut c, r2.clone()).await.map(|k| k.1),
     );
     assert_eq!(now, on_v1, "every rootlet runs 1.0 again");
+    // The interrupted version's bytes went with it (nothing refers to
+    // them); 1.0, which the rootlets run, stays.
+    for (bytes, kept) in [(&v2, false), (&v1, true)] {
+        let digest = rootlet_bundle::SignedBundle::from_bytes(bytes)
+            .expect("decode")
+            .bundle
+            .digest();
+        let has = c
+            .has_bundle(pb::HasBundleRequest { digest })
+            .await
+            .expect("has")
+            .into_inner();
+        assert_eq!(has.present, kept, "stored after the crash");
+    }
     for r in [a.rootlet(), r2.clone()] {
         let s = apply_status(&mut c, r, "half").await;
         assert_eq!(s.applied_version, "1.0");
@@ -2535,4 +2554,213 @@ async fn the_metrics_give_each_step_of_a_change_over_the_unix_socket() {
     consistent(&b, "ApplyBundle");
     // Pending, status, history and the bundle itself: the agent's store.
     assert!(b.step("agent_store") > 0.0, "{b:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The agent's store (issue #14): bundles as raw bytes, stores of earlier
+// agents migrated, idempotency records that expire.
+// ---------------------------------------------------------------------------
+
+/// The agent's store of `a`, opened directly (the agent must be stopped).
+fn agent_store(a: &Agent) -> rootlet_dataplane::kv::Kv {
+    let path = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20).agent_store_path();
+    rootlet_dataplane::kv::Kv::open(&path, &["bundles", "idempotency"]).expect("agent store")
+}
+
+fn digest_of_bundle(bytes: &[u8]) -> String {
+    rootlet_bundle::SignedBundle::from_bytes(bytes)
+        .expect("decode")
+        .bundle
+        .digest()
+}
+
+async fn has_bundle(c: &mut RootletClient<Channel>, digest: &str) -> bool {
+    c.has_bundle(pb::HasBundleRequest {
+        digest: digest.to_owned(),
+    })
+    .await
+    .expect("has")
+    .into_inner()
+    .present
+}
+
+async fn restart(a: &mut Agent, edit: impl Fn(&mut Config)) {
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    edit(&mut config);
+    let mut running = runtime::start(config).await.expect("restart rootletd");
+    assert!(running.ready().await, "the agent serves again");
+    a.running = Some(running);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_of_an_earlier_agent_is_migrated_and_bundles_are_raw_bytes() {
+    let mut a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let v1 = a.bundle("1.0", &[("sampler", "sampler", 10)], true);
+    let v2 = a.bundle(
+        "2.0",
+        &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
+        true,
+    );
+    ops.apply_bundle(apply(v1.clone())).await.expect("1.0");
+    let mut keyed = apply(v2.clone());
+    keyed.idempotency_key = "up-2".into();
+    let first = ops
+        .apply_bundle(keyed.clone())
+        .await
+        .expect("2.0")
+        .into_inner();
+    assert!(!first.noop);
+    drop(ops);
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+
+    // Bundles are stored as they were sent, not encoded.
+    let (d1, d2) = (digest_of_bundle(&v1), digest_of_bundle(&v2));
+    {
+        let kv = agent_store(&a);
+        assert_eq!(
+            kv.get_bytes("bundle_bytes", &d1).expect("store"),
+            Some(v1.clone())
+        );
+        assert_eq!(
+            kv.get_bytes("bundle_bytes", &d2).expect("store"),
+            Some(v2.clone())
+        );
+        // Now put the store back the way agents before raw bytes wrote it:
+        // bundles as JSON strings of hex in `bundles`, idempotency records
+        // as (request hash, response) without a time.
+        for (digest, bytes) in [(&d1, &v1), (&d2, &v2)] {
+            kv.put("bundles", digest, &hex::encode(bytes))
+                .expect("store");
+        }
+        kv.delete_bytes("bundle_bytes", &[d1.clone(), d2.clone()])
+            .expect("store");
+        assert!(!kv.contains_bytes("bundle_bytes", &d1).expect("store"));
+        let records: Vec<(String, serde_json::Value)> = kv.list("idempotency").expect("store");
+        assert_eq!(records.len(), 1, "{records:?}");
+        for (key, record) in records {
+            let untimed = (
+                record["request_hash"].as_str().expect("hash").to_owned(),
+                serde_json::from_value::<Vec<u8>>(record["response"].clone()).expect("response"),
+            );
+            kv.put("idempotency", &key, &untimed).expect("store");
+        }
+    }
+
+    // The upgraded agent reads them: it holds both versions, replays the
+    // keyed call (a new apply would be a no-op), and rolls back.
+    restart(&mut a, |_| {}).await;
+    let mut ops = a.client("ops").await;
+    assert!(has_bundle(&mut ops, &d1).await && has_bundle(&mut ops, &d2).await);
+    let replayed = ops.apply_bundle(keyed).await.expect("replay").into_inner();
+    assert_eq!(replayed, first, "the stored response");
+    let back = ops
+        .rollback(pb::RollbackRequest {
+            name: "edge".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rollback")
+        .into_inner();
+    assert_eq!(
+        (back.version.as_str(), back.digest.as_str()),
+        ("1.0", d1.as_str())
+    );
+    drop(ops);
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    // Migrated for good: nothing left in the old table.
+    let kv = agent_store(&a);
+    assert!(kv.list::<String>("bundles").expect("store").is_empty());
+    assert_eq!(kv.get_bytes("bundle_bytes", &d2).expect("store"), Some(v2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_records_replay_within_their_ttl_and_are_forgotten_after() {
+    const TTL: Duration = Duration::from_secs(2);
+    let ttl = |c: &mut Config| c.limits.idempotency_ttl_seconds = TTL.as_secs();
+    let mut a = Agent::start_edited(80 << 20, ttl).await;
+    let mut ops = a.client("ops").await;
+    let v1 = a.bundle("1.0", &[("sampler", "sampler", 10)], true);
+    let v2 = a.bundle(
+        "2.0",
+        &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
+        true,
+    );
+    let keyed = |bytes: &Vec<u8>, key: &str| {
+        let mut r = apply(bytes.clone());
+        r.idempotency_key = key.into();
+        r
+    };
+    let first = ops
+        .apply_bundle(keyed(&v1, "a"))
+        .await
+        .expect("1.0")
+        .into_inner();
+    assert!(!first.noop);
+    let created = Instant::now();
+    let b = ops
+        .apply_bundle(keyed(&v1, "b"))
+        .await
+        .expect("b")
+        .into_inner();
+    assert!(b.noop, "the host runs 1.0");
+    ops.apply_bundle(keyed(&v1, "c")).await.expect("c");
+
+    // Within the time to live: the stored response, and the key is taken.
+    let again = ops
+        .apply_bundle(keyed(&v1, "a"))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(
+        again, first,
+        "replayed, not run again (that would be a no-op)"
+    );
+    let err = ops.apply_bundle(keyed(&v2, "b")).await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED")
+    );
+    assert!(
+        created.elapsed() < TTL,
+        "the calls above took longer than the TTL"
+    );
+
+    // Past it (and past the sweeps that follow, one per TTL): the key is a
+    // new request, run against what the host runs now.
+    tokio::time::sleep(TTL * 2 + Duration::from_millis(500)).await;
+    let rerun = ops
+        .apply_bundle(keyed(&v1, "a"))
+        .await
+        .expect("rerun")
+        .into_inner();
+    assert!(rerun.noop, "run again: the host already runs 1.0");
+    let other = ops
+        .apply_bundle(keyed(&v2, "b"))
+        .await
+        .expect("the key names another request now")
+        .into_inner();
+    assert_eq!((other.version.as_str(), other.noop), ("2.0", false));
+    drop(ops);
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    // The record of key "c", never used again, was swept from the store;
+    // "a" and "b" are the new calls' records.
+    let kv = agent_store(&a);
+    let mut keys: Vec<String> = kv
+        .keys("idempotency")
+        .expect("store")
+        .into_iter()
+        .map(|k| k.rsplit('\n').next().unwrap_or_default().to_owned())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["a", "b"]);
 }

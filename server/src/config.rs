@@ -176,17 +176,26 @@ impl Default for BundlesConfig {
 pub struct LimitsConfig {
     /// The largest gRPC message either way (a bundle travels in one).
     pub max_message_bytes: usize,
+    /// How long a mutation's response is kept for a retry with the same
+    /// idempotency key; past it, the key is a new request.
+    pub idempotency_ttl_seconds: u64,
 }
 
 /// 80 MiB: bundles up to 64 MiB, plus framing.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 80 << 20;
 const MIN_MESSAGE_BYTES: usize = 1 << 20;
 const MAX_MESSAGE_BYTES: usize = 1 << 30;
+/// 24 h: longer than any client's retries of one call.
+pub const DEFAULT_IDEMPOTENCY_TTL_SECONDS: u64 =
+    rootlet_agent::retention::DEFAULT_IDEMPOTENCY_TTL.as_secs();
+/// 30 days.
+const MAX_IDEMPOTENCY_TTL_SECONDS: u64 = 30 * 86_400;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            idempotency_ttl_seconds: DEFAULT_IDEMPOTENCY_TTL_SECONDS,
         }
     }
 }
@@ -341,6 +350,7 @@ impl Config {
             insecure_tcp: self.listen.insecure_tcp,
             drift_check: (self.dataplane.drift_check_seconds > 0)
                 .then(|| std::time::Duration::from_secs(self.dataplane.drift_check_seconds)),
+            idempotency_ttl: std::time::Duration::from_secs(self.limits.idempotency_ttl_seconds),
         }
     }
 
@@ -476,6 +486,13 @@ impl Config {
                 format!(
                     "{max} is not between {MIN_MESSAGE_BYTES} (1 MiB) and {MAX_MESSAGE_BYTES} (1 GiB)"
                 ),
+            );
+        }
+        let ttl = self.limits.idempotency_ttl_seconds;
+        if !(1..=MAX_IDEMPOTENCY_TTL_SECONDS).contains(&ttl) {
+            problem(
+                "limits.idempotency_ttl_seconds",
+                format!("{ttl} is not between 1 and {MAX_IDEMPOTENCY_TTL_SECONDS} (30 days)"),
             );
         }
 
@@ -832,6 +849,7 @@ mod tests {
         assert_eq!(c.bundles.history, 5);
         assert!(!c.bundles.allow_unsigned);
         assert_eq!(c.limits.max_message_bytes, 80 * 1024 * 1024);
+        assert_eq!(c.limits.idempotency_ttl_seconds, 86_400);
         c.validate().unwrap();
         let dp = c.dataplane_config();
         assert_eq!(dp.store_path, Path::new("/var/lib/rootlet/dataplane.redb"));
@@ -880,6 +898,7 @@ allow_unsigned = true
 history = 3
 [limits]
 max_message_bytes = 2097152
+idempotency_ttl_seconds = 60
 [[authz.identity]]
 name = "ops"
 role = "admin"
@@ -898,6 +917,10 @@ role = "reader"
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.dataplane.backend, BackendChoice::TailCall);
         assert_eq!(c.dataplane_config().backend, BackendChoice::TailCall);
+        assert_eq!(
+            c.agent_options().idempotency_ttl,
+            std::time::Duration::from_secs(60)
+        );
         assert_eq!(
             c.dataplane_config().store_path,
             Path::new("/tmp/x/dataplane.redb")
@@ -1052,6 +1075,7 @@ history = 0
 trusted_keys = ["/nonexistent/key.pub"]
 [limits]
 max_message_bytes = 1000
+idempotency_ttl_seconds = 0
 [log]
 level = "info,=[bad"
 [dataplane]
@@ -1077,6 +1101,7 @@ stages = ["ok", "ok-*", "bad*name", "no spaces"]
                 "bundles.trusted_keys[0]",
                 "bundles.history",
                 "limits.max_message_bytes",
+                "limits.idempotency_ttl_seconds",
                 "authz.identity[0].stages",
                 "authz.identity[1].name",
                 "authz.identity[2].stages[2]",

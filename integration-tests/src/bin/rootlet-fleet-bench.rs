@@ -2,7 +2,7 @@
 //! costs at scale. It prints figures and asserts nothing about speed.
 //!
 //! 1. **1000 simulated agents** on loopback: a child process serves N
-//!    in-memory agents (`rootlet_client::sim`: the rootlet.v1 API and
+//!    in-memory agents (`rootlet_client_sim`: the rootlet.v1 API and
 //!    health, with a SIMULATED data plane: no kernel, no eBPF, no signature
 //!    checks), each on its own 127.0.0.1 port. Another child process runs
 //!    `rootletctl rollout start` (the same code as the binary) against all
@@ -113,7 +113,7 @@ fn sim_agents(count: u32) -> ExitCode {
     rt.block_on(async move {
         let mut handles = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            match rootlet_client::sim::spawn(rootlet_client::sim::SimOptions { pps: 0 }).await {
+            match rootlet_client_sim::spawn(rootlet_client_sim::SimOptions { pps: 0 }).await {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     eprintln!("simulated agent: {e}");

@@ -21,6 +21,10 @@
 //! (health NOT_SERVING), [`SimAgent::set_nack`] (applies fail) and
 //! [`SimAgent::replace_out_of_band`] (a stage changed behind the agent's
 //! back: drift).
+//!
+//! A crate of its own so that it stays out of `rootletctl` and the
+//! `rootlet-client` library: only tests and benchmarks depend on it
+//! (`scripts/check-layers.sh` checks that the client does not).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -30,7 +34,7 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use futures::Stream;
@@ -38,14 +42,22 @@ use rootlet_bundle::SignedBundle;
 use rootlet_proto::v1::{self as pb, rootlet_server::RootletServer};
 use sha2::{Digest, Sha256};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming, server::NamedService};
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse,
     health_check_response::ServingStatus,
     health_server::{Health, HealthServer},
 };
 
-use crate::rollout::journal::now_ms;
+/// The service whose health the client checks (as the real agent's).
+const HEALTH_SERVICE: &str = <RootletServer<SimAgent> as NamedService>::NAME;
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 
 /// Longest a silent agent holds a call (the client's deadline ends it
 /// first).
@@ -908,7 +920,7 @@ impl Health for SimAgent {
     ) -> Result<Response<HealthCheckResponse>, Status> {
         self.enter().await?;
         let service = req.into_inner().service;
-        if !service.is_empty() && service != crate::transport::HEALTH_SERVICE {
+        if !service.is_empty() && service != HEALTH_SERVICE {
             return Err(Status::not_found(format!("unknown service {service}")));
         }
         let status = if self.inner.unhealthy.load(Ordering::SeqCst) {
