@@ -48,6 +48,7 @@ pub mod sys;
 pub mod tailcall;
 pub mod tally;
 pub mod txn;
+pub mod warm;
 
 use std::{
     collections::BTreeMap,
@@ -76,7 +77,14 @@ pub struct Config {
     pub backend: BackendChoice,
     /// Tests only: abort the process at this step of every change.
     pub crash_at: Option<crash::Step>,
+    /// aya loaders made ahead of time, off the path of a change
+    /// ([`warm`]); 0 makes each when it is needed.
+    pub warm_loaders: usize,
 }
+
+/// The default of [`Config::warm_loaders`]: what a 3-stage tail-call
+/// switch takes (two instances per stage).
+pub const DEFAULT_WARM_LOADERS: usize = 6;
 
 impl Default for Config {
     fn default() -> Self {
@@ -85,6 +93,7 @@ impl Default for Config {
             store_path: "/var/lib/rootlet/dataplane.redb".into(),
             backend: BackendChoice::Auto,
             crash_at: None,
+            warm_loaders: DEFAULT_WARM_LOADERS,
         }
     }
 }
@@ -226,6 +235,9 @@ impl Dataplane {
             rootlets: Mutex::new(BTreeMap::new()),
         };
         dp.adopt_all()?;
+        // After the probe and adoption, so that the loaders' parses do not
+        // delay them.
+        warm::set_depth(config.warm_loaders);
         Ok(dp)
     }
 

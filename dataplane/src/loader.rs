@@ -183,7 +183,9 @@ fn kernel_btf_for(bytes: &[u8]) -> Option<&'static aya::Btf> {
 
 impl<'a> Load<'a> {
     fn loader(&'a self) -> EbpfLoader<'a> {
-        let mut loader = EbpfLoader::new();
+        // A loader made ahead of time (`warm.rs`): aya 0.14's `new()` parses
+        // the kernel BTF, which the next line replaces anyway.
+        let mut loader = crate::warm::take();
         loader.btf(budget::time(Step::Parse, || kernel_btf_for(self.bytes)));
         for &(name, value, must_exist) in &self.globals {
             loader.override_global(name, value, must_exist);

@@ -95,6 +95,9 @@ impl Fixture {
             store_path: self.store.clone(),
             backend: backend(),
             crash_at: None,
+            // Each load makes its own loader, as without a pool: the suites
+            // start many processes, which would each fill one in the VM.
+            warm_loaders: 0,
         }
     }
 

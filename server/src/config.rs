@@ -132,6 +132,10 @@ pub struct DataplaneConfig {
     /// removed) reaches Watch subscribers (cause "drift") even when no call
     /// reads the rootlet. 0: only reads and changes detect drift.
     pub drift_check_seconds: u64,
+    /// aya loaders made ahead of time, off the path of a change (aya 0.14
+    /// parses the kernel BTF in each one: see dataplane/src/warm.rs); 0
+    /// makes each when a load needs it. At most 64.
+    pub warm_loaders: usize,
 }
 
 /// The default of `[dataplane] drift_check_seconds`.
@@ -144,6 +148,7 @@ impl Default for DataplaneConfig {
             state_dir: "/var/lib/rootlet".into(),
             backend: BackendChoice::Auto,
             drift_check_seconds: DEFAULT_DRIFT_CHECK_SECONDS,
+            warm_loaders: dataplane::DEFAULT_WARM_LOADERS,
         }
     }
 }
@@ -335,6 +340,7 @@ impl Config {
             store_path: self.dataplane.state_dir.join("dataplane.redb"),
             backend: self.dataplane.backend,
             crash_at: None,
+            warm_loaders: self.dataplane.warm_loaders,
         }
     }
 
@@ -470,6 +476,12 @@ impl Config {
                 }
                 Err(e) => problem(&field, format!("cannot read {}: {e}", key.display())),
             }
+        }
+        if self.dataplane.warm_loaders > 64 {
+            problem(
+                "dataplane.warm_loaders",
+                format!("{} is more than 64", self.dataplane.warm_loaders),
+            );
         }
         if !(1..=1000).contains(&self.bundles.history) {
             problem(

@@ -514,6 +514,8 @@ impl Supervisor {
         let config = self.config.clone();
         tracing::info!("opening the agent: adopting the pinned state");
         let mut opening = tokio::task::spawn_blocking(move || {
+            // The loader pool's parses leave freed memory in the arenas.
+            rootlet_dataplane::warm::after_refill(crate::memory::trim);
             let agent = Agent::open(&config.agent_options());
             // Probing and adopting loaded programs: hand their heap back.
             crate::memory::trim();

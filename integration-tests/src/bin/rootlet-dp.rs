@@ -61,6 +61,8 @@ fn main() -> Result<(), String> {
         store_path: args.store,
         backend,
         crash_at,
+        // A short-lived process: each load makes its own loader.
+        warm_loaders: 0,
     })
     .map_err(|e| e.to_string())?;
     let mut key: Option<RootletKey> = dp.list().first().copied();
