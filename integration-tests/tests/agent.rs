@@ -61,6 +61,13 @@ impl Agent {
         // the agent needs.
         c.dataplane.state_dir = f.store.parent().expect("store dir").to_owned();
         c.dataplane.backend = fixture::backend();
+        // No loaders made ahead (`dataplane/src/warm.rs`): this suite starts
+        // some forty rootletd processes, and under the VM tier's emulation
+        // each pool's six kernel-BTF parses (about 2 s of CPU in a 6.1
+        // guest) delayed the restarts of the crash test past its 60 s bound.
+        // The pool is exercised by the metrics test and the bench
+        // (`rootletd::Daemon`, default config) and its unit test.
+        c.dataplane.warm_loaders = 0;
         c.bundles.trusted_keys = vec![public];
         c.limits.max_message_bytes = max_message_bytes;
         c.authz.identity = vec![
