@@ -63,10 +63,10 @@ impl Agent {
         c.dataplane.backend = fixture::backend();
         // No loaders made ahead (`dataplane/src/warm.rs`): this suite starts
         // some forty rootletd processes, and under the VM tier's emulation
-        // each pool's six kernel-BTF parses (about 2 s of CPU in a 6.1
-        // guest) delayed the restarts of the crash test past its 60 s bound.
-        // The pool is exercised by the metrics test and the bench
-        // (`rootletd::Daemon`, default config) and its unit test.
+        // each pool's six kernel-BTF parses cost about 2 s of CPU that the
+        // tests beside it would wait for. The pool is exercised by the
+        // metrics test and the bench (`rootletd::Daemon`, default config)
+        // and by its unit test.
         c.dataplane.warm_loaders = 0;
         c.bundles.trusted_keys = vec![public];
         c.limits.max_message_bytes = max_message_bytes;
@@ -1602,8 +1602,11 @@ async fn an_apply_converges_on_the_kernel_and_drift_is_reported_per_stage() {
 }
 
 /// Waits, bounded, until the rootletd at `addr` serves; then an ops client.
+/// The bound is for the VM tier: a start-up there takes about 10 s alone,
+/// and its probe took 38 s (8 s alone) in a 6.1 guest while another test of
+/// the suite ran beside it, so 60 s was too tight for a restart.
 async fn serving(addr: &str, a: &Agent) -> RootletClient<Channel> {
-    let end = Instant::now() + Duration::from_secs(60);
+    let end = Instant::now() + Duration::from_secs(180);
     while health(addr, a).await != Some(1) {
         assert!(Instant::now() < end, "rootletd at {addr} never served");
         tokio::time::sleep(Duration::from_millis(100)).await;
