@@ -423,24 +423,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// The steps in the order of a change (rootletd's step labels); `other`,
-/// the time no step covers, last.
-const STEPS: [&str; 14] = [
-    "drift",
-    "check",
-    "plan",
-    "map_reuse",
-    "store",
-    "grace",
-    "parse",
-    "verify",
-    "build",
-    "swap",
-    "release",
-    "agent_store",
-    "respond",
-    "other",
-];
+/// rootletd's step labels, from the data plane's own list, and `other`
+/// (the time no step covers) last.
+fn step_names() -> impl Iterator<Item = &'static str> {
+    rootlet_dataplane::budget::Step::ALL
+        .into_iter()
+        .map(|s| s.name())
+        .chain(["other"])
+}
 
 pub(crate) fn print_rpc(args: &Args, r: &OverRpc) {
     println!();
@@ -485,7 +475,7 @@ pub(crate) fn print_rpc(args: &Args, r: &OverRpc) {
         let share = of.iter().sum::<f64>() / sum.max(f64::MIN_POSITIVE);
         format!("{:>9.3} ms {:>5.1}%", median(of) * 1e3, share * 100.0)
     };
-    for name in STEPS {
+    for name in step_names() {
         println!(
             "   {:<26}{:>20}{:>20}{:>20}",
             name,
