@@ -169,17 +169,7 @@ impl Kv {
     /// Stores `value` under `key` in byte table `table` as it is (no
     /// encoding), and the key in its index, in one durable transaction.
     pub fn put_bytes(&self, table: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
-            t.insert(key, value).map_err(|e| self.err(e))?;
-            let index = index_of(table);
-            let mut i = txn
-                .open_table(Table::new(&index))
-                .map_err(|e| self.err(e))?;
-            i.insert(key, [].as_slice()).map_err(|e| self.err(e))?;
-        }
-        budget::time(self.step, || txn.commit()).map_err(|e| self.err(e))
+        self.write(|b| b.put_bytes(table, key, value))
     }
 
     /// Deletes `keys` from byte table `table` and its index, in one durable
@@ -188,19 +178,7 @@ impl Kv {
         if keys.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = txn.open_table(Table::new(table)).map_err(|e| self.err(e))?;
-            let index = index_of(table);
-            let mut i = txn
-                .open_table(Table::new(&index))
-                .map_err(|e| self.err(e))?;
-            for key in keys {
-                t.remove(key.as_str()).map_err(|e| self.err(e))?;
-                i.remove(key.as_str()).map_err(|e| self.err(e))?;
-            }
-        }
-        budget::time(self.step, || txn.commit()).map_err(|e| self.err(e))
+        self.write(|b| b.delete_bytes(table, keys))
     }
 
     pub fn delete(&self, table: &str, key: &str) -> Result<(), KvError> {
