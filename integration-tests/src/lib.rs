@@ -25,6 +25,8 @@
 //!
 //! # Layout
 //!
+//! - [`agentd`]: [`agentd::Agent`], an in-process rootletd for the API
+//!   suites (mTLS, roles, a trusted signing key, the fixture's rootlet).
 //! - [`api`]: rootlet.v1 requests the API tests share (the fixture's
 //!   interface, a load, a stage, a link, a bundle, an error's details).
 //! - [`fixture`]: what every data-plane test starts from (a
@@ -55,6 +57,7 @@
 //!   socket calls `std` and `nix` do not cover.
 #![deny(unsafe_code)]
 
+pub mod agentd;
 pub mod api;
 pub mod fixture;
 pub mod fleet;
