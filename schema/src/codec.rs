@@ -528,11 +528,9 @@ fn decode(t: &Type, v: &Value, out: &mut [u8], path: &Path<'_>) -> Result<(), Co
             out.copy_from_slice(&raw.to_le_bytes()[..*size as usize]);
         }
         Type::Char { signed } => {
-            let raw = match v {
-                Value::String(s) if s.len() == 1 => u128::from(s.as_bytes()[0]),
-                _ => int_from_json(v, 8, *signed, path)?,
-            };
-            out[0] = raw as u8;
+            // A lone char is a number (a string is a number too, as for
+            // every integer: "0" is 0, not '0').
+            out[0] = int_from_json(v, 8, *signed, path)? as u8;
         }
         Type::Bool => out[0] = u8::from(bool_from_json(v, path)?),
         Type::Enum {
