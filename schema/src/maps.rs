@@ -13,6 +13,8 @@ use crate::types::{Builder, Type};
 /// The kernel's limit on an object name, NUL included (`BPF_OBJ_NAME_LEN`).
 const BPF_OBJ_NAME_LEN: usize = 16;
 
+pub const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+pub const BPF_MAP_TYPE_PERF_EVENT_ARRAY: u32 = 4;
 pub const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
 pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 pub const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
@@ -281,7 +283,11 @@ fn map_def(
         (Some(v), _) => v,
         (None, Some(s)) => Type::unsigned_of_size(s),
         // A map of maps or a prog array holds ids (fds on update).
-        (None, None) if inner.is_some() || map_type.is_map_of_maps() || map_type.0 == 3 => {
+        (None, None)
+            if inner.is_some()
+                || map_type.is_map_of_maps()
+                || map_type.0 == BPF_MAP_TYPE_PROG_ARRAY =>
+        {
             Type::unsigned_of_size(4)
         }
         (None, None) => Type::unsigned_of_size(0),
@@ -308,11 +314,22 @@ impl MapSchema {
     }
 
     /// The schema a policy's entries for this map follow: the inner map's
-    /// for a policy map (with a known inner definition), else this map's.
-    pub fn entries(&self) -> &MapSchema {
+    /// for a policy map, this map's for a map that holds data. None for a
+    /// map whose values are kernel objects (a map of maps other than a
+    /// policy map with an inner definition, a prog or perf event array):
+    /// a policy cannot name those.
+    pub fn entries(&self) -> Option<&MapSchema> {
         match &self.inner {
-            Some(inner) if self.is_policy_map() => inner,
-            _ => self,
+            Some(inner) if self.is_policy_map() => Some(inner),
+            _ if self.map_type.is_map_of_maps() => None,
+            _ if matches!(
+                self.map_type.0,
+                BPF_MAP_TYPE_PROG_ARRAY | BPF_MAP_TYPE_PERF_EVENT_ARRAY
+            ) =>
+            {
+                None
+            }
+            _ => Some(self),
         }
     }
 

@@ -302,9 +302,12 @@ fn a_policy_map_has_its_inner_definition() {
         (8, 8, 100_000)
     );
     assert_eq!(inner.map_flags, 1);
-    assert_eq!(m.entries(), inner);
+    assert_eq!(m.entries(), Some(inner));
     assert_eq!(
-        m.entries().decode_key(&json!("10.0.0.0/8")).unwrap(),
+        m.entries()
+            .unwrap()
+            .decode_key(&json!("10.0.0.0/8"))
+            .unwrap(),
         [8, 0, 0, 0, 10, 0, 0, 0]
     );
     let printed = serde_json::to_value(m).unwrap();
@@ -320,7 +323,10 @@ fn a_policy_map_has_its_inner_definition() {
     // Plain maps are not policy maps, and their entries are their own.
     let plain = map(&s, "schema_services");
     assert!(!plain.is_policy_map());
-    assert_eq!(plain.entries(), plain);
+    assert_eq!(plain.entries(), Some(plain));
+    // A stage's prog array holds programs, which no policy writes.
+    let ddos = Schema::from_elf(rootlet_ebpf::DDOS).unwrap();
+    assert_eq!(map(&ddos, "rootlet_next").entries(), None);
 }
 
 #[test]

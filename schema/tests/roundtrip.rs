@@ -154,7 +154,7 @@ fn every_kind_round_trips() {
     let s = all_kinds();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(512));
     for m in &s.maps {
-        let m = m.entries().clone();
+        let m = m.entries().unwrap().clone();
         let stride = if m.map_type.is_per_cpu() {
             (m.value_size as usize).div_ceil(8) * 8
         } else {
