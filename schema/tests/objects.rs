@@ -287,6 +287,78 @@ fn errors_name_the_field_path() {
 }
 
 #[test]
+fn integer_spellings_and_ranges() {
+    let s = test_schema();
+    let m = map(&s, "schema_services");
+    let field = |name: &str, v: Value| {
+        let mut j = json!({});
+        j[name] = v;
+        m.decode_value(&j)
+            .map(|b| m.encode_value(&b).unwrap()[name].clone())
+    };
+    assert_eq!(
+        field("big", json!("0xFFFFFFFFFFFFFFFF")).unwrap(),
+        json!(u64::MAX)
+    );
+    assert_eq!(
+        field("big", json!("18446744073709551615")).unwrap(),
+        json!(u64::MAX)
+    );
+    assert_eq!(
+        field("neg", json!("-0x8000000000000000")).unwrap(),
+        json!(i64::MIN)
+    );
+    assert_eq!(field("neg", json!("-0")).unwrap(), json!(0));
+    assert_eq!(field("offset", json!("-32768")).unwrap(), json!(-32768));
+    for bad in [
+        json!("+5"),
+        json!(" 5"),
+        json!("0x"),
+        json!("5e3"),
+        json!(""),
+        json!(null),
+        json!(true),
+    ] {
+        assert!(field("big", bad.clone()).is_err(), "{bad}");
+    }
+    assert_eq!(
+        field("big", json!("18446744073709551616"))
+            .unwrap_err()
+            .to_string(),
+        "value.big: \"18446744073709551616\" is out of range for u64 (0 to 18446744073709551615)"
+    );
+    assert_eq!(
+        field("neg", json!("-9223372036854775809"))
+            .unwrap_err()
+            .to_string(),
+        "value.neg: \"-9223372036854775809\" is out of range for i64 (-9223372036854775808 to 9223372036854775807)"
+    );
+    assert!(field("big", json!("340282366920938463463374607431768211456")).is_err());
+
+    // 128-bit integers: beyond 64 bits they are written as strings.
+    let w = map(&s, "schema_wide");
+    assert_eq!(w.key_size, 16);
+    let k = w
+        .decode_key(&json!("-170141183460469231731687303715884105728"))
+        .unwrap();
+    assert_eq!(k, i128::MIN.to_le_bytes());
+    assert_eq!(
+        w.encode_key(&k).unwrap(),
+        json!("-170141183460469231731687303715884105728")
+    );
+    assert_eq!(w.encode_key(&(-1i128).to_le_bytes()).unwrap(), json!(-1));
+    let v = w
+        .decode_value(&json!("0xffffffffffffffffffffffffffffffff"))
+        .unwrap();
+    assert_eq!(v, [255; 16]);
+    assert_eq!(w.encode_value(&v).unwrap(), json!(u128::MAX.to_string()));
+    assert_eq!(
+        w.encode_value(&[7; 16][..8].repeat(2)).unwrap(),
+        json!(u128::from_le_bytes([7; 16]).to_string())
+    );
+}
+
+#[test]
 fn a_policy_map_has_its_inner_definition() {
     let s = test_schema();
     let m = map(&s, "schema_policy_with_a_long_name");

@@ -104,6 +104,13 @@ struct {
 	__type(value, void *);
 } schema_pointer SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4);
+	__type(key, __int128);
+	__type(value, unsigned __int128);
+} schema_wide SEC(".maps");
+
 SEC("xdp")
 int schema(struct xdp_md *ctx)
 {
