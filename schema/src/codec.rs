@@ -90,6 +90,10 @@ pub(crate) fn int_json(v: i128) -> Value {
 
 impl MapSchema {
     /// The JSON form of a key (`bytes` of `key_size`).
+    ///
+    /// # Errors
+    /// [`CodecError`] when the bytes are not the size the map's type says;
+    /// any bytes of that size encode.
     pub fn encode_key(&self, bytes: &[u8]) -> Result<Value, CodecError> {
         let path = Path::Root("key");
         if bytes.len() != self.key_size as usize {
@@ -109,6 +113,10 @@ impl MapSchema {
     /// The JSON form of a value (`bytes` of `value_size`; for a per-CPU map,
     /// one value per possible CPU, each padded to 8 bytes as the kernel
     /// returns them, encoded as a JSON array of the CPUs' values).
+    ///
+    /// # Errors
+    /// [`CodecError`] when the bytes are not the size the map's type says;
+    /// any bytes of that size encode.
     pub fn encode_value(&self, bytes: &[u8]) -> Result<Value, CodecError> {
         let path = Path::Root("value");
         if self.map_type.is_per_cpu() {
@@ -140,6 +148,10 @@ impl MapSchema {
     }
 
     /// The bytes of a key given in JSON.
+    ///
+    /// # Errors
+    /// [`CodecError`] with the path (`key`, `value.backends[2].ip`) of what
+    /// does not fit the type.
     pub fn decode_key(&self, v: &Value) -> Result<Vec<u8>, CodecError> {
         let path = Path::Root("key");
         if let Some(lpm) = self.lpm() {
@@ -153,6 +165,10 @@ impl MapSchema {
     /// The bytes of a value given in JSON (for a per-CPU map, a JSON array
     /// of one value per CPU; the caller checks the count against the
     /// possible CPUs).
+    ///
+    /// # Errors
+    /// [`CodecError`] with the path (`key`, `value.backends[2].ip`) of what
+    /// does not fit the type.
     pub fn decode_value(&self, v: &Value) -> Result<Vec<u8>, CodecError> {
         let path = Path::Root("value");
         if self.map_type.is_per_cpu() {

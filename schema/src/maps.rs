@@ -144,6 +144,13 @@ pub struct Incompatible {
 impl Schema {
     /// The maps of raw BTF (header, types, strings), as the kernel returns
     /// it for a program's `btf_id` or as an ELF object's `.BTF` section.
+    ///
+    /// # Errors
+    /// [`SchemaError::Malformed`] for BTF that is not little-endian, is
+    /// cut short or refers to types that do not exist, or a map definition
+    /// libbpf would not accept; [`SchemaError::TooComplex`] past the bounds
+    /// of [`crate::types`] (depth, parts, size). A map's error is
+    /// [`SchemaError::Map`], naming it.
     pub fn from_btf(raw_btf: &[u8]) -> Result<Schema, SchemaError> {
         let types = Types::parse(raw_btf)?;
         let Some((_, datasec)) = types
@@ -172,6 +179,10 @@ impl Schema {
     }
 
     /// The maps of an ELF object's `.BTF` section.
+    ///
+    /// # Errors
+    /// [`SchemaError::Elf`], [`SchemaError::NoBtf`], or those of
+    /// [`Schema::from_btf`].
     pub fn from_elf(object: &[u8]) -> Result<Schema, SchemaError> {
         use object::{Object as _, ObjectSection as _};
         let elf = object::read::File::parse(object).map_err(|e| SchemaError::Elf(e.to_string()))?;
@@ -340,6 +351,10 @@ impl MapSchema {
     /// enumerator is a change of meaning); the C tags of structs, unions
     /// and enums are not compared (renaming `struct foo` changes no byte).
     /// For a map of maps, the inner definitions compare the same way.
+    ///
+    /// # Errors
+    /// [`Incompatible`] naming the first difference, with the field path
+    /// for a type (`key.addr: member addr at byte 4 became saddr at byte 4`).
     pub fn compatible_with(&self, other: &MapSchema) -> Result<(), Incompatible> {
         let no = |reason: String| Incompatible {
             map: self.name.clone(),
