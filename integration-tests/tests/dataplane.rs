@@ -19,6 +19,7 @@ use rootlet_integration_tests::{
     fixture::{self, Fixture, Step, maps_of_prog, read_u64, slot, stage, test_run},
     netns::{HOST_IP, PEER_IP, PEER_MAC},
     packet::{ParsedUdp, ipv4_checksum_valid, payload_seq, seq_payload, udp_checksum_valid},
+    policy,
     traffic::{RawSocket, UdpSink},
     witness::{self, Delivery, StackDrops, Traffic, TrafficRun, Witnessed},
 };
@@ -28,17 +29,21 @@ const VIP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 100);
 const VIP_PORT: u16 = 7000;
 const SINK_PORT: u16 = 6000;
 
+/// Makes the ddos stage's blocklist exactly `ip`/32 (rule 0), as the agent
+/// does: a new inner map swapped in.
 fn block(
     dp: &rootlet_dataplane::Dataplane,
     key: rootlet_dataplane::spec::RootletKey,
     ip: Ipv4Addr,
 ) {
-    let map = dp
-        .stage_map(key, "ddos", "ddos_blocklist")
-        .expect("blocklist");
-    let mut k = 32u32.to_ne_bytes().to_vec();
-    k.extend_from_slice(&ip.octets());
-    sys::map_update(map.as_fd(), &k, &0u64.to_ne_bytes()).expect("block");
+    policy::replace(
+        dp,
+        key,
+        "ddos",
+        policy::BLOCKLIST,
+        &[policy::block_entry(ip, 32, 0)],
+    )
+    .expect("block");
 }
 
 fn is_blocked(
@@ -46,32 +51,26 @@ fn is_blocked(
     key: rootlet_dataplane::spec::RootletKey,
     ip: Ipv4Addr,
 ) -> bool {
-    let map = dp
-        .stage_map(key, "ddos", "ddos_blocklist")
-        .expect("blocklist");
-    let mut k = 32u32.to_ne_bytes().to_vec();
-    k.extend_from_slice(&ip.octets());
-    let mut v = [0u8; 8];
-    sys::map_lookup(map.as_fd(), &k, &mut v).expect("lookup")
+    let k = policy::ddos_key(ip, 32);
+    policy::entries(dp, key, "ddos", policy::BLOCKLIST)
+        .expect("blocklist")
+        .iter()
+        .any(|(key, _)| *key == k)
 }
 
+/// One UDP service, VIP:VIP_PORT, with the peer as its one backend.
 fn configure_lb(dp: &rootlet_dataplane::Dataplane, key: rootlet_dataplane::spec::RootletKey) {
-    let service = dp
-        .stage_map(key, "lb", "l4lb_service")
-        .expect("service map");
-    let mut v = VIP.octets().to_vec();
-    v.extend_from_slice(&VIP_PORT.to_be_bytes());
-    v.push(17);
-    v.push(0);
-    v.extend_from_slice(&1u32.to_ne_bytes());
-    sys::map_update(service.as_fd(), &0u32.to_ne_bytes(), &v).expect("service");
-    let backends = dp
-        .stage_map(key, "lb", "l4lb_backends")
-        .expect("backends map");
-    let mut b = PEER_IP.octets().to_vec();
-    b.extend_from_slice(&PEER_MAC);
-    b.extend_from_slice(&[0, 0]);
-    sys::map_update(backends.as_fd(), &0u32.to_ne_bytes(), &b).expect("backend");
+    policy::replace(
+        dp,
+        key,
+        "lb",
+        policy::SERVICES,
+        &[(
+            policy::vip_key(VIP, VIP_PORT, 17),
+            policy::service_value(&[(PEER_IP, PEER_MAC)]),
+        )],
+    )
+    .expect("service");
 }
 
 fn deadline(secs: u64) -> Instant {
