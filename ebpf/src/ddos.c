@@ -20,7 +20,8 @@ struct ddos_key {
 	rootlet_ipv4_t addr;
 };
 
-ROOTLET_POLICY_MAP(ddos_blocklist, BPF_MAP_TYPE_LPM_TRIE, struct ddos_key, __u32, 65536,
+/* Entries are allocated as they are added (BPF_F_NO_PREALLOC): the limit costs nothing. */
+ROOTLET_POLICY_MAP(ddos_blocklist, BPF_MAP_TYPE_LPM_TRIE, struct ddos_key, __u32, 262144,
 		   BPF_F_NO_PREALLOC);
 
 struct {
