@@ -510,7 +510,20 @@ fn bundle(cmd: BundleCmd) -> i32 {
                 | B::MissingObject { .. }
                 | B::NotElf { .. }
                 | B::DigestMismatch { .. }
+                | B::PolicyOverlap { .. }
                 | B::Key { .. } => EXIT_USAGE,
+                // A policy file the manifest names, as `policy build` says.
+                B::Policy(e) => {
+                    let e = policy_cmd::PolicyCmdError::from(e);
+                    return fail(
+                        if e.is_usage() {
+                            EXIT_USAGE
+                        } else {
+                            EXIT_FAILED
+                        },
+                        e,
+                    );
+                }
                 _ => EXIT_FAILED,
             };
             fail(code, e)

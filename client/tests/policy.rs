@@ -251,3 +251,40 @@ fn diff_by_map_and_key_with_exit_codes() {
     assert_eq!(code, 2);
     assert!(err.contains("missing.toml"), "{err}");
 }
+
+/// A bundle whose stage carries a policy: `bundle build` embeds it,
+/// `bundle inspect` lists it; a policy error in it is a usage error at the
+/// policy file's position.
+#[test]
+fn bundle_build_carries_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("ddos.o"), rootlet_ebpf::DDOS).unwrap();
+    std::fs::write(d.join("blocklist.toml"), V1).unwrap();
+    let manifest = d.join("manifest.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"edge\"\nversion = \"v1\"\n[[rootlets]]\ninterface = \"rl0\"\n[[stages]]\n\
+         name = \"ddos\"\nobject = \"ddos.o\"\nprogram = \"ddos\"\npriority = 10\nowner = \"sec\"\n\
+         policies = [\"blocklist.toml\"]\n",
+    )
+    .unwrap();
+    let out = d.join("edge.rlb");
+    let (code, _, err) = ctl(&["bundle", "build", s(&manifest), "-o", s(&out)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, text, _) = ctl(&["bundle", "inspect", s(&out)]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("policy blocklist.json version 1 digest ")
+            && text.contains("maps ddos_blocklist (2)"),
+        "{text}"
+    );
+    std::fs::write(
+        d.join("blocklist.toml"),
+        V1.replace("version = 1", "version = -1"),
+    )
+    .unwrap();
+    let (code, _, err) = ctl(&["bundle", "build", s(&manifest), "-o", s(&out)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("blocklist.toml:2:11: version: "), "{err}");
+}
