@@ -910,6 +910,43 @@ impl pb::rootlet_server::Rootlet for SimAgent {
         })
         .map(Response::new)
     }
+
+    // Policies: not simulated yet (the real agent serves them; the fleet's
+    // policy rollout adds them here).
+    async fn list_stage_maps(
+        &self,
+        _r: Request<pb::ListStageMapsRequest>,
+    ) -> Result<Response<pb::ListStageMapsResponse>, Status> {
+        Err(Status::unimplemented("ListStageMaps"))
+    }
+
+    async fn dump_map(
+        &self,
+        _r: Request<pb::DumpMapRequest>,
+    ) -> Result<Response<pb::DumpMapResponse>, Status> {
+        Err(Status::unimplemented("DumpMap"))
+    }
+
+    async fn apply_policy(
+        &self,
+        _r: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        Err(Status::unimplemented("ApplyPolicy"))
+    }
+
+    async fn get_policy(
+        &self,
+        _r: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyStatus>, Status> {
+        Err(Status::unimplemented("GetPolicy"))
+    }
+
+    async fn rollback_policy(
+        &self,
+        _r: Request<pb::RollbackPolicyRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        Err(Status::unimplemented("RollbackPolicy"))
+    }
 }
 
 #[tonic::async_trait]

@@ -9,6 +9,7 @@
 
 pub mod convert;
 pub mod oversize;
+pub mod policy;
 pub mod status;
 pub mod verifier_logs;
 
@@ -650,6 +651,47 @@ impl pb::rootlet_server::Rootlet for RootletService {
                 record_apply(&metrics, agent, &outcome);
                 apply_response(outcome?)
             },
+        )
+        .await
+    }
+    async fn list_stage_maps(
+        &self,
+        req: Request<pb::ListStageMapsRequest>,
+    ) -> Reply<pb::ListStageMapsResponse> {
+        self.call("ListStageMaps", false, req, policy::list_stage_maps)
+            .await
+    }
+
+    async fn dump_map(&self, req: Request<pb::DumpMapRequest>) -> Reply<pb::DumpMapResponse> {
+        self.call("DumpMap", false, req, policy::dump_map).await
+    }
+
+    async fn apply_policy(
+        &self,
+        req: Request<pb::ApplyPolicyRequest>,
+    ) -> Reply<pb::ApplyPolicyResponse> {
+        self.idempotent(
+            "ApplyPolicy",
+            req,
+            |r| &r.idempotency_key,
+            policy::apply_policy,
+        )
+        .await
+    }
+
+    async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Reply<pb::PolicyStatus> {
+        self.call("GetPolicy", false, req, policy::get_policy).await
+    }
+
+    async fn rollback_policy(
+        &self,
+        req: Request<pb::RollbackPolicyRequest>,
+    ) -> Reply<pb::ApplyPolicyResponse> {
+        self.idempotent(
+            "RollbackPolicy",
+            req,
+            |r| &r.idempotency_key,
+            policy::rollback_policy,
         )
         .await
     }
