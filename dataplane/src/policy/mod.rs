@@ -424,12 +424,22 @@ pub fn build_inner(outer: &MapHandle, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<
         }
         .into());
     }
-    let (_, live) =
+    let (live_fd, live) =
         live_inner(&outer.name, outer.fd.as_fd())?.ok_or_else(|| PolicyError::NoLiveInner {
             map: outer.name.clone(),
         })?;
     let info = &live.info;
     check_entries(&outer.name, info, entries)?;
+    let create = |source| PolicyError::Create {
+        map: outer.name.clone(),
+        source,
+    };
+    // Typed like the live one: older kernels refuse an inner map whose BTF
+    // differs from the template's.
+    let btf = match sys::map_btf(live_fd.as_fd()).map_err(create)? {
+        Some(b) => Some((sys::btf_by_id(b.btf_id).map_err(create)?, b)),
+        None => None,
+    };
     let fd = sys::map_create_with_flags(
         info.map_type,
         info.key_size,
@@ -437,11 +447,10 @@ pub fn build_inner(outer: &MapHandle, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<
         info.max_entries,
         info.map_flags,
         &outer.name,
+        btf.as_ref()
+            .map(|(fd, b)| (fd.as_fd(), b.key_type_id, b.value_type_id)),
     )
-    .map_err(|source| PolicyError::Create {
-        map: outer.name.clone(),
-        source,
-    })?;
+    .map_err(create)?;
     let batched = fill(&outer.name, fd.as_fd(), entries)?;
     let id = sys::map_info(fd.as_fd())?.id;
     Ok(Inner { fd, id, batched })

@@ -114,7 +114,8 @@ fn lookups(args: &Args, f: &Fixture, set: &[(Vec<u8>, Vec<u8>)]) -> Result<(Vec<
     let keys: Vec<u8> = set.iter().flat_map(|(k, _)| k.clone()).collect();
     let values: Vec<u8> = set.iter().flat_map(|(_, v)| v.clone()).collect();
     raw_fill(plain.as_fd(), &keys, &values, set.len())?;
-    let inner = sys::map_create_with_flags(LPM_TRIE, 8, 4, 262_144, NO_PREALLOC, "bench_inner")?;
+    let inner =
+        sys::map_create_with_flags(LPM_TRIE, 8, 4, 262_144, NO_PREALLOC, "bench_inner", None)?;
     raw_fill(inner.as_fd(), &keys, &values, set.len())?;
     let inner_fd = inner.as_raw_fd() as u32;
     sys::map_update(outer.as_fd(), &0u32.to_ne_bytes(), &inner_fd.to_ne_bytes())?;
@@ -264,6 +265,7 @@ pub(crate) fn child(args: &Args, method: &str, dp: &Dataplane, key: RootletKey) 
                 live.info.max_entries,
                 live.info.map_flags,
                 "raw_bench",
+                None,
             )?;
             batched = raw_fill(fresh.as_fd(), &keys, &values, n)?;
             rounds.push(t0.elapsed());
