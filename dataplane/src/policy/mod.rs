@@ -522,3 +522,69 @@ pub fn swap(outer: &MapHandle, inner: &Inner) -> Result<SwapOutcome> {
     )?;
     Ok(SwapOutcome { old_inner_id: old })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lpm() -> MapInfo {
+        MapInfo {
+            id: 1,
+            map_type: 11,
+            name: "m".into(),
+            key_size: 8,
+            value_size: 4,
+            max_entries: 2,
+            map_flags: 1,
+        }
+    }
+
+    fn entry(k: u8) -> (Vec<u8>, Vec<u8>) {
+        (vec![k; 8], vec![0; 4])
+    }
+
+    #[test]
+    fn entries_are_checked_before_the_kernel_is_touched() {
+        assert_eq!(
+            check_entries("m", &lpm(), &[entry(1), entry(2)]).unwrap(),
+            4
+        );
+        let err = check_entries("m", &lpm(), &[entry(1), entry(2), entry(3)]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Policy(PolicyError::TooMany {
+                    entries: 3,
+                    max: 2,
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        let err = check_entries("m", &lpm(), &[entry(1), entry(1)]).unwrap_err();
+        assert_eq!(err.to_string(), "map `m`, entry 1: the same key as entry 0");
+        let err = check_entries("m", &lpm(), &[entry(1), (vec![0; 8], vec![0; 3])]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "map `m`, entry 1: the value is 3 bytes, the map's value is 4 bytes"
+        );
+    }
+
+    #[test]
+    fn a_policy_map_is_an_array_of_maps_with_one_entry() {
+        let outer = MapInfo {
+            map_type: ARRAY_OF_MAPS,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 1,
+            map_flags: 0,
+            ..lpm()
+        };
+        assert!(is_policy(&outer));
+        assert!(!is_policy(&MapInfo {
+            max_entries: 2,
+            ..outer.clone()
+        }));
+        assert!(!is_policy(&lpm()));
+    }
+}
