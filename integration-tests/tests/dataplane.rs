@@ -2440,6 +2440,6 @@ fn policy_l4lb_services_and_backends_change_in_one_swap() {
     for (sport, ip, mac) in &back {
         assert_eq!((*ip, *mac), picked(*sport, other, 2), "source port {sport}");
     }
-    let lb = slot(&dp.state(key).expect("state"), "lb").counters.clone();
+    let lb = slot(&dp.state(key).expect("state"), "lb").counters;
     assert_eq!((lb.tx, lb.pass), (40, 20), "{lb:?}");
 }
