@@ -347,8 +347,7 @@ fn dataplane_status(e: &DpError, msg: &str) -> Status {
             info(&mut d, "KERNEL_OR_STORE", &[]);
             Code::Internal
         }
-        // A first mapping of the data plane's map operations (p2); the
-        // policy service refines it.
+        // The data plane's map operations (policies, DumpMap).
         DpError::Policy(p) => {
             use rootlet_dataplane::error::PolicyError as P;
             let (reason, code) = match p {
@@ -362,6 +361,13 @@ fn dataplane_status(e: &DpError, msg: &str) -> Status {
                 | P::IsPolicyMap { .. }
                 | P::Unsupported { .. }
                 | P::NoLiveInner { .. } => ("MAP_KIND", Code::FailedPrecondition),
+                // The kernel refused an entry as such (an array index past
+                // its end, a value it will not take): the caller's to fix.
+                P::Write { source, .. }
+                    if matches!(source.errno(), Some(libc::E2BIG | libc::EINVAL)) =>
+                {
+                    ("MAP_ENTRY_REFUSED", Code::InvalidArgument)
+                }
                 P::Create { .. } | P::Write { .. } | P::Read { .. } | P::UndoFailed { .. } => {
                     ("MAP_KERNEL", Code::Internal)
                 }
