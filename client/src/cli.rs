@@ -148,6 +148,11 @@ pub enum PolicyCmd {
         /// Sign with this private key (repeatable).
         #[arg(long = "key")]
         keys: Vec<PathBuf>,
+        /// Check every entry against the map types of this stage object
+        /// (its BTF), as the agent will: an entry that does not fit is an
+        /// error at its file:line:col.
+        #[arg(long)]
+        object: Option<PathBuf>,
     },
     /// Add signatures to a policy file.
     Sign {
@@ -533,9 +538,12 @@ fn bundle(cmd: BundleCmd) -> i32 {
 
 fn policy(cmd: PolicyCmd) -> i32 {
     let r = match cmd {
-        PolicyCmd::Build { file, out, keys } => {
-            policy_cmd::build(&file, out.as_deref(), &keys).map(|(_, r)| r)
-        }
+        PolicyCmd::Build {
+            file,
+            out,
+            keys,
+            object,
+        } => policy_cmd::build(&file, out.as_deref(), &keys, object.as_deref()).map(|(_, r)| r),
         PolicyCmd::Sign { policy, keys, out } => policy_cmd::sign(&policy, &keys, out.as_deref()),
         PolicyCmd::Verify { policy, trusted } => policy_cmd::verify(&policy, &trusted),
         PolicyCmd::Inspect { policy, entries } => policy_cmd::inspect(&policy, entries),

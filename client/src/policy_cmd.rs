@@ -102,8 +102,16 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>> {
 
 /// Parses the policy source `file`, canonicalises it and writes it (signed
 /// with `keys`, if any) to `out`; returns the output path and a report.
-pub fn build(file: &Path, out: Option<&Path>, keys: &[PathBuf]) -> Result<(PathBuf, String)> {
+pub fn build(
+    file: &Path,
+    out: Option<&Path>,
+    keys: &[PathBuf],
+    object: Option<&Path>,
+) -> Result<(PathBuf, String)> {
     let policy = PolicyDocument::read(file)?;
+    if let Some(object) = object {
+        check_types(&policy, object)?;
+    }
     let out = out.map_or_else(|| default_output(&policy), Path::to_path_buf);
     let mut signed = SignedPolicy::new(policy);
     for k in keys {
@@ -129,6 +137,76 @@ pub fn build(file: &Path, out: Option<&Path>, keys: &[PathBuf]) -> Result<(PathB
             p.digest()
         ),
     ))
+}
+
+/// Checks every entry of `policy` against the map types of the stage
+/// object at `object` (the checks the agent makes against the running
+/// program's BTF), naming the first that does not fit at its
+/// file:line:col.
+pub fn check_types(policy: &PolicyDocument, object: &Path) -> Result<()> {
+    use rootlet_bundle::policy::EntryPart;
+    let bytes = std::fs::read(object).map_err(|source| PolicyError::Io {
+        path: object.to_path_buf(),
+        source,
+    })?;
+    let at_start = |field: String, msg: String| PolicyError::Field {
+        file: policy.source.clone(),
+        line: 1,
+        col: 1,
+        field,
+        msg,
+    };
+    let schema = rootlet_schema::Schema::from_elf(&bytes).map_err(|e| {
+        at_start(
+            "stage".into(),
+            format!("{}: its BTF: {e}", object.display()),
+        )
+    })?;
+    for (name, contents) in &policy.maps {
+        let Some(map) = schema.map(name) else {
+            return Err(at_start(
+                format!("maps.{name}"),
+                format!("{} has no map `{name}`", object.display()),
+            )
+            .into());
+        };
+        let Some(entries) = map.entries() else {
+            return Err(at_start(
+                format!("maps.{name}"),
+                "its values are kernel objects: a policy cannot set them".into(),
+            )
+            .into());
+        };
+        if contents.entries.len() > entries.max_entries as usize {
+            return Err(at_start(
+                format!("maps.{name}.entries"),
+                format!(
+                    "{} entries; the map holds at most {}",
+                    contents.entries.len(),
+                    entries.max_entries
+                ),
+            )
+            .into());
+        }
+        for (i, e) in contents.entries.iter().enumerate() {
+            // The codec's path starts with `key` or `value`: the rest is
+            // the detail under the entry's part.
+            let fail = |part: EntryPart, err: rootlet_schema::CodecError| {
+                let detail = err
+                    .path
+                    .split_once('.')
+                    .map_or(String::new(), |(_, rest)| format!(".{rest}"));
+                policy.entry_error(name, i, part, &detail, err.message)
+            };
+            entries
+                .decode_key(&e.key)
+                .map_err(|err| fail(EntryPart::Key, err))?;
+            entries
+                .decode_value(&e.value)
+                .map_err(|err| fail(EntryPart::Value, err))?;
+        }
+    }
+    Ok(())
 }
 
 /// Adds signatures by `keys` to the signed policy at `path`, writing `out`

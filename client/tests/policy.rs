@@ -288,3 +288,63 @@ fn bundle_build_carries_policies() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("blocklist.toml:2:11: version: "), "{err}");
 }
+
+#[test]
+fn build_with_the_stage_object_checks_every_entry_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let object = d.join("ddos.o");
+    std::fs::write(&object, rootlet_ebpf::DDOS).unwrap();
+    std::fs::write(d.join("v1.toml"), V1).unwrap();
+    let (code, text, err) = ctl(&[
+        "policy",
+        "build",
+        s(&d.join("v1.toml")),
+        "--object",
+        s(&object),
+        "-o",
+        s(&d.join("v1.rlp")),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("built policy"), "{text}");
+
+    // The third entry's key has bits past its prefix; the value of the
+    // second does not fit the map's u32.
+    let bad = "stage = \"ddos\"\nversion = 2\n\n[maps.ddos_blocklist]\nentries = [\n  { key = \"192.0.2.0/24\", value = 0 },\n  { key = \"198.51.100.7/32\", value = 4294967296 },\n  { key = \"203.0.113.1/24\", value = 0 },\n]\n";
+    std::fs::write(d.join("bad.toml"), bad).unwrap();
+    let (code, _, err) = ctl(&[
+        "policy",
+        "build",
+        s(&d.join("bad.toml")),
+        "--object",
+        s(&object),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bad.toml:7:38: maps.ddos_blocklist.entries[1].value:"),
+        "{err}"
+    );
+    // A map the object does not have.
+    let (code, _, err) = ctl(&[
+        "policy",
+        "build",
+        s(&d.join("v1.toml")),
+        "--object",
+        s(&object),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(
+        d.join("nomap.toml"),
+        V1.replace("ddos_blocklist", "ddos_allowlist"),
+    )
+    .unwrap();
+    let (code, _, err) = ctl(&[
+        "policy",
+        "build",
+        s(&d.join("nomap.toml")),
+        "--object",
+        s(&object),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("has no map `ddos_allowlist`"), "{err}");
+}
