@@ -298,6 +298,8 @@ pub fn state_to(agent: &Agent, s: &RootletState) -> Result<pb::RootletState> {
                     lease_id: lease.as_ref().map(|l| l.id.clone()).unwrap_or_default(),
                     lease_expires_unix_ms: lease.as_ref().map_or(0, |l| l.expires_unix_ms()),
                     uncounted: !slot.counted,
+                    policy_version: 0,
+                    policy_digest: String::new(),
                     counters_since_generation: slot.linked_generation,
                     loaded_generation: slot.loaded_generation,
                     instances: slot

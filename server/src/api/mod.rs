@@ -653,6 +653,36 @@ impl pb::rootlet_server::Rootlet for RootletService {
         )
         .await
     }
+    // Policy RPCs: the lead implements them (this branch builds the client
+    // against the proto only).
+    async fn list_stage_maps(
+        &self,
+        _req: Request<pb::ListStageMapsRequest>,
+    ) -> Reply<pb::ListStageMapsResponse> {
+        Err(Status::unimplemented("ListStageMaps"))
+    }
+
+    async fn dump_map(&self, _req: Request<pb::DumpMapRequest>) -> Reply<pb::DumpMapResponse> {
+        Err(Status::unimplemented("DumpMap"))
+    }
+
+    async fn apply_policy(
+        &self,
+        _req: Request<pb::ApplyPolicyRequest>,
+    ) -> Reply<pb::ApplyPolicyResponse> {
+        Err(Status::unimplemented("ApplyPolicy"))
+    }
+
+    async fn get_policy(&self, _req: Request<pb::GetPolicyRequest>) -> Reply<pb::PolicyStatus> {
+        Err(Status::unimplemented("GetPolicy"))
+    }
+
+    async fn rollback_policy(
+        &self,
+        _req: Request<pb::RollbackPolicyRequest>,
+    ) -> Reply<pb::ApplyPolicyResponse> {
+        Err(Status::unimplemented("RollbackPolicy"))
+    }
 }
 
 fn record_apply(
