@@ -39,6 +39,7 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("TEST_PINNED", "src/test/pinned.c", &[]),
     ("BENCH_MONO", "src/bench/mono.c", &[]),
     ("BENCH_BARE_CHAIN", "src/bench/bare_chain.c", &[]),
+    ("BENCH_POLICY_LOOKUP", "src/bench/policy_lookup.c", &[]),
 ];
 
 fn find_clang() -> Option<String> {

@@ -29,6 +29,9 @@ forbid rootlet-types rootlet-dataplane rootlet-bundle tokio tonic prost aya
 forbid rootlet-dataplane tonic prost tokio hyper rootlet-bundle ed25519-dalek rootlet-proto rootlet-agent rootlet-server
 # The agent: no gRPC.
 forbid rootlet-agent tonic prost hyper rootlet-proto rootlet-server
+# The map schema is pure: BTF in, types and JSON out (aya-obj parses BTF
+# and never touches the kernel; aya does).
+forbid rootlet-schema aya tokio tonic prost rootlet-bundle rootlet-dataplane
 # The bundle format knows nothing of the kernel or the API.
 forbid rootlet-bundle aya rootlet-dataplane rootlet-agent rootlet-proto tonic tokio
 # The fleet client only speaks the API.

@@ -230,18 +230,19 @@ pub(crate) fn is_signed(bytes: &[u8]) -> bool {
     n > 0 && bytes.get(..n) == SIGNED_MAGIC.get(..n)
 }
 
-/// A cursor over untrusted input: every read is bounds-checked.
-struct Reader<'a> {
+/// A cursor over untrusted input: every read is bounds-checked. Also
+/// reads signed policies ([`crate::policy::sign`]).
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
-    pos: usize,
+    pub(crate) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Reader { buf, pos: 0 }
     }
 
-    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
+    pub(crate) fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
         let out = self
             .pos
             .checked_add(n)
@@ -254,23 +255,28 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N]> {
+    pub(crate) fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N]> {
         let b = self.bytes(N, what)?;
         let mut out = [0u8; N];
         out.copy_from_slice(b);
         Ok(out)
     }
 
-    fn u16(&mut self, what: &'static str) -> Result<u16> {
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16> {
         Ok(u16::from_le_bytes(self.array(what)?))
     }
 
-    fn u32(&mut self, what: &'static str) -> Result<u32> {
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32> {
         Ok(u32::from_le_bytes(self.array(what)?))
     }
 
     /// A u32 length (or count) of `thing`, at most `limit`.
-    fn len_u32(&mut self, what: &'static str, thing: &str, limit: usize) -> Result<usize> {
+    pub(crate) fn len_u32(
+        &mut self,
+        what: &'static str,
+        thing: &str,
+        limit: usize,
+    ) -> Result<usize> {
         let n = self.u32(what)?;
         let n = usize::try_from(n).unwrap_or(usize::MAX);
         if n > limit {
@@ -279,8 +285,21 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    /// The magic, then the format version.
-    fn magic(&mut self, magic: &[u8; 8], what: &str) -> Result<()> {
+    /// The magic, then the format version, which must be
+    /// [`FORMAT_VERSION`].
+    pub(crate) fn magic(&mut self, magic: &[u8; 8], what: &str) -> Result<()> {
+        self.magic_versions(magic, what, &[FORMAT_VERSION])
+            .map(|_| ())
+    }
+
+    /// The magic, then the format version, which must be one of
+    /// `versions`; returns it.
+    pub(crate) fn magic_versions(
+        &mut self,
+        magic: &[u8; 8],
+        what: &str,
+        versions: &[u32],
+    ) -> Result<u32> {
         let have = self
             .buf
             .get(..magic.len().min(self.buf.len()))
@@ -294,18 +313,20 @@ impl<'a> Reader<'a> {
         self.bytes(magic.len(), "magic")?;
         let version_offset = self.pos;
         let version = self.u32("format version")?;
-        if version != FORMAT_VERSION {
+        if !versions.contains(&version) {
+            let reads: Vec<String> = versions.iter().map(u32::to_string).collect();
             return Err(BundleError::malformed(
                 version_offset,
                 format!(
-                    "unsupported {what} format version {version} (this build reads {FORMAT_VERSION})"
+                    "unsupported {what} format version {version} (this build reads {})",
+                    reads.join(", ")
                 ),
             ));
         }
-        Ok(())
+        Ok(version)
     }
 
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         if self.pos != self.buf.len() {
             return Err(BundleError::malformed(
                 self.pos,

@@ -42,6 +42,9 @@
 //! - [`sign`]: keys and key files, [`KeyId`], [`SignedBundle`],
 //!   [`VerifiedBundle`].
 //! - [`inspect`]: human-readable summaries ([`SignedBundle::inspect`]).
+//! - [`policy`]: policy documents (TOML or JSON), their canonical bytes and
+//!   digest, [`SignedPolicy`] and [`VerifiedPolicy`]; a bundle may carry
+//!   initial policies for its stages ([`Bundle::stage_policies`]).
 #![forbid(unsafe_code)]
 
 pub mod bundle;
@@ -52,6 +55,7 @@ pub mod format;
 pub mod inspect;
 pub mod located;
 pub mod manifest;
+pub mod policy;
 pub mod sign;
 
 pub use bundle::{Bundle, EMBEDDED_MANIFEST_NAME, sha256_hex};
@@ -61,6 +65,7 @@ pub use format::{
     MAX_BUNDLE_SIZE, MAX_MANIFEST_SIZE, MAX_OBJECT_SIZE, MAX_OBJECTS, MAX_SIGNATURES,
 };
 pub use manifest::{Lifetime, Manifest, MapPolicy, RootletTarget, Stage, XdpAction, XdpMode};
+pub use policy::{PolicyDocument, PolicyError, SignedPolicy, VerifiedPolicy};
 pub use sign::{
     BundleSignature, KeyId, Signature, SignedBundle, SigningKey, VerifiedBundle, VerifyingKey,
     generate_signing_key, keygen, read_signing_key, read_verifying_key, signing_key_from_pem,

@@ -166,39 +166,11 @@ impl SignedBundle {
     }
 
     fn valid_signers(&self, trusted: &[VerifyingKey]) -> Result<Vec<KeyId>> {
-        if self.signatures.is_empty() {
-            return Err(BundleError::Unsigned);
-        }
-        let msg = message(&self.bundle);
-        let mut signers = Vec::new();
-        let mut bad = None;
-        for sig in &self.signatures {
-            let keys = trusted.iter().filter(|k| KeyId::of(k) == sig.key_id);
-            let mut matched = false;
-            let mut valid = false;
-            for key in keys {
-                matched = true;
-                if key.verify_strict(&msg, &sig.signature).is_ok() {
-                    valid = true;
-                    break;
-                }
-            }
-            if valid {
-                if !signers.contains(&sig.key_id) {
-                    signers.push(sig.key_id);
-                }
-            } else if matched && bad.is_none() {
-                bad = Some(sig.key_id);
-            }
-        }
-        signers.sort();
-        match (signers.is_empty(), bad) {
-            (false, _) => Ok(signers),
-            (true, Some(key_id)) => Err(BundleError::BadSignature { key_id }),
-            (true, None) => Err(BundleError::UntrustedSignature {
-                key_ids: self.signatures.iter().map(|s| s.key_id).collect(),
-            }),
-        }
+        valid_signers(&self.signatures, &message(&self.bundle), trusted).map_err(|p| match p {
+            SignatureProblem::Unsigned => BundleError::Unsigned,
+            SignatureProblem::Bad(key_id) => BundleError::BadSignature { key_id },
+            SignatureProblem::Untrusted(key_ids) => BundleError::UntrustedSignature { key_ids },
+        })
     }
 
     /// The encoding: the bundle's bytes and the signatures (see
@@ -234,6 +206,56 @@ impl SignedBundle {
             })
             .collect();
         Ok(SignedBundle { bundle, signatures })
+    }
+}
+
+/// Why no signature verified (see [`SignedBundle::verify`]).
+pub(crate) enum SignatureProblem {
+    Unsigned,
+    /// A trusted key's signature does not verify (and none does).
+    Bad(KeyId),
+    /// No signature is by a trusted key; all the signatures' key ids.
+    Untrusted(Vec<KeyId>),
+}
+
+/// The trusted keys whose signatures in `signatures` are valid over `msg`,
+/// in key-id order (at least one); bundles and policies alike.
+pub(crate) fn valid_signers(
+    signatures: &[BundleSignature],
+    msg: &[u8],
+    trusted: &[VerifyingKey],
+) -> std::result::Result<Vec<KeyId>, SignatureProblem> {
+    if signatures.is_empty() {
+        return Err(SignatureProblem::Unsigned);
+    }
+    let mut signers = Vec::new();
+    let mut bad = None;
+    for sig in signatures {
+        let keys = trusted.iter().filter(|k| KeyId::of(k) == sig.key_id);
+        let mut matched = false;
+        let mut valid = false;
+        for key in keys {
+            matched = true;
+            if key.verify_strict(msg, &sig.signature).is_ok() {
+                valid = true;
+                break;
+            }
+        }
+        if valid {
+            if !signers.contains(&sig.key_id) {
+                signers.push(sig.key_id);
+            }
+        } else if matched && bad.is_none() {
+            bad = Some(sig.key_id);
+        }
+    }
+    signers.sort();
+    match (signers.is_empty(), bad) {
+        (false, _) => Ok(signers),
+        (true, Some(key_id)) => Err(SignatureProblem::Bad(key_id)),
+        (true, None) => Err(SignatureProblem::Untrusted(
+            signatures.iter().map(|s| s.key_id).collect(),
+        )),
     }
 }
 

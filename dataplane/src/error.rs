@@ -102,6 +102,107 @@ pub enum Error {
     Store { path: PathBuf, message: String },
     #[error("store {path} is held by another process (another agent still running?)")]
     StoreLocked { path: PathBuf },
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+}
+
+/// Which entry of a map operation failed: the index in the caller's list,
+/// or, for an entry the caller did not list (a plain map's key to delete,
+/// a key to restore), the key itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Index(usize),
+    Key(Vec<u8>),
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Entry::Index(i) => write!(f, "entry {i}"),
+            Entry::Key(k) => write!(f, "key {}", hex::encode(k)),
+        }
+    }
+}
+
+/// A failed operation on a stage's map ([`crate::policy`]): every variant
+/// names the map (the kernel's name), and the entry where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("stage `{stage}` has no map `{map}`")]
+    NoMap { stage: String, map: String },
+    #[error(
+        "map `{map}` is not a policy map (an array of maps with one entry, <rootlet/stage.h> ROOTLET_POLICY_MAP); write it with apply_plain"
+    )]
+    NotPolicyMap { map: String },
+    #[error("map `{map}` is a policy map; replace its contents with build_inner and swap")]
+    IsPolicyMap { map: String },
+    #[error("map `{map}` (type {map_type}) holds no data that can be written: {why}")]
+    Unsupported {
+        map: String,
+        map_type: u32,
+        why: &'static str,
+    },
+    #[error(
+        "policy map `{map}` has no live inner map (entry 0 is empty), so the parameters of a new one are unknown"
+    )]
+    NoLiveInner { map: String },
+    #[error(
+        "stage `{stage}` changed since map `{map}` (id {id}) was listed: its program no longer uses that map; list its maps again"
+    )]
+    Stale { stage: String, map: String, id: u32 },
+    #[error("map `{map}`, {entry}: the {part} is {got} bytes, the map's {part} is {want} bytes")]
+    Size {
+        map: String,
+        entry: Entry,
+        part: &'static str,
+        got: usize,
+        want: usize,
+    },
+    #[error("map `{map}`, {entry}: the same key as entry {first}")]
+    Duplicate {
+        map: String,
+        entry: Entry,
+        first: usize,
+    },
+    #[error("map `{map}`: {entries} entries, the map holds at most {max}")]
+    TooMany {
+        map: String,
+        entries: usize,
+        max: u32,
+    },
+    #[error("map `{map}`: creating the new inner map: {source}")]
+    Create {
+        map: String,
+        #[source]
+        source: SysError,
+    },
+    #[error("map `{map}`, {entry}: {source}")]
+    Write {
+        map: String,
+        entry: Entry,
+        #[source]
+        source: SysError,
+    },
+    #[error("map `{map}`: {source}")]
+    Read {
+        map: String,
+        #[source]
+        source: SysError,
+    },
+    /// Undoing a plain map's entry-by-entry apply failed: the map holds a
+    /// mix of the two contents until an undo succeeds. `cause` is why it
+    /// was undone (the apply's error, or a caller's undo).
+    #[error(
+        "map `{map}`: {cause}; undoing it failed at {entry} ({source}), so {left} entries are not restored"
+    )]
+    UndoFailed {
+        map: String,
+        cause: String,
+        entry: Entry,
+        left: usize,
+        #[source]
+        source: SysError,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -24,7 +24,7 @@ use super::{
     error::{Error, Result},
     hook,
     loader::{Load, MapReuse, Target, What},
-    object, pins,
+    object, pins, policy,
     spec::{Pipeline, Plan, RootletKey, Source, StageRecord, XdpAction},
     state::{Instance, ProgState},
     store::Generation,
@@ -156,7 +156,12 @@ pub fn build(
                     globals: vec![],
                     reuse: Some(reuse),
                 }
-                .extension(&target, &func)?
+                .extension(&target, &func)
+                .and_then(|prog| {
+                    // Before it is attached to an instance that can run.
+                    policy::install_empty(prog.as_fd(), &spec.object, &spec.name)?;
+                    Ok(prog)
+                })?
             }
             Some(Source::Existing) | None => {
                 let running = current

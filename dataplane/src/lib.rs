@@ -25,6 +25,8 @@
 //! - [`hook`]: the attach point (XDP), an axis apart from the backend.
 //! - [`probe`]: which backend the kernel permits.
 //! - [`pins`]: the bpffs layout; [`store`]: the redb store.
+//! - [`policy`]: the contents of a stage's maps: list, dump, atomic swap
+//!   of a policy map, plain maps entry by entry with undo.
 //! - [`state`]: read-back from the kernel; [`crash`]: crash injection.
 
 pub mod abi;
@@ -40,6 +42,7 @@ pub mod loader;
 pub mod netns;
 pub mod object;
 pub mod pins;
+pub mod policy;
 pub mod probe;
 pub mod spec;
 pub mod state;

@@ -86,6 +86,17 @@ fn describe(map_type: u32, key: u32, value: u32, max: u32, flags: u32) -> String
     format!("type {map_type}, key {key} B, value {value} B, {max} entries, flags {flags:#x}")
 }
 
+/// A map as [`describe`] shows it, from what the kernel says.
+pub(crate) fn describe_info(i: &MapInfo) -> String {
+    describe(
+        i.map_type,
+        i.key_size,
+        i.value_size,
+        i.max_entries,
+        i.map_flags,
+    )
+}
+
 /// What the checks learnt about a stage object.
 #[derive(Debug, Clone)]
 pub struct StageObject {
@@ -343,7 +354,7 @@ mod tests {
                 .iter()
                 .map(|m| m.name.as_str())
                 .collect::<Vec<_>>(),
-            ["ddos_blocklist"]
+            ["ddos_blocklist", "ddos_hits"]
         );
     }
 

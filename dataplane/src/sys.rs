@@ -484,6 +484,88 @@ pub fn map_create(
     bpf_fd("BPF_MAP_CREATE", bpf_cmd::BPF_MAP_CREATE, &mut a)
 }
 
+/// Creates a map with `flags` (BPF_F_NO_PREALLOC, …): the inner map of a
+/// policy map, made with the parameters of the live one. aya creates maps
+/// only from an object's map definitions (`MapData::create` is
+/// `pub(crate)`).
+pub fn map_create_with_flags(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    name: &str,
+) -> Result<OwnedFd> {
+    let mut a = attr();
+    a.__bindgen_anon_1.map_type = map_type;
+    a.__bindgen_anon_1.key_size = key_size;
+    a.__bindgen_anon_1.value_size = value_size;
+    a.__bindgen_anon_1.max_entries = max_entries;
+    a.__bindgen_anon_1.map_flags = map_flags;
+    a.__bindgen_anon_1.map_name = obj_name(name);
+    bpf_fd("BPF_MAP_CREATE", bpf_cmd::BPF_MAP_CREATE, &mut a)
+}
+
+/// The key after `key` (the first key when `key` is None, or when `key` is
+/// no longer in the map: the kernel then starts over) into `next`, which
+/// must be the map's key size. Returns false at the end of the map. aya
+/// iterates keys only through its typed maps (`Keys<K>`), with the key type
+/// fixed at compile time.
+pub fn map_next_key(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> Result<bool> {
+    let mut a = attr();
+    a.__bindgen_anon_2.map_fd = raw(map);
+    a.__bindgen_anon_2.key = key.map_or(0, |k| k.as_ptr() as u64);
+    a.__bindgen_anon_2.__bindgen_anon_1.next_key = next.as_mut_ptr() as u64;
+    match bpf(
+        "BPF_MAP_GET_NEXT_KEY",
+        bpf_cmd::BPF_MAP_GET_NEXT_KEY,
+        &mut a,
+    ) {
+        Ok(_) => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A failed batch update: how many elements the kernel had written first.
+#[derive(Debug)]
+pub struct BatchError {
+    pub done: usize,
+    pub error: SysError,
+}
+
+/// Writes `count` elements at once (BPF_MAP_UPDATE_BATCH, Linux 5.6):
+/// `keys` and `values` are the elements' keys and values back to back.
+/// On failure the kernel has written the first `done`. A map type without
+/// batch operations fails with EINVAL or ENOTSUPP and `done` 0. aya has
+/// no batch operations.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> std::result::Result<(), BatchError> {
+    let mut a = attr();
+    a.batch.map_fd = raw(map);
+    a.batch.keys = keys.as_ptr() as u64;
+    a.batch.values = values.as_ptr() as u64;
+    a.batch.count = count as u32;
+    a.batch.elem_flags = u64::from(generated::BPF_ANY);
+    match bpf(
+        "BPF_MAP_UPDATE_BATCH",
+        bpf_cmd::BPF_MAP_UPDATE_BATCH,
+        &mut a,
+    ) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(BatchError {
+            // SAFETY: `batch` is the member this command uses; the kernel
+            // wrote the count it processed there.
+            done: unsafe { a.batch.count } as usize,
+            error,
+        }),
+    }
+}
+
 // ---------------------------------------------------------------- programs
 
 /// Loads a program made of raw instructions (8 bytes each), without BTF:

@@ -57,7 +57,7 @@ use super::{
     error::{Error, Result},
     hook,
     loader::{Load, MapReuse, What},
-    object, pins,
+    object, pins, policy,
     spec::{Plan, RootletKey, Source, StageRecord, XdpAction},
     state::{Instance, ProgState},
     store::Generation,
@@ -476,6 +476,8 @@ fn load_instances(
         .xdp()
     };
     let prog = load(parity, &slot_reuse(ctx, maps, slot, keep)?)?;
+    // Before any hop array can reach it; the twin shares these maps.
+    policy::install_empty(prog.as_fd(), &spec.object, &spec.name)?;
     if !chainable {
         let same = sys::dup(prog.as_fd())?;
         return Ok((prog, same));

@@ -334,6 +334,9 @@ fn kept_maps(
             stage: spec.name.clone(),
             source,
         })?;
+        // A kept policy map keeps its inner map: the new object must
+        // describe the same one.
+        crate::policy::check_keep_inner(&spec.name, &spec.object, &running_maps)?;
         let mut reuse = MapReuse::new(&ctx.layout)?;
         for def in &new.maps {
             if let Some(fd) = running_maps.get(object::truncate(&def.name)) {

@@ -1,42 +1,41 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
- * L4 load-balancer stage: IPv4 UDP/TCP packets to the configured VIP:port
- * are rewritten towards a backend chosen by flow hash (destination MAC and
- * IP, checksums updated incrementally) and sent back out with XDP_TX.
- * Everything else proceeds (XDP_PASS).
+ * L4 load-balancer stage: IPv4 UDP/TCP packets to a configured service
+ * (VIP, port, protocol) are rewritten towards one of its backends, chosen
+ * by flow hash (destination MAC and IP, checksums updated incrementally),
+ * and sent back out with XDP_TX. Everything else proceeds (XDP_PASS).
+ *
+ * The services and their backends are one policy map (l4lb_services,
+ * <rootlet/stage.h> ROOTLET_POLICY_MAP): each service carries its backends
+ * inline, so one swap changes both at once and a packet never meets a
+ * service with another version's backends.
  */
 #include <rootlet/stage.h>
 #include "parse.h"
 
 #define L4LB_MAX_BACKENDS 64
+#define L4LB_MAX_SERVICES 64
 
-struct l4lb_service {
-	__u32 vip;   /* network order */
-	__u16 port;  /* network order */
-	__u8 proto;  /* IPPROTO_UDP or IPPROTO_TCP */
+struct l4lb_vip {
+	rootlet_ipv4_t vip;
+	__be16 port;
+	__u8 proto; /* IPPROTO_UDP or IPPROTO_TCP */
 	__u8 pad;
-	__u32 num_backends;
 };
 
 struct l4lb_backend {
-	__u32 ip;    /* network order */
-	__u8 mac[6];
+	rootlet_ipv4_t ip;
+	rootlet_mac_t mac;
 	__u16 pad;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct l4lb_service);
-} l4lb_service SEC(".maps");
+struct l4lb_service {
+	__u32 num_backends; /* 1 to L4LB_MAX_BACKENDS; 0 passes the service's packets */
+	struct l4lb_backend backends[L4LB_MAX_BACKENDS];
+};
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, L4LB_MAX_BACKENDS);
-	__type(key, __u32);
-	__type(value, struct l4lb_backend);
-} l4lb_backends SEC(".maps");
+ROOTLET_POLICY_MAP(l4lb_services, BPF_MAP_TYPE_HASH, struct l4lb_vip, struct l4lb_service,
+		   L4LB_MAX_SERVICES, 0);
 
 /* Flow hash; integration-tests/src/packet.rs computes the same. */
 static __always_inline __u32 flow_hash(__u32 saddr, __u32 daddr, __u16 sport, __u16 dport, __u8 proto)
@@ -51,17 +50,13 @@ static __always_inline __u32 flow_hash(__u32 saddr, __u32 daddr, __u16 sport, __
 ROOTLET_STAGE(l4lb)
 {
 	struct pkt p;
+	struct l4lb_vip vip = {};
 	struct l4lb_service *svc;
 	struct l4lb_backend *be;
-	__u32 zero = 0, idx, old_daddr;
+	__u32 n, idx, old_daddr;
 	__u16 sport, dport, *l4sum;
 
 	if (parse_ipv4(ctx, &p) < 0 || !p.ip || !p.l4)
-		return XDP_PASS;
-	svc = bpf_map_lookup_elem(&l4lb_service, &zero);
-	if (!svc || svc->num_backends == 0 || svc->num_backends > L4LB_MAX_BACKENDS)
-		return XDP_PASS;
-	if (p.ip->daddr != svc->vip || p.ip->protocol != svc->proto)
 		return XDP_PASS;
 	if (p.ip->protocol == IPPROTO_UDP) {
 		struct udphdr *udp = p.l4;
@@ -80,13 +75,19 @@ ROOTLET_STAGE(l4lb)
 		dport = tcp->dest;
 		l4sum = &tcp->check;
 	}
-	if (dport != svc->port)
+	vip.vip = p.ip->daddr;
+	vip.port = dport;
+	vip.proto = p.ip->protocol;
+	svc = rootlet_policy_lookup(&l4lb_services, &vip);
+	if (!svc)
+		return XDP_PASS;
+	n = svc->num_backends;
+	if (n == 0 || n > L4LB_MAX_BACKENDS)
 		return XDP_PASS;
 
-	idx = flow_hash(p.ip->saddr, p.ip->daddr, sport, dport, p.ip->protocol) % svc->num_backends;
-	be = bpf_map_lookup_elem(&l4lb_backends, &idx);
-	if (!be)
-		return XDP_PASS;
+	idx = flow_hash(p.ip->saddr, p.ip->daddr, sport, dport, p.ip->protocol) % n;
+	/* idx < n <= L4LB_MAX_BACKENDS; older verifiers need it on the register. */
+	be = &svc->backends[rootlet_bound(idx, L4LB_MAX_BACKENDS - 1)];
 
 	old_daddr = p.ip->daddr;
 	p.ip->daddr = be->ip;

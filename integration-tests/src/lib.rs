@@ -41,6 +41,8 @@
 //! - [`packet`]: Ethernet + IPv4 + UDP frames ([`packet::UdpFrame`],
 //!   [`packet::ParsedUdp`]), checksum checks, sequence-numbered payloads and
 //!   [`packet::l4lb_flow_hash`], the flow hash of `ebpf/src/l4lb.c`.
+//! - [`policy`]: the sample stages' policies in kernel form (blocklist,
+//!   services), filled as the agent does (`build_inner` + `swap`).
 //! - [`pki`]: [`pki::Pki`], a throwaway CA with server and client
 //!   certificates (and an untrusted CA) for tests of the gRPC API.
 //! - [`rootletd`]: `rootletd` as a process (spawn with a config file,
@@ -64,6 +66,7 @@ pub mod fleet;
 pub mod netns;
 pub mod packet;
 pub mod pki;
+pub mod policy;
 pub mod rootletd;
 pub mod traffic;
 pub mod witness;

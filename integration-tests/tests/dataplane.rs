@@ -18,7 +18,10 @@ use rootlet_dataplane::{
 use rootlet_integration_tests::{
     fixture::{self, Fixture, Step, maps_of_prog, read_u64, slot, stage, test_run},
     netns::{HOST_IP, PEER_IP, PEER_MAC},
-    packet::{ParsedUdp, ipv4_checksum_valid, payload_seq, seq_payload, udp_checksum_valid},
+    packet::{
+        ParsedUdp, UdpFrame, ipv4_checksum_valid, payload_seq, seq_payload, udp_checksum_valid,
+    },
+    policy,
     traffic::{RawSocket, UdpSink},
     witness::{self, Delivery, StackDrops, Traffic, TrafficRun, Witnessed},
 };
@@ -28,17 +31,21 @@ const VIP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 100);
 const VIP_PORT: u16 = 7000;
 const SINK_PORT: u16 = 6000;
 
+/// Makes the ddos stage's blocklist exactly `ip`/32 (rule 0), as the agent
+/// does: a new inner map swapped in.
 fn block(
     dp: &rootlet_dataplane::Dataplane,
     key: rootlet_dataplane::spec::RootletKey,
     ip: Ipv4Addr,
 ) {
-    let map = dp
-        .stage_map(key, "ddos", "ddos_blocklist")
-        .expect("blocklist");
-    let mut k = 32u32.to_ne_bytes().to_vec();
-    k.extend_from_slice(&ip.octets());
-    sys::map_update(map.as_fd(), &k, &0u64.to_ne_bytes()).expect("block");
+    policy::replace(
+        dp,
+        key,
+        "ddos",
+        policy::BLOCKLIST,
+        &[policy::block_entry(ip, 32, 0)],
+    )
+    .expect("block");
 }
 
 fn is_blocked(
@@ -46,32 +53,26 @@ fn is_blocked(
     key: rootlet_dataplane::spec::RootletKey,
     ip: Ipv4Addr,
 ) -> bool {
-    let map = dp
-        .stage_map(key, "ddos", "ddos_blocklist")
-        .expect("blocklist");
-    let mut k = 32u32.to_ne_bytes().to_vec();
-    k.extend_from_slice(&ip.octets());
-    let mut v = [0u8; 8];
-    sys::map_lookup(map.as_fd(), &k, &mut v).expect("lookup")
+    let k = policy::ddos_key(ip, 32);
+    policy::entries(dp, key, "ddos", policy::BLOCKLIST)
+        .expect("blocklist")
+        .iter()
+        .any(|(key, _)| *key == k)
 }
 
+/// One UDP service, VIP:VIP_PORT, with the peer as its one backend.
 fn configure_lb(dp: &rootlet_dataplane::Dataplane, key: rootlet_dataplane::spec::RootletKey) {
-    let service = dp
-        .stage_map(key, "lb", "l4lb_service")
-        .expect("service map");
-    let mut v = VIP.octets().to_vec();
-    v.extend_from_slice(&VIP_PORT.to_be_bytes());
-    v.push(17);
-    v.push(0);
-    v.extend_from_slice(&1u32.to_ne_bytes());
-    sys::map_update(service.as_fd(), &0u32.to_ne_bytes(), &v).expect("service");
-    let backends = dp
-        .stage_map(key, "lb", "l4lb_backends")
-        .expect("backends map");
-    let mut b = PEER_IP.octets().to_vec();
-    b.extend_from_slice(&PEER_MAC);
-    b.extend_from_slice(&[0, 0]);
-    sys::map_update(backends.as_fd(), &0u32.to_ne_bytes(), &b).expect("backend");
+    policy::replace(
+        dp,
+        key,
+        "lb",
+        policy::SERVICES,
+        &[(
+            policy::vip_key(VIP, VIP_PORT, 17),
+            policy::service_value(&[(PEER_IP, PEER_MAC)]),
+        )],
+    )
+    .expect("service");
 }
 
 fn deadline(secs: u64) -> Instant {
@@ -875,6 +876,14 @@ fn maps_are_kept_across_upgrades_on_request() {
     dp.apply(key, &[Change::Link(stage("ddos", "ddos", 10))], None)
         .expect("link");
     block(&dp, key, BLOCKED);
+    let inner_id = |dp: &rootlet_dataplane::Dataplane| {
+        dp.stage_map_handle(key, "ddos", policy::BLOCKLIST)
+            .expect("blocklist")
+            .inner
+            .expect("a live inner map")
+            .id
+    };
+    let policy_before = inner_id(&dp);
     let mut keep = stage("ddos", "ddos_v2", 10);
     keep.maps = MapPolicy::Keep;
     dp.apply(key, &[Change::Replace(keep)], None)
@@ -883,11 +892,12 @@ fn maps_are_kept_across_upgrades_on_request() {
         is_blocked(&dp, key, BLOCKED),
         "kept: the blocklist survived the upgrade"
     );
-    let mut frame = f
-        .pair
-        .udp_to_host(40000, SINK_PORT, seq_payload(1, 64))
-        .to_bytes();
-    frame[26..30].copy_from_slice(&BLOCKED.octets());
+    assert_eq!(
+        inner_id(&dp),
+        policy_before,
+        "kept: the very inner map the policy was swapped into"
+    );
+    let frame = frame_from(&f, BLOCKED, 1);
     assert_eq!(
         test_run(&dp.state(key).expect("state"), &frame),
         XdpAction::Drop as u32
@@ -897,6 +907,12 @@ fn maps_are_kept_across_upgrades_on_request() {
     assert!(
         !is_blocked(&dp, key, BLOCKED),
         "fresh: a new, empty blocklist"
+    );
+    assert_ne!(inner_id(&dp), policy_before, "new maps, a new inner map");
+    assert_eq!(
+        test_run(&dp.state(key).expect("state"), &frame),
+        XdpAction::Pass as u32,
+        "new: the empty policy passes everything"
     );
 }
 
@@ -1850,4 +1866,459 @@ fn counters_item11_a_build_keeps_its_identity_and_reports_every_instance() {
     assert_ne!(now.0, first.0);
     assert!(now.2.iter().all(|id| !first.2.contains(id)), "new programs");
     dp.unload_rootlet(key).expect("unload");
+}
+
+// ---------------------------------------------------------------- policy maps
+
+/// `n` addresses 10.`net`.x.y, each a /32 blocklist entry with rule `rule`.
+fn address_set(net: u8, n: u32, rule: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let ip = Ipv4Addr::new(10, net, (i >> 8) as u8, i as u8);
+            policy::block_entry(ip, 32, rule)
+        })
+        .collect()
+}
+
+/// A frame from `src` to the host with sequence number `seq`.
+fn frame_from(f: &Fixture, src: Ipv4Addr, seq: u64) -> Vec<u8> {
+    let mut frame = f.pair.udp_to_host(40000, SINK_PORT, seq_payload(seq, 64));
+    frame.src_ip = src;
+    frame.to_bytes()
+}
+
+/// Sends frames from `sources` in turn (sequence number `i` from
+/// `sources[i % len]`), about `pps` a second, until `stop` is set or
+/// `max` frames were sent; returns how many were sent.
+fn alternate(
+    f: &Fixture,
+    sources: Vec<Ipv4Addr>,
+    pps: u64,
+    max: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    let frames: Vec<UdpFrame> = sources
+        .iter()
+        .map(|&src| {
+            let mut fr = f.pair.udp_to_host(40000, SINK_PORT, vec![]);
+            fr.src_ip = src;
+            fr
+        })
+        .collect();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut seq = 0u64;
+        while seq < max && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let due = start + Duration::from_micros(seq * 1_000_000 / pps);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let fr =
+                frames[(seq % frames.len() as u64) as usize].with_payload(seq_payload(seq, 64));
+            // A frame the veth refuses is simply not seen by the data plane.
+            let _ = raw.send(&fr.to_bytes());
+            seq += 1;
+        }
+        seq
+    })
+}
+
+/// Which policy judged each packet, from what the data plane counted: the
+/// witness before ddos (`reached`) and after it (`passed`). Packet `seq`
+/// comes from source `seq % 2`: 0 is only in set A, 1 only in set B. A
+/// packet from 0 that was dropped, or from 1 that passed, was judged by A;
+/// the others by B. Returns the judged policies in sequence order, packets
+/// that never reached the data plane left out.
+fn judged(reached: &Witnessed, passed: &Witnessed, sent: u64) -> Vec<(u64, char)> {
+    (0..sent)
+        .filter(|&s| reached.count(s) > 0)
+        .map(|s| {
+            let through = passed.count(s) > 0;
+            let from_a = s % 2 == 0;
+            (s, if from_a != through { 'A' } else { 'B' })
+        })
+        .collect()
+}
+
+/// Changes of policy along `judged` (the sequence of verdicts).
+fn transitions(judged: &[(u64, char)]) -> Vec<(u64, char)> {
+    judged
+        .windows(2)
+        .filter(|w| w[0].1 != w[1].1)
+        .map(|w| w[1])
+        .collect()
+}
+
+/// Waits (bounded) until witness `name` has counted more than `n`.
+fn wait_seen(
+    dp: &rootlet_dataplane::Dataplane,
+    key: rootlet_dataplane::spec::RootletKey,
+    name: &str,
+    n: u64,
+) -> u64 {
+    let end = deadline(60);
+    loop {
+        let seen = witnessed(dp, key, name).expect("witness").total();
+        if seen > n || Instant::now() > end {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const SET: u32 = 30_000;
+
+/// ddos between two witnesses, set A live, a flow from a source only in A
+/// and one only in B alternating; `change` turns A into B while packets
+/// flow. Returns the judged verdicts and how many packets the data plane
+/// had counted before and after the change.
+fn change_under_traffic(
+    change: impl FnOnce(&rootlet_dataplane::Dataplane, rootlet_dataplane::spec::RootletKey),
+) -> (Vec<(u64, char)>, u64, u64, u64) {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    dp.apply(
+        key,
+        &[
+            Change::Link(stage("w0", witness::OBJECT, 5)),
+            Change::Link(stage("ddos", "ddos", 10)),
+            Change::Link(stage("w1", witness::OBJECT, 20)),
+        ],
+        None,
+    )
+    .expect("link");
+    policy::replace(&dp, key, "ddos", policy::BLOCKLIST, &address_set(1, SET, 1)).expect("set A");
+    let (in_a, in_b) = (Ipv4Addr::new(10, 1, 100, 7), Ipv4Addr::new(10, 2, 100, 7));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Below the witness's window (2^18) whatever happens.
+    let sender = alternate(&f, vec![in_a, in_b], 20_000, 250_000, stop.clone());
+    let before = wait_seen(&dp, key, "w0", 2_000);
+    change(&dp, key);
+    let at_change = witnessed(&dp, key, "w0").expect("witness").total();
+    let after = wait_seen(&dp, key, "w0", at_change + 2_000);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().expect("sender");
+    let reached = witnessed(&dp, key, "w0").expect("w0");
+    let passed = witnessed(&dp, key, "w1").expect("w1");
+    let state = dp.state(key).expect("state");
+    assert_eq!(
+        slot(&state, "ddos").counters.drop,
+        reached.total() - passed.total(),
+        "ddos dropped what the first witness saw and the second did not"
+    );
+    assert_eq!(reached.beyond, 0, "every packet within the witness window");
+    (judged(&reached, &passed, sent), before, at_change, after)
+}
+
+/// The test: a swap between two large disjoint sets under traffic.
+/// A flow whose source is only in A is dropped before the swap and passed
+/// after it, the flow only in B the other way round, and along the packets
+/// in order the verdicts change policy exactly once: no packet is judged by
+/// a mix, and no flow alternates.
+#[test]
+fn policy_swap_under_traffic_never_mixes_two_large_sets() {
+    let mut swapped = None;
+    let (judged, before, at_swap, after) = change_under_traffic(|dp, key| {
+        let outer = dp
+            .stage_map_handle(key, "ddos", policy::BLOCKLIST)
+            .expect("blocklist");
+        let inner = rootlet_dataplane::policy::build_inner(&outer, &address_set(2, SET, 2))
+            .expect("build B");
+        swapped = Some(rootlet_dataplane::policy::swap(&outer, &inner).expect("swap"));
+    });
+    assert!(
+        swapped.is_some_and(|s| s.old_inner_id.is_some()),
+        "A was live"
+    );
+    assert!(
+        before > 2_000 && after > at_swap + 2_000,
+        "traffic overlapped the swap: {before} before, {at_swap} at it, {after} after"
+    );
+    let a = judged.iter().filter(|(_, p)| *p == 'A').count();
+    let b = judged.len() - a;
+    eprintln!(
+        "judged by A: {a}, by B: {b}; counted {before} before the swap, {at_swap} at it, {after} after"
+    );
+    assert!(
+        a >= 2_000 && b >= 2_000,
+        "packets judged by A: {a}, by B: {b}"
+    );
+    let t = transitions(&judged);
+    assert_eq!(
+        t.len(),
+        1,
+        "one change of policy, from A to B; changes at (seq, policy): {:?}",
+        &t[..t.len().min(20)]
+    );
+    assert_eq!(judged[0].1, 'A');
+}
+
+/// The judgement above can fail: the same change made entry by entry in
+/// the live map (A's entries deleted, the flow's first, then B's added,
+/// the flow's last) judges packets in between by neither set, and the
+/// verdicts alternate.
+#[test]
+fn policy_an_entry_by_entry_change_under_traffic_is_seen_to_mix() {
+    let (judged, _, _, _) = change_under_traffic(|dp, key| {
+        let outer = dp
+            .stage_map_handle(key, "ddos", policy::BLOCKLIST)
+            .expect("blocklist");
+        let live = sys::map_fd_by_id(outer.inner.as_ref().expect("live inner").id).expect("inner");
+        let in_a = policy::ddos_key(Ipv4Addr::new(10, 1, 100, 7), 32);
+        sys::map_delete(live.as_fd(), &in_a).expect("delete");
+        for (k, _) in address_set(1, SET, 1) {
+            sys::map_delete(live.as_fd(), &k).expect("delete");
+        }
+        let in_b = policy::ddos_key(Ipv4Addr::new(10, 2, 100, 7), 32);
+        for (k, v) in address_set(2, SET, 2) {
+            if k != in_b {
+                sys::map_update(live.as_fd(), &k, &v).expect("add");
+            }
+        }
+        sys::map_update(live.as_fd(), &in_b, &2u32.to_ne_bytes()).expect("add");
+    });
+    let t = transitions(&judged);
+    eprintln!(
+        "{} packets judged, {} changes of policy",
+        judged.len(),
+        t.len()
+    );
+    assert!(
+        t.len() > 1,
+        "a non-atomic change is judged a mix: {} changes of policy",
+        t.len()
+    );
+}
+
+/// A blocklist swapped in over traffic-free state drops exactly its
+/// sources (a /24 and a /32; their neighbours pass), counts the drops per
+/// rule, and the empty policy a new stage starts with drops nothing.
+#[test]
+fn policy_blocklist_swapped_in_drops_exactly_those_sources() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    dp.apply(
+        key,
+        &[
+            Change::Link(stage("ddos", "ddos", 10)),
+            Change::Link(stage("w", witness::OBJECT, 20)),
+        ],
+        None,
+    )
+    .expect("link");
+    let outer = dp
+        .stage_map_handle(key, "ddos", policy::BLOCKLIST)
+        .expect("blocklist");
+    assert!(outer.is_policy(), "{outer:?}");
+    let empty = outer
+        .inner
+        .as_ref()
+        .expect("an empty inner map was installed at load");
+    assert_eq!(empty.info.map_type, 11, "an LPM trie");
+    assert_eq!(rootlet_dataplane::policy::count(&outer).expect("count"), 0);
+    assert!(!outer.btf.is_empty(), "the program's BTF from the kernel");
+
+    let sources = [
+        (Ipv4Addr::new(10, 9, 8, 1), true),   // in 10.9.8.0/24
+        (Ipv4Addr::new(10, 9, 8, 254), true), // in 10.9.8.0/24
+        (Ipv4Addr::new(10, 9, 9, 1), false),  // next /24
+        (Ipv4Addr::new(10, 9, 7, 255), false),
+        (Ipv4Addr::new(192, 0, 2, 7), true), // the /32
+        (Ipv4Addr::new(192, 0, 2, 8), false),
+    ];
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    let mut seq = 0u64;
+    let send_round = |seq: &mut u64| -> Vec<(u64, Ipv4Addr, bool)> {
+        let mut sent = vec![];
+        for _ in 0..20 {
+            for &(src, blocked) in &sources {
+                raw.send(&frame_from(&f, src, *seq)).expect("send");
+                sent.push((*seq, src, blocked));
+                *seq += 1;
+            }
+        }
+        sent
+    };
+    let wait_all = |n: u64| {
+        let end = deadline(30);
+        while slot(&dp.state(key).expect("state"), "ddos")
+            .counters
+            .total()
+            < n
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The empty policy passes everything.
+    let first = send_round(&mut seq);
+    wait_all(seq);
+    let w = witnessed(&dp, key, "w").expect("witness");
+    assert!(
+        first.iter().all(|(s, _, _)| w.count(*s) == 1),
+        "an empty policy drops nothing"
+    );
+
+    let swapped = policy::replace(
+        &dp,
+        key,
+        "ddos",
+        policy::BLOCKLIST,
+        &[
+            policy::block_entry(Ipv4Addr::new(10, 9, 8, 0), 24, 3),
+            policy::block_entry(Ipv4Addr::new(192, 0, 2, 7), 32, 4),
+        ],
+    )
+    .expect("swap");
+    assert_eq!(swapped.old_inner_id, Some(empty.id));
+    let second = send_round(&mut seq);
+    wait_all(seq);
+    let w = witnessed(&dp, key, "w").expect("witness");
+    for (s, src, blocked) in &second {
+        assert_eq!(
+            w.count(*s),
+            u32::from(!blocked),
+            "packet {s} from {src}: blocked {blocked}"
+        );
+    }
+    let state = dp.state(key).expect("state");
+    assert_eq!(
+        slot(&state, "ddos").counters.drop,
+        60,
+        "3 blocked sources × 20"
+    );
+    let hits = dp.stage_map(key, "ddos", policy::HITS).expect("hits");
+    assert_eq!(read_u64(&hits, 3, true), 40, "rule 3: the /24, two sources");
+    assert_eq!(read_u64(&hits, 4, true), 20, "rule 4: the /32");
+    let outer = dp
+        .stage_map_handle(key, "ddos", policy::BLOCKLIST)
+        .expect("blocklist");
+    assert_eq!(rootlet_dataplane::policy::count(&outer).expect("count"), 2);
+    let (page, next) = rootlet_dataplane::policy::dump(&outer, None, 1).expect("dump");
+    assert_eq!(page.len(), 1);
+    let (rest, end) = rootlet_dataplane::policy::dump(&outer, next.as_deref(), 10).expect("dump");
+    assert_eq!((rest.len(), end), (1, None), "two pages, then the end");
+    let mut keys: Vec<Vec<u8>> = page.iter().chain(&rest).map(|(k, _)| k.clone()).collect();
+    keys.sort();
+    let mut want = vec![
+        policy::ddos_key(Ipv4Addr::new(10, 9, 8, 0), 24),
+        policy::ddos_key(Ipv4Addr::new(192, 0, 2, 7), 32),
+    ];
+    want.sort();
+    assert_eq!(keys, want);
+
+    // A bad entry changes nothing and is named.
+    let err = rootlet_dataplane::policy::build_inner(
+        &outer,
+        &[
+            policy::block_entry(Ipv4Addr::new(10, 0, 0, 0), 8, 0),
+            policy::block_entry(Ipv4Addr::new(10, 0, 0, 0), 33, 0),
+        ],
+    )
+    .expect_err("a prefix length over 32");
+    assert!(err.to_string().contains("entry 1"), "{err}");
+    let err = rootlet_dataplane::policy::build_inner(
+        &outer,
+        &[(vec![0; 7], 0u32.to_ne_bytes().to_vec())],
+    )
+    .expect_err("a short key");
+    assert!(
+        matches!(
+            &err,
+            Error::Policy(rootlet_dataplane::error::PolicyError::Size {
+                part: "key",
+                got: 7,
+                want: 8,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    assert_eq!(rootlet_dataplane::policy::count(&outer).expect("count"), 2);
+}
+
+/// A plain map (ddos_hits, a per-CPU array) written entry by entry: a
+/// write the kernel refuses midway is undone, so the map holds what it held;
+/// an applied change is undone later from its journal form.
+#[test]
+fn policy_plain_map_apply_with_a_forced_failure_is_undone() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    dp.apply(key, &[Change::Link(stage("ddos", "ddos", 10))], None)
+        .expect("link");
+    policy::replace(
+        &dp,
+        key,
+        "ddos",
+        policy::BLOCKLIST,
+        &[policy::block_entry(BLOCKED, 32, 7)],
+    )
+    .expect("block");
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    for i in 0..10 {
+        raw.send(&frame_from(&f, BLOCKED, i)).expect("send");
+    }
+    let hits = dp.stage_map(key, "ddos", policy::HITS).expect("hits");
+    assert!(
+        fixture::wait_for(Duration::from_secs(30), || read_u64(&hits, 7, true) == 10),
+        "rule 7 counted the drops"
+    );
+    let map = dp
+        .stage_map_handle(key, "ddos", policy::HITS)
+        .expect("hits");
+    assert!(!map.is_policy());
+    let vlen = rootlet_dataplane::policy::value_len(&map.info).expect("value length");
+    let live = policy::entries(&dp, key, "ddos", policy::HITS).expect("dump");
+    assert_eq!(live.len(), 1024, "an array has every key");
+    let per_cpu = |n: u64| {
+        let mut v = n.to_ne_bytes().to_vec();
+        v.resize(vlen, 0);
+        v
+    };
+    let rule7 = live[7].1.clone();
+    let desired = vec![
+        (1u32.to_ne_bytes().to_vec(), per_cpu(111)),
+        (7u32.to_ne_bytes().to_vec(), rule7.clone()),
+        // Beyond the array: the kernel refuses it (E2BIG), after entry 0
+        // was written.
+        (5000u32.to_ne_bytes().to_vec(), per_cpu(1)),
+    ];
+    let err = rootlet_dataplane::policy::apply_plain(&map, &desired).expect_err("forced failure");
+    match &err {
+        Error::Policy(rootlet_dataplane::error::PolicyError::Write { map, entry, source }) => {
+            assert_eq!(map, policy::HITS);
+            assert_eq!(*entry, rootlet_dataplane::error::Entry::Index(2));
+            assert_eq!(source.errno(), Some(libc::E2BIG), "{err}");
+        }
+        other => panic!("expected a write error naming entry 2: {other}"),
+    }
+    assert_eq!(
+        policy::entries(&dp, key, "ddos", policy::HITS).expect("dump"),
+        live,
+        "the failed apply was undone: entry 1 is back to zero"
+    );
+
+    let applied = rootlet_dataplane::policy::apply_plain(&map, &desired[..2]).expect("apply");
+    assert_eq!((applied.added, applied.removed, applied.changed), (0, 0, 1));
+    assert_eq!(read_u64(&hits, 1, true), 111);
+    let journal = serde_json::to_string(&applied).expect("journal");
+    let back: rootlet_dataplane::policy::PlainApplied =
+        serde_json::from_str(&journal).expect("journal back");
+    back.undo(&map).expect("undo");
+    assert_eq!(
+        policy::entries(&dp, key, "ddos", policy::HITS).expect("dump"),
+        live,
+        "undone from the journal"
+    );
+    let err = rootlet_dataplane::policy::apply_plain(
+        &dp.stage_map_handle(key, "ddos", policy::BLOCKLIST)
+            .expect("blocklist"),
+        &[],
+    )
+    .expect_err("a policy map is not written entry by entry");
+    assert!(err.to_string().contains("is a policy map"), "{err}");
 }

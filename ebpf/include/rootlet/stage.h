@@ -48,6 +48,87 @@
 #include <bpf/bpf_helpers.h>
 #include "counters.h"
 
+/*
+ * Address types. A map's key or value member of one of these types is
+ * shown and accepted as an address by the agent (docs/POLICY.md):
+ * rootlet_ipv4_t "192.0.2.1" (network order), rootlet_ipv6_t "2001:db8::1",
+ * rootlet_mac_t "02:00:00:00:00:01". The typedef's name carries the
+ * meaning, so use these names rather than their definitions.
+ */
+typedef __be32 rootlet_ipv4_t;
+typedef __u8 rootlet_ipv6_t[16];
+typedef __u8 rootlet_mac_t[6];
+
+/*
+ * Policy maps: the contents a stage enforces (a blocklist, a service
+ * table), replaced as a whole, atomically, by the agent.
+ *
+ *     ROOTLET_POLICY_MAP(my_rules, BPF_MAP_TYPE_LPM_TRIE, struct my_key,
+ *                        struct my_rule, 65536, BPF_F_NO_PREALLOC);
+ *
+ *     struct my_rule *r = rootlet_policy_lookup(&my_rules, &key);
+ *
+ * declares `my_rules`, an array of maps with one entry (key __u32 0) that
+ * holds the live inner map, whose definition (type, key and value types,
+ * max entries, flags) follows the macro's arguments. The agent builds the
+ * next policy in a new inner map beside the live one, fills it, and swaps
+ * it in with one update of entry 0: a packet is judged by the old policy
+ * or by the new one, never by a mix.
+ *
+ * rootlet_policy_lookup() reads entry 0 and then looks the key up in that
+ * inner map. A stage that looks up the same policy map more than once per
+ * packet must take the inner map once, with rootlet_policy_inner(), and
+ * look every key up in it (bpf_map_lookup_elem(inner, &key)), so that one
+ * packet sees one policy. An empty entry 0 is an empty policy: both return
+ * NULL, and a stage must then do what it does for a key that is absent
+ * (a default never blackholes). Rootlet installs an empty inner map in
+ * entry 0 before a stage it loads can run, and keeps the inner map (and so
+ * the policy) of a map kept with maps = "keep"; a stage loaded by another
+ * loader (standalone, libxdp) starts with entry 0 empty.
+ *
+ * The map works the same way in all three modes (standalone, freplace,
+ * tail-call): both tail-call instances of a stage share it.
+ */
+#define ROOTLET_POLICY_MAP(name, inner_type, key_type, value_type, entries, flags) \
+	struct {                                                                   \
+		__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);                          \
+		__uint(max_entries, 1);                                            \
+		__type(key, __u32);                                                \
+		__array(values, struct {                                           \
+			__uint(type, inner_type);                                  \
+			__uint(max_entries, entries);                              \
+			__uint(map_flags, flags);                                  \
+			__type(key, key_type);                                     \
+			__type(value, value_type);                                 \
+		});                                                                \
+	} name SEC(".maps");                                                       \
+	/* Never used: clang writes the inner map's key and value types to   \
+	 * BTF only as forward declarations, which no loader can size;        \
+	 * these pointers make it write them in full. */                      \
+	key_type *name##__key_type;                                                \
+	value_type *name##__value_type
+
+/* The live inner map of policy map `outer`, or NULL (an empty policy). */
+static __always_inline void *rootlet_policy_inner(void *outer)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(outer, &zero);
+}
+
+/*
+ * `key` in the live inner map of policy map `outer`, or NULL when the key
+ * is absent or the policy empty. One lookup of entry 0 per call.
+ */
+static __always_inline void *rootlet_policy_lookup(void *outer, const void *key)
+{
+	void *inner = rootlet_policy_inner(outer);
+
+	if (!inner)
+		return 0;
+	return bpf_map_lookup_elem(inner, key);
+}
+
 /* Tail-call mode: the stable slot id this program was loaded for. */
 volatile const __u32 ROOTLET_STAGE_SLOT = 0;
 /* Tail-call mode: the generation parity this instance runs in. */

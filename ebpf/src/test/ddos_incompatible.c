@@ -1,20 +1,19 @@
 // SPDX-License-Identifier: GPL-2.0-only
-/* Test stage: a "ddos" whose blocklist map changed value size (u32, not u64). */
+/*
+ * Test stage: a "ddos" whose blocklist policy map changed its inner value
+ * (a u64, not the u32 rule id): the outer map is the same, the inner
+ * definition is not, so it cannot keep the running stage's policy.
+ */
 #include <rootlet/stage.h>
 #include "../parse.h"
 
 struct ddos_key {
 	__u32 prefixlen;
-	__u32 addr;
+	rootlet_ipv4_t addr;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct ddos_key);
-	__type(value, __u32);
-} ddos_blocklist SEC(".maps");
+ROOTLET_POLICY_MAP(ddos_blocklist, BPF_MAP_TYPE_LPM_TRIE, struct ddos_key, __u64, 65536,
+		   BPF_F_NO_PREALLOC);
 
 ROOTLET_STAGE(ddos)
 {
@@ -25,7 +24,7 @@ ROOTLET_STAGE(ddos)
 		return XDP_PASS;
 	key.prefixlen = 32;
 	key.addr = p.ip->saddr;
-	return bpf_map_lookup_elem(&ddos_blocklist, &key) ? XDP_DROP : XDP_PASS;
+	return rootlet_policy_lookup(&ddos_blocklist, &key) ? XDP_DROP : XDP_PASS;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -6,7 +6,6 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::AsFd,
     time::{Duration, Instant},
 };
 
@@ -14,12 +13,12 @@ use rootlet_dataplane::{
     Dataplane,
     spec::{Change, MapPolicy, RootletKey, XdpMode},
     state::RootletState,
-    sys,
 };
 use rootlet_integration_tests::{
     fixture::{self, Fixture},
     netns::{HOST_IP, PEER_IP, PEER_MAC},
     packet::{ParsedUdp, seq_payload},
+    policy,
     traffic::{BlastConfig, Blaster, RawSocket, SeqReceiver, UdpSink},
 };
 
@@ -146,22 +145,26 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Fills the ddos and l4lb policies as the agent does: each a new inner map,
+/// filled and swapped in at once.
 fn configure(dp: &Dataplane, key: RootletKey) -> Result<()> {
-    let blocklist = dp.stage_map(key, "ddos", "ddos_blocklist")?;
-    let mut k = 32u32.to_ne_bytes().to_vec();
-    k.extend_from_slice(&BLOCKED.octets());
-    sys::map_update(blocklist.as_fd(), &k, &0u64.to_ne_bytes())?;
-    let service = dp.stage_map(key, "lb", "l4lb_service")?;
-    let mut v = VIP.octets().to_vec();
-    v.extend_from_slice(&7000u16.to_be_bytes());
-    v.extend_from_slice(&[17, 0]);
-    v.extend_from_slice(&1u32.to_ne_bytes());
-    sys::map_update(service.as_fd(), &0u32.to_ne_bytes(), &v)?;
-    let backends = dp.stage_map(key, "lb", "l4lb_backends")?;
-    let mut b = PEER_IP.octets().to_vec();
-    b.extend_from_slice(&PEER_MAC);
-    b.extend_from_slice(&[0, 0]);
-    sys::map_update(backends.as_fd(), &0u32.to_ne_bytes(), &b)?;
+    policy::replace(
+        dp,
+        key,
+        "ddos",
+        policy::BLOCKLIST,
+        &[policy::block_entry(BLOCKED, 32, 0)],
+    )?;
+    policy::replace(
+        dp,
+        key,
+        "lb",
+        policy::SERVICES,
+        &[(
+            policy::vip_key(VIP, 7000, 17),
+            policy::service_value(&[(PEER_IP, PEER_MAC)]),
+        )],
+    )?;
     Ok(())
 }
 

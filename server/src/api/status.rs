@@ -303,6 +303,28 @@ fn dataplane_status(e: &DpError, msg: &str) -> Status {
             info(&mut d, "KERNEL_OR_STORE", &[]);
             Code::Internal
         }
+        // A first mapping of the data plane's map operations (p2); the
+        // policy service refines it.
+        DpError::Policy(p) => {
+            use rootlet_dataplane::error::PolicyError as P;
+            let (reason, code) = match p {
+                P::NoMap { .. } => ("MAP_NOT_FOUND", Code::NotFound),
+                P::Size { .. } | P::Duplicate { .. } => {
+                    ("MAP_ENTRY_INVALID", Code::InvalidArgument)
+                }
+                P::TooMany { .. } => ("MAP_TOO_MANY_ENTRIES", Code::ResourceExhausted),
+                P::Stale { .. } => ("MAP_STALE", Code::Aborted),
+                P::NotPolicyMap { .. }
+                | P::IsPolicyMap { .. }
+                | P::Unsupported { .. }
+                | P::NoLiveInner { .. } => ("MAP_KIND", Code::FailedPrecondition),
+                P::Create { .. } | P::Write { .. } | P::Read { .. } | P::UndoFailed { .. } => {
+                    ("MAP_KERNEL", Code::Internal)
+                }
+            };
+            info(&mut d, reason, &[]);
+            code
+        }
     };
     Status::with_error_details(code, msg, d)
 }

@@ -30,6 +30,14 @@
 //!    `rootlet_apply_step_seconds_total` scraped around each change.
 //! 6. That rootletd's VmRSS and VmHWM, idle after startup and after the
 //!    changes.
+//! 7. Policy maps (`--policy-only` runs this step alone): the per-packet
+//!    cost of a lookup through a policy map against the same lookup in a
+//!    plain LPM trie (`BENCH_POLICY_LOOKUP`), and applying and swapping a
+//!    `--policy-entries` (100 000) LPM policy into a linked ddos stage
+//!    (`policy::build_inner` + `policy::swap`): wall time and this
+//!    process's peak RSS, against a raw update into a fresh map (one
+//!    `BPF_MAP_UPDATE_BATCH`, or element by element where the LPM trie has
+//!    none; the output says which). Printed after step 4.
 //!
 //! It runs as root, in fresh network namespaces (the integration tests'
 //! [`Fixture`]), with its own bpffs directories, all removed at exit.
@@ -54,11 +62,13 @@ use rootlet_integration_tests::fixture::{Fixture, stage};
 mod apply;
 mod datapath;
 mod libxdp;
+mod policy;
 
 use apply::{
     multi_replacements, over_rpc, print_multi, print_rpc, print_single, single_replacements,
 };
 use datapath::{per_packet, print_per_change, print_per_packet};
+use policy::{policy_maps, print_policy};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
@@ -86,6 +96,15 @@ struct Args {
     /// Three-stage replacements to time (tail-call backend only).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(2..=10_000))]
     multi: u32,
+    /// Entries of the LPM policy applied and swapped in step 7.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=262_144))]
+    policy_entries: u32,
+    /// Run step 7 (policy maps) only.
+    #[arg(long)]
+    policy_only: bool,
+    /// Internal: one update method of step 7 in a process of its own.
+    #[arg(long, hide = true, value_parser = ["apply", "raw"])]
+    policy_child: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -113,7 +132,9 @@ fn run(args: &Args) -> Result<()> {
     };
     let tailcall = backend == BackendChoice::TailCall;
     let env = Environment::detect();
-    print_header(args, &env);
+    if args.policy_child.is_none() {
+        print_header(args, &env);
+    }
 
     let f = Fixture::new();
     let scratch = BpffsDir::new()?;
@@ -130,6 +151,18 @@ fn run(args: &Args) -> Result<()> {
     let packet = f.pair.udp_to_host(40000, 9, vec![0; 22]).to_bytes();
     if packet.len() != 64 {
         return Err(format!("the test frame is {} bytes, not 64", packet.len()).into());
+    }
+
+    if let Some(method) = &args.policy_child {
+        policy::child(args, method, &dp, key)?;
+        dp.unload_rootlet(key)?;
+        return Ok(());
+    }
+    if args.policy_only {
+        let p = policy_maps(args, &f)?;
+        print_policy(args, &p);
+        dp.unload_rootlet(key)?;
+        return Ok(());
     }
 
     // libxdp on the veth's other end, in the bench's peer namespace.
@@ -163,6 +196,9 @@ fn run(args: &Args) -> Result<()> {
         println!();
         println!("4. Multi-slot atomic switch: measured for the tail-call backend only.");
     }
+
+    let p = policy_maps(args, &f)?;
+    print_policy(args, &p);
 
     dp.unload_rootlet(key)?;
     drop(dp);

@@ -1,0 +1,141 @@
+//! The inner maps a stage's policy maps start with: when a stage is
+//! loaded, before any packet can reach it, every policy map whose entry 0
+//! is empty gets an empty inner map made from the object's inner
+//! definition (a map kept with `maps = "keep"`, and the other parity's
+//! instance of a tail-call stage, already hold one and keep it). So a live
+//! inner map always exists, and its `bpf_map_info` gives the parameters of
+//! the next one ([`super::build_inner`]).
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+use crate::{
+    error::{Error, Result},
+    object::{self, CheckError, MapDef},
+    sys::{self, MapInfo},
+};
+
+/// The inner map definitions of `object`'s maps of maps, by the kernel's
+/// (15-character) name of the outer map.
+fn inner_defs(object: &[u8]) -> std::result::Result<BTreeMap<String, MapDef>, CheckError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| CheckError::Elf(e.to_string()))?;
+    Ok(obj
+        .maps
+        .iter()
+        .filter_map(|(name, m)| {
+            let inner = m.inner()?;
+            Some((
+                object::truncate(name).to_owned(),
+                MapDef {
+                    name: name.clone(),
+                    map_type: inner.map_type(),
+                    key_size: inner.key_size(),
+                    value_size: inner.value_size(),
+                    max_entries: inner.max_entries(),
+                    map_flags: inner.map_flags(),
+                },
+            ))
+        })
+        .collect())
+}
+
+/// Gives every policy map of `prog` (a stage program of `object`, just
+/// loaded, not yet reachable by a packet) whose entry 0 is empty an empty
+/// inner map.
+pub(crate) fn install_empty(prog: BorrowedFd<'_>, object: &[u8], stage: &str) -> Result<()> {
+    let check = |source| Error::Check {
+        stage: stage.to_owned(),
+        source,
+    };
+    let defs = inner_defs(object).map_err(check)?;
+    for (name, fd) in crate::prog_maps(prog)? {
+        if !object::is_stage_map(&name) {
+            continue;
+        }
+        let info = sys::map_info(fd.as_fd())?;
+        if !super::is_policy(&info) {
+            continue;
+        }
+        let mut id = [0u8; 4];
+        if sys::map_lookup(fd.as_fd(), &0u32.to_ne_bytes(), &mut id)? {
+            continue;
+        }
+        let def = defs.get(&name).ok_or_else(|| Error::Load {
+            what: format!("stage `{stage}`"),
+            message: format!("policy map `{name}` has no inner map definition in the object"),
+        })?;
+        let inner = sys::map_create_with_flags(
+            def.map_type,
+            def.key_size,
+            def.value_size,
+            def.max_entries,
+            def.map_flags,
+            &name,
+        )?;
+        let inner_fd = inner.as_raw_fd() as u32;
+        sys::map_update(fd.as_fd(), &0u32.to_ne_bytes(), &inner_fd.to_ne_bytes())?;
+    }
+    Ok(())
+}
+
+/// For `maps = "keep"`: each policy map of the new object must describe the
+/// same inner map as the running one's live inner map (`running`: the
+/// running stage's maps by kernel name), else the new program would be
+/// verified against one layout and run on another. A policy map whose
+/// entry 0 is empty has nothing to keep.
+pub(crate) fn check_keep_inner(
+    stage: &str,
+    object: &[u8],
+    running: &BTreeMap<String, std::os::fd::OwnedFd>,
+) -> Result<()> {
+    let check = |source| Error::Check {
+        stage: stage.to_owned(),
+        source,
+    };
+    let defs = inner_defs(object).map_err(check)?;
+    for (name, def) in defs {
+        let Some(fd) = running.get(&name) else {
+            continue;
+        };
+        let info = sys::map_info(fd.as_fd())?;
+        if !super::is_policy(&info) {
+            continue;
+        }
+        let Some((_, live)) = super::live_inner(&name, fd.as_fd())? else {
+            continue;
+        };
+        def.check_same(&live.info).map_err(check)?;
+    }
+    Ok(())
+}
+
+impl MapDef {
+    /// The inner definition `self` against a live inner map: the same
+    /// parameters, or `IncompatibleMap` naming the policy map.
+    fn check_same(&self, live: &MapInfo) -> std::result::Result<(), CheckError> {
+        let as_info = MapInfo {
+            id: 0,
+            map_type: self.map_type,
+            name: object::truncate(&self.name).to_owned(),
+            key_size: self.key_size,
+            value_size: self.value_size,
+            max_entries: self.max_entries,
+            map_flags: self.map_flags,
+        };
+        let renamed = MapInfo {
+            id: 0,
+            name: as_info.name.clone(),
+            ..live.clone()
+        };
+        if renamed == as_info {
+            return Ok(());
+        }
+        Err(CheckError::IncompatibleMap {
+            name: format!("{} (its inner map)", self.name),
+            old: object::describe_info(live),
+            new: object::describe_info(&as_info),
+        })
+    }
+}
