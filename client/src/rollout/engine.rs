@@ -25,7 +25,10 @@
 //! (`ApplyBundle` by that digest; the agent keeps the last versions), or,
 //! after a first install, loses the bundle (`RemoveBundle`), and the
 //! journal says exactly why. For `bundle remove` the push is
-//! `RemoveBundle` and the rest is the same.
+//! `RemoveBundle` and the rest is the same; for `policy rollout`, prepare
+//! records each target rootlet's policy, the push is `ApplyPolicy`, the
+//! apply gate `GetPolicy` and the put back `RollbackPolicy`
+//! ([`super::policy`]), and the rest is the same.
 //!
 //! The engine owns the journal; host work runs concurrently (bounded by
 //! the transport's concurrency) and only returns results, which this loop
