@@ -1013,3 +1013,122 @@ async fn a_paused_policy_rollout_pushes_nothing_and_an_interrupted_one_resumes_w
     assert_eq!(fleet.policy_calls(), vec![1, 1, 1]);
     assert_eq!(fleet.policies(), vec![Some(1); 3]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_goes_to_every_rootlet_with_its_stage_or_only_to_the_interface_named() {
+    let fleet = Fleet::new(2, 0).await;
+    let d = fleet.dir.path();
+    std::fs::write(d.join("sampler.o"), rootlet_ebpf::SAMPLER).unwrap();
+    let manifest = d.join("two.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"edge\"\nversion = \"v1\"\n[[rootlets]]\ninterface = \"rl0\"\n[[rootlets]]\ninterface = \"rl1\"\n\
+         [[stages]]\nname = \"sampler\"\nobject = \"sampler.o\"\nprogram = \"sampler\"\npriority = 10\nowner = \"obs\"\n",
+    )
+    .unwrap();
+    let bundle = d.join("two.rlb");
+    std::fs::write(
+        &bundle,
+        SignedBundle::new(Bundle::build(&manifest).unwrap()).to_bytes(),
+    )
+    .unwrap();
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &bundle,
+        &fleet.path("b.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let on = |iface: &str| -> Vec<Option<u64>> {
+        fleet
+            .agents
+            .iter()
+            .map(|a| a.agent.policy_of(iface, "sampler"))
+            .collect()
+    };
+
+    // --interface rl1: only that rootlet of each host.
+    let p1 = fleet.policy(1, &["192.0.2.0/24"]);
+    let j = fleet.path("p.json");
+    let mut req = policy_request(&fleet, "canary = { hosts = 1 }\n", &p1, None, &j);
+    req.interface = Some((String::new(), "rl1".into()));
+    let Start::New(jn) = rollout::plan_policy(&req).unwrap() else {
+        panic!("a new rollout")
+    };
+    let engine =
+        rollout::engine_for(&j, jn, Some(Arc::clone(&req.policy.bytes)), Mode::Quiet).unwrap();
+    let (outcome, jf) = engine.run().await.unwrap();
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert!(jf.journal.hosts.iter().all(|h| h.rootlets.len() == 1));
+    assert_eq!(on("rl0"), vec![Some(0); 2]);
+    assert_eq!(on("rl1"), vec![Some(1); 2]);
+
+    // No --interface: every rootlet with the stage; rl1 already holds v2's
+    // predecessor v1, rl0 none; both end on v2, and undo puts each back to
+    // what it had (rl1: v1 by RollbackPolicy; rl0: the empty policy).
+    let p2 = fleet.policy(2, &["198.51.100.0/24"]);
+    let empty = fleet.policy(5, &[]);
+    let (outcome, jf) = run_policy(&fleet, "canary = { hosts = 1 }\n", &p2, Some(&empty), &j).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert!(jf.journal.hosts.iter().all(|h| h.rootlets.len() == 2));
+    assert_eq!(on("rl0"), vec![Some(2); 2]);
+    assert_eq!(on("rl1"), vec![Some(2); 2]);
+    let (outcome, jf, _) = rollout::undo(&j, Mode::Quiet).await.unwrap();
+    assert_eq!(outcome, Outcome::Undone, "{:?}", jf.journal.hosts);
+    assert_eq!(on("rl0"), vec![Some(5); 2]);
+    assert_eq!(on("rl1"), vec![Some(1); 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_push_refuses_to_overwrite_a_change_made_since_prepare() {
+    let fleet = Fleet::new(1, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &v1,
+        &fleet.path("b.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let p1 = PolicyFile::read(&fleet.policy(1, &["192.0.2.0/24"])).unwrap();
+    let p7 = fleet.policy(7, &["203.0.113.0/24"]);
+    let conn = rootlet_client::transport::Fleet::new(fleet.hosts(), opts());
+    let pref = journal::PolicyRef {
+        stage: "sampler".into(),
+        version: 1,
+        digest: p1.digest.clone(),
+        path: p1.path.clone(),
+        size: p1.bytes.len() as u64,
+        interface: None,
+        empty: None,
+    };
+    let ids = rollout::policy::targets(&conn, 0, &pref).await.unwrap();
+    let before = rollout::policy::before(&conn, 0, "sampler", &ids)
+        .await
+        .unwrap();
+    assert_eq!(before.values().next().unwrap().version, 0);
+    // Someone applies v7 between prepare and push: the push is refused
+    // (expected_version 0), and v7 stays.
+    fleet.agents[0]
+        .agent
+        .apply_policy_out_of_band("rl0", &std::fs::read(&p7).unwrap())
+        .unwrap();
+    let r =
+        rollout::policy::push(&conn, 0, &p1.bytes, &pref, "r1", "0:canary", &ids, &before).await;
+    match r {
+        rollout::policy::PushOutcome::Refused { error, changed } => {
+            assert!(!changed);
+            assert_eq!(error.code, tonic::Code::FailedPrecondition, "{error}");
+            assert!(
+                error
+                    .message
+                    .contains("holds policy v7 now, none when the rollout recorded it"),
+                "{error}"
+            );
+        }
+        _ => panic!("the push was not refused"),
+    }
+    assert_eq!(fleet.agents[0].agent.policy_of("rl0", "sampler"), Some(7));
+}
