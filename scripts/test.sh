@@ -52,16 +52,17 @@ rm -f "$panic_log"
 echo "ok: exit 255, one boot, the panic shown ($(( $(date +%s) - vm_started )) s)"
 
 echo "== VM tier: Debian kernels under qemu (TCG)"
-# The suites that exercise the kernel: the data plane, and the agent over it.
-vm_tests=$(cargo test -p rootlet-integration-tests --test dataplane --test agent --locked --no-run --message-format=json 2>/dev/null |
+# The suites that exercise the kernel: the data plane, the agent over it,
+# and policies through the agent.
+vm_tests=$(cargo test -p rootlet-integration-tests --test dataplane --test agent --test policy --locked --no-run --message-format=json 2>/dev/null |
     python3 -c 'import sys, json
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("dataplane", "agent"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("dataplane", "agent", "policy"):
         print(m["executable"])')
-[ "$(echo "$vm_tests" | wc -l)" = 2 ] || { echo "cannot find the dataplane and agent test binaries" >&2; exit 1; }
+[ "$(echo "$vm_tests" | wc -l)" = 3 ] || { echo "cannot find the dataplane, agent and policy test binaries" >&2; exit 1; }
 cargo build -p rootlet-integration-tests -p rootlet-server --bins --locked
-# Both suites run even when the first fails; the guest exits non-zero if either did.
+# Every suite runs even when one fails; the guest exits non-zero if any did.
 run="rc=0"
 for t in $vm_tests; do run="$run; $t --test-threads=2 || rc=1"; done
 run="$run; exit \$rc"

@@ -1,5 +1,5 @@
 //! Crash injection for the agent's own steps, between the data plane's
-//! commit and the agent's records (tests only). `ROOTLETD_CRASH_AT` names
+//! commit and the agent's records, and of a policy apply (tests only). `ROOTLETD_CRASH_AT` names
 //! one step, of the agent or of the data plane (`rootlet_dataplane::crash`);
 //! rootletd aborts the process when it gets there. `ROOTLETD_PAUSE_AT`
 //! names an agent step where it waits [`PAUSE`] instead, so that a test can
@@ -14,7 +14,8 @@ pub const PAUSE_ENV: &str = "ROOTLETD_PAUSE_AT";
 /// How long a pause lasts.
 pub const PAUSE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// The agent's steps of a bundle apply or removal, in order.
+/// The agent's steps of a bundle apply or removal, and of a policy apply,
+/// in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     /// The pending marker of an apply is written; no rootlet changed yet.
@@ -26,14 +27,40 @@ pub enum Step {
     BundleCommitted,
     /// The statuses are written; the history is not.
     BundleStatusWritten,
+    /// A policy apply built its new inner maps; nothing is recorded and
+    /// nothing packets see has changed.
+    PolicyBuilt,
+    /// A policy apply recorded what it is about to do; nothing packets see
+    /// has changed.
+    PolicyPending,
+    /// A policy apply swapped one policy map (after each swap).
+    PolicySwapped,
+    /// A policy apply changed every map; its record is not written.
+    PolicyApplied,
+    /// A policy apply's record is written; its pending record is not gone.
+    PolicyCommitted,
 }
 
 impl Step {
-    pub const ALL: [Step; 4] = [
+    pub const ALL: [Step; 9] = [
         Step::BundlePending,
         Step::BundleRootletCommitted,
         Step::BundleCommitted,
         Step::BundleStatusWritten,
+        Step::PolicyBuilt,
+        Step::PolicyPending,
+        Step::PolicySwapped,
+        Step::PolicyApplied,
+        Step::PolicyCommitted,
+    ];
+
+    /// The steps of a policy apply, in order.
+    pub const POLICY: [Step; 5] = [
+        Step::PolicyBuilt,
+        Step::PolicyPending,
+        Step::PolicySwapped,
+        Step::PolicyApplied,
+        Step::PolicyCommitted,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +69,11 @@ impl Step {
             Step::BundleRootletCommitted => "bundle-rootlet-committed",
             Step::BundleCommitted => "bundle-committed",
             Step::BundleStatusWritten => "bundle-status-written",
+            Step::PolicyBuilt => "policy-built",
+            Step::PolicyPending => "policy-pending",
+            Step::PolicySwapped => "policy-swapped",
+            Step::PolicyApplied => "policy-applied",
+            Step::PolicyCommitted => "policy-committed",
         }
     }
 }

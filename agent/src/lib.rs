@@ -13,6 +13,7 @@
 pub mod authz;
 mod bundles;
 pub mod crash;
+pub mod policy;
 mod reconcile;
 mod remove;
 pub mod retention;
@@ -68,6 +69,9 @@ pub struct Options {
     pub drift_check: Option<Duration>,
     /// How long an idempotency record is replayed (see [`retention`]).
     pub idempotency_ttl: Duration,
+    /// How many applied policy versions per stage are kept for rollback
+    /// (at least 1).
+    pub policy_history: usize,
 }
 
 /// Why the agent refused or failed a call.
@@ -83,6 +87,8 @@ pub enum AgentError {
     NotFound(String),
     #[error("bundle: {0}")]
     Bundle(#[from] BundleError),
+    #[error("policy: {0}")]
+    Policy(#[from] rootlet_bundle::PolicyError),
     #[error("bundle `{name}` {version} was not applied: {source}; {}", restored_note(.unrestored))]
     Nack {
         name: String,
@@ -102,6 +108,16 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Conflict(String),
+    #[error("map `{map}` of stage `{stage}` took another policy during the dump; start it again")]
+    DumpInterrupted { stage: String, map: String },
+    #[error("stage `{stage}` keeps no {} to roll back to", if *.to == 0 { "earlier policy version".to_owned() } else { format!("policy version {}", .to) })]
+    NoPolicyToRollBack { stage: String, to: u64 },
+    #[error("stage `{stage}` runs policy version {current}, not {expected}")]
+    PolicyVersionMismatch {
+        stage: String,
+        expected: u64,
+        current: u64,
+    },
     #[error("no earlier version of bundle `{0}` to roll back to")]
     NothingToRollBack(String),
     #[error("idempotency key `{0}` was already used for a different request")]
@@ -291,6 +307,9 @@ pub struct Agent {
     /// How often the background compares every rootlet with the kernel.
     drift_check: Option<Duration>,
     idempotency_ttl: Duration,
+    /// Policy applies: one at a time.
+    policy_lock: Mutex<()>,
+    policy_history: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -326,10 +345,19 @@ impl Agent {
         };
         let kv = Kv::open_timed(
             &config.store_path,
-            &[STATUS, LEGACY_BUNDLES, HISTORY, IDEMPOTENCY],
+            &[
+                STATUS,
+                LEGACY_BUNDLES,
+                HISTORY,
+                IDEMPOTENCY,
+                policy::CURRENT,
+                policy::HISTORY,
+                policy::PENDING,
+            ],
             budget::Step::AgentStore,
         )?;
         kv.open_bytes_table(BUNDLES)?;
+        kv.open_bytes_table(policy::DOCUMENTS)?;
         let mut trusted = vec![];
         for path in &config.trusted_keys {
             let key = rootlet_bundle::read_verifying_key(path).map_err(|source| {
@@ -355,9 +383,12 @@ impl Agent {
             drift_seen: Mutex::new(BTreeMap::new()),
             drift_check: config.drift_check,
             idempotency_ttl: config.idempotency_ttl,
+            policy_lock: Mutex::new(()),
+            policy_history: config.policy_history.max(1),
         };
         agent.migrate()?;
         agent.reconcile()?;
+        agent.reconcile_policies()?;
         agent.sweep()?;
         Ok(Arc::new(agent))
     }

@@ -8,6 +8,8 @@
 //!   of an apply a crash interrupted and adoption put back) is deleted by
 //!   the next sweep: when the agent opens, and from then on every
 //!   [`Agent::sweep_period`]. A NACK deletes its own bundle at once.
+//! - A stored policy document is kept while a stage's kept versions
+//!   (`[limits] policy_history`) or an apply in flight names it.
 //! - An idempotency record (a mutation's response, kept so that a retry
 //!   with the same key gets it again) lives for the configured time to live
 //!   (`[limits] idempotency_ttl_seconds`, 24 h by default). Past it, the
@@ -91,7 +93,25 @@ impl Agent {
     /// idempotency records past their time to live.
     pub fn sweep(&self) -> Result<()> {
         self.sweep_bundles()?;
+        self.sweep_policies()?;
         self.sweep_idempotency()
+    }
+
+    /// Deletes every stored policy document that no kept version and no
+    /// apply in flight names. Under the policy lock: an apply stores its
+    /// document before it names it.
+    fn sweep_policies(&self) -> Result<()> {
+        let _one_at_a_time = lock(&self.policy_lock);
+        let kept = self.referenced_policies()?;
+        let unreferenced: Vec<String> = self
+            .kv
+            .bytes_keys(crate::policy::DOCUMENTS)?
+            .into_iter()
+            .filter(|d| !kept.contains(d))
+            .collect();
+        Ok(self
+            .kv
+            .delete_bytes(crate::policy::DOCUMENTS, &unreferenced)?)
     }
 
     /// Deletes every stored bundle that no history and no apply status

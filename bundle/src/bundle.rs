@@ -8,6 +8,12 @@
 //! [`crate::canonical`]) in which every stage's `object` is the embedded
 //! object's file name and every stage records its `sha256`. Its digest is
 //! the sha256 of its encoding, and is what signatures sign.
+//!
+//! A stage may carry initial policies for its maps (the manifest's
+//! `policies`, files relative to the manifest's directory): each is parsed,
+//! must be for that stage, and is embedded in canonical form under
+//! `<file stem>.json`, so the bundle's digest (and signatures) cover it.
+//! The policies of one stage must not set the same map.
 
 use std::{
     collections::BTreeMap,
@@ -21,8 +27,11 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     error::{BundleError, Result},
-    format::{self, MAX_BUNDLE_SIZE, MAX_MANIFEST_SIZE, MAX_OBJECT_SIZE, MAX_OBJECTS},
-    manifest::{Manifest, Stage},
+    format::{
+        self, MAX_BUNDLE_SIZE, MAX_MANIFEST_SIZE, MAX_OBJECT_SIZE, MAX_OBJECTS, MAX_POLICIES,
+    },
+    manifest::{Manifest, Stage, is_valid_object_name, policy_embedded_name},
+    policy::{PolicyDocument, PolicyError, limits::MAX_DOCUMENT_SIZE},
 };
 
 /// The name a bundle's embedded manifest goes by in error messages.
@@ -31,15 +40,36 @@ pub const EMBEDDED_MANIFEST_NAME: &str = "bundle:manifest.toml";
 /// `EM_BPF`, the ELF machine of eBPF objects.
 const EM_BPF: u16 = 247;
 
-/// A manifest and its objects, consistent with each other: every stage's
-/// object is present, is an eBPF ELF file and has the sha256 the manifest
-/// records, and every object is some stage's.
+/// A manifest, its objects and its policies, consistent with each other:
+/// every stage's object is present, is an eBPF ELF file and has the sha256
+/// the manifest records, and every object is some stage's; every stage's
+/// policies are present and for that stage, and every policy is some
+/// stage's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
     manifest: Manifest,
     manifest_text: String,
     objects: BTreeMap<String, Arc<Vec<u8>>>,
+    policies: BTreeMap<String, EmbeddedPolicy>,
     digest: [u8; 32],
+}
+
+/// A policy a bundle carries: the document and its canonical bytes (what
+/// the bundle embeds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddedPolicy {
+    pub document: Arc<PolicyDocument>,
+    pub bytes: Arc<Vec<u8>>,
+}
+
+impl EmbeddedPolicy {
+    fn new(document: PolicyDocument) -> EmbeddedPolicy {
+        let bytes = Arc::new(document.to_canonical_bytes());
+        EmbeddedPolicy {
+            document: Arc::new(document),
+            bytes,
+        }
+    }
 }
 
 impl Bundle {
@@ -81,8 +111,8 @@ impl Bundle {
                 msg: "not valid UTF-8".to_string(),
             }
         })?;
-        let (mut manifest, object_positions) =
-            crate::manifest::parse_source_with_positions(&text, &file)?;
+        let (mut manifest, positions) = crate::manifest::parse_source_with_positions(&text, &file)?;
+        let object_positions = &positions.objects;
 
         let dir = match manifest_path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -170,21 +200,127 @@ impl Bundle {
             .into_iter()
             .map(|(name, (_, data))| (name, data))
             .collect();
-        Bundle::assemble(manifest, objects)
+
+        // Embedded name -> (path it came from, policy).
+        let mut policies: BTreeMap<String, (PathBuf, PolicyDocument)> = BTreeMap::new();
+        for (i, stage) in manifest.stages.iter_mut().enumerate() {
+            for (j, rel) in stage.policies.iter_mut().enumerate() {
+                let (line, col) = positions
+                    .policies
+                    .get(i)
+                    .and_then(|p| p.get(j))
+                    .copied()
+                    .unwrap_or((0, 0));
+                let at = |msg: String| BundleError::ManifestField {
+                    file: file.clone(),
+                    line,
+                    col,
+                    field: format!("stages[{i}].policies[{j}]"),
+                    msg,
+                };
+                let path = dir.join(&*rel);
+                if let Ok(real) = fs::canonicalize(&path)
+                    && !real.starts_with(&root)
+                    && !allowed.contains(&real)
+                {
+                    return Err(at(format!(
+                        "{rel:?} is {}, outside the manifest's directory {}; name it on the \
+                         command line (--allow-object {}) to build it in",
+                        real.display(),
+                        root.display(),
+                        real.display()
+                    )));
+                }
+                let doc = match PolicyDocument::read(&path) {
+                    Ok(doc) => doc,
+                    Err(PolicyError::Io { source, .. }) => {
+                        return Err(at(format!("cannot read {}: {source}", path.display())));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if doc.stage != stage.name {
+                    return Err(at(format!(
+                        "{} sets maps of stage {:?}, not of this stage ({:?})",
+                        path.display(),
+                        doc.stage,
+                        stage.name
+                    )));
+                }
+                // The parser has checked that the path embeds under a
+                // valid name.
+                let name = policy_embedded_name(rel).unwrap_or_default();
+                if let Some((seen, _)) = policies.get(&name) {
+                    return Err(at(format!(
+                        "{} and {} would both be embedded as {name}",
+                        path.display(),
+                        seen.display()
+                    )));
+                }
+                policies.insert(name.clone(), (path, doc));
+                *rel = name;
+            }
+        }
+        let policies = policies
+            .into_iter()
+            .map(|(name, (_, doc))| (name, doc))
+            .collect();
+        Bundle::assemble(manifest, objects, policies)
     }
 
     /// Builds a bundle from a manifest whose stages name their objects by
     /// the keys of `objects`. Stages that record a `sha256` must match;
     /// the others get theirs filled in. Every object must be some stage's.
     pub fn from_parts(manifest: Manifest, objects: BTreeMap<String, Vec<u8>>) -> Result<Bundle> {
+        Bundle::from_parts_with_policies(manifest, objects, BTreeMap::new())
+    }
+
+    /// [`Bundle::from_parts`], with the policies the stages name (by the
+    /// keys of `policies`, each ending in `.json`).
+    pub fn from_parts_with_policies(
+        manifest: Manifest,
+        objects: BTreeMap<String, Vec<u8>>,
+        policies: BTreeMap<String, PolicyDocument>,
+    ) -> Result<Bundle> {
         let objects = objects
             .into_iter()
             .map(|(name, data)| (name, Arc::new(data)))
             .collect();
-        Bundle::assemble(manifest, objects)
+        Bundle::assemble(manifest, objects, policies)
     }
 
-    fn assemble(mut manifest: Manifest, objects: BTreeMap<String, Arc<Vec<u8>>>) -> Result<Bundle> {
+    fn assemble(
+        mut manifest: Manifest,
+        objects: BTreeMap<String, Arc<Vec<u8>>>,
+        policies: BTreeMap<String, PolicyDocument>,
+    ) -> Result<Bundle> {
+        if policies.len() > MAX_POLICIES {
+            return Err(BundleError::too_large(
+                "policy count",
+                policies.len(),
+                MAX_POLICIES,
+            ));
+        }
+        let mut embedded = BTreeMap::new();
+        for (name, doc) in policies {
+            if !is_valid_object_name(&name) || !name.ends_with(".json") {
+                return Err(BundleError::Malformed {
+                    offset: 0,
+                    msg: format!(
+                        "policy name {name:?} is not a valid file name ending in \".json\""
+                    ),
+                });
+            }
+            let p = EmbeddedPolicy::new(doc);
+            if p.bytes.len() > MAX_DOCUMENT_SIZE {
+                return Err(BundleError::too_large(
+                    format!("policy {name}"),
+                    p.bytes.len(),
+                    MAX_DOCUMENT_SIZE,
+                ));
+            }
+            embedded.insert(name, p);
+        }
+        let policies = embedded;
         if objects.len() > MAX_OBJECTS {
             return Err(BundleError::too_large(
                 "object count",
@@ -225,6 +361,7 @@ impl Bundle {
             }
         }
         check_all_used(&manifest, &objects)?;
+        check_policies(&manifest, &policies)?;
 
         let manifest_text = manifest.to_canonical_toml();
         if manifest_text.len() > MAX_MANIFEST_SIZE {
@@ -237,7 +374,7 @@ impl Bundle {
         // Parsing the canonical text checks the manifest (the caller's, if
         // it came from `from_parts`) and gives it its canonical order.
         let manifest = Manifest::parse_embedded(&manifest_text, EMBEDDED_MANIFEST_NAME)?;
-        let encoded = encode(&manifest_text, &objects);
+        let encoded = encode(&manifest_text, &objects, &policies);
         if encoded.len() > MAX_BUNDLE_SIZE {
             return Err(BundleError::too_large(
                 "bundle",
@@ -249,6 +386,7 @@ impl Bundle {
             manifest,
             manifest_text,
             objects,
+            policies,
             digest: Sha256::digest(&encoded).into(),
         })
     }
@@ -295,10 +433,23 @@ impl Bundle {
             }
         }
         check_all_used(&manifest, &objects)?;
+        let mut policies = BTreeMap::new();
+        for &(name, data) in &raw.policies {
+            let document = PolicyDocument::from_canonical_bytes(data, &format!("bundle:{name}"))?;
+            policies.insert(
+                name.to_string(),
+                EmbeddedPolicy {
+                    document: Arc::new(document),
+                    bytes: Arc::new(data.to_vec()),
+                },
+            );
+        }
+        check_policies(&manifest, &policies)?;
         Ok(Bundle {
             manifest,
             manifest_text: manifest_text.to_string(),
             objects,
+            policies,
             digest: Sha256::digest(bytes).into(),
         })
     }
@@ -306,7 +457,7 @@ impl Bundle {
     /// The canonical encoding: the same bundle always gives the same bytes,
     /// and `Bundle::from_bytes(&b.to_bytes())` gives `b` back.
     pub fn to_bytes(&self) -> Vec<u8> {
-        encode(&self.manifest_text, &self.objects)
+        encode(&self.manifest_text, &self.objects, &self.policies)
     }
 
     /// The sha256 of [`Bundle::to_bytes`], in lowercase hex.
@@ -346,13 +497,80 @@ impl Bundle {
     pub fn stage_object(&self, stage: &Stage) -> Option<&Arc<Vec<u8>>> {
         self.objects.get(&stage.object)
     }
+
+    /// The policies, by embedded name (empty for most bundles).
+    pub fn policies(&self) -> &BTreeMap<String, EmbeddedPolicy> {
+        &self.policies
+    }
+
+    /// The initial policies `stage` carries, in the order its manifest
+    /// entry lists them (by name); each is for this stage, and no two set
+    /// the same map. Empty for a stage without policies, or a stage of
+    /// another bundle.
+    pub fn stage_policies(&self, stage: &Stage) -> Vec<&PolicyDocument> {
+        stage
+            .policies
+            .iter()
+            .filter_map(|name| self.policies.get(name))
+            .map(|p| p.document.as_ref())
+            .collect()
+    }
 }
 
-fn encode(manifest_text: &str, objects: &BTreeMap<String, Arc<Vec<u8>>>) -> Vec<u8> {
+fn encode(
+    manifest_text: &str,
+    objects: &BTreeMap<String, Arc<Vec<u8>>>,
+    policies: &BTreeMap<String, EmbeddedPolicy>,
+) -> Vec<u8> {
     format::encode_bundle(
         manifest_text,
         objects.iter().map(|(n, d)| (n.as_str(), d.as_slice())),
+        policies
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.bytes.as_slice())),
     )
+}
+
+/// Every stage's policies are embedded and for that stage, no two of one
+/// stage set the same map, and every embedded policy is some stage's.
+fn check_policies(manifest: &Manifest, policies: &BTreeMap<String, EmbeddedPolicy>) -> Result<()> {
+    for stage in &manifest.stages {
+        let mut maps: BTreeMap<&str, &str> = BTreeMap::new();
+        for name in &stage.policies {
+            let p = policies
+                .get(name)
+                .ok_or_else(|| BundleError::MissingPolicy {
+                    stage: stage.name.clone(),
+                    policy: name.clone(),
+                })?;
+            if p.document.stage != stage.name {
+                return Err(BundleError::PolicyStage {
+                    policy: name.clone(),
+                    policy_stage: p.document.stage.clone(),
+                    stage: stage.name.clone(),
+                });
+            }
+            for map in p.document.maps.keys() {
+                if let Some(first) = maps.insert(map, name) {
+                    return Err(BundleError::PolicyOverlap {
+                        stage: stage.name.clone(),
+                        map: map.clone(),
+                        first: first.to_string(),
+                        second: name.clone(),
+                    });
+                }
+            }
+        }
+    }
+    match policies
+        .keys()
+        .find(|name| !manifest.stages.iter().any(|s| s.policies.contains(name)))
+    {
+        Some(name) => Err(BundleError::UnusedPolicy {
+            policy: name.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn check_all_used(manifest: &Manifest, objects: &BTreeMap<String, Arc<Vec<u8>>>) -> Result<()> {

@@ -5,7 +5,7 @@
 //! on nothing but this file: every key is written, defaults included, in a
 //! fixed order; rootlets are sorted by (interface, netns), stages by
 //! execution order (priority, then name), `proceed_on` by the kernel's
-//! action order and a stage's `rootlets` by name. Comments and layout of the
+//! action order, a stage's `rootlets` and `policies` by name. Comments and layout of the
 //! manifest a person wrote do not survive, so two manifests that mean the
 //! same thing give the same bundle.
 
@@ -63,6 +63,14 @@ fn stage(out: &mut String, s: &Stage) {
         rootlets.sort();
         let rootlets: Vec<String> = rootlets.iter().map(|r| quote(r)).collect();
         line(out, "rootlets", &format!("[{}]", rootlets.join(", ")));
+    }
+    // Only when there are some: a manifest without policies keeps the text
+    // (and so the bundle digest) it had before policies existed.
+    if !s.policies.is_empty() {
+        let mut policies: Vec<&String> = s.policies.iter().collect();
+        policies.sort();
+        let policies: Vec<String> = policies.iter().map(|p| quote(p)).collect();
+        line(out, "policies", &format!("[{}]", policies.join(", ")));
     }
 }
 

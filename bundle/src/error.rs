@@ -68,6 +68,36 @@ pub enum BundleError {
     #[error("malformed bundle at byte {offset}: {msg}")]
     Malformed { offset: usize, msg: String },
 
+    /// A stage names a policy that is not embedded in the bundle.
+    #[error("stage {stage:?}: policy {policy} is not in the bundle")]
+    MissingPolicy { stage: String, policy: String },
+
+    /// A policy that no stage carries.
+    #[error("policy {policy} is not carried by any stage")]
+    UnusedPolicy { policy: String },
+
+    /// A stage carries a policy for another stage.
+    #[error("policy {policy} sets maps of stage {policy_stage:?}, but stage {stage:?} carries it")]
+    PolicyStage {
+        policy: String,
+        policy_stage: String,
+        stage: String,
+    },
+
+    /// Two policies of one stage set the same map.
+    #[error("stage {stage:?}: policies {first} and {second} both set map {map:?}")]
+    PolicyOverlap {
+        stage: String,
+        map: String,
+        first: String,
+        second: String,
+    },
+
+    /// A policy the bundle carries (or a policy file its manifest names)
+    /// is wrong.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+
     /// The bundle carries no signature at all.
     #[error("bundle is unsigned")]
     Unsigned,

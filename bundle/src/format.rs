@@ -17,8 +17,25 @@
 //!   data       data_len bytes (an eBPF ELF object)
 //! ```
 //!
-//! and nothing after; the whole is at most 64 MiB. A signed bundle wraps
-//! those bytes:
+//! and nothing after; the whole is at most 64 MiB. A bundle whose stages
+//! carry policies (`policies` in the manifest) is written as version 2:
+//! the same, followed by
+//!
+//! ```text
+//! policy_count u32      1..=256
+//! policy_count times, in strictly ascending byte order of name:
+//!   name_len   u16      1..=128
+//!   name       name_len bytes (as object names, ending in ".json")
+//!   data_len   u32      <= 64 MiB
+//!   data       data_len bytes: the policy's canonical encoding
+//!              (crate::policy::canonical)
+//! ```
+//!
+//! so a bundle without policies has exactly the bytes (and digest) it had
+//! before policies existed, and an agent that predates them refuses one
+//! that carries them ("unsupported bundle format version 2") rather than
+//! applying its programs without their data. A signed bundle wraps those
+//! bytes:
 //!
 //! ```text
 //! magic        8 bytes  "RLTSIGND"
@@ -42,8 +59,13 @@ use crate::error::{BundleError, Result};
 pub const BUNDLE_MAGIC: &[u8; 8] = b"RLTBUNDL";
 /// Magic of a signed bundle.
 pub const SIGNED_MAGIC: &[u8; 8] = b"RLTSIGND";
-/// The format version this crate writes and reads.
+/// The format version this crate writes and reads (of a bundle without
+/// policies, and of a signed bundle).
 pub const FORMAT_VERSION: u32 = 1;
+/// The format version of a bundle that carries policies.
+pub const FORMAT_VERSION_POLICIES: u32 = 2;
+/// Most policies in a bundle.
+pub const MAX_POLICIES: usize = 256;
 
 /// Largest manifest.
 pub const MAX_MANIFEST_SIZE: usize = 1 << 20;
@@ -72,6 +94,8 @@ pub(crate) struct RawBundle<'a> {
     /// Offset of the manifest in the input, for error messages.
     pub manifest_offset: usize,
     pub objects: Vec<(&'a str, &'a [u8])>,
+    /// Empty in a version 1 bundle.
+    pub policies: Vec<(&'a str, &'a [u8])>,
 }
 
 /// A decoded signed bundle's pieces, borrowed from the input.
@@ -80,25 +104,39 @@ pub(crate) struct RawSigned<'a> {
     pub signatures: Vec<([u8; KEY_ID_LEN], [u8; SIGNATURE_LEN])>,
 }
 
-/// Encodes a bundle. `objects` must be sorted by name, unique, and within
-/// the limits; [`crate::Bundle`] makes sure of that.
+/// Encodes a bundle. `objects` and `policies` must each be sorted by
+/// name, unique, and within the limits; [`crate::Bundle`] makes sure of
+/// that. No policies: version 1; some: version 2.
 pub(crate) fn encode_bundle<'a>(
     manifest: &str,
     objects: impl ExactSizeIterator<Item = (&'a str, &'a [u8])>,
+    policies: impl ExactSizeIterator<Item = (&'a str, &'a [u8])>,
 ) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(BUNDLE_MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let version = if policies.len() == 0 {
+        FORMAT_VERSION
+    } else {
+        FORMAT_VERSION_POLICIES
+    };
+    out.extend_from_slice(&version.to_le_bytes());
     put_u32(&mut out, manifest.len());
     out.extend_from_slice(manifest.as_bytes());
-    put_u32(&mut out, objects.len());
-    for (name, data) in objects {
-        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        out.extend_from_slice(name.as_bytes());
-        put_u32(&mut out, data.len());
-        out.extend_from_slice(data);
+    put_entries(&mut out, objects);
+    if policies.len() > 0 {
+        put_entries(&mut out, policies);
     }
     out
+}
+
+fn put_entries<'a>(out: &mut Vec<u8>, entries: impl ExactSizeIterator<Item = (&'a str, &'a [u8])>) {
+    put_u32(out, entries.len());
+    for (name, data) in entries {
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        put_u32(out, data.len());
+        out.extend_from_slice(data);
+    }
 }
 
 /// Encodes a signed bundle. `signatures` must be sorted by key id and
@@ -135,49 +173,110 @@ pub(crate) fn decode_bundle(bytes: &[u8]) -> Result<RawBundle<'_>> {
         ));
     }
     let mut r = Reader::new(bytes);
-    r.magic(BUNDLE_MAGIC, "bundle")?;
+    let version = r.magic_versions(
+        BUNDLE_MAGIC,
+        "bundle",
+        &[FORMAT_VERSION, FORMAT_VERSION_POLICIES],
+    )?;
 
     let manifest_len = r.len_u32("manifest length", "manifest", MAX_MANIFEST_SIZE)?;
     let manifest_offset = r.pos;
     let manifest = r.bytes(manifest_len, "manifest")?;
 
     let count = r.len_u32("object count", "object count", MAX_OBJECTS)?;
-    let mut objects: Vec<(&str, &[u8])> = Vec::with_capacity(count);
-    for _ in 0..count {
-        let name_offset = r.pos;
-        let name_len = usize::from(r.u16("object name length")?);
-        if name_len == 0 || name_len > MAX_OBJECT_NAME_LEN {
+    let objects = entries(&mut r, count, "object", MAX_OBJECT_SIZE)?;
+    let policies = if version == FORMAT_VERSION_POLICIES {
+        let count_offset = r.pos;
+        let count = r.len_u32("policy count", "policy count", MAX_POLICIES)?;
+        if count == 0 {
             return Err(BundleError::malformed(
-                name_offset,
-                format!("object name length {name_len} is not in 1..={MAX_OBJECT_NAME_LEN}"),
+                count_offset,
+                "a version 2 bundle carries at least one policy",
             ));
         }
-        let name = r.bytes(name_len, "object name")?;
-        let name = std::str::from_utf8(name)
-            .ok()
-            .filter(|n| crate::manifest::is_valid_object_name(n))
-            .ok_or_else(|| {
-                BundleError::malformed(name_offset + 2, "object name is not a valid file name")
-            })?;
-        if let Some((prev, _)) = objects.last()
-            && *prev >= name
-        {
+        let policies = entries(
+            &mut r,
+            count,
+            "policy",
+            crate::policy::limits::MAX_DOCUMENT_SIZE,
+        )?;
+        if let Some((name, _)) = policies.iter().find(|(n, _)| !n.ends_with(".json")) {
             return Err(BundleError::malformed(
-                name_offset,
-                format!("object {name:?} is out of order or repeated (after {prev:?})"),
+                count_offset,
+                format!("policy name {name:?} does not end in \".json\""),
             ));
         }
-        let what = format!("object {name}");
-        let data_len = r.len_u32("object length", &what, MAX_OBJECT_SIZE)?;
-        let data = r.bytes(data_len, "object data")?;
-        objects.push((name, data));
-    }
+        policies
+    } else {
+        Vec::new()
+    };
     r.finish()?;
     Ok(RawBundle {
         manifest,
         manifest_offset,
         objects,
+        policies,
     })
+}
+
+/// `count` named entries (objects or policies), in strictly ascending
+/// order of name.
+fn entries<'a>(
+    r: &mut Reader<'a>,
+    count: usize,
+    kind: &str,
+    max_size: usize,
+) -> Result<Vec<(&'a str, &'a [u8])>> {
+    // The names of the fields, for Truncated errors.
+    let (name_len_what, name_what, len_what, data_what) = if kind == "policy" {
+        (
+            "policy name length",
+            "policy name",
+            "policy length",
+            "policy data",
+        )
+    } else {
+        (
+            "object name length",
+            "object name",
+            "object length",
+            "object data",
+        )
+    };
+    let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let name_offset = r.pos;
+        let name_len = usize::from(r.u16(name_len_what)?);
+        if name_len == 0 || name_len > MAX_OBJECT_NAME_LEN {
+            return Err(BundleError::malformed(
+                name_offset,
+                format!("{kind} name length {name_len} is not in 1..={MAX_OBJECT_NAME_LEN}"),
+            ));
+        }
+        let name = r.bytes(name_len, name_what)?;
+        let name = std::str::from_utf8(name)
+            .ok()
+            .filter(|n| crate::manifest::is_valid_object_name(n))
+            .ok_or_else(|| {
+                BundleError::malformed(
+                    name_offset + 2,
+                    format!("{kind} name is not a valid file name"),
+                )
+            })?;
+        if let Some((prev, _)) = out.last()
+            && *prev >= name
+        {
+            return Err(BundleError::malformed(
+                name_offset,
+                format!("{kind} {name:?} is out of order or repeated (after {prev:?})"),
+            ));
+        }
+        let what = format!("{kind} {name}");
+        let data_len = r.len_u32(len_what, &what, max_size)?;
+        let data = r.bytes(data_len, data_what)?;
+        out.push((name, data));
+    }
+    Ok(out)
 }
 
 /// Decodes a signed bundle's container; the bundle inside is not decoded.

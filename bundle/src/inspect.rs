@@ -10,7 +10,8 @@ use crate::{bundle::Bundle, manifest::XdpAction, sign::SignedBundle};
 
 impl Bundle {
     /// A multi-line summary: name, version, digest, size, rootlets, and
-    /// the stages in execution order with their objects' sha256 and sizes.
+    /// the stages in execution order with their objects' sha256 and sizes
+    /// and their policies (version, digest, maps with entry counts).
     pub fn inspect(&self) -> String {
         let m = self.manifest();
         let mut out = String::new();
@@ -62,6 +63,28 @@ impl Bundle {
                     .as_ref()
                     .map_or_else(|| "all".to_string(), |r| r.join(", ")),
             );
+            for name in &s.policies {
+                match self.policies().get(name) {
+                    Some(p) => {
+                        let d = &p.document;
+                        let maps: Vec<String> = d
+                            .maps
+                            .iter()
+                            .map(|(m, c)| format!("{m} ({})", c.entries.len()))
+                            .collect();
+                        let _ = writeln!(
+                            out,
+                            "          policy {name} version {} digest {} maps {}",
+                            d.version,
+                            d.digest(),
+                            maps.join(", ")
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(out, "          policy {name} (missing)");
+                    }
+                }
+            }
         }
         out
     }

@@ -42,6 +42,8 @@ pub const MAX_ROOTLETS: usize = 64;
 pub const MAX_STAGES: usize = 64;
 /// Longest lease, in seconds (a day).
 pub const MAX_LEASE_SECONDS: u32 = 86_400;
+/// Most policies one stage carries.
+pub const MAX_STAGE_POLICIES: usize = 16;
 
 pub use rootlet_types::{MapPolicy, XdpAction, XdpMode};
 
@@ -125,6 +127,12 @@ pub struct Stage {
     pub owner: String,
     /// The rootlets (by interface name) that get this stage; None for all.
     pub rootlets: Option<Vec<String>>,
+    /// Initial policies for the stage's maps (see [`crate::policy`]): in a
+    /// manifest on disk, paths relative to the manifest's directory; in a
+    /// bundle, the embedded policies' names (`<file stem>.json`), sorted.
+    /// Each policy's `stage` is this stage's name. Empty: none (and the
+    /// manifest does not mention the key).
+    pub policies: Vec<String>,
 }
 
 impl Stage {
@@ -180,6 +188,18 @@ fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
 }
 
+/// The name a policy file at `path` is embedded under: its file stem and
+/// `.json` (the bundle carries the policy's canonical JSON), if that is a
+/// valid embedded name.
+pub fn policy_embedded_name(path: &str) -> Option<String> {
+    if path.ends_with('/') {
+        return None;
+    }
+    let stem = Path::new(path).file_stem()?.to_str()?;
+    let name = format!("{stem}.json");
+    is_valid_object_name(&name).then_some(name)
+}
+
 /// Whether `s` is 64 lowercase hex digits.
 pub(crate) fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -205,16 +225,21 @@ fn wrong_type(src: &Src<'_>, v: &Value<'_>, field: &str, expected: &str) -> Bund
     located::wrong_type(src, v, field, expected).into()
 }
 
-/// [`Manifest::parse`], with the line and column of each stage's `object`
-/// value, for errors found later, reading the objects.
-pub(crate) fn parse_source_with_positions(
-    text: &str,
-    file: &str,
-) -> Result<(Manifest, Vec<(usize, usize)>)> {
+/// Where some values of a manifest are, for errors found later, reading
+/// the files they name: per stage (in manifest order), the line and column
+/// of its `object`, and of each of its `policies`.
+#[derive(Debug, Default)]
+pub(crate) struct Positions {
+    pub objects: Vec<(usize, usize)>,
+    pub policies: Vec<Vec<(usize, usize)>>,
+}
+
+/// [`Manifest::parse`], with the [`Positions`] of the files it names.
+pub(crate) fn parse_source_with_positions(text: &str, file: &str) -> Result<(Manifest, Positions)> {
     parse(text, file, Mode::Source)
 }
 
-fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, usize)>)> {
+fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Positions)> {
     let doc = DeTable::parse(text).map_err(|e| {
         let src = &Src { file, text };
         let (line, col) = located::line_col(src.text, e.span().map_or(0, |s| s.start));
@@ -289,7 +314,7 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, us
     }
 
     let mut stages = Vec::new();
-    let mut object_positions = Vec::new();
+    let mut positions = Positions::default();
     if let Some(stages_v) = fields.optional("stages") {
         let stage_items = tables(src, stages_v, "stages")?;
         if stage_items.len() > MAX_STAGES {
@@ -303,9 +328,17 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, us
         let mut seen_stages: HashMap<String, usize> = HashMap::new();
         for (i, (table, span)) in stage_items.iter().enumerate() {
             let path = format!("stages[{i}]");
-            let (stage, name_span, object_span) =
+            let (stage, name_span, object_span, policy_spans) =
                 parse_stage(src, table, span, &path, mode, &rootlets)?;
-            object_positions.push(located::line_col(src.text, object_span.start));
+            positions
+                .objects
+                .push(located::line_col(src.text, object_span.start));
+            positions.policies.push(
+                policy_spans
+                    .iter()
+                    .map(|s| located::line_col(src.text, s.start))
+                    .collect(),
+            );
             if let Some(line) = seen_stages.insert(stage.name.clone(), src.line(&name_span)) {
                 return Err(ferr(
                     src,
@@ -324,7 +357,7 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Vec<(usize, us
         rootlets,
         stages,
     };
-    Ok((manifest, object_positions))
+    Ok((manifest, positions))
 }
 
 /// Returns the rootlet and the span of its interface value.
@@ -393,7 +426,9 @@ fn parse_rootlet(
     ))
 }
 
-/// Returns the stage and the spans of its name and object values.
+/// Returns the stage and the spans of its name, object and policies
+/// values.
+#[allow(clippy::type_complexity)]
 fn parse_stage(
     src: &Src<'_>,
     table: &DeTable<'_>,
@@ -401,7 +436,7 @@ fn parse_stage(
     path: &str,
     mode: Mode,
     rootlets: &[RootletTarget],
-) -> Result<(Stage, Range<usize>, Range<usize>)> {
+) -> Result<(Stage, Range<usize>, Range<usize>, Vec<Range<usize>>)> {
     let fields = Fields::of(
         src,
         table,
@@ -419,6 +454,7 @@ fn parse_stage(
             "lease_seconds",
             "owner",
             "rootlets",
+            "policies",
         ],
     )?;
 
@@ -644,6 +680,11 @@ fn parse_stage(
         }
     };
 
+    let (policies, policy_spans) = match fields.optional("policies") {
+        None => (Vec::new(), Vec::new()),
+        Some(v) => stage_policies(src, v, &format!("{path}.policies"), mode)?,
+    };
+
     Ok((
         Stage {
             name: name.to_string(),
@@ -656,10 +697,77 @@ fn parse_stage(
             lifetime,
             owner: owner.to_string(),
             rootlets: targets,
+            policies,
         },
         name_v.span(),
         object_v.span(),
+        policy_spans,
     ))
+}
+
+/// A stage's `policies`: paths (on disk) or embedded names (in a bundle),
+/// at most [`MAX_STAGE_POLICIES`], none twice (nor two that would be
+/// embedded under the same name); each with its span.
+fn stage_policies(
+    src: &Src<'_>,
+    v: &Value<'_>,
+    field: &str,
+    mode: Mode,
+) -> Result<(Vec<String>, Vec<Range<usize>>)> {
+    let items = array(src, v, field)?;
+    if items.len() > MAX_STAGE_POLICIES {
+        return Err(ferr(
+            src,
+            &v.span(),
+            field,
+            format!("at most {MAX_STAGE_POLICIES} policies per stage"),
+        ));
+    }
+    let mut names: Vec<String> = Vec::with_capacity(items.len());
+    let mut embedded: Vec<String> = Vec::with_capacity(items.len());
+    let mut spans = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let item_field = format!("{field}[{i}]");
+        let s = string(src, item, &item_field)?;
+        let name = match mode {
+            Mode::Source => {
+                check_text(src, item, &item_field, s, MAX_PATH_LEN)?;
+                policy_embedded_name(s).ok_or_else(|| {
+                    ferr(
+                        src,
+                        &item.span(),
+                        &item_field,
+                        "the file name's stem must be 1 to 123 characters from A-Z a-z 0-9 _ . -, \
+                         not starting with '.' (the policy is embedded as <stem>.json)",
+                    )
+                })?
+            }
+            Mode::Embedded => {
+                if !is_valid_object_name(s) || !s.ends_with(".json") {
+                    return Err(ferr(
+                        src,
+                        &item.span(),
+                        &item_field,
+                        "not a valid embedded policy name (1 to 128 characters from A-Z a-z 0-9 _ . -, \
+                         not starting with '.', ending in \".json\")",
+                    ));
+                }
+                s.to_string()
+            }
+        };
+        if embedded.contains(&name) {
+            return Err(ferr(
+                src,
+                &item.span(),
+                &item_field,
+                format!("{s:?} is listed twice (or embeds as {name}, as another one does)"),
+            ));
+        }
+        embedded.push(name);
+        names.push(s.to_string());
+        spans.push(item.span());
+    }
+    Ok((names, spans))
 }
 
 /// Linux's rule for interface names (`dev_valid_name`).

@@ -522,8 +522,14 @@ fn container_rules() -> TestResult {
     magic[0] = b'X';
     assert!(malformed(&magic));
     let mut version = b.to_bytes();
-    version[8] = 2;
+    version[8] = 3;
     assert!(malformed(&version));
+    // Version 2 (policies) without its policies section.
+    version[8] = 2;
+    assert!(matches!(
+        Bundle::from_bytes(&version),
+        Err(BundleError::Truncated { .. })
+    ));
     // Objects out of order, or repeated.
     assert!(malformed(&encode(text, &[("b.o", &bo), ("a.o", &a)])));
     assert!(malformed(&encode(

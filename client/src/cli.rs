@@ -6,6 +6,8 @@
 //! stopped and rolled back (gate, deadline, unavailable hosts, abort; a
 //! first install rolled back leaves the hosts without the bundle); 4 a
 //! rollout that finished but skipped hosts (unreachable to the end).
+//! `policy diff` answers like diff(1): 0 the same policy, 1 different, 2
+//! trouble (a file that cannot be read or parsed).
 
 use std::{
     path::{Path, PathBuf},
@@ -20,6 +22,7 @@ use crate::{
     config::{Human, parse_duration},
     inventory::{Inventory, Selector},
     plan::Plan,
+    policy_cmd,
     rollout::{
         self, BundleFile, Outcome, RolloutError, Start, StartRequest, control,
         journal::{self, JournalFile, JournalLock},
@@ -60,13 +63,14 @@ pub enum Command {
     /// Build, sign, verify and inspect bundles; generate signing keys.
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// Build, sign, verify, inspect and compare policies (the contents of a
+    /// stage's maps), and roll one out to the fleet.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Roll a bundle out to the fleet, and steer or undo a rollout (of a
     /// bundle, a removal or a policy).
     #[command(subcommand)]
     Rollout(RolloutCmd),
-    /// Policies: roll a signed policy out to the fleet.
-    #[command(subcommand)]
-    Policy(PolicyCmd),
     /// Read back hosts × rootlets from the agents: versions, last attempts,
     /// stages and program ids, counters, drift.
     Status(StatusArgs),
@@ -135,6 +139,45 @@ pub enum BundleCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
+    /// Parse a policy (TOML or JSON), canonicalise it and write it as a
+    /// policy file (signed with --key).
+    Build {
+        /// The policy source (`.toml` or `.json`).
+        file: PathBuf,
+        /// Output file (default: <stage>-<version>.rlp).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Sign with this private key (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+    },
+    /// Add signatures to a policy file.
+    Sign {
+        policy: PathBuf,
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Output file (default: in place).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Check that a trusted key signed a policy file.
+    Verify {
+        policy: PathBuf,
+        /// A trusted public key (repeatable).
+        #[arg(long = "trusted-key", visible_alias = "trusted", required = true)]
+        trusted: Vec<PathBuf>,
+    },
+    /// Show what a policy (file or source) sets: stage, version, digest,
+    /// maps with entry counts, signatures.
+    Inspect {
+        policy: PathBuf,
+        /// List every entry too.
+        #[arg(long)]
+        entries: bool,
+    },
+    /// Compare two policies (files or sources), map by map and entry by
+    /// key. Exit code 0: the same policy; 1: different; 2: trouble.
+    Diff { old: PathBuf, new: PathBuf },
     /// Roll a signed policy out to the fleet with the same plan, canary,
     /// waves, soak, gates, journal and rollback as a bundle rollout; steer
     /// it with `rootletctl rollout pause|resume|promote|abort|undo|status`.
@@ -388,8 +431,9 @@ pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Bundle(BundleCmd::Remove(a)) => remove(a).await,
         Command::Bundle(b) => bundle(b),
-        Command::Rollout(r) => rollout_cmd(r).await,
         Command::Policy(PolicyCmd::Rollout(a)) => policy_rollout(a).await,
+        Command::Policy(p) => policy(p),
+        Command::Rollout(r) => rollout_cmd(r).await,
         Command::Status(s) => status_cmd(s).await,
         Command::Plan { plan, hosts } => match Plan::load(&plan) {
             Ok(p) => {
@@ -508,11 +552,55 @@ fn bundle(cmd: BundleCmd) -> i32 {
                 | B::MissingObject { .. }
                 | B::NotElf { .. }
                 | B::DigestMismatch { .. }
+                | B::PolicyOverlap { .. }
                 | B::Key { .. } => EXIT_USAGE,
+                // A policy file the manifest names, as `policy build` says.
+                B::Policy(e) => {
+                    let e = policy_cmd::PolicyCmdError::from(e);
+                    return fail(
+                        if e.is_usage() {
+                            EXIT_USAGE
+                        } else {
+                            EXIT_FAILED
+                        },
+                        e,
+                    );
+                }
                 _ => EXIT_FAILED,
             };
             fail(code, e)
         }
+    }
+}
+
+fn policy(cmd: PolicyCmd) -> i32 {
+    let r = match cmd {
+        PolicyCmd::Build { file, out, keys } => {
+            policy_cmd::build(&file, out.as_deref(), &keys).map(|(_, r)| r)
+        }
+        PolicyCmd::Sign { policy, keys, out } => policy_cmd::sign(&policy, &keys, out.as_deref()),
+        PolicyCmd::Verify { policy, trusted } => policy_cmd::verify(&policy, &trusted),
+        PolicyCmd::Inspect { policy, entries } => policy_cmd::inspect(&policy, entries),
+        PolicyCmd::Rollout(_) => {
+            return fail(EXIT_FAILED, "policy rollout runs as a rollout");
+        }
+        PolicyCmd::Diff { old, new } => {
+            return match policy_cmd::diff(&old, &new) {
+                Ok((text, same)) => {
+                    print!("{text}");
+                    if same { EXIT_OK } else { EXIT_FAILED }
+                }
+                Err(e) => fail(EXIT_USAGE, e),
+            };
+        }
+    };
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            EXIT_OK
+        }
+        Err(e) if e.is_usage() => fail(EXIT_USAGE, e),
+        Err(e) => fail(EXIT_FAILED, e),
     }
 }
 

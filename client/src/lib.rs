@@ -22,6 +22,7 @@
 //! - [`status`]: hosts × rootlets read back from the agents.
 //! - [`bundle_cmd`]: `bundle build|sign|verify|inspect|keygen` (`bundle
 //!   remove` is a rollout: [`rollout`]).
+//! - [`policy_cmd`]: `policy build|sign|verify|inspect|diff`.
 //!
 //! The simulated agent the tests and the fleet benchmark use is the
 //! `rootlet-client-sim` crate (`client/sim/`), outside this library.
@@ -32,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod inventory;
 pub mod plan;
+pub mod policy_cmd;
 pub mod rollout;
 pub mod status;
 pub mod transport;

@@ -5,7 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
@@ -13,7 +13,10 @@ use rootlet_server::{
     config::{Config, IdentityConfig, Role},
     runtime::{self, Running},
 };
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::{
+    Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
 
 use crate::{
     api,
@@ -224,4 +227,56 @@ pub async fn restart(a: &mut Agent, edit: impl Fn(&mut Config)) {
     let mut running = runtime::start(config).await.expect("restart rootletd");
     assert!(running.ready().await, "the agent serves again");
     a.running = Some(running);
+}
+
+pub async fn health(addr: &str, a: &Agent) -> Option<i32> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
+        .domain_name("localhost")
+        .identity({
+            let c = a.pki.client("mon");
+            Identity::from_pem(c.cert_pem, c.key_pem)
+        });
+    let ch = Channel::from_shared(addr.to_owned())
+        .ok()?
+        .tls_config(tls)
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    h.check(Request::new(tonic_health::pb::HealthCheckRequest {
+        service: "rootlet.v1.Rootlet".into(),
+    }))
+    .await
+    .ok()
+    .map(|r| r.into_inner().status)
+}
+
+/// Waits, bounded, until the rootletd at `addr` serves; then an ops client.
+/// The bound is for the VM tier: a start-up there takes about 10 s alone,
+/// and its probe took 38 s (8 s alone) in a 6.1 guest while another test of
+/// the suite ran beside it, so 60 s was too tight for a restart.
+pub async fn serving(addr: &str, a: &Agent) -> RootletClient<Channel> {
+    let end = Instant::now() + Duration::from_secs(180);
+    while health(addr, a).await != Some(1) {
+        assert!(Instant::now() < end, "rootletd at {addr} never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
+        .domain_name("localhost")
+        .identity({
+            let c = a.pki.client("ops");
+            Identity::from_pem(c.cert_pem, c.key_pem)
+        });
+    let ch = Channel::from_shared(addr.to_owned())
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .expect("connect");
+    RootletClient::new(ch)
 }

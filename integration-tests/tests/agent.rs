@@ -10,7 +10,7 @@ use std::{
 
 use rootlet_dataplane::spec::XdpAction;
 use rootlet_integration_tests::{
-    agentd::{Agent, restart},
+    agentd::{Agent, health, restart, serving},
     api::{self, link, reason, stage},
     fixture::{self, Fixture},
     netns::{HOST_IP, VethPair},
@@ -646,30 +646,6 @@ async fn oversized_truncated_and_malformed_requests_change_nothing() {
         .into_inner();
     assert_eq!(after.generation, before.generation, "nothing changed");
     assert_eq!(a.f.pins(), pins, "no pins left behind");
-}
-
-async fn health(addr: &str, a: &Agent) -> Option<i32> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
-        .domain_name("localhost")
-        .identity({
-            let c = a.pki.client("mon");
-            Identity::from_pem(c.cert_pem, c.key_pem)
-        });
-    let ch = Channel::from_shared(addr.to_owned())
-        .ok()?
-        .tls_config(tls)
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-    h.check(Request::new(tonic_health::pb::HealthCheckRequest {
-        service: "rootlet.v1.Rootlet".into(),
-    }))
-    .await
-    .ok()
-    .map(|r| r.into_inner().status)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1403,34 +1379,6 @@ async fn an_apply_converges_on_the_kernel_and_drift_is_reported_per_stage() {
     );
     assert_eq!(s.applied_version, "1.0");
     assert_eq!(running(kernel(&mut ops, r).await), Some(expected));
-}
-
-/// Waits, bounded, until the rootletd at `addr` serves; then an ops client.
-/// The bound is for the VM tier: a start-up there takes about 10 s alone,
-/// and its probe took 38 s (8 s alone) in a 6.1 guest while another test of
-/// the suite ran beside it, so 60 s was too tight for a restart.
-async fn serving(addr: &str, a: &Agent) -> RootletClient<Channel> {
-    let end = Instant::now() + Duration::from_secs(180);
-    while health(addr, a).await != Some(1) {
-        assert!(Instant::now() < end, "rootletd at {addr} never served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
-        .domain_name("localhost")
-        .identity({
-            let c = a.pki.client("ops");
-            Identity::from_pem(c.cert_pem, c.key_pem)
-        });
-    let ch = Channel::from_shared(addr.to_owned())
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls")
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await
-        .expect("connect");
-    RootletClient::new(ch)
 }
 
 /// What an apply status says the kernel runs: the applied version's stages

@@ -579,10 +579,12 @@ fn decode(t: &Type, v: &Value, out: &mut [u8], path: &Path<'_>) -> Result<(), Co
             let Value::Array(items) = v else {
                 return err(path, format!("{} is not an array of {len}", show(v)));
             };
-            if items.len() != *len as usize {
+            // Fewer elements than the array holds leave the rest zero, as a
+            // missing struct member is zero (and as in a C initializer).
+            if items.len() > *len as usize {
                 return err(
                     path,
-                    format!("an array of {} elements, not {len}", items.len()),
+                    format!("an array of {} elements; it holds {len}", items.len()),
                 );
             }
             for (i, (item, chunk)) in items.iter().zip(out.chunks_mut(n)).enumerate() {

@@ -184,7 +184,13 @@ pub struct LimitsConfig {
     /// How long a mutation's response is kept for a retry with the same
     /// idempotency key; past it, the key is a new request.
     pub idempotency_ttl_seconds: u64,
+    /// How many applied policy versions per stage are kept for
+    /// RollbackPolicy.
+    pub policy_history: usize,
 }
+
+/// Kept policy versions per stage by default.
+pub const DEFAULT_POLICY_HISTORY: usize = 10;
 
 /// 80 MiB: bundles up to 64 MiB, plus framing.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 80 << 20;
@@ -201,6 +207,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             idempotency_ttl_seconds: DEFAULT_IDEMPOTENCY_TTL_SECONDS,
+            policy_history: DEFAULT_POLICY_HISTORY,
         }
     }
 }
@@ -357,6 +364,7 @@ impl Config {
             drift_check: (self.dataplane.drift_check_seconds > 0)
                 .then(|| std::time::Duration::from_secs(self.dataplane.drift_check_seconds)),
             idempotency_ttl: std::time::Duration::from_secs(self.limits.idempotency_ttl_seconds),
+            policy_history: self.limits.policy_history,
         }
     }
 
@@ -505,6 +513,12 @@ impl Config {
             problem(
                 "limits.idempotency_ttl_seconds",
                 format!("{ttl} is not between 1 and {MAX_IDEMPOTENCY_TTL_SECONDS} (30 days)"),
+            );
+        }
+        if !(1..=1000).contains(&self.limits.policy_history) {
+            problem(
+                "limits.policy_history",
+                format!("{} is not between 1 and 1000", self.limits.policy_history),
             );
         }
 

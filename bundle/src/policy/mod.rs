@@ -22,7 +22,7 @@
 //!
 //! # Layout
 //!
-//! - [`error`]: [`PolicyError`].
+//! - [`error`]: [`PolicyError`], the errors.
 //! - [`parse`]: [`PolicyDocument::parse`] (TOML or JSON) and its rules.
 //! - [`value`]: what an entry's key or value may be (no floats, no nulls,
 //!   no repeated members, bounded depth).

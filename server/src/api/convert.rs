@@ -274,6 +274,7 @@ pub fn state_to(agent: &Agent, s: &RootletState) -> Result<pb::RootletState> {
             .iter()
             .map(|slot| {
                 let lease = agent.lease_of(s.key, &slot.stage);
+                let policy = agent.policy_version(s.key, &slot.stage);
                 pb::Slot {
                     slot: slot.slot,
                     position: slot.position as u32,
@@ -298,8 +299,8 @@ pub fn state_to(agent: &Agent, s: &RootletState) -> Result<pb::RootletState> {
                     lease_id: lease.as_ref().map(|l| l.id.clone()).unwrap_or_default(),
                     lease_expires_unix_ms: lease.as_ref().map_or(0, |l| l.expires_unix_ms()),
                     uncounted: !slot.counted,
-                    policy_version: 0,
-                    policy_digest: String::new(),
+                    policy_version: policy.0,
+                    policy_digest: policy.1,
                     counters_since_generation: slot.linked_generation,
                     loaded_generation: slot.loaded_generation,
                     instances: slot

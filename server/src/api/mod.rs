@@ -9,6 +9,7 @@
 
 pub mod convert;
 pub mod oversize;
+pub mod policy;
 pub mod status;
 pub mod verifier_logs;
 
@@ -653,35 +654,46 @@ impl pb::rootlet_server::Rootlet for RootletService {
         )
         .await
     }
-    // Policy RPCs: the lead implements them (this branch builds the client
-    // against the proto only).
     async fn list_stage_maps(
         &self,
-        _req: Request<pb::ListStageMapsRequest>,
+        req: Request<pb::ListStageMapsRequest>,
     ) -> Reply<pb::ListStageMapsResponse> {
-        Err(Status::unimplemented("ListStageMaps"))
+        self.call("ListStageMaps", false, req, policy::list_stage_maps)
+            .await
     }
 
-    async fn dump_map(&self, _req: Request<pb::DumpMapRequest>) -> Reply<pb::DumpMapResponse> {
-        Err(Status::unimplemented("DumpMap"))
+    async fn dump_map(&self, req: Request<pb::DumpMapRequest>) -> Reply<pb::DumpMapResponse> {
+        self.call("DumpMap", false, req, policy::dump_map).await
     }
 
     async fn apply_policy(
         &self,
-        _req: Request<pb::ApplyPolicyRequest>,
+        req: Request<pb::ApplyPolicyRequest>,
     ) -> Reply<pb::ApplyPolicyResponse> {
-        Err(Status::unimplemented("ApplyPolicy"))
+        self.idempotent(
+            "ApplyPolicy",
+            req,
+            |r| &r.idempotency_key,
+            policy::apply_policy,
+        )
+        .await
     }
 
-    async fn get_policy(&self, _req: Request<pb::GetPolicyRequest>) -> Reply<pb::PolicyStatus> {
-        Err(Status::unimplemented("GetPolicy"))
+    async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Reply<pb::PolicyStatus> {
+        self.call("GetPolicy", false, req, policy::get_policy).await
     }
 
     async fn rollback_policy(
         &self,
-        _req: Request<pb::RollbackPolicyRequest>,
+        req: Request<pb::RollbackPolicyRequest>,
     ) -> Reply<pb::ApplyPolicyResponse> {
-        Err(Status::unimplemented("RollbackPolicy"))
+        self.idempotent(
+            "RollbackPolicy",
+            req,
+            |r| &r.idempotency_key,
+            policy::rollback_policy,
+        )
+        .await
     }
 }
 

@@ -86,6 +86,24 @@ pub fn status(e: &AgentError) -> Status {
             info(&mut d, reason, &[]);
             code
         }
+        AgentError::Policy(p) => {
+            use rootlet_bundle::PolicyError as P;
+            let (code, reason) = match p {
+                P::Unsigned => (Code::FailedPrecondition, "POLICY_UNSIGNED"),
+                P::UntrustedSignature { .. } => {
+                    (Code::PermissionDenied, "POLICY_UNTRUSTED_SIGNATURE")
+                }
+                P::BadSignature { .. } => (Code::PermissionDenied, "POLICY_BAD_SIGNATURE"),
+                P::TooLarge { .. } => (Code::ResourceExhausted, "POLICY_TOO_LARGE"),
+                P::Io { .. } => (Code::Internal, "INTERNAL"),
+                _ => (Code::InvalidArgument, "POLICY_INVALID"),
+            };
+            if code == Code::InvalidArgument {
+                d.add_bad_request_violation("policy", p.to_string());
+            }
+            info(&mut d, reason, &[]);
+            code
+        }
         AgentError::Nack {
             name,
             version,
@@ -119,6 +137,23 @@ pub fn status(e: &AgentError) -> Status {
             info(&mut d, "STAGE_NOT_MANAGED_BY_BUNDLE", &[]);
             Code::FailedPrecondition
         }
+        AgentError::PolicyVersionMismatch {
+            stage,
+            expected,
+            current,
+        } => {
+            d.add_precondition_failure_violation("POLICY_VERSION", stage.clone(), msg.clone());
+            info(
+                &mut d,
+                "POLICY_VERSION_MISMATCH",
+                &[
+                    ("stage", stage.clone()),
+                    ("expected", expected.to_string()),
+                    ("current", current.to_string()),
+                ],
+            );
+            Code::FailedPrecondition
+        }
         AgentError::NotCurrent { name, current, .. } => {
             d.add_precondition_failure_violation("BUNDLE_VERSION", name.clone(), msg.clone());
             info(
@@ -126,6 +161,15 @@ pub fn status(e: &AgentError) -> Status {
                 "BUNDLE_NOT_CURRENT",
                 &[("bundle", name.clone()), ("current", current.clone())],
             );
+            Code::FailedPrecondition
+        }
+        AgentError::DumpInterrupted { .. } => {
+            info(&mut d, "POLICY_CHANGED_DURING_DUMP", &[]);
+            Code::Aborted
+        }
+        AgentError::NoPolicyToRollBack { .. } => {
+            d.add_precondition_failure_violation("POLICY_HISTORY", "to_version", msg.clone());
+            info(&mut d, "NOTHING_TO_ROLL_BACK", &[]);
             Code::FailedPrecondition
         }
         AgentError::NothingToRollBack(_) => {
