@@ -353,6 +353,13 @@ impl super::Agent {
                 .into());
             }
         }
+        // Initial policies fit their stage's object (before anything changes).
+        for stage in &manifest.stages {
+            let policies = bundle.stage_policies(stage);
+            if let Some(object) = bundle.stage_object(stage) {
+                crate::policy::check_against_object(&stage.name, object, &policies)?;
+            }
+        }
         // Every change, authorised before anything changes (and again under
         // each rootlet's lock as it changes).
         let mut targets = vec![];
@@ -468,6 +475,10 @@ impl super::Agent {
                             authorize(grant, pipeline, changes)
                         })?;
                 undo.applied = changes.clone();
+                // The initial policies of the stages it runs now.
+                for stage in manifest.stages_for(target) {
+                    self.apply_initial(grant, *key, &stage.name, &bundle.stage_policies(stage))?;
+                }
                 self.crash.point(Step::BundleRootletCommitted);
                 Ok((generation, generation != before || undo.loaded_now))
             })();

@@ -362,6 +362,26 @@ impl Agent {
         self.apply_document(grant, key, &doc, &bytes, expected)
     }
 
+    /// A bundle's initial policies for `stage` on `key`: applied only when
+    /// the stage holds no policy (a policy pushed since is never
+    /// overwritten by the bundle that brought the stage).
+    pub(crate) fn apply_initial(
+        &self,
+        grant: &Grant,
+        key: RootletKey,
+        stage: &str,
+        policies: &[&PolicyDocument],
+    ) -> Result<()> {
+        if policies.is_empty() || self.policy_view(key, stage)?.version() != 0 {
+            return Ok(());
+        }
+        for doc in policies {
+            let stored = SignedPolicy::new((*doc).clone()).to_bytes();
+            self.apply_document(grant, key, doc, &stored, None)?;
+        }
+        Ok(())
+    }
+
     /// Applies `doc` (whose stored form is `bytes`) under the policy lock.
     pub(crate) fn apply_document(
         &self,
@@ -712,19 +732,60 @@ fn encode_err(map: &str, what: &str, e: &dyn std::fmt::Display) -> AgentError {
 /// Checks and encodes every entry of `doc` against the maps' types: the
 /// first entry that does not fit is an error naming map, entry and field.
 fn encode(doc: &PolicyDocument, maps: &[TypedMap]) -> Result<Vec<Encoded>> {
-    let mut out = vec![];
-    for (name, contents) in &doc.maps {
+    encode_with(doc, |name| {
         let typed = find_map(maps, &doc.stage, name)?;
         let index = maps
             .iter()
             .position(|m| std::ptr::eq(m, typed))
             .unwrap_or_default();
-        let schema = typed
-            .entry_schema()
-            .ok_or_else(|| AgentError::InvalidArgument {
-                field: format!("maps.{name}"),
-                message: "the stage's program carries no BTF types for this map".into(),
-            })?;
+        Ok((index, typed.entry_schema()))
+    })
+}
+
+/// Checks a bundle's initial policies for `stage` against the types of the
+/// stage's object, before the bundle changes anything.
+pub(crate) fn check_against_object(
+    stage: &str,
+    object: &[u8],
+    policies: &[&PolicyDocument],
+) -> Result<()> {
+    if policies.is_empty() {
+        return Ok(());
+    }
+    let schema = Schema::from_elf(object).map_err(|e| AgentError::InvalidArgument {
+        field: format!("stages.{stage}.object"),
+        message: format!("its BTF: {e}"),
+    })?;
+    for doc in policies {
+        encode_with(doc, |name| {
+            let (i, m) = schema
+                .maps
+                .iter()
+                .enumerate()
+                .find(|(_, m)| m.name == name || m.kernel_name == name)
+                .ok_or_else(|| {
+                    AgentError::NotFound(format!("stage `{stage}`'s object has no map `{name}`"))
+                })?;
+            Ok((i, m.entries()))
+        })?;
+    }
+    Ok(())
+}
+
+/// [`encode`], with `lookup` giving a map's index and entry schema by name.
+fn encode_with<'s>(
+    doc: &PolicyDocument,
+    lookup: impl Fn(&str) -> Result<(usize, Option<&'s MapSchema>)>,
+) -> Result<Vec<Encoded>> {
+    let mut out = vec![];
+    for (name, contents) in &doc.maps {
+        let (index, schema) = lookup(name)?;
+        let schema = schema.ok_or_else(|| AgentError::InvalidArgument {
+            field: format!("maps.{name}"),
+            message: "the stage's program carries no BTF types for this map, or its values \
+                      are kernel objects"
+                .into(),
+        })?;
         let max = schema.max_entries as usize;
         if contents.entries.len() > max {
             return Err(AgentError::InvalidArgument {

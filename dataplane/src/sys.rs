@@ -484,10 +484,38 @@ pub fn map_create(
     bpf_fd("BPF_MAP_CREATE", bpf_cmd::BPF_MAP_CREATE, &mut a)
 }
 
-/// Creates a map with `flags` (BPF_F_NO_PREALLOC, …): the inner map of a
-/// policy map, made with the parameters of the live one. aya creates maps
-/// only from an object's map definitions (`MapData::create` is
-/// `pub(crate)`).
+/// A map's key and value types: the BTF object and the type ids in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapBtf {
+    pub btf_id: u32,
+    pub key_type_id: u32,
+    pub value_type_id: u32,
+}
+
+/// The BTF of a map's key and value, or None when it has none. aya's
+/// `MapInfo` has no BTF type ids.
+pub fn map_btf(fd: BorrowedFd<'_>) -> Result<Option<MapBtf>> {
+    // SAFETY: bpf_map_info is plain old data; all-zero is valid.
+    let mut info: generated::bpf_map_info = unsafe { zeroed() };
+    obj_info(fd, &mut info)?;
+    Ok((info.btf_id != 0).then_some(MapBtf {
+        btf_id: info.btf_id,
+        key_type_id: info.btf_key_type_id,
+        value_type_id: info.btf_value_type_id,
+    }))
+}
+
+/// Opens a BTF object by id (a program's or a map's).
+pub fn btf_by_id(id: u32) -> Result<OwnedFd> {
+    btf_fd_by_id(id)
+}
+
+/// Creates a map with `flags` (BPF_F_NO_PREALLOC, …) and, given `btf` (the
+/// BTF object's fd and the key and value type ids in it), typed: the inner
+/// map of a policy map, made with the parameters of the template or of the
+/// live one (kernels before 6.2 accept an inner map only if it has BTF
+/// where the template has it, for a struct value). aya creates maps only
+/// from an object's map definitions (`MapData::create` is `pub(crate)`).
 pub fn map_create_with_flags(
     map_type: u32,
     key_size: u32,
@@ -495,6 +523,7 @@ pub fn map_create_with_flags(
     max_entries: u32,
     map_flags: u32,
     name: &str,
+    btf: Option<(BorrowedFd<'_>, u32, u32)>,
 ) -> Result<OwnedFd> {
     let mut a = attr();
     a.__bindgen_anon_1.map_type = map_type;
@@ -503,6 +532,11 @@ pub fn map_create_with_flags(
     a.__bindgen_anon_1.max_entries = max_entries;
     a.__bindgen_anon_1.map_flags = map_flags;
     a.__bindgen_anon_1.map_name = obj_name(name);
+    if let Some((fd, key, value)) = btf {
+        a.__bindgen_anon_1.btf_fd = raw(fd);
+        a.__bindgen_anon_1.btf_key_type_id = key;
+        a.__bindgen_anon_1.btf_value_type_id = value;
+    }
     bpf_fd("BPF_MAP_CREATE", bpf_cmd::BPF_MAP_CREATE, &mut a)
 }
 

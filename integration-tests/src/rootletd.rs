@@ -24,13 +24,40 @@ use tonic::{
 
 use crate::fixture::Fixture;
 
+/// A rootletd process, killed when dropped if it has not exited: a test
+/// that fails while one runs leaves no agent behind (holding the test's
+/// output pipe, its store and its pins).
+pub struct Process(Child);
+
+impl std::ops::Deref for Process {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts rootletd (built beside the test binary) with a config file.
-pub fn rootletd(config: &Path) -> Child {
+pub fn rootletd(config: &Path) -> Process {
     rootletd_with(config, &[])
 }
 
 /// Starts rootletd as a process with `env` set.
-pub fn rootletd_with(config: &Path, env: &[(&str, &str)]) -> Child {
+pub fn rootletd_with(config: &Path, env: &[(&str, &str)]) -> Process {
     let exe = std::env::current_exe().expect("exe");
     let dir = exe
         .parent()
@@ -47,8 +74,10 @@ pub fn rootletd_with(config: &Path, env: &[(&str, &str)]) -> Child {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn()
-        .expect("spawn rootletd (cargo build -p rootlet-server)")
+    Process(
+        cmd.spawn()
+            .expect("spawn rootletd (cargo build -p rootlet-server)"),
+    )
 }
 
 /// Waits (bounded) for `child` to exit; SIGTERM first if `term`.
@@ -77,7 +106,7 @@ pub async fn exited(child: &mut Child, term: bool) -> ExitStatus {
 /// of its own: for the bench, and for tests that read its metrics. Killed
 /// (SIGTERM, bounded wait, then SIGKILL) on drop.
 pub struct Daemon {
-    pub child: Child,
+    pub child: Process,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub metrics: SocketAddr,

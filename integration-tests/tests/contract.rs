@@ -160,18 +160,6 @@ impl Drop for Local {
     }
 }
 
-/// A rootletd process, killed if the test fails before it exits.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 // ---------------------------------------------------------------- item 1
 
 #[tokio::test(flavor = "multi_thread")]
@@ -570,7 +558,7 @@ async fn drift_reads_the_same_before_and_after_a_restart() {
     let path = a.dir.path().join("rootletd.toml");
     let config = Local::config(&a.f, a.dir.path());
     std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("config");
-    let mut child = Killed(rootletd(&path));
+    let mut child = rootletd(&path);
     let end = Instant::now() + Duration::from_secs(60);
     let mut c = loop {
         assert!(Instant::now() < end, "rootletd never served");
@@ -623,7 +611,7 @@ async fn drift_reads_the_same_before_and_after_a_restart() {
     let table = rootlet_client::status::table(&hosts);
     assert!(table.contains(a.f.pair.host_if()), "{table}");
     drop(c);
-    assert!(exited(&mut child.0, true).await.success());
+    assert!(exited(&mut child, true).await.success());
 }
 
 // ---------------------------------------------------------------- item 8

@@ -2322,3 +2322,124 @@ fn policy_plain_map_apply_with_a_forced_failure_is_undone() {
     .expect_err("a policy map is not written entry by entry");
     assert!(err.to_string().contains("is a policy map"), "{err}");
 }
+
+/// l4lb's services carry their backends inline, in one policy map: one
+/// swap replaces a service with 4 backends by another service with 2, and
+/// every packet is sent to the backend its flow hash picks among the
+/// backends of the policy it met (integration-tests/src/packet.rs computes
+/// the stage's hash).
+#[test]
+fn policy_l4lb_services_and_backends_change_in_one_swap() {
+    let f = Fixture::new();
+    let dp = f.open();
+    let key = f.load(&dp);
+    dp.apply(key, &[Change::Link(stage("lb", "l4lb", 10))], None)
+        .expect("link");
+    if dp.state(key).expect("state").mode == XdpMode::Driver {
+        f.pair
+            .attach_peer_xdp_pass()
+            .expect("peer XDP for native XDP_TX");
+    }
+    let backends: Vec<(Ipv4Addr, [u8; 6])> = (0..4u8)
+        .map(|i| {
+            (
+                Ipv4Addr::new(169, 254, 77, 10 + i),
+                [0x02, 0, 0, 0, 0, 0x10 + i],
+            )
+        })
+        .collect();
+    let raw = RawSocket::open(f.pair.peer(), f.pair.peer_if()).expect("raw");
+    // Sends one packet to VIP:port from each source port; returns, for
+    // each that came back (within 10 s, or 1 s when none should), its
+    // source port and the backend it went to.
+    let exchange = |port: u16, expect_back: bool| -> Vec<(u16, Ipv4Addr, [u8; 6])> {
+        raw.drain().expect("drain");
+        // The hash sees a port as loaded from the packet, so the flows
+        // differ in the port's first byte.
+        for sport in (0..20u16).map(|i| (0x90 + i) << 8 | 0x11) {
+            let mut frame = f
+                .pair
+                .udp_to_host(sport, port, seq_payload(u64::from(sport), 64));
+            frame.dst_ip = VIP;
+            raw.send(&frame.to_bytes()).expect("send");
+        }
+        let mut back = vec![];
+        let end = Instant::now() + Duration::from_secs(if expect_back { 10 } else { 1 });
+        while back.len() < 20 && Instant::now() < end {
+            if let Some(b) = raw
+                .recv_matching(Duration::from_millis(300), |b| {
+                    ParsedUdp::parse(b).is_some_and(|p| p.dst_port == port && p.dst_ip != VIP)
+                })
+                .expect("raw recv")
+            {
+                let p = ParsedUdp::parse(&b).expect("udp");
+                back.push((p.src_port, p.dst_ip, p.dst_mac));
+            }
+        }
+        back
+    };
+    let picked = |sport: u16, port: u16, n: usize| {
+        backends[rootlet_integration_tests::packet::l4lb_flow_hash(
+            PEER_IP.octets(),
+            VIP.octets(),
+            sport,
+            port,
+            17,
+        ) as usize
+            % n]
+    };
+
+    configure_lb(&dp, key);
+    policy::replace(
+        &dp,
+        key,
+        "lb",
+        policy::SERVICES,
+        &[(
+            policy::vip_key(VIP, VIP_PORT, 17),
+            policy::service_value(&backends),
+        )],
+    )
+    .expect("4 backends");
+    let back = exchange(VIP_PORT, true);
+    assert_eq!(back.len(), 20, "every packet to the service came back");
+    for (sport, ip, mac) in &back {
+        assert_eq!(
+            (*ip, *mac),
+            picked(*sport, VIP_PORT, 4),
+            "source port {sport}"
+        );
+    }
+    assert!(
+        back.iter()
+            .map(|(_, ip, _)| ip)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            > 1,
+        "the flows spread over the backends"
+    );
+
+    let other = VIP_PORT + 1;
+    policy::replace(
+        &dp,
+        key,
+        "lb",
+        policy::SERVICES,
+        &[(
+            policy::vip_key(VIP, other, 17),
+            policy::service_value(&backends[..2]),
+        )],
+    )
+    .expect("one swap: another service, 2 backends");
+    assert!(
+        exchange(VIP_PORT, false).is_empty(),
+        "the old service is gone"
+    );
+    let back = exchange(other, true);
+    assert_eq!(back.len(), 20);
+    for (sport, ip, mac) in &back {
+        assert_eq!((*ip, *mac), picked(*sport, other, 2), "source port {sport}");
+    }
+    let lb = slot(&dp.state(key).expect("state"), "lb").counters;
+    assert_eq!((lb.tx, lb.pass), (40, 20), "{lb:?}");
+}

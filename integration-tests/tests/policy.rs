@@ -11,7 +11,7 @@ use std::{
 use rootlet_bundle::policy::{PolicyDocument, SignedPolicy};
 use rootlet_integration_tests::{
     agentd::{Agent, restart, serving},
-    api::{bad_fields, link, reason, stage},
+    api::{self, bad_fields, link, reason, stage},
     packet::seq_payload,
     rootletd::{exited, rootletd_with},
     traffic::RawSocket,
@@ -755,4 +755,85 @@ async fn a_typed_policy_names_the_field_that_does_not_fit_and_the_map_bounds_its
             "{what}: nothing changed"
         );
     }
+}
+
+/// A signed bundle of the ddos stage (owned by team a) carrying `policy`
+/// as its initial policy.
+fn bundle_with_policy(a: &Agent, version: &str, policy: &str) -> Vec<u8> {
+    let dir = a.state_dir.join(format!("bundle-policy-{version}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let e = rootlet_ebpf::stage("ddos").expect("object");
+    std::fs::write(dir.join("ddos.o"), e.object).expect("object file");
+    std::fs::write(dir.join("blocklist.toml"), policy).expect("policy file");
+    let manifest = format!(
+        "name = \"edge\"\nversion = \"{version}\"\n{}[[stages]]\nname = \"{STAGE}\"\nobject = \"ddos.o\"\nprogram = \"{}\"\npriority = 10\nowner = \"team-a\"\npolicies = [\"blocklist.toml\"]\n",
+        api::targets(&a.f),
+        e.program
+    );
+    std::fs::write(dir.join("manifest.toml"), manifest).expect("manifest");
+    let bundle = rootlet_bundle::Bundle::build(dir.join("manifest.toml")).expect("build bundle");
+    let mut signed = rootlet_bundle::SignedBundle::new(bundle);
+    signed.sign(&a.signing_key);
+    signed.to_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_brings_programs_and_their_initial_policy_in_one_apply() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let apply_bundle = |bytes: Vec<u8>| pb::ApplyBundleRequest {
+        source: Some(pb::apply_bundle_request::Source::Bundle(bytes)),
+        ..Default::default()
+    };
+
+    // A policy that does not fit the stage's types: refused before the
+    // bundle changes anything (no rootlet is even loaded).
+    let bad = bundle_with_policy(&a, "0.9", &blocklist_text(STAGE, 1, &["192.0.2.1/24"]));
+    let err = ops
+        .apply_bundle(apply_bundle(bad))
+        .await
+        .expect_err("bad policy");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        bad_fields(&err),
+        vec!["maps.ddos_blocklist.entries[0].key".to_owned()]
+    );
+    let none = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: a.rootlet(),
+        })
+        .await
+        .expect_err("no rootlet");
+    assert_eq!(none.code(), Code::NotFound);
+
+    // A new host gets the stage and its blocklist in one apply.
+    let v1 = bundle_with_policy(&a, "1.0", &blocklist_text(STAGE, 3, &["192.0.2.0/24"]));
+    ops.apply_bundle(apply_bundle(v1)).await.expect("1.0");
+    let mut team_a = a.client("team-a").await;
+    let p = get_policy(&mut team_a, &a).await;
+    assert_eq!((p.version, p.drift.as_str()), (3, ""), "{p:?}");
+    assert_eq!(dumped(&mut team_a, &a).await, sorted(&["192.0.2.0/24"]));
+    send_from(
+        &a,
+        &[
+            "192.0.2.9".parse().expect("ip"),
+            "203.0.113.1".parse().expect("ip"),
+        ],
+        25,
+    );
+    let k = counters_at(&mut team_a, &a, 50).await;
+    assert_eq!((k.drop, k.pass), (25, 25), "{k:?}");
+
+    // Pushed since: a later bundle version does not overwrite it.
+    team_a
+        .apply_policy(apply(
+            &a,
+            signed(&a, &blocklist_text(STAGE, 4, &["198.51.100.0/24"])),
+        ))
+        .await
+        .expect("v4");
+    let v2 = bundle_with_policy(&a, "2.0", &blocklist_text(STAGE, 5, &["0.0.0.0/0"]));
+    ops.apply_bundle(apply_bundle(v2)).await.expect("2.0");
+    assert_eq!(get_policy(&mut team_a, &a).await.version, 4);
+    assert_eq!(dumped(&mut team_a, &a).await, sorted(&["198.51.100.0/24"]));
 }

@@ -17,24 +17,38 @@ use crate::{
     sys::{self, MapInfo},
 };
 
+/// An inner map definition, with its key and value type ids in the
+/// object's BTF (which aya loads with the same ids).
+struct InnerDef {
+    def: MapDef,
+    btf_types: Option<(u32, u32)>,
+}
+
 /// The inner map definitions of `object`'s maps of maps, by the kernel's
 /// (15-character) name of the outer map.
-fn inner_defs(object: &[u8]) -> std::result::Result<BTreeMap<String, MapDef>, CheckError> {
+fn inner_defs(object: &[u8]) -> std::result::Result<BTreeMap<String, InnerDef>, CheckError> {
     let obj = aya_obj::Object::parse(object).map_err(|e| CheckError::Elf(e.to_string()))?;
     Ok(obj
         .maps
         .iter()
         .filter_map(|(name, m)| {
             let inner = m.inner()?;
+            let btf_types = match &inner {
+                aya_obj::Map::Btf(b) => Some((b.def.btf_key_type_id, b.def.btf_value_type_id)),
+                aya_obj::Map::Legacy(_) => None,
+            };
             Some((
                 object::truncate(name).to_owned(),
-                MapDef {
-                    name: name.clone(),
-                    map_type: inner.map_type(),
-                    key_size: inner.key_size(),
-                    value_size: inner.value_size(),
-                    max_entries: inner.max_entries(),
-                    map_flags: inner.map_flags(),
+                InnerDef {
+                    def: MapDef {
+                        name: name.clone(),
+                        map_type: inner.map_type(),
+                        key_size: inner.key_size(),
+                        value_size: inner.value_size(),
+                        max_entries: inner.max_entries(),
+                        map_flags: inner.map_flags(),
+                    },
+                    btf_types,
                 },
             ))
         })
@@ -50,6 +64,12 @@ pub(crate) fn install_empty(prog: BorrowedFd<'_>, object: &[u8], stage: &str) ->
         source,
     };
     let defs = inner_defs(object).map_err(check)?;
+    // The object's BTF as aya loaded it, for the program and the inner
+    // map template alike: the empty inner map is typed like the template.
+    let prog_btf = match sys::prog_info(prog)?.btf_id {
+        0 => None,
+        id => Some(sys::btf_by_id(id)?),
+    };
     for (name, fd) in crate::prog_maps(prog)? {
         if !object::is_stage_map(&name) {
             continue;
@@ -62,10 +82,14 @@ pub(crate) fn install_empty(prog: BorrowedFd<'_>, object: &[u8], stage: &str) ->
         if sys::map_lookup(fd.as_fd(), &0u32.to_ne_bytes(), &mut id)? {
             continue;
         }
-        let def = defs.get(&name).ok_or_else(|| Error::Load {
+        let InnerDef { def, btf_types } = defs.get(&name).ok_or_else(|| Error::Load {
             what: format!("stage `{stage}`"),
             message: format!("policy map `{name}` has no inner map definition in the object"),
         })?;
+        let btf = match (&prog_btf, btf_types) {
+            (Some(fd), Some((k, v))) if *v != 0 => Some((fd.as_fd(), *k, *v)),
+            _ => None,
+        };
         let inner = sys::map_create_with_flags(
             def.map_type,
             def.key_size,
@@ -73,6 +97,7 @@ pub(crate) fn install_empty(prog: BorrowedFd<'_>, object: &[u8], stage: &str) ->
             def.max_entries,
             def.map_flags,
             &name,
+            btf,
         )?;
         let inner_fd = inner.as_raw_fd() as u32;
         sys::map_update(fd.as_fd(), &0u32.to_ne_bytes(), &inner_fd.to_ne_bytes())?;
@@ -95,7 +120,7 @@ pub(crate) fn check_keep_inner(
         source,
     };
     let defs = inner_defs(object).map_err(check)?;
-    for (name, def) in defs {
+    for (name, InnerDef { def, .. }) in defs {
         let Some(fd) = running.get(&name) else {
             continue;
         };
