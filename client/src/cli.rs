@@ -26,6 +26,7 @@ use crate::{
     rollout::{
         self, BundleFile, Outcome, RolloutError, Start, StartRequest, control,
         journal::{self, JournalFile, JournalLock},
+        policy::PolicyFile,
         progress::Mode,
         summary::{self, RunStats},
     },
@@ -63,10 +64,11 @@ pub enum Command {
     #[command(subcommand)]
     Bundle(BundleCmd),
     /// Build, sign, verify, inspect and compare policies (the contents of a
-    /// stage's maps).
+    /// stage's maps), and roll one out to the fleet.
     #[command(subcommand)]
     Policy(PolicyCmd),
-    /// Roll a bundle out to the fleet, and steer or undo a rollout.
+    /// Roll a bundle out to the fleet, and steer or undo a rollout (of a
+    /// bundle, a removal or a policy).
     #[command(subcommand)]
     Rollout(RolloutCmd),
     /// Read back hosts × rootlets from the agents: versions, last attempts,
@@ -181,6 +183,45 @@ pub enum PolicyCmd {
     /// Compare two policies (files or sources), map by map and entry by
     /// key. Exit code 0: the same policy; 1: different; 2: trouble.
     Diff { old: PathBuf, new: PathBuf },
+    /// Roll a signed policy out to the fleet with the same plan, canary,
+    /// waves, soak, gates, journal and rollback as a bundle rollout; steer
+    /// it with `rootletctl rollout pause|resume|promote|abort|undo|status`.
+    Rollout(PolicyRolloutArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PolicyRolloutArgs {
+    /// The signed policy (`rootletctl policy build` and `policy sign`).
+    pub policy: PathBuf,
+    #[arg(long, short = 'i')]
+    pub inventory: PathBuf,
+    /// The plan (default: a canary of one host, then the rest; health and
+    /// apply gates).
+    #[arg(long, short = 'p')]
+    pub plan: Option<PathBuf>,
+    /// Label selector: `role=edge,zone!=c,canary` (all terms must hold).
+    #[arg(long, short = 'l', default_value = "")]
+    pub selector: String,
+    /// Only the rootlet on this interface (default: every rootlet of the
+    /// host whose pipeline has the policy's stage).
+    #[arg(long)]
+    pub interface: Option<String>,
+    /// The network namespace of `--interface` (a path such as
+    /// /run/netns/NAME; default: the agent's own).
+    #[arg(long, requires = "interface")]
+    pub netns: Option<String>,
+    /// A signed policy for the same stage that rollback and undo apply to
+    /// rootlets that had no policy before (for example the same maps with
+    /// no entries); without it such rootlets keep the new policy when the
+    /// rollout is rolled back, and are reported as not put back.
+    #[arg(long)]
+    pub empty_policy: Option<PathBuf>,
+    #[command(flatten)]
+    pub journal: JournalArg,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -395,6 +436,7 @@ pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Bundle(BundleCmd::Remove(a)) => remove(a).await,
         Command::Bundle(b) => bundle(b),
+        Command::Policy(PolicyCmd::Rollout(a)) => policy_rollout(a).await,
         Command::Policy(p) => policy(p),
         Command::Rollout(r) => rollout_cmd(r).await,
         Command::Status(s) => status_cmd(s).await,
@@ -547,6 +589,9 @@ fn policy(cmd: PolicyCmd) -> i32 {
         PolicyCmd::Sign { policy, keys, out } => policy_cmd::sign(&policy, &keys, out.as_deref()),
         PolicyCmd::Verify { policy, trusted } => policy_cmd::verify(&policy, &trusted),
         PolicyCmd::Inspect { policy, entries } => policy_cmd::inspect(&policy, entries),
+        PolicyCmd::Rollout(_) => {
+            return fail(EXIT_FAILED, "policy rollout runs as a rollout");
+        }
         PolicyCmd::Diff { old, new } => {
             return match policy_cmd::diff(&old, &new) {
                 Ok((text, same)) => {
@@ -791,7 +836,7 @@ fn operator(path: &Path, req: control::Request) -> i32 {
 
 async fn start(a: StartArgs) -> i32 {
     let t0 = Instant::now();
-    let (hosts, plan) = match hosts_and_plan(&a.selector, &a.inventory, &a.plan) {
+    let (hosts, plan) = match hosts_and_plan(&a.selector, &a.inventory, Some(&a.plan)) {
         Ok(t) => t,
         Err(code) => return code,
     };
@@ -860,16 +905,20 @@ async fn start(a: StartArgs) -> i32 {
     code
 }
 
-/// The hosts `selector` picks from the inventory, and the plan; a usage
-/// error (exit code) if any of them is wrong or nothing is picked.
+/// The hosts `selector` picks from the inventory, and the plan (None: the
+/// default plan); a usage error (exit code) if any of them is wrong or
+/// nothing is picked.
 fn hosts_and_plan(
     selector: &str,
     inventory: &std::path::Path,
-    plan: &std::path::Path,
+    plan: Option<&std::path::Path>,
 ) -> Result<(Vec<crate::inventory::Host>, Plan), i32> {
     let selector = Selector::parse(selector).map_err(|e| fail(EXIT_USAGE, e))?;
     let inv = Inventory::load(inventory).map_err(|e| fail(EXIT_USAGE, e))?;
-    let plan = Plan::load(plan).map_err(|e| fail(EXIT_USAGE, e))?;
+    let plan = match plan {
+        Some(p) => Plan::load(p).map_err(|e| fail(EXIT_USAGE, e))?,
+        None => Plan::default(),
+    };
     let hosts = inv.select(&selector);
     if hosts.is_empty() {
         return Err(fail(
@@ -884,11 +933,87 @@ fn hosts_and_plan(
     Ok((hosts, plan))
 }
 
+/// `policy rollout`: a rollout whose push is ApplyPolicy, through the same
+/// engine (plan, waves, gates, journal, rollback, operator commands).
+async fn policy_rollout(a: PolicyRolloutArgs) -> i32 {
+    let t0 = Instant::now();
+    let (hosts, plan) = match hosts_and_plan(&a.selector, &a.inventory, a.plan.as_deref()) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let policy = match PolicyFile::read(&a.policy) {
+        Ok(p) => p,
+        Err(e) => return rollout_error(e),
+    };
+    let empty = match a.empty_policy.as_deref().map(PolicyFile::read).transpose() {
+        Ok(e) => e,
+        Err(e) => return rollout_error(e),
+    };
+    let interface = a
+        .interface
+        .map(|ifname| (a.netns.unwrap_or_default(), ifname));
+    let path = a.journal.journal.clone();
+    let lock = match JournalLock::acquire(&path) {
+        Ok(l) => l,
+        Err(e) => return rollout_error(e.into()),
+    };
+    let req = rollout::PolicyRequest {
+        hosts,
+        selector: a.selector.trim().to_string(),
+        plan,
+        policy,
+        interface,
+        empty,
+        journal: path.clone(),
+        transport: a.transport.options(),
+    };
+    let (j, resumed) = match rollout::plan_policy(&req) {
+        Ok(Start::New(j)) => {
+            if let Err(e) = control::reset(&path) {
+                return fail(EXIT_FAILED, e);
+            }
+            (j, false)
+        }
+        Ok(Start::Resume(j)) => (j, true),
+        Err(e) => return rollout_error(e),
+    };
+    let m = mode(a.output);
+    if m != Mode::Quiet {
+        if resumed {
+            println!(
+                "resuming policy rollout {} from {} ({}, {} of {} steps done)",
+                j.rollout_id,
+                path.display(),
+                j.state.name(),
+                j.steps_done,
+                j.steps.len()
+            );
+        } else {
+            println!(
+                "policy rollout {}: stage {} policy {} to {} hosts in {} steps; journal {}",
+                j.rollout_id,
+                j.bundle.name,
+                j.bundle.version,
+                j.hosts.len(),
+                j.steps.len(),
+                path.display()
+            );
+        }
+    }
+    let engine = match rollout::engine_for(&path, j, Some(req.policy.bytes.clone()), m) {
+        Ok(e) => e,
+        Err(e) => return rollout_error(e),
+    };
+    let code = drive(engine, a.output, t0).await;
+    drop(lock);
+    code
+}
+
 /// `bundle remove`: a rollout whose push is RemoveBundle, through the same
 /// engine (plan, waves, gates, journal, rollback, operator commands).
 async fn remove(a: RemoveArgs) -> i32 {
     let t0 = Instant::now();
-    let (hosts, plan) = match hosts_and_plan(&a.selector, &a.inventory, &a.plan) {
+    let (hosts, plan) = match hosts_and_plan(&a.selector, &a.inventory, Some(&a.plan)) {
         Ok(t) => t,
         Err(code) => return code,
     };

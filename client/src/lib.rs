@@ -16,8 +16,9 @@
 //!   round.
 //! - [`transport`]: connections (mTLS, plain TCP, Unix sockets), deadlines,
 //!   retries with backoff on UNAVAILABLE, bounded concurrency.
-//! - [`rollout`]: the rollout engine, its gates, journal, operator
-//!   controls, progress display and summaries.
+//! - [`rollout`]: the rollout engine (of bundles, removals and policies),
+//!   its gates, journal, operator controls, progress display and
+//!   summaries.
 //! - [`status`]: hosts × rootlets read back from the agents.
 //! - [`bundle_cmd`]: `bundle build|sign|verify|inspect|keygen` (`bundle
 //!   remove` is a rollout: [`rollout`]).

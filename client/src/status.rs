@@ -1,7 +1,7 @@
 //! `rootletctl status`: reads back, from every selected agent, hosts ×
 //! rootlets: the bundle version applied and its digest, the last attempt
-//! (ack or nack, and why), the generation, each stage with its program id
-//! and counters, and drift (the kernel no longer runs what the agent
+//! (ack or nack, and why), the generation, each stage with its program id,
+//! its policy version (`Slot.policy_version`) and counters, and drift (the kernel no longer runs what the agent
 //! built; a stage of the bundle that the kernel does not run as the
 //! bundle says, from `ApplyStatus.drift`; or the host does not run the
 //! version asked for with `--expect`, where a rootlet with stage drift
@@ -78,6 +78,11 @@ pub struct StageStatus {
     /// say nothing (shown as "-").
     pub counted: bool,
     pub counters: Counters,
+    /// The version of the policy the stage's maps hold, as the kernel
+    /// holds it (null: none).
+    pub policy_version: Option<u64>,
+    /// Its digest (null: none).
+    pub policy_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -220,6 +225,9 @@ async fn read_host(
                     counters_since_generation: s.counters_since_generation,
                     counted: !s.uncounted,
                     counters: c,
+                    policy_version: (s.policy_version != 0).then_some(s.policy_version),
+                    policy_digest: (s.policy_version != 0 && !s.policy_digest.is_empty())
+                        .then(|| s.policy_digest.clone()),
                 }
             })
             .collect();
@@ -300,7 +308,7 @@ async fn read_host(
 
 /// The table for people: one line per host and rootlet.
 pub fn table(hosts: &[HostStatus]) -> String {
-    let mut rows: Vec<[String; 11]> = vec![[
+    let mut rows: Vec<[String; 12]> = vec![[
         "HOST".into(),
         "ROOTLET".into(),
         "GEN".into(),
@@ -308,6 +316,7 @@ pub fn table(hosts: &[HostStatus]) -> String {
         "DIGEST".into(),
         "LAST ATTEMPT".into(),
         "STAGES (program id)".into(),
+        "POLICY".into(),
         "PASS/DROP/ABORTED".into(),
         "TX/REDIRECT".into(),
         "FINAL".into(),
@@ -326,6 +335,7 @@ pub fn table(hosts: &[HostStatus]) -> String {
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                "-".into(),
                 format!("{}: {e}", if h.reachable { "ERROR" } else { "UNREACHABLE" }),
             ]);
             continue;
@@ -334,6 +344,7 @@ pub fn table(hosts: &[HostStatus]) -> String {
             rows.push([
                 h.name.clone(),
                 "(none)".into(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -368,6 +379,20 @@ pub fn table(hosts: &[HostStatus]) -> String {
                             .map_or_else(|| "empty".to_string(), |id| id.to_string()),
                         s.loaded_generation,
                         if s.counted { "" } else { "(counters: -)" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            // stage=v7 per stage; "-": no policy.
+            let policies = r
+                .stages
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}={}",
+                        s.name,
+                        s.policy_version
+                            .map_or_else(|| "-".to_string(), |v| format!("v{v}"))
                     )
                 })
                 .collect::<Vec<_>>()
@@ -416,6 +441,11 @@ pub fn table(hosts: &[HostStatus]) -> String {
                 } else {
                     stages
                 },
+                if policies.is_empty() {
+                    "-".into()
+                } else {
+                    policies
+                },
                 format!(
                     "{}/{}/{}",
                     r.counters.pass, r.counters.drop, r.counters.aborted
@@ -430,7 +460,7 @@ pub fn table(hosts: &[HostStatus]) -> String {
             ]);
         }
     }
-    let mut widths = [0usize; 11];
+    let mut widths = [0usize; 12];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());

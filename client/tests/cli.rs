@@ -297,3 +297,150 @@ fn status_watch_reads_again_until_its_timeout() {
     );
     drop(rt);
 }
+
+#[test]
+fn policy_rollout_steered_like_a_rollout_and_status_shows_policy_versions() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let agents: Vec<_> = (0..3)
+        .map(|_| rt.block_on(sim::spawn(SimOptions { pps: 5000 })).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("sampler.o"), rootlet_ebpf::SAMPLER).unwrap();
+    std::fs::write(
+        d.join("m.toml"),
+        "name = \"edge\"\nversion = \"v1\"\n[[rootlets]]\ninterface = \"rl0\"\n\
+         [[stages]]\nname = \"sampler\"\nobject = \"sampler.o\"\nprogram = \"sampler\"\npriority = 10\nowner = \"obs\"\n",
+    )
+    .unwrap();
+    let bundle = d.join("v1.rlb");
+    assert_eq!(
+        ctl(&["bundle", "build", s(&d.join("m.toml")), "-o", s(&bundle)]),
+        EXIT_OK
+    );
+    let mut inv = String::new();
+    for (i, a) in agents.iter().enumerate() {
+        inv.push_str(&format!(
+            "[[hosts]]\nname = \"h{i}\"\naddress = \"{}\"\ninsecure = true\n",
+            a.addr
+        ));
+    }
+    let inventory = d.join("hosts.toml");
+    std::fs::write(&inventory, inv).unwrap();
+    let plan = d.join("plan.toml");
+    std::fs::write(
+        &plan,
+        "soak = \"300ms\"\ncanary = { hosts = 1 }\n\
+         [[gates.counters]]\nstage = \"sampler\"\nmetric = \"drop_rate_change\"\nmax = 0.1\nwindow = \"200ms\"\nmin_packets = 10\n",
+    )
+    .unwrap();
+    let bj = d.join("b.json");
+    assert_eq!(
+        ctl(&[
+            "rollout",
+            "start",
+            "-i",
+            s(&inventory),
+            "-p",
+            s(&plan),
+            "-b",
+            s(&bundle),
+            "-j",
+            s(&bj)
+        ]),
+        EXIT_OK
+    );
+    let read = || {
+        rt.block_on(async {
+            let fleet = rootlet_client::transport::Fleet::new(
+                rootlet_client::inventory::Inventory::load(&inventory)
+                    .unwrap()
+                    .hosts,
+                Default::default(),
+            );
+            rootlet_client::status::read(&fleet, None).await
+        })
+    };
+    let hosts = read();
+    assert!(
+        hosts
+            .iter()
+            .all(|h| h.rootlets[0].stages[0].policy_version.is_none())
+    );
+    let table = rootlet_client::status::table(&hosts);
+    assert!(table.contains("POLICY"), "{table}");
+    assert!(table.contains("sampler=-"), "{table}");
+
+    // Signed policies: a blocklist, and one that blocks everything.
+    let policy = |version: u64, key: &str| {
+        let text = format!(
+            "stage = \"sampler\"\nversion = {version}\n[maps.blocklist]\nentries = [{{ key = \"{key}\", value = 0 }}]\n"
+        );
+        let src = d.join(format!("p{version}.toml"));
+        std::fs::write(&src, &text).unwrap();
+        let doc = rootlet_bundle::PolicyDocument::parse(&text, &src).unwrap();
+        let out = d.join(format!("p{version}.rlp"));
+        std::fs::write(&out, rootlet_bundle::SignedPolicy::new(doc).to_bytes()).unwrap();
+        out
+    };
+    let (p1, p2) = (policy(1, "192.0.2.0/24"), policy(2, "0.0.0.0/0"));
+    let pj = d.join("p.json");
+    let rollout = |p: &Path| {
+        ctl(&[
+            "policy",
+            "rollout",
+            s(p),
+            "-i",
+            s(&inventory),
+            "-p",
+            s(&plan),
+            "-j",
+            s(&pj),
+        ])
+    };
+    // Not a policy: a usage error.
+    assert_eq!(rollout(&bundle), EXIT_USAGE);
+    assert_eq!(rollout(&p1), EXIT_OK);
+    assert!(
+        agents
+            .iter()
+            .all(|a| a.agent.policy_of("rl0", "sampler") == Some(1))
+    );
+    let hosts = read();
+    assert!(
+        hosts
+            .iter()
+            .all(|h| h.rootlets[0].stages[0].policy_version == Some(1))
+    );
+    let table = rootlet_client::status::table(&hosts);
+    assert!(table.contains("sampler=v1"), "{table}");
+    let json = serde_json::to_string(&hosts).unwrap();
+    assert!(json.contains("\"policy_version\":1"), "{json}");
+    assert_eq!(
+        ctl(&["status", "-i", s(&inventory), "--output", "json"]),
+        EXIT_OK
+    );
+    // The steering commands read the policy rollout's journal.
+    assert_eq!(ctl(&["rollout", "status", "-j", s(&pj)]), EXIT_OK);
+
+    // Blocking everything raises the canary's drop rate: rolled back by
+    // itself (exit 3), every host on v1.
+    assert_eq!(rollout(&p2), EXIT_ROLLED_BACK);
+    assert!(
+        agents
+            .iter()
+            .all(|a| a.agent.policy_of("rl0", "sampler") == Some(1))
+    );
+    assert_eq!(ctl(&["rollout", "status", "-j", s(&pj)]), EXIT_ROLLED_BACK);
+
+    // A finished policy rollout undone: back to v1 from v1 is nothing.
+    assert_eq!(rollout(&p1), EXIT_OK);
+    assert_eq!(ctl(&["rollout", "undo", "-j", s(&pj)]), EXIT_OK);
+    assert!(
+        agents
+            .iter()
+            .all(|a| a.agent.policy_of("rl0", "sampler") == Some(1))
+    );
+    drop(agents);
+    rt.shutdown_background();
+}

@@ -1,7 +1,9 @@
 //! The rollout engine against simulated agents (in memory, no kernel):
 //! canary and waves, gates, rollback, unavailable hosts, operator
-//! controls, resuming from the journal, undo. The same scenarios run
-//! against real agents in `integration-tests/tests/fleet.rs`.
+//! controls, resuming from the journal, undo; and policy rollouts on the
+//! same engine (`policy rollout`: nack, a drop gate that rolls back by
+//! itself, abort, pause, resume, undo). The same scenarios run against
+//! real agents in `integration-tests/tests/fleet.rs`.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -10,13 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rootlet_bundle::{Bundle, SignedBundle};
+use rootlet_bundle::{Bundle, PolicyDocument, SignedBundle, SignedPolicy};
 use rootlet_client::{
     inventory::{Address, Host, Security},
     plan::Plan,
     rollout::{
         self, BundleFile, Outcome, Start, StartRequest, control,
         journal::{self, HostState, JournalFile, RolloutState, StopKind},
+        policy::PolicyFile,
         progress::Mode,
     },
     transport::TransportOptions,
@@ -81,6 +84,39 @@ impl Fleet {
         )
         .unwrap();
         out
+    }
+
+    /// An unsigned policy for stage `sampler`, version `version`, whose map
+    /// `blocklist` holds `keys` (the simulated agent drops every packet of
+    /// a stage whose policy has `0.0.0.0/0`).
+    fn policy(&self, version: u64, keys: &[&str]) -> PathBuf {
+        let entries: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{{ key = \"{k}\", value = 0 }}"))
+            .collect();
+        let text = format!(
+            "stage = \"sampler\"\nversion = {version}\n[maps.blocklist]\nentries = [{}]\n",
+            entries.join(", ")
+        );
+        let src = self.dir.path().join(format!("policy-v{version}.toml"));
+        std::fs::write(&src, &text).unwrap();
+        let doc = PolicyDocument::parse(&text, &src).unwrap();
+        let out = self.dir.path().join(format!("policy-v{version}.rlp"));
+        std::fs::write(&out, SignedPolicy::new(doc).to_bytes()).unwrap();
+        out
+    }
+
+    /// The policy version of stage `sampler` on every host (None: no such
+    /// stage; 0: no policy).
+    fn policies(&self) -> Vec<Option<u64>> {
+        self.agents
+            .iter()
+            .map(|a| a.agent.policy_of("rl0", "sampler"))
+            .collect()
+    }
+
+    fn policy_calls(&self) -> Vec<u64> {
+        self.agents.iter().map(|a| a.agent.policy_calls()).collect()
     }
 
     fn versions(&self) -> Vec<Option<String>> {
@@ -641,4 +677,458 @@ async fn bundle_remove_runs_as_a_rollout_and_rolls_back_like_one() {
     let (outcome, _, _) = rollout::undo(&j, Mode::Quiet).await.unwrap();
     assert_eq!(outcome, Outcome::Undone);
     assert_eq!(fleet.versions(), vec![Some("v1".into()); 4]);
+}
+
+fn policy_request(
+    fleet: &Fleet,
+    plan: &str,
+    policy: &Path,
+    empty: Option<&Path>,
+    journal: &Path,
+) -> rollout::PolicyRequest {
+    rollout::PolicyRequest {
+        hosts: fleet.hosts(),
+        selector: String::new(),
+        plan: Plan::parse(plan, "plan.toml").unwrap(),
+        policy: PolicyFile::read(policy).unwrap(),
+        interface: None,
+        empty: empty.map(|e| PolicyFile::read(e).unwrap()),
+        journal: journal.to_path_buf(),
+        transport: opts(),
+    }
+}
+
+async fn run_policy(
+    fleet: &Fleet,
+    plan: &str,
+    policy: &Path,
+    empty: Option<&Path>,
+    journal: &Path,
+) -> (Outcome, JournalFile) {
+    let req = policy_request(fleet, plan, policy, empty, journal);
+    let j = match rollout::plan_policy(&req).unwrap() {
+        Start::New(j) | Start::Resume(j) => j,
+    };
+    let engine =
+        rollout::engine_for(journal, j, Some(Arc::clone(&req.policy.bytes)), Mode::Quiet).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), engine.run())
+        .await
+        .expect("the policy rollout ends within a minute")
+        .unwrap()
+}
+
+/// A drop-rate gate: the stage's drop rate may rise by at most 0.2 over the
+/// host's own before the change.
+const DROP_GATE_PLAN: &str = r#"
+soak = "600ms"
+canary = { hosts = 1 }
+[[waves]]
+percent = 50
+[[gates.counters]]
+stage = "sampler"
+metric = "drop_rate_change"
+max = 0.2
+window = "300ms"
+min_packets = 20
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_rolls_out_on_the_same_engine_and_one_that_drops_everything_rolls_back_by_itself()
+{
+    let fleet = Fleet::new(5, 5000).await;
+    let v1 = fleet.bundle("v1", false);
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &v1,
+        &fleet.path("b.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    assert_eq!(fleet.policies(), vec![Some(0); 5]);
+
+    // A blocklist: canary, then waves of 50%, every host on policy v1.
+    let p1 = fleet.policy(1, &["192.0.2.0/24", "198.51.100.7/32"]);
+    let j = fleet.path("p.json");
+    let (outcome, jf) = run_policy(&fleet, DROP_GATE_PLAN, &p1, None, &j).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert_eq!(jf.journal.action, journal::Action::Policy);
+    let sizes: Vec<usize> = jf.journal.steps.iter().map(|s| s.count).collect();
+    assert_eq!(sizes, [1, 3, 1]);
+    assert_eq!(fleet.policies(), vec![Some(1); 5]);
+    for h in &jf.journal.hosts {
+        assert_eq!(h.state, HostState::Healthy);
+        assert_eq!(h.rootlets.len(), 1, "{h:?}");
+        // What each rootlet held before was recorded: no policy.
+        assert!(h.policy_before.values().all(|b| b.version == 0), "{h:?}");
+        let apply = h.gates.iter().find(|g| g.gate == "apply").unwrap();
+        assert!(apply.detail.contains("holds policy v1"), "{}", apply.detail);
+    }
+
+    // Policy v2 blocks everything: the canary's drop rate goes from 0 to 1,
+    // its gate trips, it goes back to v1 and no other host sees v2.
+    let before = fleet.policy_calls();
+    let p2 = fleet.policy(2, &["0.0.0.0/0"]);
+    let (outcome, jf) = run_policy(&fleet, DROP_GATE_PLAN, &p2, None, &j).await;
+    assert_eq!(outcome, Outcome::RolledBack);
+    let stop = jf.journal.stop.clone().unwrap();
+    assert_eq!(stop.kind, StopKind::Gate);
+    assert_eq!(stop.host.as_deref(), Some("host-00"));
+    assert!(
+        stop.message.contains("drop_rate_change of stage sampler"),
+        "{}",
+        stop.message
+    );
+    assert_eq!(fleet.policies(), vec![Some(1); 5]);
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    assert!(
+        jf.journal.hosts[0].detail.contains("back on v1"),
+        "{}",
+        jf.journal.hosts[0].detail
+    );
+    assert!(
+        jf.journal.hosts[1..]
+            .iter()
+            .all(|h| h.state == HostState::Pending)
+    );
+    let after = fleet.policy_calls();
+    // The canary: one apply and one rollback; nobody else was called.
+    assert_eq!(after[0] - before[0], 2);
+    assert!((1..5).all(|i| after[i] == before[i]));
+    // Traffic passes again on the canary: its drops stopped growing while
+    // its passes grow.
+    let counters = || fleet.agents[0].agent.counters_of("rl0", "sampler").unwrap();
+    let c0 = counters();
+    assert!(c0.drop > 0, "{c0:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c1 = counters();
+    assert_eq!(c1.drop, c0.drop);
+    assert!(c1.pass > c0.pass, "{c0:?} {c1:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_nack_or_a_host_without_the_stage_fails_the_apply_gate() {
+    let fleet = Fleet::new(4, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &v1,
+        &fleet.path("b.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let p1 = fleet.policy(1, &["192.0.2.0/24"]);
+    let p2 = fleet.policy(2, &["192.0.2.0/24", "203.0.113.0/24"]);
+    let j = fleet.path("p.json");
+    let (outcome, _) = run_policy(&fleet, "canary = { hosts = 1 }\n", &p1, None, &j).await;
+    assert_eq!(outcome, Outcome::Succeeded);
+
+    // Host 2 refuses v2 (as an agent refuses an entry that does not fit):
+    // the wave stops, and the hosts it changed go back to v1.
+    fleet.agents[2].agent.set_policy_nack(true);
+    let (outcome, jf) = run_policy(&fleet, "canary = { hosts = 1 }\n", &p2, None, &j).await;
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.stop);
+    let stop = jf.journal.stop.clone().unwrap();
+    assert_eq!(stop.host.as_deref(), Some("host-02"));
+    assert!(
+        stop.message.contains("apply gate failed"),
+        "{}",
+        stop.message
+    );
+    assert!(
+        stop.message.contains("simulated failure"),
+        "{}",
+        stop.message
+    );
+    assert_eq!(jf.journal.hosts[2].state, HostState::Failed);
+    assert_eq!(jf.journal.hosts[2].changed, journal::Changed::No);
+    assert_eq!(fleet.policies(), vec![Some(1); 4]);
+    fleet.agents[2].agent.set_policy_nack(false);
+
+    // A host whose pipeline lacks the stage: its push is a NACK.
+    let bare = sim::spawn(SimOptions { pps: 0 }).await.unwrap();
+    let mut hosts = fleet.hosts();
+    hosts.insert(
+        0,
+        Host {
+            name: "bare".into(),
+            address: Address::Tcp(bare.addr.to_string()),
+            labels: Default::default(),
+            security: Security::Insecure,
+        },
+    );
+    let mut req = policy_request(&fleet, "canary = { hosts = 1 }\n", &p2, None, &j);
+    req.hosts = hosts;
+    let Start::New(jn) = rollout::plan_policy(&req).unwrap() else {
+        panic!("a new rollout")
+    };
+    let engine =
+        rollout::engine_for(&j, jn, Some(Arc::clone(&req.policy.bytes)), Mode::Quiet).unwrap();
+    let (outcome, jf) = engine.run().await.unwrap();
+    assert_eq!(outcome, Outcome::RolledBack);
+    let stop = jf.journal.stop.unwrap();
+    assert_eq!(stop.host.as_deref(), Some("bare"));
+    assert!(
+        stop.message
+            .contains("stage `sampler` is not linked on any rootlet of this host"),
+        "{}",
+        stop.message
+    );
+    assert_eq!(bare.agent.policy_calls(), 0);
+    assert_eq!(fleet.policies(), vec![Some(1); 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_policy_rollout_puts_its_canary_back_and_undo_returns_every_host() {
+    let fleet = Fleet::new(4, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &v1,
+        &fleet.path("b.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let p1 = fleet.policy(1, &["192.0.2.0/24"]);
+    let p2 = fleet.policy(2, &["203.0.113.0/24"]);
+    let empty = fleet.policy(3, &[]);
+    let j = fleet.path("p.json");
+
+    // A first push, aborted while it waits after its canary: the canary
+    // had no policy, and goes back to "none" through --empty-policy.
+    let plan = "canary = { hosts = 1, pause = \"30s\" }\n";
+    let j2 = j.clone();
+    let aborter = tokio::spawn(async move {
+        let t0 = Instant::now();
+        while journal::read(&j2).map(|x| x.steps_done).unwrap_or(0) < 1 {
+            if t0.elapsed() > Duration::from_secs(20) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        control::request(&j2, control::Request::Abort).unwrap();
+    });
+    let (outcome, jf) = run_policy(&fleet, plan, &p1, Some(&empty), &j).await;
+    aborter.await.unwrap();
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.stop);
+    assert_eq!(jf.journal.stop.unwrap().kind, StopKind::Abort);
+    assert_eq!(fleet.policies(), vec![Some(3), Some(0), Some(0), Some(0)]);
+
+    // Without --empty-policy, a host that had none cannot be put back: it
+    // keeps the new policy, and the journal says so.
+    let (outcome, _) = run_policy(&fleet, "canary = { hosts = 1 }\n", &p1, None, &j).await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    assert_eq!(fleet.policies(), vec![Some(1); 4]);
+    let (outcome, jf, _) = rollout::undo(&j, Mode::Quiet).await.unwrap();
+    assert_eq!(outcome, Outcome::Failed);
+    // Host 0 had v3 (the empty one) before: back on it; the others had none.
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    for h in &jf.journal.hosts[1..] {
+        assert_eq!(h.state, HostState::RollbackFailed);
+        assert!(h.detail.contains("it had no policy before"), "{}", h.detail);
+    }
+    assert_eq!(fleet.policies(), vec![Some(3), Some(1), Some(1), Some(1)]);
+
+    // v2 everywhere, then undo: every host back on what it had (v3 or v1)
+    // with RollbackPolicy; a host changed by someone else since is left
+    // alone.
+    let j3 = fleet.path("p2.json");
+    let (outcome, _) = run_policy(&fleet, "canary = { hosts = 1 }\n", &p2, None, &j3).await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    assert_eq!(fleet.policies(), vec![Some(2); 4]);
+    let p9 = fleet.policy(9, &["192.0.2.9/32"]);
+    fleet.agents[3]
+        .agent
+        .apply_policy_out_of_band("rl0", &std::fs::read(&p9).unwrap())
+        .unwrap();
+    let (outcome, jf, _) = rollout::undo(&j3, Mode::Quiet).await.unwrap();
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(fleet.policies(), vec![Some(3), Some(1), Some(1), Some(9)]);
+    assert!(
+        jf.journal.hosts[3].detail.contains("left as it is"),
+        "{}",
+        jf.journal.hosts[3].detail
+    );
+    assert!(
+        jf.journal.hosts[..3]
+            .iter()
+            .all(|h| h.state == HostState::RolledBack)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_policy_rollout_pushes_nothing_and_an_interrupted_one_resumes_without_repushing() {
+    let fleet = Fleet::new(3, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &v1,
+        &fleet.path("b.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let p1 = fleet.policy(1, &["192.0.2.0/24"]);
+    let j = fleet.path("p.json");
+    let req = policy_request(
+        &fleet,
+        "canary = { hosts = 1, pause = \"promote\" }\n",
+        &p1,
+        None,
+        &j,
+    );
+    let Start::New(jn) = rollout::plan_policy(&req).unwrap() else {
+        panic!("a new rollout")
+    };
+    control::request(&j, control::Request::Pause).unwrap();
+    let engine =
+        rollout::engine_for(&j, jn, Some(Arc::clone(&req.policy.bytes)), Mode::Quiet).unwrap();
+    let task = tokio::spawn(engine.run());
+    let t0 = Instant::now();
+    while journal::read(&j).map(|x| x.state).ok() != Some(RolloutState::Paused) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fleet.policy_calls(), vec![0; 3]);
+    control::request(&j, control::Request::Resume).unwrap();
+    let t0 = Instant::now();
+    while journal::read(&j).map(|x| x.state).ok() != Some(RolloutState::WaitingForPromote) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the canary never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // "Crash" while it waits for promote; then promote and resume.
+    task.abort();
+    let _ = task.await;
+    assert_eq!(fleet.policy_calls(), vec![1, 0, 0]);
+    control::request(&j, control::Request::Promote).unwrap();
+    let (outcome, jf, _) = rollout::take_over(&j, Mode::Quiet, false).await.unwrap();
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    // The canary was not pushed again.
+    assert_eq!(fleet.policy_calls(), vec![1, 1, 1]);
+    assert_eq!(fleet.policies(), vec![Some(1); 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_goes_to_every_rootlet_with_its_stage_or_only_to_the_interface_named() {
+    let fleet = Fleet::new(2, 0).await;
+    let d = fleet.dir.path();
+    std::fs::write(d.join("sampler.o"), rootlet_ebpf::SAMPLER).unwrap();
+    let manifest = d.join("two.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"edge\"\nversion = \"v1\"\n[[rootlets]]\ninterface = \"rl0\"\n[[rootlets]]\ninterface = \"rl1\"\n\
+         [[stages]]\nname = \"sampler\"\nobject = \"sampler.o\"\nprogram = \"sampler\"\npriority = 10\nowner = \"obs\"\n",
+    )
+    .unwrap();
+    let bundle = d.join("two.rlb");
+    std::fs::write(
+        &bundle,
+        SignedBundle::new(Bundle::build(&manifest).unwrap()).to_bytes(),
+    )
+    .unwrap();
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &bundle,
+        &fleet.path("b.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let on = |iface: &str| -> Vec<Option<u64>> {
+        fleet
+            .agents
+            .iter()
+            .map(|a| a.agent.policy_of(iface, "sampler"))
+            .collect()
+    };
+
+    // --interface rl1: only that rootlet of each host.
+    let p1 = fleet.policy(1, &["192.0.2.0/24"]);
+    let j = fleet.path("p.json");
+    let mut req = policy_request(&fleet, "canary = { hosts = 1 }\n", &p1, None, &j);
+    req.interface = Some((String::new(), "rl1".into()));
+    let Start::New(jn) = rollout::plan_policy(&req).unwrap() else {
+        panic!("a new rollout")
+    };
+    let engine =
+        rollout::engine_for(&j, jn, Some(Arc::clone(&req.policy.bytes)), Mode::Quiet).unwrap();
+    let (outcome, jf) = engine.run().await.unwrap();
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert!(jf.journal.hosts.iter().all(|h| h.rootlets.len() == 1));
+    assert_eq!(on("rl0"), vec![Some(0); 2]);
+    assert_eq!(on("rl1"), vec![Some(1); 2]);
+
+    // No --interface: every rootlet with the stage; rl1 already holds v2's
+    // predecessor v1, rl0 none; both end on v2, and undo puts each back to
+    // what it had (rl1: v1 by RollbackPolicy; rl0: the empty policy).
+    let p2 = fleet.policy(2, &["198.51.100.0/24"]);
+    let empty = fleet.policy(5, &[]);
+    let (outcome, jf) = run_policy(&fleet, "canary = { hosts = 1 }\n", &p2, Some(&empty), &j).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert!(jf.journal.hosts.iter().all(|h| h.rootlets.len() == 2));
+    assert_eq!(on("rl0"), vec![Some(2); 2]);
+    assert_eq!(on("rl1"), vec![Some(2); 2]);
+    let (outcome, jf, _) = rollout::undo(&j, Mode::Quiet).await.unwrap();
+    assert_eq!(outcome, Outcome::Undone, "{:?}", jf.journal.hosts);
+    assert_eq!(on("rl0"), vec![Some(5); 2]);
+    assert_eq!(on("rl1"), vec![Some(1); 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_push_refuses_to_overwrite_a_change_made_since_prepare() {
+    let fleet = Fleet::new(1, 0).await;
+    let v1 = fleet.bundle("v1", false);
+    let (outcome, _) = run(
+        &fleet,
+        "canary = { hosts = 1 }\n",
+        &v1,
+        &fleet.path("b.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let p1 = PolicyFile::read(&fleet.policy(1, &["192.0.2.0/24"])).unwrap();
+    let p7 = fleet.policy(7, &["203.0.113.0/24"]);
+    let conn = rootlet_client::transport::Fleet::new(fleet.hosts(), opts());
+    let pref = journal::PolicyRef {
+        stage: "sampler".into(),
+        version: 1,
+        digest: p1.digest.clone(),
+        path: p1.path.clone(),
+        size: p1.bytes.len() as u64,
+        interface: None,
+        empty: None,
+    };
+    let ids = rollout::policy::targets(&conn, 0, &pref).await.unwrap();
+    let before = rollout::policy::before(&conn, 0, "sampler", &ids)
+        .await
+        .unwrap();
+    assert_eq!(before.values().next().unwrap().version, 0);
+    // Someone applies v7 between prepare and push: the push is refused
+    // (expected_version 0), and v7 stays.
+    fleet.agents[0]
+        .agent
+        .apply_policy_out_of_band("rl0", &std::fs::read(&p7).unwrap())
+        .unwrap();
+    let r =
+        rollout::policy::push(&conn, 0, &p1.bytes, &pref, "r1", "0:canary", &ids, &before).await;
+    match r {
+        rollout::policy::PushOutcome::Refused { error, changed } => {
+            assert!(!changed);
+            assert_eq!(error.code, tonic::Code::FailedPrecondition, "{error}");
+            assert!(
+                error
+                    .message
+                    .contains("holds policy v7 now, none when the rollout recorded it"),
+                "{error}"
+            );
+        }
+        _ => panic!("the push was not refused"),
+    }
+    assert_eq!(fleet.agents[0].agent.policy_of("rl0", "sampler"), Some(7));
 }

@@ -458,6 +458,52 @@ impl RealFleet {
         sample_bundle_objects(&self.dir, version, false, true, Some(&self.signing_key))
     }
 
+    /// A policy for stage `stage` at `version` setting map `map` to
+    /// `entries` (key and value as TOML values, e.g. `"192.0.2.0/24"` and
+    /// `1`), signed with the fleet's key: a document written as a person
+    /// would, then read with its file:line:col checks.
+    pub fn signed_policy(
+        &self,
+        stage: &str,
+        version: u64,
+        map: &str,
+        entries: &[(&str, &str)],
+    ) -> io::Result<PathBuf> {
+        let lines: Vec<String> = entries
+            .iter()
+            .map(|(k, v)| format!("  {{ key = {k}, value = {v} }},"))
+            .collect();
+        let text = format!(
+            "stage = \"{stage}\"\nversion = {version}\n\n[maps.{map}]\nentries = [\n{}\n]\n",
+            lines.join("\n")
+        );
+        let src = self.dir.join(format!("policy-{stage}-v{version}.toml"));
+        fs::write(&src, &text)?;
+        let doc = rootlet_bundle::PolicyDocument::parse(&text, &src).map_err(io::Error::other)?;
+        let mut signed = rootlet_bundle::SignedPolicy::new(doc);
+        signed
+            .sign(&rootlet_bundle::read_signing_key(&self.signing_key).map_err(io::Error::other)?);
+        let out = self.dir.join(format!("policy-{stage}-v{version}.rlp"));
+        fs::write(&out, signed.to_bytes())?;
+        Ok(out)
+    }
+
+    /// Sends `n` UDP packets from host `i`'s peer to the host with source
+    /// address `src` (as if from another machine behind the peer).
+    pub fn send_from(&self, i: usize, src: std::net::Ipv4Addr, n: u64) -> io::Result<()> {
+        let h = self
+            .hosts
+            .get(i)
+            .ok_or_else(|| io::Error::other(format!("no host {i}")))?;
+        let mut frame = h.pair.udp_to_host(40002, SINK_PORT, vec![0; 32]);
+        frame.src_ip = src;
+        let bytes = frame.to_bytes();
+        for _ in 0..n {
+            h.raw.send(&bytes)?;
+        }
+        Ok(())
+    }
+
     /// Sends UDP from every peer to its host at `pps` (until stopped or
     /// five minutes pass).
     pub fn start_traffic(&mut self, pps: u64) -> io::Result<()> {

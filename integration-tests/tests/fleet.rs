@@ -2,7 +2,8 @@
 //! network namespace with its own veth pair and traffic
 //! (`rootlet_integration_tests::fleet`), driven by the `rootletctl`
 //! rollout engine. One agent is reached over TCP with mutual TLS, the
-//! others over their Unix sockets.
+//! others over their Unix sockets. Policy rollouts (`policy rollout`) run
+//! on the same engine against the sample bundle's ddos stage.
 //!
 //! Needs root, and `rootletd` built with the same profile as the tests
 //! (`cargo build -p rootlet-server`); the test fails, saying so, if it is
@@ -19,6 +20,7 @@ use rootlet_client::{
     rollout::{
         self, BundleFile, Outcome, Start, StartRequest, control,
         journal::{self, HostState, JournalFile, RolloutState, StopKind},
+        policy::PolicyFile,
         progress::Mode,
     },
     status,
@@ -648,4 +650,184 @@ async fn a_first_install_rolled_back_or_aborted_leaves_hosts_without_the_bundle(
             "host {i} passes traffic after the removal"
         );
     }
+}
+
+/// A policy rollout's plan: canary, then the rest; gated on health, apply
+/// (the pushed policy on every target) and the drop rate of the ddos stage,
+/// which may rise by at most 0.2 over each host's own.
+const POLICY_PLAN: &str = r#"
+soak = "2s"
+progress_deadline = "2m"
+canary = { hosts = 1 }
+
+[[waves]]
+percent = 100
+
+[[gates.counters]]
+stage = "ddos"
+metric = "drop_rate_change"
+max = 0.2
+window = "1s"
+min_packets = 100
+"#;
+
+async fn run_policy(
+    fleet: &RealFleet,
+    plan: &str,
+    policy: &Path,
+    journal: &Path,
+) -> (Outcome, JournalFile) {
+    let req = rollout::PolicyRequest {
+        hosts: fleet.inventory(),
+        selector: String::new(),
+        plan: Plan::parse(plan, "plan.toml").expect("plan"),
+        policy: PolicyFile::read(policy).expect("policy"),
+        interface: None,
+        empty: None,
+        journal: journal.to_path_buf(),
+        transport: transport(),
+    };
+    let j = match rollout::plan_policy(&req).expect("journal") {
+        Start::New(j) | Start::Resume(j) => j,
+    };
+    let engine = rollout::engine_for(journal, j, Some(Arc::clone(&req.policy.bytes)), Mode::Lines)
+        .expect("engine");
+    tokio::time::timeout(Duration::from_secs(300), engine.run())
+        .await
+        .expect("the policy rollout ends within five minutes")
+        .expect("journal written")
+}
+
+/// Per host: the ddos stage's policy version (as `status` reads it from
+/// `Slot.policy_version`) and its dropped-packet counter.
+async fn ddos(fleet: &RealFleet) -> Vec<(Option<u64>, u64)> {
+    let f = Fleet::new(fleet.inventory(), transport());
+    status::read(&f, None)
+        .await
+        .into_iter()
+        .map(|h| {
+            assert!(h.error.is_none(), "{}: {:?}", h.name, h.error);
+            let s = h
+                .rootlets
+                .iter()
+                .flat_map(|r| r.stages.iter())
+                .find(|s| s.name == "ddos")
+                .unwrap_or_else(|| panic!("{}: no ddos stage", h.name));
+            (s.policy_version, s.counters.drop)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_rollout_blocks_a_source_everywhere_and_one_that_blocks_everything_rolls_back_by_itself()
+ {
+    let mut fleet = RealFleet::start(SMALL_HOSTS, &[1]).await.expect("4 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+    let v1 = fleet.sample_bundle("1.0.0", false).expect("bundle v1");
+    let (outcome, jf) = run(&fleet, SMALL_PLAN, &v1, &journal_path(&fleet, "b.json")).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert!(ddos(&fleet).await.iter().all(|(v, _)| v.is_none()));
+
+    // 1. A blocklist of 192.0.2.0/24 (rule 1), canary then the rest: every
+    // host reports v1, and packets from 192.0.2.77 are dropped by the ddos
+    // stage on every host, counted by the data plane, while the peer's own
+    // traffic passes.
+    let blocklist = fleet
+        .signed_policy(
+            "ddos",
+            1,
+            "ddos_blocklist",
+            &[("\"192.0.2.0/24\"", "1"), ("\"198.51.100.7/32\"", "2")],
+        )
+        .expect("policy v1");
+    let j = journal_path(&fleet, "policy.json");
+    let (outcome, jf) = run_policy(&fleet, POLICY_PLAN, &blocklist, &j).await;
+    assert_eq!(
+        outcome,
+        Outcome::Succeeded,
+        "{:?}\n{}",
+        jf.journal.stop,
+        fleet.log(0)
+    );
+    for h in &jf.journal.hosts {
+        assert_eq!(h.state, HostState::Healthy, "{}: {}", h.host.name, h.detail);
+        assert_eq!(h.rootlets.len(), 1, "{}", h.host.name);
+        let apply = h.gates.iter().find(|g| g.gate == "apply").expect("apply");
+        assert!(apply.detail.contains("holds policy v1"), "{}", apply.detail);
+        let drop = h
+            .gates
+            .iter()
+            .find(|g| g.gate == "drop_rate_change")
+            .expect("a drop gate judged");
+        assert!(drop.packets.unwrap_or(0) >= 100, "{drop:?}");
+    }
+    let before = ddos(&fleet).await;
+    assert!(before.iter().all(|(v, _)| *v == Some(1)), "{before:?}");
+    let blocked = std::net::Ipv4Addr::new(192, 0, 2, 77);
+    for i in 0..SMALL_HOSTS {
+        fleet.send_from(i, blocked, 200).expect("blocked source");
+    }
+    // The counters are read a moment later (bounded).
+    let t0 = Instant::now();
+    let after = loop {
+        let now = ddos(&fleet).await;
+        if now.iter().zip(&before).all(|(a, b)| a.1 >= b.1 + 200)
+            || t0.elapsed() > Duration::from_secs(10)
+        {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+        assert!(
+            a.1 >= b.1 + 200,
+            "host {i}: ddos dropped {} -> {}",
+            b.1,
+            a.1
+        );
+        assert!(
+            fleet.traffic_flows(i, 50).expect("traffic"),
+            "host {i} passes the peer's own traffic under the blocklist"
+        );
+    }
+
+    // 2. A policy that blocks everything: the canary's ddos drop rate goes
+    // from 0 to 1, its gate trips, the canary goes back to v1 by itself
+    // (RollbackPolicy), no other host is touched, and traffic flows again.
+    let everything = fleet
+        .signed_policy("ddos", 2, "ddos_blocklist", &[("\"0.0.0.0/0\"", "9")])
+        .expect("policy v2");
+    let (outcome, jf) = run_policy(&fleet, POLICY_PLAN, &everything, &j).await;
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.stop);
+    let stop = jf.journal.stop.clone().expect("a stop reason");
+    assert_eq!(stop.kind, StopKind::Gate);
+    assert_eq!(stop.host.as_deref(), Some("host-00"));
+    assert!(
+        stop.message.contains("drop_rate_change of stage ddos"),
+        "{}",
+        stop.message
+    );
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    assert!(
+        jf.journal.hosts[0].detail.contains("back on v1"),
+        "{}",
+        jf.journal.hosts[0].detail
+    );
+    assert!(
+        jf.journal.hosts[1..]
+            .iter()
+            .all(|h| h.state == HostState::Pending)
+    );
+    let now = ddos(&fleet).await;
+    assert!(now.iter().all(|(v, _)| *v == Some(1)), "{now:?}");
+    for i in 0..SMALL_HOSTS {
+        assert!(
+            fleet.traffic_flows(i, 50).expect("traffic"),
+            "host {i} passes traffic after the rollback"
+        );
+    }
+    // The canary's drops stopped growing once it was back on v1.
+    let d0 = ddos(&fleet).await[0].1;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ddos(&fleet).await[0].1, d0);
 }

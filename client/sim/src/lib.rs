@@ -16,9 +16,15 @@
 //! once it holds no other stage, and the history says "removed";
 //! [`SimAgent::add_foreign_stage`] puts another team's stage beside a
 //! bundle's. `GetApplyStatus` with an idempotency key reports the attempt
-//! that key made. Faults: [`SimAgent::set_silent`]
+//! that key made. Policies ([`policy`]): `ApplyPolicy`, `GetPolicy` and
+//! `RollbackPolicy` per stage and rootlet, with versions, the kept history,
+//! `expected_version` and idempotency keys as on a real agent; a stage
+//! whose policy has an entry keyed `"0.0.0.0/0"` (or `"::/0"`) blocks
+//! everything: it drops every packet, and the stages after it see none.
+//! Faults: [`SimAgent::set_silent`]
 //! (every call hangs, like a stopped process), [`SimAgent::set_unhealthy`]
-//! (health NOT_SERVING), [`SimAgent::set_nack`] (applies fail) and
+//! (health NOT_SERVING), [`SimAgent::set_nack`] (applies fail),
+//! [`SimAgent::set_policy_nack`] (policy applies fail) and
 //! [`SimAgent::replace_out_of_band`] (a stage changed behind the agent's
 //! back: drift).
 //!
@@ -36,6 +42,8 @@ use std::{
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+mod policy;
 
 use futures::Stream;
 use rootlet_bundle::SignedBundle;
@@ -86,6 +94,9 @@ struct SimStage {
     bundle: String,
     /// The object digest the bundle says (`digest` is what runs).
     bundle_digest: String,
+    /// The policy its maps hold, and the kept versions (newest first).
+    policy: Option<policy::SimPolicy>,
+    policy_history: Vec<policy::SimPolicy>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +132,9 @@ struct SimState {
     idempotency: HashMap<String, (String, pb::ApplyBundleResponse)>,
     /// The attempt each idempotency key made.
     keyed: HashMap<String, pb::Attempt>,
+    /// ApplyPolicy and RollbackPolicy answers by idempotency key, with a
+    /// hash of the request.
+    policy_idempotency: HashMap<String, (String, pb::ApplyPolicyResponse)>,
     /// Bundles removed after their newest history entry.
     removed: std::collections::BTreeSet<String>,
 }
@@ -131,6 +145,8 @@ struct Inner {
     silent: AtomicBool,
     unhealthy: AtomicBool,
     nack: AtomicBool,
+    policy_nack: AtomicBool,
+    policy_calls: AtomicU64,
     rpcs: AtomicU64,
     applies: AtomicU64,
     apply_calls: AtomicU64,
@@ -157,6 +173,8 @@ impl SimAgent {
                 silent: AtomicBool::new(false),
                 unhealthy: AtomicBool::new(false),
                 nack: AtomicBool::new(false),
+                policy_nack: AtomicBool::new(false),
+                policy_calls: AtomicU64::new(0),
                 rpcs: AtomicU64::new(0),
                 applies: AtomicU64::new(0),
                 apply_calls: AtomicU64::new(0),
@@ -224,6 +242,18 @@ impl SimAgent {
             .map(|r| r.stages.iter().map(|s| s.name.clone()).collect())
     }
 
+    /// The counters of stage `stage` of the rootlet on `ifname`, with the
+    /// simulated traffic run up to now.
+    pub fn counters_of(&self, ifname: &str, stage: &str) -> Option<pb::Counters> {
+        let mut st = lock(&self.inner.state);
+        let r = st.rootlets.values_mut().find(|r| r.ifname == ifname)?;
+        self.advance(r);
+        r.stages
+            .iter()
+            .find(|s| s.name == stage)
+            .map(|s| s.counters)
+    }
+
     /// Replaces the program of stage `stage` on `ifname` behind the agent's
     /// back (as a person with bpftool could): `GetApplyStatus` then reports
     /// the stage's drift, derived from what runs.
@@ -283,6 +313,8 @@ impl SimAgent {
                 counters: pb::Counters::default(),
                 bundle: String::new(),
                 bundle_digest: String::new(),
+                policy: None,
+                policy_history: Vec::new(),
             });
             r.stages
                 .sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
@@ -317,6 +349,10 @@ impl SimAgent {
                 s.counters.aborted += packets;
                 return;
             }
+            if s.policy.as_ref().is_some_and(|p| p.blocks_all) {
+                s.counters.drop += packets;
+                return;
+            }
             s.counters.pass += packets;
         }
     }
@@ -348,6 +384,12 @@ impl SimAgent {
                         ..Default::default()
                     }),
                     counters: Some(s.counters),
+                    policy_version: s.policy.as_ref().map_or(0, |p| p.version),
+                    policy_digest: s
+                        .policy
+                        .as_ref()
+                        .map(|p| p.digest.clone())
+                        .unwrap_or_default(),
                     ..Default::default()
                 })
                 .collect(),
@@ -485,6 +527,10 @@ impl SimAgent {
                     .collect();
                 for s in stages {
                     let old = r.stages.iter().find(|o| o.name == s.name);
+                    // A replaced stage keeps its maps, and so its policy.
+                    let (policy, policy_history) = old.map_or_else(Default::default, |o| {
+                        (o.policy.clone(), o.policy_history.clone())
+                    });
                     let (slot, counters) = match old {
                         Some(o) => (o.slot, o.counters),
                         None => {
@@ -503,6 +549,8 @@ impl SimAgent {
                         counters,
                         bundle: m.name.clone(),
                         bundle_digest: s.sha256.clone().unwrap_or_default(),
+                        policy,
+                        policy_history,
                     });
                 }
                 next.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
@@ -880,6 +928,51 @@ impl pb::rootlet_server::Rootlet for SimAgent {
         self.remove(req.into_inner()).map(Response::new)
     }
 
+    async fn list_stage_maps(
+        &self,
+        _: Request<pb::ListStageMapsRequest>,
+    ) -> Result<Response<pb::ListStageMapsResponse>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented(
+            "the simulated agent has no maps: not simulated",
+        ))
+    }
+
+    async fn dump_map(
+        &self,
+        _: Request<pb::DumpMapRequest>,
+    ) -> Result<Response<pb::DumpMapResponse>, Status> {
+        self.enter().await?;
+        Err(Status::unimplemented(
+            "the simulated agent has no maps: not simulated",
+        ))
+    }
+
+    async fn apply_policy(
+        &self,
+        req: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        self.enter().await?;
+        self.apply_policy_now(req.into_inner()).map(Response::new)
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyStatus>, Status> {
+        self.enter().await?;
+        self.get_policy_now(req.into_inner()).map(Response::new)
+    }
+
+    async fn rollback_policy(
+        &self,
+        req: Request<pb::RollbackPolicyRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        self.enter().await?;
+        self.rollback_policy_now(req.into_inner())
+            .map(Response::new)
+    }
+
     async fn rollback(
         &self,
         req: Request<pb::RollbackRequest>,
@@ -909,43 +1002,6 @@ impl pb::rootlet_server::Rootlet for SimAgent {
             expected_generations: Default::default(),
         })
         .map(Response::new)
-    }
-
-    // Policies: not simulated yet (the real agent serves them; the fleet's
-    // policy rollout adds them here).
-    async fn list_stage_maps(
-        &self,
-        _r: Request<pb::ListStageMapsRequest>,
-    ) -> Result<Response<pb::ListStageMapsResponse>, Status> {
-        Err(Status::unimplemented("ListStageMaps"))
-    }
-
-    async fn dump_map(
-        &self,
-        _r: Request<pb::DumpMapRequest>,
-    ) -> Result<Response<pb::DumpMapResponse>, Status> {
-        Err(Status::unimplemented("DumpMap"))
-    }
-
-    async fn apply_policy(
-        &self,
-        _r: Request<pb::ApplyPolicyRequest>,
-    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
-        Err(Status::unimplemented("ApplyPolicy"))
-    }
-
-    async fn get_policy(
-        &self,
-        _r: Request<pb::GetPolicyRequest>,
-    ) -> Result<Response<pb::PolicyStatus>, Status> {
-        Err(Status::unimplemented("GetPolicy"))
-    }
-
-    async fn rollback_policy(
-        &self,
-        _r: Request<pb::RollbackPolicyRequest>,
-    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
-        Err(Status::unimplemented("RollbackPolicy"))
     }
 }
 

@@ -25,7 +25,10 @@
 //! (`ApplyBundle` by that digest; the agent keeps the last versions), or,
 //! after a first install, loses the bundle (`RemoveBundle`), and the
 //! journal says exactly why. For `bundle remove` the push is
-//! `RemoveBundle` and the rest is the same.
+//! `RemoveBundle` and the rest is the same; for `policy rollout`, prepare
+//! records each target rootlet's policy, the push is `ApplyPolicy`, the
+//! apply gate `GetPolicy` and the put back `RollbackPolicy`
+//! ([`super::policy`]), and the rest is the same.
 //!
 //! The engine owns the journal; host work runs concurrently (bounded by
 //! the transport's concurrency) and only returns results, which this loop
@@ -51,6 +54,7 @@ use super::{
         Action, Changed, GateResult, HostState, JournalError, JournalFile, RolloutState, Sample,
         StopKind, StopReason, Verdict, Version, now_ms,
     },
+    policy,
     progress::Progress,
 };
 use crate::{
@@ -125,8 +129,9 @@ enum Pushed {
         post: Sample,
     },
     /// The agent refused or failed the apply (it keeps its previous
-    /// version).
-    Nack(RpcError),
+    /// version; a policy rollout's host with several rootlets may have
+    /// taken it on some: `Changed::Yes`).
+    Nack(RpcError, Changed),
     Unreachable(RpcError, Changed),
 }
 
@@ -296,6 +301,10 @@ impl Engine {
             let not_done = match self.jf.journal.action {
                 Action::Apply => format!("not on {}", self.jf.journal.bundle.version),
                 Action::Remove => format!("may still run `{}`", self.jf.journal.bundle.name),
+                Action::Policy => format!(
+                    "stage {} not on policy {}",
+                    self.jf.journal.bundle.name, self.jf.journal.bundle.version
+                ),
             };
             let msg = format!(
                 "incomplete: {} skipped, {not_done} ({}); `rollout resume` tries them again",
@@ -351,28 +360,73 @@ impl Engine {
         let rollout = self.jf.journal.rollout_id.clone();
         let name = self.jf.journal.bundle.name.clone();
         let new_digest = self.jf.journal.bundle.digest.clone();
-        let jobs: Vec<(usize, Option<Version>)> = targets
+        let jobs: Vec<(usize, Option<Version>, Vec<String>, PolicyBefores)> = targets
             .iter()
             .filter_map(|&i| {
-                self.jf
-                    .journal
-                    .hosts
-                    .get(i)
-                    .map(|h| (i, h.previous.clone()))
+                self.jf.journal.hosts.get(i).map(|h| {
+                    (
+                        i,
+                        h.previous.clone(),
+                        h.rootlets.clone(),
+                        h.policy_before.clone(),
+                    )
+                })
             })
             .collect();
+        let policy = self
+            .jf
+            .journal
+            .policy
+            .clone()
+            .filter(|_| self.jf.journal.action == Action::Policy);
+        // The policy that rootlets without one before go back to, read
+        // once (and checked against the journal's digest).
+        let empty = policy
+            .as_ref()
+            .and_then(|p| p.empty.as_ref())
+            .filter(|_| !jobs.is_empty())
+            .map(|e| policy::PolicyFile::reread(&e.path, &e.digest));
         let deadline = fleet.options().host_deadline;
         let concurrency = fleet.options().concurrency.max(1);
         let mut results = stream::iter(jobs)
-            .map(|(i, previous)| {
+            .map(|(i, previous, ids, before)| {
                 let fleet = &fleet;
                 let rollout = &rollout;
                 let name = &name;
                 let new_digest = &new_digest;
+                let policy = &policy;
+                let empty = &empty;
                 async move {
                     let _slot = fleet.permit().await;
-                    let work =
-                        put_back(fleet, i, what, rollout, name, new_digest, previous.as_ref());
+                    let work = async {
+                        match policy {
+                            Some(p) => {
+                                policy::put_back(
+                                    fleet,
+                                    i,
+                                    what,
+                                    rollout,
+                                    p,
+                                    &ids,
+                                    &before,
+                                    empty.as_ref(),
+                                )
+                                .await
+                            }
+                            None => {
+                                put_back(
+                                    fleet,
+                                    i,
+                                    what,
+                                    rollout,
+                                    name,
+                                    new_digest,
+                                    previous.as_ref(),
+                                )
+                                .await
+                            }
+                        }
+                    };
                     let r = match tokio::time::timeout(deadline, work).await {
                         Ok(r) => r,
                         Err(_) => Err(format!(
@@ -445,15 +499,30 @@ impl Engine {
             .map(|(i, _)| i)
             .collect();
         let targets = self.interface_refs();
+        let policy = self
+            .jf
+            .journal
+            .policy
+            .clone()
+            .filter(|_| self.jf.journal.action == Action::Policy);
         let fleet = self.fleet.clone();
         let concurrency = fleet.options().concurrency.max(1);
         let mut results = stream::iter(todo)
             .map(|i| {
                 let fleet = &fleet;
                 let targets = &targets;
+                let policy = &policy;
                 async move {
                     let _slot = fleet.permit().await;
-                    (i, gates::sample(fleet, i, targets).await)
+                    let s = match policy {
+                        // A policy's targets are the rootlets with its stage.
+                        Some(p) => match policy::targets(fleet, i, p).await {
+                            Ok(ids) => policy::sample(fleet, i, &ids).await,
+                            Err(e) => Err(e),
+                        },
+                        None => gates::sample(fleet, i, targets).await,
+                    };
+                    (i, s)
                 }
             })
             .buffer_unordered(concurrency);
@@ -790,6 +859,12 @@ impl Engine {
         let fleet = self.fleet.clone();
         let targets = self.interface_refs();
         let name = self.jf.journal.bundle.name.clone();
+        let policy = self
+            .jf
+            .journal
+            .policy
+            .clone()
+            .filter(|_| self.jf.journal.action == Action::Policy);
         let deadline = fleet.options().host_deadline;
         let concurrency = fleet.options().concurrency.max(1);
         let mut results = stream::iter(todo)
@@ -797,9 +872,20 @@ impl Engine {
                 let fleet = &fleet;
                 let targets = &targets;
                 let name = &name;
+                let policy = &policy;
                 async move {
                     let _slot = fleet.permit().await;
                     let work = async {
+                        if let Some(p) = policy {
+                            let ids = policy::targets(fleet, i, p).await?;
+                            let before = policy::before(fleet, i, &p.stage, &ids).await?;
+                            let baseline = policy::sample(fleet, i, &ids).await?;
+                            return Ok::<_, RpcError>(Prepared {
+                                previous: None,
+                                baseline,
+                                policy: Some((ids, before)),
+                            });
+                        }
                         let list = fleet
                             .call(i, "ListBundles", None, |mut c, t| async move {
                                 c.list_bundles(request(pb::ListBundlesRequest {}, t)).await
@@ -814,7 +900,11 @@ impl Engine {
                                 digest: b.digest.clone(),
                             });
                         let baseline = gates::sample(fleet, i, targets).await?;
-                        Ok::<_, RpcError>((previous, baseline))
+                        Ok(Prepared {
+                            previous,
+                            baseline,
+                            policy: None,
+                        })
                     };
                     (i, with_deadline(deadline, "prepare", work).await)
                 }
@@ -825,13 +915,25 @@ impl Engine {
                 continue;
             };
             match r {
-                Ok((previous, baseline)) => {
+                Ok(Prepared {
+                    previous,
+                    baseline,
+                    policy,
+                }) => {
                     // A host tried before (skipped, or a push whose outcome
                     // was unknown) keeps what it ran before the rollout
                     // first touched it.
                     if !h.previous_recorded {
                         h.previous = previous;
                         h.previous_recorded = true;
+                    }
+                    if let Some((ids, before)) = policy {
+                        // Rootlets seen before keep what they held then; a
+                        // rootlet new since is recorded as it is now.
+                        for (id, b) in before {
+                            h.policy_before.entry(id).or_insert(b);
+                        }
+                        h.rootlets = ids;
                     }
                     h.baseline = Some(baseline);
                     h.set(HostState::Prepared, "");
@@ -885,11 +987,18 @@ impl Engine {
         if todo.is_empty() {
             return Ok(None);
         }
-        let removing = self.jf.journal.action == Action::Remove;
+        let action = self.jf.journal.action;
+        let removing = action == Action::Remove;
         let bundle = self.bundle.clone();
         if bundle.is_none() && !removing {
-            let msg =
-                format!("{label}: the bundle file is not available, so nothing can be pushed");
+            let msg = format!(
+                "{label}: the {} file is not available, so nothing can be pushed",
+                if action == Action::Policy {
+                    "policy"
+                } else {
+                    "bundle"
+                }
+            );
             return Ok(Some(self.stop(StopKind::Gate, Some(s), None, msg)));
         }
         let name = self.jf.journal.bundle.name.clone();
@@ -900,14 +1009,18 @@ impl Engine {
             "{s}:{}",
             step_key(self.jf.journal.steps.get(s).map(|st| st.kind))
         );
-        let jobs: Vec<(usize, Option<Version>)> = todo
+        let policy = self.jf.journal.policy.clone();
+        let jobs: Vec<(usize, Option<Version>, Vec<String>, PolicyBefores)> = todo
             .iter()
             .filter_map(|&i| {
-                self.jf
-                    .journal
-                    .hosts
-                    .get(i)
-                    .map(|h| (i, h.previous.clone()))
+                self.jf.journal.hosts.get(i).map(|h| {
+                    (
+                        i,
+                        h.previous.clone(),
+                        h.rootlets.clone(),
+                        h.policy_before.clone(),
+                    )
+                })
             })
             .collect();
         let stopping = AtomicBool::new(false);
@@ -917,8 +1030,9 @@ impl Engine {
         let apply_gate = self.jf.journal.plan.gates.apply;
         let targets = self.interface_refs();
         let mut results = stream::iter(jobs)
-            .map(|(i, previous)| {
+            .map(|(i, previous, ids, before)| {
                 let targets = &targets;
+                let policy = &policy;
                 let name = &name;
                 let fleet = &fleet;
                 let bundle = &bundle;
@@ -934,13 +1048,26 @@ impl Engine {
                     }
                     // Whether this push changes the host: a new digest, or a
                     // bundle there is to remove.
-                    let was_new = if removing {
-                        previous.is_some()
-                    } else {
-                        previous.as_ref().is_none_or(|p| p.digest != *digest)
+                    let was_new = match (action, policy) {
+                        (Action::Remove, _) => previous.is_some(),
+                        (Action::Policy, Some(p)) => policy::changes(p, &ids, &before),
+                        _ => previous.as_ref().is_none_or(|p| p.digest != *digest),
                     };
                     let work = async {
                         match bundle {
+                            Some(bundle) if action == Action::Policy => {
+                                push_policy(
+                                    fleet,
+                                    i,
+                                    bundle,
+                                    policy.as_ref(),
+                                    rollout,
+                                    step_name,
+                                    &ids,
+                                    &before,
+                                )
+                                .await
+                            }
                             Some(bundle) if !removing => {
                                 push_host(
                                     fleet, i, bundle, digest, rollout, step_name, was_new, targets,
@@ -990,12 +1117,13 @@ impl Engine {
                     h.changed = if was_new { Changed::Yes } else { Changed::No };
                     h.set(HostState::Pushed, "");
                 }
-                Pushed::Nack(e) => {
-                    let msg = if removing {
-                        format!("the agent did not remove the bundle: {e}")
-                    } else {
-                        format!("the agent did not apply the bundle: {e}")
+                Pushed::Nack(e, changed) => {
+                    let msg = match action {
+                        Action::Remove => format!("the agent did not remove the bundle: {e}"),
+                        Action::Apply => format!("the agent did not apply the bundle: {e}"),
+                        Action::Policy => format!("the agent did not apply the policy: {e}"),
                     };
+                    h.changed = changed;
                     self.ui.line(format!("{}: {msg}", h.host.name));
                     h.set(HostState::Failed, msg.clone());
                     if apply_gate {
@@ -1033,11 +1161,17 @@ impl Engine {
             .iter()
             .filter(|h| h.step == s && h.state == HostState::Pushed)
             .fold((0, 0), |(p, u), h| (p + 1, u + usize::from(h.uploaded)));
-        self.jf.journal.event(format!(
-            "{label}: pushed to {} ({uploads} uploads, {} already had the digest)",
-            plural(pushed, "host"),
-            pushed - uploads
-        ));
+        if action == Action::Policy {
+            self.jf
+                .journal
+                .event(format!("{label}: pushed to {}", plural(pushed, "host")));
+        } else {
+            self.jf.journal.event(format!(
+                "{label}: pushed to {} ({uploads} uploads, {} already had the digest)",
+                plural(pushed, "host"),
+                pushed - uploads
+            ));
+        }
         Ok(failure.map(|(host, msg)| {
             self.stop(
                 StopKind::Gate,
@@ -1113,6 +1247,12 @@ impl Engine {
         let plan = self.jf.journal.plan.clone();
         let digest = self.jf.journal.bundle.digest.clone();
         let removing = self.jf.journal.action == Action::Remove;
+        let policy = self
+            .jf
+            .journal
+            .policy
+            .clone()
+            .filter(|_| self.jf.journal.action == Action::Policy);
         let recs: Vec<(usize, super::journal::HostRecord)> = todo
             .iter()
             .filter_map(|&i| self.jf.journal.hosts.get(i).map(|h| (i, h.clone())))
@@ -1124,9 +1264,19 @@ impl Engine {
                 let fleet = &fleet;
                 let plan = &plan;
                 let digest = &digest;
+                let policy = &policy;
                 async move {
                     let _slot = fleet.permit().await;
-                    let work = gates::evaluate(fleet, i, &rec, plan, digest, removing, last);
+                    let work = gates::evaluate(
+                        fleet,
+                        i,
+                        &rec,
+                        plan,
+                        digest,
+                        removing,
+                        policy.as_ref(),
+                        last,
+                    );
                     (i, with_deadline(deadline, "gates", work).await)
                 }
             })
@@ -1284,7 +1434,12 @@ async fn put_back(
 
 /// An idempotent mutation (it carries its idempotency key): sent again,
 /// up to [`MUTATION_TRIES`] times, while its outcome is unknown.
-async fn mutate<T, F, Fut>(fleet: &Fleet, i: usize, what: &'static str, f: F) -> Result<T, RpcError>
+pub(super) async fn mutate<T, F, Fut>(
+    fleet: &Fleet,
+    i: usize,
+    what: &'static str,
+    f: F,
+) -> Result<T, RpcError>
 where
     F: Fn(
         rootlet_proto::v1::rootlet_client::RootletClient<tonic::transport::Channel>,
@@ -1338,7 +1493,7 @@ async fn remove_host(
     let reply = match reply {
         Ok(r) => r,
         Err(e) if e.outcome_unknown() => return Pushed::Unreachable(e, Changed::Unknown),
-        Err(e) => return Pushed::Nack(e),
+        Err(e) => return Pushed::Nack(e, Changed::No),
     };
     let rootlets: Vec<String> = reply
         .rootlets
@@ -1360,6 +1515,69 @@ async fn remove_host(
                 Changed::No
             },
         ),
+    }
+}
+
+/// What prepare recorded for one host.
+struct Prepared {
+    /// The bundle's version it ran (bundle rollouts).
+    previous: Option<Version>,
+    baseline: Sample,
+    /// A policy rollout: its targets and what each held.
+    policy: Option<(Vec<String>, PolicyBefores)>,
+}
+
+/// The per-rootlet policies a host held before a policy rollout.
+type PolicyBefores = std::collections::BTreeMap<String, super::journal::PolicyBefore>;
+
+/// A policy rollout's push to one host ([`policy::push`]), then the
+/// counters of its targets.
+#[allow(clippy::too_many_arguments)]
+async fn push_policy(
+    fleet: &Fleet,
+    i: usize,
+    bytes: &Arc<Vec<u8>>,
+    p: Option<&super::journal::PolicyRef>,
+    rollout: &str,
+    step: &str,
+    ids: &[String],
+    before: &PolicyBefores,
+) -> Pushed {
+    let Some(p) = p else {
+        return Pushed::Nack(
+            RpcError {
+                what: "ApplyPolicy",
+                code: tonic::Code::Internal,
+                message: "the journal of this policy rollout names no policy".into(),
+                attempts: 0,
+            },
+            Changed::No,
+        );
+    };
+    let yes_or = |c: bool| if c { Changed::Yes } else { Changed::No };
+    match policy::push(fleet, i, bytes, p, rollout, step, ids, before).await {
+        policy::PushOutcome::Applied => {}
+        policy::PushOutcome::Refused { error, changed } => {
+            return Pushed::Nack(error, yes_or(changed));
+        }
+        policy::PushOutcome::Unknown { error, changed } => {
+            return Pushed::Unreachable(
+                error,
+                if changed {
+                    Changed::Unknown
+                } else {
+                    Changed::No
+                },
+            );
+        }
+    }
+    match policy::sample(fleet, i, ids).await {
+        Ok(post) => Pushed::Ok {
+            uploaded: true,
+            rootlets: ids.to_vec(),
+            post,
+        },
+        Err(e) => Pushed::Unreachable(e, yes_or(policy::changes(p, ids, before))),
     }
 }
 
@@ -1464,7 +1682,7 @@ async fn push_host(
     {
         Ok(r) => r.present,
         Err(e) if e.is_unreachable() => return Pushed::Unreachable(e, Changed::No),
-        Err(e) => return Pushed::Nack(e),
+        Err(e) => return Pushed::Nack(e, Changed::No),
     };
     let key = idempotency_key(
         if has { "apply-digest" } else { "apply-bytes" },
@@ -1508,10 +1726,15 @@ async fn push_host(
                         break;
                     }
                     Keyed::Refused(msg) => {
-                        return Pushed::Nack(RpcError {
-                            message: format!("{msg} (the agent's record of the call after {e})"),
-                            ..e
-                        });
+                        return Pushed::Nack(
+                            RpcError {
+                                message: format!(
+                                    "{msg} (the agent's record of the call after {e})"
+                                ),
+                                ..e
+                            },
+                            Changed::No,
+                        );
                     }
                     Keyed::NotApplied => last = Some(e),
                     Keyed::NoAnswer(asked) => {
@@ -1528,7 +1751,7 @@ async fn push_host(
                     }
                 }
             }
-            Err(e) => return Pushed::Nack(e),
+            Err(e) => return Pushed::Nack(e, Changed::No),
         }
     }
     let Some(rootlets) = rootlets else {

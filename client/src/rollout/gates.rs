@@ -5,7 +5,9 @@
 //! - apply: every rootlet the bundle applied to still reports the new
 //!   digest and no per-stage drift (`GetApplyStatus`), so a NACK or a
 //!   change behind the rollout's back is caught; for `bundle remove`, no
-//!   rootlet still runs the version removed (or it is gone);
+//!   rootlet still runs the version removed (or it is gone); for a policy
+//!   rollout, every target's stage holds the pushed policy's digest with
+//!   no drift (`GetPolicy`);
 //! - counters: per stage, `GetStats` now against the sample taken right
 //!   after the push (`post`), and for `drop_rate_change` against the
 //!   host's own drop rate before the change (between `baseline_start` and
@@ -19,7 +21,7 @@
 use rootlet_proto::v1::{self as pb, rootlet_ref::Ref};
 use tonic::Code;
 
-use super::journal::{Counters, GateResult, HostRecord, Sample, Verdict, now_ms};
+use super::journal::{Counters, GateResult, HostRecord, PolicyRef, Sample, Verdict, now_ms};
 use crate::{
     plan::{CounterGate, Metric, Plan},
     transport::{Fleet, RpcError, request},
@@ -263,8 +265,10 @@ fn fmt_value(m: Metric, v: f64) -> String {
     }
 }
 
-/// Evaluates every gate of `plan` on one host. Errors are the host not
-/// answering (or refusing the calls).
+/// Evaluates every gate of `plan` on one host; `policy`: a policy
+/// rollout's, whose apply gate is the policy's ([`super::policy::gate`]).
+/// Errors are the host not answering (or refusing the calls).
+#[allow(clippy::too_many_arguments)]
 pub async fn evaluate(
     fleet: &Fleet,
     host: usize,
@@ -272,6 +276,7 @@ pub async fn evaluate(
     plan: &Plan,
     digest: &str,
     removing: bool,
+    policy: Option<&PolicyRef>,
     last: bool,
 ) -> Result<Vec<GateResult>, RpcError> {
     let mut out = Vec::new();
@@ -300,7 +305,11 @@ pub async fn evaluate(
             },
         });
     }
-    if plan.gates.apply {
+    if plan.gates.apply
+        && let Some(p) = policy
+    {
+        out.push(super::policy::gate(fleet, host, p, &rec.rootlets).await?);
+    } else if plan.gates.apply {
         let mut bad = Vec::new();
         for id in &rec.rootlets {
             let st = fleet

@@ -155,6 +155,14 @@ pub struct Version {
     pub digest: String,
 }
 
+/// The policy a stage held on one rootlet before a policy rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyBefore {
+    /// 0: no policy.
+    pub version: u64,
+    pub digest: String,
+}
+
 /// Packet counters of one stage (summed over the host's rootlets).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -253,8 +261,14 @@ pub struct HostRecord {
     pub previous: Option<Version>,
     /// Whether `previous` was recorded.
     pub previous_recorded: bool,
-    /// The rootlet ids the new bundle applied to.
+    /// The rootlet ids the new bundle applied to (a policy rollout: the
+    /// rootlets whose pipeline has the policy's stage, recorded before the
+    /// push).
     pub rootlets: Vec<String>,
+    /// A policy rollout: the policy each of `rootlets` held before the
+    /// rollout first touched it (by rootlet id; version 0: none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policy_before: BTreeMap<String, PolicyBefore>,
     /// The bundle's bytes were uploaded (false: the agent had the digest).
     pub uploaded: bool,
     /// Counters at the rollout's start, just before the push, and just
@@ -279,6 +293,7 @@ impl HostRecord {
             previous: None,
             previous_recorded: false,
             rootlets: Vec::new(),
+            policy_before: BTreeMap::new(),
             uploaded: false,
             baseline_start: None,
             baseline: None,
@@ -332,7 +347,9 @@ pub struct Event {
     pub message: String,
 }
 
-/// The bundle being rolled out.
+/// What is rolled out: a bundle; for a policy rollout, `name` is the
+/// policy's stage, `version` `v<version>`, `digest` the policy's digest
+/// and `targets` the `--interface` it is narrowed to (see [`PolicyRef`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundleRef {
     pub name: String,
@@ -355,6 +372,38 @@ pub enum Action {
     /// Remove the bundle by name (`RemoveBundle`): `rootletctl bundle
     /// remove`. The bundle has no file, version or digest then.
     Remove,
+    /// Apply a signed policy to a stage (`ApplyPolicy`): `rootletctl policy
+    /// rollout`; [`Journal::policy`] says which.
+    Policy,
+}
+
+/// The policy a policy rollout pushes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRef {
+    /// The stage whose maps it sets.
+    pub stage: String,
+    /// The author's version number (at least 1).
+    pub version: u64,
+    pub digest: String,
+    /// The signed policy file.
+    pub path: PathBuf,
+    pub size: u64,
+    /// `--interface` (and `--netns`): only the rootlet on that interface;
+    /// None: every rootlet of the host whose pipeline has the stage.
+    pub interface: Option<(String, String)>,
+    /// `--empty-policy`: what a rootlet that had no policy before goes
+    /// back to on rollback or undo (without it, such a rootlet cannot be
+    /// put back: the agent keeps no "no policy" version to return to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty: Option<EmptyPolicyRef>,
+}
+
+/// The signed policy that puts a stage back to "no entries".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmptyPolicyRef {
+    pub version: u64,
+    pub digest: String,
+    pub path: PathBuf,
 }
 
 /// The journal.
@@ -367,6 +416,9 @@ pub struct Journal {
     pub created_unix_ms: i64,
     pub updated_unix_ms: i64,
     pub bundle: BundleRef,
+    /// The policy, for [`Action::Policy`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRef>,
     pub selector: String,
     pub plan: Plan,
     pub transport: TransportOptions,
@@ -607,6 +659,7 @@ mod tests {
                 size: 10,
                 targets: vec![(String::new(), "rl0".into())],
             },
+            policy: None,
             selector: String::new(),
             steps: plan.steps(3),
             plan,

@@ -1,11 +1,15 @@
 //! Fleet rollouts of a signed bundle: `rollout start` (or resume),
-//! `pause`, `resume`, `promote`, `abort`, `undo` and `status`; and
-//! `bundle remove`, the same rollout with `RemoveBundle` as its push
-//! ([`journal::Action`]).
+//! `pause`, `resume`, `promote`, `abort`, `undo` and `status`; `bundle
+//! remove`, the same rollout with `RemoveBundle` as its push; and `policy
+//! rollout`, the same rollout with `ApplyPolicy` as its push
+//! ([`journal::Action`], [`policy`]). One engine runs all three, and the
+//! steering commands work on any of their journals.
 //!
 //! - [`engine`]: the state machine (canary, waves, soak, gates, rollback).
 //! - [`gates`]: what agents report, judged against the plan.
 //! - [`journal`]: the JSON journal a rollout resumes from.
+//! - [`policy`]: a policy rollout's host calls (targets, push, apply gate,
+//!   put back).
 //! - [`control`]: operator requests to a running rollout.
 //! - [`progress`]: bars or log lines.
 //! - [`summary`]: what a person (or a program) reads at the end.
@@ -14,6 +18,7 @@ pub mod control;
 pub mod engine;
 pub mod gates;
 pub mod journal;
+pub mod policy;
 pub mod progress;
 pub mod summary;
 
@@ -27,9 +32,10 @@ use sha2::{Digest, Sha256};
 
 pub use engine::{Engine, Outcome};
 use journal::{
-    Action, BundleRef, FORMAT, HostRecord, Journal, JournalError, JournalFile, JournalLock,
-    RolloutState, now_ms,
+    Action, BundleRef, EmptyPolicyRef, FORMAT, HostRecord, Journal, JournalError, JournalFile,
+    JournalLock, PolicyRef, RolloutState, now_ms,
 };
+use policy::PolicyFile;
 
 use crate::{
     inventory::Host,
@@ -113,6 +119,7 @@ pub fn new_journal(req: &StartRequest) -> Journal {
     fresh_journal(
         Action::Apply,
         req.bundle.reference(),
+        None,
         &req.hosts,
         &req.selector,
         &req.plan,
@@ -154,6 +161,7 @@ pub fn plan_remove(req: &RemoveRequest) -> Result<Start, RolloutError> {
     Ok(Start::New(fresh_journal(
         Action::Remove,
         bref,
+        None,
         &req.hosts,
         &req.selector,
         &req.plan,
@@ -164,6 +172,7 @@ pub fn plan_remove(req: &RemoveRequest) -> Result<Start, RolloutError> {
 fn fresh_journal(
     action: Action,
     bref: BundleRef,
+    policy: Option<PolicyRef>,
     hosts: &[Host],
     selector: &str,
     plan: &Plan,
@@ -197,6 +206,7 @@ fn fresh_journal(
         created_unix_ms: created,
         updated_unix_ms: created,
         bundle: bref,
+        policy,
         selector: selector.to_string(),
         plan: plan.clone(),
         transport: transport.clone(),
@@ -215,6 +225,7 @@ fn fresh_journal(
         match action {
             Action::Apply => "rollout",
             Action::Remove => "removal",
+            Action::Policy => "policy rollout",
         },
         j.bundle.name,
         j.bundle.version,
@@ -280,6 +291,77 @@ pub fn plan_start(req: &StartRequest) -> Result<Start, RolloutError> {
     Ok(Start::New(new_journal(req)))
 }
 
+/// What `policy rollout` needs.
+pub struct PolicyRequest {
+    pub hosts: Vec<Host>,
+    pub selector: String,
+    pub plan: Plan,
+    pub policy: PolicyFile,
+    /// `--interface` (netns, ifname): only that rootlet of each host.
+    pub interface: Option<(String, String)>,
+    /// `--empty-policy`: for rootlets that had no policy before.
+    pub empty: Option<PolicyFile>,
+    pub journal: PathBuf,
+    pub transport: TransportOptions,
+}
+
+/// A new policy rollout, or the unfinished one of the same policy (and
+/// stage, and interface) in `req.journal` to resume; as [`plan_start`].
+pub fn plan_policy(req: &PolicyRequest) -> Result<Start, RolloutError> {
+    let p = &req.policy;
+    if let Some(e) = &req.empty
+        && e.stage != p.stage
+    {
+        return Err(RolloutError::Usage(format!(
+            "--empty-policy {} sets stage `{}`, not `{}`",
+            e.path.display(),
+            e.stage,
+            p.stage
+        )));
+    }
+    let same = |old: &Journal| {
+        old.action == Action::Policy
+            && old
+                .policy
+                .as_ref()
+                .is_some_and(|o| o.digest == p.digest && o.interface == req.interface)
+    };
+    if let Some(old) = take_journal(&req.journal, same)? {
+        return Ok(Start::Resume(old));
+    }
+    let path = std::path::absolute(&p.path).unwrap_or_else(|_| p.path.clone());
+    let pref = PolicyRef {
+        stage: p.stage.clone(),
+        version: p.version,
+        digest: p.digest.clone(),
+        path: path.clone(),
+        size: p.bytes.len() as u64,
+        interface: req.interface.clone(),
+        empty: req.empty.as_ref().map(|e| EmptyPolicyRef {
+            version: e.version,
+            digest: e.digest.clone(),
+            path: std::path::absolute(&e.path).unwrap_or_else(|_| e.path.clone()),
+        }),
+    };
+    let bref = BundleRef {
+        name: p.stage.clone(),
+        version: format!("v{}", p.version),
+        digest: p.digest.clone(),
+        path,
+        size: p.bytes.len() as u64,
+        targets: req.interface.iter().cloned().collect(),
+    };
+    Ok(Start::New(fresh_journal(
+        Action::Policy,
+        bref,
+        Some(pref),
+        &req.hosts,
+        &req.selector,
+        &req.plan,
+        &req.transport,
+    )))
+}
+
 /// An engine over journal `j` at `path`: connections to its hosts and its
 /// bundle file (if still readable and unchanged).
 pub fn engine_for(
@@ -304,10 +386,13 @@ pub fn engine_for(
 /// The bundle bytes of journal `j`, read again from its file and checked
 /// against its digest; None for a removal, which pushes no bytes.
 pub fn bundle_of(j: &Journal) -> Result<Option<Arc<Vec<u8>>>, String> {
-    if j.action == Action::Remove {
-        return Ok(None);
+    match j.action {
+        Action::Remove => Ok(None),
+        Action::Apply => bundle_bytes(j).map(Some),
+        Action::Policy => {
+            PolicyFile::reread(&j.bundle.path, &j.bundle.digest).map(|f| Some(f.bytes))
+        }
     }
-    bundle_bytes(j).map(Some)
 }
 
 fn bundle_bytes(j: &Journal) -> Result<Arc<Vec<u8>>, String> {

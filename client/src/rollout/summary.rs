@@ -49,6 +49,18 @@ pub fn human(j: &Journal, run: Option<RunStats>) -> String {
             short(&j.bundle.digest)
         ),
         Action::Remove => format!("removal {}: bundle {} from", j.rollout_id, j.bundle.name),
+        Action::Policy => format!(
+            "policy rollout {}: stage {} policy {} ({}){} to",
+            j.rollout_id,
+            j.bundle.name,
+            j.bundle.version,
+            short(&j.bundle.digest),
+            match j.policy.as_ref().and_then(|p| p.interface.as_ref()) {
+                Some((netns, ifname)) if netns.is_empty() => format!(" on {ifname}"),
+                Some((netns, ifname)) => format!(" on {ifname} in {netns}"),
+                None => String::new(),
+            }
+        ),
     };
     let _ = writeln!(
         out,
