@@ -1,8 +1,12 @@
 //! `rootlet-agent-demo`: `rootletd` managing a veth pair in its own
 //! namespace, driven only through `rootletctl`: apply the signed sample
-//! three-stage bundle, send traffic, show the state and the counters,
-//! replace stages live (a new version) and roll it back. Every `rootletctl`
-//! command is printed before it runs, as an operator would type it.
+//! three-stage bundle, send traffic, show the state and the counters; push
+//! the ddos stage's blocklist as a signed policy and see its drops; push a
+//! bad policy that blocks everything and see the canary's drop-rate gate
+//! roll it back, with traffic flowing again; replace stages live (a new
+//! version, which keeps the blocklist) and roll it back. Every
+//! `rootletctl` command is printed before it runs, as an operator would
+//! type it.
 //! Run by `scripts/demo.sh` after `rootlet-demo`.
 
 use std::{
@@ -34,6 +38,14 @@ fn rollout(dir: &Path, bundle: &str, journal: &str) -> Result<()> {
     match rootletctl(dir, &args)? {
         0 => Ok(()),
         code => Err(format!("the rollout of {bundle} exited {code}").into()),
+    }
+}
+
+/// [`rootletctl`], an error unless it exits 0.
+fn ctl_ok(dir: &Path, args: &[&str]) -> Result<()> {
+    match rootletctl(dir, args)? {
+        0 => Ok(()),
+        code => Err(format!("rootletctl {} exited {code}", args.join(" ")).into()),
     }
 }
 
@@ -87,8 +99,102 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     rootletctl(&dir, &["status", "-i", "hosts.toml"])?;
 
+    // Policies: the ddos stage's blocklist, pushed as data, gated.
+    std::fs::write(
+        dir.join("policy-plan.toml"),
+        "# a policy that raises the ddos stage's drop rate by more than 20 points rolls back\n\
+         canary = { hosts = 1 }\nsoak = \"3s\"\nprogress_deadline = \"2m\"\n\
+         [[gates.counters]]\nstage = \"ddos\"\nmetric = \"drop_rate_change\"\nmax = 0.2\nwindow = \"1s\"\nmin_packets = 100\n",
+    )?;
+    std::fs::write(
+        dir.join("blocklist.toml"),
+        "stage = \"ddos\"\nversion = 1\ndescription = \"two attack sources\"\n\n\
+         [maps.ddos_blocklist]\nentries = [\n  { key = \"192.0.2.0/24\", value = 1 },\n  { key = \"198.51.100.7/32\", value = 2 },\n]\n",
+    )?;
+    std::fs::write(
+        dir.join("everything.toml"),
+        "stage = \"ddos\"\nversion = 2\ndescription = \"a typo: blocks the whole Internet\"\n\n\
+         [maps.ddos_blocklist]\nentries = [\n  { key = \"0.0.0.0/0\", value = 3 },\n]\n",
+    )?;
+    let key = fleet.signing_key.display().to_string();
     println!(
-        "\n» a live replacement: version 1.1.0 has new builds of sampler and ddos (ddos keeps its blocklist map)"
+        "\n» policy push: the ddos stage's blocklist, a signed document of the map's contents"
+    );
+    ctl_ok(
+        &dir,
+        &[
+            "policy",
+            "build",
+            "blocklist.toml",
+            "--key",
+            &key,
+            "-o",
+            "ddos-1.rlp",
+        ],
+    )?;
+    ctl_ok(&dir, &["policy", "inspect", "ddos-1.rlp", "--entries"])?;
+    ctl_ok(
+        &dir,
+        &[
+            "policy",
+            "rollout",
+            "ddos-1.rlp",
+            "-i",
+            "hosts.toml",
+            "-p",
+            "policy-plan.toml",
+            "-j",
+            "policy-1.json",
+        ],
+    )?;
+    println!("\n» 300 packets from 192.0.2.77, an address the blocklist covers");
+    fleet.send_from(0, "192.0.2.77".parse()?, 300)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctl_ok(&dir, &["status", "-i", "hosts.toml"])?;
+
+    println!(
+        "\n» a bad policy (0.0.0.0/0) pushed the same way: the canary's drop rate jumps, the gate rolls it back"
+    );
+    ctl_ok(
+        &dir,
+        &[
+            "policy",
+            "build",
+            "everything.toml",
+            "--key",
+            &key,
+            "-o",
+            "ddos-2.rlp",
+        ],
+    )?;
+    // Exit 1: the two differ (what the diff shows is the point).
+    rootletctl(&dir, &["policy", "diff", "ddos-1.rlp", "ddos-2.rlp"])?;
+    let code = rootletctl(
+        &dir,
+        &[
+            "policy",
+            "rollout",
+            "ddos-2.rlp",
+            "-i",
+            "hosts.toml",
+            "-p",
+            "policy-plan.toml",
+            "-j",
+            "policy-2.json",
+        ],
+    )?;
+    if code != 3 {
+        return Err(format!("the bad policy's rollout exited {code}, not 3 (rolled back)").into());
+    }
+    ctl_ok(&dir, &["status", "-i", "hosts.toml"])?;
+    let flows_policy = fleet.traffic_flows(0, 200)?;
+    println!("» traffic flows again after the automatic rollback: {flows_policy}");
+    if !flows_policy {
+        return Err("traffic did not flow after the bad policy was rolled back".into());
+    }
+
+    println!(
+        "\n» a live replacement: version 1.1.0 has new builds of sampler and ddos (ddos keeps its blocklist map, and so its policy)"
     );
     rollout(&dir, &v2, "rollout-2.json")?;
     rootletctl(&dir, &["status", "-i", "hosts.toml"])?;
