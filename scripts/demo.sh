@@ -5,7 +5,10 @@
 #     back from the kernel, and a live replacement with no packet lost;
 #  2. the product: rootletd managing a veth pair in its own namespace, driven
 #     only through rootletctl: the signed sample bundle applied, traffic,
-#     state and counters, a new version applied live, and rolled back.
+#     state and counters, the ddos blocklist pushed as a signed policy (its
+#     drops in status), a bad policy that blocks everything rolled back by
+#     the canary's drop-rate gate, a new version applied live, and rolled
+#     back.
 # The backend is chosen by probing the kernel (freplace where permitted,
 # else tail calls); ROOTLET_DEMO_BACKEND=freplace|tailcall forces one.
 set -euo pipefail
