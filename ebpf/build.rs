@@ -31,6 +31,11 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
         "src/test/ddos_incompatible.c",
         &[],
     ),
+    (
+        "TEST_DDOS_RETYPED",
+        "src/test/ddos_incompatible.c",
+        &["-DDDOS_VALUE=__s32", "-DDDOS_MAX=262144"],
+    ),
     ("TEST_PLAIN", "src/test/plain.c", &[]),
     ("TEST_PROPRIETARY", "src/test/proprietary.c", &[]),
     ("TEST_BIGSTACK", "src/test/bigstack.c", &[]),

@@ -98,6 +98,11 @@ pub const STAGES: &[Entry] = &[
         program: "ddos",
     },
     Entry {
+        name: "test_ddos_retyped",
+        object: TEST_DDOS_RETYPED,
+        program: "ddos",
+    },
+    Entry {
         name: "test_plain",
         object: TEST_PLAIN,
         program: "plain",

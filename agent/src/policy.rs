@@ -738,7 +738,15 @@ fn encode(doc: &PolicyDocument, maps: &[TypedMap]) -> Result<Vec<Encoded>> {
             .iter()
             .position(|m| std::ptr::eq(m, typed))
             .unwrap_or_default();
-        Ok((index, typed.entry_schema()))
+        // The bytes the kernel takes for one value here (a per-CPU map:
+        // one value per possible CPU of this host).
+        let info = typed
+            .handle
+            .inner
+            .as_ref()
+            .map_or(&typed.handle.info, |i| &i.info);
+        let value_len = policy::value_len(info)?;
+        Ok((index, typed.entry_schema(), Some(value_len)))
     })
 }
 
@@ -766,7 +774,9 @@ pub(crate) fn check_against_object(
                 .ok_or_else(|| {
                     AgentError::NotFound(format!("stage `{stage}`'s object has no map `{name}`"))
                 })?;
-            Ok((i, m.entries()))
+            // The host's CPUs are not known here: per-CPU values are
+            // counted by the agent that applies them.
+            Ok((i, m.entries(), None))
         })?;
     }
     Ok(())
@@ -775,11 +785,11 @@ pub(crate) fn check_against_object(
 /// [`encode`], with `lookup` giving a map's index and entry schema by name.
 fn encode_with<'s>(
     doc: &PolicyDocument,
-    lookup: impl Fn(&str) -> Result<(usize, Option<&'s MapSchema>)>,
+    lookup: impl Fn(&str) -> Result<(usize, Option<&'s MapSchema>, Option<usize>)>,
 ) -> Result<Vec<Encoded>> {
     let mut out = vec![];
     for (name, contents) in &doc.maps {
-        let (index, schema) = lookup(name)?;
+        let (index, schema, value_len) = lookup(name)?;
         let schema = schema.ok_or_else(|| AgentError::InvalidArgument {
             field: format!("maps.{name}"),
             message: "the stage's program carries no BTF types for this map, or its values \
@@ -806,6 +816,19 @@ fn encode_with<'s>(
             };
             let k = schema.decode_key(&entry.key).map_err(bad)?;
             let v = schema.decode_value(&entry.value).map_err(bad)?;
+            if let Some(want) = value_len
+                && v.len() != want
+                && schema.map_type.is_per_cpu()
+            {
+                return Err(AgentError::InvalidArgument {
+                    field: format!("maps.{name}.entries[{i}].value"),
+                    message: format!(
+                        "{} values, one per CPU; this host has {} possible CPUs",
+                        entry.value.as_array().map_or(1, Vec::len),
+                        want / (schema.value_size.div_ceil(8).max(1) as usize * 8)
+                    ),
+                });
+            }
             if let Some(first) = seen.insert(k.clone(), i) {
                 return Err(AgentError::InvalidArgument {
                     field: format!("maps.{name}.entries[{i}].key"),

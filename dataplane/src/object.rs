@@ -57,6 +57,11 @@ pub enum CheckError {
         old: String,
         new: String,
     },
+    /// A kept map of the same sizes whose BTF types changed meaning (a
+    /// member renamed or retyped): the kept entries would be read as
+    /// something else.
+    #[error("map `{name}` cannot be kept: {reason}; nothing was changed")]
+    MapTypeChanged { name: String, reason: String },
 }
 
 /// A map definition from the object.

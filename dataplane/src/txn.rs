@@ -337,6 +337,8 @@ fn kept_maps(
         // A kept policy map keeps its inner map: the new object must
         // describe the same one.
         crate::policy::check_keep_inner(&spec.name, &spec.object, &running_maps)?;
+        // And every kept map must mean the same: its BTF types.
+        crate::policy::check_keep_types(&spec.name, &spec.object, running)?;
         let mut reuse = MapReuse::new(&ctx.layout)?;
         for def in &new.maps {
             if let Some(fd) = running_maps.get(object::truncate(&def.name)) {

@@ -780,6 +780,11 @@ fn bad_inputs_leave_the_running_pipeline_untouched() {
             s.maps = MapPolicy::Keep;
             Change::Replace(s)
         }),
+        ("retyped map", {
+            let mut s = stage("ddos", "test_ddos_retyped", 10);
+            s.maps = MapPolicy::Keep;
+            Change::Replace(s)
+        }),
         (
             "plain program not last",
             Change::Link(stage("x", "test_plain", 5)),
@@ -823,6 +828,15 @@ fn bad_inputs_leave_the_running_pipeline_untouched() {
                     ..
                 }),
             ) => {}
+            // The same sizes, but the inner value is signed now: only the
+            // BTF types tell, and they must.
+            (
+                "retyped map",
+                Err(Error::Check {
+                    source: CheckError::MapTypeChanged { name, reason },
+                    ..
+                }),
+            ) if name == "ddos_blocklist" && reason.contains("\"u32\" became \"i32\"") => {}
             ("plain program not last", Err(Error::Placement { .. }))
                 if backend == Backend::TailCall => {}
             ("plain program not last", Ok(_)) if backend == Backend::Freplace => {

@@ -527,6 +527,26 @@ async fn a_policy_survives_a_keep_replacement_and_a_restart_and_new_maps_start_e
     let k = counters_at(&mut team_a, &a, 20).await;
     assert_eq!(k.drop, 20, "still blocked after the replacement: {k:?}");
 
+    // A build whose blocklist means something else (the same sizes, a
+    // signed value) cannot keep it: refused, and the policy stays.
+    let mut retyped = stage(STAGE, "test_ddos_retyped", 10);
+    retyped.maps = pb::MapPolicy::Keep as i32;
+    let err = team_a
+        .replace_stage(pb::ReplaceStageRequest {
+            rootlet: a.rootlet(),
+            stage: Some(retyped),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a retyped kept map");
+    assert!(
+        err.message()
+            .contains("map `ddos_blocklist` cannot be kept")
+            && err.message().contains("value"),
+        "{err:?}"
+    );
+    assert_eq!(get_policy(&mut team_a, &a).await.version, 1);
+
     // New maps: the stage holds no policy, and says so.
     let mut fresh = stage(STAGE, "ddos", 10);
     fresh.maps = pb::MapPolicy::Fresh as i32;
@@ -836,4 +856,111 @@ async fn a_bundle_brings_programs_and_their_initial_policy_in_one_apply() {
     ops.apply_bundle(apply_bundle(v2)).await.expect("2.0");
     assert_eq!(get_policy(&mut team_a, &a).await.version, 4);
     assert_eq!(dumped(&mut team_a, &a).await, sorted(&["198.51.100.0/24"]));
+}
+
+/// The possible CPUs (a per-CPU value has one value for each).
+fn possible_cpus() -> usize {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    s.trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().expect("cpu") - a.parse::<usize>().expect("cpu") + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_map_is_written_entry_by_entry_and_reported_not_atomic() {
+    let (a, mut team_a) = with_ddos().await;
+    let n = possible_cpus();
+    let per_cpu = |first: u64| {
+        let mut v = vec!["0".to_owned(); n];
+        v[0] = first.to_string();
+        format!("[{}]", v.join(", "))
+    };
+    // The blocklist (a policy map) and the per-rule drop counters (a plain
+    // per-CPU array) in one policy: rule 5's counter is set by hand.
+    let text = format!(
+        "stage = \"{STAGE}\"\nversion = 1\n\n[maps.{MAP}]\nentries = [{{ key = \"192.0.2.0/24\", value = 5 }}]\n\n\
+         [maps.ddos_hits]\nentries = [{{ key = 5, value = {} }}]\n",
+        per_cpu(7)
+    );
+    let r = team_a
+        .apply_policy(apply(&a, signed(&a, &text)))
+        .await
+        .expect("a policy with a plain map")
+        .into_inner();
+    assert!(
+        !r.atomic,
+        "two maps, one of them plain: not atomic as a whole: {r:?}"
+    );
+    let hits = r
+        .maps
+        .iter()
+        .find(|m| m.map == "ddos_hits")
+        .expect("ddos_hits");
+    let block = r.maps.iter().find(|m| m.map == MAP).expect("blocklist");
+    assert!(!hits.atomic && block.atomic, "{r:?}");
+    assert_eq!(
+        hits.changed, 1,
+        "one counter changed (an array has every key): {r:?}"
+    );
+
+    // The counter holds what the policy wrote, and then what the stage adds
+    // for rule 5's drops.
+    let read = |mut c: RootletClient<Channel>| {
+        let stage = stage_ref(&a, STAGE);
+        async move {
+            let page = c
+                .dump_map(pb::DumpMapRequest {
+                    stage,
+                    map: "ddos_hits".into(),
+                    page_size: 10_000,
+                    ..Default::default()
+                })
+                .await
+                .expect("DumpMap")
+                .into_inner();
+            page.entries
+                .iter()
+                .find(|e| e.key_json == "5")
+                .map(|e| {
+                    let v: serde_json::Value = serde_json::from_str(&e.value_json).expect("json");
+                    v.as_array()
+                        .expect("one value per CPU")
+                        .iter()
+                        .map(|x| x.as_u64().expect("u64"))
+                        .sum::<u64>()
+                })
+                .expect("rule 5")
+        }
+    };
+    assert_eq!(read(team_a.clone()).await, 7);
+    send_from(&a, &["192.0.2.1".parse().expect("ip")], 10);
+    let k = counters_at(&mut team_a, &a, 10).await;
+    assert_eq!(k.drop, 10, "{k:?}");
+    assert_eq!(
+        read(team_a.clone()).await,
+        17,
+        "7 written, 10 dropped by rule 5"
+    );
+    // A plain-map value that does not fit (a value for one CPU more than
+    // there are): refused before anything changes.
+    let too_many_cpus = format!("[{}]", vec!["1"; n + 1].join(", "));
+    let bad = text
+        .replace(&per_cpu(7), &too_many_cpus)
+        .replace("version = 1", "version = 2");
+    let err = team_a
+        .apply_policy(apply(&a, signed(&a, &bad)))
+        .await
+        .expect_err("values for more CPUs than there are");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        bad_fields(&err),
+        vec!["maps.ddos_hits.entries[0].value".to_owned()],
+        "{err:?}"
+    );
+    assert_eq!(read(team_a.clone()).await, 17);
+    assert_eq!(get_policy(&mut team_a, &a).await.version, 1);
 }

@@ -136,6 +136,39 @@ pub(crate) fn check_keep_inner(
     Ok(())
 }
 
+/// For `maps = "keep"`: every map both the running program (`running`,
+/// its BTF read from the kernel) and the new object define must mean the
+/// same (`rootlet_schema::MapSchema::compatible_with`: types, member
+/// names, enumerators; a policy map's inner definition too), beyond the
+/// sizes [`check_keep_inner`] and `StageObject::check_keep` compare. A
+/// running program without BTF has no types to compare.
+pub(crate) fn check_keep_types(stage: &str, object: &[u8], running: BorrowedFd<'_>) -> Result<()> {
+    let Some((_, btf)) = sys::prog_btf(running)? else {
+        return Ok(());
+    };
+    let check = |source| Error::Check {
+        stage: stage.to_owned(),
+        source,
+    };
+    let old = rootlet_schema::Schema::from_btf(&btf)
+        .map_err(|e| check(CheckError::Elf(format!("the running program's BTF: {e}"))))?;
+    let new = rootlet_schema::Schema::from_elf(object)
+        .map_err(|e| check(CheckError::Elf(format!("its BTF: {e}"))))?;
+    for m in &new.maps {
+        if !object::is_stage_map(&m.kernel_name) {
+            continue;
+        }
+        let Some(o) = old.map(&m.name) else { continue };
+        o.compatible_with(m).map_err(|e| {
+            check(CheckError::MapTypeChanged {
+                name: m.name.clone(),
+                reason: e.reason,
+            })
+        })?;
+    }
+    Ok(())
+}
+
 impl MapDef {
     /// The inner definition `self` against a live inner map: the same
     /// parameters, or `IncompatibleMap` naming the policy map.

@@ -36,7 +36,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-pub(crate) use install::{check_keep_inner, install_empty};
+pub(crate) use install::{check_keep_inner, check_keep_types, install_empty};
 pub use plain::{PlainApplied, PlainOp, apply_plain, plan_plain};
 
 use crate::{

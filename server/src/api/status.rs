@@ -390,6 +390,6 @@ fn check_name(e: &rootlet_dataplane::object::CheckError) -> &'static str {
         C::IsRootlet => "cycle",
         C::License(_) => "license",
         C::Stack { .. } => "stack",
-        C::IncompatibleMap { .. } => "map_compatibility",
+        C::IncompatibleMap { .. } | C::MapTypeChanged { .. } => "map_compatibility",
     }
 }
