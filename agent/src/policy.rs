@@ -644,6 +644,15 @@ impl Agent {
     }
 
     fn resume_policy(&self, key: RootletKey, stage: &str, pending: &Pending) -> Result<()> {
+        // Committed already (the crash came between the record and the
+        // pending record's removal): the kernel holds the new policy.
+        if self
+            .kv
+            .get::<PolicyRecord>(CURRENT, &stage_key(key, stage))?
+            == Some(pending.new.clone())
+        {
+            return Ok(());
+        }
         let maps = self.typed_maps(key, stage)?;
         let live_inner = |name: &str| {
             maps.iter()

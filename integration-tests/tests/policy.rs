@@ -636,6 +636,99 @@ async fn a_crash_at_any_step_of_a_policy_apply_leaves_the_old_or_the_new_policy(
         );
     }
     assert_eq!(crashes, rootlet_agent::crash::Step::POLICY.len());
+
+    // A plain map (the per-rule counters, written entry by entry, not
+    // atomic for packets) is crash-consistent too: until the record is
+    // written a restart puts the journalled contents back; after it, the
+    // new contents stay. (No policy map, so no `policy-swapped` point.)
+    let cpus = possible_cpus();
+    let counter = |n: u64| {
+        let mut v = vec!["0".to_owned(); cpus];
+        v[0] = n.to_string();
+        format!("[{}]", v.join(", "))
+    };
+    let plain = |version: u64, n: u64| {
+        format!(
+            "stage = \"{STAGE}\"\nversion = {version}\n\n[maps.ddos_hits]\nentries = [{{ key = 9, value = {} }}]\n",
+            counter(n)
+        )
+    };
+    let read_counter = |c: RootletClient<Channel>| {
+        let stage = stage_ref(&a, STAGE);
+        async move {
+            let mut c = c;
+            let page = c
+                .dump_map(pb::DumpMapRequest {
+                    stage,
+                    map: "ddos_hits".into(),
+                    page_size: 10_000,
+                    ..Default::default()
+                })
+                .await
+                .expect("DumpMap")
+                .into_inner();
+            page.entries
+                .iter()
+                .find(|e| e.key_json == "9")
+                .map(|e| {
+                    let v: serde_json::Value = serde_json::from_str(&e.value_json).expect("json");
+                    v.as_array()
+                        .expect("per CPU")
+                        .iter()
+                        .filter_map(serde_json::Value::as_u64)
+                        .sum::<u64>()
+                })
+                .expect("counter 9")
+        }
+    };
+    let mut held_value = 0;
+    let mut v = version;
+    for step in rootlet_agent::crash::Step::POLICY {
+        let step = step.name();
+        if step == "policy-swapped" {
+            continue;
+        }
+        let mut child = rootletd_with(&path, &[("ROOTLETD_CRASH_AT", step)]);
+        let mut c = serving(&addr, &a).await;
+        let want = held_value + 100;
+        let answer = c
+            .apply_policy(apply(&a, signed(&a, &plain(v + 1, want))))
+            .await;
+        drop(c);
+        assert!(
+            answer.is_err(),
+            "{step} (plain): the agent crashed: {answer:?}"
+        );
+        assert!(
+            !exited(&mut child, false).await.success(),
+            "{step} (plain): aborted"
+        );
+        let mut child = rootletd_with(&path, &[]);
+        let mut c = serving(&addr, &a).await;
+        let p = get_policy(&mut c, &a).await;
+        let held = read_counter(c.clone()).await;
+        if step == "policy-committed" {
+            assert_eq!(
+                (p.version, held),
+                (v + 1, want),
+                "{step} (plain): the new contents stay"
+            );
+            v += 1;
+            held_value = want;
+        } else {
+            assert_eq!(
+                (p.version, held),
+                (v, held_value),
+                "{step} (plain): the old contents are back"
+            );
+        }
+        assert_eq!(p.drift, "", "{step} (plain): {p:?}");
+        drop(c);
+        assert!(
+            exited(&mut child, true).await.success(),
+            "{step} (plain): clean exit"
+        );
+    }
     // Start in-process again so that Drop tears down as usual.
     restart(&mut a, |_| {}).await;
 }
