@@ -642,44 +642,11 @@ async fn a_crash_at_any_step_of_a_policy_apply_leaves_the_old_or_the_new_policy(
     // written a restart puts the journalled contents back; after it, the
     // new contents stay. (No policy map, so no `policy-swapped` point.)
     let cpus = possible_cpus();
-    let counter = |n: u64| {
-        let mut v = vec!["0".to_owned(); cpus];
-        v[0] = n.to_string();
-        format!("[{}]", v.join(", "))
-    };
     let plain = |version: u64, n: u64| {
         format!(
             "stage = \"{STAGE}\"\nversion = {version}\n\n[maps.ddos_hits]\nentries = [{{ key = 9, value = {} }}]\n",
-            counter(n)
+            on_cpu0(cpus, n)
         )
-    };
-    let read_counter = |c: RootletClient<Channel>| {
-        let stage = stage_ref(&a, STAGE);
-        async move {
-            let mut c = c;
-            let page = c
-                .dump_map(pb::DumpMapRequest {
-                    stage,
-                    map: "ddos_hits".into(),
-                    page_size: 10_000,
-                    ..Default::default()
-                })
-                .await
-                .expect("DumpMap")
-                .into_inner();
-            page.entries
-                .iter()
-                .find(|e| e.key_json == "9")
-                .map(|e| {
-                    let v: serde_json::Value = serde_json::from_str(&e.value_json).expect("json");
-                    v.as_array()
-                        .expect("per CPU")
-                        .iter()
-                        .filter_map(serde_json::Value::as_u64)
-                        .sum::<u64>()
-                })
-                .expect("counter 9")
-        }
     };
     let mut held_value = 0;
     let mut v = version;
@@ -706,7 +673,7 @@ async fn a_crash_at_any_step_of_a_policy_apply_leaves_the_old_or_the_new_policy(
         let mut child = rootletd_with(&path, &[]);
         let mut c = serving(&addr, &a).await;
         let p = get_policy(&mut c, &a).await;
-        let held = read_counter(c.clone()).await;
+        let held = counter(&mut c, &a, "9").await;
         if step == "policy-committed" {
             assert_eq!(
                 (p.version, held),
@@ -951,6 +918,39 @@ async fn a_bundle_brings_programs_and_their_initial_policy_in_one_apply() {
     assert_eq!(dumped(&mut team_a, &a).await, sorted(&["198.51.100.0/24"]));
 }
 
+/// A per-CPU value for `cpus` CPUs: `n` on the first, 0 on the others.
+fn on_cpu0(cpus: usize, n: u64) -> String {
+    let mut v = vec!["0".to_owned(); cpus];
+    v[0] = n.to_string();
+    format!("[{}]", v.join(", "))
+}
+
+/// The ddos stage's per-rule drop counter `rule`, summed over the CPUs,
+/// as DumpMap gives it.
+async fn counter(c: &mut RootletClient<Channel>, a: &Agent, rule: &str) -> u64 {
+    let page = c
+        .dump_map(pb::DumpMapRequest {
+            stage: stage_ref(a, STAGE),
+            map: "ddos_hits".into(),
+            page_size: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("DumpMap")
+        .into_inner();
+    let e = page
+        .entries
+        .iter()
+        .find(|e| e.key_json == rule)
+        .unwrap_or_else(|| panic!("no counter {rule}"));
+    let v: serde_json::Value = serde_json::from_str(&e.value_json).expect("json");
+    v.as_array()
+        .expect("one value per CPU")
+        .iter()
+        .map(|x| x.as_u64().expect("u64"))
+        .sum()
+}
+
 /// The possible CPUs (a per-CPU value has one value for each).
 fn possible_cpus() -> usize {
     let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
@@ -967,11 +967,7 @@ fn possible_cpus() -> usize {
 async fn a_plain_map_is_written_entry_by_entry_and_reported_not_atomic() {
     let (a, mut team_a) = with_ddos().await;
     let n = possible_cpus();
-    let per_cpu = |first: u64| {
-        let mut v = vec!["0".to_owned(); n];
-        v[0] = first.to_string();
-        format!("[{}]", v.join(", "))
-    };
+    let per_cpu = |first: u64| on_cpu0(n, first);
     // The blocklist (a policy map) and the per-rule drop counters (a plain
     // per-CPU array) in one policy: rule 5's counter is set by hand.
     let text = format!(
@@ -1002,39 +998,12 @@ async fn a_plain_map_is_written_entry_by_entry_and_reported_not_atomic() {
 
     // The counter holds what the policy wrote, and then what the stage adds
     // for rule 5's drops.
-    let read = |mut c: RootletClient<Channel>| {
-        let stage = stage_ref(&a, STAGE);
-        async move {
-            let page = c
-                .dump_map(pb::DumpMapRequest {
-                    stage,
-                    map: "ddos_hits".into(),
-                    page_size: 10_000,
-                    ..Default::default()
-                })
-                .await
-                .expect("DumpMap")
-                .into_inner();
-            page.entries
-                .iter()
-                .find(|e| e.key_json == "5")
-                .map(|e| {
-                    let v: serde_json::Value = serde_json::from_str(&e.value_json).expect("json");
-                    v.as_array()
-                        .expect("one value per CPU")
-                        .iter()
-                        .map(|x| x.as_u64().expect("u64"))
-                        .sum::<u64>()
-                })
-                .expect("rule 5")
-        }
-    };
-    assert_eq!(read(team_a.clone()).await, 7);
+    assert_eq!(counter(&mut team_a, &a, "5").await, 7);
     send_from(&a, &["192.0.2.1".parse().expect("ip")], 10);
     let k = counters_at(&mut team_a, &a, 10).await;
     assert_eq!(k.drop, 10, "{k:?}");
     assert_eq!(
-        read(team_a.clone()).await,
+        counter(&mut team_a, &a, "5").await,
         17,
         "7 written, 10 dropped by rule 5"
     );
@@ -1054,6 +1023,6 @@ async fn a_plain_map_is_written_entry_by_entry_and_reported_not_atomic() {
         vec!["maps.ddos_hits.entries[0].value".to_owned()],
         "{err:?}"
     );
-    assert_eq!(read(team_a.clone()).await, 17);
+    assert_eq!(counter(&mut team_a, &a, "5").await, 17);
     assert_eq!(get_policy(&mut team_a, &a).await.version, 1);
 }

@@ -2,13 +2,17 @@
 //! against the same lookup in a plain map, and the wall time and this
 //! process's peak memory of applying and swapping a large LPM policy
 //! (`policy::build_inner` + `policy::swap`) against a raw batch update into
-//! a fresh map, side by side in one run.
+//! a fresh map, side by side in one run; then the same policy through
+//! rootletd (ApplyPolicy over its Unix socket: the signed document decoded,
+//! every entry typed against the program's BTF, the swap, the store), with
+//! rootletd's own peak memory.
 
 use std::net::Ipv4Addr;
 
 use super::*;
 use rootlet_dataplane::policy;
 use rootlet_integration_tests::policy as samples;
+use rootlet_proto::v1 as pb;
 
 /// `BPF_MAP_TYPE_LPM_TRIE`, `BPF_F_NO_PREALLOC`: the blocklist's inner map.
 const LPM_TRIE: u32 = 11;
@@ -40,6 +44,99 @@ pub(crate) struct Policy {
     /// Each child process's VmHWM at its end (KiB).
     apply_hwm_kib: u64,
     raw_hwm_kib: u64,
+    /// ApplyPolicy through rootletd, per round.
+    agent: AgentApply,
+}
+
+/// ApplyPolicy of the same entries through a rootletd of its own.
+#[derive(Default)]
+struct AgentApply {
+    rounds: Vec<Duration>,
+    /// The signed policy's size.
+    bytes: usize,
+    /// rootletd's VmHWM once serving with the stage linked, and after the
+    /// rounds (KiB).
+    hwm_before_kib: u64,
+    hwm_after_kib: u64,
+}
+
+/// [`ROUNDS`] ApplyPolicy calls of `n` /32 entries (two sets in turn, so
+/// that each is a change) to a rootletd of its own, timed from the call to
+/// the answer, and its VmHWM before and after.
+fn through_agent(args: &Args, n: usize) -> Result<AgentApply> {
+    use rootlet_integration_tests::{api, rootletd::Daemon};
+    let backend = match args.backend.as_str() {
+        "freplace" => BackendChoice::Freplace,
+        _ => BackendChoice::TailCall,
+    };
+    let f = Fixture::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut d = Daemon::start(&f, backend)?;
+    // Unsigned (the bench's rootletd allows it): a signature costs one
+    // ed25519 check of a digest, which the document's sha256 dominates.
+    let document = |version: u64, base: u32| -> Result<Vec<u8>> {
+        let mut t = format!(
+            "stage = \"policy-bench\"\nversion = {version}\n\n[maps.{}]\nentries = [\n",
+            samples::BLOCKLIST
+        );
+        for i in 0..n as u32 {
+            t.push_str(&format!(
+                "{{ key = \"{}/32\", value = 0 }},\n",
+                Ipv4Addr::from(base + i)
+            ));
+        }
+        t.push_str("]\n");
+        let doc = rootlet_bundle::PolicyDocument::parse(&t, "bench.toml")?;
+        Ok(rootlet_bundle::SignedPolicy::new(doc).to_bytes())
+    };
+    let docs = [document(1, 0x0a00_0000)?, document(2, 0x0b00_0000)?];
+    let out = rt.block_on(async {
+        let mut c = d.connect().await?;
+        api::load(&mut c, &f).await;
+        let rootlet = api::rootlet_ref(&f);
+        c.link_stage(api::link(
+            rootlet.clone(),
+            api::stage("policy-bench", "ddos", 90),
+        ))
+        .await?;
+        let hwm_before_kib = d.memory()?.hwm_kib;
+        let mut rounds = vec![];
+        for r in 0..ROUNDS {
+            let mut doc = docs[r % 2].clone();
+            if r >= 2 {
+                // Later rounds: the same contents as a new version.
+                let text = rootlet_bundle::SignedPolicy::from_bytes(&doc)?;
+                let mut p = text.policy;
+                p.version = r as u64 + 1;
+                doc = rootlet_bundle::SignedPolicy::new(p).to_bytes();
+            }
+            let t0 = Instant::now();
+            let a = c
+                .apply_policy(pb::ApplyPolicyRequest {
+                    rootlet: rootlet.clone(),
+                    policy: doc,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            rounds.push(t0.elapsed());
+            if a.maps.first().map(|m| m.entries) != Some(n as u64) {
+                return Err::<_, Box<dyn std::error::Error>>(
+                    format!("rootletd applied {a:?}, not {n} entries").into(),
+                );
+            }
+        }
+        Ok(AgentApply {
+            rounds,
+            bytes: docs[0].len(),
+            hwm_before_kib,
+            hwm_after_kib: d.memory()?.hwm_kib,
+        })
+    })?;
+    drop(d);
+    Ok(out)
 }
 
 /// `n` distinct /32 entries, 10.0.0.0 upwards, rule 0.
@@ -223,6 +320,7 @@ pub(crate) fn policy_maps(args: &Args, f: &Fixture) -> Result<Policy> {
         raw_peak_kib: 0,
         apply_hwm_kib: 0,
         raw_hwm_kib: 0,
+        agent: AgentApply::default(),
     };
     for _ in 0..CHILDREN {
         let apply = child("apply")?;
@@ -237,6 +335,7 @@ pub(crate) fn policy_maps(args: &Args, f: &Fixture) -> Result<Policy> {
         p.raw_peak_kib = p.raw_peak_kib.max(raw.rise_kib);
         p.raw_hwm_kib = p.raw_hwm_kib.max(raw.hwm_kib);
     }
+    p.agent = through_agent(args, n)?;
     Ok(p)
 }
 
@@ -380,5 +479,19 @@ pub(crate) fn print_policy(args: &Args, p: &Policy) {
         "     (the raw update's keys and values are laid out before its clock starts; \
          build_inner's checks and layout are timed; each method runs in a process of its own \
          with the same setup, and its peak RSS is that process's, not the kernel's map memory)"
+    );
+    let a = &p.agent;
+    println!(
+        "   through rootletd: ApplyPolicy of the same {} entries ({:.1} MiB signed policy) over its Unix socket, median of {} rounds:",
+        p.entries,
+        a.bytes as f64 / (1 << 20) as f64,
+        a.rounds.len()
+    );
+    println!(
+        "     call to answer          {:>8.1} ms ({:.2}x the raw update); rootletd VmHWM {:.1} MiB -> {:.1} MiB",
+        median_ms(&a.rounds),
+        median_ms(&a.rounds) / median_ms(&p.raw),
+        mib(a.hwm_before_kib),
+        mib(a.hwm_after_kib)
     );
 }
