@@ -21,6 +21,7 @@ use std::{collections::BTreeMap, time::SystemTime};
 
 use rootlet_bundle::{PolicyDocument, PolicyError, SignedPolicy};
 use rootlet_dataplane::{
+    budget::{self, Step as Timed},
     policy::{self, MapHandle},
     spec::RootletKey,
 };
@@ -320,7 +321,7 @@ impl Agent {
         expected: Option<u64>,
     ) -> Result<PolicyOutcome> {
         grant.mutate("apply policies")?;
-        let doc = self.verify_policy(signed)?;
+        let doc = budget::time(Timed::Parse, || self.verify_policy(signed))?;
         self.apply_document(grant, key, &doc, signed, expected)
     }
 
@@ -419,7 +420,7 @@ impl Agent {
             });
         }
         let maps = self.typed_maps(key, stage)?;
-        let encoded = encode(doc, &maps)?;
+        let encoded = budget::time(Timed::Check, || encode(doc, &maps))?;
         self.kv.put_bytes(DOCUMENTS, &digest, bytes)?;
 
         // Build every policy map's inner map: nothing packets see changes.
@@ -427,7 +428,10 @@ impl Agent {
         for e in &encoded {
             let h = &maps[e.map].handle;
             if h.is_policy() {
-                built.insert(e.map, policy::build_inner(h, &e.entries)?);
+                built.insert(
+                    e.map,
+                    budget::time(Timed::Build, || policy::build_inner(h, &e.entries))?,
+                );
             }
         }
         self.crash.point(Step::PolicyBuilt);
@@ -436,14 +440,16 @@ impl Agent {
         // the roll back, and the difference to apply), a policy map's from
         // the document that filled it (reading back a large LPM trie key by
         // key costs more than the whole swap).
-        let old_doc = match &view.current {
-            Some(c) => self.stored_document(&c.digest)?,
-            None => None,
-        };
-        let old_encoded = match &old_doc {
-            Some(d) => encode(d, &maps).unwrap_or_default(),
-            None => vec![],
-        };
+        let old_encoded = budget::time(Timed::Plan, || -> Result<Vec<Encoded>> {
+            let old_doc = match &view.current {
+                Some(c) => self.stored_document(&c.digest)?,
+                None => None,
+            };
+            Ok(match &old_doc {
+                Some(d) => encode(d, &maps).unwrap_or_default(),
+                None => vec![],
+            })
+        })?;
         let mut plain_before = vec![];
         let mut applied = vec![];
         for e in &encoded {
@@ -492,7 +498,7 @@ impl Agent {
         // Swap: each policy map with one update.
         for e in &encoded {
             if let Some(inner) = built.get(&e.map) {
-                policy::swap(&maps[e.map].handle, inner)?;
+                budget::time(Timed::Swap, || policy::swap(&maps[e.map].handle, inner))?;
                 self.crash.point(Step::PolicySwapped);
             }
         }

@@ -12,6 +12,12 @@
 //! Step times are exclusive: a step timed inside another (the verifier's
 //! loads inside the backend's build) counts for itself and not for the
 //! outer one, so the steps and [`other`] add up to the change's total.
+//!
+//! A policy apply (the agent's `policy.rs`) is a change too, with the same
+//! steps in its own terms: [`Step::Parse`] decodes and verifies the signed
+//! document, [`Step::Check`] types every entry against the BTF,
+//! [`Step::Plan`] reads the previous document for the difference,
+//! [`Step::Build`] fills the new inner maps, [`Step::Swap`] swaps them in.
 
 use std::{
     cell::RefCell,

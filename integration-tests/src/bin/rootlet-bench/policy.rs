@@ -58,6 +58,8 @@ struct AgentApply {
     /// rounds (KiB).
     hwm_before_kib: u64,
     hwm_after_kib: u64,
+    /// rootletd's budget over the rounds (`rootlet_apply_*`).
+    budget: rootlet_integration_tests::rootletd::Budget,
 }
 
 /// [`ROUNDS`] ApplyPolicy calls of `n` /32 entries (two sets in turn, so
@@ -102,6 +104,7 @@ fn through_agent(args: &Args, n: usize) -> Result<AgentApply> {
         ))
         .await?;
         let hwm_before_kib = d.memory()?.hwm_kib;
+        let before = d.budget()?;
         let mut rounds = vec![];
         for r in 0..ROUNDS {
             let mut doc = docs[r % 2].clone();
@@ -133,6 +136,7 @@ fn through_agent(args: &Args, n: usize) -> Result<AgentApply> {
             bytes: docs[0].len(),
             hwm_before_kib,
             hwm_after_kib: d.memory()?.hwm_kib,
+            budget: d.budget()?.since(&before),
         })
     })?;
     drop(d);
@@ -493,5 +497,17 @@ pub(crate) fn print_policy(args: &Args, p: &Policy) {
         median_ms(&a.rounds) / median_ms(&p.raw),
         mib(a.hwm_before_kib),
         mib(a.hwm_after_kib)
+    );
+    let per = |step: &str| a.budget.step(step) * 1e3 / a.budget.changes.max(1) as f64;
+    println!(
+        "     per apply, mean: {:.1} ms decode + verify (parse), {:.1} ms typing (check), {:.1} ms previous document (plan), \
+         {:.1} ms fill (build), {:.1} ms swap, {:.1} ms agent store, {:.1} ms other",
+        per("parse"),
+        per("check"),
+        per("plan"),
+        per("build"),
+        per("swap"),
+        per("agent_store"),
+        per("other")
     );
 }
