@@ -141,6 +141,24 @@ async fn counters_at(c: &mut RootletClient<Channel>, a: &Agent, total: u64) -> p
     }
 }
 
+/// ReplaceStage of the ddos stage with `object` and map policy `maps`.
+async fn replace_ddos(
+    c: &mut RootletClient<Channel>,
+    a: &Agent,
+    object: &str,
+    maps: pb::MapPolicy,
+) -> Result<pb::ChangeResult, tonic::Status> {
+    let mut s = stage(STAGE, object, 10);
+    s.maps = maps as i32;
+    c.replace_stage(pb::ReplaceStageRequest {
+        rootlet: a.rootlet(),
+        stage: Some(s),
+        ..Default::default()
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
 /// An agent with a rootlet and team a's ddos stage linked.
 async fn with_ddos() -> (Agent, RootletClient<Channel>) {
     let a = Agent::start().await;
@@ -511,14 +529,7 @@ async fn a_policy_survives_a_keep_replacement_and_a_restart_and_new_maps_start_e
     assert_eq!(dumped(&mut team_a, &a).await, sorted(&["192.0.2.0/24"]));
 
     // Another build, keeping the maps: the policy stays.
-    let mut keep = stage(STAGE, "ddos_v2", 10);
-    keep.maps = pb::MapPolicy::Keep as i32;
-    team_a
-        .replace_stage(pb::ReplaceStageRequest {
-            rootlet: a.rootlet(),
-            stage: Some(keep),
-            ..Default::default()
-        })
+    replace_ddos(&mut team_a, &a, "ddos_v2", pb::MapPolicy::Keep)
         .await
         .expect("replace keeping the maps");
     let p = get_policy(&mut team_a, &a).await;
@@ -529,14 +540,7 @@ async fn a_policy_survives_a_keep_replacement_and_a_restart_and_new_maps_start_e
 
     // A build whose blocklist means something else (the same sizes, a
     // signed value) cannot keep it: refused, and the policy stays.
-    let mut retyped = stage(STAGE, "test_ddos_retyped", 10);
-    retyped.maps = pb::MapPolicy::Keep as i32;
-    let err = team_a
-        .replace_stage(pb::ReplaceStageRequest {
-            rootlet: a.rootlet(),
-            stage: Some(retyped),
-            ..Default::default()
-        })
+    let err = replace_ddos(&mut team_a, &a, "test_ddos_retyped", pb::MapPolicy::Keep)
         .await
         .expect_err("a retyped kept map");
     assert!(
@@ -548,14 +552,7 @@ async fn a_policy_survives_a_keep_replacement_and_a_restart_and_new_maps_start_e
     assert_eq!(get_policy(&mut team_a, &a).await.version, 1);
 
     // New maps: the stage holds no policy, and says so.
-    let mut fresh = stage(STAGE, "ddos", 10);
-    fresh.maps = pb::MapPolicy::Fresh as i32;
-    team_a
-        .replace_stage(pb::ReplaceStageRequest {
-            rootlet: a.rootlet(),
-            stage: Some(fresh),
-            ..Default::default()
-        })
+    replace_ddos(&mut team_a, &a, "ddos", pb::MapPolicy::Fresh)
         .await
         .expect("replace with new maps");
     let p = get_policy(&mut team_a, &a).await;
