@@ -19,7 +19,7 @@
 
 use std::{collections::BTreeMap, time::SystemTime};
 
-use rootlet_bundle::{PolicyDocument, PolicyError, SignedPolicy};
+use rootlet_bundle::{PolicyDocument, SignedPolicy};
 use rootlet_dataplane::{
     budget::{self, Step as Timed},
     policy::{self, MapHandle},
@@ -302,14 +302,17 @@ impl Agent {
     }
 
     /// Verifies a signed policy (or accepts an unsigned one if the config
-    /// allows it).
-    fn verify_policy(&self, bytes: &[u8]) -> Result<PolicyDocument> {
+    /// allows it): the document and its digest (computed once, by the
+    /// verification).
+    fn verify_policy(&self, bytes: &[u8]) -> Result<(PolicyDocument, String)> {
         let signed = SignedPolicy::from_bytes(bytes)?;
-        match signed.verify(&self.trusted) {
-            Ok(v) => Ok(v.into_policy()),
-            Err(PolicyError::Unsigned) if self.allow_unsigned => Ok(signed.policy),
-            Err(e) => Err(e.into()),
+        if signed.signatures.is_empty() && self.allow_unsigned {
+            let digest = signed.policy.digest().to_string();
+            return Ok((signed.policy, digest));
         }
+        let v = signed.into_verified(&self.trusted)?;
+        let digest = v.digest().to_string();
+        Ok((v.into_policy(), digest))
     }
 
     /// Applies a signed policy to the stage it names on `key`.
@@ -321,8 +324,8 @@ impl Agent {
         expected: Option<u64>,
     ) -> Result<PolicyOutcome> {
         grant.mutate("apply policies")?;
-        let doc = budget::time(Timed::Parse, || self.verify_policy(signed))?;
-        self.apply_document(grant, key, &doc, signed, expected)
+        let (doc, digest) = budget::time(Timed::Parse, || self.verify_policy(signed))?;
+        self.apply_document(grant, key, &doc, &digest, signed, expected)
     }
 
     /// Applies kept version `to` (0: the one before the current) again.
@@ -360,7 +363,7 @@ impl Agent {
             })?;
         // Verified when it was stored; its signature still holds.
         let doc = SignedPolicy::from_bytes(&bytes)?.policy;
-        self.apply_document(grant, key, &doc, &bytes, expected)
+        self.apply_document(grant, key, &doc, &target.digest, &bytes, expected)
     }
 
     /// A bundle's initial policies for `stage` on `key`: applied only when
@@ -378,17 +381,19 @@ impl Agent {
         }
         for doc in policies {
             let stored = SignedPolicy::new((*doc).clone()).to_bytes();
-            self.apply_document(grant, key, doc, &stored, None)?;
+            self.apply_document(grant, key, doc, &doc.digest().to_string(), &stored, None)?;
         }
         Ok(())
     }
 
-    /// Applies `doc` (whose stored form is `bytes`) under the policy lock.
+    /// Applies `doc` (whose digest is `digest` and stored form `bytes`)
+    /// under the policy lock.
     pub(crate) fn apply_document(
         &self,
         grant: &Grant,
         key: RootletKey,
         doc: &PolicyDocument,
+        digest: &str,
         bytes: &[u8],
         expected: Option<u64>,
     ) -> Result<PolicyOutcome> {
@@ -409,7 +414,7 @@ impl Agent {
                 current: previous_version,
             });
         }
-        let digest = doc.digest().to_string();
+        let digest = digest.to_owned();
         if let Some(c) = &view.current
             && c.digest == digest
         {
