@@ -166,28 +166,25 @@ pub fn toml_error(src: &Src<'_>, path: &SerdePath, e: &toml::de::Error) -> Locat
 /// b` (at `path.x`); ``missing field `x` `` reads `missing required key`
 /// (at `path.x`). Anything else (the readers' own messages) is kept.
 fn serde_message(path: &str, msg: &str) -> (String, String) {
-    if let Some(rest) = msg.strip_prefix("invalid type: ") {
-        if let Some((found, expected)) = rest.rsplit_once(", expected ") {
-            return (
-                path.to_string(),
-                format!(
-                    "expected {}, found {}",
-                    expected_kind(expected),
-                    kind(found)
-                ),
-            );
-        }
+    if let Some(rest) = msg.strip_prefix("invalid type: ")
+        && let Some((found, expected)) = rest.rsplit_once(", expected ")
+    {
+        let expected = expected_kind(expected);
+        return (
+            path.to_string(),
+            format!("expected {expected}, found {}", kind(found)),
+        );
     }
-    if let Some(rest) = msg.strip_prefix("unknown field `") {
-        if let Some((key, expected)) = rest.split_once('`') {
-            let expected = expected.trim_start_matches(", expected ").replace('`', "");
-            let field = unknown_key_path(path, key);
-            let msg = match expected.as_str() {
-                "" | ", there are no fields" => "unknown key".to_string(),
-                e => format!("unknown key; expected {e}"),
-            };
-            return (field, msg);
-        }
+    if let Some(rest) = msg.strip_prefix("unknown field `")
+        && let Some((key, expected)) = rest.split_once('`')
+    {
+        let expected = expected.trim_start_matches(", expected ").replace('`', "");
+        let field = unknown_key_path(path, key);
+        let msg = match expected.as_str() {
+            "" | ", there are no fields" => "unknown key".to_string(),
+            e => format!("unknown key; expected {e}"),
+        };
+        return (field, msg);
     }
     if let Some(key) = msg
         .strip_prefix("missing field `")
