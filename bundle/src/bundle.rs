@@ -30,6 +30,7 @@ use crate::{
     format::{
         self, MAX_BUNDLE_SIZE, MAX_MANIFEST_SIZE, MAX_OBJECT_SIZE, MAX_OBJECTS, MAX_POLICIES,
     },
+    located::LocatedError,
     manifest::{Manifest, Stage, is_valid_object_name, policy_embedded_name},
     policy::{PolicyDocument, PolicyError, limits::MAX_DOCUMENT_SIZE},
 };
@@ -104,12 +105,12 @@ impl Bundle {
                 .chars()
                 .count()
                 + 1;
-            BundleError::ManifestSyntax {
+            BundleError::Manifest(LocatedError::Syntax {
                 file: file.clone(),
                 line,
                 col,
                 msg: "not valid UTF-8".to_string(),
-            }
+            })
         })?;
         let (mut manifest, positions) = crate::manifest::parse_source_with_positions(&text, &file)?;
         let object_positions = &positions.objects;
@@ -133,7 +134,7 @@ impl Bundle {
                 && !allowed.contains(&real)
             {
                 let (line, col) = object_positions.get(i).copied().unwrap_or((0, 0));
-                return Err(BundleError::ManifestField {
+                return Err(BundleError::Manifest(LocatedError::Field {
                     file,
                     line,
                     col,
@@ -146,7 +147,7 @@ impl Bundle {
                         root.display(),
                         real.display()
                     ),
-                });
+                }));
             }
             // The parser has checked that the path has a valid file name.
             let name = path
@@ -167,7 +168,7 @@ impl Bundle {
                         && *other != data
                     {
                         let (line, col) = object_positions.get(i).copied().unwrap_or((0, 0));
-                        return Err(BundleError::ManifestField {
+                        return Err(BundleError::Manifest(LocatedError::Field {
                             file,
                             line,
                             col,
@@ -178,7 +179,7 @@ impl Bundle {
                                 path.display(),
                                 seen.display()
                             ),
-                        });
+                        }));
                     }
                     objects.insert(name.clone(), (path.clone(), Arc::clone(&data)));
                     data
@@ -211,12 +212,14 @@ impl Bundle {
                     .and_then(|p| p.get(j))
                     .copied()
                     .unwrap_or((0, 0));
-                let at = |msg: String| BundleError::ManifestField {
-                    file: file.clone(),
-                    line,
-                    col,
-                    field: format!("stages[{i}].policies[{j}]"),
-                    msg,
+                let at = |msg: String| {
+                    BundleError::Manifest(LocatedError::Field {
+                        file: file.clone(),
+                        line,
+                        col,
+                        field: format!("stages[{i}].policies[{j}]"),
+                        msg,
+                    })
                 };
                 let path = dir.join(&*rel);
                 if let Ok(real) = fs::canonicalize(&path)

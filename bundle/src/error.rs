@@ -1,37 +1,25 @@
 //! [`BundleError`], the one error type of this crate: every way a manifest,
 //! a bundle, a key file or a signature can be wrong, each with what a
-//! person needs to fix it (the file, line and column of a manifest error;
+//! person needs to fix it (the file, line and column of a manifest error,
+//! a [`LocatedError`];
 //! the object and both digests of a mismatch; the key ids of signatures).
 
 use std::{fmt, io, path::PathBuf};
 
-use crate::sign::KeyId;
+use crate::{located::LocatedError, sign::KeyId};
 
 /// Everything that can go wrong building, decoding, signing or verifying a
 /// bundle.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BundleError {
-    /// The manifest is not valid TOML.
-    #[error("{file}:{line}:{col}: {msg}")]
-    ManifestSyntax {
-        file: String,
-        line: usize,
-        col: usize,
-        msg: String,
-    },
-
-    /// The manifest is valid TOML, but a key is unknown, missing, of the
-    /// wrong type or has a value the schema does not allow. `field` is a
-    /// path such as `stages[1].priority` (indices from 0).
-    #[error("{file}:{line}:{col}: {field}: {msg}")]
-    ManifestField {
-        file: String,
-        line: usize,
-        col: usize,
-        field: String,
-        msg: String,
-    },
+    /// The manifest is not valid TOML, or is valid TOML but a key is
+    /// unknown, missing, of the wrong type or has a value the schema does
+    /// not allow (`file:line:col: field: message`, the field a path such
+    /// as `stages[1].priority`, indices from 0). The shape policy
+    /// documents share ([`crate::policy::PolicyError::Document`]).
+    #[error(transparent)]
+    Manifest(#[from] LocatedError),
 
     /// A stage names an object that is not on disk (build) or not embedded
     /// in the bundle (decode).
@@ -166,44 +154,5 @@ impl fmt::Display for KeyIds<'_> {
             write!(f, "{id}")?;
         }
         Ok(())
-    }
-}
-
-impl From<crate::located::LocatedError> for BundleError {
-    fn from(e: crate::located::LocatedError) -> Self {
-        use crate::located::LocatedError as L;
-        match e {
-            L::Syntax {
-                file,
-                line,
-                col,
-                msg,
-            } => BundleError::ManifestSyntax {
-                file,
-                line,
-                col,
-                msg,
-            },
-            L::Field {
-                file,
-                line,
-                col,
-                field,
-                msg,
-            } => BundleError::ManifestField {
-                file,
-                line,
-                col,
-                field,
-                msg,
-            },
-            // Manifests are read by this crate, never through `located`.
-            L::Io { file, msg } => BundleError::ManifestSyntax {
-                file,
-                line: 0,
-                col: 0,
-                msg,
-            },
-        }
     }
 }

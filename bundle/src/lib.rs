@@ -31,8 +31,12 @@
 //! - [`digest`]: [`Digest`], the one spelling of a digest (bare lowercase
 //!   hex; `sha256:` accepted on input).
 //! - [`error`]: [`BundleError`], the crate's one error type.
-//! - [`manifest`]: the manifest's types and its parser, [`Manifest::parse`],
-//!   whose errors name the field, line and column.
+//! - [`manifest`]: the manifest's types and its parser, [`Manifest::parse`]
+//!   (serde with spans, then the rules), whose errors name the field, line
+//!   and column.
+//! - [`located`]: [`located::LocatedError`], the one `file:line:col: field:
+//!   message` error of manifests, policy documents and `rootletctl`'s
+//!   config files, and the serde path and wording both readers share.
 //! - [`canonical`]: the canonical TOML text of a manifest, which a bundle
 //!   embeds ([`Manifest::to_canonical_toml`]).
 //! - [`format`](mod@format): the binary encodings of bundles and signed bundles, and

@@ -1,45 +1,24 @@
-//! Reading TOML that people write, so that every error names the file, line
-//! and column and the field's path (`stages[1].priority`, indices from 0):
-//! the text is parsed into `toml`'s spanned document tree and walked by
-//! hand, with [`Fields`] checking each table's keys against the ones the
-//! schema allows. Used by the manifest parser here and by `rootletctl`'s
-//! inventory and plan files.
+//! [`LocatedError`], the one error shape of every document a person writes
+//! and this workspace reads (a bundle manifest, a policy document,
+//! `rootletctl`'s inventory and plan files): `file:line:col: field: message`,
+//! the field a path such as `stages[1].priority` (indices from 0).
 //!
-//! Why not `#[derive(Deserialize)]` with `toml::Spanned` fields and
-//! `serde_path_to_error` (tried with toml 1.2 and serde_path_to_error 0.1):
-//! the positions come out the same in the cases tried (a value, a key, a
-//! `[[stages]]` header for a missing key), but not the rest of what an
-//! operator reads, and the errors are this crate's and `rootletctl`'s
-//! interface (their tests assert them):
-//! - wrong types read `invalid type: string "x", expected i32` instead of
-//!   `expected an integer, found a string`, and out-of-range integers
-//!   ``invalid value: integer `99999999999`, expected i32``;
-//! - unknown keys read ``unknown field `aaa`, expected `name` or `priority` ``,
-//!   and with two unknown keys serde names the first in key order, not in
-//!   file order (without its `preserve_order` feature, toml's tables are
-//!   sorted maps);
-//! - missing keys read ``missing field `priority` ``;
-//! - every `Spanned` adds `$__serde_spanned_private_value` segments to the
-//!   path (`stages[0].$__serde_spanned_private_value.priority...`).
-//!
-//! Getting today's messages back would take a hand-written `Visitor` per
-//! value kind and hand-written key checks: this walker again, behind serde.
-//! The rules (names, limits, lease bounds, `proceed_on` values) need the
-//! spans of single values either way. What the walker uses from `toml` is
-//! its parser and its spanned tree ([`DeTable::parse`]), which also reports
-//! syntax errors and duplicate keys.
+//! Also what the serde readers share to produce it: [`Src`] (the text, to
+//! turn byte spans into lines and columns), [`field_path`]
+//! (`serde_path_to_error`'s path in this spelling, without the segments
+//! `toml::Spanned` adds) and [`toml_error`] (a `toml` deserializer error,
+//! with serde's wording translated into the one this crate has always
+//! used: `expected an integer, found a string`, `unknown key; expected one
+//! of ...`, `missing required key`).
 
-use std::{borrow::Cow, collections::HashMap, ops::Range};
+use std::ops::Range;
 
-use toml::{
-    Spanned,
-    de::{DeTable, DeValue},
-};
+use serde_path_to_error::{Path as SerdePath, Segment};
 
-/// An error in a config file, or reading it.
+/// An error in a document a person wrote, or reading it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LocatedError {
-    /// Not valid TOML.
+    /// Not valid TOML (or JSON).
     #[error("{file}:{line}:{col}: {msg}")]
     Syntax {
         file: String,
@@ -47,8 +26,8 @@ pub enum LocatedError {
         col: usize,
         msg: String,
     },
-    /// Valid TOML, but a key is unknown, missing, of the wrong type or has
-    /// a value the schema does not allow.
+    /// Valid TOML (or JSON), but a key is unknown, missing, repeated, of
+    /// the wrong type or has a value the schema does not allow.
     #[error("{file}:{line}:{col}: {field}: {msg}")]
     Field {
         file: String,
@@ -62,10 +41,25 @@ pub enum LocatedError {
     Io { file: String, msg: String },
 }
 
-pub type Result<T, E = LocatedError> = std::result::Result<T, E>;
+impl LocatedError {
+    /// The 1-based line and column, if the error has a position.
+    pub fn position(&self) -> Option<(usize, usize)> {
+        match self {
+            Self::Syntax { line, col, .. } | Self::Field { line, col, .. } => Some((*line, *col)),
+            Self::Io { .. } => None,
+        }
+    }
 
-pub type Value<'i> = Spanned<DeValue<'i>>;
-type Key<'i> = Spanned<Cow<'i, str>>;
+    /// The field's path, for a field error.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Field { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = LocatedError> = std::result::Result<T, E>;
 
 /// 1-based line and column (in characters) of byte `offset` of `text`.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -83,28 +77,13 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// The text being parsed, to turn spans into positions in errors.
+/// The text being read, to turn spans into positions in errors.
 pub struct Src<'a> {
     pub file: &'a str,
     pub text: &'a str,
 }
 
-impl<'a> Src<'a> {
-    /// Parses `text` as TOML; errors carry `file`'s name.
-    pub fn parse(file: &'a str, text: &'a str) -> Result<(Src<'a>, Spanned<DeTable<'a>>)> {
-        let src = Src { file, text };
-        let doc = DeTable::parse(text).map_err(|e| {
-            let (line, col) = line_col(text, e.span().map_or(0, |s| s.start));
-            LocatedError::Syntax {
-                file: file.to_string(),
-                line,
-                col,
-                msg: e.message().to_string(),
-            }
-        })?;
-        Ok((src, doc))
-    }
-
+impl Src<'_> {
     /// An error about `field` at `span`.
     pub fn err(&self, span: &Range<usize>, field: &str, msg: impl Into<String>) -> LocatedError {
         let (line, col) = line_col(self.text, span.start);
@@ -117,74 +96,25 @@ impl<'a> Src<'a> {
         }
     }
 
+    /// A syntax error at `span`.
+    pub fn syntax(&self, span: &Range<usize>, msg: impl Into<String>) -> LocatedError {
+        let (line, col) = line_col(self.text, span.start);
+        LocatedError::Syntax {
+            file: self.file.to_string(),
+            line,
+            col,
+            msg: msg.into(),
+        }
+    }
+
     /// The 1-based line of `span`.
     pub fn line(&self, span: &Range<usize>) -> usize {
         line_col(self.text, span.start).0
     }
-}
 
-/// The keys of one table, checked against the keys the schema allows.
-pub struct Fields<'t, 'i> {
-    src: &'t Src<'t>,
-    path: String,
-    span: Range<usize>,
-    values: HashMap<&'t str, &'t Value<'i>>,
-}
-
-impl<'t, 'i> Fields<'t, 'i> {
-    /// Checks `table`'s keys (the first unknown one in file order is the
-    /// error). `path` is the table's field path ("" for the root), `span`
-    /// where a missing key is reported.
-    pub fn of(
-        src: &'t Src<'t>,
-        table: &'t DeTable<'i>,
-        span: &Range<usize>,
-        path: &str,
-        allowed: &[&str],
-    ) -> Result<Self> {
-        let mut entries: Vec<(&'t Key<'i>, &'t Value<'i>)> = table.iter().collect();
-        entries.sort_by_key(|(k, _)| k.span().start);
-        let mut values = HashMap::new();
-        for (k, v) in entries {
-            let key: &str = k.get_ref();
-            if !allowed.contains(&key) {
-                return Err(src.err(
-                    &k.span(),
-                    &join(path, key),
-                    format!("unknown key; expected one of {}", allowed.join(", ")),
-                ));
-            }
-            values.insert(key, v);
-        }
-        Ok(Fields {
-            src,
-            path: path.to_string(),
-            span: span.clone(),
-            values,
-        })
-    }
-
-    /// The value of `key`, if present.
-    pub fn optional(&self, key: &str) -> Option<&'t Value<'i>> {
-        self.values.get(key).copied()
-    }
-
-    /// The value of `key`, or a "missing required key" error.
-    pub fn required(&self, key: &str) -> Result<&'t Value<'i>> {
-        self.optional(key).ok_or_else(|| {
-            self.src
-                .err(&self.span, &join(&self.path, key), "missing required key")
-        })
-    }
-
-    /// The field path of `key` in this table.
-    pub fn field(&self, key: &str) -> String {
-        join(&self.path, key)
-    }
-
-    /// Where the table is.
-    pub fn span(&self) -> &Range<usize> {
-        &self.span
+    /// A `toml` error from parsing the text (syntax, duplicate keys).
+    pub fn toml_syntax(&self, e: &toml::de::Error) -> LocatedError {
+        self.syntax(&e.span().unwrap_or(0..0), e.message().trim_end())
     }
 }
 
@@ -197,134 +127,156 @@ pub fn join(path: &str, key: &str) -> String {
     }
 }
 
-/// "a string", "an integer"...
-pub fn type_name(v: &DeValue<'_>) -> &'static str {
-    match v {
-        DeValue::String(_) => "a string",
-        DeValue::Integer(_) => "an integer",
-        DeValue::Float(_) => "a float",
-        DeValue::Boolean(_) => "a boolean",
-        DeValue::Datetime(_) => "a datetime",
-        DeValue::Array(_) => "an array",
-        DeValue::Table(_) => "a table",
+/// serde_path_to_error's path in this crate's spelling
+/// (`maps.x.entries[3].key`, `stages[0].priority`), without the segments
+/// `toml::Spanned` adds (`$__serde_spanned_private_value`, ...).
+pub fn field_path(path: &SerdePath) -> String {
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } if key.starts_with("$__serde_spanned") => {}
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// An error of a serde-derived read of TOML (through
+/// `serde_path_to_error`, whose path is `path`) as a field error at the
+/// span toml reports: the value for a wrong type or value, the key for an
+/// unknown key, the table for a missing key. Serde's messages are put in
+/// this crate's words, and the field of an unknown or missing key is that
+/// key's path, not its table's.
+pub fn toml_error(src: &Src<'_>, path: &SerdePath, e: &toml::de::Error) -> LocatedError {
+    let span = e.span().unwrap_or(0..0);
+    let (field, msg) = serde_message(&field_path(path), e.message().trim_end());
+    src.err(&span, &field, msg)
+}
+
+/// Serde's wording, translated: `invalid type: string "x", expected an
+/// integer` reads `expected an integer, found a string`; ``unknown field
+/// `x`, expected one of `a`, `b` `` reads `unknown key; expected one of a,
+/// b` (at `path.x`); ``missing field `x` `` reads `missing required key`
+/// (at `path.x`). Anything else (the readers' own messages) is kept.
+fn serde_message(path: &str, msg: &str) -> (String, String) {
+    if let Some(rest) = msg.strip_prefix("invalid type: ")
+        && let Some((found, expected)) = rest.rsplit_once(", expected ")
+    {
+        let expected = expected_kind(expected);
+        return (
+            path.to_string(),
+            format!("expected {expected}, found {}", kind(found)),
+        );
+    }
+    if let Some(rest) = msg.strip_prefix("unknown field `")
+        && let Some((key, expected)) = rest.split_once('`')
+    {
+        let expected = expected.trim_start_matches(", expected ").replace('`', "");
+        let field = unknown_key_path(path, key);
+        let msg = match expected.as_str() {
+            "" | ", there are no fields" => "unknown key".to_string(),
+            e => format!("unknown key; expected {e}"),
+        };
+        return (field, msg);
+    }
+    if let Some(key) = msg
+        .strip_prefix("missing field `")
+        .and_then(|r| r.strip_suffix('`'))
+    {
+        return (join(path, key), "missing required key".to_string());
+    }
+    (path.to_string(), msg.to_string())
+}
+
+/// serde_path_to_error records an unknown key in the path already (it is
+/// read as a key before it is refused); add it where it does not.
+fn unknown_key_path(path: &str, key: &str) -> String {
+    if path == key || path.ends_with(&format!(".{key}")) {
+        path.to_string()
+    } else {
+        join(path, key)
     }
 }
 
-pub fn wrong_type(src: &Src<'_>, v: &Value<'_>, field: &str, expected: &str) -> LocatedError {
-    src.err(
-        &v.span(),
-        field,
-        format!("expected {expected}, found {}", type_name(v.get_ref())),
-    )
-}
-
-pub fn string<'t>(src: &Src<'_>, v: &'t Value<'_>, field: &str) -> Result<&'t str> {
-    match v.get_ref() {
-        DeValue::String(s) => Ok(s),
-        _ => Err(wrong_type(src, v, field, "a string")),
+/// What serde's own impls expect, as TOML names it.
+fn expected_kind(expected: &str) -> &str {
+    match expected {
+        "a sequence" => "an array",
+        "a map" => "a table",
+        e => e,
     }
 }
 
-/// A non-empty string without control characters, at most `max` chars.
-pub fn text<'t>(src: &Src<'_>, v: &'t Value<'_>, field: &str, max: usize) -> Result<&'t str> {
-    let s = string(src, v, field)?;
-    if s.is_empty() {
-        return Err(src.err(&v.span(), field, "must not be empty"));
-    }
-    if s.chars().count() > max {
-        return Err(src.err(&v.span(), field, format!("longer than {max} characters")));
-    }
-    if s.chars().any(char::is_control) {
-        return Err(src.err(&v.span(), field, "must not contain control characters"));
-    }
-    Ok(s)
-}
-
-pub fn integer(src: &Src<'_>, v: &Value<'_>, field: &str) -> Result<i64> {
-    match v.get_ref() {
-        DeValue::Integer(n) => i64::from_str_radix(n.as_str(), n.radix())
-            .map_err(|_| src.err(&v.span(), field, "integer out of range")),
-        _ => Err(wrong_type(src, v, field, "an integer")),
-    }
-}
-
-/// A float, or an integer taken as one.
-pub fn number(src: &Src<'_>, v: &Value<'_>, field: &str) -> Result<f64> {
-    match v.get_ref() {
-        DeValue::Float(f) => f
-            .as_str()
-            .replace('_', "")
-            .parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
-            .ok_or_else(|| src.err(&v.span(), field, "must be a finite number")),
-        DeValue::Integer(_) => Ok(integer(src, v, field)? as f64),
-        _ => Err(wrong_type(src, v, field, "a number")),
-    }
-}
-
-pub fn boolean(src: &Src<'_>, v: &Value<'_>, field: &str) -> Result<bool> {
-    match v.get_ref() {
-        DeValue::Boolean(b) => Ok(*b),
-        _ => Err(wrong_type(src, v, field, "a boolean")),
-    }
-}
-
-/// An integer in `range`.
-pub fn integer_in(
-    src: &Src<'_>,
-    v: &Value<'_>,
-    field: &str,
-    range: std::ops::RangeInclusive<i64>,
-) -> Result<i64> {
-    let n = integer(src, v, field)?;
-    if !range.contains(&n) {
-        return Err(src.err(
-            &v.span(),
-            field,
-            format!(
-                "must be between {} and {}, not {n}",
-                range.start(),
-                range.end()
-            ),
-        ));
-    }
-    Ok(n)
-}
-
-/// A table (`[field]` or `field = { ... }`) and its span.
-pub fn table<'t, 'i>(
-    src: &Src<'_>,
-    v: &'t Value<'i>,
-    field: &str,
-) -> Result<(&'t DeTable<'i>, Range<usize>)> {
-    match v.get_ref() {
-        DeValue::Table(t) => Ok((t, v.span())),
-        _ => Err(wrong_type(src, v, field, "a table")),
-    }
-}
-
-/// An array of tables (`[[field]]` or `field = [{...}, ...]`), each with
-/// its span.
-pub fn tables<'t, 'i>(
-    src: &Src<'_>,
-    v: &'t Value<'i>,
-    field: &str,
-) -> Result<Vec<(&'t DeTable<'i>, Range<usize>)>> {
-    let DeValue::Array(items) = v.get_ref() else {
-        return Err(wrong_type(
-            src,
-            v,
-            field,
-            &format!("an array of tables ([[{field}]])"),
-        ));
-    };
-    items
+/// Serde's `Unexpected` as this crate names kinds of values.
+fn kind(found: &str) -> &str {
+    const KINDS: [(&str, &str); 8] = [
+        ("string", "a string"),
+        ("integer", "an integer"),
+        ("floating point", "a float"),
+        ("boolean", "a boolean"),
+        ("sequence", "an array"),
+        ("map", "a table"),
+        ("unit", "nothing"),
+        ("character", "a string"),
+    ];
+    KINDS
         .iter()
-        .enumerate()
-        .map(|(i, item)| match item.get_ref() {
-            DeValue::Table(t) => Ok((t, item.span())),
-            _ => Err(wrong_type(src, item, &format!("{field}[{i}]"), "a table")),
-        })
-        .collect()
+        .find(|(serde, _)| found.starts_with(serde))
+        .map_or(found, |(_, ours)| ours)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serde_message;
+
+    #[test]
+    fn serde_messages_in_this_crates_words() {
+        let m = |p: &str, s: &str| serde_message(p, s);
+        assert_eq!(
+            m(
+                "stages[0].priority",
+                "invalid type: string \"a, expected b\", expected an integer"
+            ),
+            (
+                "stages[0].priority".into(),
+                "expected an integer, found a string".into()
+            )
+        );
+        assert_eq!(
+            m(
+                "stages[0].pin",
+                "unknown field `pin`, expected `name` or `object`"
+            ),
+            (
+                "stages[0].pin".into(),
+                "unknown key; expected name or object".into()
+            )
+        );
+        assert_eq!(
+            m("stages[0]", "unknown field `pin`, expected one of `a`, `b`"),
+            (
+                "stages[0].pin".into(),
+                "unknown key; expected one of a, b".into()
+            )
+        );
+        assert_eq!(
+            m("stages[0]", "missing field `owner`"),
+            ("stages[0].owner".into(), "missing required key".into())
+        );
+        assert_eq!(
+            m("", "missing field `name`"),
+            ("name".into(), "missing required key".into())
+        );
+        assert_eq!(
+            m("x", "must not be empty"),
+            ("x".into(), "must not be empty".into())
+        );
+    }
 }

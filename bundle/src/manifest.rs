@@ -2,12 +2,14 @@
 //! TOML a person writes and checks it against the schema and its rules,
 //! reporting every error with the field's path and its line and column.
 //!
-//! The TOML is read into `toml`'s spanned document tree
-//! ([`toml::de::DeTable`]) and walked by hand rather than through serde, so
-//! that every error (unknown key, wrong type, bad value, broken rule) can
-//! name both the field (`stages[1].priority`, indices from 0) and where it
-//! is in the file ([`crate::located`] says why serde's derive does not
-//! serve here).
+//! The shape is read by serde (derived types with `deny_unknown_fields`,
+//! every value a [`toml::Spanned`], `serde_path_to_error` for the field's
+//! path), so serde refuses unknown keys, missing keys and wrong types at
+//! the positions `toml` reports (the key, the table, the value); the rules
+//! that are not about shape (names, limits, keywords, duplicate stages and
+//! rootlets, lease bounds, `proceed_on` sets, stage targets) are checked
+//! on the result, each at its value's span. Errors are
+//! [`crate::located::LocatedError`]s, the shape policy documents share.
 //!
 //! The same parser reads the manifest embedded in a bundle, where two more
 //! rules hold: every stage records its object's `sha256`, and its `object`
@@ -15,11 +17,15 @@
 
 use std::{collections::HashMap, fmt, ops::Range, path::Path};
 
-use toml::de::{DeTable, DeValue};
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, Visitor},
+};
+use toml::Spanned;
 
 use crate::{
     error::{BundleError, Result},
-    located::{self, Fields, Src, Value, integer, string, tables},
+    located::{self, Src, line_col},
 };
 
 /// Longest bundle or stage name.
@@ -206,7 +212,7 @@ pub(crate) fn is_sha256_hex(s: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------
-// The parser.
+// The parser: serde reads the shape, the rules are checked on its result.
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -216,13 +222,87 @@ enum Mode {
     Embedded,
 }
 
-/// A located-TOML error about `field` at `span`, as a bundle error.
-fn ferr(src: &Src<'_>, span: &Range<usize>, field: &str, msg: impl Into<String>) -> BundleError {
-    src.err(span, field, msg).into()
+/// A value and where it is in the text.
+type S<T> = Spanned<T>;
+
+/// The manifest's shape. Every value is [`Spanned`] so that the rules
+/// checked after serde (names, limits, cross-field rules) report it where
+/// it is; unknown keys are refused by serde, at the key, in file order
+/// (toml's `preserve_order`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawManifest {
+    name: S<String>,
+    version: S<String>,
+    rootlets: S<Vec<S<RawRootlet>>>,
+    #[serde(default)]
+    stages: Option<S<Vec<S<RawStage>>>>,
 }
 
-fn wrong_type(src: &Src<'_>, v: &Value<'_>, field: &str, expected: &str) -> BundleError {
-    located::wrong_type(src, v, field, expected).into()
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawRootlet {
+    interface: S<String>,
+    #[serde(default)]
+    netns: Option<S<String>>,
+    #[serde(default)]
+    mode: Option<S<String>>,
+    #[serde(default)]
+    final_verdict: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawStage {
+    name: S<String>,
+    object: S<String>,
+    #[serde(default)]
+    sha256: Option<S<String>>,
+    program: S<String>,
+    priority: S<Integer>,
+    #[serde(default)]
+    proceed_on: Option<S<Vec<S<String>>>>,
+    #[serde(default)]
+    maps: Option<S<String>>,
+    #[serde(default)]
+    lifetime: Option<S<String>>,
+    #[serde(default)]
+    lease_seconds: Option<S<Integer>>,
+    owner: S<String>,
+    #[serde(default)]
+    rootlets: Option<S<Vec<S<String>>>>,
+    #[serde(default)]
+    policies: Option<S<Vec<S<String>>>>,
+}
+
+/// A TOML integer (any 64-bit value; the rules check the range), so that
+/// a wrong type reads "expected an integer" rather than "expected i64".
+struct Integer(i64);
+
+impl<'de> Deserialize<'de> for Integer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Integer;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> std::result::Result<Integer, E> {
+                Ok(Integer(n))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> std::result::Result<Integer, E> {
+                i64::try_from(n)
+                    .map(Integer)
+                    .map_err(|_| E::custom("integer out of range"))
+            }
+        }
+        d.deserialize_i64(V)
+    }
+}
+
+/// A rule broken at `span`, as a bundle error.
+fn ferr(src: &Src<'_>, span: &Range<usize>, field: &str, msg: impl Into<String>) -> BundleError {
+    src.err(span, field, msg).into()
 }
 
 /// Where some values of a manifest are, for errors found later, reading
@@ -240,47 +320,20 @@ pub(crate) fn parse_source_with_positions(text: &str, file: &str) -> Result<(Man
 }
 
 fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Positions)> {
-    let doc = DeTable::parse(text).map_err(|e| {
-        let src = &Src { file, text };
-        let (line, col) = located::line_col(src.text, e.span().map_or(0, |s| s.start));
-        BundleError::ManifestSyntax {
-            file: file.to_string(),
-            line,
-            col,
-            msg: e.message().to_string(),
-        }
-    })?;
     let src = &Src { file, text };
-    let root = doc.get_ref();
-    let fields = Fields::of(
-        src,
-        root,
-        &doc.span(),
-        "",
-        &["name", "version", "rootlets", "stages"],
-    )?;
+    let de = toml::de::Deserializer::parse(text).map_err(|e| src.toml_syntax(&e))?;
+    let mut track = serde_path_to_error::Track::new();
+    let raw = RawManifest::deserialize(serde_path_to_error::Deserializer::new(de, &mut track))
+        .map_err(|e| located::toml_error(src, &track.path(), &e))?;
 
-    let name_v = fields.required("name")?;
-    let name = string(src, name_v, "name")?;
-    if !is_valid_name(name) {
-        return Err(ferr(
-            src,
-            &name_v.span(),
-            "name",
-            "must be 1 to 64 characters from A-Z a-z 0-9 _ . -",
-        ));
-    }
+    let name = checked_name(src, &raw.name, "name")?;
+    let version = check_text(src, &raw.version, "version", MAX_VERSION_LEN)?;
 
-    let version_v = fields.required("version")?;
-    let version = string(src, version_v, "version")?;
-    check_text(src, version_v, "version", version, MAX_VERSION_LEN)?;
-
-    let rootlets_v = fields.required("rootlets")?;
-    let rootlet_items = tables(src, rootlets_v, "rootlets")?;
+    let rootlet_items = raw.rootlets.get_ref();
     if rootlet_items.is_empty() {
         return Err(ferr(
             src,
-            &rootlets_v.span(),
+            &raw.rootlets.span(),
             "rootlets",
             "a bundle must target at least one rootlet",
         ));
@@ -288,16 +341,18 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Positions)> {
     if rootlet_items.len() > MAX_ROOTLETS {
         return Err(ferr(
             src,
-            &rootlets_v.span(),
+            &raw.rootlets.span(),
             "rootlets",
             format!("at most {MAX_ROOTLETS} rootlets"),
         ));
     }
     let mut rootlets: Vec<RootletTarget> = Vec::with_capacity(rootlet_items.len());
     let mut seen_rootlets: HashMap<(String, Option<String>), usize> = HashMap::new();
-    for (i, (table, span)) in rootlet_items.iter().enumerate() {
+    for (i, item) in rootlet_items.iter().enumerate() {
         let path = format!("rootlets[{i}]");
-        let (rootlet, if_span) = parse_rootlet(src, table, span, &path)?;
+        let raw_rootlet = item.get_ref();
+        let rootlet = parse_rootlet(src, raw_rootlet, &path)?;
+        let if_span = raw_rootlet.interface.span();
         let key = (rootlet.interface.clone(), rootlet.netns.clone());
         if let Some(line) = seen_rootlets.insert(key, src.line(&if_span)) {
             return Err(ferr(
@@ -315,8 +370,8 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Positions)> {
 
     let mut stages = Vec::new();
     let mut positions = Positions::default();
-    if let Some(stages_v) = fields.optional("stages") {
-        let stage_items = tables(src, stages_v, "stages")?;
+    if let Some(stages_v) = &raw.stages {
+        let stage_items = stages_v.get_ref();
         if stage_items.len() > MAX_STAGES {
             return Err(ferr(
                 src,
@@ -326,19 +381,22 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Positions)> {
             ));
         }
         let mut seen_stages: HashMap<String, usize> = HashMap::new();
-        for (i, (table, span)) in stage_items.iter().enumerate() {
+        for (i, item) in stage_items.iter().enumerate() {
             let path = format!("stages[{i}]");
-            let (stage, name_span, object_span, policy_spans) =
-                parse_stage(src, table, span, &path, mode, &rootlets)?;
+            let raw_stage = item.get_ref();
+            let stage = parse_stage(src, raw_stage, &item.span(), &path, mode, &rootlets)?;
             positions
                 .objects
-                .push(located::line_col(src.text, object_span.start));
+                .push(line_col(text, raw_stage.object.span().start));
             positions.policies.push(
-                policy_spans
+                raw_stage
+                    .policies
                     .iter()
-                    .map(|s| located::line_col(src.text, s.start))
+                    .flat_map(|p| p.get_ref())
+                    .map(|p| line_col(text, p.span().start))
                     .collect(),
             );
+            let name_span = raw_stage.name.span();
             if let Some(line) = seen_stages.insert(stage.name.clone(), src.line(&name_span)) {
                 return Err(ferr(
                     src,
@@ -352,47 +410,31 @@ fn parse(text: &str, file: &str, mode: Mode) -> Result<(Manifest, Positions)> {
     }
 
     let manifest = Manifest {
-        name: name.to_string(),
-        version: version.to_string(),
+        name,
+        version,
         rootlets,
         stages,
     };
     Ok((manifest, positions))
 }
 
-/// Returns the rootlet and the span of its interface value.
-fn parse_rootlet(
-    src: &Src<'_>,
-    table: &DeTable<'_>,
-    span: &Range<usize>,
-    path: &str,
-) -> Result<(RootletTarget, Range<usize>)> {
-    let fields = Fields::of(
-        src,
-        table,
-        span,
-        path,
-        &["interface", "netns", "mode", "final_verdict"],
-    )?;
-
-    let if_v = fields.required("interface")?;
+fn parse_rootlet(src: &Src<'_>, raw: &RawRootlet, path: &str) -> Result<RootletTarget> {
     let if_field = format!("{path}.interface");
-    let interface = string(src, if_v, &if_field)?;
+    let interface = raw.interface.get_ref();
     if !is_valid_ifname(interface) {
         return Err(ferr(
             src,
-            &if_v.span(),
+            &raw.interface.span(),
             &if_field,
             "not a valid interface name (1 to 15 bytes, no '/', ':', whitespace or control characters)",
         ));
     }
 
-    let netns = match fields.optional("netns") {
+    let netns = match &raw.netns {
         None => None,
         Some(v) => {
             let field = format!("{path}.netns");
-            let s = string(src, v, &field)?;
-            check_text(src, v, &field, s, MAX_PATH_LEN)?;
+            let s = check_text(src, v, &field, MAX_PATH_LEN)?;
             if !s.starts_with('/') {
                 return Err(ferr(
                     src,
@@ -401,81 +443,45 @@ fn parse_rootlet(
                     "must be an absolute path to a network-namespace file",
                 ));
             }
-            Some(s.to_string())
+            Some(s)
         }
     };
 
-    let mode = match fields.optional("mode") {
+    let mode = match &raw.mode {
         None => XdpMode::default(),
         Some(v) => keyword(src, v, &format!("{path}.mode"), &XdpMode::ALL, |m| m.name())?,
     };
 
-    let final_verdict = match fields.optional("final_verdict") {
+    let final_verdict = match &raw.final_verdict {
         None => XdpAction::Pass,
         Some(v) => action(src, v, &format!("{path}.final_verdict"))?,
     };
 
-    Ok((
-        RootletTarget {
-            interface: interface.to_string(),
-            netns,
-            mode,
-            final_verdict,
-        },
-        if_v.span(),
-    ))
+    Ok(RootletTarget {
+        interface: interface.clone(),
+        netns,
+        mode,
+        final_verdict,
+    })
 }
 
-/// Returns the stage and the spans of its name, object and policies
-/// values.
-#[allow(clippy::type_complexity)]
+/// The stage at `span` (its table), checked against the rules.
 fn parse_stage(
     src: &Src<'_>,
-    table: &DeTable<'_>,
+    raw: &RawStage,
     span: &Range<usize>,
     path: &str,
     mode: Mode,
     rootlets: &[RootletTarget],
-) -> Result<(Stage, Range<usize>, Range<usize>, Vec<Range<usize>>)> {
-    let fields = Fields::of(
-        src,
-        table,
-        span,
-        path,
-        &[
-            "name",
-            "object",
-            "sha256",
-            "program",
-            "priority",
-            "proceed_on",
-            "maps",
-            "lifetime",
-            "lease_seconds",
-            "owner",
-            "rootlets",
-            "policies",
-        ],
-    )?;
+) -> Result<Stage> {
+    let name = checked_name(src, &raw.name, &format!("{path}.name"))?;
 
-    let name_v = fields.required("name")?;
-    let name_field = format!("{path}.name");
-    let name = string(src, name_v, &name_field)?;
-    if !is_valid_name(name) {
-        return Err(ferr(
-            src,
-            &name_v.span(),
-            &name_field,
-            "must be 1 to 64 characters from A-Z a-z 0-9 _ . -",
-        ));
-    }
-
-    let object_v = fields.required("object")?;
     let object_field = format!("{path}.object");
-    let object = string(src, object_v, &object_field)?;
+    let object_v = &raw.object;
+    let object = object_v.get_ref();
     match mode {
         Mode::Source => {
-            check_text(src, object_v, &object_field, object, MAX_PATH_LEN)?;
+            check_text(src, object_v, &object_field, MAX_PATH_LEN)?;
             let file_name = Path::new(object).file_name().and_then(|n| n.to_str());
             if object.ends_with('/') || !file_name.is_some_and(is_valid_object_name) {
                 return Err(ferr(
@@ -499,19 +505,17 @@ fn parse_stage(
         }
     }
 
-    let sha256 = match (fields.optional("sha256"), mode) {
+    let sha256 = match (&raw.sha256, mode) {
         (Some(v), _) => {
-            let field = format!("{path}.sha256");
-            let s = string(src, v, &field)?;
-            if !is_sha256_hex(s) {
+            if !is_sha256_hex(v.get_ref()) {
                 return Err(ferr(
                     src,
                     &v.span(),
-                    &field,
+                    &format!("{path}.sha256"),
                     "must be 64 lowercase hex digits",
                 ));
             }
-            Some(s.to_string())
+            Some(v.get_ref().clone())
         }
         (None, Mode::Source) => None,
         (None, Mode::Embedded) => {
@@ -524,37 +528,32 @@ fn parse_stage(
         }
     };
 
-    let program_v = fields.required("program")?;
-    let program_field = format!("{path}.program");
-    let program = string(src, program_v, &program_field)?;
+    let program = raw.program.get_ref();
     if program.is_empty() || program.len() > MAX_PROGRAM_LEN || !program.bytes().all(is_name_byte) {
         return Err(ferr(
             src,
-            &program_v.span(),
-            &program_field,
+            &raw.program.span(),
+            &format!("{path}.program"),
             "must be 1 to 128 characters from A-Z a-z 0-9 _ . -",
         ));
     }
 
-    let priority_v = fields.required("priority")?;
-    let priority_field = format!("{path}.priority");
-    let priority = integer(src, priority_v, &priority_field)?;
+    let priority = raw.priority.get_ref().0;
     let priority = i32::try_from(priority).map_err(|_| {
         ferr(
             src,
-            &priority_v.span(),
-            &priority_field,
+            &raw.priority.span(),
+            &format!("{path}.priority"),
             format!("{priority} is out of range for a 32-bit integer"),
         )
     })?;
 
-    let proceed_on = match fields.optional("proceed_on") {
+    let proceed_on = match &raw.proceed_on {
         None => vec![XdpAction::Pass],
         Some(v) => {
             let field = format!("{path}.proceed_on");
-            let items = array(src, v, &field)?;
-            let mut actions = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
+            let mut actions = Vec::with_capacity(v.get_ref().len());
+            for (i, item) in v.get_ref().iter().enumerate() {
                 let item_field = format!("{field}[{i}]");
                 let a = action(src, item, &item_field)?;
                 if actions.contains(&a) {
@@ -571,81 +570,22 @@ fn parse_stage(
         }
     };
 
-    let maps = match fields.optional("maps") {
+    let maps = match &raw.maps {
         None => MapPolicy::default(),
         Some(v) => keyword(src, v, &format!("{path}.maps"), &MapPolicy::ALL, |m| {
             m.name()
         })?,
     };
 
-    let lease_seconds = match fields.optional("lease_seconds") {
-        None => None,
-        Some(v) => {
-            let field = format!("{path}.lease_seconds");
-            let n = integer(src, v, &field)?;
-            let n = u32::try_from(n)
-                .ok()
-                .filter(|n| (1..=MAX_LEASE_SECONDS).contains(n))
-                .ok_or_else(|| {
-                    ferr(
-                        src,
-                        &v.span(),
-                        &field,
-                        format!("must be between 1 and {MAX_LEASE_SECONDS}"),
-                    )
-                })?;
-            Some((n, v))
-        }
-    };
-    let lifetime_v = fields.optional("lifetime");
-    let lifetime_field = format!("{path}.lifetime");
-    let lease = match lifetime_v {
-        None => false,
-        Some(v) => match string(src, v, &lifetime_field)? {
-            "pin" => false,
-            "lease" => true,
-            other => {
-                return Err(ferr(
-                    src,
-                    &v.span(),
-                    &lifetime_field,
-                    format!("unknown lifetime {other:?}; expected one of \"pin\", \"lease\""),
-                ));
-            }
-        },
-    };
-    let lifetime = match (lease, lease_seconds, lifetime_v) {
-        (true, Some((seconds, _)), _) => Lifetime::Lease { seconds },
-        (true, None, lifetime_v) => {
-            let at = lifetime_v.map_or_else(|| span.clone(), |v| v.span());
-            return Err(ferr(
-                src,
-                &at,
-                &format!("{path}.lease_seconds"),
-                "required when lifetime = \"lease\"",
-            ));
-        }
-        (false, Some((_, v)), _) => {
-            return Err(ferr(
-                src,
-                &v.span(),
-                &format!("{path}.lease_seconds"),
-                "only allowed when lifetime = \"lease\"",
-            ));
-        }
-        (false, None, _) => Lifetime::Pin,
-    };
+    let lifetime = lifetime(src, raw, span, path)?;
 
-    let owner_v = fields.required("owner")?;
-    let owner_field = format!("{path}.owner");
-    let owner = string(src, owner_v, &owner_field)?;
-    check_text(src, owner_v, &owner_field, owner, MAX_OWNER_LEN)?;
+    let owner = check_text(src, &raw.owner, &format!("{path}.owner"), MAX_OWNER_LEN)?;
 
-    let targets = match fields.optional("rootlets") {
+    let targets = match &raw.rootlets {
         None => None,
         Some(v) => {
             let field = format!("{path}.rootlets");
-            let items = array(src, v, &field)?;
+            let items = v.get_ref();
             if items.is_empty() {
                 return Err(ferr(
                     src,
@@ -657,8 +597,8 @@ fn parse_stage(
             let mut names: Vec<String> = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
                 let item_field = format!("{field}[{i}]");
-                let s = string(src, item, &item_field)?;
-                if !rootlets.iter().any(|r| r.interface == s) {
+                let s = item.get_ref();
+                if !rootlets.iter().any(|r| r.interface == *s) {
                     return Err(ferr(
                         src,
                         &item.span(),
@@ -666,7 +606,7 @@ fn parse_stage(
                         format!("no rootlet of this bundle is on interface {s:?}"),
                     ));
                 }
-                if names.iter().any(|n| n == s) {
+                if names.contains(s) {
                     return Err(ferr(
                         src,
                         &item.span(),
@@ -674,47 +614,101 @@ fn parse_stage(
                         format!("{s:?} is listed twice"),
                     ));
                 }
-                names.push(s.to_string());
+                names.push(s.clone());
             }
             Some(names)
         }
     };
 
-    let (policies, policy_spans) = match fields.optional("policies") {
-        None => (Vec::new(), Vec::new()),
+    let policies = match &raw.policies {
+        None => Vec::new(),
         Some(v) => stage_policies(src, v, &format!("{path}.policies"), mode)?,
     };
 
-    Ok((
-        Stage {
-            name: name.to_string(),
-            object: object.to_string(),
-            sha256,
-            program: program.to_string(),
-            priority,
-            proceed_on,
-            maps,
-            lifetime,
-            owner: owner.to_string(),
-            rootlets: targets,
-            policies,
+    Ok(Stage {
+        name,
+        object: object.clone(),
+        sha256,
+        program: program.clone(),
+        priority,
+        proceed_on,
+        maps,
+        lifetime,
+        owner,
+        rootlets: targets,
+        policies,
+    })
+}
+
+/// A stage's `lifetime` and `lease_seconds`, which go together.
+fn lifetime(src: &Src<'_>, raw: &RawStage, span: &Range<usize>, path: &str) -> Result<Lifetime> {
+    let lease_field = format!("{path}.lease_seconds");
+    let lease_seconds = match &raw.lease_seconds {
+        None => None,
+        Some(v) => {
+            let n = u32::try_from(v.get_ref().0)
+                .ok()
+                .filter(|n| (1..=MAX_LEASE_SECONDS).contains(n))
+                .ok_or_else(|| {
+                    ferr(
+                        src,
+                        &v.span(),
+                        &lease_field,
+                        format!("must be between 1 and {MAX_LEASE_SECONDS}"),
+                    )
+                })?;
+            Some((n, v.span()))
+        }
+    };
+    let lease = match &raw.lifetime {
+        None => false,
+        Some(v) => match v.get_ref().as_str() {
+            "pin" => false,
+            "lease" => true,
+            other => {
+                return Err(ferr(
+                    src,
+                    &v.span(),
+                    &format!("{path}.lifetime"),
+                    format!("unknown lifetime {other:?}; expected one of \"pin\", \"lease\""),
+                ));
+            }
         },
-        name_v.span(),
-        object_v.span(),
-        policy_spans,
-    ))
+    };
+    match (lease, lease_seconds) {
+        (true, Some((seconds, _))) => Ok(Lifetime::Lease { seconds }),
+        (true, None) => {
+            let at = raw
+                .lifetime
+                .as_ref()
+                .map_or_else(|| span.clone(), |v| v.span());
+            Err(ferr(
+                src,
+                &at,
+                &lease_field,
+                "required when lifetime = \"lease\"",
+            ))
+        }
+        (false, Some((_, at))) => Err(ferr(
+            src,
+            &at,
+            &lease_field,
+            "only allowed when lifetime = \"lease\"",
+        )),
+        (false, None) => Ok(Lifetime::Pin),
+    }
 }
 
 /// A stage's `policies`: paths (on disk) or embedded names (in a bundle),
 /// at most [`MAX_STAGE_POLICIES`], none twice (nor two that would be
-/// embedded under the same name); each with its span.
+/// embedded under the same name).
 fn stage_policies(
     src: &Src<'_>,
-    v: &Value<'_>,
+    v: &S<Vec<S<String>>>,
     field: &str,
     mode: Mode,
-) -> Result<(Vec<String>, Vec<Range<usize>>)> {
-    let items = array(src, v, field)?;
+) -> Result<Vec<String>> {
+    let items = v.get_ref();
     if items.len() > MAX_STAGE_POLICIES {
         return Err(ferr(
             src,
@@ -725,13 +719,12 @@ fn stage_policies(
     }
     let mut names: Vec<String> = Vec::with_capacity(items.len());
     let mut embedded: Vec<String> = Vec::with_capacity(items.len());
-    let mut spans = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let item_field = format!("{field}[{i}]");
-        let s = string(src, item, &item_field)?;
+        let s = item.get_ref();
         let name = match mode {
             Mode::Source => {
-                check_text(src, item, &item_field, s, MAX_PATH_LEN)?;
+                check_text(src, item, &item_field, MAX_PATH_LEN)?;
                 policy_embedded_name(s).ok_or_else(|| {
                     ferr(
                         src,
@@ -752,7 +745,7 @@ fn stage_policies(
                          not starting with '.', ending in \".json\")",
                     ));
                 }
-                s.to_string()
+                s.clone()
             }
         };
         if embedded.contains(&name) {
@@ -764,10 +757,9 @@ fn stage_policies(
             ));
         }
         embedded.push(name);
-        names.push(s.to_string());
-        spans.push(item.span());
+        names.push(s.clone());
     }
-    Ok((names, spans))
+    Ok(names)
 }
 
 /// Linux's rule for interface names (`dev_valid_name`).
@@ -781,15 +773,22 @@ fn is_valid_ifname(s: &str) -> bool {
             .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
 }
 
-fn array<'t, 'i>(src: &Src<'_>, v: &'t Value<'i>, field: &str) -> Result<&'t [Value<'i>]> {
-    match v.get_ref() {
-        DeValue::Array(a) => Ok(a),
-        _ => Err(wrong_type(src, v, field, "an array")),
+/// A bundle or stage name ([`is_valid_name`]).
+fn checked_name(src: &Src<'_>, v: &S<String>, field: &str) -> Result<String> {
+    if !is_valid_name(v.get_ref()) {
+        return Err(ferr(
+            src,
+            &v.span(),
+            field,
+            "must be 1 to 64 characters from A-Z a-z 0-9 _ . -",
+        ));
     }
+    Ok(v.get_ref().clone())
 }
 
 /// A string of 1..=`max` characters without control characters.
-fn check_text(src: &Src<'_>, v: &Value<'_>, field: &str, s: &str, max: usize) -> Result<()> {
+fn check_text(src: &Src<'_>, v: &S<String>, field: &str, max: usize) -> Result<String> {
+    let s = v.get_ref();
     if s.is_empty() {
         return Err(ferr(src, &v.span(), field, "must not be empty"));
     }
@@ -809,22 +808,22 @@ fn check_text(src: &Src<'_>, v: &Value<'_>, field: &str, s: &str, max: usize) ->
             "must not contain control characters",
         ));
     }
-    Ok(())
+    Ok(s.clone())
 }
 
-fn action(src: &Src<'_>, v: &Value<'_>, field: &str) -> Result<XdpAction> {
+fn action(src: &Src<'_>, v: &S<String>, field: &str) -> Result<XdpAction> {
     keyword(src, v, field, &XdpAction::ALL, |a| a.name())
 }
 
 /// One of a fixed set of lowercase words.
 fn keyword<T: Copy>(
     src: &Src<'_>,
-    v: &Value<'_>,
+    v: &S<String>,
     field: &str,
     all: &[T],
     name: impl Fn(T) -> &'static str,
 ) -> Result<T> {
-    let s = string(src, v, field)?;
+    let s = v.get_ref();
     all.iter().copied().find(|&t| name(t) == s).ok_or_else(|| {
         let expected: Vec<String> = all.iter().map(|&t| format!("{:?}", name(t))).collect();
         ferr(

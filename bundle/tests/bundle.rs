@@ -223,9 +223,12 @@ fn different_objects_with_one_file_name_are_refused() -> TestResult {
         source: e,
     })?;
     match Bundle::build(&path) {
-        Err(BundleError::ManifestField {
-            line, col, field, ..
-        }) => {
+        Err(BundleError::Manifest(rootlet_bundle::located::LocatedError::Field {
+            line,
+            col,
+            field,
+            ..
+        })) => {
             assert_eq!((line, col, field.as_str()), (25, 10, "stages[1].object"));
         }
         other => panic!("expected a name clash, got {other:?}"),
@@ -252,18 +255,24 @@ fn objects_outside_the_manifest_directory_are_refused_unless_named() -> TestResu
     )
     .map_err(io)?;
     match Bundle::build(&manifest) {
-        Err(BundleError::ManifestField { field, msg, .. }) => {
+        Err(BundleError::Manifest(rootlet_bundle::located::LocatedError::Field {
+            field,
+            msg,
+            ..
+        })) => {
             assert_eq!(field, "stages[1].object", "{msg}");
             assert!(msg.contains("outside the manifest's directory"), "{msg}");
         }
-        other => panic!("expected ManifestField, got {other:?}"),
+        other => panic!("expected a manifest field error, got {other:?}"),
     }
     // A symbolic link that leads out is refused the same way.
     std::os::unix::fs::symlink(dir.path().join("outside.o"), inner.join("link.o")).map_err(io)?;
     fs::write(&manifest, MANIFEST.replace("\"l4lb.o\"", "\"link.o\"")).map_err(io)?;
     assert!(matches!(
         Bundle::build(&manifest),
-        Err(BundleError::ManifestField { .. })
+        Err(BundleError::Manifest(
+            rootlet_bundle::located::LocatedError::Field { .. }
+        ))
     ));
     // Named on purpose, it is built in.
     fs::write(
@@ -355,11 +364,13 @@ fn manifest_file_errors() -> TestResult {
     })?;
     assert!(matches!(
         Bundle::build(&path),
-        Err(BundleError::ManifestSyntax {
-            line: 2,
-            col: 12,
-            ..
-        })
+        Err(BundleError::Manifest(
+            rootlet_bundle::located::LocatedError::Syntax {
+                line: 2,
+                col: 12,
+                ..
+            }
+        ))
     ));
     assert!(matches!(
         Bundle::build(dir.path().join("nope.toml")),
@@ -406,14 +417,14 @@ fn from_parts_checks_its_inputs() -> TestResult {
     bad.stages[0].owner = String::new();
     assert!(matches!(
         Bundle::from_parts(bad, both.clone()),
-        Err(BundleError::ManifestField { ref field, .. }) if field == "stages[0].owner"
+        Err(BundleError::Manifest(rootlet_bundle::located::LocatedError::Field { ref field, .. })) if field == "stages[0].owner"
     ));
     let mut path = m.clone();
     path.stages[0].object = "dir/a.o".into();
     let objects = BTreeMap::from([("dir/a.o".to_string(), a), ("b.o".to_string(), b)]);
     assert!(matches!(
         Bundle::from_parts(path, objects),
-        Err(BundleError::ManifestField { ref field, .. }) if field == "stages[0].object"
+        Err(BundleError::Manifest(rootlet_bundle::located::LocatedError::Field { ref field, .. })) if field == "stages[0].object"
     ));
 
     let huge = BTreeMap::from([("a.o".to_string(), fake_elf(&vec![0; MAX_OBJECT_SIZE]))]);
@@ -555,13 +566,17 @@ fn container_rules() -> TestResult {
     ));
     // A manifest that does not parse names the embedded file.
     match Bundle::from_bytes(&encode("name = ", &[])) {
-        Err(BundleError::ManifestSyntax { file, .. }) => assert_eq!(file, "bundle:manifest.toml"),
-        other => panic!("expected ManifestSyntax, got {other:?}"),
+        Err(BundleError::Manifest(rootlet_bundle::located::LocatedError::Syntax {
+            file, ..
+        })) => assert_eq!(file, "bundle:manifest.toml"),
+        other => panic!("expected a manifest syntax error, got {other:?}"),
     }
     // A manifest on disk is not a bundle's: no sha256.
     assert!(matches!(
         Bundle::from_bytes(&encode(SMALL, &[("a.o", &a), ("b.o", &bo)])),
-        Err(BundleError::ManifestField { .. })
+        Err(BundleError::Manifest(
+            rootlet_bundle::located::LocatedError::Field { .. }
+        ))
     ));
     Ok(())
 }

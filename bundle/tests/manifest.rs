@@ -38,16 +38,16 @@ priority = -5
 owner = "team-lb"
 "#;
 
-/// The (line, col, field, msg) of a ManifestField error.
+/// The (line, col, field, msg) of a manifest field error.
 fn field_error(text: &str) -> (usize, usize, String, String) {
     match Manifest::parse(text, "manifest.toml") {
-        Err(BundleError::ManifestField {
+        Err(BundleError::Manifest(rootlet_bundle::located::LocatedError::Field {
             line,
             col,
             field,
             msg,
             file,
-        }) => {
+        })) => {
             assert_eq!(file, "manifest.toml");
             (line, col, field, msg)
         }
@@ -155,8 +155,13 @@ fn canonical_text_parses_back_to_the_same_manifest() -> Result<(), BundleError> 
 fn syntax_error_has_line_and_column() {
     let text = "name = \"x\"\nversion = \n";
     match Manifest::parse(text, "manifest.toml") {
-        Err(e @ BundleError::ManifestSyntax { .. }) => {
-            let BundleError::ManifestSyntax { line, col, .. } = &e else {
+        Err(e @ BundleError::Manifest(rootlet_bundle::located::LocatedError::Syntax { .. })) => {
+            let BundleError::Manifest(rootlet_bundle::located::LocatedError::Syntax {
+                line,
+                col,
+                ..
+            }) = &e
+            else {
                 unreachable!()
             };
             assert_eq!((*line, *col), (2, 11), "{e}");
@@ -171,11 +176,13 @@ fn duplicate_key_is_a_syntax_error() {
     let text = "name = \"x\"\nname = \"y\"\n";
     assert!(matches!(
         Manifest::parse(text, "m.toml"),
-        Err(BundleError::ManifestSyntax {
-            line: 2,
-            col: 1,
-            ..
-        })
+        Err(BundleError::Manifest(
+            rootlet_bundle::located::LocatedError::Syntax {
+                line: 2,
+                col: 1,
+                ..
+            }
+        ))
     ));
 }
 
@@ -441,23 +448,132 @@ fn embedded_manifests_need_sha256_and_plain_object_names() {
 
     let text = with_stage(STAGE);
     match Manifest::parse_embedded(&text, "bundle:manifest.toml") {
-        Err(BundleError::ManifestField {
+        Err(BundleError::Manifest(rootlet_bundle::located::LocatedError::Field {
             line: 5,
             col: 1,
             field,
             ..
-        }) => assert_eq!(field, "stages[0].sha256"),
+        })) => assert_eq!(field, "stages[0].sha256"),
         other => panic!("expected a missing sha256, got {other:?}"),
     }
 
     let text = with_stage(&stage.replace("\"a.o\"", "\"dir/a.o\""));
     match Manifest::parse_embedded(&text, "bundle:manifest.toml") {
-        Err(BundleError::ManifestField {
+        Err(BundleError::Manifest(rootlet_bundle::located::LocatedError::Field {
             line: 7,
             col: 10,
             field,
             ..
-        }) => assert_eq!(field, "stages[0].object"),
+        })) => assert_eq!(field, "stages[0].object"),
         other => panic!("expected a bad object name, got {other:?}"),
+    }
+}
+
+#[test]
+fn of_two_unknown_keys_the_first_written_is_reported() {
+    // In file order, not key order ("zeta" sorts after "alpha").
+    let (line, col, field, msg) =
+        field_error(&with_stage(&format!("{STAGE}zeta = 1\nalpha = 2\n")));
+    assert_eq!((line, col, field.as_str()), (11, 1, "stages[0].zeta"));
+    assert!(
+        msg.starts_with("unknown key; expected one of name, object"),
+        "{msg}"
+    );
+
+    let (line, col, field, _) = field_error(&format!("zz = 1\naa = 2\n{FULL}"));
+    assert_eq!((line, col, field.as_str()), (1, 1, "zz"));
+
+    // In an inline table, at the key.
+    let text =
+        "name = \"x\"\nversion = \"1\"\nrootlets = [{ interface = \"lo\", zz = 1, aa = 2 }]\n";
+    let (line, col, field, _) = field_error(text);
+    assert_eq!((line, col, field.as_str()), (3, 33, "rootlets[0].zz"));
+}
+
+#[test]
+fn wrong_types_nested_in_a_stage_point_at_the_value() {
+    let cases = [
+        // (the stage's extra line, line, col, field, message)
+        (
+            "proceed_on = \"pass\"",
+            11,
+            14,
+            "stages[0].proceed_on",
+            "expected an array, found a string",
+        ),
+        (
+            "proceed_on = [\"pass\", 3]",
+            11,
+            23,
+            "stages[0].proceed_on[1]",
+            "expected a string, found an integer",
+        ),
+        (
+            "lease_seconds = \"5\"",
+            11,
+            17,
+            "stages[0].lease_seconds",
+            "expected an integer, found a string",
+        ),
+        (
+            "rootlets = [\"eth0\", { a = 1 }]",
+            11,
+            21,
+            "stages[0].rootlets[1]",
+            "expected a string, found a table",
+        ),
+        (
+            "policies = [true]",
+            11,
+            13,
+            "stages[0].policies[0]",
+            "expected a string, found a boolean",
+        ),
+    ];
+    for (extra, line, col, field, msg) in cases {
+        let got = field_error(&with_stage(&format!("{STAGE}{extra}\n")));
+        assert_eq!(
+            got,
+            (line, col, field.to_string(), msg.to_string()),
+            "{extra}"
+        );
+    }
+    // A stage that is not a table.
+    let text = "name = \"x\"\nversion = \"1\"\nrootlets = [{ interface = \"lo\" }]\nstages = [1]\n";
+    let (line, col, field, msg) = field_error(text);
+    assert_eq!((line, col, field.as_str()), (4, 11, "stages[0]"));
+    assert_eq!(msg, "expected a table, found an integer");
+}
+
+#[test]
+fn a_missing_key_of_an_inline_table_points_at_the_table() {
+    let text = "name = \"x\"\nversion = \"1\"\nrootlets = [{ interface = \"lo\" }]\n\
+                stages = [{ name = \"a\", object = \"a.o\", program = \"p\", owner = \"o\" }]\n";
+    let (line, col, field, msg) = field_error(text);
+    assert_eq!((line, col, field.as_str()), (4, 11, "stages[0].priority"));
+    assert_eq!(msg, "missing required key");
+    let e = Manifest::parse(text, "m.toml").err().map(|e| e.to_string());
+    assert_eq!(
+        e.as_deref(),
+        Some("m.toml:4:11: stages[0].priority: missing required key")
+    );
+}
+
+#[test]
+fn no_serde_private_names_in_paths() {
+    let texts = [
+        with_stage(&STAGE.replace("priority = 1", "priority = \"1\"")),
+        with_stage(&STAGE.replace("owner = \"me\"\n", "")),
+        with_stage(&format!("{STAGE}pin = 1\n")),
+        with_stage(&format!("{STAGE}proceed_on = [1]\n")),
+    ];
+    for text in &texts {
+        let e = Manifest::parse(text, "m.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.starts_with("m.toml:"), "{e}");
+        assert!(!e.contains("serde"), "{e}");
+        assert!(!e.contains('$'), "{e}");
     }
 }

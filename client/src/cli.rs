@@ -552,8 +552,7 @@ fn bundle(cmd: BundleCmd) -> i32 {
         Err(e) => {
             use rootlet_bundle::BundleError as B;
             let code = match e {
-                B::ManifestSyntax { .. }
-                | B::ManifestField { .. }
+                B::Manifest(_)
                 | B::MissingObject { .. }
                 | B::NotElf { .. }
                 | B::DigestMismatch { .. }

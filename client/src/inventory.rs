@@ -115,7 +115,7 @@ impl Inventory {
     /// Parses an inventory; `file` names it in errors and relative paths
     /// are taken from `dir`.
     pub fn parse(text: &str, file: &str, dir: &Path) -> Result<Inventory> {
-        let (src, doc) = Src::parse(file, text)?;
+        let (src, doc) = config::parse(file, text)?;
         let root = Fields::of(&src, doc.get_ref(), &doc.span(), "", &["defaults", "hosts"])?;
 
         let mut defaults = PartialTls::default();

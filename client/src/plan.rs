@@ -306,7 +306,7 @@ impl Plan {
 
     /// Parses a plan; `file` names it in errors.
     pub fn parse(text_in: &str, file: &str) -> Result<Plan> {
-        let (src, doc) = Src::parse(file, text_in)?;
+        let (src, doc) = config::parse(file, text_in)?;
         let root = Fields::of(
             &src,
             doc.get_ref(),

@@ -31,8 +31,7 @@ impl PolicyCmdError {
             self,
             PolicyCmdError::Key(_)
                 | PolicyCmdError::Policy(
-                    PolicyError::Syntax { .. }
-                        | PolicyError::Field { .. }
+                    PolicyError::Document(_)
                         | PolicyError::TooLarge { .. }
                         | PolicyError::Io { .. }
                 )
@@ -149,12 +148,14 @@ pub fn check_types(policy: &PolicyDocument, object: &Path) -> Result<()> {
         path: object.to_path_buf(),
         source,
     })?;
-    let at_start = |field: String, msg: String| PolicyError::Field {
-        file: policy.source.clone(),
-        line: 1,
-        col: 1,
-        field,
-        msg,
+    let at_start = |field: String, msg: String| {
+        PolicyError::Document(rootlet_bundle::located::LocatedError::Field {
+            file: policy.source.clone(),
+            line: 1,
+            col: 1,
+            field,
+            msg,
+        })
     };
     let schema = rootlet_schema::Schema::from_elf(&bytes).map_err(|e| {
         at_start(

@@ -1,36 +1,24 @@
 //! [`PolicyError`]: every way a policy document, its encoding or its
 //! signatures can be wrong, each with what a person needs to fix it (the
-//! file, line and column, and the field's path, of a document error).
+//! file, line and column, and the field's path, of a document error: a
+//! [`LocatedError`], as a manifest's).
 
 use std::{fmt, io, path::PathBuf};
 
-use crate::sign::KeyId;
+use crate::{located::LocatedError, sign::KeyId};
 
 /// Everything that can go wrong reading, encoding, signing or verifying a
 /// policy.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PolicyError {
-    /// Not valid TOML or JSON.
-    #[error("{file}:{line}:{col}: {msg}")]
-    Syntax {
-        file: String,
-        line: usize,
-        col: usize,
-        msg: String,
-    },
-
-    /// Valid TOML or JSON, but a key is unknown, missing, repeated, of the
-    /// wrong type, or has a value the rules do not allow. `field` is a
-    /// path such as `maps.ddos_blocklist.entries[3].key` (indices from 0).
-    #[error("{file}:{line}:{col}: {field}: {msg}")]
-    Field {
-        file: String,
-        line: usize,
-        col: usize,
-        field: String,
-        msg: String,
-    },
+    /// Not valid TOML or JSON, or valid but a key is unknown, missing,
+    /// repeated, of the wrong type, or has a value the rules do not allow
+    /// (`file:line:col: field: message`, the field a path such as
+    /// `maps.ddos_blocklist.entries[3].key`, indices from 0). The shape
+    /// manifests share ([`crate::BundleError::Manifest`]).
+    #[error(transparent)]
+    Document(#[from] LocatedError),
 
     /// Something is larger than the limits allow (see
     /// [`crate::policy::limits`]).

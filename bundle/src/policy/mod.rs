@@ -195,13 +195,13 @@ impl PolicyDocument {
             (None, EntryPart::Key) => (Position::default(), ".key"),
             (None, EntryPart::Value) => (Position::default(), ".value"),
         };
-        PolicyError::Field {
+        PolicyError::Document(crate::located::LocatedError::Field {
             file: self.source.clone(),
             line: at.line,
             col: at.col,
             field: format!("{}{suffix}{detail}", entry_path(map, index)),
             msg: msg.into(),
-        }
+        })
     }
 }
 

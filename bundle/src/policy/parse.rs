@@ -17,7 +17,7 @@ use std::{collections::HashMap, fmt, io::Read, marker::PhantomData, ops::Range, 
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
-use serde_path_to_error::{Path as SerdePath, Segment, Track};
+use serde_path_to_error::Track;
 use toml::Spanned;
 
 use super::{
@@ -25,7 +25,10 @@ use super::{
     limits::{MAX_DESCRIPTION_LEN, MAX_DOCUMENT_SIZE, MAX_ENTRIES, MAX_ENTRIES_PER_MAP, MAX_MAPS},
     value::EntryValue,
 };
-use crate::{located::line_col, manifest::is_valid_name};
+use crate::{
+    located::{LocatedError, field_path as path_string, line_col},
+    manifest::is_valid_name,
+};
 
 /// The two ways to write a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,12 +79,12 @@ impl PolicyDocument {
             let valid = e.utf8_error().valid_up_to();
             let before = String::from_utf8_lossy(e.as_bytes().get(..valid).unwrap_or_default());
             let (line, col) = line_col(&before, before.len());
-            PolicyError::Syntax {
+            PolicyError::Document(LocatedError::Syntax {
                 file: name.clone(),
                 line,
                 col,
                 msg: "not valid UTF-8".to_string(),
-            }
+            })
         })?;
         PolicyDocument::parse(&text, path)
     }
@@ -273,12 +276,12 @@ fn parse_toml(text: &str, file: &str) -> Result<PolicyDocument> {
     check_size(text, file)?;
     let de = toml::de::Deserializer::parse(text).map_err(|e| {
         let (line, col) = line_col(text, e.span().map_or(0, |s| s.start));
-        PolicyError::Syntax {
+        PolicyError::Document(LocatedError::Syntax {
             file: file.to_string(),
             line,
             col,
             msg: e.message().trim_end().to_string(),
-        }
+        })
     })?;
     let mut track = Track::new();
     let raw: RawDoc<Spanned<TomlEntry>> = RawDoc::deserialize(
@@ -286,13 +289,13 @@ fn parse_toml(text: &str, file: &str) -> Result<PolicyDocument> {
     )
     .map_err(|e| {
         let (line, col) = line_col(text, e.span().map_or(0, |s| s.start));
-        PolicyError::Field {
+        PolicyError::Document(LocatedError::Field {
             file: file.to_string(),
             line,
             col,
             field: path_string(&track.path()),
             msg: e.message().trim_end().to_string(),
-        }
+        })
     })?;
     let mut lines = Lines::new(text);
     let mut pos = |span: Range<usize>| lines.position(span.start);
@@ -377,19 +380,19 @@ fn json_error(file: &str, field: &str, e: &serde_json::Error, base: (usize, usiz
     let suffix = format!(" at line {} column {}", e.line(), e.column());
     let msg = full.strip_suffix(&suffix).unwrap_or(&full).to_string();
     match e.classify() {
-        serde_json::error::Category::Data => PolicyError::Field {
+        serde_json::error::Category::Data => PolicyError::Document(LocatedError::Field {
             file: file.to_string(),
             line,
             col,
             field: field.to_string(),
             msg,
-        },
-        _ => PolicyError::Syntax {
+        }),
+        _ => PolicyError::Document(LocatedError::Syntax {
             file: file.to_string(),
             line,
             col,
             msg,
-        },
+        }),
     }
 }
 
@@ -425,13 +428,13 @@ fn finish<E>(
             let e = entry(&name, i, e)?;
             if let Some(first) = seen.insert(super::canonical::value_text(&e.key), i) {
                 let line = entries.get(first).map_or(0, |f: &Entry| f.at.line);
-                return Err(PolicyError::Field {
+                return Err(PolicyError::Document(LocatedError::Field {
                     file: file.to_string(),
                     line: e.key_at.line,
                     col: e.key_at.col,
                     field: format!("{}.key", super::entry_path(&name, i)),
                     msg: format!("the same key as entries[{first}] (line {line})"),
-                });
+                }));
             }
             entries.push(e);
         }
@@ -494,26 +497,4 @@ impl<'a> Lines<'a> {
         self.last = Some((offset, p));
         p
     }
-}
-
-/// serde_path_to_error's path in this crate's spelling
-/// (`maps.x.entries[3].key`), without the segments `toml::Spanned` adds.
-fn path_string(path: &SerdePath) -> String {
-    let mut out = String::new();
-    for seg in path.iter() {
-        match seg {
-            Segment::Seq { index } => {
-                out.push_str(&format!("[{index}]"));
-            }
-            Segment::Map { key } if key.starts_with("$__serde_spanned") => {}
-            Segment::Map { key } | Segment::Enum { variant: key } => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(key);
-            }
-            Segment::Unknown => {}
-        }
-    }
-    out
 }
