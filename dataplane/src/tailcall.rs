@@ -499,10 +499,8 @@ fn load_instances(
             reuse: Some(reuse),
         }
     }
-    // The twin's maps, then its load, outlive the loader the first load
-    // keeps for it.
+    // The twin's maps outlive the loader the first load keeps for it.
     let mut twin = slot_reuse(ctx, maps, slot, None)?;
-    let twin_load;
     let one = load(spec, &program, &mode, &first);
     let (prog, kept) = one.xdp_keeping()?;
     // Before any hop array can reach it; the twin shares these maps.
@@ -517,7 +515,7 @@ fn load_instances(
             twin.add(&name, fd.as_fd())?;
         }
     }
-    twin_load = load(spec, &program, &twin_mode, &twin);
+    let twin_load = load(spec, &program, &twin_mode, &twin);
     // The same object with the other parity: the first load's loader
     // (one kernel BTF parse per stage, not per instance) where that is
     // exactly a new one, see `Load::xdp_after`.
