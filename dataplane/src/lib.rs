@@ -85,8 +85,10 @@ pub struct Config {
     pub warm_loaders: usize,
 }
 
-/// The default of [`Config::warm_loaders`]: what a 3-stage tail-call
-/// switch takes (two instances per stage).
+/// The default of [`Config::warm_loaders`]: more than the largest change
+/// it must serve, a 3-stage switch (tail-call: one loader per new stage,
+/// its second instance reusing it; freplace: the rootlet instance and one
+/// per new stage, 4), so that two such switches in a row find loaders.
 pub const DEFAULT_WARM_LOADERS: usize = 6;
 
 impl Default for Config {

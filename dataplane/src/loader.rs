@@ -62,6 +62,11 @@ impl MapReuse {
         self.maps.push((name.to_owned(), path));
     }
 
+    /// The object map names this reuse sets a path for.
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.maps.iter().map(|(name, _)| name.as_str())
+    }
+
     fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
         // A map the object asks to pin by name (LIBBPF_PIN_BY_NAME) is
         // pinned here, in this load's own transient directory, which goes
@@ -182,17 +187,25 @@ fn kernel_btf_for(bytes: &[u8]) -> Option<&'static aya::Btf> {
 }
 
 impl<'a> Load<'a> {
-    fn loader(&'a self) -> EbpfLoader<'a> {
-        // A loader made ahead of time (`warm.rs`): aya 0.14's `new()` parses
-        // the kernel BTF, which the next line replaces anyway.
-        let mut loader = crate::warm::take();
+    /// Sets this load's BTF, globals and maps on `loader`. Every setting
+    /// aya's builder holds is one this sets each time (BTF, the default
+    /// pin directory) or sets by name (globals, map pin paths); nothing
+    /// else is ever set on a loader of an XDP load. [`Kept`] relies on it.
+    fn configure(&'a self, loader: &mut EbpfLoader<'a>) {
         loader.btf(budget::time(Step::Parse, || kernel_btf_for(self.bytes)));
         for &(name, value, must_exist) in &self.globals {
             loader.override_global(name, value, must_exist);
         }
         if let Some(reuse) = self.reuse {
-            reuse.apply(&mut loader);
+            reuse.apply(loader);
         }
+    }
+
+    fn loader(&'a self) -> EbpfLoader<'a> {
+        // A loader made ahead of time (`warm.rs`): aya 0.14's `new()` parses
+        // the kernel BTF, which `configure` replaces anyway.
+        let mut loader = crate::warm::take();
+        self.configure(&mut loader);
         loader
     }
 
@@ -204,7 +217,60 @@ impl<'a> Load<'a> {
     /// Loads the object and keeps aya's handle, for a rootlet that
     /// extensions will be loaded against.
     pub fn xdp_target(&self) -> Result<Target> {
-        let mut ebpf = budget::time(Step::Parse, || self.loader().load(self.bytes))
+        self.load_xdp(&mut self.loader())
+    }
+
+    /// As [`Load::xdp`], and keeps the loader for one more load of the same
+    /// object with the same globals ([`Load::xdp_after`]).
+    pub fn xdp_keeping(&'a self) -> Result<(OwnedFd, Kept<'a>)> {
+        let mut loader = self.loader();
+        let fd = self.load_xdp(&mut loader)?.fd;
+        let kept = Kept {
+            loader,
+            bytes: self.bytes,
+            globals: self.globals.iter().map(|g| g.0).collect(),
+            maps: self
+                .reuse
+                .map(|r| r.names().map(str::to_owned).collect())
+                .unwrap_or_default(),
+        };
+        Ok((fd, kept))
+    }
+
+    /// Loads the object's program as an XDP program with the loader `kept`
+    /// if that is the same as a new one: aya 0.14's builder only
+    /// accumulates settings (and `EbpfLoader::load` changes none), so a
+    /// used loader, configured again, holds exactly what a new one would
+    /// when this load sets the same object, the same globals by name, and a
+    /// path for every map name the first load set one for. Otherwise (or
+    /// for an object without map reuse) it takes a new loader.
+    pub fn xdp_after(&'a self, kept: Kept<'a>) -> Result<OwnedFd> {
+        let Kept {
+            mut loader,
+            bytes,
+            globals,
+            maps,
+        } = kept;
+        let same_globals = {
+            let mut now: Vec<&str> = self.globals.iter().map(|g| g.0).collect();
+            let mut was = globals;
+            now.sort_unstable();
+            was.sort_unstable();
+            now == was
+        };
+        let covers = self.reuse.is_some_and(|r| {
+            let names: std::collections::BTreeSet<&str> = r.names().collect();
+            maps.iter().all(|m| names.contains(m.as_str()))
+        });
+        if bytes != self.bytes || !same_globals || !covers {
+            return self.xdp();
+        }
+        self.configure(&mut loader);
+        Ok(self.load_xdp(&mut loader)?.fd)
+    }
+
+    fn load_xdp(&self, loader: &mut EbpfLoader<'_>) -> Result<Target> {
+        let mut ebpf = budget::time(Step::Parse, || loader.load(self.bytes))
             .map_err(|e| load_error(&self.what, e))?;
         let prog: &mut Xdp = ebpf
             .program_mut(self.what.program)
@@ -241,6 +307,16 @@ impl<'a> Load<'a> {
         let fd = ext.fd().map_err(|e| load_error(&self.what, e))?;
         Ok(sys::dup(fd.as_fd())?)
     }
+}
+
+/// A loader that has loaded once, with what it was configured with: for a
+/// second load of the same object ([`Load::xdp_after`]), which then costs no
+/// new loader (aya 0.14 parses the kernel BTF in each `EbpfLoader::new()`).
+pub struct Kept<'a> {
+    loader: EbpfLoader<'a>,
+    bytes: &'a [u8],
+    globals: Vec<&'a str>,
+    maps: Vec<String>,
 }
 
 /// A freshly loaded rootlet: our fd, and aya's (to load extensions against).

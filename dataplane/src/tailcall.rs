@@ -19,7 +19,8 @@
 //! ready for an instant rollback, until the next change. A stage whose
 //! neighbours change keeps its programs: only hop entries change, so it is
 //! never loaded or verified again. A new stage is verified twice, once per
-//! parity, in the change that brings it.
+//! parity, in the change that brings it, with one aya loader (the second
+//! load reuses the first's, `Load::xdp_after`).
 //!
 //! Each slot has an owner array (`slot-K`, four entries): entry p holds the
 //! instance parity p runs, entry 2+p the parity-p instance of the stage the
@@ -462,27 +463,48 @@ fn load_instances(
     } else {
         spec.program.clone()
     };
-    let load = |parity: u32, reuse: &MapReuse| {
-        let chain = ChainMode::new(slot, parity);
-        Load {
+    let first = slot_reuse(ctx, maps, slot, keep)?;
+    if !chainable {
+        let prog = Load {
             bytes: &spec.object,
             what: What {
                 stage: Some(&spec.name),
                 program: &program,
             },
-            globals: if chainable { chain.globals() } else { vec![] },
-            reuse: Some(reuse),
+            globals: vec![],
+            reuse: Some(&first),
         }
-        .xdp()
-    };
-    let prog = load(parity, &slot_reuse(ctx, maps, slot, keep)?)?;
-    // Before any hop array can reach it; the twin shares these maps.
-    policy::install_empty(prog.as_fd(), &spec.object, &spec.name)?;
-    if !chainable {
+        .xdp()?;
+        policy::install_empty(prog.as_fd(), &spec.object, &spec.name)?;
         let same = sys::dup(prog.as_fd())?;
         return Ok((prog, same));
     }
-    let mut reuse = slot_reuse(ctx, maps, slot, None)?;
+    let (mode, twin_mode) = (
+        ChainMode::new(slot, parity),
+        ChainMode::new(slot, 1 - parity),
+    );
+    fn load<'a>(
+        spec: &'a super::spec::StageSpec,
+        program: &'a str,
+        chain: &'a ChainMode,
+        reuse: &'a MapReuse,
+    ) -> Load<'a> {
+        Load {
+            bytes: &spec.object,
+            what: What {
+                stage: Some(&spec.name),
+                program,
+            },
+            globals: chain.globals(),
+            reuse: Some(reuse),
+        }
+    }
+    // The twin's maps outlive the loader the first load keeps for it.
+    let mut twin = slot_reuse(ctx, maps, slot, None)?;
+    let one = load(spec, &program, &mode, &first);
+    let (prog, kept) = one.xdp_keeping()?;
+    // Before any hop array can reach it; the twin shares these maps.
+    policy::install_empty(prog.as_fd(), &spec.object, &spec.name)?;
     let mut own = maps_of(prog.as_fd())?;
     let names = object::stage_maps(&spec.object).map_err(|source| Error::Check {
         stage: spec.name.clone(),
@@ -490,10 +512,14 @@ fn load_instances(
     })?;
     for name in names {
         if let Some(fd) = own.remove(object::truncate(&name)) {
-            reuse.add(&name, fd.as_fd())?;
+            twin.add(&name, fd.as_fd())?;
         }
     }
-    let twin = load(1 - parity, &reuse)?;
+    let twin_load = load(spec, &program, &twin_mode, &twin);
+    // The same object with the other parity: the first load's loader
+    // (one kernel BTF parse per stage, not per instance) where that is
+    // exactly a new one, see `Load::xdp_after`.
+    let twin = twin_load.xdp_after(kept)?;
     Ok((prog, twin))
 }
 

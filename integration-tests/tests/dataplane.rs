@@ -1882,6 +1882,92 @@ fn counters_item11_a_build_keeps_its_identity_and_reports_every_instance() {
     dp.unload_rootlet(key).expect("unload");
 }
 
+/// The map ids of the two instances of `name` (tail-call), by map name.
+fn instance_maps(
+    dp: &rootlet_dataplane::Dataplane,
+    key: rootlet_dataplane::spec::RootletKey,
+    name: &str,
+) -> [std::collections::BTreeMap<String, u32>; 2] {
+    let state = dp.state(key).expect("state");
+    let s = slot(&state, name);
+    assert_eq!(s.instances.len(), 2, "two instances: {:?}", s.instances);
+    let ids = |id: u32| {
+        maps_of_prog(id)
+            .into_iter()
+            .map(|(n, fd)| (n, sys::map_info(fd.as_fd()).expect("map info").id))
+            .collect()
+    };
+    [ids(s.instances[0].id), ids(s.instances[1].id)]
+}
+
+/// A new tail-call stage is loaded twice (one instance per parity, the
+/// second with the first's aya loader, `Load::xdp_after`): both instances
+/// use the same maps, the rootlet's and the stage's own, kept ones too,
+/// and each has only its global data (`.rodata`, `.bss`...) of its own.
+#[test]
+fn a_new_stages_two_instances_share_its_maps_and_own_only_their_data() {
+    let f = Fixture::new();
+    let dp = f.open();
+    if assert_backend(&dp) != Backend::TailCall {
+        eprintln!("freplace: one instance per stage, nothing to compare");
+        return;
+    }
+    let key = f.load(&dp);
+    dp.apply(key, &[Change::Link(stage("ddos", "ddos", 10))], None)
+        .expect("link");
+    let check = |what: &str, [a, b]: &[std::collections::BTreeMap<String, u32>; 2]| {
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{what}: the same maps by name"
+        );
+        for (name, id) in a {
+            if name.starts_with('.') {
+                assert_ne!(id, &b[name], "{what}: {name} is each instance's own");
+            } else {
+                assert_eq!(id, &b[name], "{what}: {name} is shared");
+            }
+        }
+        for name in [
+            rootlet_dataplane::abi::STATS_MAP,
+            rootlet_dataplane::abi::NEXT_MAP,
+            policy::BLOCKLIST,
+        ] {
+            assert!(a.contains_key(name), "{what}: {name} in {a:?}");
+        }
+        // The read-only data holds the instance's parity: they differ.
+        let rodata = |id: u32| {
+            let map = sys::map_fd_by_id(id).expect("map by id");
+            let size = sys::map_info(map.as_fd()).expect("map info").value_size as usize;
+            let mut value = vec![0u8; size];
+            assert!(
+                sys::map_lookup(map.as_fd(), &0u32.to_ne_bytes(), &mut value).expect("lookup"),
+                "{what}: .rodata has its entry"
+            );
+            value
+        };
+        let (ra, rb) = (a.get(".rodata"), b.get(".rodata"));
+        let (Some(ra), Some(rb)) = (ra, rb) else {
+            panic!("{what}: .rodata in both: {a:?} {b:?}");
+        };
+        assert_ne!(rodata(*ra), rodata(*rb), "{what}: one instance per parity");
+    };
+    let linked = instance_maps(&dp, key, "ddos");
+    check("linked", &linked);
+    let mut keep = stage("ddos", "ddos_v2", 10);
+    keep.maps = MapPolicy::Keep;
+    dp.apply(key, &[Change::Replace(keep)], None)
+        .expect("replace keeping maps");
+    let kept = instance_maps(&dp, key, "ddos");
+    check("kept", &kept);
+    assert_eq!(
+        kept[0][policy::BLOCKLIST],
+        linked[0][policy::BLOCKLIST],
+        "kept: both new instances use the old blocklist"
+    );
+    dp.unload_rootlet(key).expect("unload");
+}
+
 // ---------------------------------------------------------------- policy maps
 
 /// `n` addresses 10.`net`.x.y, each a /32 blocklist entry with rule `rule`.

@@ -99,6 +99,8 @@ pub(crate) fn single_replacements(args: &Args, dp: &Dataplane, key: RootletKey) 
 /// Spaced replacements: how many, and how far apart.
 const SPACED: usize = 50;
 const SPACING: Duration = Duration::from_millis(100);
+/// The pause between spaced 3-stage switches.
+const MULTI_SPACING: Duration = Duration::from_millis(300);
 
 fn range(v: &[u32]) -> String {
     match (v.iter().min(), v.iter().max()) {
@@ -231,6 +233,9 @@ pub(crate) struct OverRpc {
     pub(crate) spaced_steps: Vec<Budget>,
     pub(crate) multi: Latencies,
     pub(crate) multi_steps: Vec<Budget>,
+    /// 3-stage switches MULTI_SPACING apart, after the back-to-back ones.
+    pub(crate) multi_spaced: Latencies,
+    pub(crate) multi_spaced_steps: Vec<Budget>,
     /// aya 0.14's `EbpfLoader::new()` in this process (it parses the
     /// kernel BTF, which every load pays): the median of 5.
     pub(crate) loader_new: Duration,
@@ -322,38 +327,28 @@ pub(crate) fn over_rpc(args: &Args, backend: BackendChoice) -> Result<OverRpc> {
             ..Default::default()
         };
         c.apply_bundle(apply(&bundles[1])).await?;
-        let mut multi = Latencies::default();
-        let mut multi_steps = vec![];
-        let ids = |s: &pb::RootletState| -> Vec<u32> {
-            s.slots
-                .iter()
-                .map(|s| s.program.as_ref().map_or(0, |p| p.id))
-                .collect()
-        };
-        let get = pb::GetRootletRequest {
-            rootlet: rootlet.clone(),
-        };
-        for i in 0..args.multi as usize {
-            let req = apply(&bundles[i % 2]);
-            let was = ids(&c.get_rootlet(get.clone()).await?.into_inner());
-            let before = d.budget()?;
-            let start = Instant::now();
-            let reply = c.apply_bundle(req).await?.into_inner();
-            let took = start.elapsed();
-            let budget = d.budget()?.since(&before);
-            let now = ids(&c.get_rootlet(get.clone()).await?.into_inner());
-            let replaced = was.iter().zip(&now).filter(|(a, b)| a != b).count();
-            if reply.noop || replaced != 3 || now.len() != 3 || budget.changes != 1 {
-                return Err(format!(
-                    "3-stage switch {i}: replaced {replaced} of {} programs, {} changes timed",
-                    now.len(),
-                    budget.changes
-                )
-                .into());
-            }
-            multi.0.push(took);
-            multi_steps.push(budget);
-        }
+        let requests: Vec<_> = bundles.iter().map(apply).collect();
+        let (multi, multi_steps) = switches(
+            &mut c,
+            &d,
+            &rootlet,
+            &requests,
+            (0, args.multi as usize),
+            Duration::ZERO,
+        )
+        .await?;
+        // Spaced far enough apart for the loader pool to refill (six
+        // parses at most), as changes from an operator or a controller are.
+        let n = (args.multi as usize).min(SPACED);
+        let (multi_spaced, multi_spaced_steps) = switches(
+            &mut c,
+            &d,
+            &rootlet,
+            &requests,
+            (args.multi as usize, n),
+            MULTI_SPACING,
+        )
+        .await?;
         tokio::time::sleep(SETTLE).await;
         let after = d.memory()?;
         Ok(OverRpc {
@@ -363,6 +358,8 @@ pub(crate) fn over_rpc(args: &Args, backend: BackendChoice) -> Result<OverRpc> {
             spaced_steps,
             multi,
             multi_steps,
+            multi_spaced,
+            multi_spaced_steps,
             loader_new,
             idle,
             after,
@@ -373,6 +370,53 @@ pub(crate) fn over_rpc(args: &Args, backend: BackendChoice) -> Result<OverRpc> {
     drop(rt);
     drop(d);
     out
+}
+
+/// `n` 3-stage ApplyBundle switches, alternating `requests` from index
+/// `start` (which must differ from what runs), `pause` apart: each one's wall time and
+/// rootletd's budget of it. Each must replace all three programs.
+async fn switches(
+    c: &mut RootletClient<Channel>,
+    d: &Daemon,
+    rootlet: &Option<pb::RootletRef>,
+    requests: &[pb::ApplyBundleRequest],
+    (start, n): (usize, usize),
+    pause: Duration,
+) -> Result<(Latencies, Vec<Budget>)> {
+    let mut out = Latencies::default();
+    let mut steps = vec![];
+    let ids = |s: &pb::RootletState| -> Vec<u32> {
+        s.slots
+            .iter()
+            .map(|s| s.program.as_ref().map_or(0, |p| p.id))
+            .collect()
+    };
+    let get = pb::GetRootletRequest {
+        rootlet: rootlet.clone(),
+    };
+    for i in 0..n {
+        tokio::time::sleep(pause).await;
+        let req = requests[(start + i) % requests.len()].clone();
+        let was = ids(&c.get_rootlet(get.clone()).await?.into_inner());
+        let before = d.budget()?;
+        let start = Instant::now();
+        let reply = c.apply_bundle(req).await?.into_inner();
+        let took = start.elapsed();
+        let budget = d.budget()?.since(&before);
+        let now = ids(&c.get_rootlet(get.clone()).await?.into_inner());
+        let replaced = was.iter().zip(&now).filter(|(a, b)| a != b).count();
+        if reply.noop || replaced != 3 || now.len() != 3 || budget.changes != 1 {
+            return Err(format!(
+                "3-stage switch {i}: replaced {replaced} of {} programs, {} changes timed",
+                now.len(),
+                budget.changes
+            )
+            .into());
+        }
+        out.0.push(took);
+        steps.push(budget);
+    }
+    Ok((out, steps))
 }
 
 /// `n` ReplaceStage calls of s1, alternating OBJECTS, `pause` apart:
@@ -452,6 +496,11 @@ pub(crate) fn print_rpc(args: &Args, r: &OverRpc) {
         "   3-stage ApplyBundle switch            {}",
         r.multi.summary()
     );
+    println!(
+        "   the same, {} ms apart                {}",
+        MULTI_SPACING.as_millis(),
+        r.multi_spaced.summary()
+    );
     if args.replacements < 100 || args.multi < 100 {
         println!("   (nearest rank: with n < 100 samples, p99 is the maximum)");
     }
@@ -463,11 +512,12 @@ pub(crate) fn print_rpc(args: &Args, r: &OverRpc) {
     );
     println!();
     println!(
-        "   {:<26}{:>20}{:>20}{:>20}",
+        "   {:<26}{:>20}{:>20}{:>20}{:>20}",
         "step",
         "one-stage",
         format!("{} ms apart", SPACING.as_millis()),
-        "3-stage"
+        "3-stage",
+        format!("3-stage, {} ms", MULTI_SPACING.as_millis())
     );
     let cell = |steps: &[Budget], name: &str| {
         let sum: f64 = steps.iter().map(|b| b.total).sum();
@@ -477,11 +527,12 @@ pub(crate) fn print_rpc(args: &Args, r: &OverRpc) {
     };
     for name in step_names() {
         println!(
-            "   {:<26}{:>20}{:>20}{:>20}",
+            "   {:<26}{:>20}{:>20}{:>20}{:>20}",
             name,
             cell(&r.single_steps, name),
             cell(&r.spaced_steps, name),
-            cell(&r.multi_steps, name)
+            cell(&r.multi_steps, name),
+            cell(&r.multi_spaced_steps, name)
         );
     }
     let total = |steps: &[Budget]| median(steps.iter().map(|b| b.total).collect()) * 1e3;
@@ -495,18 +546,20 @@ pub(crate) fn print_rpc(args: &Args, r: &OverRpc) {
         median(per) * 1e3
     };
     println!(
-        "   {:<26}{:>12.3} ms{:>17.3} ms{:>17.3} ms",
+        "   {:<26}{:>12.3} ms{:>17.3} ms{:>17.3} ms{:>17.3} ms",
         "rootletd total",
         total(&r.single_steps),
         total(&r.spaced_steps),
-        total(&r.multi_steps)
+        total(&r.multi_steps),
+        total(&r.multi_spaced_steps)
     );
     println!(
-        "   {:<26}{:>12.3} ms{:>17.3} ms{:>17.3} ms",
+        "   {:<26}{:>12.3} ms{:>17.3} ms{:>17.3} ms{:>17.3} ms",
         "outside it (client, h2)",
         outside(&r.single, &r.single_steps),
         outside(&r.spaced, &r.spaced_steps),
-        outside(&r.multi, &r.multi_steps)
+        outside(&r.multi, &r.multi_steps),
+        outside(&r.multi_spaced, &r.multi_spaced_steps)
     );
     println!(
         "   (aya 0.14's EbpfLoader::new(), which every load calls, parses the kernel BTF: {} here)",
