@@ -776,38 +776,90 @@ async fn a_deadline_ends_the_call_and_a_retry_with_its_key_converges() {
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
         "the deadline is honoured: {err:?}"
     );
-    // The change ran to completion or not at all; retrying with the same key
-    // converges on exactly one linked stage, whichever happened.
+    // The first call ran to completion or never reached the agent. The retry
+    // with its key gets the first call's answer in every case: stored if the
+    // first call ended, shared if it still runs (one call per key at a
+    // time), its own if the first never arrived. Never ALREADY_EXISTS: that
+    // would be a second run of the change.
     let retry = pb::LinkStageRequest {
         idempotency_key: "deadline-1".into(),
         ..link(a.rootlet(), stage("sampler", "sampler", 10))
     };
-    let done = match ops.link_stage(retry).await {
-        Ok(r) => r.into_inner(),
-        // The first call linked the stage but was cut before its key was
-        // stored: the retry finds the stage there, linked once.
-        Err(e) if e.code() == Code::AlreadyExists => {
-            let s = ops
-                .get_rootlet(pb::GetRootletRequest {
-                    rootlet: a.rootlet(),
-                })
-                .await
-                .expect("state")
-                .into_inner();
-            pb::ChangeResult {
-                generation: s.generation,
-                rootlet: Some(s),
-                lease_id: String::new(),
-            }
-        }
-        Err(e) => panic!("retry: {e:?}"),
-    };
+    let done = ops
+        .link_stage(retry)
+        .await
+        .expect("the retry gets the answer of the call with its key")
+        .into_inner();
     let s = done.rootlet.expect("state");
     assert_eq!(
         s.slots.iter().map(|x| x.stage.as_str()).collect::<Vec<_>>(),
         ["sampler"]
     );
     assert_eq!(s.generation, 2, "one change, whatever the deadline did");
+}
+
+/// Sixteen identical LinkStage calls with one idempotency key at the same
+/// moment, as clients retrying after a timeout send them, to a rootletd
+/// over its Unix socket: one runs, the others wait for it, and all sixteen
+/// get its answer; the stage is linked once (one new generation). Before
+/// one call per key at a time, one got OK and fifteen ALREADY_EXISTS.
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_identical_keyed_calls_at_once_get_the_first_calls_answer() {
+    use rootlet_integration_tests::rootletd::Daemon;
+    use std::sync::Arc;
+    let f = Fixture::new();
+    let mut d = Daemon::start(&f, fixture::backend()).expect("start rootletd");
+    let mut ops = d.connect().await.expect("connect");
+    let loaded = api::load(&mut ops, &f).await;
+    let gate = Arc::new(tokio::sync::Barrier::new(16));
+    let mut calls = vec![];
+    for _ in 0..16 {
+        // A connection each: sixteen clients, not one multiplexed one.
+        let mut c = d.connect().await.expect("connect");
+        let gate = gate.clone();
+        let req = pb::LinkStageRequest {
+            idempotency_key: "retry-storm-1".into(),
+            ..link(api::rootlet_ref(&f), stage("sampler", "sampler", 10))
+        };
+        calls.push(tokio::spawn(async move {
+            gate.wait().await;
+            c.link_stage(req).await.map(|r| r.into_inner())
+        }));
+    }
+    let answers = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(calls))
+        .await
+        .expect("every duplicate is answered in time");
+    let answers: Vec<pb::ChangeResult> = answers
+        .into_iter()
+        .map(|r| {
+            r.expect("task")
+                .expect("every call gets the first call's answer")
+        })
+        .collect();
+    let first = &answers[0];
+    assert_eq!(first.generation, loaded.generation + 1);
+    for a in &answers {
+        assert_eq!(a, first, "the same answer to each of the sixteen");
+    }
+    let s = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: api::rootlet_ref(&f),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    assert_eq!(
+        s.slots.iter().map(|x| x.stage.as_str()).collect::<Vec<_>>(),
+        ["sampler"]
+    );
+    assert_eq!(s.generation, first.generation, "the stage was linked once");
+    // Another request under the key is refused, still: the key is taken.
+    let other = pb::LinkStageRequest {
+        idempotency_key: "retry-storm-1".into(),
+        ..link(api::rootlet_ref(&f), stage("other", "sampler", 11))
+    };
+    let err = ops.link_stage(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
 
 fn apply(bytes: Vec<u8>) -> pb::ApplyBundleRequest {
@@ -1662,7 +1714,7 @@ async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
         true,
     );
     let err = ops.apply_bundle(failing_on_2(v2)).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let stages_of = |k: &Kernel| k.as_ref().map(|k| k.1.clone());
     assert_eq!(
         stages_of(&kernel(&mut ops, a.rootlet()).await),
@@ -1767,7 +1819,7 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
         .expect("the apply ends")
         .expect("task")
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let (_, after) = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
     let mut names: Vec<&str> = after.iter().map(|s| s.0.as_str()).collect();
     names.sort_unstable();
