@@ -2723,7 +2723,7 @@ async fn admin_rounds(
         versions.insert(version.clone(), object);
         bundles.push(a.bundle_of("edge", &version, &[("x-edge", object, 50, "ops")], true));
     }
-    for j in 0..rounds {
+    for (j, bundle) in bundles.into_iter().enumerate() {
         if j % 2 == 1 {
             let (g, e) = if (j / 2) % 2 == 0 {
                 let g = c
@@ -2760,7 +2760,7 @@ async fn admin_rounds(
             })
             .await?
         } else {
-            c.apply_bundle(apply(bundles[j].clone())).await?
+            c.apply_bundle(apply(bundle)).await?
         }
         .into_inner();
         let object = versions[&reply.version];
