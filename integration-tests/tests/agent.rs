@@ -1811,12 +1811,10 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
         assert!(Instant::now() < end, "the first rootlet never changed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    ops.link_stage(link(a.rootlet(), stage("late", "test_pass", 5)))
-        .await
-        .expect("a stage linked meanwhile");
-    // And another call replaces lb, which the bundle linked: the change
-    // lb holds now is no longer the bundle's, and the undo leaves it (it
-    // used to unlink every stage not there before the apply).
+    // Another call replaces lb, which the bundle linked: the change lb
+    // holds now is no longer the bundle's, and the undo leaves it (it used
+    // to unlink every stage not there before the apply). First, as the
+    // pause is short under emulation; then a stage is linked.
     ops.replace_stage(pb::ReplaceStageRequest {
         rootlet: a.rootlet(),
         stage: Some(stage("lb", "test_pass", 30)),
@@ -1824,6 +1822,9 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
     })
     .await
     .expect("lb replaced meanwhile");
+    ops.link_stage(link(a.rootlet(), stage("late", "test_pass", 5)))
+        .await
+        .expect("a stage linked meanwhile");
     let err = tokio::time::timeout(Duration::from_secs(60), apply_v2)
         .await
         .expect("the apply ends")
