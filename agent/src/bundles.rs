@@ -68,6 +68,10 @@ pub struct StatusView {
     pub keyed: Option<Attempt>,
 }
 
+/// How often an undo recomputes its inverse when the rootlet changed
+/// under it.
+const UNDO_ATTEMPTS: usize = 5;
+
 /// How to put one rootlet back if a later rootlet of the same apply fails.
 struct Undo {
     key: RootletKey,
@@ -75,6 +79,8 @@ struct Undo {
     loaded_now: bool,
     /// What the apply changed, once its generation went live.
     applied: Vec<Change>,
+    /// The generation the apply produced (0 until it went live).
+    generation: u64,
     /// The version of this bundle it ran before, and its target entry.
     previous: Option<(Bundle, rootlet_bundle::RootletTarget)>,
 }
@@ -451,6 +457,7 @@ impl super::Agent {
                 key: *key,
                 loaded_now: false,
                 applied: vec![],
+                generation: 0,
                 previous: None,
             };
             let result = (|| -> Result<(u64, bool)> {
@@ -475,6 +482,7 @@ impl super::Agent {
                             authorize(grant, pipeline, changes)
                         })?;
                 undo.applied = changes.clone();
+                undo.generation = generation;
                 // The initial policies of the stages it runs now.
                 for stage in manifest.stages_for(target) {
                     self.apply_initial(grant, *key, &stage.name, &bundle.stage_policies(stage))?;
@@ -682,21 +690,56 @@ impl super::Agent {
     /// exact inverse of what the apply changed there. Stages the apply did
     /// not touch (another team's, linked meanwhile) stay.
     fn undo(&self, undo: &Undo) -> Result<()> {
-        let running: Vec<String> = self
-            .dp
-            .state(undo.key)?
-            .slots
-            .into_iter()
-            .map(|s| s.stage)
-            .collect();
         if undo.loaded_now {
-            let linked: Vec<&str> = undo.applied.iter().map(change_name).collect();
-            if running.iter().all(|s| linked.contains(&s.as_str())) {
-                self.dp.unload_rootlet(undo.key)?;
+            // Unloaded only if, under the rootlet's lock, it runs nothing but
+            // what this apply linked (another team may have linked since).
+            let unloaded = self.dp.unload_rootlet_if(undo.key, |pipeline| {
+                Ok::<bool, AgentError>(pipeline.stages.iter().all(|s| {
+                    undo.applied.iter().any(|c| {
+                        matches!(c, Change::Link(spec) if spec.name == s.name && spec.digest() == s.digest)
+                    })
+                }))
+            })?;
+            if unloaded {
                 self.emit(undo.key, "unloaded");
                 return Ok(());
             }
         }
+        // The inverse is computed against the pipeline it applies to and
+        // applied under that generation: first the one the apply produced;
+        // if another call changed the rootlet since, against the newer one,
+        // whose stages this bundle no longer left as they are not touched.
+        for _ in 0..UNDO_ATTEMPTS {
+            let state = self.dp.state(undo.key)?;
+            let inverse = self.inverse(undo, &state)?;
+            if inverse.is_empty() {
+                return Ok(());
+            }
+            match self.dp.apply(undo.key, &inverse, Some(state.generation)) {
+                Err(rootlet_dataplane::Error::VersionMismatch { .. }) => continue,
+                other => {
+                    other?;
+                    self.emit(undo.key, "changed");
+                    return Ok(());
+                }
+            }
+        }
+        Err(AgentError::Conflict(format!(
+            "{} kept changing during the undo; retry",
+            undo.key
+        )))
+    }
+
+    /// The exact inverse of what `undo`'s apply changed, limited to the
+    /// stages that are still as that apply left them in `state`: a stage
+    /// the bundle linked or replaced still runs its object under its owner,
+    /// a stage it unlinked is still absent. A stage the bundle did not
+    /// change, or that another call changed since, is never touched.
+    fn inverse(
+        &self,
+        undo: &Undo,
+        state: &rootlet_dataplane::state::RootletState,
+    ) -> Result<Vec<Change>> {
         let previous = |name: &str| -> Result<StageSpec> {
             let (prev, target) = undo.previous.as_ref().ok_or_else(|| {
                 AgentError::NotFound(format!(
@@ -712,30 +755,30 @@ impl super::Agent {
                 })?;
             spec_of(prev, stage)
         };
+        let running = |name: &str| state.slots.iter().find(|s| s.stage == name);
+        let as_left = |spec: &StageSpec| {
+            running(&spec.name).is_some_and(|s| s.digest == spec.digest() && s.owner == spec.owner)
+        };
         let mut inverse = vec![];
         for change in &undo.applied {
             let name = change_name(change);
-            let is_running = running.iter().any(|s| s == name);
             match change {
-                Change::Link(_) if is_running => inverse.push(Change::Unlink {
+                Change::Link(spec) if as_left(spec) => inverse.push(Change::Unlink {
                     name: name.to_owned(),
                 }),
-                Change::Link(_) | Change::SetPin { .. } => {}
-                Change::Replace(_) | Change::Unlink { .. } => {
-                    let spec = previous(name)?;
-                    inverse.push(if is_running {
-                        Change::Replace(spec)
-                    } else {
-                        Change::Link(spec)
-                    });
+                Change::Replace(spec) if as_left(spec) => {
+                    inverse.push(Change::Replace(previous(name)?));
                 }
+                Change::Unlink { .. } if running(name).is_none() => {
+                    inverse.push(Change::Link(previous(name)?));
+                }
+                Change::Link(_)
+                | Change::Replace(_)
+                | Change::Unlink { .. }
+                | Change::SetPin { .. } => {}
             }
         }
-        if !inverse.is_empty() {
-            self.dp.apply(undo.key, &inverse, None)?;
-            self.emit(undo.key, "changed");
-        }
-        Ok(())
+        Ok(inverse)
     }
 
     /// Whether any bundle's history holds `digest`.

@@ -537,17 +537,20 @@ impl Agent {
             Change::Link(s) | Change::Replace(s) => s.name.clone(),
             Change::Unlink { name } | Change::SetPin { name, .. } => name.clone(),
         };
-        // Authorised again under the rootlet's lock: the owner cannot change
-        // between the check and the change.
+        // Authorised again under the rootlet's lock, against the pipeline the
+        // change applies to: the owner cannot change between the check and
+        // the change. The owner read before the lock (which the new stage
+        // keeps) must still be the owner, or no owner must still be none:
+        // otherwise a stage unlinked and linked again by another team
+        // meanwhile would be replaced or unlinked under the first owner's
+        // authority, or linked with an owner it no longer has.
         let generation = self.dp.apply_guarded(
             key,
             std::slice::from_ref(&change),
             expected,
             |pipeline| -> Result<()> {
                 let owner = pipeline.by_name(&name).map(|s| s.owner.as_str());
-                if let (Some(then), Some(now)) = (current_owner.as_deref(), owner)
-                    && then != now
-                {
+                if current_owner.as_deref() != owner {
                     return Err(AgentError::Conflict(format!(
                         "stage `{name}` on {key} changed owner during the call; retry"
                     )));

@@ -146,9 +146,15 @@ impl StageObject {
     }
 }
 
-/// The kernel keeps 15 characters of a map name.
+/// The kernel keeps 15 bytes of a map name. A name from an uploaded object
+/// may be any UTF-8: the cut falls back to the last character boundary at
+/// or before byte 15, so it never splits (and panics on) a character.
 pub fn truncate(name: &str) -> &str {
-    &name[..name.len().min(15)]
+    let mut end = name.len().min(15);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// The names of the stage's own maps in `bytes` (see [`is_stage_map`]).
@@ -341,6 +347,18 @@ fn frame_of(insns: &[aya_obj::generated::bpf_insn]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncate_never_splits_a_character() {
+        assert_eq!(truncate("short"), "short");
+        assert_eq!(truncate("exactly_fifteen"), "exactly_fifteen");
+        assert_eq!(truncate("a_longer_map_name"), "a_longer_map_na");
+        // 14 ASCII bytes, then a 2-byte character across byte 15: the cut
+        // used to land inside it and panic.
+        assert_eq!(truncate("fourteen_bytesé_more"), "fourteen_bytes");
+        assert_eq!(truncate("ééééééééé"), "ééééééé");
+        assert_eq!(truncate("🦀🦀🦀🦀🦀"), "🦀🦀🦀");
+    }
 
     #[test]
     fn sample_stages_pass_every_check() {

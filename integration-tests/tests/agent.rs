@@ -776,38 +776,90 @@ async fn a_deadline_ends_the_call_and_a_retry_with_its_key_converges() {
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
         "the deadline is honoured: {err:?}"
     );
-    // The change ran to completion or not at all; retrying with the same key
-    // converges on exactly one linked stage, whichever happened.
+    // The first call ran to completion or never reached the agent. The retry
+    // with its key gets the first call's answer in every case: stored if the
+    // first call ended, shared if it still runs (one call per key at a
+    // time), its own if the first never arrived. Never ALREADY_EXISTS: that
+    // would be a second run of the change.
     let retry = pb::LinkStageRequest {
         idempotency_key: "deadline-1".into(),
         ..link(a.rootlet(), stage("sampler", "sampler", 10))
     };
-    let done = match ops.link_stage(retry).await {
-        Ok(r) => r.into_inner(),
-        // The first call linked the stage but was cut before its key was
-        // stored: the retry finds the stage there, linked once.
-        Err(e) if e.code() == Code::AlreadyExists => {
-            let s = ops
-                .get_rootlet(pb::GetRootletRequest {
-                    rootlet: a.rootlet(),
-                })
-                .await
-                .expect("state")
-                .into_inner();
-            pb::ChangeResult {
-                generation: s.generation,
-                rootlet: Some(s),
-                lease_id: String::new(),
-            }
-        }
-        Err(e) => panic!("retry: {e:?}"),
-    };
+    let done = ops
+        .link_stage(retry)
+        .await
+        .expect("the retry gets the answer of the call with its key")
+        .into_inner();
     let s = done.rootlet.expect("state");
     assert_eq!(
         s.slots.iter().map(|x| x.stage.as_str()).collect::<Vec<_>>(),
         ["sampler"]
     );
     assert_eq!(s.generation, 2, "one change, whatever the deadline did");
+}
+
+/// Sixteen identical LinkStage calls with one idempotency key at the same
+/// moment, as clients retrying after a timeout send them, to a rootletd
+/// over its Unix socket: one runs, the others wait for it, and all sixteen
+/// get its answer; the stage is linked once (one new generation). Before
+/// one call per key at a time, one got OK and fifteen ALREADY_EXISTS.
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_identical_keyed_calls_at_once_get_the_first_calls_answer() {
+    use rootlet_integration_tests::rootletd::Daemon;
+    use std::sync::Arc;
+    let f = Fixture::new();
+    let mut d = Daemon::start(&f, fixture::backend()).expect("start rootletd");
+    let mut ops = d.connect().await.expect("connect");
+    let loaded = api::load(&mut ops, &f).await;
+    let gate = Arc::new(tokio::sync::Barrier::new(16));
+    let mut calls = vec![];
+    for _ in 0..16 {
+        // A connection each: sixteen clients, not one multiplexed one.
+        let mut c = d.connect().await.expect("connect");
+        let gate = gate.clone();
+        let req = pb::LinkStageRequest {
+            idempotency_key: "retry-storm-1".into(),
+            ..link(api::rootlet_ref(&f), stage("sampler", "sampler", 10))
+        };
+        calls.push(tokio::spawn(async move {
+            gate.wait().await;
+            c.link_stage(req).await.map(|r| r.into_inner())
+        }));
+    }
+    let answers = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(calls))
+        .await
+        .expect("every duplicate is answered in time");
+    let answers: Vec<pb::ChangeResult> = answers
+        .into_iter()
+        .map(|r| {
+            r.expect("task")
+                .expect("every call gets the first call's answer")
+        })
+        .collect();
+    let first = &answers[0];
+    assert_eq!(first.generation, loaded.generation + 1);
+    for a in &answers {
+        assert_eq!(a, first, "the same answer to each of the sixteen");
+    }
+    let s = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: api::rootlet_ref(&f),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    assert_eq!(
+        s.slots.iter().map(|x| x.stage.as_str()).collect::<Vec<_>>(),
+        ["sampler"]
+    );
+    assert_eq!(s.generation, first.generation, "the stage was linked once");
+    // Another request under the key is refused, still: the key is taken.
+    let other = pb::LinkStageRequest {
+        idempotency_key: "retry-storm-1".into(),
+        ..link(api::rootlet_ref(&f), stage("other", "sampler", 11))
+    };
+    let err = ops.link_stage(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
 
 fn apply(bytes: Vec<u8>) -> pb::ApplyBundleRequest {
@@ -1759,6 +1811,17 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
         assert!(Instant::now() < end, "the first rootlet never changed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Another call replaces lb, which the bundle linked: the change lb
+    // holds now is no longer the bundle's, and the undo leaves it (it used
+    // to unlink every stage not there before the apply). First, as the
+    // pause is short under emulation; then a stage is linked.
+    ops.replace_stage(pb::ReplaceStageRequest {
+        rootlet: a.rootlet(),
+        stage: Some(stage("lb", "test_pass", 30)),
+        ..Default::default()
+    })
+    .await
+    .expect("lb replaced meanwhile");
     ops.link_stage(link(a.rootlet(), stage("late", "test_pass", 5)))
         .await
         .expect("a stage linked meanwhile");
@@ -1773,9 +1836,11 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
     names.sort_unstable();
     assert_eq!(
         names,
-        ["late", "sampler"],
-        "lb undone, the stage linked meanwhile kept"
+        ["late", "lb", "sampler"],
+        "the stages changed meanwhile kept"
     );
+    let lb = after.iter().find(|s| s.0 == "lb").expect("lb");
+    assert_eq!(lb.2, digest_of("test_pass"), "lb as the later call left it");
     drop(ops);
     assert!(exited(&mut child, true).await.success(), "clean exit");
 }
@@ -2518,5 +2583,297 @@ async fn idempotency_records_replay_within_their_ttl_and_are_forgotten_after() {
     assert!(
         keys.iter().all(|k| k == "a" || k == "b"),
         "the expired record of key c is still stored: {keys:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Concurrency (issue #16): two owner teams and an admin at once.
+// ---------------------------------------------------------------------------
+
+/// What an ACKed call did to a rootlet, for the serial replay: a stage set
+/// to (object digest, owner, pinned; None: not compared), or removed.
+#[derive(Debug, Clone)]
+enum Effect {
+    Set(String, String, String, Option<bool>),
+    Pin(String, bool),
+    Remove(String),
+}
+
+/// The ACKed calls of one actor, each with the generation its answer gave,
+/// and the calls it made on stages that are not its own that were not
+/// refused (there must be none).
+#[derive(Default)]
+struct Acked {
+    effects: Vec<(u64, Effect)>,
+    trespasses: Vec<String>,
+}
+
+/// One team's own stages, cycled through link, replace, pin and unlink
+/// (every call a real change: the team alone touches these stages, so it
+/// knows their state), with a call on another team's stage and on the
+/// admin's bundle stage each round, which must be refused.
+async fn team_rounds(
+    mut c: RootletClient<Channel>,
+    r: Option<pb::RootletRef>,
+    me: &'static str,
+    prefix: &'static str,
+    other: &'static str,
+    rounds: usize,
+) -> Result<Acked, tonic::Status> {
+    let mut acked = Acked::default();
+    for i in 0..rounds {
+        let name = format!("{prefix}{}", i % 2);
+        let priority = if prefix == "a-" { 10 } else { 20 } + (i % 2) as i32;
+        let (generation, effect) = match (i / 2) % 4 {
+            0 => {
+                let g = c
+                    .link_stage(link(r.clone(), stage(&name, "test_pass", priority)))
+                    .await?
+                    .into_inner()
+                    .generation;
+                let e = Effect::Set(name.clone(), digest_of("test_pass"), me.into(), Some(true));
+                (g, e)
+            }
+            1 => {
+                let g = c
+                    .replace_stage(pb::ReplaceStageRequest {
+                        rootlet: r.clone(),
+                        stage: Some(stage(&name, "sampler", priority)),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .generation;
+                let e = Effect::Set(name.clone(), digest_of("sampler"), me.into(), Some(true));
+                (g, e)
+            }
+            2 => {
+                let g = c
+                    .set_stage_pin(pb::SetStagePinRequest {
+                        rootlet: r.clone(),
+                        stage: name.clone(),
+                        pin: false,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .generation;
+                (g, Effect::Pin(name.clone(), false))
+            }
+            _ => {
+                let g = c
+                    .unlink_stage(pb::UnlinkStageRequest {
+                        rootlet: r.clone(),
+                        stage: name.clone(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .generation;
+                (g, Effect::Remove(name.clone()))
+            }
+        };
+        acked.effects.push((generation, effect));
+        // Another team's stage and the bundle's: refused, whatever state
+        // they are in at this moment.
+        let theirs = format!("{other}{}", i % 2);
+        let replace = c
+            .replace_stage(pb::ReplaceStageRequest {
+                rootlet: r.clone(),
+                stage: Some(stage(&theirs, "test_pass", 90)),
+                ..Default::default()
+            })
+            .await;
+        let unlink = c
+            .unlink_stage(pb::UnlinkStageRequest {
+                rootlet: r.clone(),
+                stage: "x-edge".into(),
+                ..Default::default()
+            })
+            .await;
+        for (what, result) in [("replace", replace), ("unlink", unlink)] {
+            match result {
+                Err(e) if e.code() == Code::PermissionDenied => {}
+                other => acked.trespasses.push(format!("{me}: {what}: {other:?}")),
+            }
+        }
+    }
+    Ok(acked)
+}
+
+/// The admin, over the Unix socket: applies of the bundle `edge` (its stage
+/// `x-edge` alternating between two objects) with a rollback every third
+/// bundle call, between links and unlinks of a stage of its own.
+async fn admin_rounds(
+    a: &Agent,
+    mut c: RootletClient<Channel>,
+    r: Option<pb::RootletRef>,
+    rounds: usize,
+) -> Result<Acked, tonic::Status> {
+    let mut acked = Acked::default();
+    let mut versions: BTreeMap<String, &'static str> = BTreeMap::new();
+    let mut bundles = vec![];
+    for j in 0..rounds {
+        // Bundle calls are the even rounds: each apply changes the object.
+        let object = if (j / 2) % 2 == 0 {
+            "sampler"
+        } else {
+            "test_pass"
+        };
+        let version = format!("1.{j}");
+        versions.insert(version.clone(), object);
+        bundles.push(a.bundle_of("edge", &version, &[("x-edge", object, 50, "ops")], true));
+    }
+    for (j, bundle) in bundles.into_iter().enumerate() {
+        if j % 2 == 1 {
+            let (g, e) = if (j / 2) % 2 == 0 {
+                let g = c
+                    .link_stage(link(r.clone(), stage("x-adm", "test_pass", 60)))
+                    .await?
+                    .into_inner()
+                    .generation;
+                let e = Effect::Set(
+                    "x-adm".into(),
+                    digest_of("test_pass"),
+                    "local".into(),
+                    Some(true),
+                );
+                (g, e)
+            } else {
+                let g = c
+                    .unlink_stage(pb::UnlinkStageRequest {
+                        rootlet: r.clone(),
+                        stage: "x-adm".into(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .generation;
+                (g, Effect::Remove("x-adm".into()))
+            };
+            acked.effects.push((g, e));
+            continue;
+        }
+        let reply = if j % 6 == 4 {
+            c.rollback(pb::RollbackRequest {
+                name: "edge".into(),
+                ..Default::default()
+            })
+            .await?
+        } else {
+            c.apply_bundle(apply(bundle)).await?
+        }
+        .into_inner();
+        let object = versions[&reply.version];
+        for o in reply.rootlets.iter().filter(|o| o.changed) {
+            let e = Effect::Set("x-edge".into(), digest_of(object), "ops".into(), None);
+            acked.effects.push((o.generation, e));
+        }
+    }
+    Ok(acked)
+}
+
+/// Two owner teams (mTLS) and an admin (the Unix socket) change one rootlet
+/// at once: stage links, replacements, pins and unlinks, bundle applies and
+/// rollbacks, and calls on each other's stages, for a bounded number of
+/// rounds within a bounded time (no deadlock). Afterwards: every ACKed
+/// change has a generation of its own and the rootlet went through exactly
+/// as many (no lost update); no call on another team's stage succeeded; and
+/// the kernel runs what the serial replay of the ACKed calls gives. The
+/// replay applies each ACKed call's effect in the order of the generation
+/// its answer gave, which is the order the agent committed them in.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_teams_and_an_admin_at_once_lose_nothing_and_trespass_nowhere() {
+    const ROUNDS: usize = 16;
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let loaded = a.load(&mut ops).await;
+    let admin = RootletClient::new(
+        rootlet_integration_tests::rootletd::unix_channel(&a.state_dir.join("rootletd.sock"))
+            .await
+            .expect("the Unix socket"),
+    );
+    let r = a.rootlet();
+    let team_a = tokio::spawn(team_rounds(
+        a.client("team-a").await,
+        r.clone(),
+        "team-a",
+        "a-",
+        "b-",
+        ROUNDS,
+    ));
+    let team_b = tokio::spawn(team_rounds(
+        a.client("team-b").await,
+        r.clone(),
+        "team-b",
+        "b-",
+        "a-",
+        ROUNDS,
+    ));
+    let all = tokio::time::timeout(Duration::from_secs(300), async {
+        let admin = admin_rounds(&a, admin, r.clone(), ROUNDS).await;
+        (admin, team_a.await, team_b.await)
+    })
+    .await
+    .expect("no deadlock: every actor finished in time");
+    let mut effects = vec![];
+    let mut trespasses = vec![];
+    for acked in [
+        all.0,
+        all.1.expect("team-a task"),
+        all.2.expect("team-b task"),
+    ] {
+        let acked = acked.expect("every own change is ACKed");
+        effects.extend(acked.effects);
+        trespasses.extend(acked.trespasses);
+    }
+    assert!(
+        trespasses.is_empty(),
+        "calls on others' stages not refused: {trespasses:#?}"
+    );
+    effects.sort_by_key(|(g, _)| *g);
+    let generations: Vec<u64> = effects.iter().map(|(g, _)| *g).collect();
+    let expected: Vec<u64> = (1..=effects.len() as u64)
+        .map(|n| loaded.generation + n)
+        .collect();
+    assert_eq!(
+        generations, expected,
+        "one generation per ACKed change, none lost or shared"
+    );
+    let mut model: BTreeMap<String, (String, String, Option<bool>)> = BTreeMap::new();
+    for (_, e) in effects {
+        match e {
+            Effect::Set(name, digest, owner, pin) => {
+                model.insert(name, (digest, owner, pin));
+            }
+            Effect::Pin(name, pin) => {
+                model.get_mut(&name).expect("pinned while linked").2 = Some(pin);
+            }
+            Effect::Remove(name) => {
+                model.remove(&name).expect("unlinked while linked");
+            }
+        }
+    }
+    let s = ops
+        .get_rootlet(pb::GetRootletRequest { rootlet: r })
+        .await
+        .expect("state")
+        .into_inner();
+    assert_eq!(
+        s.generation,
+        *expected.last().expect("changes"),
+        "no change beyond the ACKed"
+    );
+    let kernel: BTreeMap<String, (String, String, Option<bool>)> = s
+        .slots
+        .iter()
+        .map(|x| {
+            let pin = model.get(&x.stage).and_then(|m| m.2).map(|_| x.pinned);
+            (x.stage.clone(), (x.digest.clone(), x.owner.clone(), pin))
+        })
+        .collect();
+    assert_eq!(
+        kernel, model,
+        "the kernel runs the serial replay of the ACKed calls"
     );
 }

@@ -10,6 +10,7 @@
 pub mod convert;
 pub mod oversize;
 pub mod policy;
+pub mod single_flight;
 pub mod status;
 pub mod verifier_logs;
 
@@ -41,6 +42,7 @@ pub fn service(agent: Arc<Agent>, metrics: Arc<Metrics>, max_message_bytes: usiz
             agent,
             metrics,
             verifier_logs: Arc::default(),
+            flights: Arc::default(),
         })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes),
@@ -52,6 +54,8 @@ pub struct RootletService {
     agent: Arc<Agent>,
     metrics: Arc<Metrics>,
     verifier_logs: Arc<verifier_logs::VerifierLogs>,
+    /// Keyed calls under way (see [`single_flight`]).
+    flights: Arc<single_flight::Flights>,
 }
 
 /// The identity of a client certificate: its subject CN, else its first DNS
@@ -154,6 +158,8 @@ impl RootletService {
 
     /// A mutation with an idempotency key: the same key and request return
     /// the stored response; the same key with another request is an error.
+    /// One call per key runs at a time: a duplicate that arrives while the
+    /// first runs waits for it and gets its outcome ([`single_flight`]).
     async fn idempotent<Req, Resp>(
         &self,
         method: &'static str,
@@ -165,22 +171,55 @@ impl RootletService {
         Req: Message + Send + 'static,
         Resp: Message + Default + Send + 'static,
     {
-        self.call(method, true, req, move |agent, grant, req| {
-            let k = key(&req).to_owned();
-            if k.is_empty() {
-                return f(agent, grant, req);
+        let k = key(req.get_ref()).to_owned();
+        if k.is_empty() {
+            return self.call(method, true, req, f).await;
+        }
+        let start = Instant::now();
+        let who = caller(&req, self.agent.insecure_tcp());
+        // The scope the store uses too: a key is the caller's own.
+        let scope = format!("{method}\n{}", who.name());
+        let h = hash(req.get_ref());
+        let leader = match self.flights.join(&scope, &k, &h) {
+            single_flight::Joined::Lead(leader) => leader,
+            joined => {
+                let outcome = match joined {
+                    single_flight::Joined::Follow(slot) => single_flight::wait(slot).await,
+                    _ => Err(status::status(&AgentError::IdempotencyConflict(k))),
+                };
+                let result = outcome.and_then(|bytes| {
+                    Resp::decode(bytes.as_slice())
+                        .map_err(|e| Status::internal(format!("the first call's response: {e}")))
+                });
+                let code = result.as_ref().err().map_or(Code::Ok, Status::code);
+                self.metrics.observe_rpc(method, code, start.elapsed());
+                tracing::info!(target: "audit", who = who.name(), method, outcome = "duplicate of a call under way", code = ?code);
+                return result.map(Response::new);
             }
-            let scope = format!("{method}\n{}", grant.caller.name());
-            let h = hash(&req);
-            if let Some(stored) = agent.idempotent_get(&scope, &k, &h)? {
-                return Resp::decode(stored.as_slice())
-                    .map_err(|e| AgentError::NotFound(format!("stored response: {e}")));
-            }
-            let resp = f(agent, grant, req)?;
-            agent.idempotent_put(&scope, &k, &h, resp.encode_to_vec())?;
-            Ok(resp)
-        })
-        .await
+        };
+        // The first call runs in its own task: if its client goes away, the
+        // change still completes and its duplicates still get the answer.
+        let this = self.clone();
+        let run = tokio::spawn(async move {
+            let result = this
+                .call(method, true, req, move |agent, grant, req| {
+                    if let Some(stored) = agent.idempotent_get(&scope, &k, &h)? {
+                        return Resp::decode(stored.as_slice())
+                            .map_err(|e| AgentError::NotFound(format!("stored response: {e}")));
+                    }
+                    let resp = f(agent, grant, req)?;
+                    agent.idempotent_put(&scope, &k, &h, resp.encode_to_vec())?;
+                    Ok(resp)
+                })
+                .await;
+            leader.publish(match &result {
+                Ok(resp) => Ok(resp.get_ref().encode_to_vec()),
+                Err(s) => Err(s.clone()),
+            });
+            result
+        });
+        run.await
+            .unwrap_or_else(|e| Err(Status::internal(format!("the call failed: {e}"))))
     }
 }
 

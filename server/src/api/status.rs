@@ -193,6 +193,20 @@ pub fn status(e: &AgentError) -> Status {
     Status::with_error_details(code, msg, d)
 }
 
+/// A duplicate of an idempotent call whose first call ended without an
+/// answer (its task died): ABORTED, reason IDEMPOTENT_CALL_LOST, which a
+/// client retries with the same key (the key was never used: nothing was
+/// stored).
+pub fn leader_lost() -> Status {
+    let mut d = ErrorDetails::new();
+    info(&mut d, "IDEMPOTENT_CALL_LOST", &[]);
+    Status::with_error_details(
+        Code::Aborted,
+        "the first call with this idempotency key ended without an answer; retry",
+        d,
+    )
+}
+
 /// A status tonic made itself (no handler ran), mapped like ours, or None
 /// if it stands: a message over the size limit is RESOURCE_EXHAUSTED
 /// (tonic says OUT_OF_RANGE), with reason MESSAGE_TOO_LARGE.
