@@ -45,6 +45,7 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("BENCH_MONO", "src/bench/mono.c", &[]),
     ("BENCH_BARE_CHAIN", "src/bench/bare_chain.c", &[]),
     ("BENCH_POLICY_LOOKUP", "src/bench/policy_lookup.c", &[]),
+    ("BENCH_ROOTLET_BEFORE", "src/bench/rootlet_before.c", &[]),
 ];
 
 fn find_clang() -> Option<String> {

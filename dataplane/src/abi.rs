@@ -10,7 +10,8 @@ pub const COUNT_EMPTY: usize = 5;
 
 /// Names shared with the C programs.
 pub const STATS_MAP: &str = "rootlet_stats";
-/// The count of packets the rootlet handled with its final verdict.
+/// The tail-call rootlet's count of packets it handled with its final
+/// verdict (and that of freplace rootlets built before [`FINAL_COUNTER`]).
 pub const FINAL_MAP: &str = "rootlet_final";
 pub const GEN_MAP: &str = "rootlet_gen";
 /// The rootlet's hop array: the first stage, by parity.
@@ -49,6 +50,14 @@ pub const PERCPU_SIZE: usize = 8 * 2 * MAX_SLOTS * NUM_COUNTERS;
 /// the final verdict's count by generation parity.
 pub const FINAL_SIZE: usize = 8 * 2;
 
+/// Where the freplace rootlet counts the packets it handles with its final
+/// verdict: parity, slot and counter of `struct rootlet_percpu`
+/// (`ROOTLET_FINAL_*`). Parity 1, which the freplace rootlet counts nothing
+/// else in, so that a packet costs it one map lookup; counter `COUNT_EMPTY`,
+/// no action's, so that a reading of an action over both parities does not
+/// take it for one.
+pub const FINAL_COUNTER: (usize, usize, usize) = (1, 0, COUNT_EMPTY);
+
 /// Offset of counter `counter` of `slot` in parity `parity` of `struct
 /// rootlet_percpu`.
 pub fn counter_offset(parity: usize, slot: usize, counter: usize) -> usize {
@@ -69,18 +78,29 @@ fn push(out: &mut Vec<u8>, v: u32) {
 }
 
 /// `struct rootlet_config` for the freplace rootlet: positions in execution
-/// order.
+/// order, each with its slot's first counter index and its proceed-on mask
+/// with `COUNT_EMPTY`'s bit (an empty slot goes on), so that the rootlet
+/// computes neither per packet.
 pub fn rootlet_config(pipeline: &Pipeline, final_verdict: XdpAction) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 * (2 + 2 * MAX_SLOTS));
     push(&mut out, pipeline.stages.len() as u32);
     push(&mut out, final_verdict as u32);
     for i in 0..MAX_SLOTS {
-        push(&mut out, pipeline.stages.get(i).map_or(0, |s| s.slot));
+        push(
+            &mut out,
+            pipeline
+                .stages
+                .get(i)
+                .map_or(0, |s| s.slot * NUM_COUNTERS as u32),
+        );
     }
     for i in 0..MAX_SLOTS {
         push(
             &mut out,
-            pipeline.stages.get(i).map_or(0, |s| s.proceed_on.bits()),
+            pipeline
+                .stages
+                .get(i)
+                .map_or(0, |s| s.proceed_on.bits() | 1 << COUNT_EMPTY),
         );
     }
     out
@@ -103,6 +123,51 @@ pub fn set_hop_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{ActionSet, StageRecord};
+
+    #[test]
+    fn rootlet_config_holds_counter_indexes_and_masks_with_the_empty_bit() {
+        let stage = |slot: u32, proceed_on: ActionSet| StageRecord {
+            name: format!("s{slot}"),
+            slot,
+            priority: 0,
+            proceed_on,
+            pin: false,
+            owner: String::new(),
+            program: String::new(),
+            digest: String::new(),
+            chainable: true,
+            linked_generation: 0,
+            loaded_generation: 0,
+            counts_base: Default::default(),
+        };
+        let pipeline = Pipeline {
+            stages: vec![
+                stage(7, ActionSet::default()),
+                stage(2, ActionSet::of(&[XdpAction::Tx])),
+            ],
+        };
+        let c = rootlet_config(&pipeline, XdpAction::Drop);
+        let word = |i: usize| u32::from_ne_bytes(c[4 * i..4 * i + 4].try_into().unwrap());
+        assert_eq!(c.len(), 4 * (2 + 2 * MAX_SLOTS));
+        assert_eq!([word(0), word(1)], [2, XdpAction::Drop as u32]);
+        // counter_base: the slot's first counter in parity 0.
+        assert_eq!([word(2), word(3), word(4)], [7 * 6, 2 * 6, 0]);
+        let empty = 1 << COUNT_EMPTY;
+        let m = 2 + MAX_SLOTS;
+        assert_eq!(
+            [word(m), word(m + 1), word(m + 2)],
+            [
+                1 << XdpAction::Pass as u32 | empty,
+                1 << XdpAction::Tx as u32 | empty,
+                0
+            ]
+        );
+        // The final verdict's cell is outside every slot's parity-0 counters.
+        let (p, slot, counter) = FINAL_COUNTER;
+        assert!(counter_offset(p, slot, counter) >= counter_offset(1, 0, 0));
+        assert!(counter_offset(p, slot, counter) + 8 <= PERCPU_SIZE);
+    }
 
     #[test]
     fn hop_config_parities_are_independent() {

@@ -434,14 +434,20 @@ impl Linker for Freplace {
     }
 
     fn counts(&self, ctx: &Ctx, key: RootletKey, _tally: &Tally) -> Result<(tally::Slots, u64)> {
-        let counts = tally::read(sys::obj_get(&ctx.layout.stats(key))?.as_fd())?[0];
-        let finals = match sys::obj_get(&ctx.layout.final_counts(key)) {
+        let raw = tally::read(sys::obj_get(&ctx.layout.stats(key))?.as_fd())?;
+        let (parity, slot, counter) = abi::FINAL_COUNTER;
+        // What rootlets built before FINAL_COUNTER counted in rootlet_final,
+        // which every later generation keeps pinned: it only grows while
+        // such a rootlet (adopted after an upgrade) is live, and stays once
+        // a generation of this version replaces it. Each packet is counted
+        // in one of the two, so their sum is exact in either layout.
+        let earlier = match sys::obj_get(&ctx.layout.final_counts(key)) {
             Ok(fd) => tally::read_final(fd.as_fd())?,
-            // Not built yet: no generation since this version.
+            // Never pinned: no generation of a version that had the map.
             Err(e) if e.errno() == Some(libc::ENOENT) => 0,
             Err(e) => return Err(e.into()),
         };
-        Ok((counts, finals))
+        Ok((raw[0], raw[parity][slot][counter] + earlier))
     }
 
     fn slot(&self, ctx: &Ctx, key: RootletKey, stage: &StageRecord) -> Result<SlotKernel> {

@@ -56,10 +56,12 @@ static __always_inline __u32 rootlet_counter_of(int verdict)
 /*
  * The per-packet path, kept as short as libxdp's dispatcher's plus one
  * counter increment per stage (docs/BENCHMARKS.md): the counters are
- * looked up once per packet, not once per stage; a stage's counter is one
- * add at an index computed from its slot (read-only data) and its verdict;
- * "go on" is one bit test of the position's proceed_mask, into which the
- * empty placeholder's bit is or-ed (an empty slot always goes on), and a
+ * looked up once per packet, not once per stage, and the final verdict is
+ * counted in the same value (abi.h), so a packet costs one lookup; a
+ * stage's counter is one add at the position's counter_base (read-only
+ * data, the slot's index precomputed by the agent) plus its verdict's
+ * counter; "go on" is one bit test of the position's proceed_mask, which
+ * holds the empty placeholder's bit (an empty slot always goes on), and a
  * verdict that stops is already a valid action.
  */
 SEC("xdp")
@@ -80,16 +82,16 @@ int rootlet(struct xdp_md *ctx)
 	if (i >= n)                                                            \
 		goto done;                                                     \
 	c = rootlet_counter_of(stage_##i(ctx));                                \
-	count[rootlet_bound(ROOTLET_CONFIG.slot_of[i] * ROOTLET_NUM_COUNTERS + c, \
+	count[rootlet_bound(ROOTLET_CONFIG.counter_base[i] + c,               \
 			    ROOTLET_MAX_SLOTS * ROOTLET_NUM_COUNTERS - 1)] += 1;   \
-	if (!(((ROOTLET_CONFIG.proceed_mask[i] | (1u << ROOTLET_COUNT_EMPTY)) >> c) & 1)) \
+	if (!((ROOTLET_CONFIG.proceed_mask[i] >> c) & 1))                     \
 		return c;
 
 	RUN(0)  RUN(1)  RUN(2)  RUN(3)  RUN(4)  RUN(5)  RUN(6)  RUN(7)
 	RUN(8)  RUN(9)  RUN(10) RUN(11) RUN(12) RUN(13) RUN(14) RUN(15)
 #undef RUN
 done:
-	rootlet_count_final(0);
+	p->count[ROOTLET_FINAL_PARITY][ROOTLET_FINAL_SLOT][ROOTLET_FINAL_COUNTER] += 1;
 	return ROOTLET_CONFIG.final_verdict;
 }
 

@@ -1818,6 +1818,66 @@ fn counters_item3_the_final_verdict_is_counted_and_an_unseen_stage_says_so() {
     dp.unload_rootlet(key).expect("unload");
 }
 
+/// The freplace rootlet counts its final verdict in `rootlet_stats` (one
+/// lookup per packet); freplace rootlets built before that counted it in
+/// `rootlet_final`, which every generation still keeps pinned. A rootlet of
+/// that earlier layout, adopted after an upgrade, has its count there: the
+/// agent adds the two, so the count neither drops nor doubles, across the
+/// adoption and the first change of the new layout. (The tail-call rootlet
+/// counts in `rootlet_final` still: there the added packets are its own.)
+#[test]
+fn counters_a_final_verdict_counted_in_the_earlier_layout_is_kept_after_an_upgrade() {
+    let f = Fixture::new();
+    let dp = f.open();
+    assert_backend(&dp);
+    let mut spec = f.rootlet_spec(XdpMode::Auto);
+    spec.final_verdict = XdpAction::Drop;
+    let key = dp.load_rootlet(spec).expect("load rootlet");
+    let final_count = |dp: &rootlet_dataplane::Dataplane, want: u64| {
+        fixture::wait_for(Duration::from_secs(10), || {
+            dp.state(key).expect("state").final_verdict_count >= want
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        dp.state(key).expect("state").final_verdict_count
+    };
+    send_udp(&f, 10);
+    assert_eq!(final_count(&dp, 10), 10, "counted where this layout counts");
+
+    // What an earlier rootlet counted: 7 more packets in parity 0 of CPU 0
+    // of the pinned rootlet_final, as its `rootlet_count_final(0)` did.
+    let layout = rootlet_dataplane::pins::Layout::new(&f.root);
+    let finals = sys::obj_get(&layout.final_counts(key)).expect("rootlet_final stays pinned");
+    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| s.trim().rsplit(['-', ',']).next()?.parse::<usize>().ok())
+        .map_or(1, |last| last + 1);
+    let mut value = vec![0u8; rootlet_dataplane::abi::FINAL_SIZE * cpus];
+    assert!(
+        sys::map_lookup(finals.as_fd(), &0u32.to_ne_bytes(), &mut value).expect("lookup"),
+        "key 0 of a per-CPU array exists"
+    );
+    let earlier = u64::from_ne_bytes(value[0..8].try_into().expect("8 bytes")) + 7;
+    value[0..8].copy_from_slice(&earlier.to_ne_bytes());
+    sys::map_update(finals.as_fd(), &0u32.to_ne_bytes(), &value).expect("update");
+    assert_eq!(final_count(&dp, 17), 17, "both layouts' counts, added");
+
+    // Adopted by a new agent, then rebuilt in this layout by a change.
+    drop(dp);
+    let dp = f.open();
+    assert_eq!(final_count(&dp, 17), 17, "kept across the adoption");
+    dp.apply(key, &[Change::Link(stage("a", "test_pass", 10))], None)
+        .expect("link");
+    send_udp(&f, 10);
+    assert_eq!(
+        final_count(&dp, 27),
+        27,
+        "kept across the rebuild, and counted on"
+    );
+    let a = slot(&dp.state(key).expect("state"), "a").counters;
+    assert_eq!((a.pass, a.total()), (10, 10), "{a:?}");
+    dp.unload_rootlet(key).expect("unload");
+}
+
 #[test]
 fn counters_item11_a_build_keeps_its_identity_and_reports_every_instance() {
     let f = Fixture::new();

@@ -27,8 +27,12 @@
 struct rootlet_config {
 	__u32 num_positions;  /* stage_0 .. stage_{n-1} are called in order */
 	__u32 final_verdict;  /* returned when every stage proceeds */
-	__u32 slot_of[ROOTLET_MAX_SLOTS];      /* by position: the stable slot id */
-	__u32 proceed_mask[ROOTLET_MAX_SLOTS]; /* by position: bit a = go on after action a */
+	/* by position: the stable slot id times ROOTLET_NUM_COUNTERS, the index
+	 * of the slot's first counter in rootlet_percpu.count[0] */
+	__u32 counter_base[ROOTLET_MAX_SLOTS];
+	/* by position: bit a = go on after counter a (an action, and always
+	 * ROOTLET_COUNT_EMPTY: an empty slot goes on) */
+	__u32 proceed_mask[ROOTLET_MAX_SLOTS];
 };
 
 /*
@@ -39,17 +43,29 @@ struct rootlet_config {
  * (ROOTLET_HOP_PASS_UNCOUNTED) does not count that PASS: the agent derives
  * it from what the rest of that parity's chain counted (tally.rs), so a
  * packet that passes stage after stage is counted once, where it stops.
+ *
+ * The freplace rootlet never counts in parity 1, so it counts the packets it
+ * handles with its final verdict there, in count[ROOTLET_FINAL_PARITY]
+ * [ROOTLET_FINAL_SLOT][ROOTLET_FINAL_COUNTER]: in the value it already looked
+ * up, so a packet costs one map lookup, and the value keeps its size. The
+ * cell of a counter that is no action, so that nothing reading the actions'
+ * cells of both parities (a tail-call reading) takes it for one.
  */
 struct rootlet_percpu {
 	__u64 count[2][ROOTLET_MAX_SLOTS][ROOTLET_NUM_COUNTERS];
 };
+#define ROOTLET_FINAL_PARITY 1
+#define ROOTLET_FINAL_SLOT 0
+#define ROOTLET_FINAL_COUNTER ROOTLET_COUNT_EMPTY
 
 /*
- * Per-CPU count of the packets the rootlet handled with its final verdict
- * (every stage proceeded, or there was none), the only entry (key 0) of
- * rootlet_final, by generation parity (the freplace rootlet counts in
- * parity 0). A map of its own, not a field of rootlet_percpu, so that
- * rootlet_stats keeps its size for stages built before it existed.
+ * Per-CPU count of the packets the tail-call rootlet handled with its final
+ * verdict (every stage proceeded, or there was none), the only entry (key 0)
+ * of rootlet_final, by generation parity. A map of its own, not a field of
+ * rootlet_percpu, so that rootlet_stats keeps its size for stages built
+ * before it existed. The freplace rootlet counts its final verdict in
+ * rootlet_percpu (above); freplace rootlets built before that counted it
+ * here, in parity 0, and the agent still adds what they counted.
  */
 struct rootlet_final {
 	__u64 count[2];

@@ -2,6 +2,12 @@
 
 use super::*;
 use crate::libxdp::{self, LIBXDP_MAX_PROGS, Libxdp};
+use rootlet_dataplane::{
+    abi, freplace,
+    loader::{Load, MapReuse, What},
+    pins::Layout,
+    spec::{ActionSet, XdpAction},
+};
 
 fn xdp_fd(ebpf: &mut Ebpf, program: &str) -> Result<OwnedFd> {
     let prog: &mut Xdp = ebpf
@@ -56,6 +62,62 @@ impl BareChain {
 
     fn entry(&self) -> BorrowedFd<'_> {
         self.progs[0].1.as_fd()
+    }
+}
+
+/// Bench only, freplace: `BENCH_ROOTLET_BEFORE`, the rootlet as it was
+/// before its final verdict moved into `rootlet_stats` (two per-CPU lookups
+/// per packet, and the counter index and proceed mask computed per stage),
+/// with `n` `test_pass` extensions, on maps of its own: measured in the same
+/// rounds as the live rootlet, so that the change has a same-run figure.
+struct RootletBefore {
+    rootlet: OwnedFd,
+    /// The extensions and their links (the links keep them attached).
+    _stages: Vec<(OwnedFd, OwnedFd)>,
+}
+
+impl RootletBefore {
+    fn load(dir: &Path, n: u32) -> Result<RootletBefore> {
+        // Its `struct rootlet_config_before`: num_positions, final_verdict,
+        // slot_of[16], proceed_mask[16] (without the empty slot's bit).
+        let proceed = ActionSet::default().bits();
+        let mut words = vec![n, XdpAction::Pass as u32];
+        words.extend((0..abi::MAX_SLOTS as u32).map(|i| if i < n { i } else { 0 }));
+        words.extend((0..abi::MAX_SLOTS as u32).map(|i| if i < n { proceed } else { 0 }));
+        let config: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let target = Load {
+            bytes: rootlet_ebpf::BENCH_ROOTLET_BEFORE,
+            what: What {
+                stage: None,
+                program: abi::FREPLACE_PROGRAM,
+            },
+            globals: vec![(abi::CONFIG_GLOBAL, &config, true)],
+            reuse: None,
+        }
+        .xdp_target()?;
+        let entry = rootlet_ebpf::stage("test_pass").ok_or("no embedded test_pass")?;
+        let layout = Layout::new(dir.join("before"));
+        let mut stages = vec![];
+        for position in 0..n as usize {
+            let func = abi::placeholder(position);
+            let reuse = MapReuse::new(&layout)?;
+            let ext = Load {
+                bytes: entry.object,
+                what: What {
+                    stage: Some("before"),
+                    program: entry.program,
+                },
+                globals: vec![],
+                reuse: Some(&reuse),
+            }
+            .extension(&target, &func)?;
+            let link = freplace::attach(ext.as_fd(), target.fd.as_fd(), &func)?;
+            stages.push((ext, link));
+        }
+        Ok(RootletBefore {
+            rootlet: target.fd,
+            _stages: stages,
+        })
     }
 }
 
@@ -163,6 +225,10 @@ pub(crate) struct PerPacketRow {
     pub(crate) root_bare: Option<Cost>,
     /// Per run: rootlet / libxdp.
     pub(crate) root_libxdp: Option<Cost>,
+    /// freplace: the rootlet before the one-lookup change
+    /// (`BENCH_ROOTLET_BEFORE`), and per run its ratio to libxdp.
+    pub(crate) before: Option<Cost>,
+    pub(crate) before_libxdp: Option<Cost>,
     /// Packets the last stage counted as passed (proof the chain ran).
     pub(crate) last_stage_passes: Option<u64>,
     pub(crate) rootlet_insns: u32,
@@ -222,9 +288,17 @@ pub(crate) fn per_packet(
             Some(l) if n > 0 => Some(l.dispatcher(n)?),
             _ => None,
         };
+        let before = if tailcall || n == 0 {
+            None
+        } else {
+            Some(RootletBefore::load(scratch.path(), n)?)
+        };
         let mut progs = vec![rootlet.as_fd(), mono.as_fd()];
         if let Some(b) = &bare {
             progs.push(b.entry());
+        }
+        if let Some(b) = &before {
+            progs.push(b.rootlet.as_fd());
         }
         if let Some(Ok((fd, _))) = &dispatcher {
             progs.push(fd.as_fd());
@@ -237,6 +311,7 @@ pub(crate) fn per_packet(
         let runs = measure(&progs, packet, args.runs, repeat)?;
         let (root, mo) = (&runs[0], &runs[1]);
         let bare_runs = bare.as_ref().map(|_| &runs[2]);
+        let before_runs = before.as_ref().map(|_| &runs[2]);
         let libxdp_runs = match &dispatcher {
             Some(Ok(_)) => runs.last(),
             _ => None,
@@ -267,6 +342,10 @@ pub(crate) fn per_packet(
             bare_mono: bare_runs.map(|b| Cost::paired(b, mo, |a, b| (a - b) / nf)),
             root_bare: bare_runs.map(|b| Cost::paired(root, b, |a, b| (a - b) / nf)),
             root_libxdp: libxdp_runs.map(|l| Cost::paired(root, l, |a, b| a / b)),
+            before: before_runs.map(|b| Cost::of(b.clone())),
+            before_libxdp: before_runs
+                .zip(libxdp_runs)
+                .map(|(b, l)| Cost::paired(b, l, |a, b| a / b)),
             last_stage_passes,
             rootlet_insns: state.rootlet.verified_insns,
             mono_insns,
@@ -332,7 +411,7 @@ pub(crate) fn print_per_packet(args: &Args, rows: &[PerPacketRow], tailcall: boo
         if tailcall {
             "; bare = BENCH_BARE_CHAIN (N bare tail calls)"
         } else {
-            ""
+            "; before = BENCH_ROOTLET_BEFORE (the rootlet before the one-lookup change) with N test_pass"
         }
     );
     println!();
@@ -410,6 +489,9 @@ pub(crate) fn print_per_packet(args: &Args, rows: &[PerPacketRow], tailcall: boo
         if let Some(b) = r.bare {
             println!("      bare     {}", b.spread(1));
         }
+        if let Some(b) = r.before {
+            println!("      before   {}", b.spread(1));
+        }
         match &r.libxdp {
             Ok(l) => println!("      libxdp   {}", l.spread(1)),
             Err(why) if r.n > 0 => println!("      libxdp   not measured: {why}"),
@@ -470,6 +552,12 @@ fn print_against_libxdp(rows: &[PerPacketRow]) {
             ),
             (Err(why), _) => println!("   k = {:>2}: libxdp not measured: {why}{images}", r.n),
             _ => {}
+        }
+        if let Some(before) = r.before_libxdp {
+            println!(
+                "           before (BENCH_ROOTLET_BEFORE, same rounds): {}",
+                before.spread(3)
+            );
         }
     }
 }
