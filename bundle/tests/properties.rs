@@ -49,7 +49,9 @@ fn precise_bundle_error(e: &BundleError, len: usize) -> Result<(), TestCaseError
         | BundleError::ManifestField { line, col, .. } => {
             prop_assert!(*line >= 1 && *col >= 1, "{msg}");
         }
-        BundleError::DigestMismatch { expected, actual, .. } => {
+        BundleError::DigestMismatch {
+            expected, actual, ..
+        } => {
             prop_assert_ne!(expected, actual);
         }
         _ => {}
@@ -60,7 +62,8 @@ fn precise_bundle_error(e: &BundleError, len: usize) -> Result<(), TestCaseError
 /// A manifest of `stages` stages (priority, tag of its object), with
 /// `version`.
 fn manifest_text(version: u32, stages: &[(u32, Vec<u8>)]) -> String {
-    let mut t = format!("name = \"gen\"\nversion = \"{version}\"\n\n[[rootlets]]\ninterface = \"lo\"\n");
+    let mut t =
+        format!("name = \"gen\"\nversion = \"{version}\"\n\n[[rootlets]]\ninterface = \"lo\"\n");
     for (i, (prio, _)) in stages.iter().enumerate() {
         t.push_str(&format!(
             "\n[[stages]]\nname = \"s{i}\"\nobject = \"s{i}.o\"\nprogram = \"p{i}\"\npriority = {}\nowner = \"team\"\n",

@@ -70,8 +70,35 @@ pub fn apply(input: &[u8], edits: &[Edit]) -> Vec<u8> {
 /// Characters that mean something to TOML and JSON, and some that are
 /// more than one byte in UTF-8, for edits of text that stay text.
 const TEXT_CHARS: &[char] = &[
-    '[', ']', '{', '}', '=', '"', '\'', '\n', '#', '.', ',', ':', '\\', '-', '+', '0', '1', '9',
-    'a', 'e', 'x', ' ', '\t', '\0', 'é', 'ß', '€', '\u{10FFFF}', '\u{FEFF}',
+    '[',
+    ']',
+    '{',
+    '}',
+    '=',
+    '"',
+    '\'',
+    '\n',
+    '#',
+    '.',
+    ',',
+    ':',
+    '\\',
+    '-',
+    '+',
+    '0',
+    '1',
+    '9',
+    'a',
+    'e',
+    'x',
+    ' ',
+    '\t',
+    '\0',
+    'é',
+    'ß',
+    '€',
+    '\u{10FFFF}',
+    '\u{FEFF}',
 ];
 
 /// One edit of text: a character inserted, replaced or removed, or the
@@ -122,7 +149,8 @@ pub fn apply_text(text: &str, edits: &[TextEdit]) -> String {
 pub fn mutated_text(text: &'static str) -> impl Strategy<Value = String> {
     prop_oneof![
         text_edits(6).prop_map(move |e| apply_text(text, &e)),
-        edits(6).prop_map(move |e| String::from_utf8_lossy(&apply(text.as_bytes(), &e)).into_owned()),
+        edits(6)
+            .prop_map(move |e| String::from_utf8_lossy(&apply(text.as_bytes(), &e)).into_owned()),
     ]
 }
 
@@ -143,7 +171,10 @@ pub fn located(msg: &str, file: &str, text: &str) -> Result<(), TestCaseError> {
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| TestCaseError::fail(format!("{msg:?} has no column")))?;
     let lines = text.split('\n').count();
-    prop_assert!(line >= 1 && line <= lines + 1, "{msg:?}: line {line} of {lines}");
+    prop_assert!(
+        line >= 1 && line <= lines + 1,
+        "{msg:?}: line {line} of {lines}"
+    );
     prop_assert!(col >= 1, "{msg:?}: column {col}");
     Ok(())
 }
