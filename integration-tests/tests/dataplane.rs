@@ -985,6 +985,14 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_pipeline() {
             "{step:?}: generation {}",
             state.generation
         );
+        // A crash up to the swap leaves the old generation, from the swap
+        // on the new one; a run that did not crash committed it.
+        let after_swap = matches!(step, Step::Swapped | Step::StoreCommitted | Step::Released);
+        assert_eq!(
+            new,
+            !crashed || after_swap,
+            "{step:?} (crashed: {crashed}): the old pipeline before the swap point, the new one after it"
+        );
         if new {
             expected_generation += 1;
             expect_drop = !expect_drop;

@@ -369,12 +369,15 @@ fn from_raw<'a, T: Deserialize<'a>>(
 }
 
 /// A serde_json error as a policy error, its line and column moved from a
-/// piece of the text that starts at `base` to the whole text.
+/// piece of the text that starts at `base` to the whole text. serde_json
+/// says column 0 when the offending character is the newline that starts
+/// a line (a control character inside a string); columns here are 1-based,
+/// so that is column 1.
 fn json_error(file: &str, field: &str, e: &serde_json::Error, base: (usize, usize)) -> PolicyError {
     let (line, col) = match e.line() {
         0 => base,
         1 => (base.0, base.1 + e.column().saturating_sub(1)),
-        l => (base.0 + l - 1, e.column()),
+        l => (base.0 + l - 1, e.column().max(1)),
     };
     let full = e.to_string();
     let suffix = format!(" at line {} column {}", e.line(), e.column());
