@@ -45,9 +45,12 @@ fn precise_bundle_error(e: &BundleError, len: usize) -> Result<(), TestCaseError
         BundleError::Truncated { offset, .. } | BundleError::Malformed { offset, .. } => {
             prop_assert!(*offset <= len, "{msg}: offset past the input's {len} bytes");
         }
-        BundleError::ManifestSyntax { line, col, .. }
-        | BundleError::ManifestField { line, col, .. } => {
-            prop_assert!(*line >= 1 && *col >= 1, "{msg}");
+        BundleError::Manifest(located) => {
+            let position = located.position();
+            prop_assert!(
+                matches!(position, Some((line, col)) if line >= 1 && col >= 1),
+                "{msg}"
+            );
         }
         BundleError::DigestMismatch {
             expected, actual, ..
