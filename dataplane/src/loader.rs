@@ -182,7 +182,7 @@ fn kernel_btf() -> Option<&'static aya::Btf> {
 /// without it, and a process whose objects have none never parses it.
 /// An object aya cannot parse gets it too, and fails in aya's load.
 fn kernel_btf_for(bytes: &[u8]) -> Option<&'static aya::Btf> {
-    let relocated = aya_obj::Object::parse(bytes).map_or(true, |o| o.has_btf_relocations());
+    let relocated = crate::object::parse(bytes).map_or(true, |o| o.has_btf_relocations());
     if relocated { kernel_btf() } else { None }
 }
 

@@ -157,9 +157,33 @@ pub fn truncate(name: &str) -> &str {
     &name[..end]
 }
 
+/// aya-obj's parse of an object, which is outside input here (uploaded in
+/// a bundle or a stage request). aya-obj 0.3 assumes a well-formed ELF in
+/// places: a symbol outside its section makes `parse_program` subtract
+/// with overflow or slice out of range, and panic (found by
+/// `tests/object_properties.rs`). Rather than re-validate every field
+/// aya-obj reads, its panic is caught here and becomes the object's
+/// refusal; the parse has no side effect, so nothing is left half done.
+/// Every aya-obj parse of an object goes through this function.
+pub fn parse(bytes: &[u8]) -> Result<aya_obj::Object, CheckError> {
+    match std::panic::catch_unwind(|| aya_obj::Object::parse(bytes)) {
+        Ok(parsed) => parsed.map_err(|e| CheckError::Elf(e.to_string())),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_owned());
+            Err(CheckError::Elf(format!(
+                "malformed object (aya-obj: {why})"
+            )))
+        }
+    }
+}
+
 /// The names of the stage's own maps in `bytes` (see [`is_stage_map`]).
 pub fn stage_maps(bytes: &[u8]) -> Result<Vec<String>, CheckError> {
-    let obj = aya_obj::Object::parse(bytes).map_err(|e| CheckError::Elf(e.to_string()))?;
+    let obj = parse(bytes)?;
     Ok(obj
         .maps
         .keys()
@@ -185,7 +209,7 @@ pub fn inspect(bytes: &[u8], program: &str, rootlet_stack: u32) -> Result<StageO
             elf.architecture()
         )));
     }
-    let obj = aya_obj::Object::parse(bytes).map_err(|e| CheckError::Elf(e.to_string()))?;
+    let obj = parse(bytes)?;
 
     let symbols: Vec<String> = elf
         .symbols()
@@ -274,7 +298,7 @@ pub fn inspect(bytes: &[u8], program: &str, rootlet_stack: u32) -> Result<StageO
 /// The stack the freplace rootlet's own frame holds while a stage runs,
 /// computed from the embedded rootlet object.
 pub fn rootlet_frame(rootlet_elf: &[u8], program: &str) -> u32 {
-    aya_obj::Object::parse(rootlet_elf)
+    parse(rootlet_elf)
         .ok()
         .and_then(|obj| {
             let p = obj.programs.get(program)?;

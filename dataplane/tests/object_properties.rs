@@ -48,6 +48,44 @@ fn every_real_stage_object_passes_the_checks_or_fails_the_one_it_is_built_for() 
     }
 }
 
+/// The case the property below found in CI: an edit that gives a
+/// section a non-zero address (`sh_addr`), so that a program symbol's
+/// offset in its section, which aya-obj 0.3's `Object::parse` computes as
+/// `symbol.address - section.address`, subtracts with overflow: it
+/// panicked inside `inspect`. Each section of a real stage object gets
+/// address 1 in turn: no edit panics, and the ones aya-obj cannot parse
+/// are refused with the reason.
+#[test]
+fn a_section_address_aya_obj_cannot_parse_is_refused_not_a_panic() {
+    let e = rootlet_ebpf::STAGES
+        .iter()
+        .find(|e| e.name == "sampler")
+        .unwrap();
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let le16 = |b: &[u8], at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
+    // ELF64: e_shoff at 0x28, e_shentsize at 0x3a, e_shnum at 0x3c; sh_addr
+    // at 0x10 in a section header.
+    let (shoff, shentsize, shnum) = (
+        le64(e.object, 0x28) as usize,
+        le16(e.object, 0x3a) as usize,
+        le16(e.object, 0x3c) as usize,
+    );
+    let mut refused = 0;
+    for i in 1..shnum {
+        let mut input = e.object.to_vec();
+        let at = shoff + i * shentsize + 0x10;
+        input[at..at + 8].copy_from_slice(&1u64.to_le_bytes());
+        if let Err(object::CheckError::Elf(why)) = object::inspect(&input, e.program, 0) {
+            refused += usize::from(why.contains("malformed object (aya-obj"));
+        }
+        let _ = object::stage_maps(&input);
+    }
+    assert!(
+        refused > 0,
+        "no section address made aya-obj panic: the case is not exercised"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(384))]
 

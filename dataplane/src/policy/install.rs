@@ -27,7 +27,7 @@ struct InnerDef {
 /// The inner map definitions of `object`'s maps of maps, by the kernel's
 /// (15-character) name of the outer map.
 fn inner_defs(object: &[u8]) -> std::result::Result<BTreeMap<String, InnerDef>, CheckError> {
-    let obj = aya_obj::Object::parse(object).map_err(|e| CheckError::Elf(e.to_string()))?;
+    let obj = crate::object::parse(object)?;
     Ok(obj
         .maps
         .iter()
