@@ -1733,7 +1733,11 @@ async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
         true,
     );
     let err = ops.apply_bundle(failing_on_2(v2)).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
+        "{err:?}"
+    );
     let stages_of = |k: &Kernel| k.as_ref().map(|k| k.1.clone());
     assert_eq!(
         stages_of(&kernel(&mut ops, a.rootlet()).await),
@@ -1849,7 +1853,11 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
         .expect("the apply ends")
         .expect("task")
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
+        "{err:?}"
+    );
     let (_, after) = kernel(&mut ops, a.rootlet()).await.expect("rootlet");
     let mut names: Vec<&str> = after.iter().map(|s| s.0.as_str()).collect();
     names.sort_unstable();
