@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{POLICY_JSON as JSON, POLICY_TOML as TOML};
+
 use ed25519_dalek::Signer;
 use rootlet_bundle::{
     BundleError, BundleSignature, KeyId, PolicyDocument, PolicyError, SignedBundle, SignedPolicy,
@@ -12,36 +14,6 @@ use rootlet_bundle::{
     policy::{EntryPart, Position, Value, sign::POLICY_SIGNING_CONTEXT},
     sign::SIGNING_CONTEXT,
 };
-
-const TOML: &str = r#"# the blocklist
-stage = "ddos"
-version = 7
-description = "block two nets"
-
-[maps.ddos_blocklist]
-entries = [
-  { key = "192.0.2.0/24", value = 0 },
-  { key = "198.51.100.7/32", value = 0 },
-]
-
-[maps.ddos_config]
-entries = [{ key = 0, value = { rate = 100, flags = [1, 2], on = true } }]
-"#;
-
-const JSON: &str = r#"{
-  "version": 7,
-  "stage": "ddos",
-  "maps": {
-    "ddos_config": { "entries": [ { "value": { "on": true, "flags": [1, 2], "rate": 100 }, "key": 0 } ] },
-    "ddos_blocklist": {
-      "entries": [
-        { "key": "192.0.2.0/24", "value": 0 },
-        {"key":"198.51.100.7/32","value":0}
-      ]
-    }
-  },
-  "description": "block two nets"
-}"#;
 
 fn toml_err(text: &str) -> String {
     PolicyDocument::parse(text, "p.toml")

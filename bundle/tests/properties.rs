@@ -176,29 +176,6 @@ proptest! {
     }
 }
 
-const POLICY_TOML: &str = r#"stage = "ddos"
-version = 7
-description = "block two nets"
-
-[maps.ddos_blocklist]
-entries = [
-  { key = "192.0.2.0/24", value = 0 },
-  { key = "198.51.100.7/32", value = 0 },
-]
-
-[maps.ddos_config]
-entries = [{ key = 0, value = { rate = 100, flags = [1, 2], on = true } }]
-"#;
-
-const POLICY_JSON: &str = r#"{
-  "version": 7,
-  "stage": "ddos",
-  "maps": {
-    "ddos_config": { "entries": [ { "value": { "on": true, "flags": [1, 2], "rate": 100 }, "key": 0 } ] },
-    "ddos_blocklist": { "entries": [ { "key": "192.0.2.0/24", "value": 0 } ] }
-  }
-}"#;
-
 /// A policy error from text is located in the text, or is about its
 /// size.
 fn precise_policy_error(e: &PolicyError, file: &str, text: &str) -> Result<(), TestCaseError> {
@@ -286,7 +263,7 @@ proptest! {
     /// at an offset inside them or decode to exactly the input.
     #[test]
     fn signed_policies_round_trip_and_fail_precisely(edits in mutate::edits(4)) {
-        let doc = PolicyDocument::parse(POLICY_TOML, "p.toml").unwrap();
+        let doc = PolicyDocument::parse(common::POLICY_TOML, "p.toml").unwrap();
         let mut signed = SignedPolicy::new(doc.clone());
         signed.sign(&signing_key());
         let bytes = signed.to_bytes();
@@ -317,8 +294,8 @@ proptest! {
     /// `file:line:col` inside it.
     #[test]
     fn mutated_policies_fail_at_a_line(
-        toml in mutate::mutated_text(POLICY_TOML),
-        json in mutate::mutated_text(POLICY_JSON),
+        toml in mutate::mutated_text(common::POLICY_TOML),
+        json in mutate::mutated_text(common::POLICY_JSON),
     ) {
         for (text, file) in [(&toml, "p.toml"), (&json, "p.json")] {
             if let Err(e) = PolicyDocument::parse(text, file) {
@@ -331,7 +308,7 @@ proptest! {
     /// fail; never panic.
     #[test]
     fn mutated_canonical_policies_never_panic(edits in mutate::edits(4)) {
-        let bytes = PolicyDocument::parse(POLICY_TOML, "p.toml").unwrap().to_canonical_bytes();
+        let bytes = PolicyDocument::parse(common::POLICY_TOML, "p.toml").unwrap().to_canonical_bytes();
         let input = mutate::apply(&bytes, &edits);
         match PolicyDocument::from_canonical_bytes(&input, "c") {
             Ok(d) => prop_assert_eq!(d.to_canonical_bytes(), input),

@@ -106,3 +106,35 @@ pub fn small_bundle() -> Result<Bundle, BundleError> {
     ]);
     Bundle::from_parts(manifest, objects)
 }
+
+/// A ddos policy, as TOML and as the same document in JSON: the policy
+/// tests' and the property tests' starting point.
+pub const POLICY_TOML: &str = r#"# the blocklist
+stage = "ddos"
+version = 7
+description = "block two nets"
+
+[maps.ddos_blocklist]
+entries = [
+  { key = "192.0.2.0/24", value = 0 },
+  { key = "198.51.100.7/32", value = 0 },
+]
+
+[maps.ddos_config]
+entries = [{ key = 0, value = { rate = 100, flags = [1, 2], on = true } }]
+"#;
+
+pub const POLICY_JSON: &str = r#"{
+  "version": 7,
+  "stage": "ddos",
+  "maps": {
+    "ddos_config": { "entries": [ { "value": { "on": true, "flags": [1, 2], "rate": 100 }, "key": 0 } ] },
+    "ddos_blocklist": {
+      "entries": [
+        { "key": "192.0.2.0/24", "value": 0 },
+        {"key":"198.51.100.7/32","value":0}
+      ]
+    }
+  },
+  "description": "block two nets"
+}"#;
