@@ -609,6 +609,27 @@ impl RealFleet {
         self.wait_ready().await
     }
 
+    /// Kills host `i`'s agent (SIGKILL, continuing it first if stopped)
+    /// and leaves it down; [`RealFleet::restart`] starts it again. Its
+    /// rootlets stay attached (their links are pinned), so traffic keeps
+    /// going through the last pipeline it applied.
+    pub fn kill(&mut self, i: usize) -> io::Result<()> {
+        let h = self
+            .hosts
+            .get_mut(i)
+            .ok_or_else(|| io::Error::other(format!("no host {i}")))?;
+        let mut child = h.child.take().ok_or_else(|| io::Error::other("no agent"))?;
+        if h.stopped
+            && let Ok(pid) = i32::try_from(child.id())
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
+        h.stopped = false;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Whether host `i`'s agent process has exited (it crashed, or was
     /// killed).
     pub fn agent_exited(&mut self, i: usize) -> bool {

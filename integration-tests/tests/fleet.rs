@@ -3,11 +3,15 @@
 //! (`rootlet_integration_tests::fleet`), driven by the `rootletctl`
 //! rollout engine. One agent is reached over TCP with mutual TLS, the
 //! others over their Unix sockets. Policy rollouts (`policy rollout`) run
-//! on the same engine against the sample bundle's ddos stage.
+//! on the same engine against the sample bundle's ddos stage. The
+//! `real_agents_*` tests run the client's scenarios of
+//! `client/tests/rollout.rs` (nack, abort, pause, deadline, undo) on 3-4
+//! real agents, and kill an agent or the `rootletctl` binary mid-wave;
+//! each checks that every host runs a version its journal record explains.
 //!
-//! Needs root, and `rootletd` built with the same profile as the tests
-//! (`cargo build -p rootlet-server`); the test fails, saying so, if it is
-//! missing.
+//! Needs root, and `rootletd` and `rootletctl` built with the same profile
+//! as the tests (`cargo build -p rootlet-server -p rootlet-client`); a test
+//! fails, saying so, if one is missing.
 
 use std::{
     path::{Path, PathBuf},
@@ -830,4 +834,630 @@ async fn a_policy_rollout_blocks_a_source_everywhere_and_one_that_blocks_everyth
     let d0 = ddos(&fleet).await[0].1;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(ddos(&fleet).await[0].1, d0);
+}
+
+// The client's rollout scenarios (nack, abort, pause, deadline, undo; in
+// `client/tests/rollout.rs` against simulated agents) against real agents,
+// and rollouts that survive a SIGKILLed agent or `rootletctl`. Each upgrade
+// loads new program builds (the `_v2` objects), so "back on 1.0.0" is read
+// as the 1.0.0 programs running again, not only as a version string.
+
+/// What one host runs, read back from its agent: its rootlets' applied
+/// versions, every stage with the digest of its object, and the bundle
+/// ListBundles marks current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Running {
+    versions: Vec<String>,
+    stages: Vec<(String, String)>,
+    current: Option<String>,
+}
+
+/// Every host's [`Running`]; also checks that each stage's program is
+/// loaded in the kernel (`bpftool prog show id`).
+async fn running(fleet: &RealFleet) -> Vec<Running> {
+    let f = Fleet::new(fleet.inventory(), transport());
+    let hosts = status::read(&f, None).await;
+    let mut out = Vec::new();
+    for h in hosts {
+        assert!(h.error.is_none(), "{}: {:?}", h.name, h.error);
+        let mut stages = Vec::new();
+        for s in h.rootlets.iter().flat_map(|r| r.stages.iter()) {
+            let id = s
+                .program_id
+                .unwrap_or_else(|| panic!("{}: stage {} has no program", h.name, s.name));
+            let shown = std::process::Command::new("bpftool")
+                .args(["prog", "show", "id", &id.to_string()])
+                .output()
+                .expect("bpftool");
+            assert!(
+                shown.status.success(),
+                "{}: stage {}'s program {id} is not in the kernel",
+                h.name,
+                s.name
+            );
+            stages.push((s.name.clone(), s.digest.clone()));
+        }
+        out.push(Running {
+            versions: h
+                .rootlets
+                .iter()
+                .map(|r| r.applied_version.clone())
+                .collect(),
+            stages,
+            current: h
+                .bundles
+                .iter()
+                .find(|b| b.current && b.name == "edge")
+                .map(|b| b.version.clone()),
+        });
+    }
+    out
+}
+
+/// Checks that every host runs a version of the bundle (the one ListBundles
+/// marks current) that the rollout's journal explains:
+/// the new one where the journal says it was pushed (healthy or pushed),
+/// the previous one where it says the host was not touched, refused it, or
+/// was put back; either where a push's answer never came. The previous
+/// version is the one the journal recorded before the first push (checked
+/// against `before`, what the host ran before the rollout), or, for a host
+/// the rollout never reached, `before`'s. A host the journal could not put
+/// back fails the check.
+fn explained(j: &journal::Journal, before: &[Running], now: &[Running]) {
+    assert_eq!(j.hosts.len(), now.len());
+    assert_eq!(j.hosts.len(), before.len());
+    for ((h, r), b) in j.hosts.iter().zip(now).zip(before) {
+        let new = Some(j.bundle.version.clone());
+        let old = b.current.clone();
+        if h.previous_recorded {
+            assert_eq!(
+                h.previous.as_ref().map(|p| p.version.clone()),
+                old,
+                "{}: the journal recorded what it ran before",
+                h.host.name
+            );
+        }
+        let on = r.current.clone();
+        let ok = match h.state {
+            HostState::Healthy | HostState::Pushed => on == new,
+            HostState::Pending
+            | HostState::Prepared
+            | HostState::Failed
+            | HostState::RolledBack => on == old,
+            HostState::Unreachable => match h.changed {
+                journal::Changed::Yes => on == new,
+                journal::Changed::No => on == old,
+                journal::Changed::Unknown => on == new || on == old,
+            },
+            HostState::RollbackFailed => false,
+        };
+        assert!(
+            ok,
+            "{} runs {on:?}, which its journal record ({}, changed {:?}, previous {old:?}, new {new:?}) does not explain: {}",
+            h.host.name,
+            h.state.name(),
+            h.changed,
+            h.detail
+        );
+    }
+}
+
+/// 1.0.0 (the sample objects) everywhere, through a canary of one; returns
+/// what every host runs then.
+async fn install_v1(fleet: &RealFleet) -> Vec<Running> {
+    let v1 = fleet.sample_bundle("1.0.0", false).expect("bundle v1");
+    let (outcome, jf) = run(
+        fleet,
+        "canary = { hosts = 1 }\n",
+        &v1,
+        &journal_path(fleet, "v1.json"),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    let v1 = running(fleet).await;
+    assert!(v1.iter().all(|r| r.versions == ["1.0.0"]), "{v1:?}");
+    v1
+}
+
+/// Checks that `now` runs other programs than `v1` on every stage both
+/// have (the `_v2` builds were loaded).
+fn new_programs(v1: &[Running], now: &[Running]) {
+    for (a, b) in v1.iter().zip(now) {
+        for (name, digest) in &b.stages {
+            if let Some((_, old)) = a.stages.iter().find(|(n, _)| n == name)
+                && (name == "sampler" || name == "ddos")
+            {
+                assert_ne!(old, digest, "stage {name} runs a new build");
+            }
+        }
+    }
+}
+
+fn all_flow(fleet: &RealFleet, when: &str) {
+    for i in 0..fleet.hosts.len() {
+        assert!(
+            fleet.traffic_flows(i, 50).expect("traffic"),
+            "host {i} passes traffic {when}"
+        );
+    }
+}
+
+/// The sample bundle at `version` with the `_v2` objects and one more
+/// stage (`sampler_b`, a second sampler at priority 15), signed.
+fn v2_with_one_more_stage(fleet: &RealFleet, version: &str) -> PathBuf {
+    let src = fleet.dir.join(format!("bundle-{version}-plus"));
+    let objects = src.join("objects");
+    std::fs::create_dir_all(&objects).expect("dir");
+    for (name, bytes) in [
+        ("sampler.o", rootlet_ebpf::SAMPLER_V2),
+        ("ddos.o", rootlet_ebpf::DDOS_V2),
+        ("l4lb.o", rootlet_ebpf::L4LB),
+    ] {
+        std::fs::write(objects.join(name), bytes).expect("object");
+    }
+    let mut manifest = rootlet_integration_tests::fleet::SAMPLE_MANIFEST.replacen(
+        "version = \"1.0.0\"",
+        &format!("version = \"{version}\""),
+        1,
+    );
+    manifest.push_str(
+        "\n[[stages]]\nname = \"sampler_b\"\nobject = \"objects/sampler.o\"\nprogram = \"sampler\"\npriority = 15\nowner = \"observability\"\n",
+    );
+    let path = src.join("manifest.toml");
+    std::fs::write(&path, manifest).expect("manifest");
+    signed_bundle(fleet, &path, &format!("edge-{version}-plus.rlb"))
+}
+
+fn signed_bundle(fleet: &RealFleet, manifest: &Path, name: &str) -> PathBuf {
+    let mut signed =
+        rootlet_bundle::SignedBundle::new(rootlet_bundle::Bundle::build(manifest).expect("build"));
+    signed.sign(&rootlet_bundle::read_signing_key(&fleet.signing_key).expect("key"));
+    let out = fleet.dir.join(name);
+    std::fs::write(&out, signed.to_bytes()).expect("bundle");
+    out
+}
+
+/// Applies a bundle `fw` of another team on host `i` directly (not a
+/// rollout): `n` sampler stages on `rl0`, at priorities 40 and up.
+async fn fill_with_other_team_stages(fleet: &RealFleet, i: usize, n: usize) {
+    let dir = fleet.dir.join("bundle-fw-fill");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("sampler.o"), rootlet_ebpf::SAMPLER).expect("object");
+    let mut m = "name = \"fw\"\nversion = \"1\"\n[[rootlets]]\ninterface = \"rl0\"\n".to_string();
+    for k in 0..n {
+        m.push_str(&format!(
+            "[[stages]]\nname = \"fw_{k}\"\nobject = \"sampler.o\"\nprogram = \"sampler\"\npriority = {}\nowner = \"fw\"\n",
+            40 + k
+        ));
+    }
+    let manifest = dir.join("manifest.toml");
+    std::fs::write(&manifest, m).expect("manifest");
+    let fw = BundleFile::read(&signed_bundle(fleet, &manifest, "fw-fill.rlb")).expect("fw");
+    let f = Fleet::new(fleet.inventory(), transport());
+    f.call(i, "ApplyBundle", None, |mut c, t| {
+        let req = rootlet_proto::v1::ApplyBundleRequest {
+            source: Some(rootlet_proto::v1::apply_bundle_request::Source::Bundle(
+                fw.bytes.as_ref().clone(),
+            )),
+            idempotency_key: String::new(),
+            expected_generations: Default::default(),
+        };
+        async move {
+            c.apply_bundle(rootlet_client::transport::request(req, t))
+                .await
+        }
+    })
+    .await
+    .expect("fw applied");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_agents_a_nack_in_a_wave_fails_the_apply_gate_and_the_canary_goes_back() {
+    let mut fleet = RealFleet::start(3, &[]).await.expect("3 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+    install_v1(&fleet).await;
+    // Host 1's rootlet also runs 13 stages of another team: 16 of its 16
+    // slots are taken, so a bundle with one more stage does not fit there
+    // (the canary, host 0, has room).
+    fill_with_other_team_stages(&fleet, 1, 13).await;
+    let v1 = running(&fleet).await;
+    assert_eq!(v1[1].stages.len(), 16, "{:?}", v1[1]);
+
+    let v2 = v2_with_one_more_stage(&fleet, "2.0.0");
+    let j = journal_path(&fleet, "nack.json");
+    let (outcome, jf) = run(&fleet, "canary = { hosts = 1 }\n", &v2, &j).await;
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.hosts);
+    assert_eq!(outcome.exit_code(), 3);
+    let stop = jf.journal.stop.clone().expect("a stop reason");
+    assert!(
+        stop.message.contains("apply gate failed on host-01"),
+        "{}",
+        stop.message
+    );
+    let h1 = &jf.journal.hosts[1];
+    assert_eq!(h1.state, HostState::Failed, "{}", h1.detail);
+    assert!(
+        h1.detail.contains("at most 16 slots"),
+        "the agent's own reason: {}",
+        h1.detail
+    );
+    // The canary and host 2 (in host 1's wave) took 2.0.0 and are put back.
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    assert_eq!(jf.journal.hosts[2].state, HostState::RolledBack);
+    // Every host runs exactly what it ran before: the 1.0.0 programs again
+    // (without sampler_b), host 1 its 16 stages.
+    let now = running(&fleet).await;
+    assert_eq!(now, v1);
+    explained(&jf.journal, &v1, &now);
+    all_flow(&fleet, "after the nack");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_agents_an_operator_abort_rolls_back_the_paused_canaries() {
+    let mut fleet = RealFleet::start(4, &[]).await.expect("4 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+    let v1 = install_v1(&fleet).await;
+    // 2.0.0 (new programs) waits after its canary of two (a timed pause);
+    // the operator aborts.
+    let v2 = fleet.sample_bundle_v2("2.0.0").expect("bundle v2");
+    let j = journal_path(&fleet, "abort.json");
+    let plan = "canary = { hosts = 2, pause = \"30s\" }\n";
+    let task = spawn_rollout(&fleet, plan, &v2, &j);
+    let t0 = Instant::now();
+    while journal::read(&j).map(|x| x.steps_done).unwrap_or(0) < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the canary never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Mid-rollout, the canaries really run the new programs.
+    let mid = running(&fleet).await;
+    new_programs(&v1, &mid[..2]);
+    assert_eq!(mid[2..], v1[2..]);
+    explained(&journal::read(&j).expect("journal"), &v1, &mid);
+    control::request(&j, control::Request::Abort).expect("abort");
+    let (outcome, jf) = join(task).await;
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.stop);
+    assert_eq!(
+        jf.journal.stop.as_ref().map(|s| s.kind),
+        Some(StopKind::Abort)
+    );
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    assert_eq!(jf.journal.hosts[1].state, HostState::RolledBack);
+    assert!(
+        jf.journal.hosts[2..]
+            .iter()
+            .all(|h| h.state == HostState::Pending)
+    );
+    let now = running(&fleet).await;
+    assert_eq!(now, v1);
+    explained(&jf.journal, &v1, &now);
+    all_flow(&fleet, "after the abort");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_agents_an_operator_pause_holds_the_rollout_until_resume() {
+    let mut fleet = RealFleet::start(3, &[]).await.expect("3 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+    let before = running(&fleet).await;
+    let v1 = fleet.sample_bundle("1.0.0", false).expect("bundle v1");
+    let j = journal_path(&fleet, "pause.json");
+    let req = request(&fleet, "canary = { hosts = 1 }\n", &v1, &j);
+    let Start::New(jn) = rollout::plan_start(&req).expect("journal") else {
+        panic!("a new rollout")
+    };
+    // Paused before it starts: nothing reaches any agent until resumed.
+    control::request(&j, control::Request::Pause).expect("pause");
+    let engine = rollout::engine_for(&j, jn, Some(Arc::clone(&req.bundle.bytes)), Mode::Lines)
+        .expect("engine");
+    let task = tokio::spawn(engine.run());
+    let t0 = Instant::now();
+    while journal::read(&j).map(|x| x.state).ok() != Some(RolloutState::Paused) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let f = Fleet::new(fleet.inventory(), transport());
+    for h in status::read(&f, None).await {
+        assert!(h.error.is_none(), "{}: {:?}", h.name, h.error);
+        assert!(
+            h.rootlets.is_empty() && h.bundles.is_empty(),
+            "{}: nothing applied while paused: {:?} {:?}",
+            h.name,
+            h.rootlets,
+            h.bundles
+        );
+    }
+    control::request(&j, control::Request::Resume).expect("resume");
+    let (outcome, jf) = join(task).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert!(jf.journal.events.iter().any(|e| e.message == "resumed"));
+    let now = running(&fleet).await;
+    assert!(now.iter().all(|r| r.versions == ["1.0.0"]), "{now:?}");
+    explained(&jf.journal, &before, &now);
+    all_flow(&fleet, "on 1.0.0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_agents_a_step_past_its_progress_deadline_rolls_back() {
+    let mut fleet = RealFleet::start(4, &[]).await.expect("4 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+    let v1 = install_v1(&fleet).await;
+    // Host 2's agent is stopped: it hangs each call for its whole RPC
+    // deadline (3 s), longer than a step may take (2.5 s); unavailable
+    // hosts alone would be allowed.
+    fleet.freeze(2, true).expect("SIGSTOP host-02");
+    let v2 = fleet.sample_bundle_v2("2.0.0").expect("bundle v2");
+    let plan = "progress_deadline = \"2500ms\"\nmax_unavailable = 3\ncanary = { hosts = 1 }\n";
+    let (outcome, jf) = run(&fleet, plan, &v2, &journal_path(&fleet, "deadline.json")).await;
+    fleet.freeze(2, false).expect("SIGCONT host-02");
+    assert_eq!(outcome, Outcome::RolledBack, "{:?}", jf.journal.stop);
+    let stop = jf.journal.stop.clone().expect("a stop reason");
+    assert_eq!(stop.kind, StopKind::Deadline, "{}", stop.message);
+    assert!(
+        stop.message
+            .starts_with("wave 1 was not healthy within progress_deadline"),
+        "{}",
+        stop.message
+    );
+    assert_eq!(stop.step, Some(1));
+    assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
+    let now = running(&fleet).await;
+    assert_eq!(now, v1);
+    explained(&jf.journal, &v1, &now);
+    all_flow(&fleet, "after the deadline");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_agents_undo_returns_every_host_to_the_previous_programs() {
+    let mut fleet = RealFleet::start(3, &[1]).await.expect("3 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+    let v1 = install_v1(&fleet).await;
+    let v2 = fleet.sample_bundle_v2("2.0.0").expect("bundle v2");
+    let j = journal_path(&fleet, "undo.json");
+    let (outcome, jf) = run(&fleet, "canary = { hosts = 1 }\n", &v2, &j).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
+    assert!(
+        jf.journal
+            .hosts
+            .iter()
+            .all(|h| h.previous.as_ref().map(|p| p.version.as_str()) == Some("1.0.0"))
+    );
+    let on_v2 = running(&fleet).await;
+    assert!(on_v2.iter().all(|r| r.versions == ["2.0.0"]), "{on_v2:?}");
+    new_programs(&v1, &on_v2);
+    explained(&jf.journal, &v1, &on_v2);
+
+    let (outcome, jf, _) = rollout::undo(&j, Mode::Lines).await.expect("undo");
+    assert_eq!(outcome, Outcome::Undone, "{:?}", jf.journal.hosts);
+    assert_eq!(jf.journal.state, RolloutState::Undone);
+    assert!(
+        jf.journal
+            .hosts
+            .iter()
+            .all(|h| h.state == HostState::RolledBack)
+    );
+    let now = running(&fleet).await;
+    assert_eq!(now, v1);
+    explained(&jf.journal, &v1, &now);
+    all_flow(&fleet, "after the undo");
+}
+
+/// Canary, then waves of one, each soaking 4 s under the aborted-rate
+/// gate; one host may be unavailable.
+const SOAK_PLAN: &str = r#"
+soak = "4s"
+progress_deadline = "2m"
+max_unavailable = 1
+canary = { hosts = 1 }
+
+[[waves]]
+hosts = 1
+
+[[gates.counters]]
+stage = "*"
+metric = "aborted_rate"
+max = 0.01
+window = "1s"
+min_packets = 100
+"#;
+
+/// Waits (bounded) until host `i`'s record in journal `j` is `state`.
+async fn wait_for_host(j: &Path, i: usize, state: HostState, what: &str) {
+    let t0 = Instant::now();
+    while journal::read(j)
+        .ok()
+        .and_then(|x| x.hosts.get(i).map(|h| h.state))
+        != Some(state)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(120), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_agents_an_agent_killed_mid_wave_and_restarted_leaves_the_rollout_finished_or_rolled_back()
+ {
+    let mut fleet = RealFleet::start(SMALL_HOSTS, &[]).await.expect("4 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+    let v1 = install_v1(&fleet).await;
+    let v2 = fleet.sample_bundle_v2("2.0.0").expect("bundle v2");
+    let j = journal_path(&fleet, "killed-agent.json");
+    let task = spawn_rollout(&fleet, SOAK_PLAN, &v2, &j);
+    // Host 2 (wave 2) has taken 2.0.0 and soaks: its agent is SIGKILLed.
+    wait_for_host(&j, 2, HostState::Pushed, "wave 2 never pushed").await;
+    fleet.kill(2).expect("SIGKILL host-02");
+    // The kernel keeps running what the agent applied: its pinned rootlet
+    // passes traffic while no agent runs.
+    assert!(
+        fleet.traffic_flows(2, 50).expect("traffic"),
+        "host-02 passes traffic with its agent dead"
+    );
+    // An operator (or systemd) starts it again, while the rollout runs.
+    fleet.restart(2, None).await.expect("host-02 back");
+    let (mut outcome, mut jf) = join(task).await;
+    if outcome == Outcome::Incomplete {
+        // It was counted unavailable and skipped: `rollout resume`
+        // finishes it, as an operator would.
+        (outcome, jf, _) = rollout::take_over(&j, Mode::Lines, false)
+            .await
+            .expect("resume");
+    }
+    let now = running(&fleet).await;
+    explained(&jf.journal, &v1, &now);
+    match outcome {
+        Outcome::Succeeded => {
+            assert!(now.iter().all(|r| r.versions == ["2.0.0"]), "{now:?}");
+            new_programs(&v1, &now);
+        }
+        Outcome::RolledBack => assert_eq!(now, v1),
+        other => panic!(
+            "the rollout neither finished nor rolled back: {other:?} {:?}\n{:?}\n{}",
+            jf.journal.stop,
+            jf.journal.hosts[2],
+            fleet.log(2)
+        ),
+    }
+    eprintln!(
+        "agent killed mid-wave: {outcome:?}; host-02: {} ({})",
+        jf.journal.hosts[2].state.name(),
+        jf.journal.hosts[2].detail
+    );
+    all_flow(&fleet, "after the rollout");
+}
+
+/// Runs the real `rootletctl` binary with `args`; returns its exit code
+/// and output. Bounded: killed after 3 minutes.
+fn rootletctl(args: &[&str]) -> (i32, String) {
+    let bin = rootlet_integration_tests::fleet::sibling_binary("rootletctl");
+    let mut child = std::process::Command::new(&bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (cargo build -p rootlet-client --bin rootletctl)",
+                bin.display()
+            )
+        });
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("rootletctl output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_agents_a_rootletctl_killed_mid_wave_is_resumed_or_aborted_from_its_journal() {
+    let mut fleet = RealFleet::start(SMALL_HOSTS, &[1]).await.expect("4 agents");
+    fleet.start_traffic(PPS).expect("traffic");
+    let v1 = install_v1(&fleet).await;
+    let inventory = fleet.dir.join("hosts.toml");
+    std::fs::write(&inventory, fleet.inventory_toml()).expect("inventory");
+    let plan = fleet.dir.join("plan.toml");
+    std::fs::write(&plan, SOAK_PLAN).expect("plan");
+    let bin = rootlet_integration_tests::fleet::sibling_binary("rootletctl");
+    let start = |bundle: &Path, j: &Path| {
+        let log = std::fs::File::create(j.with_extension("log")).expect("log");
+        std::process::Command::new(&bin)
+            .arg("rollout")
+            .arg("start")
+            .arg("-i")
+            .arg(&inventory)
+            .arg("-p")
+            .arg(&plan)
+            .arg("-b")
+            .arg(bundle)
+            .arg("-j")
+            .arg(j)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (cargo build -p rootlet-client --bin rootletctl)",
+                    bin.display()
+                )
+            })
+    };
+
+    // 1. rootletctl is SIGKILLed while wave 1 (host 1) soaks on 2.0.0.
+    let v2 = fleet.sample_bundle_v2("2.0.0").expect("bundle v2");
+    let j = journal_path(&fleet, "killed-ctl.json");
+    let mut ctl = start(&v2, &j);
+    wait_for_host(&j, 1, HostState::Pushed, "wave 1 never pushed").await;
+    ctl.kill().expect("SIGKILL rootletctl");
+    let _ = ctl.wait();
+    let js = j.to_string_lossy().to_string();
+    // What it left: the journal (nobody holds its lock now) and the
+    // hosts, which it explains: the canary and host 1 on 2.0.0, the rest
+    // untouched.
+    assert!(!journal::JournalLock::is_held(&j));
+    let left = journal::read(&j).expect("journal");
+    assert!(!left.state.is_final(), "{}", left.state.name());
+    let mid = running(&fleet).await;
+    explained(&left, &v1, &mid);
+    assert_eq!(mid[0].versions, ["2.0.0"]);
+    assert_eq!(mid[1].versions, ["2.0.0"]);
+    assert_eq!(mid[2..], v1[2..]);
+    // `rollout status` reads the journal; `status` reads the agents.
+    let (code, text) = rootletctl(&["rollout", "status", "-j", &js]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("host-01"), "{text}");
+    let inv = inventory.to_string_lossy().to_string();
+    let (_, text) = rootletctl(&["status", "-i", &inv]);
+    assert!(text.contains("2.0.0") && text.contains("1.0.0"), "{text}");
+    let canary_generation = generation_of(&fleet, 0).await;
+    // `rollout resume` continues it here, from the journal: the hosts done
+    // are not pushed again, and it finishes.
+    let (code, text) = rootletctl(&["rollout", "resume", "-j", &js]);
+    assert_eq!(code, 0, "{text}");
+    let done = journal::read(&j).expect("journal");
+    assert_eq!(done.state, RolloutState::Succeeded, "{text}");
+    assert_eq!(generation_of(&fleet, 0).await, canary_generation);
+    let now = running(&fleet).await;
+    assert!(now.iter().all(|r| r.versions == ["2.0.0"]), "{now:?}");
+    new_programs(&v1, &now);
+    explained(&done, &v1, &now);
+    let on_v2 = now;
+
+    // 2. 3.0.0 (the 1.0.0 builds again), rootletctl SIGKILLed mid-wave
+    // again; this time the operator aborts: every host it changed goes
+    // back to 2.0.0's programs.
+    let v3 = fleet.sample_bundle("3.0.0", false).expect("bundle v3");
+    let j3 = journal_path(&fleet, "killed-ctl-3.json");
+    let mut ctl = start(&v3, &j3);
+    wait_for_host(&j3, 1, HostState::Pushed, "wave 1 never pushed").await;
+    ctl.kill().expect("SIGKILL rootletctl");
+    let _ = ctl.wait();
+    let mid = running(&fleet).await;
+    explained(&journal::read(&j3).expect("journal"), &on_v2, &mid);
+    let js3 = j3.to_string_lossy().to_string();
+    let (code, text) = rootletctl(&["rollout", "abort", "-j", &js3]);
+    assert_eq!(code, 3, "rolled back: {text}");
+    let done = journal::read(&j3).expect("journal");
+    assert_eq!(done.state, RolloutState::RolledBack, "{text}");
+    assert_eq!(done.hosts[0].state, HostState::RolledBack);
+    assert_eq!(done.hosts[1].state, HostState::RolledBack);
+    let now = running(&fleet).await;
+    assert_eq!(now, on_v2);
+    explained(&done, &on_v2, &now);
+    all_flow(&fleet, "after the abort");
 }
