@@ -1244,10 +1244,10 @@ async fn real_agents_undo_returns_every_host_to_the_previous_programs() {
     all_flow(&fleet, "after the undo");
 }
 
-/// Canary, then waves of one, each soaking 4 s under the aborted-rate
-/// gate; one host may be unavailable.
+/// Canary, then waves of one, each soaking 2 s (long enough to kill
+/// something in) under the aborted-rate gate; one host may be unavailable.
 const SOAK_PLAN: &str = r#"
-soak = "4s"
+soak = "2s"
 progress_deadline = "2m"
 max_unavailable = 1
 canary = { hosts = 1 }
@@ -1325,6 +1325,44 @@ async fn real_agents_an_agent_killed_mid_wave_and_restarted_leaves_the_rollout_f
         jf.journal.hosts[2].detail
     );
     all_flow(&fleet, "after the rollout");
+
+    // 2. 3.0.0 (the 1.0.0 builds again): host 2's agent is SIGKILLed while
+    // it soaks and stays down until the rollout has ended; then it is
+    // started again, and `rollout resume` finishes what was skipped.
+    let before = now;
+    let v3 = fleet.sample_bundle("3.0.0", false).expect("bundle v3");
+    let j3 = journal_path(&fleet, "killed-agent-3.json");
+    let task = spawn_rollout(&fleet, SOAK_PLAN, &v3, &j3);
+    wait_for_host(&j3, 2, HostState::Pushed, "wave 2 never pushed").await;
+    fleet.kill(2).expect("SIGKILL host-02");
+    let (mut outcome, mut jf) = join(task).await;
+    let ended = (outcome, jf.journal.hosts[2].state.name());
+    fleet.restart(2, None).await.expect("host-02 back");
+    if outcome == Outcome::Incomplete {
+        (outcome, jf, _) = rollout::take_over(&j3, Mode::Lines, false)
+            .await
+            .expect("resume");
+    }
+    let now = running(&fleet).await;
+    explained(&jf.journal, &before, &now);
+    match outcome {
+        Outcome::Succeeded => {
+            assert!(now.iter().all(|r| r.versions == ["3.0.0"]), "{now:?}")
+        }
+        Outcome::RolledBack => assert_eq!(now, before),
+        other => panic!(
+            "the rollout neither finished nor rolled back: {other:?} {:?}\n{:?}\n{}",
+            jf.journal.stop,
+            jf.journal.hosts[2],
+            fleet.log(2)
+        ),
+    }
+    eprintln!(
+        "agent killed mid-wave and left down: {ended:?}, then {outcome:?}; host-02: {} ({})",
+        jf.journal.hosts[2].state.name(),
+        jf.journal.hosts[2].detail
+    );
+    all_flow(&fleet, "after the second rollout");
 }
 
 /// Runs the real `rootletctl` binary with `args`; returns its exit code
