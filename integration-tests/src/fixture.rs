@@ -339,6 +339,20 @@ pub fn read_u64(map: &std::os::fd::OwnedFd, index: u32, percpu: bool) -> u64 {
         .sum()
 }
 
+/// Entry `index` of per-CPU map `map` of u64 values, one per possible CPU;
+/// `None` if the map has no such entry or cannot be read.
+pub fn read_percpu_u64(map: &std::os::fd::OwnedFd, index: u32) -> Option<Vec<u64>> {
+    let mut buf = vec![0u8; 8 * aya_cpus()];
+    if !sys::map_lookup(map.as_fd(), &index.to_ne_bytes(), &mut buf).ok()? {
+        return None;
+    }
+    Some(
+        buf.chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
+            .collect(),
+    )
+}
+
 fn aya_cpus() -> usize {
     std::fs::read_to_string("/sys/devices/system/cpu/possible")
         .ok()
