@@ -4,6 +4,10 @@
 //! - [`ROOTLET`]: the freplace rootlet (placeholders `stage_0..stage_15`).
 //! - [`ROOTLET_CHAIN`]: the tail-call rootlet.
 //! - [`SAMPLER`], [`DDOS`], [`L4LB`]: the sample stages.
+//! - [`SAMPLER_V2`], [`DDOS_V2`]: second builds (`-DROOTLET_BUILD=2`), for
+//!   upgrades that load new programs. `SAMPLER_V2` differs in code: it
+//!   stamps 2 into `sampler_counts[2]` (another kernel tag, and packets show
+//!   which build counted them); `DDOS_V2` differs only in its data.
 //! - `TEST_*`: stages that exist to exercise one behaviour in tests.
 //! - `BENCH_*`: baselines the benchmarks compare the rootlets against.
 #![forbid(unsafe_code)]

@@ -2,6 +2,11 @@
 /*
  * Sample stage: counts every packet and copies the head of 1 in
  * SAMPLE_EVERY packets into a ring buffer. Always proceeds (XDP_PASS).
+ *
+ * Built with -DROOTLET_BUILD=N (sampler_v2), it differs in code, not only
+ * in data: every packet also stamps N, an immediate in the program, into
+ * sampler_counts[2]. The kernel then runs a program with another tag, and a
+ * test can see which build counted a packet.
  */
 #include <rootlet/stage.h>
 #include "parse.h"
@@ -17,10 +22,16 @@ struct sample {
 	__u8 data[SAMPLE_BYTES];
 };
 
-/* [0] packets seen, [1] packets sampled */
+#ifdef ROOTLET_BUILD
+#define SAMPLER_COUNTS 3
+#else
+#define SAMPLER_COUNTS 2
+#endif
+
+/* [0] packets seen, [1] packets sampled, [2] (ROOTLET_BUILD only) the build */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, SAMPLER_COUNTS);
 	__type(key, __u32);
 	__type(value, __u64);
 } sampler_counts SEC(".maps");
@@ -41,6 +52,12 @@ ROOTLET_STAGE(sampler)
 	if (!seen)
 		return XDP_PASS;
 	*seen += 1;
+#ifdef ROOTLET_BUILD
+	key = 2;
+	__u64 *build = bpf_map_lookup_elem(&sampler_counts, &key);
+	if (build)
+		*build = ROOTLET_BUILD;
+#endif
 	if (SAMPLE_EVERY == 0 || *seen % SAMPLE_EVERY != 0)
 		return XDP_PASS;
 

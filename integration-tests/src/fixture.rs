@@ -209,6 +209,46 @@ impl Fixture {
         total
     }
 
+    /// The kernel's own count of the packets every rootlet under this
+    /// fixture's root handled with its final verdict (they went through
+    /// every stage), read straight from the pinned maps like
+    /// [`Fixture::pinned_count`]: the freplace rootlet's
+    /// [`abi::FINAL_COUNTER`](rootlet_dataplane::abi::FINAL_COUNTER) in
+    /// `stats`, and the tail-call rootlet's `final` map, both parities.
+    pub fn pinned_finals(&self) -> u64 {
+        use rootlet_dataplane::abi;
+        let layout = rootlet_dataplane::pins::Layout::new(&self.root);
+        let cpus = aya_cpus();
+        let word = |b: &[u8], at: usize| {
+            let w: [u8; 8] = b[at..at + 8].try_into().unwrap_or_default();
+            u64::from_ne_bytes(w)
+        };
+        let mut total = 0;
+        for key in layout.rootlets().unwrap_or_default() {
+            if let Ok(map) = sys::obj_get(&layout.stats(key)) {
+                let mut value = vec![0u8; abi::PERCPU_SIZE * cpus];
+                if sys::map_lookup(map.as_fd(), &0u32.to_ne_bytes(), &mut value).unwrap_or(false) {
+                    let (parity, slot, counter) = abi::FINAL_COUNTER;
+                    let at = abi::counter_offset(parity, slot, counter);
+                    total += value
+                        .chunks_exact(abi::PERCPU_SIZE)
+                        .map(|cpu| word(cpu, at))
+                        .sum::<u64>();
+                }
+            }
+            if let Ok(map) = sys::obj_get(&layout.final_counts(key)) {
+                let mut value = vec![0u8; abi::FINAL_SIZE * cpus];
+                if sys::map_lookup(map.as_fd(), &0u32.to_ne_bytes(), &mut value).unwrap_or(false) {
+                    total += value
+                        .chunks_exact(abi::FINAL_SIZE)
+                        .map(|cpu| word(cpu, 0) + word(cpu, 8))
+                        .sum::<u64>();
+                }
+            }
+        }
+        total
+    }
+
     pub fn netns_path(&self) -> &Path {
         self.pair.host().path()
     }
@@ -337,6 +377,20 @@ pub fn read_u64(map: &std::os::fd::OwnedFd, index: u32, percpu: bool) -> u64 {
     buf.chunks_exact(8)
         .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
         .sum()
+}
+
+/// Entry `index` of per-CPU map `map` of u64 values, one per possible CPU;
+/// `None` if the map has no such entry or cannot be read.
+pub fn read_percpu_u64(map: &std::os::fd::OwnedFd, index: u32) -> Option<Vec<u64>> {
+    let mut buf = vec![0u8; 8 * aya_cpus()];
+    if !sys::map_lookup(map.as_fd(), &index.to_ne_bytes(), &mut buf).ok()? {
+        return None;
+    }
+    Some(
+        buf.chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
+            .collect(),
+    )
 }
 
 fn aya_cpus() -> usize {

@@ -29,7 +29,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use rootlet_dataplane::sys;
 
 use std::net::SocketAddrV4;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::netns::{Netns, VethPair};
 use crate::traffic::{
@@ -513,6 +513,119 @@ impl TrafficRun {
     }
 }
 
+/// How long [`Crossings`] waits for a data-plane count to advance: long
+/// enough for the VM tier (20-35x slower) at the modest rates the tests
+/// send.
+pub const ADVANCE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Evidence that traffic flowed across every change a test judges, by a
+/// data-plane count (the witness's total, a rootlet's pinned counters):
+/// just before each change the count must advance, and again just after
+/// it, each wait bounded by [`ADVANCE_LIMIT`]. A test makes its changes
+/// between [`Crossings::before`] and [`Crossings::after`] and ends with
+/// [`Crossings::assert_flowed`], so a change that landed after the traffic
+/// had stopped (or before it began) fails the test instead of passing it
+/// trivially.
+#[derive(Debug)]
+pub struct Crossings {
+    /// One per change, in order.
+    pub changes: Vec<Crossing>,
+    open: Option<(String, u64)>,
+    limit: Duration,
+}
+
+/// What the data plane counted around one change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Crossing {
+    pub what: String,
+    /// Counted in the wait just before the change.
+    pub before: u64,
+    /// Counted in the wait just after it.
+    pub after: u64,
+}
+
+impl Default for Crossings {
+    fn default() -> Crossings {
+        Crossings::new()
+    }
+}
+
+impl Crossings {
+    pub fn new() -> Crossings {
+        Crossings::with_limit(ADVANCE_LIMIT)
+    }
+
+    /// [`Crossings::new`], waiting at most `limit` for each advance.
+    pub fn with_limit(limit: Duration) -> Crossings {
+        Crossings {
+            changes: vec![],
+            open: None,
+            limit,
+        }
+    }
+
+    /// Call just before change `what`: waits until `count` advances (at
+    /// most the limit, [`ADVANCE_LIMIT`] by default) and records by how
+    /// much.
+    pub fn before(&mut self, what: &str, count: impl FnMut() -> u64) {
+        assert!(
+            self.open.is_none(),
+            "Crossings::before({what:?}) before the previous change's after()"
+        );
+        let before = advance(count, self.limit);
+        self.open = Some((what.to_owned(), before));
+    }
+
+    /// Call just after the change: waits until `count` advances past its
+    /// value now (bounded like [`Crossings::before`]) and records by how
+    /// much.
+    pub fn after(&mut self, count: impl FnMut() -> u64) {
+        let Some((what, before)) = self.open.take() else {
+            panic!("Crossings::after() without before()");
+        };
+        let after = advance(count, self.limit);
+        self.changes.push(Crossing {
+            what,
+            before,
+            after,
+        });
+    }
+
+    /// Panics unless at least one change was judged and the data plane
+    /// counted packets both just before and just after each of them.
+    pub fn assert_flowed(&self) {
+        assert!(self.open.is_none(), "a change without after()");
+        assert!(!self.changes.is_empty(), "no change was judged");
+        let dry: Vec<&Crossing> = self
+            .changes
+            .iter()
+            .filter(|c| c.before == 0 || c.after == 0)
+            .collect();
+        assert!(
+            dry.is_empty(),
+            "no packet counted just before or just after these changes \
+             (they were not made under traffic): {dry:?}"
+        );
+    }
+}
+
+/// How much `count` advanced from its value now, once it has (or 0 after
+/// `limit`).
+fn advance(mut count: impl FnMut() -> u64, limit: Duration) -> u64 {
+    let start = count();
+    let end = Instant::now() + limit;
+    loop {
+        let now = count();
+        if now > start {
+            return now - start;
+        }
+        if Instant::now() >= end {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,6 +682,35 @@ mod tests {
             ..SeqReport::default()
         };
         assert!(!Delivery::check(&passed, &stray, StackDrops::default()).is_explained());
+    }
+
+    #[test]
+    fn crossings_need_packets_on_both_sides_of_every_change() {
+        let mut n = 0;
+        let mut flowing = || {
+            n += 1;
+            n
+        };
+        let mut c = Crossings::new();
+        c.before("one", &mut flowing);
+        c.after(&mut flowing);
+        c.assert_flowed();
+        assert_eq!(c.changes[0].before, 1);
+        assert_eq!(c.changes[0].after, 1);
+    }
+
+    #[test]
+    fn a_change_after_the_traffic_stopped_fails_the_crossings() {
+        let mut n = 0;
+        let mut c = Crossings::with_limit(Duration::from_millis(30));
+        c.before("under traffic", || {
+            n += 1;
+            n
+        });
+        c.after(|| n);
+        let late = std::panic::catch_unwind(|| c.assert_flowed());
+        assert!(late.is_err(), "{:?}", c.changes);
+        assert_eq!(c.changes[0].after, 0);
     }
 
     #[test]

@@ -16,8 +16,8 @@ use rootlet_integration_tests::{
     netns::{HOST_IP, VethPair},
     packet::seq_payload,
     rootletd::{exited, rootletd, rootletd_with},
-    traffic::{RawSocket, UdpSink},
-    witness,
+    traffic::{BlastConfig, Blaster, RawSocket, UdpSink},
+    witness::{self, Crossings},
 };
 use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
 use rootlet_server::config::Config;
@@ -658,21 +658,23 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
         .await
         .expect("link");
     drop(ops);
+    // Steady traffic from the peer until after the last change (the exit
+    // on SIGTERM), judged by the kernel's own drop counts in the pinned
+    // stats map (no agent needed): around each change, the drop stage
+    // counted packets just before it and just after it.
+    let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
+    let mut config = BlastConfig::new(a.f.pair.udp_to_host(40000, 6000, vec![]), 1_000_000);
+    config.rate_pps = 500;
+    config.max_duration = Duration::from_secs(600);
+    let dropped_before = a.f.pinned_count(XdpAction::Drop);
+    let blaster = Blaster::start(&raw, config).expect("traffic");
+    let drops = || a.f.pinned_count(XdpAction::Drop);
+    let mut crossings = Crossings::new();
+    crossings.before("graceful shutdown", drops);
     if let Some(r) = a.running.take() {
         r.shutdown().await.expect("graceful shutdown");
     }
-    let raw = RawSocket::open(a.f.pair.peer(), a.f.pair.peer_if()).expect("raw");
-    // Whether the data plane dropped a packet sent now from the peer, by
-    // the kernel's own counters in the pinned stats map (no agent runs).
-    let dropped = |seq: u64| {
-        let before = a.f.pinned_count(XdpAction::Drop);
-        let frame = a.f.pair.udp_to_host(40000, 6000, seq_payload(seq, 64));
-        raw.send(&frame.to_bytes()).expect("send");
-        fixture::wait_for(Duration::from_secs(10), || {
-            a.f.pinned_count(XdpAction::Drop) == before + 1
-        })
-    };
-    assert!(dropped(1), "the pinned drop stage outlives the agent");
+    crossings.after(drops);
 
     // Another process holds the store (an old agent still exiting): the new
     // agent listens but reports NOT_SERVING until it can adopt.
@@ -703,6 +705,7 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
         child.try_wait().expect("wait").is_none(),
         "rootletd waits rather than exits"
     );
+    crossings.before("adoption", drops);
     holder.kill();
     let end = Instant::now() + Duration::from_secs(60);
     let mut serving = false;
@@ -711,6 +714,7 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(serving, "SERVING after adoption");
+    crossings.after(drops);
     let ch = Channel::from_shared(addr).expect("uri").tls_config(
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
@@ -738,6 +742,7 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
     );
     assert!(state.drift.is_empty());
     // SIGTERM: a clean exit, the data path keeps running.
+    crossings.before("exit on SIGTERM", drops);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -758,7 +763,29 @@ async fn a_restarted_agent_adopts_pinned_state_and_serves_only_after() {
         status.is_some_and(|s| s.success()),
         "rootletd exits cleanly on SIGTERM: {status:?}"
     );
-    assert!(dropped(2), "still dropping after the agent exited");
+    crossings.after(drops);
+    assert!(
+        !blaster.is_finished(),
+        "traffic stopped before the last change: it was not made under traffic"
+    );
+    blaster.stop();
+    let sent = blaster.join();
+    assert!(
+        sent.sent > 0 && sent.failed.is_empty(),
+        "the sender failed: {sent:?}"
+    );
+    crossings.assert_flowed();
+    // The pinned drop stage dropped every packet sent, through every change
+    // and while no agent ran.
+    assert!(
+        fixture::wait_for(Duration::from_secs(10), || {
+            drops().saturating_sub(dropped_before) >= sent.sent
+        }),
+        "dropped {} of the {} packets sent: {:?}",
+        drops().saturating_sub(dropped_before),
+        sent.sent,
+        crossings.changes
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,7 +23,7 @@ use rootlet_integration_tests::{
     },
     policy,
     traffic::{RawSocket, UdpSink},
-    witness::{self, Delivery, StackDrops, Traffic, TrafficRun, Witnessed},
+    witness::{self, Crossings, Delivery, StackDrops, Traffic, TrafficRun, Witnessed},
 };
 
 const BLOCKED: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 3);
@@ -238,10 +238,22 @@ fn witnessed(
     Witnessed::read(map.as_fd())
 }
 
+/// Packets the witness (stage `name` of rootlet `key`) has counted so far:
+/// what [`Crossings`] waits on around each change (0 if it cannot be read,
+/// which never advances and so fails the crossing).
+fn witnessed_total(
+    dp: &rootlet_dataplane::Dataplane,
+    key: rootlet_dataplane::spec::RootletKey,
+    name: &str,
+) -> u64 {
+    witnessed(dp, key, name).map_or(0, |w| w.total())
+}
+
 /// Stage `a` (alternately `objects[0]` and `objects[1]`, ending on
 /// `objects[1]`), then the sampler, then the witness, under steady traffic
-/// while `a` is replaced ten times; traffic goes on for `tail` after the
-/// last replacement. Returns the run and the final state.
+/// while `a` is replaced ten times, the witness counting packets just
+/// before and just after each replacement; traffic goes on for `tail`
+/// after the last one. Returns the run and the final state.
 fn replace_under_traffic(
     objects: [&str; 2],
     tail: Duration,
@@ -261,21 +273,26 @@ fn replace_under_traffic(
     .expect("link");
     let traffic =
         Traffic::start(&f.pair, SINK_PORT, 2000, Duration::from_secs(120)).expect("traffic");
-    std::thread::sleep(Duration::from_millis(200));
+    let mut crossings = Crossings::new();
     let replacements = 10;
     for i in 0..replacements {
+        crossings.before(&format!("replacement {i}"), || {
+            witnessed_total(&dp, key, "w")
+        });
         dp.apply(
             key,
             &[Change::Replace(stage("a", objects[i % 2], 10))],
             None,
         )
         .expect("replace under traffic");
+        crossings.after(|| witnessed_total(&dp, key, "w"));
     }
     std::thread::sleep(tail);
     assert!(
         traffic.is_flowing(),
         "traffic stopped before the replacements were done: they were not made under traffic"
     );
+    crossings.assert_flowed();
     let run = traffic
         .finish(|| witnessed(&dp, key, "w"))
         .expect("judge the run");
@@ -537,13 +554,16 @@ fn multi_slot_change_is_atomic_under_traffic() {
         )
     };
     generations.push(ids(&dp));
-    std::thread::sleep(Duration::from_millis(300));
+    // The witness counts packets just before and just after each change,
+    // so every generation is judged under traffic.
+    let mut crossings = Crossings::new();
     for round in 0..6 {
         let object = if round % 2 == 0 {
             "sampler_v2"
         } else {
             "sampler"
         };
+        crossings.before(&format!("round {round}"), || witnessed_total(&dp, key, "w"));
         dp.apply(
             key,
             &[
@@ -554,13 +574,13 @@ fn multi_slot_change_is_atomic_under_traffic() {
         )
         .expect("replace both at once");
         generations.push(ids(&dp));
-        std::thread::sleep(Duration::from_millis(150));
+        crossings.after(|| witnessed_total(&dp, key, "w"));
     }
     assert!(
         traffic.is_flowing(),
         "traffic stopped before the changes were done"
     );
-    std::thread::sleep(Duration::from_millis(200));
+    crossings.assert_flowed();
     let run = traffic
         .finish(|| witnessed(&dp, key, "w"))
         .expect("judge the run");
@@ -684,26 +704,35 @@ fn pinned_stages_outlive_their_process_and_are_adopted_without_disruption() {
     // The process is gone; the pipeline is not.
     let traffic =
         Traffic::start(&f.pair, SINK_PORT, 2000, Duration::from_secs(120)).expect("traffic");
-    std::thread::sleep(Duration::from_millis(200));
+    // The rootlet's own pinned count of packets that went through every
+    // stage: no process holds the rootlet before the adoption.
+    let finals = || f.pinned_finals();
+    let mut crossings = Crossings::new();
+    crossings.before("adoption", finals);
 
     let dp = f.open();
     let key = dp.list()[0];
+    crossings.after(finals);
     let state = dp.state(key).expect("adopted state");
     assert!(state.drift.is_none(), "{:?}", state.drift);
     assert_eq!(state.slots.len(), 4);
     assert!(state.slots.iter().all(|s| s.prog.is_some()));
+    crossings.before("policy", finals);
     block(&dp, key, BLOCKED);
+    crossings.after(finals);
+    crossings.before("replacement", finals);
     dp.apply(
         key,
         &[Change::Replace(stage("sampler", "sampler_v2", 10))],
         None,
     )
     .expect("change after adoption");
-    std::thread::sleep(Duration::from_millis(300));
+    crossings.after(finals);
     assert!(
         traffic.is_flowing(),
         "traffic flowed across the adoption and the change"
     );
+    crossings.assert_flowed();
     let run = traffic
         .finish(|| witnessed(&dp, key, "w"))
         .expect("judge the run");

@@ -8,6 +8,10 @@
 //! `client/tests/rollout.rs` (nack, abort, pause, deadline, undo) on 3-4
 //! real agents, and kill an agent or the `rootletctl` binary mid-wave;
 //! each checks that every host runs a version its journal record explains.
+//! Upgrades
+//! bring new program builds (`rootlet_ebpf::SAMPLER_V2`, `DDOS_V2`), and
+//! every agent is checked to run them: the new digests, new program ids,
+//! another kernel tag for the sampler, and packets stamped by its new build.
 //!
 //! Needs root, and `rootletd` and `rootletctl` built with the same profile
 //! as the tests (`cargo build -p rootlet-server -p rootlet-client`); a test
@@ -30,7 +34,8 @@ use rootlet_client::{
     status,
     transport::{Fleet, TransportOptions},
 };
-use rootlet_integration_tests::fleet::RealFleet;
+use rootlet_dataplane::sys;
+use rootlet_integration_tests::{fixture, fleet::RealFleet};
 
 const HOSTS: usize = 8;
 /// Host 3 is reached over TCP with mTLS.
@@ -288,7 +293,10 @@ async fn a_silent_host_counts_against_max_unavailable_and_an_interrupted_rollout
     // 2. An interrupted rollout resumes from its journal: 1.2.0 pauses after
     // its canary for a promote; the rootletctl running it goes away; a new
     // one continues without pushing the canary again.
-    let v3 = fleet.sample_bundle("1.2.0", false).expect("bundle v3");
+    // 1.2.0 brings new builds of the sampler and ddos.
+    let v1_sampler = running(&fleet, "sampler").await;
+    let v1_ddos = running(&fleet, "ddos").await;
+    let v3 = fleet.sample_bundle_v2("1.2.0").expect("bundle v3");
     let j3 = journal_path(&fleet, "rollout-3.json");
     let plan = PLAN.replace(
         "canary = { hosts = 1 }",
@@ -332,6 +340,8 @@ async fn a_silent_host_counts_against_max_unavailable_and_an_interrupted_rollout
         versions(&fleet).await,
         vec![vec!["1.2.0".to_string()]; HOSTS]
     );
+    assert!(v1_sampler[6].is_none(), "host 6 never got 1.0.0");
+    assert_runs_v2(&fleet, &v1_sampler, &v1_ddos).await;
     for i in 0..HOSTS {
         assert!(
             fleet.traffic_flows(i, 50).expect("traffic"),
@@ -344,6 +354,117 @@ async fn generation_of(fleet: &RealFleet, i: usize) -> u64 {
     let f = Fleet::new(fleet.inventory(), transport());
     let hosts = status::read(&f, None).await;
     hosts[i].rootlets.first().map_or(0, |r| r.generation)
+}
+
+/// What a host's kernel runs for one stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Running {
+    program_id: u32,
+    /// The kernel's tag of the program: a hash of its instructions.
+    tag: [u8; 8],
+    /// The object's digest, as the agent reports it.
+    digest: String,
+}
+
+/// What every host runs for stage `name` (`None`: not running there), by
+/// the agent's state and, for the tag, by the kernel.
+async fn running(fleet: &RealFleet, name: &str) -> Vec<Option<Running>> {
+    let f = Fleet::new(fleet.inventory(), transport());
+    status::read(&f, None)
+        .await
+        .into_iter()
+        .map(|h| {
+            assert!(h.error.is_none(), "{}: {:?}", h.name, h.error);
+            let s = h
+                .rootlets
+                .iter()
+                .flat_map(|r| r.stages.iter())
+                .find(|s| s.name == name)?;
+            let program_id = s.program_id?;
+            let prog = sys::prog_fd_by_id(program_id).expect("the program by id");
+            let info = sys::prog_info(std::os::fd::AsFd::as_fd(&prog)).expect("program info");
+            Some(Running {
+                program_id,
+                tag: info.tag,
+                digest: s.digest.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The build that the sampler program `program_id` stamps on the packets
+/// it counts (`sampler_counts[2]`, `ebpf/src/sampler.c`): `Some(n)` once
+/// a packet went through build `n`, `None` for the first build, which has
+/// no such entry. Panics if CPUs disagree, which would mean two builds
+/// wrote one map.
+fn sampler_build(program_id: u32) -> Option<u64> {
+    let maps = fixture::maps_of_prog(program_id);
+    let counts = maps.get("sampler_counts").expect("the sampler's map");
+    let per_cpu = fixture::read_percpu_u64(counts, 2)?;
+    let stamped: std::collections::BTreeSet<u64> =
+        per_cpu.into_iter().filter(|b| *b != 0).collect();
+    assert!(stamped.len() <= 1, "builds {stamped:?} in one map");
+    Some(stamped.into_iter().next().unwrap_or(0))
+}
+
+/// Asserts that every host now runs the `_v2` builds of the sample
+/// bundle's sampler and ddos (their digests, new programs where `before`
+/// had one), that the kernel runs the sampler's new code (another tag),
+/// and that packets go through it (it stamps build 2).
+async fn assert_runs_v2(
+    fleet: &RealFleet,
+    before: &[Option<Running>],
+    before_ddos: &[Option<Running>],
+) {
+    let v2 = rootlet_bundle::sha256_hex(rootlet_ebpf::SAMPLER_V2);
+    let ddos_v2 = rootlet_bundle::sha256_hex(rootlet_ebpf::DDOS_V2);
+    let now = running(fleet, "sampler").await;
+    let now_ddos = running(fleet, "ddos").await;
+    for (i, ((was, is), (was_ddos, is_ddos))) in before
+        .iter()
+        .zip(&now)
+        .zip(before_ddos.iter().zip(&now_ddos))
+        .enumerate()
+    {
+        let is = is
+            .as_ref()
+            .unwrap_or_else(|| panic!("host {i} runs a sampler"));
+        assert_eq!(is.digest, v2, "host {i} reports the new sampler build");
+        let is_ddos = is_ddos
+            .as_ref()
+            .unwrap_or_else(|| panic!("host {i} runs ddos"));
+        assert_eq!(
+            is_ddos.digest, ddos_v2,
+            "host {i} reports the new ddos build"
+        );
+        if let Some(was) = was {
+            assert_ne!(was.digest, is.digest, "host {i}: a new sampler object");
+            assert_ne!(
+                was.program_id, is.program_id,
+                "host {i}: the new sampler build is a new program"
+            );
+            assert_ne!(
+                was.tag, is.tag,
+                "host {i}: the kernel runs the new sampler code"
+            );
+        }
+        if let Some(was) = was_ddos {
+            assert_ne!(
+                was.program_id, is_ddos.program_id,
+                "host {i}: the new ddos build is a new program"
+            );
+        }
+        // The traffic every host carries goes through the new code.
+        let t0 = Instant::now();
+        while sampler_build(is.program_id) != Some(2) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "host {i}: no packet went through the new sampler build: {:?}",
+                sampler_build(is.program_id)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Four hosts, one per step (canary, then waves of one), gated on the
@@ -451,6 +572,18 @@ async fn outcomes_are_asked_of_agents_killed_mid_apply_and_skipped_hosts_are_fin
         .restart(1, Some("bundle-status-written"))
         .await
         .expect("host-01 armed to crash");
+    let v1_sampler = running(&fleet, "sampler").await;
+    let v1_ddos = running(&fleet, "ddos").await;
+    for (i, r) in v1_sampler.iter().enumerate() {
+        let r = r
+            .as_ref()
+            .unwrap_or_else(|| panic!("host {i} runs 1.0.0's sampler"));
+        assert_eq!(
+            sampler_build(r.program_id),
+            None,
+            "host {i}: the first build"
+        );
+    }
     let v2 = fleet.sample_bundle_v2("1.1.0").expect("bundle v2");
     let j2 = journal_path(&fleet, "r2.json");
     let task = spawn_rollout(&fleet, SMALL_PLAN, &v2, &j2);
@@ -479,6 +612,9 @@ async fn outcomes_are_asked_of_agents_killed_mid_apply_and_skipped_hosts_are_fin
         versions(&fleet).await,
         vec![vec!["1.1.0".to_string()]; SMALL_HOSTS]
     );
+    // 1.1.0 brings new builds of the sampler and ddos: every agent, the
+    // one that crashed mid-apply too, runs them.
+    assert_runs_v2(&fleet, &v1_sampler, &v1_ddos).await;
 
     // 3. Host 2's agent dies mid-apply and stays down: the outcome is
     // unknown, so it is one unavailable host (not a refusal that rolls the
@@ -513,6 +649,19 @@ async fn outcomes_are_asked_of_agents_killed_mid_apply_and_skipped_hosts_are_fin
         versions(&fleet).await,
         vec![vec!["1.2.0".to_string()]; SMALL_HOSTS]
     );
+    // 1.2.0 has the first builds again: every host loaded them back.
+    let v1 = rootlet_bundle::sha256_hex(rootlet_ebpf::SAMPLER);
+    for (i, r) in running(&fleet, "sampler").await.iter().enumerate() {
+        let r = r
+            .as_ref()
+            .unwrap_or_else(|| panic!("host {i} runs a sampler"));
+        assert_eq!(r.digest, v1, "host {i} runs the first sampler build again");
+        assert_eq!(
+            sampler_build(r.program_id),
+            None,
+            "host {i}: the first build"
+        );
+    }
     for i in 0..SMALL_HOSTS {
         assert!(
             fleet.traffic_flows(i, 50).expect("traffic"),
