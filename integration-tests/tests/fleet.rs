@@ -8,10 +8,10 @@
 //! `client/tests/rollout.rs` (nack, abort, pause, deadline, undo) on 3-4
 //! real agents, and kill an agent or the `rootletctl` binary mid-wave;
 //! each checks that every host runs a version its journal record explains.
-//! Upgrades
-//! bring new program builds (`rootlet_ebpf::SAMPLER_V2`, `DDOS_V2`), and
-//! every agent is checked to run them: the new digests, new program ids,
-//! another kernel tag for the sampler, and packets stamped by its new build.
+//! Upgrades bring new program builds (`rootlet_ebpf::SAMPLER_V2`,
+//! `DDOS_V2`), and every agent is checked to run them: the new digests,
+//! new program ids, another kernel tag for the sampler, and packets stamped
+//! by its new build.
 //!
 //! Needs root, and `rootletd` and `rootletctl` built with the same profile
 //! as the tests (`cargo build -p rootlet-server -p rootlet-client`); a test
