@@ -122,7 +122,9 @@ pub enum AgentError {
     /// A bundle names a stage that runs on the rootlet but that the bundle
     /// does not manage (linked by a team or another bundle): the bundle
     /// could not put it back if its apply failed.
-    #[error("stage `{stage}` on {rootlet} (owner `{owner}`) is not managed by bundle `{bundle}`; unlink it first")]
+    #[error(
+        "stage `{stage}` on {rootlet} (owner `{owner}`) is not managed by bundle `{bundle}`; unlink it first"
+    )]
     NotManagedByBundle {
         rootlet: String,
         stage: String,

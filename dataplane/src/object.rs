@@ -51,12 +51,12 @@ pub enum CheckError {
     },
     #[error(
         "map `{name}` cannot be kept: its {} differ{}: the running one is {old}, the new object wants {new}; nothing was changed",
-        .fields.join(", "), if .fields.len() == 1 { "s" } else { "" }
+        .fields.names().join(", "), if .fields.names().len() == 1 { "s" } else { "" }
     )]
     IncompatibleMap {
         name: String,
-        /// The parameters that differ, in [`MAP_FIELDS`] order.
-        fields: Vec<&'static str>,
+        /// The parameters that differ.
+        fields: MapFields,
         old: String,
         new: String,
     },
@@ -156,8 +156,29 @@ pub const MAP_FIELDS: [&str; 5] = [
     "map_flags",
 ];
 
+/// A set of [`MAP_FIELDS`] (bit i: `MAP_FIELDS[i]`): one byte, so that
+/// the error that carries it stays small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MapFields(u8);
+
+impl MapFields {
+    /// The fields in the set, in [`MAP_FIELDS`] order.
+    pub fn names(&self) -> Vec<&'static str> {
+        MAP_FIELDS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, f)| *f)
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+}
+
 /// Which of [`MAP_FIELDS`] differ between a running map and a definition.
-pub(crate) fn differing_fields(old: &MapInfo, new: &MapDef) -> Vec<&'static str> {
+pub(crate) fn differing_fields(old: &MapInfo, new: &MapDef) -> MapFields {
     let pairs = [
         (old.map_type, new.map_type),
         (old.key_size, new.key_size),
@@ -165,12 +186,13 @@ pub(crate) fn differing_fields(old: &MapInfo, new: &MapDef) -> Vec<&'static str>
         (old.max_entries, new.max_entries),
         (old.map_flags, new.map_flags),
     ];
-    MAP_FIELDS
-        .iter()
-        .zip(pairs)
-        .filter(|(_, (o, n))| o != n)
-        .map(|(f, _)| *f)
-        .collect()
+    let mut set = 0u8;
+    for (i, (o, n)) in pairs.into_iter().enumerate() {
+        if o != n {
+            set |= 1 << i;
+        }
+    }
+    MapFields(set)
 }
 
 /// The kernel keeps 15 bytes of a map name. A name from an uploaded object
@@ -527,7 +549,7 @@ mod tests {
         };
         let err = new.check_keep(&[running]).unwrap_err();
         assert!(
-            matches!(err, CheckError::IncompatibleMap { ref name, ref fields, .. } if name == "ddos_blocklist" && !fields.is_empty() && !fields.contains(&"map_type")),
+            matches!(err, CheckError::IncompatibleMap { ref name, ref fields, .. } if name == "ddos_blocklist" && fields.names()[..] == MAP_FIELDS[..]),
             "{err}"
         );
     }
