@@ -3033,6 +3033,11 @@ async fn admin_race(
                 Ok(ok) => acked.push((ok.into_inner().generation, RaceEffect::AdminUnlink)),
                 Err(e)
                     if (e.code(), reason(&e).as_str()) == (Code::NotFound, "STAGE_NOT_FOUND") => {}
+                // The stage's owner changed between the admin's read and
+                // its change (team-a linked or re-linked it meanwhile).
+                Err(e)
+                    if (e.code(), reason(&e).as_str()) == (Code::Aborted, "OWNER_CHANGED")
+                        && owner_changed_is_precise(&e) => {}
                 Err(e) => unexpected.push(format!("admin unlink {j}: {e:?}")),
             }
         } else {
@@ -3044,6 +3049,11 @@ async fn admin_race(
                 Err(e)
                     if (e.code(), reason(&e).as_str()) == (Code::AlreadyExists, "STAGE_EXISTS") => {
                 }
+                // The stage's owner changed between the admin's read and
+                // its change (team-a linked or re-linked it meanwhile).
+                Err(e)
+                    if (e.code(), reason(&e).as_str()) == (Code::Aborted, "OWNER_CHANGED")
+                        && owner_changed_is_precise(&e) => {}
                 Err(e) => unexpected.push(format!("admin link {j}: {e:?}")),
             }
         }
