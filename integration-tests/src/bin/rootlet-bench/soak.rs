@@ -2,7 +2,8 @@
 //! steady traffic, and what the agent holds before and after them (issue
 //! #16: "no growth").
 //!
-//! The mix, per 50 applies: a policy apply (the ddos stage's blocklist,
+//! N is rounded up to a multiple of 100, the mix's period. The mix, per
+//! 50 applies: a policy apply (the ddos stage's blocklist,
 //! alternating two contents), a bundle apply (alternating two versions of
 //! a one-stage bundle), four Unlink/Link pairs of a team stage, and
 //! ReplaceStage of `s1` alternating two objects for the rest. Traffic: a
@@ -38,7 +39,7 @@ use tonic::transport::Channel;
 
 /// Applies before the baseline: one-time allocations (loader pools, caches,
 /// the store's first pages) are not growth.
-const WARMUP: usize = 100;
+const WARMUP: usize = CYCLE;
 /// Frames per second of the steady traffic.
 const RATE_PPS: u64 = 2_000;
 /// A traffic segment ends after this many applies or this long.
@@ -62,6 +63,9 @@ const BPF_MAP_TYPE_HASH_OF_MAPS: u32 = 13;
 #[derive(Clone, Debug, Default)]
 struct Held {
     rss_kib: u64,
+    /// RssAnon: the heap and stacks (RssFile, the rest, is mapped files:
+    /// the binary's pages as they are first touched).
+    anon_kib: u64,
     fds: usize,
     pins: usize,
     progs: usize,
@@ -84,6 +88,11 @@ struct Kinds {
 }
 
 struct Segment {
+    /// Applies done when the segment ended, and rootletd's VmRSS and
+    /// RssAnon then (KiB, without a settle).
+    applies: usize,
+    rss_kib: u64,
+    anon_kib: u64,
     sent: u64,
     received: usize,
     duplicates: usize,
@@ -91,7 +100,15 @@ struct Segment {
     late: u64,
 }
 
+/// The mix repeats every this many applies (two bundle versions, 50
+/// applies apart): the state after the warm-up and at the end are the same
+/// phase of it only when N is a multiple of it.
+const CYCLE: usize = 100;
+
 pub(crate) fn soak(args: &Args, backend: BackendChoice, n: usize) -> Result<()> {
+    // Rounded up, so that the end runs what the baseline ran (the bundle's
+    // stage alternates an object with maps and one without).
+    let n = n.div_ceil(CYCLE) * CYCLE;
     let f = Fixture::new();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -190,7 +207,11 @@ async fn run(args: &Args, f: &Fixture, d: &mut Daemon, n: usize) -> Result<()> {
         let sent = report.sent_seqs();
         let unique = got.unique();
         let received = unique.intersection(&sent).count();
+        let now = memory(pid)?;
         segments.push(Segment {
+            applies: i,
+            rss_kib: now.0,
+            anon_kib: now.1,
             sent: sent.len() as u64,
             received,
             duplicates: got.duplicates(),
@@ -292,14 +313,32 @@ async fn counted(c: &mut RootletClient<Channel>, rootlet: &Option<pb::RootletRef
 
 // ---------------------------------------------------------------- what it holds
 
+/// VmRSS and RssAnon of `pid`, KiB.
+fn memory(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or(format!("no {name}"))
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?))
+}
+
 fn hold(pid: u32, pins_root: &Path, state_dir: &Path) -> Result<Held> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or("no VmRSS")?;
+    let field = |name: &str| -> Result<u64> {
+        Ok(status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or(format!("no {name}"))?)
+    };
+    let rss_kib = field("VmRSS:")?;
+    let anon_kib = field("RssAnon:")?;
     let mut fds = 0;
     let (mut progs, mut maps, mut links) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     for e in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
@@ -327,6 +366,7 @@ fn hold(pid: u32, pins_root: &Path, state_dir: &Path) -> Result<Held> {
         .sum();
     Ok(Held {
         rss_kib,
+        anon_kib,
         fds,
         pins,
         progs: progs.len(),
@@ -531,6 +571,14 @@ fn print(
         " KiB",
     );
     row(
+        "  of it RssAnon (KiB)",
+        start.anon_kib,
+        base.anon_kib,
+        end.anon_kib,
+        RSS_TOLERANCE_KIB,
+        " KiB",
+    );
+    row(
         "open file descriptors",
         start.fds as u64,
         base.fds as u64,
@@ -608,6 +656,14 @@ fn print(
                 (Some(b), Some(e)) => format!("{:+}", e as i64 - b as i64),
                 _ => "-".into(),
             }
+        );
+    }
+    println!();
+    println!("   VmRSS / RssAnon (KiB) at the end of each traffic segment, by applies done:");
+    for s in segments {
+        println!(
+            "     {:>7} applies  {:>7} / {:>7}",
+            s.applies, s.rss_kib, s.anon_kib
         );
     }
     println!();
