@@ -110,6 +110,10 @@ struct Args {
     /// without a value).
     #[arg(long, num_args = 0..=1, default_missing_value = "10000", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     soak: Option<u32>,
+    /// The soak's applies: the mix (all), or one kind only, to tell which
+    /// kind makes what grows.
+    #[arg(long, default_value = "all", value_parser = ["all", "replace", "link", "bundle", "policy"])]
+    soak_mix: String,
     /// Run step 7 (policy maps) only.
     #[arg(long)]
     policy_only: bool,

@@ -191,6 +191,7 @@ async fn run(args: &Args, f: &Fixture, d: &mut Daemon, n: usize) -> Result<()> {
                 &bundles,
                 &mut policy_version,
                 &mut kinds,
+                &args.soak_mix,
             )
             .await
             .map_err(|e| format!("apply {i}: {e}"))?;
@@ -239,8 +240,17 @@ async fn one(
     bundles: &[pb::ApplyBundleRequest],
     policy_version: &mut u64,
     kinds: &mut Kinds,
+    mix: &str,
 ) -> Result<()> {
-    let k = i % 50;
+    // One kind only: every apply of that kind (link: unlink and link in
+    // turn; bundle: a switch each time).
+    let k = match mix {
+        "replace" => 0,
+        "link" => 5 + i % 2,
+        "bundle" => 30,
+        "policy" => 10,
+        _ => i % 50,
+    };
     if k == 10 {
         *policy_version += 1;
         let blocked = if policy_version.is_multiple_of(2) {
@@ -260,10 +270,8 @@ async fn one(
         .await?;
         kinds.policy += 1;
     } else if k == 30 {
-        let reply = c
-            .apply_bundle(bundles[(i / 50) % bundles.len()].clone())
-            .await?
-            .into_inner();
+        let which = (if mix == "bundle" { i } else { i / 50 }) % bundles.len();
+        let reply = c.apply_bundle(bundles[which].clone()).await?.into_inner();
         if reply.noop && i >= 50 {
             return Err("a bundle switch was a no-op".into());
         }
@@ -532,9 +540,9 @@ fn print(
 ) -> Result<()> {
     println!();
     println!(
-        "Soak: {n} applies after {WARMUP} warm-up applies, over gRPC on rootletd's Unix socket, \
+        "Soak: {n} applies ({}) after {WARMUP} warm-up applies, over gRPC on rootletd's Unix socket, \
          backend {}, under {RATE_PPS} frames/s",
-        args.backend
+        args.soak_mix, args.backend
     );
     println!(
         "   applies: {} ReplaceStage, {} LinkStage, {} UnlinkStage, {} ApplyBundle, {} ApplyPolicy \
