@@ -660,11 +660,13 @@ impl super::Agent {
         for stage in manifest.stages_for(target) {
             let spec = spec_of(bundle, stage)?;
             match slots.iter().find(|s| s.stage == stage.name) {
-                Some(_) if !managed.contains(&stage.name) => {
-                    return Err(AgentError::Conflict(format!(
-                        "stage `{}` on {key} is not managed by bundle `{}`; unlink it first",
-                        stage.name, manifest.name
-                    )));
+                Some(slot) if !managed.contains(&stage.name) => {
+                    return Err(AgentError::NotManagedByBundle {
+                        rootlet: key.to_string(),
+                        stage: stage.name.clone(),
+                        bundle: manifest.name.clone(),
+                        owner: slot.owner.clone(),
+                    });
                 }
                 // An emptied slot is dropped by the next change: link anew.
                 None => changes.push(Change::Link(spec)),
@@ -724,10 +726,10 @@ impl super::Agent {
                 }
             }
         }
-        Err(AgentError::Conflict(format!(
-            "{} kept changing during the undo; retry",
-            undo.key
-        )))
+        Err(AgentError::UndoContended {
+            rootlet: undo.key.to_string(),
+            attempts: UNDO_ATTEMPTS,
+        })
     }
 
     /// The exact inverse of what `undo`'s apply changed, limited to the

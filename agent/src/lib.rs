@@ -106,8 +106,35 @@ pub enum AgentError {
         expected: String,
         current: String,
     },
-    #[error("{0}")]
-    Conflict(String),
+    /// The stage's owner read at the start of a call is not its owner
+    /// under the rootlet's lock, where the change applies: another caller
+    /// unlinked it, linked it again or re-assigned it meanwhile. Nothing
+    /// changed; a retry is authorised against the new owner.
+    #[error("stage `{stage}` on {rootlet} changed owner during the call (from {} to {}); nothing changed, retry", owner_name(.read), owner_name(.now))]
+    OwnerChanged {
+        rootlet: String,
+        stage: String,
+        /// The owner when the call started (None: no such stage).
+        read: Option<String>,
+        /// The owner under the lock (None: the stage is gone).
+        now: Option<String>,
+    },
+    /// A bundle names a stage that runs on the rootlet but that the bundle
+    /// does not manage (linked by a team or another bundle): the bundle
+    /// could not put it back if its apply failed.
+    #[error(
+        "stage `{stage}` on {rootlet} (owner `{owner}`) is not managed by bundle `{bundle}`; unlink it first"
+    )]
+    NotManagedByBundle {
+        rootlet: String,
+        stage: String,
+        bundle: String,
+        owner: String,
+    },
+    /// The undo of a failed bundle apply lost the race with other changes
+    /// to the rootlet every time it tried.
+    #[error("{rootlet} kept changing during the undo ({attempts} attempts); retry")]
+    UndoContended { rootlet: String, attempts: usize },
     #[error("map `{map}` of stage `{stage}` took another policy during the dump; start it again")]
     DumpInterrupted { stage: String, map: String },
     #[error("stage `{stage}` keeps no {} to roll back to", if *.to == 0 { "earlier policy version".to_owned() } else { format!("policy version {}", .to) })]
@@ -133,6 +160,13 @@ pub enum AgentError {
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+fn owner_name(owner: &Option<String>) -> String {
+    match owner {
+        Some(o) => format!("`{o}`"),
+        None => "none".to_owned(),
+    }
+}
 
 fn restored_note(unrestored: &[(String, String)]) -> String {
     if unrestored.is_empty() {
@@ -551,9 +585,12 @@ impl Agent {
             |pipeline| -> Result<()> {
                 let owner = pipeline.by_name(&name).map(|s| s.owner.as_str());
                 if current_owner.as_deref() != owner {
-                    return Err(AgentError::Conflict(format!(
-                        "stage `{name}` on {key} changed owner during the call; retry"
-                    )));
+                    return Err(AgentError::OwnerChanged {
+                        rootlet: key.to_string(),
+                        stage: name.clone(),
+                        read: current_owner.clone(),
+                        now: owner.map(str::to_owned),
+                    });
                 }
                 Ok(grant.stage(&name, owner)?)
             },

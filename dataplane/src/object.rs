@@ -50,10 +50,13 @@ pub enum CheckError {
         limit: u32,
     },
     #[error(
-        "map `{name}` cannot be kept: the running one is {old}, the new object wants {new}; nothing was changed"
+        "map `{name}` cannot be kept: its {} differ{}: the running one is {old}, the new object wants {new}; nothing was changed",
+        .fields.names().join(", "), if .fields.names().len() == 1 { "s" } else { "" }
     )]
     IncompatibleMap {
         name: String,
+        /// The parameters that differ.
+        fields: MapFields,
         old: String,
         new: String,
     },
@@ -123,14 +126,11 @@ impl StageObject {
             let Some(old) = running.iter().find(|m| m.name == truncate(&new.name)) else {
                 continue;
             };
-            let same = old.map_type == new.map_type
-                && old.key_size == new.key_size
-                && old.value_size == new.value_size
-                && old.max_entries == new.max_entries
-                && old.map_flags == new.map_flags;
-            if !same {
+            let fields = differing_fields(old, new);
+            if !fields.is_empty() {
                 return Err(CheckError::IncompatibleMap {
                     name: new.name.clone(),
+                    fields,
                     old: describe(
                         old.map_type,
                         old.key_size,
@@ -144,6 +144,55 @@ impl StageObject {
         }
         Ok(())
     }
+}
+
+/// The parameters of a map that must stay the same for it to be kept,
+/// by the names of `bpf_map_info`'s fields.
+pub const MAP_FIELDS: [&str; 5] = [
+    "map_type",
+    "key_size",
+    "value_size",
+    "max_entries",
+    "map_flags",
+];
+
+/// A set of [`MAP_FIELDS`] (bit i: `MAP_FIELDS[i]`): one byte, so that
+/// the error that carries it stays small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MapFields(u8);
+
+impl MapFields {
+    /// The fields in the set, in [`MAP_FIELDS`] order.
+    pub fn names(&self) -> Vec<&'static str> {
+        MAP_FIELDS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, f)| *f)
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// Which of [`MAP_FIELDS`] differ between a running map and a definition.
+pub(crate) fn differing_fields(old: &MapInfo, new: &MapDef) -> MapFields {
+    let pairs = [
+        (old.map_type, new.map_type),
+        (old.key_size, new.key_size),
+        (old.value_size, new.value_size),
+        (old.max_entries, new.max_entries),
+        (old.map_flags, new.map_flags),
+    ];
+    let mut set = 0u8;
+    for (i, (o, n)) in pairs.into_iter().enumerate() {
+        if o != n {
+            set |= 1 << i;
+        }
+    }
+    MapFields(set)
 }
 
 /// The kernel keeps 15 bytes of a map name. A name from an uploaded object
@@ -500,7 +549,7 @@ mod tests {
         };
         let err = new.check_keep(&[running]).unwrap_err();
         assert!(
-            matches!(err, CheckError::IncompatibleMap { ref name, .. } if name == "ddos_blocklist"),
+            matches!(err, CheckError::IncompatibleMap { ref name, ref fields, .. } if name == "ddos_blocklist" && fields.names()[..] == MAP_FIELDS[..]),
             "{err}"
         );
     }

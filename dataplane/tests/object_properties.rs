@@ -114,3 +114,200 @@ proptest! {
         let _ = object::stage_maps(&input);
     }
 }
+
+/// Names for the keep-maps properties: distinct even as the kernel keeps
+/// them (15 bytes), some longer than that, some cut inside a multi-byte
+/// character (the cut of issue #16's panic).
+const MAP_NAMES: [&str; 8] = [
+    "blocklist",
+    "ddos_blocklist_v2_long",
+    "counts",
+    "ééééééééé_cut_inside",
+    "ratelimit_per_source",
+    "x",
+    "日本語のマップ名前",
+    "sampler_ring",
+];
+
+/// What the running stage has under a new map's name.
+#[derive(Debug, Clone)]
+enum Running {
+    Absent,
+    Same,
+    /// These of the five parameters (bit i: `object::MAP_FIELDS[i]`)
+    /// differ, each by a non-zero amount.
+    Differs(u8, [u32; 5]),
+}
+
+fn map_def(name: &str, p: [u32; 5]) -> object::MapDef {
+    object::MapDef {
+        name: name.to_owned(),
+        map_type: p[0],
+        key_size: p[1],
+        value_size: p[2],
+        max_entries: p[3],
+        map_flags: p[4],
+    }
+}
+
+fn map_info(name: &str, p: [u32; 5]) -> rootlet_dataplane::sys::MapInfo {
+    rootlet_dataplane::sys::MapInfo {
+        id: 1,
+        map_type: p[0],
+        name: object::truncate(name).to_owned(),
+        key_size: p[1],
+        value_size: p[2],
+        max_entries: p[3],
+        map_flags: p[4],
+    }
+}
+
+fn params() -> impl Strategy<Value = [u32; 5]> {
+    prop::array::uniform5(prop_oneof![0u32..64, any::<u32>()])
+}
+
+fn running() -> impl Strategy<Value = Running> {
+    prop_oneof![
+        Just(Running::Absent),
+        Just(Running::Same),
+        (1u8..32, prop::array::uniform5(1u32..=u32::MAX))
+            .prop_map(|(mask, by)| Running::Differs(mask, by)),
+    ]
+}
+
+fn stage_object(maps: Vec<object::MapDef>) -> object::StageObject {
+    object::StageObject {
+        maps,
+        chainable: true,
+        stack: 0,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Keep-maps' check against a running stage built from the new
+    /// object's maps: each map absent there, the same, or different in a
+    /// chosen set of parameters; plus running maps the new object does
+    /// not have, which never matter. The check accepts exactly when no
+    /// map present on both sides differs, and otherwise names the first
+    /// such map of the new object and exactly the parameters that differ.
+    #[test]
+    fn keep_maps_accepts_exactly_the_compatible_and_names_map_and_fields(
+        picked in prop::sample::subsequence(MAP_NAMES.to_vec(), 0..=MAP_NAMES.len()),
+        plans in prop::collection::vec((params(), running()), MAP_NAMES.len()),
+        extra in prop::collection::vec(params(), MAP_NAMES.len()),
+        split in 0usize..=MAP_NAMES.len(),
+    ) {
+        // The first `split` picked names are the new object's; the rest
+        // run only in the old stage.
+        let split = split.min(picked.len());
+        let (new_names, old_only) = picked.split_at(split);
+        let mut defs = vec![];
+        let mut live = vec![];
+        let mut expected = None;
+        for (i, name) in new_names.iter().enumerate() {
+            let (p, plan) = &plans[i];
+            defs.push(map_def(name, *p));
+            match plan {
+                Running::Absent => {}
+                Running::Same => live.push(map_info(name, *p)),
+                Running::Differs(mask, by) => {
+                    let mut q = *p;
+                    let mut fields = vec![];
+                    for (f, field) in object::MAP_FIELDS.iter().enumerate() {
+                        if mask & (1 << f) != 0 {
+                            q[f] = q[f].wrapping_add(by[f]);
+                            fields.push(*field);
+                        }
+                    }
+                    live.push(map_info(name, q));
+                    if expected.is_none() {
+                        expected = Some(((*name).to_owned(), fields));
+                    }
+                }
+            }
+        }
+        for (i, name) in old_only.iter().enumerate() {
+            live.push(map_info(name, extra[i]));
+        }
+        // The kernel lists maps in its own order, not the object's.
+        live.reverse();
+        let got = stage_object(defs).check_keep(&live);
+        match (expected, got) {
+            (None, Ok(())) => {}
+            (Some((name, fields)), Err(err)) => {
+                let text = err.to_string();
+                match err {
+                    object::CheckError::IncompatibleMap { name: n, fields: f, .. } => {
+                        prop_assert_eq!(&n, &name);
+                        prop_assert_eq!(&f.names(), &fields);
+                    }
+                    other => prop_assert!(false, "not IncompatibleMap: {other:?}"),
+                }
+                prop_assert!(text.contains(&format!("`{name}`")), "{text}");
+                for field in &fields {
+                    prop_assert!(text.contains(field), "{field} in {text}");
+                }
+            }
+            (expected, got) => prop_assert!(false, "expected {expected:?}, got {got:?}"),
+        }
+    }
+
+    /// Arbitrary names (any UTF-8, long ones included) and parameters on
+    /// both sides: the check never panics, and a refusal names a map of
+    /// the new object that runs under its kernel name with exactly the
+    /// parameters that differ, none of them equal.
+    #[test]
+    fn keep_maps_never_panics_and_a_refusal_is_precise(
+        new in prop::collection::vec(("\\PC{0,24}", params()), 0..6),
+        old in prop::collection::vec((prop::sample::select(vec![0usize, 1, 2, 3, 4, 5]), params()), 0..6),
+    ) {
+        let defs: Vec<_> = new.iter().map(|(n, p)| map_def(n, *p)).collect();
+        let live: Vec<_> = old
+            .iter()
+            .filter_map(|(i, p)| new.get(*i).map(|(n, _)| map_info(n, *p)))
+            .collect();
+        match stage_object(defs.clone()).check_keep(&live) {
+            Ok(()) => {
+                // Every map present on both sides (first match) is the same.
+                for d in &defs {
+                    if let Some(l) = live.iter().find(|l| l.name == object::truncate(&d.name)) {
+                        prop_assert_eq!(
+                            [l.map_type, l.key_size, l.value_size, l.max_entries, l.map_flags],
+                            [d.map_type, d.key_size, d.value_size, d.max_entries, d.map_flags]
+                        );
+                    }
+                }
+            }
+            Err(object::CheckError::IncompatibleMap { name, fields, .. }) => {
+                // A map of that name (names may repeat) runs under its
+                // kernel name, and exactly `fields` differ.
+                prop_assert!(!fields.is_empty());
+                let fields = fields.names();
+                let precise = defs.iter().filter(|d| d.name == name).any(|d| {
+                    live.iter()
+                        .find(|l| l.name == object::truncate(&d.name))
+                        .is_some_and(|l| {
+                            let pairs = [
+                                (l.map_type, d.map_type),
+                                (l.key_size, d.key_size),
+                                (l.value_size, d.value_size),
+                                (l.max_entries, d.max_entries),
+                                (l.map_flags, d.map_flags),
+                            ];
+                            let differ: Vec<&str> = object::MAP_FIELDS
+                                .iter()
+                                .zip(pairs)
+                                .filter(|(_, (a, b))| a != b)
+                                .map(|(f, _)| *f)
+                                .collect();
+                            differ == fields
+                        })
+                });
+                prop_assert!(precise, "{name}: {fields:?}");
+            }
+            Err(other) => prop_assert!(false, "not IncompatibleMap: {other:?}"),
+        }
+    }
+}

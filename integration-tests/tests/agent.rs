@@ -2931,3 +2931,252 @@ async fn two_teams_and_an_admin_at_once_lose_nothing_and_trespass_nowhere() {
         "the kernel runs the serial replay of the ACKed calls"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The ownership race (issue #16): a team's change and an admin's re-assign
+// of the same stage, at once.
+// ---------------------------------------------------------------------------
+
+/// An ACKed change of stage `a-r`, for the replay: who made it, and what.
+#[derive(Debug, Clone)]
+enum RaceEffect {
+    /// team-a replaced its stage (the replace keeps the owner).
+    TeamReplace(&'static str),
+    /// team-a linked it (no owner before: it is team-a's now).
+    TeamLink(&'static str),
+    /// The admin unlinked it (any owner's).
+    AdminUnlink,
+    /// The admin linked it: its owner is the admin ("local") now.
+    AdminLink,
+}
+
+/// A refusal's ErrorInfo metadata value `key` ("" if absent).
+fn meta(s: &tonic::Status, key: &str) -> String {
+    s.get_error_details()
+        .error_info()
+        .and_then(|i| i.metadata.get(key).cloned())
+        .unwrap_or_default()
+}
+
+/// Whether an OWNER_CHANGED refusal of stage `a-r` names a real change
+/// between the owners this race has ("" none, team-a, local).
+fn owner_changed_is_precise(e: &tonic::Status) -> bool {
+    let (read, now) = (meta(e, "read_owner"), meta(e, "current_owner"));
+    let known = |o: &str| ["", "team-a", "local"].contains(&o);
+    meta(e, "stage") == "a-r" && known(&read) && known(&now) && read != now
+}
+
+/// team-a keeps changing stage `a-r`: a replace alternating two objects,
+/// and a link when it is gone. Every answer is an ACK or one of the
+/// refusals the race allows, each with its reason; anything else is
+/// recorded as unexpected.
+async fn team_race(
+    mut c: RootletClient<Channel>,
+    r: Option<pb::RootletRef>,
+    rounds: usize,
+) -> (
+    Vec<(u64, RaceEffect)>,
+    BTreeMap<&'static str, usize>,
+    Vec<String>,
+) {
+    let mut acked = vec![];
+    let mut refused: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut unexpected = vec![];
+    for i in 0..rounds {
+        let object = if i % 2 == 0 { "sampler" } else { "test_pass" };
+        let replace = c
+            .replace_stage(pb::ReplaceStageRequest {
+                rootlet: r.clone(),
+                stage: Some(stage("a-r", object, 10)),
+                ..Default::default()
+            })
+            .await;
+        let gone = match replace {
+            Ok(ok) => {
+                acked.push((ok.into_inner().generation, RaceEffect::TeamReplace(object)));
+                false
+            }
+            Err(e) => match (e.code(), reason(&e).as_str()) {
+                (Code::NotFound, "STAGE_NOT_FOUND") => true,
+                (Code::PermissionDenied, "PERMISSION_DENIED")
+                    if meta(&e, "action").contains("owned by local") =>
+                {
+                    *refused.entry("replace: PERMISSION_DENIED").or_default() += 1;
+                    false
+                }
+                (Code::Aborted, "OWNER_CHANGED") if owner_changed_is_precise(&e) => {
+                    *refused.entry("replace: OWNER_CHANGED").or_default() += 1;
+                    false
+                }
+                _ => {
+                    unexpected.push(format!("replace {i}: {e:?}"));
+                    false
+                }
+            },
+        };
+        if !gone {
+            continue;
+        }
+        match c
+            .link_stage(link(r.clone(), stage("a-r", object, 10)))
+            .await
+        {
+            Ok(ok) => acked.push((ok.into_inner().generation, RaceEffect::TeamLink(object))),
+            Err(e) => match (e.code(), reason(&e).as_str()) {
+                (Code::PermissionDenied, "PERMISSION_DENIED")
+                    if meta(&e, "action").contains("owned by local") =>
+                {
+                    *refused.entry("link: PERMISSION_DENIED").or_default() += 1;
+                }
+                (Code::Aborted, "OWNER_CHANGED") if owner_changed_is_precise(&e) => {
+                    *refused.entry("link: OWNER_CHANGED").or_default() += 1;
+                }
+                _ => unexpected.push(format!("link {i}: {e:?}")),
+            },
+        }
+    }
+    (acked, refused, unexpected)
+}
+
+/// The admin, over the Unix socket, takes stage `a-r` away and back in
+/// turn: unlinks it (whoever owns it) and links it as its own.
+async fn admin_race(
+    mut c: RootletClient<Channel>,
+    r: Option<pb::RootletRef>,
+    rounds: usize,
+) -> (Vec<(u64, RaceEffect)>, Vec<String>) {
+    let mut acked = vec![];
+    let mut unexpected = vec![];
+    for j in 0..rounds {
+        if j % 2 == 0 {
+            match c
+                .unlink_stage(pb::UnlinkStageRequest {
+                    rootlet: r.clone(),
+                    stage: "a-r".into(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(ok) => acked.push((ok.into_inner().generation, RaceEffect::AdminUnlink)),
+                Err(e)
+                    if (e.code(), reason(&e).as_str()) == (Code::NotFound, "STAGE_NOT_FOUND") => {}
+                // The stage's owner changed between the admin's read and
+                // its change (team-a linked or re-linked it meanwhile).
+                Err(e)
+                    if (e.code(), reason(&e).as_str()) == (Code::Aborted, "OWNER_CHANGED")
+                        && owner_changed_is_precise(&e) => {}
+                Err(e) => unexpected.push(format!("admin unlink {j}: {e:?}")),
+            }
+        } else {
+            match c
+                .link_stage(link(r.clone(), stage("a-r", "test_pass", 10)))
+                .await
+            {
+                Ok(ok) => acked.push((ok.into_inner().generation, RaceEffect::AdminLink)),
+                Err(e)
+                    if (e.code(), reason(&e).as_str()) == (Code::AlreadyExists, "STAGE_EXISTS") => {
+                }
+                // The stage's owner changed between the admin's read and
+                // its change (team-a linked or re-linked it meanwhile).
+                Err(e)
+                    if (e.code(), reason(&e).as_str()) == (Code::Aborted, "OWNER_CHANGED")
+                        && owner_changed_is_precise(&e) => {}
+                Err(e) => unexpected.push(format!("admin link {j}: {e:?}")),
+            }
+        }
+    }
+    (acked, unexpected)
+}
+
+/// team-a changes its stage `a-r` while the admin unlinks it and links it
+/// as its own, over and over, at once (real rootletd over mTLS and the Unix
+/// socket). Every refusal of team-a's calls names its cause: the admin owns
+/// the stage (PERMISSION_DENIED, naming the owner), or the owner changed
+/// between the call's read and its change (ABORTED, OWNER_CHANGED, with
+/// the stage and both owners). The ACKed calls, in the order of the
+/// generations they produced (the order the agent committed them in), are
+/// a legal history: each team-a change lands on a stage team-a owns at that
+/// moment (a replace) or on no stage (a link), never on the admin's; no
+/// generation is missing (no change landed unACKed); and the kernel runs
+/// the end of that history.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_teams_change_never_lands_on_a_stage_an_admin_took_meanwhile() {
+    const ROUNDS: usize = 80;
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let loaded = a.load(&mut ops).await;
+    let admin = RootletClient::new(
+        rootlet_integration_tests::rootletd::unix_channel(&a.state_dir.join("rootletd.sock"))
+            .await
+            .expect("the Unix socket"),
+    );
+    let r = a.rootlet();
+    let mut team = a.client("team-a").await;
+    let first = team
+        .link_stage(link(r.clone(), stage("a-r", "test_pass", 10)))
+        .await
+        .expect("team-a links its stage")
+        .into_inner()
+        .generation;
+    let team = tokio::spawn(team_race(team, r.clone(), ROUNDS));
+    let (admin, team) = tokio::time::timeout(Duration::from_secs(240), async {
+        let admin = admin_race(admin, r.clone(), ROUNDS).await;
+        (admin, team.await.expect("team task"))
+    })
+    .await
+    .expect("no deadlock: both finished in time");
+    let (team_acked, refused, team_unexpected) = team;
+    let (admin_acked, admin_unexpected) = admin;
+    assert!(
+        team_unexpected.is_empty() && admin_unexpected.is_empty(),
+        "answers the race does not allow: {team_unexpected:#?} {admin_unexpected:#?}"
+    );
+    assert!(
+        !refused.is_empty() && !team_acked.is_empty() && !admin_acked.is_empty(),
+        "the race was not run: team ACKs {}, admin ACKs {}, refusals {refused:?}",
+        team_acked.len(),
+        admin_acked.len()
+    );
+    eprintln!(
+        "team-a: {} ACKed, refused {refused:?}; admin: {} ACKed",
+        team_acked.len(),
+        admin_acked.len()
+    );
+
+    let mut history: Vec<(u64, RaceEffect)> = team_acked.into_iter().chain(admin_acked).collect();
+    history.sort_by_key(|(g, _)| *g);
+    let generations: Vec<u64> = history.iter().map(|(g, _)| *g).collect();
+    let expected: Vec<u64> = (1..=history.len() as u64).map(|n| first + n).collect();
+    assert_eq!(first, loaded.generation + 1);
+    assert_eq!(
+        generations, expected,
+        "one generation per ACKed change: none unACKed, none shared"
+    );
+    // (owner, object) of a-r after each step; team-a's link came first.
+    let mut now: Option<(&str, &str)> = Some(("team-a", "test_pass"));
+    for (g, e) in &history {
+        now = match (e, now) {
+            (RaceEffect::TeamReplace(o), Some(("team-a", _))) => Some(("team-a", *o)),
+            (RaceEffect::TeamLink(o), None) => Some(("team-a", *o)),
+            (RaceEffect::AdminUnlink, Some(_)) => None,
+            (RaceEffect::AdminLink, None) => Some(("local", "test_pass")),
+            (e, was) => panic!("generation {g}: {e:?} landed on a-r as {was:?}"),
+        };
+    }
+    let s = ops
+        .get_rootlet(pb::GetRootletRequest { rootlet: r })
+        .await
+        .expect("state")
+        .into_inner();
+    assert_eq!(s.generation, *expected.last().unwrap_or(&first));
+    let kernel = s
+        .slots
+        .iter()
+        .find(|x| x.stage == "a-r")
+        .map(|x| (x.owner.clone(), x.digest.clone()));
+    assert_eq!(
+        kernel,
+        now.map(|(o, obj)| (o.to_owned(), digest_of(obj))),
+        "the kernel runs the end of the ACKed history"
+    );
+}

@@ -182,16 +182,13 @@ impl MapDef {
             max_entries: self.max_entries,
             map_flags: self.map_flags,
         };
-        let renamed = MapInfo {
-            id: 0,
-            name: as_info.name.clone(),
-            ..live.clone()
-        };
-        if renamed == as_info {
+        let fields = object::differing_fields(live, self);
+        if fields.is_empty() {
             return Ok(());
         }
         Err(CheckError::IncompatibleMap {
             name: format!("{} (its inner map)", self.name),
+            fields,
             old: object::describe_info(live),
             new: object::describe_info(&as_info),
         })

@@ -132,10 +132,49 @@ pub fn status(e: &AgentError) -> Status {
             details.set_error_info(reason, DOMAIN, meta);
             return Status::with_error_details(inner.code(), msg, details);
         }
-        AgentError::Conflict(_) => {
-            d.add_precondition_failure_violation("STAGE_OWNERSHIP", "stage", msg.clone());
-            info(&mut d, "STAGE_NOT_MANAGED_BY_BUNDLE", &[]);
+        // A concurrency conflict, not a broken precondition of the request:
+        // ABORTED, which a caller retries from its read (google.rpc code
+        // guidance); nothing changed.
+        AgentError::OwnerChanged {
+            rootlet,
+            stage,
+            read,
+            now,
+        } => {
+            info(
+                &mut d,
+                "OWNER_CHANGED",
+                &[
+                    ("rootlet", rootlet.clone()),
+                    ("stage", stage.clone()),
+                    ("read_owner", read.clone().unwrap_or_default()),
+                    ("current_owner", now.clone().unwrap_or_default()),
+                ],
+            );
+            Code::Aborted
+        }
+        AgentError::NotManagedByBundle {
+            rootlet,
+            stage,
+            bundle,
+            owner,
+        } => {
+            d.add_precondition_failure_violation("STAGE_OWNERSHIP", stage.clone(), msg.clone());
+            info(
+                &mut d,
+                "STAGE_NOT_MANAGED_BY_BUNDLE",
+                &[
+                    ("rootlet", rootlet.clone()),
+                    ("stage", stage.clone()),
+                    ("bundle", bundle.clone()),
+                    ("owner", owner.clone()),
+                ],
+            );
             Code::FailedPrecondition
+        }
+        AgentError::UndoContended { rootlet, .. } => {
+            info(&mut d, "UNDO_CONTENDED", &[("rootlet", rootlet.clone())]);
+            Code::Aborted
         }
         AgentError::PolicyVersionMismatch {
             stage,

@@ -246,7 +246,7 @@ pub(crate) struct OverRpc {
 
 /// The time rootletd is left idle before its memory is read: longer than
 /// the 2 s its idle blocking threads (the RPCs run on them) are kept.
-const SETTLE: Duration = Duration::from_secs(3);
+pub(crate) const SETTLE: Duration = Duration::from_secs(3);
 
 /// Starts a rootletd of its own on a new fixture and times, over its Unix
 /// socket, one-stage ReplaceStage calls and 3-stage ApplyBundle switches.

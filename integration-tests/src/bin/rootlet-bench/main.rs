@@ -39,6 +39,11 @@
 //!    `BPF_MAP_UPDATE_BATCH`, or element by element where the LPM trie has
 //!    none; the output says which). Printed after step 4.
 //!
+//!
+//! `--soak [N]` runs only the soak instead (`soak.rs`): N applies (10 000
+//! by default) of every kind against a rootletd under traffic, and what
+//! rootletd holds before and after them.
+//!
 //! It runs as root, in fresh network namespaces (the integration tests'
 //! [`Fixture`]), with its own bpffs directories, all removed at exit.
 
@@ -63,6 +68,7 @@ mod apply;
 mod datapath;
 mod libxdp;
 mod policy;
+mod soak;
 
 use apply::{
     multi_replacements, over_rpc, print_multi, print_rpc, print_single, single_replacements,
@@ -99,6 +105,15 @@ struct Args {
     /// Entries of the LPM policy applied and swapped in step 7.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=262_144))]
     policy_entries: u32,
+    /// Run the soak only: N applies of every kind against a rootletd under
+    /// traffic, and whether what rootletd holds grows (10 000 when given
+    /// without a value).
+    #[arg(long, num_args = 0..=1, default_missing_value = "10000", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    soak: Option<u32>,
+    /// The soak's applies: the mix (all), or one kind only, to tell which
+    /// kind makes what grows.
+    #[arg(long, default_value = "all", value_parser = ["all", "replace", "link", "bundle", "policy"])]
+    soak_mix: String,
     /// Run step 7 (policy maps) only.
     #[arg(long)]
     policy_only: bool,
@@ -134,6 +149,10 @@ fn run(args: &Args) -> Result<()> {
     let env = Environment::detect();
     if args.policy_child.is_none() {
         print_header(args, &env);
+    }
+
+    if let Some(n) = args.soak {
+        return soak::soak(args, backend, n as usize);
     }
 
     let f = Fixture::new();
