@@ -799,7 +799,7 @@ mod tests {
         );
         let failed = nack(vec![("netns:1/if:3".into(), "EPERM".into())]);
         assert!(
-            !failed.contains("keeps its previous version")
+            !failed.contains("every rootlet keeps its previous version")
                 && failed.contains("the undo failed on netns:1/if:3 (EPERM)")
                 && failed.contains("undo_failed"),
             "{failed}"
