@@ -3152,3 +3152,82 @@ async fn a_failed_undo_is_its_own_outcome_retried_across_a_restart_until_restore
     assert!(exited(&mut child, true).await.success(), "clean exit");
     drop(second);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
+    const UNDO: &str = "rootlet.v1.Rootlet.Undo";
+    let mut a = Agent::start().await;
+    let (_second, r2, targets) = second_rootlet(&a);
+    let v1 = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    );
+    {
+        let mut ops = a.client("ops").await;
+        ops.apply_bundle(apply(v1.clone()))
+            .await
+            .expect("1.0 on both");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let (path, addr) = a.process_config();
+    // Every undo attempt fails (test-only fault injection, agent/src/crash.rs).
+    let mut child = rootletd_with(&path, &[("ROOTLETD_FAIL_UNDO", "1000000")]);
+    let mut ops = serving(&addr, &a).await;
+    let before1 = kernel(&mut ops, a.rootlet()).await.expect("rootlet 1").1;
+    let second_id = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: r2.clone(),
+        })
+        .await
+        .expect("second rootlet")
+        .into_inner()
+        .id;
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    );
+    ops.apply_bundle(pb::ApplyBundleRequest {
+        expected_generations: [(second_id, 999)].into_iter().collect(),
+        ..apply(v2)
+    })
+    .await
+    .unwrap_err();
+    assert!(apply_status(&mut ops, a.rootlet(), "").await.undo.is_some());
+    assert_eq!(health_of(&addr, &a, UNDO).await, Some(2), "degraded");
+
+    // The operator acts: 1.0 again. It converges on the kernel (the mix is
+    // the bundle's to replace) and supersedes the undo.
+    ops.apply_bundle(apply(v1)).await.expect("1.0 again");
+    let s1 = apply_status(&mut ops, a.rootlet(), "").await;
+    assert!(s1.undo.is_none(), "{:?}", s1.undo);
+    let last = s1.last_attempt.expect("attempt");
+    assert_eq!(
+        (last.version.as_str(), last.outcome.as_str()),
+        ("1.0", "ack")
+    );
+    assert!(s1.drift.is_empty(), "{:?}", s1.drift);
+    assert_eq!(
+        kernel(&mut ops, a.rootlet()).await.expect("rootlet 1").1,
+        before1
+    );
+    eventually("serving again", 10, async || {
+        health_of(&addr, &a, UNDO).await == Some(1)
+    })
+    .await;
+    drop(ops);
+    assert!(exited(&mut child, true).await.success(), "clean exit");
+}
