@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AgentError, ApplyStatus, Attempt, BUNDLES, Grant, HISTORY, Pending, Result, STATUS,
-    crash::Step, lock, unix_ms,
+    UndoOutstanding, crash::Step, lock, unix_ms,
 };
 use rootlet_dataplane::{
     kv::{Batch, KvError},
@@ -73,20 +73,20 @@ pub struct StatusView {
 const UNDO_ATTEMPTS: usize = 5;
 
 /// How to put one rootlet back if a later rootlet of the same apply fails.
-struct Undo {
-    key: RootletKey,
+pub(super) struct Undo {
+    pub(super) key: RootletKey,
     /// The apply loaded the rootlet: unload it (if it holds nothing else).
-    loaded_now: bool,
+    pub(super) loaded_now: bool,
     /// What the apply changed, once its generation went live.
-    applied: Vec<Change>,
+    pub(super) applied: Vec<Change>,
     /// The generation the apply produced (0 until it went live).
-    generation: u64,
+    pub(super) generation: u64,
     /// The version of this bundle it ran before, and its target entry.
-    previous: Option<(Bundle, rootlet_bundle::RootletTarget)>,
+    pub(super) previous: Option<(Bundle, rootlet_bundle::RootletTarget)>,
 }
 
 /// A bundle stage as a data-plane stage.
-fn spec_of(bundle: &Bundle, stage: &rootlet_bundle::Stage) -> Result<StageSpec> {
+pub(super) fn spec_of(bundle: &Bundle, stage: &rootlet_bundle::Stage) -> Result<StageSpec> {
     let object = bundle
         .stage_object(stage)
         .ok_or_else(|| AgentError::InvalidArgument {
@@ -141,7 +141,7 @@ pub(super) fn authorize(grant: &Grant, pipeline: &Pipeline, changes: &[Change]) 
 }
 
 /// The rootlet target of `bundle` on the interface `target` names.
-fn same_target(
+pub(super) fn same_target(
     bundle: &Bundle,
     target: &rootlet_bundle::RootletTarget,
 ) -> Option<rootlet_bundle::RootletTarget> {
@@ -503,11 +503,25 @@ impl super::Agent {
         let now = unix_ms(SystemTime::now());
         if let Some((failed_key, error)) = failure {
             // Undo, newest first: the exact inverse of what the apply did.
+            // An undo that fails is kept and retried (`undo.rs`).
             let mut unrestored = vec![];
+            let mut outstanding = BTreeMap::new();
             for undo in done.iter().rev() {
-                if let Err(e) = self.undo(undo) {
-                    tracing::error!(rootlet = %undo.key, error = %e, "cannot restore a rootlet after a failed bundle apply");
+                if let Err(e) = self.try_undo(undo) {
+                    tracing::error!(rootlet = %undo.key, error = %e, "cannot restore a rootlet after a failed bundle apply; retrying in the background");
                     unrestored.push((undo.key.to_string(), e.to_string()));
+                    self.undo_failed_once(undo.key, 1);
+                    outstanding.insert(
+                        undo.key,
+                        UndoOutstanding::of(
+                            undo,
+                            &manifest.name,
+                            &manifest.version,
+                            &digest,
+                            &e.to_string(),
+                            now,
+                        ),
+                    );
                 }
             }
             for ((key, _, target, status, _, _), undo) in targets
@@ -515,7 +529,8 @@ impl super::Agent {
                 .zip(done.iter().map(Some).chain(std::iter::repeat(None)))
             {
                 let mut status = status.clone();
-                if unrestored.iter().any(|(k, _)| *k == key.to_string()) {
+                let undo_failed = outstanding.remove(key);
+                if undo_failed.is_some() {
                     // What the undo left is still the bundle's to converge.
                     let managed = status.managed.entry(manifest.name.clone()).or_default();
                     for s in manifest.stages_for(target) {
@@ -527,22 +542,36 @@ impl super::Agent {
                 if undo.is_some_and(|u| u.loaded_now) {
                     status.loaded_by = Some(manifest.name.clone());
                 }
+                let outcome = if undo_failed.is_some() {
+                    "undo_failed"
+                } else {
+                    "nack"
+                };
                 status.attempted(Attempt {
                     version: manifest.version.clone(),
                     digest: digest.clone(),
-                    outcome: "nack".into(),
-                    error: error.to_string(),
+                    outcome: outcome.into(),
+                    error: match &undo_failed {
+                        Some(u) => format!("{error}; the undo failed: {}", u.error),
+                        None => error.to_string(),
+                    },
                     at_unix_ms: now,
                     idempotency_key: idempotency_key.to_owned(),
                 });
+                // An earlier outstanding undo stays unless this one replaces it.
+                if undo_failed.is_some() {
+                    status.undo = undo_failed;
+                }
                 if self.dp.list().contains(key) {
                     self.kv.put(STATUS, &key.to_string(), &status)?;
                 } else {
                     self.kv.delete(STATUS, &key.to_string())?;
                 }
             }
-            // A refused bundle is not kept (unless a version it is ran here).
-            if !self.in_history(&digest)? {
+            self.count_undos()?;
+            // A refused bundle is not kept (unless a version it is ran here,
+            // or an outstanding undo needs it).
+            if !self.in_history(&digest)? && unrestored.is_empty() {
                 self.kv
                     .delete_bytes(BUNDLES, std::slice::from_ref(&digest))?;
             }
@@ -562,6 +591,8 @@ impl super::Agent {
         for ((key, _, target, status, _, _), undo) in targets.iter().zip(&done) {
             let mut status = status.clone();
             status.pending = None;
+            // This version runs now: an undo outstanding here is superseded.
+            status.undo = None;
             status.bundle = manifest.name.clone();
             status.applied_version = manifest.version.clone();
             status.applied_digest = digest.clone();
@@ -601,6 +632,7 @@ impl super::Agent {
             self.emit(*key, "changed");
         }
         self.crash.point(Step::BundleStatusWritten);
+        self.count_undos()?;
         Ok(ApplyOutcome {
             name: manifest.name,
             version: manifest.version,
@@ -691,7 +723,7 @@ impl super::Agent {
     /// Puts a rootlet back as it was before a failed bundle apply: the
     /// exact inverse of what the apply changed there. Stages the apply did
     /// not touch (another team's, linked meanwhile) stay.
-    fn undo(&self, undo: &Undo) -> Result<()> {
+    pub(super) fn undo(&self, undo: &Undo) -> Result<()> {
         if undo.loaded_now {
             // Unloaded only if, under the rootlet's lock, it runs nothing but
             // what this apply linked (another team may have linked since).

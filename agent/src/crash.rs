@@ -3,7 +3,8 @@
 //! one step, of the agent or of the data plane (`rootlet_dataplane::crash`);
 //! rootletd aborts the process when it gets there. `ROOTLETD_PAUSE_AT`
 //! names an agent step where it waits [`PAUSE`] instead, so that a test can
-//! make a change in the middle of an apply.
+//! make a change in the middle of an apply. `ROOTLETD_FAIL_UNDO=N` makes the
+//! first N undo attempts fail ([`FailUndo`]).
 
 use rootlet_dataplane::crash as dp;
 
@@ -119,5 +120,42 @@ impl CrashAt {
             tracing::warn!(step = step.name(), "injected crash");
             std::process::abort();
         }
+    }
+}
+
+/// The environment variable that makes undos fail (tests only).
+pub const FAIL_UNDO_ENV: &str = "ROOTLETD_FAIL_UNDO";
+
+/// Test-only fault injection: `ROOTLETD_FAIL_UNDO=N` makes the first N
+/// undo attempts of this process (the undo of a failed apply and each of
+/// its retries) fail before they touch the kernel, as a failing syscall
+/// would. No kernel-side way makes an undo fail deterministically; this
+/// lets a test see the outcome `undo_failed`, its retry and its recovery.
+#[derive(Debug, Default)]
+pub struct FailUndo {
+    left: std::sync::atomic::AtomicU64,
+}
+
+impl FailUndo {
+    /// From `ROOTLETD_FAIL_UNDO`; unset or not a number: no failure.
+    pub fn from_env() -> FailUndo {
+        let n = std::env::var(FAIL_UNDO_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if n > 0 {
+            tracing::warn!(attempts = n, "{FAIL_UNDO_ENV}: undo failures armed");
+        }
+        FailUndo {
+            left: std::sync::atomic::AtomicU64::new(n),
+        }
+    }
+
+    /// Whether this undo attempt is to fail (and one fewer is left).
+    pub fn fires(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 }

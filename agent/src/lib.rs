@@ -17,6 +17,7 @@ pub mod policy;
 mod reconcile;
 mod remove;
 pub mod retention;
+mod undo;
 
 use std::{
     collections::BTreeMap,
@@ -37,6 +38,7 @@ use rootlet_dataplane::{
     spec::{Change, InterfaceRef, RootletKey, RootletSpec, StageSpec},
     state::RootletState,
 };
+pub use undo::{UndoChange, UndoCounts, UndoOutstanding};
 
 /// One per-slot, per-action packet counter, as the agent reads it from the
 /// kernel at scrape time.
@@ -135,6 +137,10 @@ pub enum AgentError {
     /// to the rootlet every time it tried.
     #[error("{rootlet} kept changing during the undo ({attempts} attempts); retry")]
     UndoContended { rootlet: String, attempts: usize },
+    /// A failure made on purpose by a test-only fault point
+    /// (`crash::FAIL_UNDO_ENV`).
+    #[error("{0}")]
+    InjectedFault(String),
     #[error("map `{map}` of stage `{stage}` took another policy during the dump; start it again")]
     DumpInterrupted { stage: String, map: String },
     #[error("stage `{stage}` keeps no {} to roll back to", if *.to == 0 { "earlier policy version".to_owned() } else { format!("policy version {}", .to) })]
@@ -177,7 +183,9 @@ fn restored_note(unrestored: &[(String, String)]) -> String {
         .map(|(rootlet, why)| format!("{rootlet} ({why})"))
         .collect();
     format!(
-        "the undo failed on {}: see their apply status",
+        "the undo failed on {}: they run part of this version until the agent's retry of the undo \
+         restores them (outcome undo_failed; see their apply status); every other rootlet keeps \
+         its previous version",
         which.join(", ")
     )
 }
@@ -187,7 +195,10 @@ fn restored_note(unrestored: &[(String, String)]) -> String {
 pub struct Attempt {
     pub version: String,
     pub digest: String,
-    /// "ack", "nack" or "removed".
+    /// "ack", "nack", "removed", or "undo_failed": the apply failed and
+    /// its undo could not put this rootlet back ([`ApplyStatus::undo`]
+    /// says why; the agent retries it). Once a retry restores the rootlet
+    /// the outcome becomes "nack".
     pub outcome: String,
     pub error: String,
     pub at_unix_ms: i64,
@@ -232,6 +243,11 @@ pub struct ApplyStatus {
     /// first (at most [`KEYED_ATTEMPTS`]).
     #[serde(default)]
     pub keyed: Vec<Attempt>,
+    /// The undo of a failed apply that could not put this rootlet back,
+    /// retried in the background until it succeeds or is superseded (see
+    /// `undo.rs`).
+    #[serde(default)]
+    pub undo: Option<UndoOutstanding>,
 }
 
 /// How many keyed attempts a rootlet's status keeps.
@@ -344,6 +360,10 @@ pub struct Agent {
     /// Policy applies: one at a time.
     policy_lock: Mutex<()>,
     policy_history: usize,
+    /// Test-only fault injection of undo failures (`ROOTLETD_FAIL_UNDO`).
+    fail_undo: crash::FailUndo,
+    /// Outstanding undos: how many, their retry times, and counters.
+    undos: undo::Undos,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -419,11 +439,14 @@ impl Agent {
             idempotency_ttl: config.idempotency_ttl,
             policy_lock: Mutex::new(()),
             policy_history: config.policy_history.max(1),
+            fail_undo: crash::FailUndo::from_env(),
+            undos: undo::Undos::default(),
         };
         agent.migrate()?;
         agent.reconcile()?;
         agent.reconcile_policies()?;
         agent.sweep()?;
+        agent.count_undos()?;
         Ok(Arc::new(agent))
     }
 
@@ -470,6 +493,8 @@ impl Agent {
         self.dp.unload_rootlet(key)?;
         lock(&self.leases).retain(|_, l| l.key != key);
         self.kv.delete(STATUS, &key.to_string())?;
+        // An undo outstanding on it is superseded: nothing is left to undo.
+        self.count_undos()?;
         self.emit(key, "unloaded");
         Ok(())
     }
@@ -704,8 +729,9 @@ impl Agent {
         expired.len()
     }
 
-    /// Background work until `shutdown` turns true: the lease reaper and
-    /// the periodic drift check (`[dataplane] drift_check_seconds`).
+    /// Background work until `shutdown` turns true: the lease reaper, the
+    /// retry of outstanding undos (when due, see `undo.rs`) and the periodic
+    /// drift check (`[dataplane] drift_check_seconds`).
     pub async fn run_background(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         // Disabled: a period no test or host waits for.
@@ -720,6 +746,10 @@ impl Agent {
                 _ = tick.tick() => {
                     let agent = self.clone();
                     let _ = tokio::task::spawn_blocking(move || agent.reap_leases()).await;
+                    let agent = self.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || agent.retry_undos()).await {
+                        tracing::warn!(error = %e, "cannot retry the outstanding undos");
+                    }
                 }
                 _ = drift_tick.tick(), if drift_check => {
                     let agent = self.clone();
@@ -810,8 +840,9 @@ mod tests {
         );
         let failed = nack(vec![("netns:1/if:3".into(), "EPERM".into())]);
         assert!(
-            !failed.contains("keeps its previous version")
-                && failed.contains("the undo failed on netns:1/if:3 (EPERM)"),
+            !failed.contains("every rootlet keeps its previous version")
+                && failed.contains("the undo failed on netns:1/if:3 (EPERM)")
+                && failed.contains("undo_failed"),
             "{failed}"
         );
     }

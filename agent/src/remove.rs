@@ -123,6 +123,10 @@ impl super::Agent {
             let mut status = plan.status;
             status.managed.remove(name);
             status.pending = None;
+            // Nothing of the bundle is left to undo.
+            if status.undo.as_ref().is_some_and(|u| u.bundle == name) {
+                status.undo = None;
+            }
             if status.bundle == name {
                 status.applied_version.clear();
                 status.applied_digest.clear();
@@ -145,6 +149,7 @@ impl super::Agent {
             self.kv.put(STATUS, &key.to_string(), &status)?;
             rootlets.push((key, generation, generation != before));
         }
+        self.count_undos()?;
         if let Some(head) = history.first_mut()
             && !head.removed
         {

@@ -126,6 +126,11 @@ impl Agent {
         for (_, status) in self.kv.list::<ApplyStatus>(STATUS)? {
             kept.insert(status.applied_digest);
             kept.extend(status.pending.map(|p| p.digest));
+            // An outstanding undo rebuilds its inverse from both versions.
+            if let Some(u) = status.undo {
+                kept.insert(u.digest);
+                kept.insert(u.previous_digest);
+            }
         }
         let unreferenced: Vec<String> = self
             .kv

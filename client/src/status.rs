@@ -40,6 +40,19 @@ pub struct RootletStatus {
     pub stage_drift: Vec<StageDrift>,
     /// Set when `--expect` names another version than the one applied.
     pub version_drift: Option<String>,
+    /// Set while the undo of a failed apply has not put the rootlet back:
+    /// it runs part of that version and the agent retries the undo.
+    pub undo: Option<UndoStatus>,
+}
+
+/// An outstanding undo (`ApplyStatus.undo`).
+#[derive(Debug, Clone, Serialize)]
+pub struct UndoStatus {
+    pub bundle: String,
+    pub version: String,
+    pub error: String,
+    pub attempts: u32,
+    pub since_unix_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -107,9 +120,12 @@ pub struct HostStatus {
 
 impl HostStatus {
     pub fn has_drift(&self) -> bool {
-        self.rootlets
-            .iter()
-            .any(|r| !r.drift.is_empty() || !r.stage_drift.is_empty() || r.version_drift.is_some())
+        self.rootlets.iter().any(|r| {
+            !r.drift.is_empty()
+                || !r.stage_drift.is_empty()
+                || r.version_drift.is_some()
+                || r.undo.is_some()
+        })
     }
 }
 
@@ -244,6 +260,16 @@ async fn read_host(
         };
         let stage_drift: Vec<pb::StageDrift> =
             st.as_ref().map(|s| s.drift.clone()).unwrap_or_default();
+        let undo = st
+            .as_ref()
+            .and_then(|s| s.undo.clone())
+            .map(|u| UndoStatus {
+                bundle: u.bundle,
+                version: u.version,
+                error: u.error,
+                attempts: u.attempts,
+                since_unix_ms: u.since_unix_ms,
+            });
         let version_drift = expect.and_then(|want| {
             if applied_version != want && applied_digest != want {
                 Some(format!(
@@ -290,6 +316,7 @@ async fn read_host(
                 })
                 .collect(),
             version_drift,
+            undo,
         });
     }
     let bundles = bundles
@@ -398,6 +425,16 @@ pub fn table(hosts: &[HostStatus]) -> String {
                 .collect::<Vec<_>>()
                 .join(" ");
             let mut drift = Vec::new();
+            if let Some(u) = &r.undo {
+                drift.push(format!(
+                    "UNDO FAILED: runs part of {} {} since {}, retrying ({} attempts): {}",
+                    u.bundle,
+                    u.version,
+                    fmt_time(u.since_unix_ms),
+                    u.attempts,
+                    u.error.chars().take(80).collect::<String>()
+                ));
+            }
             if !r.drift.is_empty() {
                 drift.push(format!("kernel: {}", r.drift));
             }
@@ -492,3 +529,65 @@ pub fn table(hosts: &[HostStatus]) -> String {
 
 /// How often `status --watch` reads again.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outstanding_undo_is_shown_plainly_and_fails_the_status() {
+        let rootlet = RootletStatus {
+            id: "netns:1/if:2".into(),
+            interface: "veth0".into(),
+            netns: String::new(),
+            generation: 7,
+            applied_version: "1.0".into(),
+            applied_digest: "d1".into(),
+            last_attempt: Some(Attempt {
+                version: "2.0".into(),
+                outcome: "undo_failed".into(),
+                error: "generation mismatch".into(),
+                at_unix_ms: 0,
+            }),
+            stages: vec![],
+            counters: Counters::default(),
+            final_verdict_count: 0,
+            drift: String::new(),
+            stage_drift: vec![],
+            version_drift: None,
+            undo: None,
+        };
+        let host = |undo: Option<UndoStatus>| HostStatus {
+            name: "h1".into(),
+            address: "localhost".into(),
+            reachable: true,
+            error: None,
+            rootlets: vec![RootletStatus {
+                undo,
+                ..rootlet.clone()
+            }],
+            bundles: vec![],
+        };
+        let restored = host(None);
+        assert!(!restored.has_drift());
+        assert!(!table(std::slice::from_ref(&restored)).contains("UNDO FAILED"));
+        let degraded = host(Some(UndoStatus {
+            bundle: "edge".into(),
+            version: "2.0".into(),
+            error: "EPERM".into(),
+            attempts: 3,
+            since_unix_ms: 0,
+        }));
+        assert!(
+            degraded.has_drift(),
+            "status exits 1 while an undo is outstanding"
+        );
+        let text = table(&[degraded]);
+        assert!(
+            text.contains("undo_failed 2.0")
+                && text.contains("UNDO FAILED: runs part of edge 2.0")
+                && text.contains("retrying (3 attempts): EPERM"),
+            "{text}"
+        );
+    }
+}

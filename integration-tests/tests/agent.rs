@@ -3180,3 +3180,330 @@ async fn a_teams_change_never_lands_on_a_stage_an_admin_took_meanwhile() {
         "the kernel runs the end of the ACKed history"
     );
 }
+
+/// The health of `service` at the rootletd at `addr`: 1 SERVING,
+/// 2 NOT_SERVING; None if it does not answer.
+async fn health_of(addr: &str, a: &Agent, service: &str) -> Option<i32> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
+        .domain_name("localhost")
+        .identity({
+            let c = a.pki.client("mon");
+            Identity::from_pem(c.cert_pem, c.key_pem)
+        });
+    let ch = Channel::from_shared(addr.to_owned())
+        .ok()?
+        .tls_config(tls)
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    h.check(Request::new(tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    }))
+    .await
+    .ok()
+    .map(|r| r.into_inner().status)
+}
+
+/// The value of the unlabelled series `name` in a scrape.
+fn series(metrics: std::net::SocketAddr, name: &str) -> f64 {
+    let body = rootlet_integration_tests::rootletd::scrape(metrics).expect("scrape");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+/// Waits, bounded, until `f` holds.
+async fn eventually(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < end, "{what}: not within {secs} s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_undo_is_its_own_outcome_retried_across_a_restart_until_restored() {
+    const UNDO: &str = "rootlet.v1.Rootlet.Undo";
+    let mut a = Agent::start().await;
+    let (second, r2, targets) = second_rootlet(&a);
+    let v1 = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    );
+    {
+        let mut ops = a.client("ops").await;
+        ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    // rootletd as a process, with metrics on a free loopback port.
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+    };
+    let (tcp, metrics) = (free(), free());
+    let mut config = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20);
+    config.listen.tcp = Some(tcp);
+    config.metrics.listen = Some(metrics);
+    let path = a.state_dir.join("rootletd-undo.toml");
+    std::fs::write(&path, rootlet_integration_tests::agentd::toml_of(&config)).expect("config");
+    let addr = format!("https://localhost:{}", tcp.port());
+    // Every undo attempt fails (test-only fault injection, agent/src/crash.rs).
+    let failing = [("ROOTLETD_FAIL_UNDO", "1000000")];
+
+    let mut child = rootletd_with(&path, &failing);
+    let mut ops = serving(&addr, &a).await;
+    assert_eq!(
+        health_of(&addr, &a, UNDO).await,
+        Some(1),
+        "not degraded yet"
+    );
+    let before1 = kernel(&mut ops, a.rootlet()).await.expect("rootlet 1").1;
+    let before2 = kernel(&mut ops, r2.clone()).await.expect("rootlet 2").1;
+    let first_id = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: a.rootlet(),
+        })
+        .await
+        .expect("first rootlet")
+        .into_inner()
+        .id;
+    let second_id = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: r2.clone(),
+        })
+        .await
+        .expect("second rootlet")
+        .into_inner()
+        .id;
+
+    // 2.0 replaces sampler, unlinks ddos and links lb on the first rootlet,
+    // then fails on the second (a wrong expected generation); the undo of
+    // the first fails.
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    );
+    let err = ops
+        .apply_bundle(pb::ApplyBundleRequest {
+            expected_generations: [(second_id.clone(), 999)].into_iter().collect(),
+            ..apply(v2)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
+        "{err:?}"
+    );
+    assert!(
+        !err.message()
+            .contains("every rootlet keeps its previous version")
+            && err
+                .message()
+                .contains(&format!("the undo failed on {first_id}")),
+        "{err:?}"
+    );
+    let unrestored = err
+        .get_error_details()
+        .error_info()
+        .and_then(|i| i.metadata.get("unrestored").cloned());
+    assert_eq!(unrestored.as_deref(), Some(first_id.as_str()), "{err:?}");
+    let mixed = kernel(&mut ops, a.rootlet()).await.expect("rootlet 1").1;
+    assert_ne!(mixed, before1, "the first rootlet runs part of 2.0");
+    assert_eq!(
+        kernel(&mut ops, r2.clone()).await.expect("rootlet 2").1,
+        before2,
+        "the second rootlet was never changed"
+    );
+    let s1 = apply_status(&mut ops, a.rootlet(), "").await;
+    let last = s1.last_attempt.clone().expect("attempt");
+    assert_eq!(
+        (last.version.as_str(), last.outcome.as_str()),
+        ("2.0", "undo_failed")
+    );
+    let undo = s1.undo.clone().expect("an outstanding undo");
+    assert_eq!(
+        (undo.bundle.as_str(), undo.version.as_str()),
+        ("edge", "2.0")
+    );
+    assert!(undo.error.contains("injected undo failure"), "{undo:?}");
+    assert_eq!(s1.applied_version, "1.0");
+    assert!(!s1.drift.is_empty(), "the mix is drift from 1.0");
+    let s2 = apply_status(&mut ops, r2.clone(), "").await;
+    assert_eq!(
+        (
+            s2.last_attempt.expect("attempt").outcome.as_str(),
+            s2.undo.is_none()
+        ),
+        ("nack", true)
+    );
+    // Degraded, while the API serves; metrics say it, and it is retried.
+    assert_eq!(health_of(&addr, &a, UNDO).await, Some(2), "degraded");
+    assert_eq!(health_of(&addr, &a, "rootlet.v1.Rootlet").await, Some(1));
+    assert_eq!(series(metrics, "rootlet_undo_outstanding"), 1.0);
+    eventually("a retry that fails", 20, async || {
+        series(metrics, "rootlet_undo_retries_total") >= 1.0
+            && series(metrics, "rootlet_undo_failures_total") >= 2.0
+    })
+    .await;
+    let retried = apply_status(&mut ops, a.rootlet(), "").await;
+    let attempts = retried.undo.expect("still outstanding").attempts;
+    assert!(attempts >= 2, "{attempts}");
+    drop(ops);
+    assert!(exited(&mut child, true).await.success(), "clean exit");
+
+    // The outstanding undo survives a restart, and the new process resumes
+    // retrying it.
+    let mut child = rootletd_with(&path, &failing);
+    let mut ops = serving(&addr, &a).await;
+    let s1 = apply_status(&mut ops, a.rootlet(), "").await;
+    assert_eq!(
+        s1.last_attempt.expect("attempt").outcome,
+        "undo_failed",
+        "after a restart"
+    );
+    assert!(s1.undo.expect("kept in the store").attempts >= attempts);
+    eventually("degraded after the restart", 20, async || {
+        health_of(&addr, &a, UNDO).await == Some(2)
+    })
+    .await;
+    eventually("a retry by the restarted agent", 20, async || {
+        series(metrics, "rootlet_undo_retries_total") >= 1.0
+    })
+    .await;
+    assert_eq!(series(metrics, "rootlet_undo_outstanding"), 1.0);
+    assert_eq!(
+        kernel(&mut ops, a.rootlet()).await.expect("rootlet 1").1,
+        mixed
+    );
+    drop(ops);
+    assert!(exited(&mut child, true).await.success(), "clean exit");
+
+    // The fault clears: the retry restores exactly the pipeline before 2.0.
+    let mut child = rootletd_with(&path, &[]);
+    let mut ops = serving(&addr, &a).await;
+    eventually("the retry restores the rootlet", 30, async || {
+        apply_status(&mut ops, a.rootlet(), "").await.undo.is_none()
+    })
+    .await;
+    assert_eq!(
+        kernel(&mut ops, a.rootlet()).await.expect("rootlet 1").1,
+        before1,
+        "the pipeline before 2.0, read back from the kernel"
+    );
+    let s1 = apply_status(&mut ops, a.rootlet(), "").await;
+    let last = s1.last_attempt.expect("attempt");
+    assert_eq!(
+        (last.version.as_str(), last.outcome.as_str()),
+        ("2.0", "nack")
+    );
+    assert_eq!(s1.applied_version, "1.0");
+    assert!(s1.drift.is_empty(), "{:?}", s1.drift);
+    eventually("serving again", 10, async || {
+        health_of(&addr, &a, UNDO).await == Some(1)
+    })
+    .await;
+    assert_eq!(series(metrics, "rootlet_undo_outstanding"), 0.0);
+    assert!(series(metrics, "rootlet_undo_retries_total") >= 1.0);
+    drop(ops);
+    assert!(exited(&mut child, true).await.success(), "clean exit");
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
+    const UNDO: &str = "rootlet.v1.Rootlet.Undo";
+    let mut a = Agent::start().await;
+    let (_second, r2, targets) = second_rootlet(&a);
+    let v1 = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    );
+    {
+        let mut ops = a.client("ops").await;
+        ops.apply_bundle(apply(v1.clone()))
+            .await
+            .expect("1.0 on both");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let (path, addr) = a.process_config();
+    // Every undo attempt fails (test-only fault injection, agent/src/crash.rs).
+    let mut child = rootletd_with(&path, &[("ROOTLETD_FAIL_UNDO", "1000000")]);
+    let mut ops = serving(&addr, &a).await;
+    let before1 = kernel(&mut ops, a.rootlet()).await.expect("rootlet 1").1;
+    let second_id = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: r2.clone(),
+        })
+        .await
+        .expect("second rootlet")
+        .into_inner()
+        .id;
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    );
+    ops.apply_bundle(pb::ApplyBundleRequest {
+        expected_generations: [(second_id, 999)].into_iter().collect(),
+        ..apply(v2)
+    })
+    .await
+    .unwrap_err();
+    assert!(apply_status(&mut ops, a.rootlet(), "").await.undo.is_some());
+    assert_eq!(health_of(&addr, &a, UNDO).await, Some(2), "degraded");
+
+    // The operator acts: 1.0 again. It converges on the kernel (the mix is
+    // the bundle's to replace) and supersedes the undo.
+    ops.apply_bundle(apply(v1)).await.expect("1.0 again");
+    let s1 = apply_status(&mut ops, a.rootlet(), "").await;
+    assert!(s1.undo.is_none(), "{:?}", s1.undo);
+    let last = s1.last_attempt.expect("attempt");
+    assert_eq!(
+        (last.version.as_str(), last.outcome.as_str()),
+        ("1.0", "ack")
+    );
+    assert!(s1.drift.is_empty(), "{:?}", s1.drift);
+    assert_eq!(
+        kernel(&mut ops, a.rootlet()).await.expect("rootlet 1").1,
+        before1
+    );
+    eventually("serving again", 10, async || {
+        health_of(&addr, &a, UNDO).await == Some(1)
+    })
+    .await;
+    drop(ops);
+    assert!(exited(&mut child, true).await.success(), "clean exit");
+}

@@ -12,6 +12,14 @@
 //! | `rootlet_apply_changes_total` | counter | |
 //! | `rootlet_apply_seconds_total` | counter | |
 //! | `rootlet_apply_step_seconds_total` | counter | `step` |
+//! | `rootlet_undo_outstanding` | gauge, read at scrape time | |
+//! | `rootlet_undo_retries_total` | counter, read at scrape time | |
+//! | `rootlet_undo_failures_total` | counter, read at scrape time | |
+//!
+//! `rootlet_undo_outstanding` is how many rootlets have an undo of a failed
+//! apply outstanding (their apply status says `undo_failed`; health is
+//! degraded meanwhile); the counters are the undo attempts this process
+//! retried, and the undo attempts (first undos and retries) that failed.
 //!
 //! The `rootlet_apply_*` series are the data plane's change budget
 //! (`rootlet_dataplane::budget`), read at scrape time: the changes timed
@@ -45,7 +53,7 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::Histogram,
         info::Info,
     },
@@ -55,6 +63,10 @@ use rootlet_dataplane::budget;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 
 pub use rootlet_agent::SlotSample;
+pub use rootlet_agent::UndoCounts;
+
+/// What reads the outstanding undos on each scrape.
+pub type UndoSource = Box<dyn Fn() -> UndoCounts + Send + Sync>;
 
 /// What reads the slot counters on each scrape.
 pub type SlotSource = Box<dyn Fn() -> Vec<SlotSample> + Send + Sync>;
@@ -107,6 +119,51 @@ pub struct Metrics {
     /// (rootlet, bundle) → the version whose series `applied` holds.
     applied_current: Mutex<HashMap<(String, String), String>>,
     slots: Arc<SlotCollector>,
+    undos: Arc<UndoCollector>,
+}
+
+/// Encodes the `rootlet_undo_*` series from the undo source on each scrape.
+#[derive(Default)]
+struct UndoCollector {
+    source: RwLock<Option<UndoSource>>,
+}
+
+impl fmt::Debug for UndoCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UndoCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for UndoCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let counts = match &*self.source.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(source) => source(),
+            None => UndoCounts::default(),
+        };
+        let outstanding = encoder.encode_descriptor(
+            "rootlet_undo_outstanding",
+            "Rootlets whose undo of a failed bundle apply has not put them back yet (retried in the background)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(counts.outstanding).unwrap_or(i64::MAX))
+            .encode(outstanding)?;
+        let retries = encoder.encode_descriptor(
+            "rootlet_undo_retries",
+            "Retries of outstanding undos",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(counts.retries).encode(retries)?;
+        let failures = encoder.encode_descriptor(
+            "rootlet_undo_failures",
+            "Undo attempts (first undos and retries) that failed",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(counts.failures).encode(failures)?;
+        Ok(())
+    }
 }
 
 impl fmt::Debug for Metrics {
@@ -261,6 +318,8 @@ impl Metrics {
         let slots = Arc::new(SlotCollector::default());
         registry.register_collector(Box::new(slots.clone()));
         registry.register_collector(Box::new(BudgetCollector));
+        let undos = Arc::new(UndoCollector::default());
+        registry.register_collector(Box::new(undos.clone()));
         Arc::new(Metrics {
             registry,
             rpc_requests,
@@ -269,6 +328,7 @@ impl Metrics {
             applied,
             applied_current: Mutex::new(HashMap::new()),
             slots,
+            undos,
         })
     }
 
@@ -347,6 +407,12 @@ impl Metrics {
     /// Removes the slot source (the agent is going away).
     pub fn clear_slot_source(&self) {
         *self.slots.source.write().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.undos.source.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Sets what reads the outstanding undos on each scrape.
+    pub fn set_undo_source(&self, f: UndoSource) {
+        *self.undos.source.write().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     /// Every series, in the OpenMetrics text format. Calls the slot source,

@@ -16,6 +16,9 @@
 //!    is pinned), puts the Rootlet service in place, starts the agent's
 //!    background work, points the slot metrics at it, and sets health
 //!    SERVING;
+//!    (and `rootlet.v1.Rootlet.Undo` SERVING unless an undo of a failed
+//!    apply is outstanding: NOT_SERVING is then "degraded", see
+//!    [`UNDO_HEALTH`]);
 //! 5. on shutdown (or a server failing): sets health NOT_SERVING, stops
 //!    accepting, lets in-flight calls finish for [`GRACE`] while open
 //!    streams end at once with UNAVAILABLE, cuts what still runs, stops the
@@ -351,10 +354,41 @@ fn local_addr(
         })
 }
 
+/// The health service that says whether the agent is degraded: SERVING
+/// while no undo of a failed apply is outstanding, NOT_SERVING while one is
+/// (and before the agent serves, and at shutdown). `""` and
+/// `rootlet.v1.Rootlet` stay SERVING meanwhile: the API must keep answering
+/// so that an operator can act.
+pub const UNDO_HEALTH: &str = "rootlet.v1.Rootlet.Undo";
+
+/// Keeps [`UNDO_HEALTH`] in step with the outstanding undos.
+async fn undo_health_task(health: HealthReporter, mut outstanding: watch::Receiver<usize>) {
+    loop {
+        let n = *outstanding.borrow_and_update();
+        let status = if n == 0 {
+            ServingStatus::Serving
+        } else {
+            tracing::warn!(
+                outstanding = n,
+                "degraded: an undo of a failed apply is outstanding"
+            );
+            ServingStatus::NotServing
+        };
+        health.set_service_status(UNDO_HEALTH, status).await;
+        if outstanding.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     // "" is the server as a whole: it is only useful once the API is.
     health.set_service_status("", status).await;
     health.set_service_status(SERVICE_NAME, status).await;
+    // Serving is [`undo_health_task`]'s to say.
+    if status == ServingStatus::NotServing {
+        health.set_service_status(UNDO_HEALTH, status).await;
+    }
 }
 
 /// HTTP/2 keepalive pings find dead peers (and keep NATs open) for
@@ -538,6 +572,7 @@ impl Supervisor {
 
         let (background_stop, background_stopped) = watch::channel(false);
         let mut background = None;
+        let mut undo_health = None;
         if let Some(agent) = &agent {
             let max = self.config.limits.max_message_bytes;
             gate::set(
@@ -552,6 +587,14 @@ impl Supervisor {
             self.metrics.set_slot_source(Box::new(move || {
                 weak.upgrade().map(|a| a.slot_samples()).unwrap_or_default()
             }));
+            let weak = Arc::downgrade(agent);
+            self.metrics.set_undo_source(Box::new(move || {
+                weak.upgrade().map(|a| a.undo_counts()).unwrap_or_default()
+            }));
+            undo_health = Some(tokio::spawn(undo_health_task(
+                self.health.clone(),
+                agent.undo_outstanding(),
+            )));
             background = Some(tokio::spawn(
                 agent.clone().run_background(background_stopped),
             ));
@@ -567,6 +610,9 @@ impl Supervisor {
             tracing::error!(error = %error_chain(e), "shutting down after a failure");
         }
 
+        if let Some(task) = undo_health {
+            task.abort();
+        }
         self.stop_serving().await;
         let _ = background_stop.send(true);
         if let Some(task) = background

@@ -893,6 +893,7 @@ impl pb::rootlet_server::Rootlet for SimAgent {
                 })
                 .collect(),
             keyed_attempt,
+            undo: None,
         }))
     }
 

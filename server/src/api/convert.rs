@@ -244,6 +244,14 @@ pub fn status_to(key: RootletKey, v: &StatusView) -> pb::ApplyStatus {
             })
             .collect(),
         keyed_attempt: v.keyed.as_ref().map(attempt_to),
+        undo: s.undo.as_ref().map(|u| pb::UndoOutstanding {
+            bundle: u.bundle.clone(),
+            version: u.version.clone(),
+            error: u.error.clone(),
+            attempts: u.attempts,
+            since_unix_ms: u.since_unix_ms,
+            last_attempt_unix_ms: u.last_attempt_unix_ms,
+        }),
     }
 }
 

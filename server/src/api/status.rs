@@ -176,6 +176,10 @@ pub fn status(e: &AgentError) -> Status {
             info(&mut d, "UNDO_CONTENDED", &[("rootlet", rootlet.clone())]);
             Code::Aborted
         }
+        AgentError::InjectedFault(_) => {
+            info(&mut d, "INJECTED_FAULT", &[]);
+            Code::Internal
+        }
         AgentError::PolicyVersionMismatch {
             stage,
             expected,
