@@ -46,7 +46,7 @@ use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
 use tonic::{Code, transport::Channel};
 
 /// One test of this binary at a time: they compare global kernel counts.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const SINK_PORT: u16 = 6300;
 
@@ -675,7 +675,7 @@ fn key(rpc: &str, n: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_at_any_step_of_a_stage_change_keeps_the_old_or_the_new_pipeline_by_the_table() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut rig = Rig::new().await;
     let r1 = rig.a.rootlet();
     let base = [("a", "sampler", 10)];
@@ -854,7 +854,7 @@ type Boxed = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_at_any_step_of_a_two_rootlet_apply_puts_both_back_until_every_one_committed() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut rig = Rig::new().await;
     let (v1, v2) = versions(&rig, &rig.targets());
     // One rootlet's swap is not the apply's: until every rootlet committed,
@@ -900,7 +900,7 @@ async fn a_crash_at_any_step_of_a_two_rootlet_apply_puts_both_back_until_every_o
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_at_any_step_of_a_rollback_keeps_the_old_or_the_new_pipeline_by_the_table() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut rig = Rig::new().await;
     let (v1, v2) = versions(&rig, &api::targets(&rig.a.f));
     // One rootlet: its data-plane swap is the rollback's swap.
@@ -943,7 +943,7 @@ async fn a_crash_at_any_step_of_a_rollback_keeps_the_old_or_the_new_pipeline_by_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_at_any_step_of_a_load_leaves_no_rootlet_or_a_whole_one() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut rig = Rig::new().await;
     let base = [("a", "sampler", 10)];
     let old = pipeline_of(&[("a", "sampler", true), ("w", witness::OBJECT, true)]);
@@ -1041,7 +1041,7 @@ async fn blocklist(c: &mut RootletClient<Channel>, r: Option<pb::RootletRef>) ->
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_at_any_step_of_a_policy_apply_keeps_the_old_or_the_new_policy_by_the_table() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut rig = Rig::new().await;
     // Prefixes the traffic (from 169.254.77.2) is not in: every packet
     // passes whichever policy holds.
