@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine too: installs what it needs, checks
 # formatting and lints, runs every test natively (this kernel: tail-call
-# backend), then runs the data-plane, agent, policy and crash suites again inside Debian's
+# backend), then runs the data-plane, agent and policy suites (and the crash
+# suite where a cell names it) again inside Debian's
 # 6.12 and 6.1 kernels booted under qemu (the VM tier), where freplace is
 # permitted, with each backend.
 #
@@ -86,7 +87,10 @@ guest_run() {
 # The kernel matrix (#21): each guest kernel CI supports, with each backend.
 # ROOTLET_VM_MATRIX: space-separated KERNEL:BACKEND[:SUITES] (KERNEL: a
 # /boot/vmlinuz- prefix that names one series, the newest installed image of
-# it is used; SUITES: comma-separated, default dataplane,agent,policy,crash).
+# it is used; SUITES: comma-separated, default dataplane,agent,policy; the
+# crash suite runs when named, e.g. 6.12:freplace:crash: in a guest it costs
+# about 90 s per crash point (three rootletd starts each), too much for the
+# default cells within CI's time; see docs/VM-TIER.md).
 # The tail-call cells run the data-plane and policy suites, not the agent
 # suite: the agent suite runs with the tail-call backend in the native tier
 # (and the agent layer sits above the backend trait), while the data-plane
@@ -99,7 +103,7 @@ cells=(${ROOTLET_VM_MATRIX:-6.12:freplace 6.1:freplace 6.12:tailcall:dataplane,p
 vm_logs=$(mktemp -d)
 run_cell() {
     local i="$1" cell="$2" series backend suites kernel t0 run
-    series="${cell%%:*}" backend="${cell#*:}" suites="dataplane,agent,policy,crash"
+    series="${cell%%:*}" backend="${cell#*:}" suites="dataplane,agent,policy"
     case "$backend" in *:*) suites="${backend#*:}" backend="${backend%%:*}" ;; esac
     if ! run="$(guest_run "$suites" 2>&1)"; then
         echo "$run" >"$vm_logs/$i.log"
