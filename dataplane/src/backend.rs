@@ -113,6 +113,15 @@ pub trait Linker: Send + fmt::Debug {
     /// generation, `committed`, stays.
     fn abandon(&mut self, ctx: &Ctx, key: RootletKey, committed: &Generation);
 
+    /// At adoption, after a crash before the swap of a pending generation:
+    /// lets go of whatever of it was built beside the live one, which no
+    /// record accounts for any more (no rollback returns to it). Nothing
+    /// packets run changes. A backend that builds nothing the live
+    /// generation's pins or the dead process did not hold has nothing to do.
+    fn discard_unswapped(&mut self, _ctx: &Ctx, _key: RootletKey) -> Result<()> {
+        Ok(())
+    }
+
     /// After the swap to `next` is committed: lets go of what only the
     /// generation it replaced needed.
     fn release(&mut self, ctx: &Ctx, key: RootletKey, next: &Generation);

@@ -330,7 +330,7 @@ impl Dataplane {
             }
             other => other?,
         };
-        let Some(live) = live else {
+        let Some(mut live) = live else {
             let why = match (drift, &info) {
                 (Some(d), _) => d,
                 (None, Some(info)) => format!(
@@ -349,7 +349,7 @@ impl Dataplane {
                 info.prog_id
             ));
         }
-        txn::settle(&self.store, &mut record, live.as_ref())?;
+        txn::settle(&self.ctx, &self.store, &mut record, live.as_mut())?;
         Ok(Some(Rootlet {
             record,
             link,

@@ -910,6 +910,37 @@ impl Linker for TailCall {
         release(ctx, key, next);
     }
 
+    /// The inactive parity holds the stages of the interrupted build (its
+    /// hop entries are pinned arrays): empty it, as the next build would
+    /// have rewritten it. Its owner entries for the next rebuild of the
+    /// live parity go too; those that rebuild the inactive one stay; and
+    /// so do the pins of the inactive parity's gates (an unpinned stage's).
+    fn discard_unswapped(&mut self, ctx: &Ctx, key: RootletKey) -> Result<()> {
+        let live = &self.live;
+        let active = parity(live.generation);
+        let inactive = 1 - active;
+        // No packet runs the inactive parity after the grace period of the
+        // last flip (the interrupted build had waited for it already).
+        live.quiescence.wait();
+        set_entry(live.maps.first.as_fd(), inactive, None)?;
+        for hop in &live.maps.hops {
+            set_entry(hop.as_fd(), inactive, None)?;
+        }
+        for owner in &live.maps.owners {
+            set_entry(owner.as_fd(), running(inactive), None)?;
+            set_entry(owner.as_fd(), kept(active), None)?;
+        }
+        for slot in 0..abi::MAX_SLOTS as u32 {
+            let path = ctx.layout.chain_gate(key, slot, inactive);
+            pins::remove(&path).map_err(|source| Error::Pin {
+                what: "gate of a dropped generation",
+                path,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     fn counts(&self, _ctx: &Ctx, _key: RootletKey, tally: &Tally) -> Result<(tally::Slots, u64)> {
         let live = &self.live;
         Ok((

@@ -82,7 +82,12 @@ pub(crate) fn load(
 
 /// After a restart: finishes or forgets the change a crash interrupted,
 /// from the generation the kernel runs (`live`).
-pub(crate) fn settle(store: &Store, record: &mut RootletRecord, live: &dyn Linker) -> Result<()> {
+pub(crate) fn settle(
+    ctx: &Ctx,
+    store: &Store,
+    record: &mut RootletRecord,
+    live: &mut dyn Linker,
+) -> Result<()> {
     let key = record.key;
     let Some(pending) = record.pending.take() else {
         return Ok(());
@@ -93,8 +98,10 @@ pub(crate) fn settle(store: &Store, record: &mut RootletRecord, live: &dyn Linke
         record.previous = live.keeps_previous().then_some(old);
     } else {
         tracing::info!(%key, generation = pending.number, "a change interrupted before its swap: dropping it");
-        // The inactive parity may be half rewritten.
+        // The inactive parity may be half rewritten: what it holds of the
+        // dropped generation goes, and no rollback returns to it.
         record.previous = None;
+        live.discard_unswapped(ctx, key)?;
     }
     store.put(record)
 }
