@@ -995,15 +995,15 @@ async fn a_policy_rollout_blocks_a_source_everywhere_and_one_that_blocks_everyth
 /// versions, every stage with the digest of its object, and the bundle
 /// ListBundles marks current.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Running {
+struct HostRunning {
     versions: Vec<String>,
     stages: Vec<(String, String)>,
     current: Option<String>,
 }
 
-/// Every host's [`Running`]; also checks that each stage's program is
+/// Every host's [`HostRunning`]; also checks that each stage's program is
 /// loaded in the kernel (`bpftool prog show id`).
-async fn running(fleet: &RealFleet) -> Vec<Running> {
+async fn hosts_running(fleet: &RealFleet) -> Vec<HostRunning> {
     let f = Fleet::new(fleet.inventory(), transport());
     let hosts = status::read(&f, None).await;
     let mut out = Vec::new();
@@ -1026,7 +1026,7 @@ async fn running(fleet: &RealFleet) -> Vec<Running> {
             );
             stages.push((s.name.clone(), s.digest.clone()));
         }
-        out.push(Running {
+        out.push(HostRunning {
             versions: h
                 .rootlets
                 .iter()
@@ -1052,7 +1052,7 @@ async fn running(fleet: &RealFleet) -> Vec<Running> {
 /// against `before`, what the host ran before the rollout), or, for a host
 /// the rollout never reached, `before`'s. A host the journal could not put
 /// back fails the check.
-fn explained(j: &journal::Journal, before: &[Running], now: &[Running]) {
+fn explained(j: &journal::Journal, before: &[HostRunning], now: &[HostRunning]) {
     assert_eq!(j.hosts.len(), now.len());
     assert_eq!(j.hosts.len(), before.len());
     for ((h, r), b) in j.hosts.iter().zip(now).zip(before) {
@@ -1093,7 +1093,7 @@ fn explained(j: &journal::Journal, before: &[Running], now: &[Running]) {
 
 /// 1.0.0 (the sample objects) everywhere, through a canary of one; returns
 /// what every host runs then.
-async fn install_v1(fleet: &RealFleet) -> Vec<Running> {
+async fn install_v1(fleet: &RealFleet) -> Vec<HostRunning> {
     let v1 = fleet.sample_bundle("1.0.0", false).expect("bundle v1");
     let (outcome, jf) = run(
         fleet,
@@ -1103,14 +1103,14 @@ async fn install_v1(fleet: &RealFleet) -> Vec<Running> {
     )
     .await;
     assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
-    let v1 = running(fleet).await;
+    let v1 = hosts_running(fleet).await;
     assert!(v1.iter().all(|r| r.versions == ["1.0.0"]), "{v1:?}");
     v1
 }
 
 /// Checks that `now` runs other programs than `v1` on every stage both
 /// have (the `_v2` builds were loaded).
-fn new_programs(v1: &[Running], now: &[Running]) {
+fn new_programs(v1: &[HostRunning], now: &[HostRunning]) {
     for (a, b) in v1.iter().zip(now) {
         for (name, digest) in &b.stages {
             if let Some((_, old)) = a.stages.iter().find(|(n, _)| n == name)
@@ -1209,7 +1209,7 @@ async fn real_agents_a_nack_in_a_wave_fails_the_apply_gate_and_the_canary_goes_b
     // slots are taken, so a bundle with one more stage does not fit there
     // (the canary, host 0, has room).
     fill_with_other_team_stages(&fleet, 1, 13).await;
-    let v1 = running(&fleet).await;
+    let v1 = hosts_running(&fleet).await;
     assert_eq!(v1[1].stages.len(), 16, "{:?}", v1[1]);
 
     let v2 = v2_with_one_more_stage(&fleet, "2.0.0");
@@ -1235,7 +1235,7 @@ async fn real_agents_a_nack_in_a_wave_fails_the_apply_gate_and_the_canary_goes_b
     assert_eq!(jf.journal.hosts[2].state, HostState::RolledBack);
     // Every host runs exactly what it ran before: the 1.0.0 programs again
     // (without sampler_b), host 1 its 16 stages.
-    let now = running(&fleet).await;
+    let now = hosts_running(&fleet).await;
     assert_eq!(now, v1);
     explained(&jf.journal, &v1, &now);
     all_flow(&fleet, "after the nack");
@@ -1261,7 +1261,7 @@ async fn real_agents_an_operator_abort_rolls_back_the_paused_canaries() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Mid-rollout, the canaries really run the new programs.
-    let mid = running(&fleet).await;
+    let mid = hosts_running(&fleet).await;
     new_programs(&v1, &mid[..2]);
     assert_eq!(mid[2..], v1[2..]);
     explained(&journal::read(&j).expect("journal"), &v1, &mid);
@@ -1279,7 +1279,7 @@ async fn real_agents_an_operator_abort_rolls_back_the_paused_canaries() {
             .iter()
             .all(|h| h.state == HostState::Pending)
     );
-    let now = running(&fleet).await;
+    let now = hosts_running(&fleet).await;
     assert_eq!(now, v1);
     explained(&jf.journal, &v1, &now);
     all_flow(&fleet, "after the abort");
@@ -1289,7 +1289,7 @@ async fn real_agents_an_operator_abort_rolls_back_the_paused_canaries() {
 async fn real_agents_an_operator_pause_holds_the_rollout_until_resume() {
     let mut fleet = RealFleet::start(3, &[]).await.expect("3 agents");
     fleet.start_traffic(PPS).expect("traffic");
-    let before = running(&fleet).await;
+    let before = hosts_running(&fleet).await;
     let v1 = fleet.sample_bundle("1.0.0", false).expect("bundle v1");
     let j = journal_path(&fleet, "pause.json");
     let req = request(&fleet, "canary = { hosts = 1 }\n", &v1, &j);
@@ -1322,7 +1322,7 @@ async fn real_agents_an_operator_pause_holds_the_rollout_until_resume() {
     let (outcome, jf) = join(task).await;
     assert_eq!(outcome, Outcome::Succeeded, "{:?}", jf.journal.stop);
     assert!(jf.journal.events.iter().any(|e| e.message == "resumed"));
-    let now = running(&fleet).await;
+    let now = hosts_running(&fleet).await;
     assert!(now.iter().all(|r| r.versions == ["1.0.0"]), "{now:?}");
     explained(&jf.journal, &before, &now);
     all_flow(&fleet, "on 1.0.0");
@@ -1352,7 +1352,7 @@ async fn real_agents_a_step_past_its_progress_deadline_rolls_back() {
     );
     assert_eq!(stop.step, Some(1));
     assert_eq!(jf.journal.hosts[0].state, HostState::RolledBack);
-    let now = running(&fleet).await;
+    let now = hosts_running(&fleet).await;
     assert_eq!(now, v1);
     explained(&jf.journal, &v1, &now);
     all_flow(&fleet, "after the deadline");
@@ -1373,7 +1373,7 @@ async fn real_agents_undo_returns_every_host_to_the_previous_programs() {
             .iter()
             .all(|h| h.previous.as_ref().map(|p| p.version.as_str()) == Some("1.0.0"))
     );
-    let on_v2 = running(&fleet).await;
+    let on_v2 = hosts_running(&fleet).await;
     assert!(on_v2.iter().all(|r| r.versions == ["2.0.0"]), "{on_v2:?}");
     new_programs(&v1, &on_v2);
     explained(&jf.journal, &v1, &on_v2);
@@ -1387,7 +1387,7 @@ async fn real_agents_undo_returns_every_host_to_the_previous_programs() {
             .iter()
             .all(|h| h.state == HostState::RolledBack)
     );
-    let now = running(&fleet).await;
+    let now = hosts_running(&fleet).await;
     assert_eq!(now, v1);
     explained(&jf.journal, &v1, &now);
     all_flow(&fleet, "after the undo");
@@ -1453,7 +1453,7 @@ async fn real_agents_an_agent_killed_mid_wave_and_restarted_leaves_the_rollout_f
             .await
             .expect("resume");
     }
-    let now = running(&fleet).await;
+    let now = hosts_running(&fleet).await;
     explained(&jf.journal, &v1, &now);
     match outcome {
         Outcome::Succeeded => {
@@ -1492,7 +1492,7 @@ async fn real_agents_an_agent_killed_mid_wave_and_restarted_leaves_the_rollout_f
             .await
             .expect("resume");
     }
-    let now = running(&fleet).await;
+    let now = hosts_running(&fleet).await;
     explained(&jf.journal, &before, &now);
     match outcome {
         Outcome::Succeeded => {
@@ -1599,7 +1599,7 @@ async fn real_agents_a_rootletctl_killed_mid_wave_is_resumed_or_aborted_from_its
     assert!(!journal::JournalLock::is_held(&j));
     let left = journal::read(&j).expect("journal");
     assert!(!left.state.is_final(), "{}", left.state.name());
-    let mid = running(&fleet).await;
+    let mid = hosts_running(&fleet).await;
     explained(&left, &v1, &mid);
     assert_eq!(mid[0].versions, ["2.0.0"]);
     assert_eq!(mid[1].versions, ["2.0.0"]);
@@ -1619,7 +1619,7 @@ async fn real_agents_a_rootletctl_killed_mid_wave_is_resumed_or_aborted_from_its
     let done = journal::read(&j).expect("journal");
     assert_eq!(done.state, RolloutState::Succeeded, "{text}");
     assert_eq!(generation_of(&fleet, 0).await, canary_generation);
-    let now = running(&fleet).await;
+    let now = hosts_running(&fleet).await;
     assert!(now.iter().all(|r| r.versions == ["2.0.0"]), "{now:?}");
     new_programs(&v1, &now);
     explained(&done, &v1, &now);
@@ -1634,7 +1634,7 @@ async fn real_agents_a_rootletctl_killed_mid_wave_is_resumed_or_aborted_from_its
     wait_for_host(&j3, 1, HostState::Pushed, "wave 1 never pushed").await;
     ctl.kill().expect("SIGKILL rootletctl");
     let _ = ctl.wait();
-    let mid = running(&fleet).await;
+    let mid = hosts_running(&fleet).await;
     explained(&journal::read(&j3).expect("journal"), &on_v2, &mid);
     let js3 = j3.to_string_lossy().to_string();
     let (code, text) = rootletctl(&["rollout", "abort", "-j", &js3]);
@@ -1643,7 +1643,7 @@ async fn real_agents_a_rootletctl_killed_mid_wave_is_resumed_or_aborted_from_its
     assert_eq!(done.state, RolloutState::RolledBack, "{text}");
     assert_eq!(done.hosts[0].state, HostState::RolledBack);
     assert_eq!(done.hosts[1].state, HostState::RolledBack);
-    let now = running(&fleet).await;
+    let now = hosts_running(&fleet).await;
     assert_eq!(now, on_v2);
     explained(&done, &on_v2, &now);
     all_flow(&fleet, "after the abort");
