@@ -230,6 +230,12 @@ pub async fn restart(a: &mut Agent, edit: impl Fn(&mut Config)) {
 }
 
 pub async fn health(addr: &str, a: &Agent) -> Option<i32> {
+    health_of(addr, a, "rootlet.v1.Rootlet").await
+}
+
+/// The health of `service` at the rootletd at `addr`: 1 SERVING,
+/// 2 NOT_SERVING; None if it does not answer.
+pub async fn health_of(addr: &str, a: &Agent, service: &str) -> Option<i32> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
         .domain_name("localhost")
@@ -246,7 +252,7 @@ pub async fn health(addr: &str, a: &Agent) -> Option<i32> {
         .ok()?;
     let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
     h.check(Request::new(tonic_health::pb::HealthCheckRequest {
-        service: "rootlet.v1.Rootlet".into(),
+        service: service.into(),
     }))
     .await
     .ok()

@@ -10,7 +10,7 @@ use std::{
 
 use rootlet_dataplane::spec::XdpAction;
 use rootlet_integration_tests::{
-    agentd::{Agent, health, restart, serving},
+    agentd::{Agent, health, health_of, restart, serving},
     api::{self, link, reason, stage},
     fixture::{self, Fixture},
     netns::{HOST_IP, VethPair},
@@ -3182,32 +3182,6 @@ async fn a_teams_change_never_lands_on_a_stage_an_admin_took_meanwhile() {
         now.map(|(o, obj)| (o.to_owned(), digest_of(obj))),
         "the kernel runs the end of the ACKed history"
     );
-}
-
-/// The health of `service` at the rootletd at `addr`: 1 SERVING,
-/// 2 NOT_SERVING; None if it does not answer.
-async fn health_of(addr: &str, a: &Agent, service: &str) -> Option<i32> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(a.pki.ca_pem()))
-        .domain_name("localhost")
-        .identity({
-            let c = a.pki.client("mon");
-            Identity::from_pem(c.cert_pem, c.key_pem)
-        });
-    let ch = Channel::from_shared(addr.to_owned())
-        .ok()?
-        .tls_config(tls)
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-    h.check(Request::new(tonic_health::pb::HealthCheckRequest {
-        service: service.into(),
-    }))
-    .await
-    .ok()
-    .map(|r| r.into_inner().status)
 }
 
 /// The value of the unlabelled series `name` in a scrape.
