@@ -25,10 +25,12 @@ echo "== checks: rustfmt, clippy"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 scripts/check-layers.sh
+echo "== checks passed ($(( $(date +%s) - started )) s since the start)"
 
 echo "== native tier: kernel $(uname -r), tail-call backend"
 ROOTLET_TEST_BACKEND=tailcall ROOTLET_EXPECT_EXT="${ROOTLET_EXPECT_EXT:-refused}" \
     cargo test --workspace --locked
+echo "== native tier passed ($(( $(date +%s) - started )) s since the start)"
 
 if [ "${ROOTLET_SKIP_VM:-0}" = 1 ]; then
     echo "!! VM tier SKIPPED (ROOTLET_SKIP_VM=1): freplace was not tested"
@@ -135,6 +137,20 @@ for i in "${!cells[@]}"; do
     echo "== VM tier: $(cat "$vm_logs/$i.name" 2>/dev/null || echo "${cells[$i]}") ($(cat "$vm_logs/$i.secs" 2>/dev/null || echo '?') s)"
     cat "$vm_logs/$i.log"
     [ "$(cat "$vm_logs/$i.rc" 2>/dev/null)" = 0 ] || vm_failed="$vm_failed ${cells[$i]}"
+done
+# A summary last, where a reader of CI's tail sees it: each cell's time and
+# result, and for a failed cell the failing tests and their panics (the
+# whole output is above).
+echo "== VM tier summary (native tier and checks passed; $(( $(date +%s) - started )) s so far)"
+for i in "${!cells[@]}"; do
+    rc="$(cat "$vm_logs/$i.rc" 2>/dev/null || echo '?')"
+    echo "-- ${cells[$i]}: $(cat "$vm_logs/$i.secs" 2>/dev/null || echo '?') s, exit $rc"
+    grep -E '^test result:|^running [0-9]+ tests' "$vm_logs/$i.log" | sed 's/^/   /' || true
+    if [ "$rc" != 0 ]; then
+        grep -E ' \.\.\. FAILED$|panicked at|^thread .* panicked|not retried|Kernel panic|timed out' "$vm_logs/$i.log" |
+            head -n 40 | sed 's/^/   !! /' || true
+        grep -A3 -E 'panicked at' "$vm_logs/$i.log" | grep -vE 'panicked at|^--$' | head -n 40 | sed 's/^/      /' || true
+    fi
 done
 rm -rf "$vm_logs"
 if [ -n "$vm_failed" ]; then
