@@ -56,14 +56,20 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// A new namespace named `rlit-<pid>-<n>`.
+    /// A new namespace named `rlit-<pid>-<n>` (see [`Netns::with_prefix`]).
     pub fn new() -> io::Result<Netns> {
         Netns::with_prefix("rlit")
     }
 
     /// A new namespace named `<prefix>-<pid>-<n>`, `n` counting up within
-    /// the process. A name left over from an earlier process with the same
-    /// pid is skipped. `prefix` is ASCII letters, digits, `-` and `_`.
+    /// the process, zero-padded so that names with one prefix sort in the
+    /// order they were made: a bundle applies its rootlets in its canonical
+    /// order, by (interface, netns path), and a test that makes the second
+    /// of two rootlets fail relies on the second namespace sorting after the
+    /// first (unpadded, `…-10` sorted before `…-9`, which reversed the order
+    /// whenever the counter gained a digit). A name left over from an
+    /// earlier process with the same pid is skipped. `prefix` is ASCII
+    /// letters, digits, `-` and `_`.
     pub fn with_prefix(prefix: &str) -> io::Result<Netns> {
         let valid = !prefix.is_empty()
             && prefix.len() <= 32
@@ -78,7 +84,10 @@ impl Netns {
         }
         let pid = std::process::id();
         for _ in 0..NAME_ATTEMPTS {
-            let name = format!("{prefix}-{pid}-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
+            let name = format!(
+                "{prefix}-{pid}-{:06}",
+                NEXT_ID.fetch_add(1, Ordering::Relaxed)
+            );
             if find_netns_path(&name).is_some() {
                 continue;
             }

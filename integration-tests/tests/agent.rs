@@ -1665,8 +1665,19 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
 
 /// A second veth pair beside the agent's own: the pair, a reference to a
 /// rootlet on it, and a manifest's `[[rootlets]]` targeting both.
+/// A second rootlet's interface, and bundle targets naming both. The
+/// second is applied second: a bundle applies its rootlets in canonical
+/// order, by (interface, netns path), and namespaces made later sort later
+/// (`Netns::with_prefix`); the tests that make the second one fail rely on
+/// it, so it is checked here rather than left to show as a puzzling failure.
 fn second_rootlet(a: &Agent) -> (VethPair, Option<pb::RootletRef>, String) {
     let second = VethPair::new().expect("second veth pair");
+    assert!(
+        (a.f.pair.host_if(), a.f.netns_path()) < (second.host_if(), second.host().path()),
+        "the second rootlet sorts after the first: {} {}",
+        a.f.netns_path().display(),
+        second.host().path().display()
+    );
     let r2 = Some(pb::RootletRef {
         r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
             netns: second.host().path().display().to_string(),
@@ -3453,13 +3464,20 @@ async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
         ],
         true,
     );
-    ops.apply_bundle(pb::ApplyBundleRequest {
-        expected_generations: [(second_id, 999)].into_iter().collect(),
-        ..apply(v2)
-    })
-    .await
-    .unwrap_err();
-    assert!(apply_status(&mut ops, a.rootlet(), "").await.undo.is_some());
+    let err = ops
+        .apply_bundle(pb::ApplyBundleRequest {
+            expected_generations: [(second_id, 999)].into_iter().collect(),
+            ..apply(v2)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
+        "{err:?}"
+    );
+    let s1 = apply_status(&mut ops, a.rootlet(), "").await;
+    assert!(s1.undo.is_some(), "{err:?} {s1:?}");
     assert_eq!(health_of(&addr, &a, UNDO).await, Some(2), "degraded");
 
     // The operator acts: 1.0 again. It converges on the kernel (the mix is
