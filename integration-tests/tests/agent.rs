@@ -1664,8 +1664,7 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
 }
 
 /// A second veth pair beside the agent's own: the pair, a reference to a
-/// rootlet on it, and a manifest's `[[rootlets]]` targeting both.
-/// A second rootlet's interface, and bundle targets naming both. The
+/// rootlet on it, and a manifest's `[[rootlets]]` targeting both. The
 /// second is applied second: a bundle applies its rootlets in canonical
 /// order, by (interface, netns path), and namespaces made later sort later
 /// (`Netns::with_prefix`); the tests that make the second one fail rely on
