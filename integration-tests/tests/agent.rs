@@ -3347,6 +3347,11 @@ async fn a_failed_undo_is_its_own_outcome_retried_across_a_restart_until_restore
     assert_eq!(health_of(&addr, &a, UNDO).await, Some(2), "degraded");
     assert_eq!(health_of(&addr, &a, "rootlet.v1.Rootlet").await, Some(1));
     assert_eq!(series(metrics, "rootlet_undo_outstanding"), 1.0);
+    assert_eq!(
+        series(metrics, r#"rootlet_bundle_applies_total{outcome="undo_failed"}"#),
+        1.0,
+        "the refusal is counted as its own outcome"
+    );
     eventually("a retry that fails", 20, async || {
         series(metrics, "rootlet_undo_retries_total") >= 1.0
             && series(metrics, "rootlet_undo_failures_total") >= 2.0

@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `rootlet_rpc_requests_total` | counter | `method`, `code` |
 //! | `rootlet_rpc_duration_seconds` | histogram | `method` |
-//! | `rootlet_bundle_applies_total` | counter | `outcome` (`ack`, `nack`, `noop`) |
+//! | `rootlet_bundle_applies_total` | counter | `outcome` (`ack`, `nack`, `undo_failed`, `noop`, `removed`) |
 //! | `rootlet_applied_version` | gauge, always 1 | `rootlet`, `bundle`, `version` |
 //! | `rootlet_slot_packets_total` | counter, read at scrape time | `rootlet`, `slot`, `stage`, `action` |
 //! | `rootlet_build_info` | info | `version` |
@@ -348,7 +348,8 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Counts one bundle apply on one rootlet: `ack`, `nack` or `noop`.
+    /// Counts one bundle apply: `ack`, `nack`, `undo_failed` (refused, and
+    /// its undo left rootlets running part of it), `noop` or `removed`.
     pub fn observe_apply(&self, outcome: &str) {
         self.applies
             .get_or_create(&OutcomeLabels {

@@ -752,6 +752,11 @@ fn record_apply(
                 }
             }
         }
+        // A refusal whose undo left rootlets running part of the bundle is
+        // its own outcome, as in the apply status: not a clean NACK.
+        Err(AgentError::Nack { unrestored, .. }) if !unrestored.is_empty() => {
+            metrics.observe_apply("undo_failed")
+        }
         Err(_) => metrics.observe_apply("nack"),
     }
 }
