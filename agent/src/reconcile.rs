@@ -8,15 +8,19 @@
 //! other keeps its previous version as applied, with the attempt recorded
 //! as interrupted, and the drift its status then reports is what the kernel
 //! runs. The stages either version manages stay the bundle's, so a
-//! re-apply of either converges. The status of a rootlet that no longer
-//! exists is dropped.
+//! re-apply of either converges. A put-back that fails is an outstanding
+//! undo (`undo.rs`): outcome `undo_failed`, retried in the background. The
+//! status of a rootlet that no longer exists is dropped.
 
-use std::time::SystemTime;
+use std::{collections::BTreeMap, time::SystemTime};
 
 use super::{
-    Agent, ApplyStatus, Attempt, HISTORY, Pending, Result, STATUS, bundles::HistoryEntry, unix_ms,
+    Agent, AgentError, ApplyStatus, Attempt, HISTORY, Pending, Result, STATUS,
+    bundles::{HistoryEntry, Undo, same_target, spec_of},
+    undo::UndoOutstanding,
+    unix_ms,
 };
-use rootlet_dataplane::spec::{Change, RootletKey};
+use rootlet_dataplane::spec::{Change, RootletKey, StageSpec};
 
 impl Agent {
     /// Settles every pending apply against what the kernel runs.
@@ -38,19 +42,32 @@ impl Agent {
                 interrupted.push((id, key, status, pending, runs_new));
             }
         }
-        // Half applied: back to what ran before, where it went through.
+        // Half applied: back to what ran before, where it went through. A
+        // put-back that fails is an outstanding undo, as when an apply's own
+        // undo fails (`undo.rs`): recorded, reported and retried, never left
+        // as a rootlet that silently runs the version its siblings refused.
+        let mut not_put_back = BTreeMap::new();
         for (id, key, status, pending, runs_new) in &interrupted {
             let same =
                 |p: &Pending| p.digest == pending.digest && p.at_unix_ms == pending.at_unix_ms;
             let mixed = interrupted.iter().any(|(.., p, new)| same(p) && !new)
                 || never_loaded.iter().any(same);
             if *runs_new && mixed {
-                match self.restore(*key, status, pending) {
+                let put_back = if self.fail_undo.fires() {
+                    Err(AgentError::InjectedFault(format!(
+                        "{key}: injected undo failure ({})",
+                        super::crash::FAIL_UNDO_ENV
+                    )))
+                } else {
+                    self.restore(*key, status, pending)
+                };
+                match put_back {
                     Ok(()) => {
                         tracing::warn!(rootlet = %key, bundle = %pending.bundle, "an interrupted apply went through on some rootlets only: put back")
                     }
                     Err(e) => {
-                        tracing::error!(rootlet = %key, error = %e, "cannot put back a rootlet of an interrupted apply")
+                        tracing::error!(rootlet = %key, error = %e, "cannot put back a rootlet of an interrupted apply; retrying in the background");
+                        not_put_back.insert(*key, e.to_string());
                     }
                 }
                 if !self.dp.list().contains(key) {
@@ -66,6 +83,32 @@ impl Agent {
             status.pending = None;
             if pending.loads {
                 status.loaded_by = Some(pending.bundle.clone());
+            }
+            if let Some(error) = not_put_back.get(&key) {
+                let now = unix_ms(SystemTime::now());
+                let undo = self.interrupted_undo(key, &status, &pending)?;
+                status.undo = Some(UndoOutstanding::of(
+                    &undo,
+                    &pending.bundle,
+                    &pending.version,
+                    &pending.digest,
+                    error,
+                    now,
+                ));
+                status.attempted(Attempt {
+                    version: pending.version.clone(),
+                    digest: pending.digest.clone(),
+                    outcome: "undo_failed".into(),
+                    error: format!(
+                        "interrupted by a restart of the agent after it went through here but not on \
+                         every rootlet; putting this one back failed ({error}), and the agent retries"
+                    ),
+                    at_unix_ms: now,
+                    idempotency_key: pending.idempotency_key.clone(),
+                });
+                self.undo_failed_once(key, 1);
+                self.kv.put(STATUS, &id, &status)?;
+                continue;
             }
             let ran = match self.settle(key, &mut status, &pending) {
                 Ok(ran) => ran,
@@ -167,6 +210,68 @@ impl Agent {
             self.dp.apply(key, &unlinks, None)?;
         }
         Ok(())
+    }
+
+    /// What the interrupted `pending` apply changed on `key`, which runs
+    /// its version: the difference between the version `status` applied
+    /// before (none: a first install) and the pending one, as the undo of a
+    /// failed apply records it, so that the retry inverts exactly that.
+    fn interrupted_undo(
+        &self,
+        key: RootletKey,
+        status: &ApplyStatus,
+        pending: &Pending,
+    ) -> Result<Undo> {
+        let new = self.stored(&pending.digest)?;
+        let target = self.target_on(&new, key).ok_or_else(|| {
+            AgentError::NotFound(format!(
+                "bundle `{}` {} does not target {key}",
+                pending.bundle, pending.version
+            ))
+        })?;
+        let previous = if status.bundle == pending.bundle && !status.applied_digest.is_empty() {
+            let prev = self.stored(&status.applied_digest)?;
+            same_target(&prev, &target).map(|t| (prev, t))
+        } else {
+            None
+        };
+        let before: Vec<StageSpec> = match &previous {
+            Some((prev, t)) => prev
+                .manifest()
+                .stages_for(t)
+                .map(|s| spec_of(prev, s))
+                .collect::<Result<_>>()?,
+            None => vec![],
+        };
+        let after: Vec<StageSpec> = new
+            .manifest()
+            .stages_for(&target)
+            .map(|s| spec_of(&new, s))
+            .collect::<Result<_>>()?;
+        let mut applied = vec![];
+        for spec in &after {
+            match before.iter().find(|b| b.name == spec.name) {
+                None => applied.push(Change::Link(spec.clone())),
+                Some(b) if b.digest() != spec.digest() || b.owner != spec.owner => {
+                    applied.push(Change::Replace(spec.clone()))
+                }
+                Some(_) => {}
+            }
+        }
+        for b in &before {
+            if !after.iter().any(|a| a.name == b.name) {
+                applied.push(Change::Unlink {
+                    name: b.name.clone(),
+                });
+            }
+        }
+        Ok(Undo {
+            key,
+            loaded_now: pending.loads,
+            applied,
+            generation: 0,
+            previous,
+        })
     }
 
     /// Records on `status` what the kernel of `key` runs after the

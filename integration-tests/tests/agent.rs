@@ -15,7 +15,7 @@ use rootlet_integration_tests::{
     fixture::{self, Fixture},
     netns::{HOST_IP, VethPair},
     packet::seq_payload,
-    rootletd::{exited, rootletd, rootletd_with},
+    rootletd::{crash_step_wanted, exited, rootletd, rootletd_with},
     traffic::{BlastConfig, Blaster, RawSocket, UdpSink},
     witness::{self, Crossings},
 };
@@ -1490,7 +1490,7 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
     };
     let mut a = Agent::start().await;
     let mut ops = a.client("ops").await;
-    a.load(&mut ops).await;
+    let freplace = a.load(&mut ops).await.backend == pb::Backend::Freplace as i32;
     let v1_stages: &[(&str, &str)] = &[("sampler", "sampler"), ("ddos", "ddos")];
     // v2 replaces sampler's object, unlinks ddos and links lb.
     let v2_stages: &[(&str, &str)] = &[("sampler", "test_pass"), ("lb", "l4lb")];
@@ -1565,6 +1565,19 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
         "bundle-committed",
         "bundle-status-written",
     ];
+    // Every step natively; the VM tier names the ones on either side of each
+    // swap point (ROOTLET_CRASH_STEPS). Only freplace loads a rootlet
+    // instance per generation: with the tail-call backend a crash point
+    // there is never reached, and the call finishes.
+    let steps: Vec<&str> = steps.into_iter().filter(|s| crash_step_wanted(s)).collect();
+    let reached = steps
+        .iter()
+        .filter(|s| **s != "rootlet-loaded" || freplace)
+        .count();
+    assert!(
+        !steps.is_empty(),
+        "ROOTLET_CRASH_STEPS names none of the steps"
+    );
     let mut crashes = 0;
     for step in steps {
         let mut child = rootletd_with(&path, &[("ROOTLETD_CRASH_AT", step)]);
@@ -1660,7 +1673,10 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
     stop.store(true, Ordering::Relaxed);
     let sent = traffic.join().expect("traffic");
     assert!(sent > 100, "traffic flowed: {sent} frames");
-    assert!(crashes >= 9, "the agent crashed at {crashes} of the steps");
+    assert_eq!(
+        crashes, reached,
+        "the agent crashed at every step it reaches"
+    );
 }
 
 /// A second veth pair beside the agent's own: the pair, a reference to a
@@ -2217,6 +2233,109 @@ async fn an_apply_half_done_at_a_crash_is_put_back_on_every_rootlet() {
         let s = apply_status(&mut c, r, "").await;
         assert!(s.applied_version == "2.0" && s.drift.is_empty(), "{s:?}");
     }
+    drop(c);
+    assert!(exited(&mut child, true).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_put_back_that_fails_after_a_crash_is_an_outstanding_undo_retried_until_restored() {
+    const UNDO: &str = "rootlet.v1.Rootlet.Undo";
+    let mut a = Agent::start().await;
+    let (_second, r2, targets) = second_rootlet(&a);
+    let v1 = a.bundle_for(
+        "edge",
+        "1.0",
+        &targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    );
+    let v2 = a.bundle_for(
+        "edge",
+        "2.0",
+        &targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    );
+    {
+        let mut ops = a.client("ops").await;
+        ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let (path, addr) = a.process_config();
+    let mut child = rootletd_with(&path, &[]);
+    let mut c = serving(&addr, &a).await;
+    let on_v1 = (
+        kernel(&mut c, a.rootlet()).await.map(|k| k.1),
+        kernel(&mut c, r2.clone()).await.map(|k| k.1),
+    );
+    drop(c);
+    assert!(exited(&mut child, true).await.success());
+
+    // 2.0 crashes after the first rootlet.
+    let mut child = rootletd_with(&path, &[("ROOTLETD_CRASH_AT", "bundle-rootlet-committed")]);
+    let mut c = serving(&addr, &a).await;
+    let mut req = apply(v2);
+    req.idempotency_key = "half".into();
+    assert!(c.apply_bundle(req).await.is_err());
+    drop(c);
+    assert!(!exited(&mut child, false).await.success(), "crashed");
+
+    // The restart's put-back of the first rootlet fails, and so do the
+    // first three retries (1 s, 2 s, 4 s later): the rootlet runs 2.0
+    // while its sibling runs 1.0, and the agent says so.
+    let mut child = rootletd_with(&path, &[("ROOTLETD_FAIL_UNDO", "4")]);
+    let mut c = serving(&addr, &a).await;
+    let mixed = kernel(&mut c, a.rootlet()).await.map(|k| k.1);
+    assert_ne!(mixed, on_v1.0, "the first rootlet still runs 2.0");
+    assert_eq!(kernel(&mut c, r2.clone()).await.map(|k| k.1), on_v1.1);
+    let s1 = apply_status(&mut c, a.rootlet(), "half").await;
+    let keyed = s1.keyed_attempt.clone().expect("the interrupted attempt");
+    assert_eq!(
+        (keyed.version.as_str(), keyed.outcome.as_str()),
+        ("2.0", "undo_failed"),
+        "{s1:?}"
+    );
+    let undo = s1.undo.clone().expect("an outstanding undo");
+    assert_eq!(
+        (undo.bundle.as_str(), undo.version.as_str()),
+        ("edge", "2.0")
+    );
+    assert!(undo.error.contains("injected undo failure"), "{undo:?}");
+    assert_eq!(s1.applied_version, "1.0", "1.0 is what the bundle applied");
+    let s2 = apply_status(&mut c, r2.clone(), "half").await;
+    assert!(s2.undo.is_none(), "{s2:?}");
+    assert_eq!(s2.keyed_attempt.map(|k| k.outcome).as_deref(), Some("nack"));
+    assert_eq!(health_of(&addr, &a, UNDO).await, Some(2), "degraded");
+
+    // The fifth attempt puts it back: both run 1.0, nothing is outstanding.
+    eventually("the retried put-back", 60, async || {
+        apply_status(&mut c, a.rootlet(), "").await.undo.is_none()
+    })
+    .await;
+    let now = (
+        kernel(&mut c, a.rootlet()).await.map(|k| k.1),
+        kernel(&mut c, r2.clone()).await.map(|k| k.1),
+    );
+    assert_eq!(now, on_v1, "every rootlet runs 1.0 again");
+    let s1 = apply_status(&mut c, a.rootlet(), "half").await;
+    assert!(s1.drift.is_empty(), "{:?}", s1.drift);
+    assert_eq!(
+        s1.keyed_attempt.map(|k| k.outcome).as_deref(),
+        Some("nack"),
+        "restored: a refusal like its sibling's"
+    );
+    eventually("serving again", 10, async || {
+        health_of(&addr, &a, UNDO).await == Some(1)
+    })
+    .await;
     drop(c);
     assert!(exited(&mut child, true).await.success());
 }
@@ -3348,7 +3467,10 @@ async fn a_failed_undo_is_its_own_outcome_retried_across_a_restart_until_restore
     assert_eq!(health_of(&addr, &a, "rootlet.v1.Rootlet").await, Some(1));
     assert_eq!(series(metrics, "rootlet_undo_outstanding"), 1.0);
     assert_eq!(
-        series(metrics, r#"rootlet_bundle_applies_total{outcome="undo_failed"}"#),
+        series(
+            metrics,
+            r#"rootlet_bundle_applies_total{outcome="undo_failed"}"#
+        ),
         1.0,
         "the refusal is counted as its own outcome"
     );
