@@ -82,6 +82,9 @@ guest_run() {
         # crash points on either side of each swap point (every point runs
         # in the native tier).
         [ "$suite" = crash ] && found="ROOTLET_CRASH_PPS=100 ROOTLET_CRASH_STEPS=$crash_steps $found"
+        # The agent suite's crash sweep of an apply, likewise: the points on
+        # either side of its swap points (every one runs natively).
+        [ "$suite" = agent ] && found="ROOTLET_CRASH_STEPS=$crash_steps $found"
         run="$run; $found --test-threads=2 || rc=1"
     done
     echo "$run; exit \$rc"
@@ -121,7 +124,9 @@ run_cell() {
     echo "$(basename "$kernel"), $backend backend, suites $suites" >"$vm_logs/$i.name"
     t0=$(date +%s)
     set +e
-    scripts/vm-run --kernel "$kernel" --env ROOTLET_TEST_BACKEND="$backend" --env ROOTLET_EXPECT_EXT=permitted \
+    # A cell's whole run, boot included, is bounded (vm-run's own default,
+    # 1500 s, is for one command; a freplace cell takes about 25 min).
+    ROOTLET_VM_TIMEOUT="${ROOTLET_VM_TIMEOUT:-2700}" scripts/vm-run --kernel "$kernel" --env ROOTLET_TEST_BACKEND="$backend" --env ROOTLET_EXPECT_EXT=permitted \
         --env RUST_BACKTRACE=1 -- "$run" >"$vm_logs/$i.log" 2>&1
     echo $? >"$vm_logs/$i.rc"
     echo $(( $(date +%s) - t0 )) >"$vm_logs/$i.secs"
@@ -147,7 +152,7 @@ for i in "${!cells[@]}"; do
     echo "-- ${cells[$i]}: $(cat "$vm_logs/$i.secs" 2>/dev/null || echo '?') s, exit $rc"
     grep -E '^test result:|^running [0-9]+ tests' "$vm_logs/$i.log" | sed 's/^/   /' || true
     if [ "$rc" != 0 ]; then
-        grep -E ' \.\.\. FAILED$|panicked at|^thread .* panicked|not retried|Kernel panic|timed out' "$vm_logs/$i.log" |
+        grep -E ' \.\.\. FAILED$|panicked at|^thread .* panicked|not retried|Kernel panic|timed out|guest killed' "$vm_logs/$i.log" |
             head -n 40 | sed 's/^/   !! /' || true
         grep -A3 -E 'panicked at' "$vm_logs/$i.log" | grep -vE 'panicked at|^--$' | head -n 40 | sed 's/^/      /' || true
     fi

@@ -39,7 +39,7 @@ use rootlet_integration_tests::{
     api::{self, link, stage},
     fixture,
     netns::VethPair,
-    rootletd::{Process, exited, rootletd_with},
+    rootletd::{Process, crash_step_wanted, exited, rootletd_with},
     witness::{self, Traffic, Witnessed},
 };
 use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
@@ -81,16 +81,6 @@ fn rate() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(500)
-}
-
-/// `ROOTLET_CRASH_STEPS`: a comma-separated list of the crash points to
-/// sweep (unset: every one). The VM tier sweeps the points on either side
-/// of each swap point, which keeps a guest's run within minutes.
-fn wanted(step: &str) -> bool {
-    match std::env::var("ROOTLET_CRASH_STEPS") {
-        Ok(list) if !list.trim().is_empty() => list.split(',').any(|s| s.trim() == step),
-        _ => true,
-    }
 }
 
 fn shared_host() -> bool {
@@ -559,7 +549,11 @@ where
     rig.stop().await;
 
     let started = Instant::now();
-    let steps: Vec<_> = case.steps.iter().filter(|(s, _)| wanted(s)).collect();
+    let steps: Vec<_> = case
+        .steps
+        .iter()
+        .filter(|(s, _)| crash_step_wanted(s))
+        .collect();
     for (n, (step, outcome)) in steps.iter().enumerate() {
         let why = format!("{} at {step}", case.rpc);
         assert_eq!(rig.footprint(), old_fp, "{why}: the old state's footprint");
