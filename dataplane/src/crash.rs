@@ -5,7 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The steps of one change, in the order they happen.
+/// The steps of one change, in the order they happen, then those of an
+/// unload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Step {
     /// The next generation is recorded as pending in the store.
