@@ -1,5 +1,6 @@
 //! Crash injection for the agent's own steps, between the data plane's
-//! commit and the agent's records, and of a policy apply (tests only). `ROOTLETD_CRASH_AT` names
+//! commit and the agent's records, of a policy apply, and of an unload
+//! (tests only). `ROOTLETD_CRASH_AT` names
 //! one step, of the agent or of the data plane (`rootlet_dataplane::crash`);
 //! rootletd aborts the process when it gets there. `ROOTLETD_PAUSE_AT`
 //! names an agent step where it waits [`PAUSE`] instead, so that a test can
@@ -15,8 +16,8 @@ pub const PAUSE_ENV: &str = "ROOTLETD_PAUSE_AT";
 /// How long a pause lasts.
 pub const PAUSE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// The agent's steps of a bundle apply or removal, and of a policy apply,
-/// in order.
+/// The agent's steps of a bundle apply or removal, of a policy apply, and
+/// of an unload, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     /// The pending marker of an apply is written; no rootlet changed yet.
@@ -40,10 +41,13 @@ pub enum Step {
     PolicyApplied,
     /// A policy apply's record is written; its pending record is not gone.
     PolicyCommitted,
+    /// UnloadRootlet: the data plane removed the rootlet; its apply status
+    /// is not deleted yet (adoption drops it).
+    UnloadRemoved,
 }
 
 impl Step {
-    pub const ALL: [Step; 9] = [
+    pub const ALL: [Step; 10] = [
         Step::BundlePending,
         Step::BundleRootletCommitted,
         Step::BundleCommitted,
@@ -53,6 +57,7 @@ impl Step {
         Step::PolicySwapped,
         Step::PolicyApplied,
         Step::PolicyCommitted,
+        Step::UnloadRemoved,
     ];
 
     /// The steps of a policy apply, in order.
@@ -75,6 +80,7 @@ impl Step {
             Step::PolicySwapped => "policy-swapped",
             Step::PolicyApplied => "policy-applied",
             Step::PolicyCommitted => "policy-committed",
+            Step::UnloadRemoved => "unload-removed",
         }
     }
 }

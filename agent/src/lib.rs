@@ -491,6 +491,9 @@ impl Agent {
     pub fn unload_rootlet(&self, grant: &Grant, key: RootletKey) -> Result<()> {
         grant.admin("unload rootlets")?;
         self.dp.unload_rootlet(key)?;
+        // A crash from here on leaves a status (and leases, in memory only)
+        // of a rootlet that is gone: `reconcile` drops such a status.
+        self.crash.point(crash::Step::UnloadRemoved);
         lock(&self.leases).retain(|_, l| l.key != key);
         self.kv.delete(STATUS, &key.to_string())?;
         // An undo outstanding on it is superseded: nothing is left to undo.

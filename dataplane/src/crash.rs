@@ -5,7 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The steps of one change, in the order they happen.
+/// The steps of one change, in the order they happen, then those of an
+/// unload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Step {
     /// The next generation is recorded as pending in the store.
@@ -22,9 +23,16 @@ pub enum Step {
     StoreCommitted,
     /// The old generation is released.
     Released,
+    /// Unload: the record is marked `unloading`; nothing else changed.
+    UnloadMarked,
+    /// Unload: the link is off the interface; the pins and the record stay.
+    UnloadDetached,
+    /// Unload: the pins are gone; the record (marked) stays.
+    UnloadPinsRemoved,
 }
 
 impl Step {
+    /// The steps of a change (load, apply, rollback), in order.
     pub const ALL: [Step; 7] = [
         Step::StorePending,
         Step::RootletLoaded,
@@ -33,6 +41,14 @@ impl Step {
         Step::Swapped,
         Step::StoreCommitted,
         Step::Released,
+    ];
+
+    /// The steps of an unload, in order. After the first, adoption finishes
+    /// the unload ([`super::Dataplane::open`]).
+    pub const UNLOAD: [Step; 3] = [
+        Step::UnloadMarked,
+        Step::UnloadDetached,
+        Step::UnloadPinsRemoved,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,11 +60,17 @@ impl Step {
             Step::Swapped => "swapped",
             Step::StoreCommitted => "store-committed",
             Step::Released => "released",
+            Step::UnloadMarked => "unload-marked",
+            Step::UnloadDetached => "unload-detached",
+            Step::UnloadPinsRemoved => "unload-pins-removed",
         }
     }
 
     pub fn from_name(s: &str) -> Option<Step> {
-        Step::ALL.into_iter().find(|st| st.name() == s)
+        Step::ALL
+            .into_iter()
+            .chain(Step::UNLOAD)
+            .find(|st| st.name() == s)
     }
 }
 
@@ -57,5 +79,21 @@ pub fn point(at: Option<Step>, step: Step) {
     if at == Some(step) {
         tracing::warn!(step = step.name(), "injected crash");
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+
+    #[test]
+    fn every_step_is_found_by_its_name_and_no_two_share_one() {
+        let all: Vec<Step> = Step::ALL.into_iter().chain(Step::UNLOAD).collect();
+        for step in &all {
+            assert_eq!(Step::from_name(step.name()), Some(*step), "{step:?}");
+        }
+        let names: std::collections::BTreeSet<&str> = all.iter().map(|s| s.name()).collect();
+        assert_eq!(names.len(), all.len());
+        assert_eq!(Step::from_name("unload"), None);
     }
 }

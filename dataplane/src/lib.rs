@@ -200,7 +200,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Dataplane {
     /// Opens the store, probes the kernel, and adopts every recorded
     /// rootlet: checks it against the kernel, finishes or rolls back a change
-    /// a crash interrupted, and reports drift.
+    /// a crash interrupted, finishes an interrupted unload, and reports
+    /// drift.
     ///
     /// # Errors
     /// The bpffs root is not on bpffs; the store is held by another process.
@@ -268,6 +269,10 @@ impl Dataplane {
         }
         for record in records {
             let key = record.key;
+            if record.unloading {
+                self.finish_unload(record)?;
+                continue;
+            }
             if let Some(rootlet) = self.adopt(record)? {
                 match &rootlet.drift {
                     Some(d) => tracing::warn!(%key, drift = %d, "adopted a drifted rootlet"),
@@ -278,6 +283,33 @@ impl Dataplane {
                 lock(&self.rootlets).insert(key, Arc::new(Mutex::new(rootlet)));
             }
         }
+        Ok(())
+    }
+
+    /// Finishes an unload a crash interrupted after its marker: adopts
+    /// what is left of the rootlet (so that the drift rule decides whether
+    /// its link is still ours to detach), then runs the rest of the unload.
+    /// A rootlet that cannot be adopted is not detached; its pins and
+    /// record go all the same.
+    fn finish_unload(&self, record: RootletRecord) -> Result<()> {
+        let key = record.key;
+        tracing::info!(%key, "an unload was interrupted by a restart: finishing it");
+        let mut rootlet = match self.adopt(record.clone()) {
+            Ok(Some(rootlet)) => rootlet,
+            // Its first load had not finished: nothing of it is left.
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot adopt a rootlet being unloaded; not detaching it");
+                Rootlet {
+                    record,
+                    link: None,
+                    live: None,
+                    drift: Some(format!("cannot be adopted: {e}")),
+                }
+            }
+        };
+        txn::finish_unload(&self.ctx, &self.store, &mut rootlet)?;
+        tracing::info!(%key, "rootlet unloaded");
         Ok(())
     }
 
@@ -414,6 +446,7 @@ impl Dataplane {
             previous: None,
             // The counters are created with the rootlet: all zero.
             tally: Tally::default(),
+            unloading: false,
         };
         let hook = hook::of(record.hook, spec.mode);
         let rootlet = txn::load(&self.ctx, &self.store, record, hook.as_ref(), netns)?;
@@ -474,7 +507,8 @@ impl Dataplane {
     }
 
     /// Detaches the rootlet from its interface and removes every pin and
-    /// record of it. Works on drifted rootlets too.
+    /// record of it. Works on drifted rootlets too. Its record is marked
+    /// first: after a crash in the middle, [`Dataplane::open`] finishes it.
     pub fn unload_rootlet(&self, key: RootletKey) -> Result<()> {
         self.unload_rootlet_if(key, |_| Ok::<bool, Error>(true))
             .map(|_| ())

@@ -48,6 +48,11 @@ pub struct RootletRecord {
     /// Tail-call backend: what its counters add up to.
     #[serde(default)]
     pub tally: Tally,
+    /// An unload of this rootlet began (written before anything of it is
+    /// undone): adoption after a crash finishes it. Records before unloads
+    /// were marked have none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unloading: bool,
 }
 
 pub struct Store {
@@ -98,5 +103,59 @@ fn store_err(e: KvError) -> Error {
     Error::Store {
         path: e.path,
         message: e.message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{InterfaceRef, XdpAction};
+
+    fn record() -> RootletRecord {
+        RootletRecord {
+            key: RootletKey {
+                netns_ino: 4026531840,
+                ifindex: 7,
+            },
+            spec: RootletSpec {
+                iface: InterfaceRef {
+                    netns: None,
+                    ifname: "veth0".into(),
+                },
+                mode: XdpMode::Generic,
+                final_verdict: XdpAction::Pass,
+            },
+            backend: Backend::TailCall,
+            hook: HookKind::Xdp,
+            attached_mode: XdpMode::Generic,
+            committed: Generation {
+                number: 3,
+                pipeline: Pipeline::default(),
+            },
+            pending: None,
+            previous: None,
+            tally: Tally::default(),
+            unloading: false,
+        }
+    }
+
+    /// The unload marker leaves the stored format as it was while unset,
+    /// so a record written before it existed reads as not unloading, and
+    /// one without the marker reads the same to an agent before it.
+    #[test]
+    fn a_record_without_the_unload_marker_reads_as_not_unloading() {
+        let plain = serde_json::to_value(record()).expect("serialize");
+        assert!(plain.get("unloading").is_none(), "{plain}");
+        let back: RootletRecord = serde_json::from_value(plain).expect("deserialize");
+        assert_eq!(back, record());
+
+        let marked = RootletRecord {
+            unloading: true,
+            ..record()
+        };
+        let v = serde_json::to_value(&marked).expect("serialize");
+        assert_eq!(v["unloading"], serde_json::Value::Bool(true));
+        let back: RootletRecord = serde_json::from_value(v).expect("deserialize");
+        assert!(back.unloading);
     }
 }

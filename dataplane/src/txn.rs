@@ -12,6 +12,11 @@
 //! pending record: the interface keeps generation N. After a crash,
 //! adoption ([`settle`], from [`super::Dataplane::open`]) decides from the
 //! kernel whether the pending generation became live.
+//!
+//! An unload is: the record marked `unloading` (`UnloadMarked`); the
+//! detach (`UnloadDetached`); the pins removed (`UnloadPinsRemoved`); the
+//! record deleted. After a crash past the marker, adoption finishes it
+//! ([`finish_unload`]).
 
 use std::{collections::BTreeMap, os::fd::AsFd, path::Path};
 
@@ -238,13 +243,38 @@ pub(crate) fn rollback(ctx: &Ctx, store: &Store, r: &mut Rootlet) -> Result<u64>
 /// Detaches the rootlet and removes every pin and the record of it; works
 /// on drifted rootlets too (a drifted link is not detached: it may run
 /// another tool's program now).
+///
+/// The intent is recorded first: the record marked `unloading`
+/// (`UnloadMarked`), so that a crash at any later step leaves a record
+/// that adoption finishes ([`finish_unload`]); a crash before it leaves the
+/// whole rootlet.
 pub(crate) fn unload(ctx: &Ctx, store: &Store, r: &mut Rootlet) -> Result<()> {
+    r.record.unloading = true;
+    if let Err(e) = store.put(&r.record) {
+        r.record.unloading = false;
+        return Err(e);
+    }
+    crash::point(ctx.crash_at, crash::Step::UnloadMarked);
+    finish_unload(ctx, store, r)
+}
+
+/// The steps of an unload after its marker: detach (only a link that still
+/// runs this rootlet), `UnloadDetached`, remove the pins,
+/// `UnloadPinsRemoved`, delete the record. Each step is idempotent, so
+/// adoption runs them again after a crash between them.
+pub(crate) fn finish_unload(ctx: &Ctx, store: &Store, r: &mut Rootlet) -> Result<()> {
     let key = r.record.key;
+    // The drift rule, against the kernel now: a link that runs another
+    // program (another tool's, through our pin) is left on its interface.
+    if let Some(drift) = r.check_drift(&ctx.layout) {
+        r.drift = Some(drift);
+    }
     if let Some(link) = &r.link
         && r.drift.is_none()
     {
         link.detach()?;
     }
+    crash::point(ctx.crash_at, crash::Step::UnloadDetached);
     r.live = None;
     r.link = None;
     pins::remove(&ctx.layout.rootlet_dir(key)).map_err(|source| Error::Pin {
@@ -252,6 +282,7 @@ pub(crate) fn unload(ctx: &Ctx, store: &Store, r: &mut Rootlet) -> Result<()> {
         path: ctx.layout.rootlet_dir(key),
         source,
     })?;
+    crash::point(ctx.crash_at, crash::Step::UnloadPinsRemoved);
     store.delete(key)?;
     Ok(())
 }

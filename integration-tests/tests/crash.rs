@@ -27,6 +27,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
     os::fd::AsRawFd,
     path::PathBuf,
     sync::Mutex,
@@ -40,6 +41,7 @@ use rootlet_integration_tests::{
     fixture,
     netns::VethPair,
     rootletd::{Process, crash_step_wanted, exited, rootletd_with},
+    traffic::{RawSocket, UdpSink},
     witness::{self, Traffic, Witnessed},
 };
 use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
@@ -110,12 +112,25 @@ struct Counts {
     links: usize,
 }
 
-/// `bpftool WHAT list -j` (`-f`: with the bpffs paths pinning each).
+/// `bpftool WHAT list -j` (`-f`: with the bpffs paths pinning each). An
+/// object another process frees between bpftool's id walk and its lookup
+/// fails the listing (EAGAIN on a link going away): tried again, 10 times
+/// at most.
 fn bpftool_list(what: &str) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new("bpftool")
-        .args([what, "list", "-j", "-f"])
-        .output()
-        .expect("bpftool");
+    let run = || {
+        std::process::Command::new("bpftool")
+            .args([what, "list", "-j", "-f"])
+            .output()
+            .expect("bpftool")
+    };
+    let mut out = run();
+    for _ in 0..9 {
+        if out.status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        out = run();
+    }
     assert!(out.status.success(), "bpftool {what} list: {out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
     v.as_array().cloned().unwrap_or_default()
@@ -368,6 +383,97 @@ impl Rig {
         }
     }
 
+    /// The veth pair of rootlet `i` (0: the first, 1: the second).
+    fn pair(&self, i: usize) -> &VethPair {
+        [&self.a.f.pair, &self.second][i]
+    }
+
+    /// The data plane's key of rootlet `i`.
+    fn key(&self, i: usize) -> rootlet_dataplane::spec::RootletKey {
+        let pair = self.pair(i);
+        rootlet_dataplane::spec::RootletKey {
+            netns_ino: rootlet_dataplane::netns::inode(Some(pair.host().path()))
+                .expect("the namespace's inode"),
+            ifindex: pair.host_ifindex(),
+        }
+    }
+
+    /// Rootlet `i` is gone, as the running agent and the kernel see it: no
+    /// ListRootlets entry, no apply status, no XDP program on its
+    /// interface, no pin under its directory; packets sent to its
+    /// interface reach the host's socket (nothing is left to drop them).
+    async fn assert_gone(&self, c: &mut RootletClient<Channel>, i: usize, why: &str) {
+        let pair = self.pair(i);
+        let netns = pair.host().path().display().to_string();
+        let listed = c
+            .list_rootlets(pb::ListRootletsRequest::default())
+            .await
+            .expect("ListRootlets")
+            .into_inner();
+        assert!(
+            !listed.rootlets.iter().any(|r| r
+                .interface
+                .as_ref()
+                .is_some_and(|f| f.ifname == pair.host_if() && f.netns == netns)),
+            "{why}: rootlet {} is not listed: {listed:?}",
+            i + 1
+        );
+        let status = c
+            .get_apply_status(pb::GetApplyStatusRequest {
+                rootlet: [self.a.rootlet(), self.r2()][i].clone(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(
+            status.as_ref().map_err(|e| e.code()).err(),
+            Some(Code::NotFound),
+            "{why}: rootlet {} has no apply status: {status:?}",
+            i + 1
+        );
+        let link = pair
+            .host()
+            .ip(&["-j", "link", "show", "dev", pair.host_if()])
+            .expect("ip link");
+        assert!(
+            !link.contains("\"xdp") && !link.contains("\"prog\""),
+            "{why}: no XDP program on rootlet {}'s interface: {link}",
+            i + 1
+        );
+        let dir = rootlet_dataplane::pins::Layout::new(&self.a.f.root).rootlet_dir(self.key(i));
+        assert!(
+            !dir.exists(),
+            "{why}: no pins of rootlet {} under {}",
+            i + 1,
+            dir.display()
+        );
+        let sink = UdpSink::bind(pair.host(), SocketAddrV4::new(pair.host_ip(), 0)).expect("sink");
+        let raw = RawSocket::open(pair.peer(), pair.peer_if()).expect("raw socket");
+        let template = pair.udp_to_host(40000, sink.port(), vec![]);
+        assert_eq!(raw.send_seq(&template, 0..20, 100).expect("send"), 20);
+        let got = sink
+            .recv_n(20, Instant::now() + Duration::from_secs(5))
+            .expect("recv");
+        assert_eq!(
+            got.len(),
+            20,
+            "{why}: every packet to rootlet {}'s interface passes to the host",
+            i + 1
+        );
+    }
+
+    /// The data plane's store holds no record of rootlet `i` (read with
+    /// the agent stopped: one process at a time holds the store).
+    fn assert_no_record(&self, i: usize, why: &str) {
+        let store = rootlet_dataplane::store::Store::open(&self.a.f.store).expect("the store");
+        let key = self.key(i);
+        assert_eq!(
+            store.get(key).expect("read the store"),
+            None,
+            "{why}: no store record of rootlet {}",
+            i + 1
+        );
+    }
+
     /// Unloads every rootlet: no pin left, and (on a host of its own) the
     /// kernel's counts are the baseline again.
     async fn unload_all(&self, c: &mut RootletClient<Channel>, why: &str) {
@@ -484,6 +590,10 @@ struct Case<'a> {
     /// Steps after which the agent puts back a rootlet the change went
     /// through on (an apply over several rootlets).
     put_back: &'a [&'a str],
+    /// Rootlets (by index) the change takes away: where the new state
+    /// lacks one, its absence is checked in full ([`Rig::assert_gone`])
+    /// and a LoadRootlet there must succeed afterwards.
+    gone: &'a [usize],
 }
 
 /// Runs every crash point of `case`: for each one, `setup` brings the
@@ -608,6 +718,11 @@ where
                 if new { "new" } else { "old" }
             );
         }
+        for &i in case.gone {
+            if want[i].is_none() {
+                rig.assert_gone(&mut c, i, &why).await;
+            }
+        }
         assert!(traffic.is_flowing(), "{why}: traffic flowed throughout");
         let (_, witness_after) = running(&mut c, refs[0].clone())
             .await
@@ -666,7 +781,28 @@ where
                 );
             }
         }
+        let gone: Vec<usize> = case
+            .gone
+            .iter()
+            .copied()
+            .filter(|&i| want[i].is_none())
+            .collect();
+        for &i in &gone {
+            rig.assert_no_record(i, &why);
+        }
         let mut c = rig.start(None).await;
+        // Nothing of a rootlet that went stands in the way of a new one.
+        for &i in &gone {
+            let iface = [pair.0.clone(), pair.1.clone()][i].clone();
+            c.load_rootlet(pb::LoadRootletRequest {
+                interface: Some(iface),
+                mode: pb::XdpMode::Generic as i32,
+                final_verdict: pb::XdpAction::Pass as i32,
+                idempotency_key: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{why}: a new LoadRootlet on rootlet {}: {e:?}", i + 1));
+        }
         rig.unload_all(&mut c, &why).await;
         if n + 1 < steps.len() {
             witness_prog = prepare(c, format!("{why}: the next set-up")).await;
@@ -749,6 +885,7 @@ async fn a_crash_at_any_step_of_a_stage_change_keeps_the_old_or_the_new_pipeline
         ],
         policy: None,
         put_back: &[],
+        gone: &[],
     };
     run_case(&mut rig, case, |c, i, _| with_stages(c, i, &base), &rpc).await;
 
@@ -780,6 +917,7 @@ async fn a_crash_at_any_step_of_a_stage_change_keeps_the_old_or_the_new_pipeline
         ],
         policy: None,
         put_back: &[],
+        gone: &[],
     };
     run_case(&mut rig, case, |c, i, _| with_stages(c, i, &base), &rpc).await;
 
@@ -813,6 +951,7 @@ async fn a_crash_at_any_step_of_a_stage_change_keeps_the_old_or_the_new_pipeline
         new: [Some(old.clone()), None],
         policy: None,
         put_back: &[],
+        gone: &[],
     };
     run_case(&mut rig, case, |c, i, _| with_stages(c, i, &with_b), &rpc).await;
 
@@ -845,6 +984,7 @@ async fn a_crash_at_any_step_of_a_stage_change_keeps_the_old_or_the_new_pipeline
         ],
         policy: None,
         put_back: &[],
+        gone: &[],
     };
     run_case(&mut rig, case, |c, i, _| with_stages(c, i, &base), &rpc).await;
 }
@@ -926,6 +1066,7 @@ async fn a_crash_at_any_step_of_a_two_rootlet_apply_puts_both_back_until_every_o
             "released",
             "bundle-rootlet-committed",
         ],
+        gone: &[],
     };
     let setup = |mut c: RootletClient<Channel>, _: pb::Interface, _: pb::Interface| {
         let v1 = v1.clone();
@@ -962,6 +1103,7 @@ async fn a_crash_at_any_step_of_a_rollback_keeps_the_old_or_the_new_pipeline_by_
         new: [Some(v1_pipeline()), None],
         policy: None,
         put_back: &[],
+        gone: &[],
     };
     let setup = |mut c: RootletClient<Channel>, _: pb::Interface, _: pb::Interface| {
         let (v1, v2) = (v1.clone(), v2.clone());
@@ -1015,6 +1157,7 @@ async fn a_crash_at_any_step_of_a_load_leaves_no_rootlet_or_a_whole_one() {
         new: [Some(old), Some(vec![])],
         policy: None,
         put_back: &[],
+        gone: &[],
     };
     let rpc = move |mut c: RootletClient<Channel>, n: usize| {
         let second = second.clone();
@@ -1030,6 +1173,75 @@ async fn a_crash_at_any_step_of_a_load_leaves_no_rootlet_or_a_whole_one() {
         }) as Boxed
     };
     run_case(&mut rig, case, |c, i, _| with_stages(c, i, &base), &rpc).await;
+}
+
+/// UnloadRootlet of the second rootlet, loaded by a bundle (so that it has
+/// an apply status), while the first carries the witness under traffic.
+/// Every unload step comes after its marker: a restart finishes the unload,
+/// and nothing of the rootlet is left (`Rig::assert_gone`, the store, a new
+/// load there); the first rootlet runs on untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_any_step_of_an_unload_leaves_the_whole_rootlet_or_none() {
+    let _serial = SERIAL.lock().await;
+    let mut rig = Rig::new().await;
+    let base = [("a", "sampler", 10)];
+    let first = pipeline_of(&[("a", "sampler", true), ("w", witness::OBJECT, true)]);
+    let second_targets = format!(
+        "[[rootlets]]\ninterface = \"{}\"\nnetns = \"{}\"\nmode = \"generic\"\n",
+        rig.second.host_if(),
+        rig.second.host().path().display()
+    );
+    let bundle = rig.a.bundle_for(
+        "edge-second",
+        "1.0",
+        &second_targets,
+        &[("s", "test_pass", 10, "ops")],
+        true,
+    );
+    // The data plane's marker first, then its detach and its pins; the
+    // agent's status last. The marker is the first write of an unload, so
+    // from every step on the rootlet is to go.
+    let steps = vec![
+        ("unload-marked", Some(true)),
+        ("unload-detached", Some(true)),
+        ("unload-pins-removed", Some(true)),
+        ("unload-removed", Some(true)),
+    ];
+    let case = Case {
+        rpc: "UnloadRootlet",
+        steps,
+        old: [
+            Some(first.clone()),
+            Some(pipeline_of(&[("s", "test_pass", true)])),
+        ],
+        new: [Some(first), None],
+        policy: None,
+        put_back: &[],
+        gone: &[1],
+    };
+    let setup = |c: RootletClient<Channel>, i: pb::Interface, _: pb::Interface| {
+        let bundle = bundle.clone();
+        async move {
+            let mut c = with_stages(c, i, &base).await;
+            c.apply_bundle(apply(bundle, String::new()))
+                .await
+                .expect("the second rootlet's bundle");
+            c
+        }
+    };
+    let r2 = rig.r2();
+    let rpc = move |mut c: RootletClient<Channel>, n: usize| {
+        let r2 = r2.clone();
+        Box::pin(async move {
+            c.unload_rootlet(pb::UnloadRootletRequest {
+                rootlet: r2,
+                idempotency_key: key("unload", n),
+            })
+            .await
+            .map(|_| ())
+        }) as Boxed
+    };
+    run_case(&mut rig, case, setup, &rpc).await;
 }
 
 const POLICY_STAGE: &str = "a-ddos";
@@ -1109,6 +1321,7 @@ async fn a_crash_at_any_step_of_a_policy_apply_keeps_the_old_or_the_new_policy_b
         old: [Some(pipeline.clone()), None],
         new: [Some(pipeline), None],
         put_back: &[],
+        gone: &[],
         policy: Some([
             old.iter().map(|s| (*s).to_owned()).collect(),
             new.iter().map(|s| (*s).to_owned()).collect(),
