@@ -616,12 +616,31 @@ impl Agent {
                 applied_by: record.applied_by.clone(),
             },
         );
-        history.truncate(self.policy_history);
+        let dropped: Vec<String> = history
+            .split_off(self.policy_history.min(history.len()))
+            .into_iter()
+            .map(|v| v.digest)
+            .collect();
         self.kv.write(|w| {
             w.put(CURRENT, &sk, record)?;
             w.put(HISTORY, &sk, &history)
         })?;
-        Ok(())
+        self.forget_documents(dropped)
+    }
+
+    /// Deletes the stored documents of versions that left a history, unless
+    /// another record or an apply in flight still names them. At once, as a
+    /// bundle's are: left to the periodic sweep (up to a minute), every
+    /// apply of a new version added a document to the store and its pages to
+    /// redb's cache (the policy-only soak's growth, ~400 B per apply). A
+    /// crash before the delete leaves them to the next sweep.
+    fn forget_documents(&self, dropped: Vec<String>) -> Result<()> {
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        let kept = self.referenced_policies()?;
+        let unreferenced: Vec<String> = dropped.into_iter().filter(|d| !kept.contains(d)).collect();
+        Ok(self.kv.delete_bytes(DOCUMENTS, &unreferenced)?)
     }
 
     /// After a restart: finishes or undoes every apply a crash interrupted,

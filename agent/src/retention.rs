@@ -9,7 +9,9 @@
 //!   the next sweep: when the agent opens, and from then on every
 //!   [`Agent::sweep_period`]. A NACK deletes its own bundle at once.
 //! - A stored policy document is kept while a stage's kept versions
-//!   (`[limits] policy_history`) or an apply in flight names it.
+//!   (`[limits] policy_history`) or an apply in flight names it. A version
+//!   that leaves a history deletes its document at once (`commit_policy`);
+//!   the sweep deletes what a crash or a failed apply left.
 //! - An idempotency record (a mutation's response, kept so that a retry
 //!   with the same key gets it again) lives for the configured time to live
 //!   (`[limits] idempotency_ttl_seconds`, 24 h by default). Past it, the

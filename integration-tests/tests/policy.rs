@@ -510,6 +510,47 @@ async fn versions_roll_back_replay_their_key_and_are_watched() {
     assert_eq!(causes, 3, "three policy events: v1, v2 and the rollback");
 }
 
+/// The store keeps the documents of the kept versions and no others, at
+/// once: a version that leaves the history takes its document with it (the
+/// policy-only soak grew by ~400 B per apply while they waited for the
+/// periodic sweep). Read from the store after a shutdown, which sweeps
+/// nothing; a sweep within the test (the first runs at start, the next a
+/// minute later) could only hide the fault, never fail the fixed code.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_that_leaves_the_history_takes_its_document_from_the_store_at_once() {
+    const KEPT: usize = 3;
+    const APPLIES: u64 = 12;
+    let mut a = Agent::start_edited(80 << 20, |c| c.limits.policy_history = KEPT).await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let mut team_a = a.client("team-a").await;
+    team_a
+        .link_stage(link(a.rootlet(), stage(STAGE, "ddos", 10)))
+        .await
+        .expect("team a links its ddos stage");
+    for v in 1..=APPLIES {
+        let prefix = format!("192.0.2.{v}/32");
+        team_a
+            .apply_policy(apply(&a, signed(&a, &blocklist_text(STAGE, v, &[&prefix]))))
+            .await
+            .unwrap_or_else(|e| panic!("version {v}: {e:?}"));
+    }
+    let p = get_policy(&mut team_a, &a).await;
+    let mut kept: Vec<String> = p.history.iter().map(|h| h.digest.clone()).collect();
+    let versions: Vec<u64> = p.history.iter().map(|h| h.version).collect();
+    assert_eq!(versions, vec![12, 11, 10], "{p:?}");
+    drop((ops, team_a));
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let path = Agent::config(&a.f, &a.pki, &a.state_dir, 80 << 20).agent_store_path();
+    let kv = rootlet_dataplane::kv::Kv::open(&path, &[]).expect("the agent's store");
+    let mut stored = kv.bytes_keys("policy_bytes").expect("policy documents");
+    stored.sort();
+    kept.sort();
+    assert_eq!(stored, kept, "only the kept versions' documents are stored");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_policy_survives_a_keep_replacement_and_a_restart_and_new_maps_start_empty() {
     let (mut a, mut team_a) = with_ddos().await;
