@@ -1710,6 +1710,35 @@ fn second_rootlet(a: &Agent) -> (VethPair, Option<pb::RootletRef>, String) {
     (second, r2, targets)
 }
 
+/// Bundle `edge` 1.0 over `targets`: ops's sampler and ddos stages.
+fn edge_v1(a: &Agent, targets: &str) -> Vec<u8> {
+    a.bundle_for(
+        "edge",
+        "1.0",
+        targets,
+        &[
+            ("sampler", "sampler", 10, "ops"),
+            ("ddos", "ddos", 20, "ops"),
+        ],
+        true,
+    )
+}
+
+/// Bundle `edge` 2.0 over `targets`: it replaces sampler's object, unlinks
+/// ddos and links lb.
+fn edge_v2(a: &Agent, targets: &str) -> Vec<u8> {
+    a.bundle_for(
+        "edge",
+        "2.0",
+        targets,
+        &[
+            ("sampler", "test_pass", 10, "ops"),
+            ("lb", "l4lb", 30, "ops"),
+        ],
+        true,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
     let a = Agent::start().await;
@@ -1755,16 +1784,7 @@ async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
     assert!(a.f.pins().is_empty(), "{:?}", a.f.pins());
 
     // 1.0 on both; then team a links its own stage on the first rootlet.
-    let v1 = a.bundle_for(
-        "edge",
-        "1.0",
-        &targets,
-        &[
-            ("sampler", "sampler", 10, "ops"),
-            ("ddos", "ddos", 20, "ops"),
-        ],
-        true,
-    );
+    let v1 = edge_v1(&a, &targets);
     ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
     team_a
         .link_stage(link(a.rootlet(), stage("a-mine", "test_pass", 5)))
@@ -1775,16 +1795,7 @@ async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
 
     // 2.0 replaces sampler, unlinks ddos and links lb on the first rootlet,
     // then fails on the second: the first gets exactly the inverse.
-    let v2 = a.bundle_for(
-        "edge",
-        "2.0",
-        &targets,
-        &[
-            ("sampler", "test_pass", 10, "ops"),
-            ("lb", "l4lb", 30, "ops"),
-        ],
-        true,
-    );
+    let v2 = edge_v2(&a, &targets);
     let err = ops.apply_bundle(failing_on_2(v2)).await.unwrap_err();
     assert_eq!(
         (err.code(), reason(&err).as_str()),
@@ -2137,26 +2148,8 @@ async fn every_role_and_every_stage_mutation() {
 async fn an_apply_half_done_at_a_crash_is_put_back_on_every_rootlet() {
     let mut a = Agent::start().await;
     let (_second, r2, targets) = second_rootlet(&a);
-    let v1 = a.bundle_for(
-        "edge",
-        "1.0",
-        &targets,
-        &[
-            ("sampler", "sampler", 10, "ops"),
-            ("ddos", "ddos", 20, "ops"),
-        ],
-        true,
-    );
-    let v2 = a.bundle_for(
-        "edge",
-        "2.0",
-        &targets,
-        &[
-            ("sampler", "test_pass", 10, "ops"),
-            ("lb", "l4lb", 30, "ops"),
-        ],
-        true,
-    );
+    let v1 = edge_v1(&a, &targets);
+    let v2 = edge_v2(&a, &targets);
     if let Some(r) = a.running.take() {
         r.shutdown().await.expect("graceful shutdown");
     }
@@ -2242,26 +2235,8 @@ async fn a_put_back_that_fails_after_a_crash_is_an_outstanding_undo_retried_unti
     const UNDO: &str = "rootlet.v1.Rootlet.Undo";
     let mut a = Agent::start().await;
     let (_second, r2, targets) = second_rootlet(&a);
-    let v1 = a.bundle_for(
-        "edge",
-        "1.0",
-        &targets,
-        &[
-            ("sampler", "sampler", 10, "ops"),
-            ("ddos", "ddos", 20, "ops"),
-        ],
-        true,
-    );
-    let v2 = a.bundle_for(
-        "edge",
-        "2.0",
-        &targets,
-        &[
-            ("sampler", "test_pass", 10, "ops"),
-            ("lb", "l4lb", 30, "ops"),
-        ],
-        true,
-    );
+    let v1 = edge_v1(&a, &targets);
+    let v2 = edge_v2(&a, &targets);
     {
         let mut ops = a.client("ops").await;
         ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
@@ -3335,16 +3310,7 @@ async fn a_failed_undo_is_its_own_outcome_retried_across_a_restart_until_restore
     const UNDO: &str = "rootlet.v1.Rootlet.Undo";
     let mut a = Agent::start().await;
     let (second, r2, targets) = second_rootlet(&a);
-    let v1 = a.bundle_for(
-        "edge",
-        "1.0",
-        &targets,
-        &[
-            ("sampler", "sampler", 10, "ops"),
-            ("ddos", "ddos", 20, "ops"),
-        ],
-        true,
-    );
+    let v1 = edge_v1(&a, &targets);
     {
         let mut ops = a.client("ops").await;
         ops.apply_bundle(apply(v1)).await.expect("1.0 on both");
@@ -3398,16 +3364,7 @@ async fn a_failed_undo_is_its_own_outcome_retried_across_a_restart_until_restore
     // 2.0 replaces sampler, unlinks ddos and links lb on the first rootlet,
     // then fails on the second (a wrong expected generation); the undo of
     // the first fails.
-    let v2 = a.bundle_for(
-        "edge",
-        "2.0",
-        &targets,
-        &[
-            ("sampler", "test_pass", 10, "ops"),
-            ("lb", "l4lb", 30, "ops"),
-        ],
-        true,
-    );
+    let v2 = edge_v2(&a, &targets);
     let err = ops
         .apply_bundle(pb::ApplyBundleRequest {
             expected_generations: [(second_id.clone(), 999)].into_iter().collect(),
@@ -3548,16 +3505,7 @@ async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
     const UNDO: &str = "rootlet.v1.Rootlet.Undo";
     let mut a = Agent::start().await;
     let (_second, r2, targets) = second_rootlet(&a);
-    let v1 = a.bundle_for(
-        "edge",
-        "1.0",
-        &targets,
-        &[
-            ("sampler", "sampler", 10, "ops"),
-            ("ddos", "ddos", 20, "ops"),
-        ],
-        true,
-    );
+    let v1 = edge_v1(&a, &targets);
     {
         let mut ops = a.client("ops").await;
         ops.apply_bundle(apply(v1.clone()))
@@ -3580,16 +3528,7 @@ async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
         .expect("second rootlet")
         .into_inner()
         .id;
-    let v2 = a.bundle_for(
-        "edge",
-        "2.0",
-        &targets,
-        &[
-            ("sampler", "test_pass", 10, "ops"),
-            ("lb", "l4lb", 30, "ops"),
-        ],
-        true,
-    );
+    let v2 = edge_v2(&a, &targets);
     let err = ops
         .apply_bundle(pb::ApplyBundleRequest {
             expected_generations: [(second_id, 999)].into_iter().collect(),
