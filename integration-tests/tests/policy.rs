@@ -161,7 +161,14 @@ async fn replace_ddos(
 
 /// An agent with a rootlet and team a's ddos stage linked.
 async fn with_ddos() -> (Agent, RootletClient<Channel>) {
-    let a = Agent::start().await;
+    with_ddos_edited(|_| {}).await
+}
+
+/// [`with_ddos`], with `edit` applied to the agent's configuration.
+async fn with_ddos_edited(
+    edit: impl Fn(&mut rootlet_server::config::Config),
+) -> (Agent, RootletClient<Channel>) {
+    let a = Agent::start_edited(80 << 20, edit).await;
     let mut ops = a.client("ops").await;
     a.load(&mut ops).await;
     let mut team_a = a.client("team-a").await;
@@ -520,14 +527,7 @@ async fn versions_roll_back_replay_their_key_and_are_watched() {
 async fn a_version_that_leaves_the_history_takes_its_document_from_the_store_at_once() {
     const KEPT: usize = 3;
     const APPLIES: u64 = 12;
-    let mut a = Agent::start_edited(80 << 20, |c| c.limits.policy_history = KEPT).await;
-    let mut ops = a.client("ops").await;
-    a.load(&mut ops).await;
-    let mut team_a = a.client("team-a").await;
-    team_a
-        .link_stage(link(a.rootlet(), stage(STAGE, "ddos", 10)))
-        .await
-        .expect("team a links its ddos stage");
+    let (mut a, mut team_a) = with_ddos_edited(|c| c.limits.policy_history = KEPT).await;
     for v in 1..=APPLIES {
         let prefix = format!("192.0.2.{v}/32");
         team_a
@@ -539,7 +539,7 @@ async fn a_version_that_leaves_the_history_takes_its_document_from_the_store_at_
     let mut kept: Vec<String> = p.history.iter().map(|h| h.digest.clone()).collect();
     let versions: Vec<u64> = p.history.iter().map(|h| h.version).collect();
     assert_eq!(versions, vec![12, 11, 10], "{p:?}");
-    drop((ops, team_a));
+    drop(team_a);
     if let Some(r) = a.running.take() {
         r.shutdown().await.expect("graceful shutdown");
     }
