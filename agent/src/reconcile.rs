@@ -53,14 +53,9 @@ impl Agent {
             let mixed = interrupted.iter().any(|(.., p, new)| same(p) && !new)
                 || never_loaded.iter().any(same);
             if *runs_new && mixed {
-                let put_back = if self.fail_undo.fires() {
-                    Err(AgentError::InjectedFault(format!(
-                        "{key}: injected undo failure ({})",
-                        super::crash::FAIL_UNDO_ENV
-                    )))
-                } else {
-                    self.restore(*key, status, pending)
-                };
+                let put_back = self
+                    .injected_undo_fault(*key)
+                    .and_then(|()| self.restore(*key, status, pending));
                 match put_back {
                     Ok(()) => {
                         tracing::warn!(rootlet = %key, bundle = %pending.bundle, "an interrupted apply went through on some rootlets only: put back")

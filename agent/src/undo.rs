@@ -186,14 +186,20 @@ impl super::Agent {
         if undo.applied.is_empty() && !undo.loaded_now {
             return Ok(());
         }
+        self.injected_undo_fault(undo.key)?;
+        self.undo(undo)
+    }
+
+    /// The test-only fault of `ROOTLETD_FAIL_UNDO`, for any undo attempt:
+    /// an apply's own undo, its retries, and adoption's put-back.
+    pub(super) fn injected_undo_fault(&self, key: RootletKey) -> Result<()> {
         if self.fail_undo.fires() {
             return Err(AgentError::InjectedFault(format!(
-                "{}: injected undo failure ({})",
-                undo.key,
+                "{key}: injected undo failure ({})",
                 super::crash::FAIL_UNDO_ENV
             )));
         }
-        self.undo(undo)
+        Ok(())
     }
 
     /// The undo `rec` stands for, rebuilt from the stored bundles.
