@@ -96,6 +96,21 @@ fn bpf_fd(call: &'static str, cmd: bpf_cmd, attr: &mut bpf_attr) -> Result<Owned
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Sets the calling thread's nice value (Linux applies PRIO_PROCESS with a
+/// thread id to that thread alone). nix has no setpriority.
+pub fn nice_this_thread(nice: i32) -> Result<()> {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: setpriority takes plain integers and touches no memory.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if ret != 0 {
+        return Err(SysError {
+            call: "setpriority",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 fn raw(fd: BorrowedFd<'_>) -> u32 {
     fd.as_raw_fd() as u32
 }

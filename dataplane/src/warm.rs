@@ -74,6 +74,7 @@ fn pool() -> Option<&'static Pool> {
 }
 
 fn refill(pool: &'static Pool) {
+    lower_priority();
     loop {
         {
             let mut ready = lock(&pool.ready);
@@ -94,6 +95,18 @@ fn refill(pool: &'static Pool) {
         if full && let Some(f) = AFTER_REFILL.get() {
             f();
         }
+    }
+}
+
+/// The loader thread yields to everything else the host runs: it works
+/// ahead of need, so a change, an RPC or the traffic the host serves must
+/// never wait for it (on a host with one busy CPU a refill of the whole
+/// pool after a restart is seconds of parsing). Nice 19 applies to this
+/// thread alone (Linux: a thread id as PRIO_PROCESS). Where it is refused,
+/// the thread runs at the process's priority, as before.
+fn lower_priority() {
+    if let Err(e) = crate::sys::nice_this_thread(19) {
+        tracing::debug!(error = %e, "cannot lower the loader thread's priority");
     }
 }
 
