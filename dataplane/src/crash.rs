@@ -23,6 +23,9 @@ pub enum Step {
     StoreCommitted,
     /// The old generation is released.
     Released,
+    /// Unload: under the rootlet's lock, its guard passed; nothing is
+    /// written yet (a crash here keeps the whole rootlet).
+    UnloadBegun,
     /// Unload: the record is marked `unloading`; nothing else changed.
     UnloadMarked,
     /// Unload: the link is off the interface; the pins and the record stay.
@@ -43,9 +46,11 @@ impl Step {
         Step::Released,
     ];
 
-    /// The steps of an unload, in order. After the first, adoption finishes
-    /// the unload ([`super::Dataplane::open`]).
-    pub const UNLOAD: [Step; 3] = [
+    /// The steps of an unload, in order. From the marker on, adoption
+    /// finishes the unload ([`super::Dataplane::open`]); before it, the
+    /// rootlet stays whole.
+    pub const UNLOAD: [Step; 4] = [
+        Step::UnloadBegun,
         Step::UnloadMarked,
         Step::UnloadDetached,
         Step::UnloadPinsRemoved,
@@ -60,6 +65,7 @@ impl Step {
             Step::Swapped => "swapped",
             Step::StoreCommitted => "store-committed",
             Step::Released => "released",
+            Step::UnloadBegun => "unload-begun",
             Step::UnloadMarked => "unload-marked",
             Step::UnloadDetached => "unload-detached",
             Step::UnloadPinsRemoved => "unload-pins-removed",

@@ -13,7 +13,8 @@
 //! adoption ([`settle`], from [`super::Dataplane::open`]) decides from the
 //! kernel whether the pending generation became live.
 //!
-//! An unload is: the record marked `unloading` (`UnloadMarked`); the
+//! An unload is: its guard passed under the lock, nothing written
+//! (`UnloadBegun`); the record marked `unloading` (`UnloadMarked`); the
 //! detach (`UnloadDetached`); the pins removed (`UnloadPinsRemoved`); the
 //! record deleted. After a crash past the marker, adoption finishes it
 //! ([`finish_unload`]).
@@ -246,9 +247,10 @@ pub(crate) fn rollback(ctx: &Ctx, store: &Store, r: &mut Rootlet) -> Result<u64>
 ///
 /// The intent is recorded first: the record marked `unloading`
 /// (`UnloadMarked`), so that a crash at any later step leaves a record
-/// that adoption finishes ([`finish_unload`]); a crash before it leaves the
-/// whole rootlet.
+/// that adoption finishes ([`finish_unload`]); a crash before it
+/// (`UnloadBegun`) leaves the whole rootlet.
 pub(crate) fn unload(ctx: &Ctx, store: &Store, r: &mut Rootlet) -> Result<()> {
+    crash::point(ctx.crash_at, crash::Step::UnloadBegun);
     r.record.unloading = true;
     if let Err(e) = store.put(&r.record) {
         r.record.unloading = false;
