@@ -2836,6 +2836,15 @@ async fn a_store_of_an_earlier_agent_is_migrated_and_bundles_are_raw_bytes() {
             );
             kv.put("idempotency", &key, &untimed).expect("store");
         }
+        // Apply statuses as agents with one applied version per rootlet
+        // wrote them: the scalars only, no per-bundle `applied`.
+        let statuses: Vec<(String, serde_json::Value)> = kv.list("status").expect("store");
+        assert_eq!(statuses.len(), 1, "{statuses:?}");
+        for (key, mut status) in statuses {
+            let fields = status.as_object_mut().expect("a status is an object");
+            assert!(fields.remove("applied").is_some(), "{fields:?}");
+            kv.put("status", &key, &status).expect("store");
+        }
     }
 
     // The upgraded agent reads them: it holds both versions, replays the
@@ -2843,6 +2852,12 @@ async fn a_store_of_an_earlier_agent_is_migrated_and_bundles_are_raw_bytes() {
     restart(&mut a, |_| {}).await;
     let mut ops = a.client("ops").await;
     assert!(has_bundle(&mut ops, &d1).await && has_bundle(&mut ops, &d2).await);
+    let s = apply_status(&mut ops, a.rootlet(), "").await;
+    assert_eq!(
+        applied_of(&s),
+        [("edge".into(), "2.0".into(), d2.clone())],
+        "the earlier agent's applied version, as its bundle's"
+    );
     let replayed = ops.apply_bundle(keyed).await.expect("replay").into_inner();
     assert_eq!(replayed, first, "the stored response");
     let back = ops
@@ -2865,6 +2880,13 @@ async fn a_store_of_an_earlier_agent_is_migrated_and_bundles_are_raw_bytes() {
     let kv = agent_store(&a);
     assert!(kv.list::<String>("bundles").expect("store").is_empty());
     assert_eq!(kv.get_bytes("bundle_bytes", &d2).expect("store"), Some(v2));
+    let statuses: Vec<(String, serde_json::Value)> = kv.list("status").expect("store");
+    assert!(
+        statuses
+            .iter()
+            .all(|(_, s)| s["applied"]["edge"]["digest"] == d1.as_str()),
+        "{statuses:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
