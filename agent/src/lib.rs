@@ -921,6 +921,57 @@ mod tests {
     }
 
     #[test]
+    fn each_bundle_keeps_its_applied_version_and_a_removal_falls_back_to_the_newest_other() {
+        let mut s = ApplyStatus::default();
+        s.set_applied("edge", "1.0", "e1", 10);
+        s.set_applied("sampling", "1.0", "s1", 20);
+        s.set_applied("lb", "3.0", "l3", 15);
+        assert_eq!(s.applied_of("edge").map(|a| a.digest.as_str()), Some("e1"));
+        assert_eq!((s.bundle.as_str(), s.applied_digest.as_str()), ("lb", "l3"));
+        // Removing the last applied: the newest other becomes it.
+        s.clear_applied("lb");
+        assert_eq!(
+            (
+                s.bundle.as_str(),
+                s.applied_version.as_str(),
+                s.applied_digest.as_str()
+            ),
+            ("sampling", "1.0", "s1")
+        );
+        // Removing another leaves the last applied as it is.
+        s.clear_applied("edge");
+        assert_eq!(
+            (s.bundle.as_str(), s.applied_digest.as_str()),
+            ("sampling", "s1")
+        );
+        assert!(s.applied_of("edge").is_none());
+        s.clear_applied("sampling");
+        assert!(
+            s.applied.is_empty() && s.applied_version.is_empty() && s.applied_digest.is_empty()
+        );
+    }
+
+    #[test]
+    fn a_status_of_an_earlier_agent_migrates_its_one_applied_version() {
+        let old = r#"{"bundle":"edge","applied_version":"1.0","applied_digest":"e1",
+            "last_attempt":null,"managed":{"edge":["ddos"]}}"#;
+        let mut s: ApplyStatus = serde_json::from_str(old).expect("an earlier agent's status");
+        assert!(s.applied.is_empty());
+        assert!(s.migrate());
+        assert_eq!(
+            s.applied_of("edge"),
+            Some(&Applied {
+                version: "1.0".into(),
+                digest: "e1".into(),
+                at_unix_ms: 0
+            })
+        );
+        assert!(!s.migrate(), "once");
+        let mut none = ApplyStatus::default();
+        assert!(!none.migrate() && none.applied.is_empty());
+    }
+
+    #[test]
     fn a_nack_says_whether_the_undo_restored_every_rootlet() {
         assert_eq!(
             nack(vec![]),
