@@ -1,7 +1,8 @@
 //! The agent: what `rootletd` does on top of the data plane, independent of
 //! gRPC. Authorization of every call, stage ownership, leases, bundles
 //! applied as transactions over every rootlet they touch, the apply status
-//! of each rootlet (`applied_version`, `last_attempt`), bundle history for
+//! of each rootlet (the applied version of every bundle on it,
+//! `last_attempt`), bundle history for
 //! rollback, and change events for watchers.
 //!
 //! Every method here blocks (the data plane makes syscalls); the API layer
