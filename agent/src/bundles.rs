@@ -51,6 +51,8 @@ pub struct ApplyOutcome {
 /// says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageDrift {
+    /// The bundle that manages the stage (empty: none could be compared).
+    pub bundle: String,
     pub stage: String,
     /// The bundle's object digest; empty for a stage of an earlier version
     /// that is still running.
@@ -228,6 +230,7 @@ impl super::Agent {
             let expected = spec.digest();
             match state.slots.iter().find(|s| s.stage == stage.name) {
                 None => drift.push(StageDrift {
+                    bundle: manifest.name.clone(),
                     stage: stage.name.clone(),
                     expected_digest: expected,
                     running_digest: String::new(),
@@ -236,6 +239,7 @@ impl super::Agent {
                 Some(slot) => {
                     if let Some(why) = differs(slot, &spec) {
                         drift.push(StageDrift {
+                            bundle: manifest.name.clone(),
                             stage: stage.name.clone(),
                             expected_digest: expected,
                             running_digest: if slot.prog.is_some() {
@@ -255,6 +259,7 @@ impl super::Agent {
             }
             if let Some(slot) = state.slots.iter().find(|s| &s.stage == name) {
                 drift.push(StageDrift {
+                    bundle: manifest.name.clone(),
                     stage: name.clone(),
                     expected_digest: String::new(),
                     running_digest: slot.digest.clone(),
@@ -278,47 +283,54 @@ impl super::Agent {
                     .cloned()
             })
             .flatten();
+        // Every bundle applied here, against its version; a bundle whose
+        // stages run without an applied version (an interrupted first
+        // install, an undo that failed) has each of them as drift.
         let mut drift = vec![];
-        if !status.applied_digest.is_empty() {
-            let bundle = match self.stored(&status.applied_digest) {
+        let mut state = None;
+        for (name, applied) in &status.applied {
+            if applied.digest.is_empty() {
+                continue;
+            }
+            let bundle = match self.stored(&applied.digest) {
                 Ok(b) => b,
                 Err(e) => {
                     // Nothing to compare the kernel with: say so.
                     drift.push(StageDrift {
+                        bundle: name.clone(),
                         stage: String::new(),
                         expected_digest: String::new(),
                         running_digest: String::new(),
                         reason: format!("cannot compare with the applied bundle: {e}"),
                     });
-                    return Ok(StatusView {
-                        status,
-                        drift,
-                        keyed,
-                    });
+                    continue;
                 }
             };
-            let state = self.dp.state(key)?;
+            let state = match &state {
+                Some(s) => s,
+                None => state.insert(self.dp.state(key)?),
+            };
             if let Some(target) = self.target_on(&bundle, key) {
-                let managed = status
-                    .managed
-                    .get(&status.bundle)
-                    .cloned()
-                    .unwrap_or_default();
-                drift = Self::drift_of(&state, &bundle, &target, &managed)?;
+                let managed = status.managed.get(name).cloned().unwrap_or_default();
+                drift.extend(Self::drift_of(state, &bundle, &target, &managed)?);
             }
-        } else if !status.managed.is_empty() {
-            // No version applied, yet stages a bundle manages may run (an
-            // interrupted first install): each is drift.
-            let state = self.dp.state(key)?;
-            for (bundle, names) in &status.managed {
-                for slot in state.slots.iter().filter(|s| names.contains(&s.stage)) {
-                    drift.push(StageDrift {
-                        stage: slot.stage.clone(),
-                        expected_digest: String::new(),
-                        running_digest: slot.digest.clone(),
-                        reason: format!("left by an unfinished apply of bundle `{bundle}`"),
-                    });
-                }
+        }
+        for (bundle, names) in &status.managed {
+            if status.applied_of(bundle).is_some() || names.is_empty() {
+                continue;
+            }
+            let state = match &state {
+                Some(s) => s,
+                None => state.insert(self.dp.state(key)?),
+            };
+            for slot in state.slots.iter().filter(|s| names.contains(&s.stage)) {
+                drift.push(StageDrift {
+                    bundle: bundle.clone(),
+                    stage: slot.stage.clone(),
+                    expected_digest: String::new(),
+                    running_digest: slot.digest.clone(),
+                    reason: format!("left by an unfinished apply of bundle `{bundle}`"),
+                });
             }
         }
         Ok(StatusView {
@@ -396,8 +408,8 @@ impl super::Agent {
         // A no-op only if the record says so and the kernel agrees.
         let recorded = targets.iter().all(|(_, _, _, s, exists, _)| {
             *exists
-                && s.bundle == manifest.name
-                && s.applied_digest == digest
+                && s.applied_of(&manifest.name)
+                    .is_some_and(|a| a.digest == digest)
                 && s.pending.is_none()
         });
         if recorded && targets.iter().all(|t| t.5.is_empty()) {
@@ -470,8 +482,9 @@ impl super::Agent {
                     undo.loaded_now = true;
                     self.emit(*key, "loaded");
                 }
-                if status.bundle == manifest.name && !status.applied_digest.is_empty() {
-                    let prev = self.stored(&status.applied_digest)?;
+                // This bundle's version here, whichever bundle applied last.
+                if let Some(applied) = status.applied_of(&manifest.name) {
+                    let prev = self.stored(&applied.digest)?;
                     undo.previous = same_target(&prev, target).map(|t| (prev, t));
                 }
                 let before = self.dp.state(*key)?.generation;
@@ -593,9 +606,7 @@ impl super::Agent {
             status.pending = None;
             // This version runs now: an undo outstanding here is superseded.
             status.undo = None;
-            status.bundle = manifest.name.clone();
-            status.applied_version = manifest.version.clone();
-            status.applied_digest = digest.clone();
+            status.set_applied(&manifest.name, &manifest.version, &digest, now);
             status.managed.insert(
                 manifest.name.clone(),
                 manifest

@@ -1,7 +1,8 @@
 //! The agent: what `rootletd` does on top of the data plane, independent of
 //! gRPC. Authorization of every call, stage ownership, leases, bundles
 //! applied as transactions over every rootlet they touch, the apply status
-//! of each rootlet (`applied_version`, `last_attempt`), bundle history for
+//! of each rootlet (the applied version of every bundle on it,
+//! `last_attempt`), bundle history for
 //! rollback, and change events for watchers.
 //!
 //! Every method here blocks (the data plane makes syscalls); the API layer
@@ -221,13 +222,32 @@ pub struct Pending {
     pub at_unix_ms: i64,
 }
 
+/// The version of one bundle that runs on a rootlet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub version: String,
+    pub digest: String,
+    /// When it was applied (0: recorded by an earlier agent).
+    #[serde(default)]
+    pub at_unix_ms: i64,
+}
+
 /// The bundle state of one rootlet.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyStatus {
-    /// The bundle last applied successfully (name, version, digest).
+    /// The bundle last applied successfully here (name, version, digest),
+    /// one of [`Self::applied`]; kept for callers that know one bundle per
+    /// rootlet. Maintained by [`Self::set_applied`] and
+    /// [`Self::clear_applied`].
     pub bundle: String,
     pub applied_version: String,
     pub applied_digest: String,
+    /// By bundle name: the version of every bundle applied here (several
+    /// bundles with distinct stages can share a rootlet). A store written
+    /// by an earlier agent has only the scalars above: [`Agent::open`]
+    /// migrates it.
+    #[serde(default)]
+    pub applied: BTreeMap<String, Applied>,
     pub last_attempt: Option<Attempt>,
     /// By bundle name: the stages that bundle put here. While an apply is
     /// pending: those of the running and of the new version, so that
@@ -254,6 +274,69 @@ pub struct ApplyStatus {
 pub const KEYED_ATTEMPTS: usize = 32;
 
 impl ApplyStatus {
+    /// The version of `bundle` applied here, if one is.
+    pub fn applied_of(&self, bundle: &str) -> Option<&Applied> {
+        self.applied.get(bundle).filter(|a| !a.digest.is_empty())
+    }
+
+    /// Records that `bundle` `version` runs here, as the last applied.
+    pub fn set_applied(&mut self, bundle: &str, version: &str, digest: &str, at_unix_ms: i64) {
+        self.applied.insert(
+            bundle.to_owned(),
+            Applied {
+                version: version.to_owned(),
+                digest: digest.to_owned(),
+                at_unix_ms,
+            },
+        );
+        self.bundle = bundle.to_owned();
+        self.applied_version = version.to_owned();
+        self.applied_digest = digest.to_owned();
+    }
+
+    /// Records that no version of `bundle` runs here. If it was the last
+    /// applied, the newest other bundle that still runs here becomes it.
+    pub fn clear_applied(&mut self, bundle: &str) {
+        self.applied.remove(bundle);
+        if self.bundle != bundle {
+            return;
+        }
+        let newest = self
+            .applied
+            .iter()
+            .filter(|(_, a)| !a.digest.is_empty())
+            .max_by_key(|(_, a)| a.at_unix_ms)
+            .map(|(name, a)| (name.clone(), a.clone()));
+        match newest {
+            Some((name, a)) => {
+                self.bundle = name;
+                self.applied_version = a.version;
+                self.applied_digest = a.digest;
+            }
+            None => {
+                self.applied_version.clear();
+                self.applied_digest.clear();
+            }
+        }
+    }
+
+    /// A status an earlier agent wrote (only the scalars) with its applied
+    /// bundle in [`Self::applied`]; true if it changed.
+    pub fn migrate(&mut self) -> bool {
+        if !self.applied.is_empty() || self.applied_digest.is_empty() {
+            return false;
+        }
+        self.applied.insert(
+            self.bundle.clone(),
+            Applied {
+                version: self.applied_version.clone(),
+                digest: self.applied_digest.clone(),
+                at_unix_ms: 0,
+            },
+        );
+        true
+    }
+
     /// Records `attempt` as the last one (and as keyed, if it has a key).
     pub fn attempted(&mut self, attempt: Attempt) {
         if !attempt.idempotency_key.is_empty() {
@@ -543,7 +626,10 @@ impl Agent {
     }
 
     pub fn status(&self, key: RootletKey) -> Result<ApplyStatus> {
-        Ok(self.kv.get(STATUS, &key.to_string())?.unwrap_or_default())
+        let mut status: ApplyStatus = self.kv.get(STATUS, &key.to_string())?.unwrap_or_default();
+        // Migrated when the agent opens; this covers a record read before.
+        status.migrate();
+        Ok(status)
     }
 
     /// Whether the agent holds an apply status for `key`.
@@ -833,6 +919,57 @@ mod tests {
             unrestored,
         }
         .to_string()
+    }
+
+    #[test]
+    fn each_bundle_keeps_its_applied_version_and_a_removal_falls_back_to_the_newest_other() {
+        let mut s = ApplyStatus::default();
+        s.set_applied("edge", "1.0", "e1", 10);
+        s.set_applied("sampling", "1.0", "s1", 20);
+        s.set_applied("lb", "3.0", "l3", 15);
+        assert_eq!(s.applied_of("edge").map(|a| a.digest.as_str()), Some("e1"));
+        assert_eq!((s.bundle.as_str(), s.applied_digest.as_str()), ("lb", "l3"));
+        // Removing the last applied: the newest other becomes it.
+        s.clear_applied("lb");
+        assert_eq!(
+            (
+                s.bundle.as_str(),
+                s.applied_version.as_str(),
+                s.applied_digest.as_str()
+            ),
+            ("sampling", "1.0", "s1")
+        );
+        // Removing another leaves the last applied as it is.
+        s.clear_applied("edge");
+        assert_eq!(
+            (s.bundle.as_str(), s.applied_digest.as_str()),
+            ("sampling", "s1")
+        );
+        assert!(s.applied_of("edge").is_none());
+        s.clear_applied("sampling");
+        assert!(
+            s.applied.is_empty() && s.applied_version.is_empty() && s.applied_digest.is_empty()
+        );
+    }
+
+    #[test]
+    fn a_status_of_an_earlier_agent_migrates_its_one_applied_version() {
+        let old = r#"{"bundle":"edge","applied_version":"1.0","applied_digest":"e1",
+            "last_attempt":null,"managed":{"edge":["ddos"]}}"#;
+        let mut s: ApplyStatus = serde_json::from_str(old).expect("an earlier agent's status");
+        assert!(s.applied.is_empty());
+        assert!(s.migrate());
+        assert_eq!(
+            s.applied_of("edge"),
+            Some(&Applied {
+                version: "1.0".into(),
+                digest: "e1".into(),
+                at_unix_ms: 0
+            })
+        );
+        assert!(!s.migrate(), "once");
+        let mut none = ApplyStatus::default();
+        assert!(!none.migrate() && none.applied.is_empty());
     }
 
     #[test]

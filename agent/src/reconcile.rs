@@ -141,20 +141,21 @@ impl Agent {
         }
         // A crash after the statuses and before the history: the applied
         // version is still the newest one of its bundle.
-        for (_, status) in self.kv.list::<ApplyStatus>(STATUS)? {
-            if status.applied_digest.is_empty() {
-                continue;
-            }
-            let history: Vec<HistoryEntry> =
-                self.kv.get(HISTORY, &status.bundle)?.unwrap_or_default();
-            if !history.iter().any(|h| h.digest == status.applied_digest) {
-                let at = status.last_attempt.as_ref().map_or(0, |a| a.at_unix_ms);
-                self.record_history(
-                    &status.bundle,
-                    &status.applied_version,
-                    &status.applied_digest,
-                    at,
-                )?;
+        // Every bundle applied on the rootlet, not only the last one.
+        for (_, mut status) in self.kv.list::<ApplyStatus>(STATUS)? {
+            status.migrate();
+            for (name, applied) in &status.applied {
+                if applied.digest.is_empty() {
+                    continue;
+                }
+                let history: Vec<HistoryEntry> = self.kv.get(HISTORY, name)?.unwrap_or_default();
+                if !history.iter().any(|h| h.digest == applied.digest) {
+                    let at = match applied.at_unix_ms {
+                        0 => status.last_attempt.as_ref().map_or(0, |a| a.at_unix_ms),
+                        at => at,
+                    };
+                    self.record_history(name, &applied.version, &applied.digest, at)?;
+                }
             }
         }
         Ok(())
@@ -177,8 +178,8 @@ impl Agent {
     /// Puts `key` back on the version it ran before `pending` (or without
     /// the bundle, unloading a rootlet the apply loaded).
     fn restore(&self, key: RootletKey, status: &ApplyStatus, pending: &Pending) -> Result<()> {
-        if status.bundle == pending.bundle && !status.applied_digest.is_empty() {
-            let prev = self.stored(&status.applied_digest)?;
+        if let Some(applied) = status.applied_of(&pending.bundle) {
+            let prev = self.stored(&applied.digest)?;
             if let Some(target) = self.target_on(&prev, key) {
                 let changes = self.changes_for(key, &prev, status, &target)?;
                 if !changes.is_empty() {
@@ -224,8 +225,8 @@ impl Agent {
                 pending.bundle, pending.version
             ))
         })?;
-        let previous = if status.bundle == pending.bundle && !status.applied_digest.is_empty() {
-            let prev = self.stored(&status.applied_digest)?;
+        let previous = if let Some(applied) = status.applied_of(&pending.bundle) {
+            let prev = self.stored(&applied.digest)?;
             same_target(&prev, &target).map(|t| (prev, t))
         } else {
             None
@@ -294,9 +295,12 @@ impl Agent {
             idempotency_key: pending.idempotency_key.clone(),
         };
         if runs_new {
-            status.bundle = pending.bundle.clone();
-            status.applied_version = pending.version.clone();
-            status.applied_digest = pending.digest.clone();
+            status.set_applied(
+                &pending.bundle,
+                &pending.version,
+                &pending.digest,
+                pending.at_unix_ms,
+            );
             if let Some(t) = &target {
                 status.managed.insert(
                     pending.bundle.clone(),
@@ -312,8 +316,8 @@ impl Agent {
             attempt.error = "interrupted: the agent stopped before the apply finished; the status reports what the kernel runs".into();
             // Keep as the bundle's only what runs (or what its applied
             // version has): the rest was never linked.
-            let previous = if status.bundle == pending.bundle && !status.applied_digest.is_empty() {
-                let prev = self.stored(&status.applied_digest)?;
+            let previous = if let Some(applied) = status.applied_of(&pending.bundle) {
+                let prev = self.stored(&applied.digest)?;
                 self.target_on(&prev, key)
                     .map(|t| {
                         prev.manifest()

@@ -127,10 +127,9 @@ impl super::Agent {
             if status.undo.as_ref().is_some_and(|u| u.bundle == name) {
                 status.undo = None;
             }
-            if status.bundle == name {
-                status.applied_version.clear();
-                status.applied_digest.clear();
-            }
+            // Another bundle that runs here stays applied (and becomes the
+            // last applied if this one was).
+            status.clear_applied(name);
             if !(noop
                 && status
                     .last_attempt

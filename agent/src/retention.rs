@@ -77,6 +77,13 @@ impl Agent {
             }
             self.kv.delete(LEGACY_BUNDLES, &digest)?;
         }
+        // Statuses of an agent that kept one applied version per rootlet:
+        // that version, as the one of its bundle.
+        for (key, mut status) in self.kv.list::<ApplyStatus>(STATUS)? {
+            if status.migrate() {
+                self.kv.put(STATUS, &key, &status)?;
+            }
+        }
         let now = unix_ms(SystemTime::now());
         for (key, record) in self.kv.list::<StoredIdempotent>(IDEMPOTENCY)? {
             if let StoredIdempotent::Untimed(request_hash, response) = record {
@@ -126,6 +133,8 @@ impl Agent {
             kept.extend(history.into_iter().map(|h| h.digest));
         }
         for (_, status) in self.kv.list::<ApplyStatus>(STATUS)? {
+            // Every bundle that runs here, not only the last applied.
+            kept.extend(status.applied.into_values().map(|a| a.digest));
             kept.insert(status.applied_digest);
             kept.extend(status.pending.map(|p| p.digest));
             // An outstanding undo rebuilds its inverse from both versions.

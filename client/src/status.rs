@@ -1,5 +1,6 @@
 //! `rootletctl status`: reads back, from every selected agent, hosts ×
-//! rootlets: the bundle version applied and its digest, the last attempt
+//! rootlets: the version and digest of each bundle applied (several
+//! bundles can share a rootlet), the last attempt
 //! (ack or nack, and why), the generation, each stage with its program id,
 //! its policy version (`Slot.policy_version`) and counters, and drift (the kernel no longer runs what the agent
 //! built; a stage of the bundle that the kernel does not run as the
@@ -26,8 +27,12 @@ pub struct RootletStatus {
     pub interface: String,
     pub netns: String,
     pub generation: u64,
+    /// The bundle applied here last (`ApplyStatus.bundle`).
     pub applied_version: String,
     pub applied_digest: String,
+    /// Every bundle applied here, by name (`ApplyStatus.applied`; empty
+    /// from an agent that reports only the last one).
+    pub applied: Vec<AppliedBundle>,
     pub last_attempt: Option<Attempt>,
     pub stages: Vec<StageStatus>,
     /// The stages' counters added up (those counted).
@@ -43,6 +48,14 @@ pub struct RootletStatus {
     /// Set while the undo of a failed apply has not put the rootlet back:
     /// it runs part of that version and the agent retries the undo.
     pub undo: Option<UndoStatus>,
+}
+
+/// The version of one bundle applied on a rootlet.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppliedBundle {
+    pub bundle: String,
+    pub version: String,
+    pub digest: String,
 }
 
 /// An outstanding undo (`ApplyStatus.undo`).
@@ -65,6 +78,8 @@ pub struct Attempt {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StageDrift {
+    /// The bundle that manages the stage (empty: an older agent's report).
+    pub bundle: String,
     pub stage: String,
     pub expected_digest: String,
     /// Empty: the stage is not running.
@@ -258,6 +273,19 @@ async fn read_host(
         } else {
             r.applied_version.clone()
         };
+        let applied: Vec<AppliedBundle> = st
+            .as_ref()
+            .map(|s| {
+                s.applied
+                    .iter()
+                    .map(|b| AppliedBundle {
+                        bundle: b.name.clone(),
+                        version: b.version.clone(),
+                        digest: b.digest.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let stage_drift: Vec<pb::StageDrift> =
             st.as_ref().map(|s| s.drift.clone()).unwrap_or_default();
         let undo = st
@@ -271,7 +299,13 @@ async fn read_host(
                 since_unix_ms: u.since_unix_ms,
             });
         let version_drift = expect.and_then(|want| {
-            if applied_version != want && applied_digest != want {
+            // With several bundles on the rootlet, any of them may be the
+            // one expected.
+            let runs_it = (applied_version == want || applied_digest == want)
+                || applied
+                    .iter()
+                    .any(|b| b.version == want || b.digest == want);
+            if !runs_it {
                 Some(format!(
                     "runs {}, expected {want}",
                     if applied_version.is_empty() {
@@ -296,6 +330,7 @@ async fn read_host(
             generation: r.generation,
             applied_version,
             applied_digest,
+            applied,
             last_attempt: r.last_attempt.map(|a| Attempt {
                 version: a.version,
                 outcome: a.outcome,
@@ -309,6 +344,7 @@ async fn read_host(
             stage_drift: stage_drift
                 .into_iter()
                 .map(|d| StageDrift {
+                    bundle: d.bundle,
                     stage: d.stage,
                     expected_digest: d.expected_digest,
                     running_digest: d.running_digest,
@@ -440,7 +476,7 @@ pub fn table(hosts: &[HostStatus]) -> String {
             }
             for d in &r.stage_drift {
                 drift.push(format!(
-                    "stage {}: {} ({})",
+                    "stage {}: {} ({}){}",
                     d.stage,
                     d.reason,
                     if d.running_digest.is_empty() {
@@ -451,6 +487,11 @@ pub fn table(hosts: &[HostStatus]) -> String {
                             short(&d.running_digest),
                             short(&d.expected_digest)
                         )
+                    },
+                    if d.bundle.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" of bundle {}", d.bundle)
                     }
                 ));
             }
@@ -466,12 +507,8 @@ pub fn table(hosts: &[HostStatus]) -> String {
                 h.name.clone(),
                 format!("{}{netns}", r.interface),
                 r.generation.to_string(),
-                if r.applied_version.is_empty() {
-                    "-".into()
-                } else {
-                    r.applied_version.clone()
-                },
-                short(&r.applied_digest),
+                version_cell(r),
+                digest_cell(r),
                 attempt,
                 if stages.is_empty() {
                     "-".into()
@@ -527,6 +564,37 @@ pub fn table(hosts: &[HostStatus]) -> String {
     out
 }
 
+/// The VERSION cell: the version applied, or with several bundles on the
+/// rootlet each one's, as `name=version`.
+fn version_cell(r: &RootletStatus) -> String {
+    if r.applied.len() > 1 {
+        return r
+            .applied
+            .iter()
+            .map(|b| format!("{}={}", b.bundle, b.version))
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    if r.applied_version.is_empty() {
+        "-".into()
+    } else {
+        r.applied_version.clone()
+    }
+}
+
+/// The DIGEST cell, in the order of [`version_cell`].
+fn digest_cell(r: &RootletStatus) -> String {
+    if r.applied.len() > 1 {
+        return r
+            .applied
+            .iter()
+            .map(|b| short(&b.digest))
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    short(&r.applied_digest)
+}
+
 /// How often `status --watch` reads again.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -543,6 +611,7 @@ mod tests {
             generation: 7,
             applied_version: "1.0".into(),
             applied_digest: "d1".into(),
+            applied: vec![],
             last_attempt: Some(Attempt {
                 version: "2.0".into(),
                 outcome: "undo_failed".into(),
@@ -587,6 +656,55 @@ mod tests {
             text.contains("undo_failed 2.0")
                 && text.contains("UNDO FAILED: runs part of edge 2.0")
                 && text.contains("retrying (3 attempts): EPERM"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn each_bundle_on_a_shared_rootlet_shows_its_version_and_its_drift() {
+        let applied = |bundle: &str, version: &str, digest: &str| AppliedBundle {
+            bundle: bundle.into(),
+            version: version.into(),
+            digest: digest.into(),
+        };
+        let rootlet = RootletStatus {
+            id: "netns:1/if:2".into(),
+            interface: "veth0".into(),
+            netns: String::new(),
+            generation: 3,
+            applied_version: "2.1".into(),
+            applied_digest: "d2".into(),
+            applied: vec![
+                applied("edge", "1.0", "d1"),
+                applied("sampling", "2.1", "d2"),
+            ],
+            last_attempt: None,
+            stages: vec![],
+            counters: Counters::default(),
+            final_verdict_count: 0,
+            drift: String::new(),
+            stage_drift: vec![StageDrift {
+                bundle: "edge".into(),
+                stage: "ddos".into(),
+                expected_digest: "e1".into(),
+                running_digest: "r1".into(),
+                reason: "another object runs (replaced out of band)".into(),
+            }],
+            version_drift: None,
+            undo: None,
+        };
+        let host = HostStatus {
+            name: "h1".into(),
+            address: "localhost".into(),
+            reachable: true,
+            error: None,
+            rootlets: vec![rootlet],
+            bundles: vec![],
+        };
+        let text = table(&[host]);
+        assert!(
+            text.contains("edge=1.0 sampling=2.1")
+                && text.contains("stage ddos: another object runs (replaced out of band) (runs r1, the bundle has e1) of bundle edge"),
             "{text}"
         );
     }

@@ -1936,6 +1936,218 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
     assert!(exited(&mut child, true).await.success(), "clean exit");
 }
 
+/// Bundle `edge` over `targets` with ops's ddos stage running `object`.
+fn edge_ddos(a: &Agent, version: &str, targets: &str, object: &str) -> Vec<u8> {
+    a.bundle_for(
+        "edge",
+        version,
+        targets,
+        &[("ddos", object, 20, "ops")],
+        true,
+    )
+}
+
+/// (bundle, version, digest) of every bundle a status lists as applied.
+fn applied_of(s: &pb::ApplyStatus) -> Vec<(String, String, String)> {
+    s.applied
+        .iter()
+        .map(|b| (b.name.clone(), b.version.clone(), b.digest.clone()))
+        .collect()
+}
+
+/// The `rootlet_applied_version` series of a scrape, as their labels.
+fn applied_series(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("rootlet_applied_version{"))
+        .filter_map(|l| l.split_once('}').map(|(labels, _)| labels.to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_bundles_on_one_rootlet_each_keep_their_version_undo_drift_and_removal() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let (second, r2, both) = second_rootlet(&a);
+    let second_id = format!(
+        "netns:{}/if:{}",
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(second.host().path()).expect("netns")
+        ),
+        second.host_ifindex()
+    );
+    let metrics = a
+        .running
+        .as_ref()
+        .and_then(|r| r.metrics_addr)
+        .expect("metrics address");
+
+    // Bundle edge 1.0 (ddos) on both rootlets, then bundle sampling 1.0
+    // (sampler, another stage) on the first only: it shares the rootlet.
+    let edge1 = edge_ddos(&a, "1.0", &both, "ddos");
+    let edge1_digest = digest_of_bundle(&edge1);
+    ops.apply_bundle(apply(edge1)).await.expect("edge 1.0");
+    let sampling = a.bundle_for(
+        "sampling",
+        "1.0",
+        &api::targets(&a.f),
+        &[("sampler", "sampler", 10, "ops")],
+        true,
+    );
+    let sampling_digest = digest_of_bundle(&sampling);
+    ops.apply_bundle(apply(sampling))
+        .await
+        .expect("sampling 1.0");
+    let s = apply_status(&mut ops, a.rootlet(), "").await;
+    assert_eq!(
+        applied_of(&s),
+        [
+            ("edge".into(), "1.0".into(), edge1_digest.clone()),
+            ("sampling".into(), "1.0".into(), sampling_digest.clone()),
+        ],
+        "both bundles are applied on the shared rootlet: {s:?}"
+    );
+    assert_eq!(
+        (s.bundle.as_str(), s.applied_version.as_str()),
+        ("sampling", "1.0"),
+        "the scalars are the bundle applied last"
+    );
+    assert!(s.drift.is_empty(), "{:?}", s.drift);
+    let listed = ops
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: a.rootlet(),
+        })
+        .await
+        .expect("rootlet")
+        .into_inner();
+    assert_eq!(
+        listed
+            .applied
+            .iter()
+            .map(|b| (b.name.as_str(), b.version.as_str()))
+            .collect::<Vec<_>>(),
+        [("edge", "1.0"), ("sampling", "1.0")]
+    );
+    let before1 = kernel(&mut ops, a.rootlet()).await;
+
+    // edge 2.0 replaces ddos on the shared rootlet, then fails on the
+    // second: the undo puts edge 1.0's ddos back although sampling was
+    // applied there last. A clean NACK, no undo outstanding.
+    let edge2 = edge_ddos(&a, "2.0", &both, "ddos_v2");
+    let err = ops
+        .apply_bundle(pb::ApplyBundleRequest {
+            expected_generations: [(second_id.clone(), 999)].into_iter().collect(),
+            ..apply(edge2)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
+        "{err:?}"
+    );
+    assert!(
+        err.message()
+            .contains("every rootlet keeps its previous version"),
+        "{err:?}"
+    );
+    let stages_of = |k: &Kernel| k.as_ref().map(|k| k.1.clone());
+    assert_eq!(
+        stages_of(&kernel(&mut ops, a.rootlet()).await),
+        stages_of(&before1),
+        "the shared rootlet runs edge 1.0's ddos again, and sampling's sampler"
+    );
+    let s = apply_status(&mut ops, a.rootlet(), "").await;
+    assert!(s.undo.is_none(), "no undo outstanding: {:?}", s.undo);
+    let last = s.last_attempt.clone().expect("attempt");
+    assert_eq!(
+        (last.version.as_str(), last.outcome.as_str()),
+        ("2.0", "nack"),
+        "{last:?}"
+    );
+    assert_eq!(
+        applied_of(&s),
+        [
+            ("edge".into(), "1.0".into(), edge1_digest.clone()),
+            ("sampling".into(), "1.0".into(), sampling_digest.clone()),
+        ]
+    );
+    assert!(s.drift.is_empty(), "{:?}", s.drift);
+
+    // A stage of edge (not the bundle applied last) replaced out of band:
+    // drift, naming edge.
+    ops.replace_stage(pb::ReplaceStageRequest {
+        rootlet: a.rootlet(),
+        stage: Some(stage("ddos", "ddos_v2", 20)),
+        ..Default::default()
+    })
+    .await
+    .expect("out-of-band replace");
+    let s = apply_status(&mut ops, a.rootlet(), "").await;
+    assert_eq!(
+        s.drift
+            .iter()
+            .map(|d| (
+                d.bundle.as_str(),
+                d.stage.as_str(),
+                d.expected_digest.clone(),
+                d.running_digest.clone()
+            ))
+            .collect::<Vec<_>>(),
+        [("edge", "ddos", digest_of("ddos"), digest_of("ddos_v2"))],
+        "{:?}",
+        s.drift
+    );
+    let series = applied_series(&http_get(metrics, "/metrics").await);
+    assert!(
+        series
+            .iter()
+            .any(|l| l.contains(r#"bundle="sampling",version="1.0""#))
+            && series
+                .iter()
+                .any(|l| l.contains(r#"bundle="edge",version="1.0""#)),
+        "{series:?}"
+    );
+
+    // RemoveBundle sampling: edge 1.0 still runs there and is reported so,
+    // as the bundle applied last; only sampling's metric series goes.
+    ops.remove_bundle(remove("sampling"))
+        .await
+        .expect("remove sampling");
+    let s = apply_status(&mut ops, a.rootlet(), "").await;
+    assert_eq!(
+        (
+            s.bundle.as_str(),
+            s.applied_version.as_str(),
+            s.applied_digest.as_str()
+        ),
+        ("edge", "1.0", edge1_digest.as_str()),
+        "{s:?}"
+    );
+    assert_eq!(
+        applied_of(&s),
+        [("edge".into(), "1.0".into(), edge1_digest.clone())]
+    );
+    assert!(
+        kernel(&mut ops, a.rootlet())
+            .await
+            .is_some_and(|k| k.1.iter().all(|(stage, ..)| stage == "ddos")),
+        "only edge's stage is left"
+    );
+    let series = applied_series(&http_get(metrics, "/metrics").await);
+    assert!(
+        !series.iter().any(|l| l.contains(r#"bundle="sampling""#))
+            && series
+                .iter()
+                .any(|l| l.contains(r#"bundle="edge",version="1.0""#)),
+        "{series:?}"
+    );
+    let s2 = apply_status(&mut ops, r2, "").await;
+    assert_eq!(
+        (s2.bundle.as_str(), s2.applied_version.as_str()),
+        ("edge", "1.0")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_during_remove_bundle_leaves_the_truth_and_a_retry_converges() {
     let mut a = Agent::start().await;
@@ -2624,6 +2836,15 @@ async fn a_store_of_an_earlier_agent_is_migrated_and_bundles_are_raw_bytes() {
             );
             kv.put("idempotency", &key, &untimed).expect("store");
         }
+        // Apply statuses as agents with one applied version per rootlet
+        // wrote them: the scalars only, no per-bundle `applied`.
+        let statuses: Vec<(String, serde_json::Value)> = kv.list("status").expect("store");
+        assert_eq!(statuses.len(), 1, "{statuses:?}");
+        for (key, mut status) in statuses {
+            let fields = status.as_object_mut().expect("a status is an object");
+            assert!(fields.remove("applied").is_some(), "{fields:?}");
+            kv.put("status", &key, &status).expect("store");
+        }
     }
 
     // The upgraded agent reads them: it holds both versions, replays the
@@ -2631,6 +2852,12 @@ async fn a_store_of_an_earlier_agent_is_migrated_and_bundles_are_raw_bytes() {
     restart(&mut a, |_| {}).await;
     let mut ops = a.client("ops").await;
     assert!(has_bundle(&mut ops, &d1).await && has_bundle(&mut ops, &d2).await);
+    let s = apply_status(&mut ops, a.rootlet(), "").await;
+    assert_eq!(
+        applied_of(&s),
+        [("edge".into(), "2.0".into(), d2.clone())],
+        "the earlier agent's applied version, as its bundle's"
+    );
     let replayed = ops.apply_bundle(keyed).await.expect("replay").into_inner();
     assert_eq!(replayed, first, "the stored response");
     let back = ops
@@ -2653,6 +2880,13 @@ async fn a_store_of_an_earlier_agent_is_migrated_and_bundles_are_raw_bytes() {
     let kv = agent_store(&a);
     assert!(kv.list::<String>("bundles").expect("store").is_empty());
     assert_eq!(kv.get_bytes("bundle_bytes", &d2).expect("store"), Some(v2));
+    let statuses: Vec<(String, serde_json::Value)> = kv.list("status").expect("store");
+    assert!(
+        statuses
+            .iter()
+            .all(|(_, s)| s["applied"]["edge"]["digest"] == d1.as_str()),
+        "{statuses:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -384,7 +384,8 @@ impl Metrics {
             .set(1);
     }
 
-    /// Forgets what `rootlet` runs of `bundle` (the rootlet was unloaded).
+    /// Forgets what `rootlet` runs of `bundle` (RemoveBundle removed it), and
+    /// only that: other bundles on the rootlet keep their series.
     pub fn clear_applied_version(&self, rootlet: &str, bundle: &str) {
         let mut current = self
             .applied_current

@@ -886,6 +886,7 @@ impl pb::rootlet_server::Rootlet for SimAgent {
                 .iter()
                 .filter(|s| !s.bundle.is_empty() && s.digest != s.bundle_digest)
                 .map(|s| pb::StageDrift {
+                    bundle: s.bundle.clone(),
                     stage: s.name.clone(),
                     expected_digest: s.bundle_digest.clone(),
                     running_digest: s.digest.clone(),
@@ -894,6 +895,16 @@ impl pb::rootlet_server::Rootlet for SimAgent {
                 .collect(),
             keyed_attempt,
             undo: None,
+            // The simulator models one bundle per rootlet.
+            applied: if r.applied_digest.is_empty() {
+                vec![]
+            } else {
+                vec![pb::AppliedBundle {
+                    name: r.bundle.clone(),
+                    version: r.applied_version.clone(),
+                    digest: r.applied_digest.clone(),
+                }]
+            },
         }))
     }
 

@@ -330,9 +330,24 @@ pub async fn evaluate(
                 Err(e) if removing && e.code == Code::NotFound => continue,
                 Err(e) => return Err(e),
             };
+            // Several bundles can share the rootlet: the bundle rolled out
+            // is the one whose digest it lists (the scalars are only the
+            // bundle applied there last).
+            let runs = |d: &str| st.applied_digest == d || st.applied.iter().any(|b| b.digest == d);
+            let ours = st
+                .applied
+                .iter()
+                .find(|b| b.digest == digest)
+                .map(|b| b.name.clone());
+            let drift: Vec<pb::StageDrift> = st
+                .drift
+                .iter()
+                .filter(|d| d.bundle.is_empty() || ours.as_ref().is_none_or(|n| *n == d.bundle))
+                .cloned()
+                .collect();
             if removing {
                 if let Some(prev) = &rec.previous
-                    && st.applied_digest == prev.digest
+                    && runs(&prev.digest)
                 {
                     bad.push(format!(
                         "rootlet {id} still runs {} ({})",
@@ -340,7 +355,7 @@ pub async fn evaluate(
                         short(&prev.digest)
                     ));
                 }
-            } else if st.applied_digest != digest {
+            } else if !runs(digest) {
                 let last_attempt = st
                     .last_attempt
                     .map(|a| format!("; last attempt {} {}: {}", a.version, a.outcome, a.error))
@@ -354,11 +369,14 @@ pub async fn evaluate(
                     },
                     short(&st.applied_digest)
                 ));
-            } else if !st.drift.is_empty() {
+            } else if !drift.is_empty() {
                 bad.push(format!(
                     "rootlet {id} runs {} but the kernel differs: {}",
-                    st.applied_version,
-                    drift_text(&st.drift)
+                    st.applied
+                        .iter()
+                        .find(|b| b.digest == digest)
+                        .map_or(st.applied_version.as_str(), |b| b.version.as_str()),
+                    drift_text(&drift)
                 ));
             }
         }

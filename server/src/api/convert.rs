@@ -225,6 +225,19 @@ fn attempt_to(a: &Attempt) -> pb::Attempt {
     }
 }
 
+/// Every bundle applied on a rootlet, by name.
+fn applied_to(s: &rootlet_agent::ApplyStatus) -> Vec<pb::AppliedBundle> {
+    s.applied
+        .iter()
+        .filter(|(_, a)| !a.digest.is_empty())
+        .map(|(name, a)| pb::AppliedBundle {
+            name: name.clone(),
+            version: a.version.clone(),
+            digest: a.digest.clone(),
+        })
+        .collect()
+}
+
 pub fn status_to(key: RootletKey, v: &StatusView) -> pb::ApplyStatus {
     let s = &v.status;
     pb::ApplyStatus {
@@ -237,6 +250,7 @@ pub fn status_to(key: RootletKey, v: &StatusView) -> pb::ApplyStatus {
             .drift
             .iter()
             .map(|d| pb::StageDrift {
+                bundle: d.bundle.clone(),
                 stage: d.stage.clone(),
                 expected_digest: d.expected_digest.clone(),
                 running_digest: d.running_digest.clone(),
@@ -252,6 +266,7 @@ pub fn status_to(key: RootletKey, v: &StatusView) -> pb::ApplyStatus {
             since_unix_ms: u.since_unix_ms,
             last_attempt_unix_ms: u.last_attempt_unix_ms,
         }),
+        applied: applied_to(s),
     }
 }
 
@@ -335,5 +350,6 @@ pub fn state_to(agent: &Agent, s: &RootletState) -> Result<pb::RootletState> {
         applied_version: status.applied_version.clone(),
         last_attempt: status.last_attempt.as_ref().map(attempt_to),
         final_verdict_count: s.final_verdict_count,
+        applied: applied_to(&status),
     })
 }

@@ -743,7 +743,14 @@ fn record_apply(
 ) {
     match outcome {
         Ok(o) if o.noop => metrics.observe_apply("noop"),
-        Ok(o) if o.removed => metrics.observe_apply("removed"),
+        Ok(o) if o.removed => {
+            metrics.observe_apply("removed");
+            // Only this bundle's series: another bundle on the same rootlet
+            // still runs there.
+            for (key, _, _) in &o.rootlets {
+                metrics.clear_applied_version(&key.to_string(), &o.name);
+            }
+        }
         Ok(o) => {
             metrics.observe_apply("ack");
             for (key, _, _) in &o.rootlets {
