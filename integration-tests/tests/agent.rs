@@ -3226,7 +3226,12 @@ async fn team_race(
                 continue;
             }
         }
-        // Gone: link it.
+        // Gone: link it (with unlinks, every other round only: the other
+        // rounds' replaces keep reading the stage absent, as the bundle
+        // takes it over).
+        if unlink_every > 0 && i % 2 == 1 {
+            continue;
+        }
         match c
             .link_stage(link(r.clone(), stage("a-r", object, 10)))
             .await
@@ -3384,8 +3389,9 @@ fn takeover_object(version: &str) -> &'static str {
 }
 
 /// The admin, over the Unix socket, takes stage `a-r` over by bundle and
-/// gives it back, in turn: RemoveBundle `edge`, apply 1.0, apply 2.0,
-/// Rollback (to the version before the current). What each may answer
+/// gives it back, in turn: RemoveBundle `edge`, apply 1.0, RemoveBundle,
+/// apply 2.0, Rollback (to the version before the current: a replace, or a
+/// link after the removal). What each may answer
 /// (proto/rootlet/v1/rootlet.proto, Bundles and RemoveBundle):
 /// - apply or rollback while `a-r` is team-a's: the bundle does not manage
 ///   that stage, FAILED_PRECONDITION STAGE_NOT_MANAGED_BY_BUNDLE naming the
@@ -3413,10 +3419,10 @@ async fn bundle_race(
     let mut refused: BTreeMap<String, usize> = BTreeMap::new();
     let mut unexpected = vec![];
     for j in 0..rounds {
-        let (what, reply) = match j % 4 {
-            0 => ("remove", c.remove_bundle(remove("edge")).await),
+        let (what, reply) = match j % 5 {
+            0 | 2 => ("remove", c.remove_bundle(remove("edge")).await),
             1 => ("apply 1.0", c.apply_bundle(apply(v1.clone())).await),
-            2 => ("apply 2.0", c.apply_bundle(apply(v2.clone())).await),
+            3 => ("apply 2.0", c.apply_bundle(apply(v2.clone())).await),
             _ => (
                 "rollback",
                 c.rollback(pb::RollbackRequest {
@@ -3493,12 +3499,19 @@ async fn bundle_race(
 /// BundleSet or BundleUnlink on team-a's; a change whose answer gave
 /// another's generation, or none, breaks the generation sequence; an
 /// answer of another code or reason (a NACK that does not name the stage,
-/// a removal refused) is unexpected.
+/// a removal refused) is unexpected. With the guard under the lock
+/// reduced to nothing (the check before the lock only), 4 runs in 5 failed
+/// on a tailcall host: TeamReplace landed on `ops`'s stage, or team-a's
+/// link met the bundle's (STAGE_EXISTS).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bundle_takes_over_and_gives_back_a_stage_while_its_team_changes_it() {
-    // freplace: fewer rounds, as in the race above.
+    // The window the race needs (team-a reads `a-r` absent, the bundle
+    // links it before team-a's change takes the rootlet's lock) opens about
+    // once in 100 rounds here: 300 rounds (some 8 s) make a run that misses
+    // it rare. freplace runs only in the VM tier, 20-35x slower: fewer
+    // rounds there keep it within its time bound.
     let freplace = std::env::var("ROOTLET_TEST_BACKEND").is_ok_and(|b| b == "freplace");
-    let rounds: usize = if freplace { 20 } else { 80 };
+    let rounds: usize = if freplace { 30 } else { 300 };
     let a = Agent::start().await;
     let mut ops = a.client("ops").await;
     let loaded = a.load(&mut ops).await;
