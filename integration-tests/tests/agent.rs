@@ -3840,3 +3840,68 @@ async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
     drop(ops);
     assert!(exited(&mut child, true).await.success(), "clean exit");
 }
+
+/// A bundle's stage unlinked by hand and linked again by its team is the
+/// team's, not the bundle's: a later apply of the bundle is refused
+/// (STAGE_NOT_MANAGED_BY_BUNDLE, "a bundle stage whose name runs on a
+/// rootlet but is not the bundle's"), and RemoveBundle leaves it ("nothing
+/// the bundle did not create is touched"). Ignored: the agent records the
+/// stages a bundle manages by name only (`ApplyStatus::managed`), so today
+/// the apply replaces team-a's stage and makes it `ops`'s, and the removal
+/// unlinks team-a's stage. Found by the takeover race's analysis (h2); not
+/// fixed there.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "known bug: a bundle's managed stages are recorded by name only"]
+async fn a_stage_of_a_bundles_name_that_its_team_linked_again_is_not_the_bundles() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let mut admin = unix_admin(&a).await;
+    let r = a.rootlet();
+    let mut team = a.client("team-a").await;
+    let hand_unlink = pb::UnlinkStageRequest {
+        rootlet: r.clone(),
+        stage: "a-r".into(),
+        ..Default::default()
+    };
+    admin
+        .apply_bundle(apply(takeover_v1(&a)))
+        .await
+        .expect("apply 1.0: the bundle links a-r, ops's");
+    admin
+        .unlink_stage(hand_unlink.clone())
+        .await
+        .expect("the admin unlinks it by hand");
+    team.link_stage(link(r.clone(), stage("a-r", "test_pass", 10)))
+        .await
+        .expect("team-a links a stage of that name");
+    let teams = vec![(
+        "a-r".to_owned(),
+        "team-a".to_owned(),
+        digest_of("test_pass"),
+    )];
+    let before = kernel(&mut ops, r.clone()).await;
+    assert_eq!(before.as_ref().map(|k| &k.1), Some(&teams));
+    let err = admin
+        .apply_bundle(apply(takeover_v2(&a)))
+        .await
+        .expect_err("the bundle may not take team-a's stage over");
+    assert_eq!(
+        (err.code(), reason(&err).as_str(), meta(&err, "owner")),
+        (
+            Code::FailedPrecondition,
+            "STAGE_NOT_MANAGED_BY_BUNDLE",
+            "team-a".to_owned()
+        )
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before, "nothing changed");
+    admin
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("remove the bundle");
+    assert_eq!(
+        kernel(&mut ops, r.clone()).await,
+        before,
+        "the removal took nothing the bundle did not create"
+    );
+}
