@@ -3272,7 +3272,8 @@ async fn two_teams_and_an_admin_at_once_lose_nothing_and_trespass_nowhere() {
 
 // ---------------------------------------------------------------------------
 // The ownership race (issue #16): a team's change and an admin's re-assign
-// of the same stage, at once.
+// of the same stage, at once: by hand (UnlinkStage, LinkStage) and by a
+// bundle that takes the stage over (ApplyBundle, Rollback, RemoveBundle).
 // ---------------------------------------------------------------------------
 
 /// An ACKed change of stage `a-r`, for the replay: who made it, and what.
@@ -3282,10 +3283,88 @@ enum RaceEffect {
     TeamReplace(&'static str),
     /// team-a linked it (no owner before: it is team-a's now).
     TeamLink(&'static str),
+    /// team-a unlinked its stage.
+    TeamUnlink,
     /// The admin unlinked it (any owner's).
     AdminUnlink,
     /// The admin linked it: its owner is the admin ("local") now.
     AdminLink,
+    /// An apply or rollback of bundle `edge` linked it (no stage before)
+    /// or replaced the bundle's own: it runs this object, owned by the
+    /// bundle stage's owner (`ops`).
+    BundleSet(&'static str),
+    /// RemoveBundle unlinked the bundle's stage.
+    BundleUnlink,
+}
+
+/// The owner of the stage the bundle `edge` of the takeover race ships.
+const BUNDLE_OWNER: &str = "ops";
+
+/// The (owner, object) of `a-r` after the ACKed changes of `history`, in
+/// the order of their generations, from `start`; panics at the first change
+/// that may not land on the stage as it is then: a team-a change on a stage
+/// not team-a's (a replace or unlink of the admin's or the bundle's, a link
+/// over any), an apply or rollback over a stage that is not the bundle's,
+/// a bundle removal of a stage that is not the bundle's (team-a linked it
+/// after the bundle's apply), an admin unlink of nothing or link over
+/// something.
+fn replay(
+    start: Option<(&'static str, &'static str)>,
+    history: &[(u64, RaceEffect)],
+) -> Option<(&'static str, &'static str)> {
+    let mut now = start;
+    for (g, e) in history {
+        now = match (e, now) {
+            (RaceEffect::TeamReplace(o), Some(("team-a", _))) => Some(("team-a", *o)),
+            (RaceEffect::TeamLink(o), None) => Some(("team-a", *o)),
+            (RaceEffect::TeamUnlink, Some(("team-a", _))) => None,
+            (RaceEffect::AdminUnlink, Some(_)) => None,
+            (RaceEffect::AdminLink, None) => Some(("local", "test_pass")),
+            (RaceEffect::BundleSet(o), None | Some((BUNDLE_OWNER, _))) => Some((BUNDLE_OWNER, *o)),
+            (RaceEffect::BundleUnlink, Some((BUNDLE_OWNER, _))) => None,
+            (e, was) => panic!("generation {g}: {e:?} landed on a-r as {was:?}"),
+        };
+    }
+    now
+}
+
+/// The checks of an ownership race after it ran from `first` (the
+/// generation at which `a-r` was `start`): every ACKed change has a
+/// generation of its own and none is missing (no change landed unACKed);
+/// in that order they are a legal history ([`replay`]); and the kernel runs
+/// its end (owner and object of `a-r`), at its last generation.
+async fn check_race_history(
+    ops: &mut RootletClient<Channel>,
+    r: Option<pb::RootletRef>,
+    first: u64,
+    start: Option<(&'static str, &'static str)>,
+    history: Vec<(u64, RaceEffect)>,
+) {
+    let mut history = history;
+    history.sort_by_key(|(g, _)| *g);
+    let generations: Vec<u64> = history.iter().map(|(g, _)| *g).collect();
+    let expected: Vec<u64> = (1..=history.len() as u64).map(|n| first + n).collect();
+    assert_eq!(
+        generations, expected,
+        "one generation per ACKed change: none unACKed, none shared"
+    );
+    let now = replay(start, &history);
+    let s = ops
+        .get_rootlet(pb::GetRootletRequest { rootlet: r })
+        .await
+        .expect("state")
+        .into_inner();
+    assert_eq!(s.generation, *expected.last().unwrap_or(&first));
+    let kernel = s
+        .slots
+        .iter()
+        .find(|x| x.stage == "a-r")
+        .map(|x| (x.owner.clone(), x.digest.clone()));
+    assert_eq!(
+        kernel,
+        now.map(|(o, obj)| (o.to_owned(), digest_of(obj))),
+        "the kernel runs the end of the ACKed history"
+    );
 }
 
 /// A refusal's ErrorInfo metadata value `key` ("" if absent).
@@ -3297,30 +3376,68 @@ fn meta(s: &tonic::Status, key: &str) -> String {
 }
 
 /// Whether an OWNER_CHANGED refusal of stage `a-r` names a real change
-/// between the owners this race has ("" none, team-a, local).
-fn owner_changed_is_precise(e: &tonic::Status) -> bool {
+/// between the owners this race has ("" none, team-a, and `admin`: the
+/// owner of the admin's stage).
+fn owner_changed_is_precise(e: &tonic::Status, admin: &str) -> bool {
     let (read, now) = (meta(e, "read_owner"), meta(e, "current_owner"));
-    let known = |o: &str| ["", "team-a", "local"].contains(&o);
+    let known = |o: &str| ["", "team-a", admin].contains(&o);
     meta(e, "stage") == "a-r" && known(&read) && known(&now) && read != now
 }
 
+/// Which refusal the race allows a team-a call on `a-r` is, if it is one:
+/// the admin's stage (`admin` owns it: PERMISSION_DENIED naming the owner),
+/// or the owner changed between the call's read and its change (ABORTED,
+/// OWNER_CHANGED, with the stage and both owners).
+fn team_refusal(e: &tonic::Status, admin: &str) -> Option<&'static str> {
+    match (e.code(), reason(e).as_str()) {
+        (Code::PermissionDenied, "PERMISSION_DENIED")
+            if meta(e, "action").contains(&format!("owned by {admin}")) =>
+        {
+            Some("PERMISSION_DENIED")
+        }
+        (Code::Aborted, "OWNER_CHANGED") if owner_changed_is_precise(e, admin) => {
+            Some("OWNER_CHANGED")
+        }
+        _ => None,
+    }
+}
+
 /// team-a keeps changing stage `a-r`: a replace alternating two objects,
-/// and a link when it is gone. Every answer is an ACK or one of the
-/// refusals the race allows, each with its reason; anything else is
-/// recorded as unexpected.
+/// and a link when it is gone; with `unlink_every` > 0, every that many
+/// rounds an unlink instead (so that the stage is free for the admin's
+/// bundle to take). The admin's stage is owned by `admin`. Every answer is
+/// an ACK or one of the refusals the race allows, each with its reason;
+/// anything else is recorded as unexpected.
 async fn team_race(
     mut c: RootletClient<Channel>,
     r: Option<pb::RootletRef>,
     rounds: usize,
-) -> (
-    Vec<(u64, RaceEffect)>,
-    BTreeMap<&'static str, usize>,
-    Vec<String>,
-) {
+    admin: &'static str,
+    unlink_every: usize,
+) -> (Vec<(u64, RaceEffect)>, BTreeMap<String, usize>, Vec<String>) {
     let mut acked = vec![];
-    let mut refused: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut refused: BTreeMap<String, usize> = BTreeMap::new();
     let mut unexpected = vec![];
     for i in 0..rounds {
+        if unlink_every > 0 && i % unlink_every == unlink_every - 1 {
+            match c
+                .unlink_stage(pb::UnlinkStageRequest {
+                    rootlet: r.clone(),
+                    stage: "a-r".into(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(ok) => acked.push((ok.into_inner().generation, RaceEffect::TeamUnlink)),
+                Err(e)
+                    if (e.code(), reason(&e).as_str()) == (Code::NotFound, "STAGE_NOT_FOUND") => {}
+                Err(e) => match team_refusal(&e, admin) {
+                    Some(why) => *refused.entry(format!("unlink: {why}")).or_default() += 1,
+                    None => unexpected.push(format!("unlink {i}: {e:?}")),
+                },
+            }
+            continue;
+        }
         let object = if i % 2 == 0 { "sampler" } else { "test_pass" };
         let replace = c
             .replace_stage(pb::ReplaceStageRequest {
@@ -3329,30 +3446,24 @@ async fn team_race(
                 ..Default::default()
             })
             .await;
-        let gone = match replace {
+        match replace {
             Ok(ok) => {
                 acked.push((ok.into_inner().generation, RaceEffect::TeamReplace(object)));
-                false
+                continue;
             }
-            Err(e) => match (e.code(), reason(&e).as_str()) {
-                (Code::NotFound, "STAGE_NOT_FOUND") => true,
-                (Code::PermissionDenied, "PERMISSION_DENIED")
-                    if meta(&e, "action").contains("owned by local") =>
-                {
-                    *refused.entry("replace: PERMISSION_DENIED").or_default() += 1;
-                    false
+            Err(e) if (e.code(), reason(&e).as_str()) == (Code::NotFound, "STAGE_NOT_FOUND") => {}
+            Err(e) => {
+                match team_refusal(&e, admin) {
+                    Some(why) => *refused.entry(format!("replace: {why}")).or_default() += 1,
+                    None => unexpected.push(format!("replace {i}: {e:?}")),
                 }
-                (Code::Aborted, "OWNER_CHANGED") if owner_changed_is_precise(&e) => {
-                    *refused.entry("replace: OWNER_CHANGED").or_default() += 1;
-                    false
-                }
-                _ => {
-                    unexpected.push(format!("replace {i}: {e:?}"));
-                    false
-                }
-            },
-        };
-        if !gone {
+                continue;
+            }
+        }
+        // Gone: link it (with unlinks, every other round only: the other
+        // rounds' replaces keep reading the stage absent, as the bundle
+        // takes it over).
+        if unlink_every > 0 && i % 2 == 1 {
             continue;
         }
         match c
@@ -3360,16 +3471,9 @@ async fn team_race(
             .await
         {
             Ok(ok) => acked.push((ok.into_inner().generation, RaceEffect::TeamLink(object))),
-            Err(e) => match (e.code(), reason(&e).as_str()) {
-                (Code::PermissionDenied, "PERMISSION_DENIED")
-                    if meta(&e, "action").contains("owned by local") =>
-                {
-                    *refused.entry("link: PERMISSION_DENIED").or_default() += 1;
-                }
-                (Code::Aborted, "OWNER_CHANGED") if owner_changed_is_precise(&e) => {
-                    *refused.entry("link: OWNER_CHANGED").or_default() += 1;
-                }
-                _ => unexpected.push(format!("link {i}: {e:?}")),
+            Err(e) => match team_refusal(&e, admin) {
+                Some(why) => *refused.entry(format!("link: {why}")).or_default() += 1,
+                None => unexpected.push(format!("link {i}: {e:?}")),
             },
         }
     }
@@ -3402,7 +3506,7 @@ async fn admin_race(
                 // its change (team-a linked or re-linked it meanwhile).
                 Err(e)
                     if (e.code(), reason(&e).as_str()) == (Code::Aborted, "OWNER_CHANGED")
-                        && owner_changed_is_precise(&e) => {}
+                        && owner_changed_is_precise(&e, "local") => {}
                 Err(e) => unexpected.push(format!("admin unlink {j}: {e:?}")),
             }
         } else {
@@ -3418,12 +3522,21 @@ async fn admin_race(
                 // its change (team-a linked or re-linked it meanwhile).
                 Err(e)
                     if (e.code(), reason(&e).as_str()) == (Code::Aborted, "OWNER_CHANGED")
-                        && owner_changed_is_precise(&e) => {}
+                        && owner_changed_is_precise(&e, "local") => {}
                 Err(e) => unexpected.push(format!("admin link {j}: {e:?}")),
             }
         }
     }
     (acked, unexpected)
+}
+
+/// The Unix socket's client: the host's admin ("local").
+async fn unix_admin(a: &Agent) -> RootletClient<Channel> {
+    RootletClient::new(
+        rootlet_integration_tests::rootletd::unix_channel(&a.state_dir.join("rootletd.sock"))
+            .await
+            .expect("the Unix socket"),
+    )
 }
 
 /// team-a changes its stage `a-r` while the admin unlinks it and links it
@@ -3446,11 +3559,7 @@ async fn a_teams_change_never_lands_on_a_stage_an_admin_took_meanwhile() {
     let a = Agent::start().await;
     let mut ops = a.client("ops").await;
     let loaded = a.load(&mut ops).await;
-    let admin = RootletClient::new(
-        rootlet_integration_tests::rootletd::unix_channel(&a.state_dir.join("rootletd.sock"))
-            .await
-            .expect("the Unix socket"),
-    );
+    let admin = unix_admin(&a).await;
     let r = a.rootlet();
     let mut team = a.client("team-a").await;
     let first = team
@@ -3459,7 +3568,8 @@ async fn a_teams_change_never_lands_on_a_stage_an_admin_took_meanwhile() {
         .expect("team-a links its stage")
         .into_inner()
         .generation;
-    let team = tokio::spawn(team_race(team, r.clone(), rounds));
+    assert_eq!(first, loaded.generation + 1);
+    let team = tokio::spawn(team_race(team, r.clone(), rounds, "local", 0));
     let (admin, team) = tokio::time::timeout(Duration::from_secs(360), async {
         let admin = admin_race(admin, r.clone(), rounds).await;
         (admin, team.await.expect("team task"))
@@ -3483,43 +3593,206 @@ async fn a_teams_change_never_lands_on_a_stage_an_admin_took_meanwhile() {
         team_acked.len(),
         admin_acked.len()
     );
+    let history = team_acked.into_iter().chain(admin_acked).collect();
+    check_race_history(&mut ops, r, first, Some(("team-a", "test_pass")), history).await;
+}
 
-    let mut history: Vec<(u64, RaceEffect)> = team_acked.into_iter().chain(admin_acked).collect();
-    history.sort_by_key(|(g, _)| *g);
-    let generations: Vec<u64> = history.iter().map(|(g, _)| *g).collect();
-    let expected: Vec<u64> = (1..=history.len() as u64).map(|n| first + n).collect();
-    assert_eq!(first, loaded.generation + 1);
-    assert_eq!(
-        generations, expected,
-        "one generation per ACKed change: none unACKed, none shared"
-    );
-    // (owner, object) of a-r after each step; team-a's link came first.
-    let mut now: Option<(&str, &str)> = Some(("team-a", "test_pass"));
-    for (g, e) in &history {
-        now = match (e, now) {
-            (RaceEffect::TeamReplace(o), Some(("team-a", _))) => Some(("team-a", *o)),
-            (RaceEffect::TeamLink(o), None) => Some(("team-a", *o)),
-            (RaceEffect::AdminUnlink, Some(_)) => None,
-            (RaceEffect::AdminLink, None) => Some(("local", "test_pass")),
-            (e, was) => panic!("generation {g}: {e:?} landed on a-r as {was:?}"),
-        };
+/// The two versions of bundle `edge` the takeover race applies: stage
+/// `a-r` (team-a's name pattern, shipped as `ops`'s), of another object in
+/// each.
+fn takeover_v1(a: &Agent) -> Vec<u8> {
+    a.bundle_of("edge", "1.0", &[("a-r", "sampler", 50, BUNDLE_OWNER)], true)
+}
+
+fn takeover_v2(a: &Agent) -> Vec<u8> {
+    a.bundle_of(
+        "edge",
+        "2.0",
+        &[("a-r", "test_pass", 50, BUNDLE_OWNER)],
+        true,
+    )
+}
+
+/// The object of `a-r` in takeover version `version`.
+fn takeover_object(version: &str) -> &'static str {
+    match version {
+        "1.0" => "sampler",
+        "2.0" => "test_pass",
+        v => panic!("no takeover version {v}"),
     }
-    let s = ops
-        .get_rootlet(pb::GetRootletRequest { rootlet: r })
+}
+
+/// The admin, over the Unix socket, takes stage `a-r` over by bundle and
+/// gives it back, in turn: RemoveBundle `edge`, apply 1.0, RemoveBundle,
+/// apply 2.0, Rollback (to the version before the current: a replace, or a
+/// link after the removal). What each may answer
+/// (proto/rootlet/v1/rootlet.proto, Bundles and RemoveBundle):
+/// - apply or rollback while `a-r` is team-a's: the bundle does not manage
+///   that stage, FAILED_PRECONDITION STAGE_NOT_MANAGED_BY_BUNDLE naming the
+///   stage, the bundle and team-a; nothing changed;
+/// - apply or rollback while `a-r` is absent when the agent plans it and
+///   team-a links it before the change (under the rootlet's lock): the
+///   bundle's link meets a stage, a NACK with the cause's ALREADY_EXISTS
+///   STAGE_EXISTS naming the stage and the bundle; nothing changed;
+/// - otherwise an ACK: a link (absent) or a replace (the bundle's, another
+///   version's object) with the rootlet's new generation, or nothing
+///   changed (the kernel runs exactly that version: a no-op);
+/// - RemoveBundle always ACKs: it unlinks `a-r` only while the bundle runs
+///   it (the bundle's stage, which team-a cannot touch) with a generation
+///   of its own, and takes nothing else (team-a's stage of that name,
+///   linked after the bundle's apply, is not the bundle's).
+///
+/// Returns the ACKed changes, the refusals by reason, and anything else.
+async fn bundle_race(
+    mut c: RootletClient<Channel>,
+    v1: Vec<u8>,
+    v2: Vec<u8>,
+    rounds: usize,
+) -> (Vec<(u64, RaceEffect)>, BTreeMap<String, usize>, Vec<String>) {
+    let mut acked = vec![];
+    let mut refused: BTreeMap<String, usize> = BTreeMap::new();
+    let mut unexpected = vec![];
+    for j in 0..rounds {
+        let (what, reply) = match j % 5 {
+            0 | 2 => ("remove", c.remove_bundle(remove("edge")).await),
+            1 => ("apply 1.0", c.apply_bundle(apply(v1.clone())).await),
+            3 => ("apply 2.0", c.apply_bundle(apply(v2.clone())).await),
+            _ => (
+                "rollback",
+                c.rollback(pb::RollbackRequest {
+                    name: "edge".into(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+        };
+        match reply {
+            Ok(ok) => {
+                let ok = ok.into_inner();
+                // An apply answers for the one rootlet it targets; a
+                // removal for the rootlets the bundle manages stages on
+                // (none: a no-op, the host does not run the bundle).
+                let rootlets = if ok.removed && ok.noop { 0..=1 } else { 1..=1 };
+                if !rootlets.contains(&ok.rootlets.len()) || ok.removed != (what == "remove") {
+                    unexpected.push(format!("{what} {j}: {ok:?}"));
+                }
+                for o in ok.rootlets.iter().filter(|o| o.changed) {
+                    let e = if ok.removed {
+                        RaceEffect::BundleUnlink
+                    } else {
+                        RaceEffect::BundleSet(takeover_object(&ok.version))
+                    };
+                    acked.push((o.generation, e));
+                }
+            }
+            Err(e) => {
+                let names = |bundle_meta: bool| {
+                    meta(&e, "stage") == "a-r" && (!bundle_meta || meta(&e, "bundle") == "edge")
+                };
+                let why = match (what, e.code(), reason(&e).as_str()) {
+                    ("remove", ..) => None,
+                    (_, Code::FailedPrecondition, "STAGE_NOT_MANAGED_BY_BUNDLE")
+                        if names(true) && meta(&e, "owner") == "team-a" =>
+                    {
+                        Some("STAGE_NOT_MANAGED_BY_BUNDLE")
+                    }
+                    (_, Code::AlreadyExists, "STAGE_EXISTS") if names(true) => Some("STAGE_EXISTS"),
+                    _ => None,
+                };
+                match why {
+                    Some(why) => *refused.entry(format!("{what}: {why}")).or_default() += 1,
+                    None => unexpected.push(format!("{what} {j}: {e:?}")),
+                }
+            }
+        }
+    }
+    (acked, refused, unexpected)
+}
+
+/// The bundle-takeover variant of the ownership race: team-a replaces,
+/// unlinks and links its stage `a-r` while the admin (the Unix socket)
+/// applies, rolls back and removes a bundle `edge` whose stage `a-r` is
+/// `ops`'s, over and over, at once. The bundle takes `a-r` over whenever it
+/// is free (its owner is the bundle stage's owner then), and cannot while
+/// it is team-a's (STAGE_NOT_MANAGED_BY_BUNDLE: a stage a bundle does not
+/// manage is not its to replace or remove). Every answer of either side is
+/// an ACK or a refusal the race allows, with its code and reason
+/// ([`team_race`], [`bundle_race`]); the ACKed changes, in the order of
+/// their generations, are a legal history ([`replay`]): no team-a change
+/// lands on the bundle's stage, no bundle apply on team-a's, and no bundle
+/// removal takes a stage team-a linked after the bundle's apply; one
+/// generation per ACKed change, none missing; and the kernel runs the end
+/// of that history.
+///
+/// How it fails: if ownership were checked before the rootlet's lock
+/// rather than under it (`Agent::change`'s guard), a team-a replace or
+/// unlink that read `a-r` absent would land on the bundle's stage linked
+/// in between (the replay panics: TeamReplace or TeamUnlink on `ops`'s);
+/// if a bundle apply replaced a stage of its name that it does not manage
+/// (`changes_for`), or a removal unlinked one, the replay panics on a
+/// BundleSet or BundleUnlink on team-a's; a change whose answer gave
+/// another's generation, or none, breaks the generation sequence; an
+/// answer of another code or reason (a NACK that does not name the stage,
+/// a removal refused) is unexpected. With the guard under the lock
+/// reduced to nothing (the check before the lock only), 4 runs in 5 failed
+/// on a tailcall host: TeamReplace landed on `ops`'s stage, or team-a's
+/// link met the bundle's (STAGE_EXISTS).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_takes_over_and_gives_back_a_stage_while_its_team_changes_it() {
+    // The window the race needs (team-a reads `a-r` absent, the bundle
+    // links it before team-a's change takes the rootlet's lock) opens about
+    // once in 100 rounds here: 300 rounds (some 8 s) make a run that misses
+    // it rare. freplace runs only in the VM tier, 20-35x slower: fewer
+    // rounds there keep it within its time bound.
+    let freplace = std::env::var("ROOTLET_TEST_BACKEND").is_ok_and(|b| b == "freplace");
+    let rounds: usize = if freplace { 30 } else { 300 };
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let loaded = a.load(&mut ops).await;
+    let mut admin = unix_admin(&a).await;
+    let r = a.rootlet();
+    let (v1, v2) = (takeover_v1(&a), takeover_v2(&a));
+    // Both versions in the history (so that a rollback always has one to
+    // go to), 1.0 current: the bundle runs `a-r` to start with.
+    admin
+        .apply_bundle(apply(v2.clone()))
         .await
-        .expect("state")
-        .into_inner();
-    assert_eq!(s.generation, *expected.last().unwrap_or(&first));
-    let kernel = s
-        .slots
-        .iter()
-        .find(|x| x.stage == "a-r")
-        .map(|x| (x.owner.clone(), x.digest.clone()));
-    assert_eq!(
-        kernel,
-        now.map(|(o, obj)| (o.to_owned(), digest_of(obj))),
-        "the kernel runs the end of the ACKed history"
+        .expect("apply 2.0");
+    let first = admin
+        .apply_bundle(apply(v1.clone()))
+        .await
+        .expect("apply 1.0")
+        .into_inner()
+        .rootlets[0]
+        .generation;
+    assert_eq!(first, loaded.generation + 2);
+    let team = a.client("team-a").await;
+    let team = tokio::spawn(team_race(team, r.clone(), rounds, BUNDLE_OWNER, 3));
+    let (admin, team) = tokio::time::timeout(Duration::from_secs(360), async {
+        let admin = bundle_race(admin, v1, v2, rounds).await;
+        (admin, team.await.expect("team task"))
+    })
+    .await
+    .expect("no deadlock: both finished in time");
+    let (team_acked, team_refused, team_unexpected) = team;
+    let (admin_acked, admin_refused, admin_unexpected) = admin;
+    assert!(
+        team_unexpected.is_empty() && admin_unexpected.is_empty(),
+        "answers the race does not allow: {team_unexpected:#?} {admin_unexpected:#?}"
     );
+    assert!(
+        !team_refused.is_empty() && !team_acked.is_empty() && !admin_acked.is_empty(),
+        "the race was not run: team ACKs {}, admin ACKs {}, team refusals {team_refused:?}",
+        team_acked.len(),
+        admin_acked.len()
+    );
+    eprintln!(
+        "team-a: {} ACKed, refused {team_refused:?}; admin: {} ACKed, refused {admin_refused:?}",
+        team_acked.len(),
+        admin_acked.len()
+    );
+    let history = team_acked.into_iter().chain(admin_acked).collect();
+    check_race_history(&mut ops, r, first, Some((BUNDLE_OWNER, "sampler")), history).await;
 }
 
 /// The value of the unlabelled series `name` in a scrape.
@@ -3800,4 +4073,69 @@ async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
     .await;
     drop(ops);
     assert!(exited(&mut child, true).await.success(), "clean exit");
+}
+
+/// A bundle's stage unlinked by hand and linked again by its team is the
+/// team's, not the bundle's: a later apply of the bundle is refused
+/// (STAGE_NOT_MANAGED_BY_BUNDLE, "a bundle stage whose name runs on a
+/// rootlet but is not the bundle's"), and RemoveBundle leaves it ("nothing
+/// the bundle did not create is touched"). Ignored: the agent records the
+/// stages a bundle manages by name only (`ApplyStatus::managed`), so today
+/// the apply replaces team-a's stage and makes it `ops`'s, and the removal
+/// unlinks team-a's stage. Found by the takeover race's analysis (h2); not
+/// fixed there.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "known bug: a bundle's managed stages are recorded by name only"]
+async fn a_stage_of_a_bundles_name_that_its_team_linked_again_is_not_the_bundles() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let mut admin = unix_admin(&a).await;
+    let r = a.rootlet();
+    let mut team = a.client("team-a").await;
+    let hand_unlink = pb::UnlinkStageRequest {
+        rootlet: r.clone(),
+        stage: "a-r".into(),
+        ..Default::default()
+    };
+    admin
+        .apply_bundle(apply(takeover_v1(&a)))
+        .await
+        .expect("apply 1.0: the bundle links a-r, ops's");
+    admin
+        .unlink_stage(hand_unlink.clone())
+        .await
+        .expect("the admin unlinks it by hand");
+    team.link_stage(link(r.clone(), stage("a-r", "test_pass", 10)))
+        .await
+        .expect("team-a links a stage of that name");
+    let teams = vec![(
+        "a-r".to_owned(),
+        "team-a".to_owned(),
+        digest_of("test_pass"),
+    )];
+    let before = kernel(&mut ops, r.clone()).await;
+    assert_eq!(before.as_ref().map(|k| &k.1), Some(&teams));
+    let err = admin
+        .apply_bundle(apply(takeover_v2(&a)))
+        .await
+        .expect_err("the bundle may not take team-a's stage over");
+    assert_eq!(
+        (err.code(), reason(&err).as_str(), meta(&err, "owner")),
+        (
+            Code::FailedPrecondition,
+            "STAGE_NOT_MANAGED_BY_BUNDLE",
+            "team-a".to_owned()
+        )
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before, "nothing changed");
+    admin
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("remove the bundle");
+    assert_eq!(
+        kernel(&mut ops, r.clone()).await,
+        before,
+        "the removal took nothing the bundle did not create"
+    );
 }
