@@ -12,8 +12,9 @@
 #   ROOTLET_SKIP_VM=1    skip the VM tier (says so loudly; CI never sets it).
 #   ROOTLET_VM_JOBS      VM cells run at once (default 2: one vCPU each).
 #   ROOTLET_VM_MATRIX    the VM tier's KERNEL:BACKEND[:SUITES] cells (default:
-#                        6.12 and 6.1, each with freplace and tailcall; the
-#                        tail-call cells run the data-plane and policy suites).
+#                        6.12 and 6.1, each with freplace and tailcall, and
+#                        the crash suite on 6.12 with freplace; the tail-call
+#                        cells run the data-plane and policy suites).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -99,19 +100,20 @@ guest_run() {
 # The kernel matrix (#21): each guest kernel CI supports, with each backend.
 # ROOTLET_VM_MATRIX: space-separated KERNEL:BACKEND[:SUITES] (KERNEL: a
 # /boot/vmlinuz- prefix that names one series, the newest installed image of
-# it is used; SUITES: comma-separated, default dataplane,agent,policy; the
-# crash suite runs when named, e.g. 6.12:freplace:crash: in a guest it costs
-# about 90 s per crash point (three rootletd starts each), too much for the
-# default cells within CI's time; see docs/VM-TIER.md).
+# it is used; SUITES: comma-separated, default dataplane,agent,policy).
+# The crash suite has a cell of its own (6.12, freplace: the backend the
+# native tier cannot run), sweeping $crash_vm_steps; about 12-20 min there
+# (two rootletd starts per crash point, 15 points; see docs/VM-TIER.md).
 # The tail-call cells run the data-plane and policy suites, not the agent
 # suite: the agent suite runs with the tail-call backend in the native tier
 # (and the agent layer sits above the backend trait), while the data-plane
 # suite exercises the tail-call backend on each guest kernel. That keeps the
 # tier within CI's time (the agent suite's crash sweep is about half a cell).
-# Cells run two at a time (ROOTLET_VM_JOBS): a guest has one vCPU, so two
-# guests use the two cores of a CI machine; each cell's output is printed
-# whole when it ends, and every cell runs even when one fails.
-cells=(${ROOTLET_VM_MATRIX:-6.12:freplace 6.1:freplace 6.12:tailcall:dataplane,policy 6.1:tailcall:dataplane,policy})
+# Cells run two at a time (ROOTLET_VM_JOBS), in this order, longest first
+# so that the two slots end together: a guest has one vCPU, so two guests
+# use the two cores of a CI machine; each cell's output is printed whole
+# when it ends, and every cell runs even when one fails.
+cells=(${ROOTLET_VM_MATRIX:-6.12:freplace 6.1:freplace 6.12:freplace:crash 6.12:tailcall:dataplane,policy 6.1:tailcall:dataplane,policy})
 vm_logs=$(mktemp -d)
 run_cell() {
     local i="$1" cell="$2" series backend suites kernel t0 run

@@ -54,7 +54,7 @@ impl Drop for Process {
 /// Starts rootletd (built beside the test binary) with a config file.
 /// `ROOTLET_CRASH_STEPS`: a comma-separated list of the crash points a
 /// crash sweep visits (unset or empty: every one). Every point runs in the
-/// native tier; the VM tier (20-35x slower, three rootletd starts per point)
+/// native tier; the VM tier (20-35x slower, two rootletd starts per point)
 /// sweeps the points on either side of each swap point (scripts/test.sh).
 pub fn crash_step_wanted(step: &str) -> bool {
     match std::env::var("ROOTLET_CRASH_STEPS") {
