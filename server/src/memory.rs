@@ -5,7 +5,7 @@
 //! reads /sys/kernel/btf/vmlinux: some 150k small allocations, freed at
 //! the end of the load), and glibc keeps what a thread frees in that
 //! thread's arena. Without a trim an idle agent holds the high-water mark
-//! of its last changes. The only unsafe code of the crate: two glibc calls.
+//! of its last changes. The only unsafe code of the crate: three glibc calls.
 
 /// glibc malloc arenas: by default up to 8 per core, one per thread that
 /// allocates. rootletd is not allocation-bound: one arena, shared. One,
@@ -39,6 +39,33 @@ pub fn trim() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// The heap as glibc accounts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heap {
+    /// Allocated and not freed: the main heap's and the mmap'd chunks'.
+    pub in_use: u64,
+    /// Freed but still held by the heap.
+    pub free: u64,
+}
+
+/// The heap now (None where the C library is not glibc). `mallinfo2`
+/// walks every arena's free lists under their locks: cheap for rootletd's
+/// one arena, and called only when metrics are scraped.
+pub fn heap() -> Option<Heap> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics (taking
+        // each arena's lock) and returns them by value.
+        let m = unsafe { libc::mallinfo2() };
+        Some(Heap {
+            in_use: (m.uordblks + m.hblkhd) as u64,
+            free: m.fordblks as u64,
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
 }
 
 /// How long after the last change the heap is trimmed.

@@ -38,8 +38,11 @@ use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
 use tonic::transport::Channel;
 
 /// Applies before the baseline: one-time allocations (loader pools, caches,
-/// the store's first pages) are not growth.
-const WARMUP: usize = CYCLE;
+/// the store's pages in redb's cache, the per-rootlet bounded histories)
+/// are not growth. Ten cycles: with one (100 applies), the live heap still
+/// grew ~240 KiB over the next 1 000 applies and then ~7 B per apply, flat
+/// over the last 5 000 (docs/BENCHMARKS.md, Soak).
+const WARMUP: usize = 10 * CYCLE;
 /// Frames per second of the steady traffic.
 const RATE_PPS: u64 = 2_000;
 /// A traffic segment ends after this many applies or this long.
@@ -50,6 +53,10 @@ const SEGMENT_TIME: Duration = Duration::from_secs(240);
 /// moves by a few hundred KiB between reads with nothing leaked; a leak of
 /// 100 bytes per apply would be ~1 MiB over 10 000 applies and show.
 const RSS_TOLERANCE_KIB: u64 = 1024;
+/// The growth of the live heap (glibc's count of bytes allocated and not
+/// freed) tolerated after the warm-up. It has no fragmentation in it, so
+/// it is tighter: a leak of 26 bytes per apply over 10 000 applies shows.
+const HEAP_TOLERANCE_KIB: u64 = 256;
 /// The store keeps bounded histories (bundle versions, policy versions):
 /// once they are full it must not grow; its file may move by a page or so
 /// as records are rewritten.
@@ -66,6 +73,11 @@ struct Held {
     /// RssAnon: the heap and stacks (RssFile, the rest, is mapped files:
     /// the binary's pages as they are first touched).
     anon_kib: u64,
+    /// glibc's heap (rootletd's `rootlet_heap_*_bytes`): allocated and not
+    /// freed, and freed but held. A leak grows the first; fragmentation
+    /// between trims moves RSS with the second.
+    heap_kib: u64,
+    heap_free_kib: u64,
     fds: usize,
     pins: usize,
     progs: usize,
@@ -93,6 +105,7 @@ struct Segment {
     applies: usize,
     rss_kib: u64,
     anon_kib: u64,
+    heap_kib: u64,
     sent: u64,
     received: usize,
     duplicates: usize,
@@ -155,7 +168,8 @@ async fn run(args: &Args, f: &Fixture, d: &mut Daemon, n: usize) -> Result<()> {
     let template = f.pair.udp_to_host(40000, sink.port(), Vec::new());
     let pins_root = f.root.clone();
     let state_dir = d.dir.path().join("state");
-    let held = || hold(pid, &pins_root, &state_dir);
+    let metrics = d.metrics;
+    let held = || hold(pid, metrics, &pins_root, &state_dir);
 
     tokio::time::sleep(SETTLE).await;
     let start = held()?;
@@ -213,6 +227,7 @@ async fn run(args: &Args, f: &Fixture, d: &mut Daemon, n: usize) -> Result<()> {
             applies: i,
             rss_kib: now.0,
             anon_kib: now.1,
+            heap_kib: heap(metrics)?.0,
             sent: sent.len() as u64,
             received,
             duplicates: got.duplicates(),
@@ -335,7 +350,29 @@ fn memory(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("RssAnon:")?))
 }
 
-fn hold(pid: u32, pins_root: &Path, state_dir: &Path) -> Result<Held> {
+/// rootletd's heap in use and heap free (KiB), from its metrics.
+fn heap(metrics: std::net::SocketAddr) -> Result<(u64, u64)> {
+    let text = rootlet_integration_tests::rootletd::scrape(metrics)?;
+    let gauge = |name: &str| -> Result<u64> {
+        let bytes: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .ok_or(format!("no {name} in rootletd's metrics"))?;
+        Ok(bytes / 1024)
+    };
+    Ok((
+        gauge("rootlet_heap_in_use_bytes")?,
+        gauge("rootlet_heap_free_bytes")?,
+    ))
+}
+
+fn hold(
+    pid: u32,
+    metrics: std::net::SocketAddr,
+    pins_root: &Path,
+    state_dir: &Path,
+) -> Result<Held> {
+    let (heap_kib, heap_free_kib) = heap(metrics)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Result<u64> {
         Ok(status
@@ -375,6 +412,8 @@ fn hold(pid: u32, pins_root: &Path, state_dir: &Path) -> Result<Held> {
     Ok(Held {
         rss_kib,
         anon_kib,
+        heap_kib,
+        heap_free_kib,
         fds,
         pins,
         progs: progs.len(),
@@ -587,6 +626,22 @@ fn print(
         " KiB",
     );
     row(
+        "heap in use (KiB, glibc)",
+        start.heap_kib,
+        base.heap_kib,
+        end.heap_kib,
+        HEAP_TOLERANCE_KIB,
+        " KiB",
+    );
+    println!(
+        "   {:<34}{:>14}{:>14}{:>14}{:>+12}  context (freed, held by the heap)",
+        "  heap free (KiB, glibc)",
+        start.heap_free_kib,
+        base.heap_free_kib,
+        end.heap_free_kib,
+        end.heap_free_kib as i64 - base.heap_free_kib as i64
+    );
+    row(
         "open file descriptors",
         start.fds as u64,
         base.fds as u64,
@@ -667,11 +722,13 @@ fn print(
         );
     }
     println!();
-    println!("   VmRSS / RssAnon (KiB) at the end of each traffic segment, by applies done:");
-    for s in segments {
+    println!(
+        "   VmRSS / RssAnon / heap in use (KiB) at the end of each traffic segment, by applies done:"
+    );
+    for s in segments.iter() {
         println!(
-            "     {:>7} applies  {:>7} / {:>7}",
-            s.applies, s.rss_kib, s.anon_kib
+            "     {:>7} applies  {:>7} / {:>7} / {:>7}",
+            s.applies, s.rss_kib, s.anon_kib, s.heap_kib
         );
     }
     println!();
