@@ -402,7 +402,16 @@ impl super::Agent {
                 None => state.insert(self.dp.state(key)?),
             };
             if let Some(target) = self.target_on(&bundle, key) {
-                let managed = status.managed.get(name).cloned().unwrap_or_default();
+                // A stage of a managed name that is not the bundle's is not
+                // the bundle's drift.
+                let mut managed = status.managed.get(name).cloned().unwrap_or_default();
+                managed.retain(|m| {
+                    state
+                        .slots
+                        .iter()
+                        .find(|s| &s.stage == m)
+                        .is_none_or(|s| status.is_bundles(name, m, s.linked_generation))
+                });
                 drift.extend(Self::drift_of(state, &bundle, &target, &managed)?);
             }
         }
@@ -414,7 +423,11 @@ impl super::Agent {
                 Some(s) => s,
                 None => state.insert(self.dp.state(key)?),
             };
-            for slot in state.slots.iter().filter(|s| names.contains(&s.stage)) {
+            for slot in state
+                .slots
+                .iter()
+                .filter(|s| status.is_bundles(bundle, &s.stage, s.linked_generation))
+            {
                 drift.push(StageDrift {
                     bundle: bundle.clone(),
                     stage: slot.stage.clone(),

@@ -1003,6 +1003,27 @@ mod tests {
     }
 
     #[test]
+    fn a_managed_stage_is_the_bundles_only_while_it_is_the_one_the_bundle_left() {
+        let mut s = ApplyStatus::default();
+        s.managed
+            .insert("edge".into(), vec!["ddos".into(), "lb".into()]);
+        s.linked
+            .insert("edge".into(), BTreeMap::from([("ddos".to_owned(), 4)]));
+        assert!(s.is_bundles("edge", "ddos", 4), "the stage it linked");
+        assert!(!s.is_bundles("edge", "ddos", 7), "linked again since");
+        assert!(s.is_bundles("edge", "lb", 9), "no identity: by name");
+        assert!(!s.is_bundles("edge", "other", 4), "not managed");
+        assert!(!s.is_bundles("sampling", "ddos", 4), "another bundle's");
+        // A status of an earlier agent has no identities: by name.
+        let old: ApplyStatus = serde_json::from_str(
+            r#"{"bundle":"edge","applied_version":"1.0","applied_digest":"e1",
+            "last_attempt":null,"managed":{"edge":["ddos"]}}"#,
+        )
+        .expect("an earlier agent's status");
+        assert!(old.linked.is_empty() && old.is_bundles("edge", "ddos", 3));
+    }
+
+    #[test]
     fn a_nack_says_whether_the_undo_restored_every_rootlet() {
         assert_eq!(
             nack(vec![]),
