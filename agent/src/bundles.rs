@@ -81,6 +81,9 @@ pub(super) struct Undo {
     pub(super) loaded_now: bool,
     /// What the apply changed, once its generation went live.
     pub(super) applied: Vec<Change>,
+    /// The identity (`linked_generation`) of each stage the apply replaced,
+    /// as it read it (empty when not known: an undo retried from the store).
+    pub(super) replaced: BTreeMap<String, u64>,
     /// The generation the apply produced (0 until it went live).
     pub(super) generation: u64,
     /// The version of this bundle it ran before, and its target entry.
@@ -140,6 +143,94 @@ pub(super) fn authorize(grant: &Grant, pipeline: &Pipeline, changes: &[Change]) 
         grant.stage(name, owner)?;
     }
     Ok(())
+}
+
+/// What a plan read of a stage it replaces or unlinks: the change is made
+/// only while the stage is still that one (checked under the rootlet's
+/// lock, [`check_premises`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Premise {
+    pub(super) stage: String,
+    pub(super) owner: String,
+    pub(super) linked_generation: u64,
+}
+
+/// The premise of each replace and unlink of `changes`, read from `slots`.
+pub(super) fn premises(slots: &[SlotState], changes: &[Change]) -> Vec<Premise> {
+    changes
+        .iter()
+        .filter(|c| matches!(c, Change::Replace(_) | Change::Unlink { .. }))
+        .filter_map(|c| {
+            let name = change_name(c);
+            slots.iter().find(|s| s.stage == name).map(|s| Premise {
+                stage: name.to_owned(),
+                owner: s.owner.clone(),
+                linked_generation: s.linked_generation,
+            })
+        })
+        .collect()
+}
+
+/// Under the rootlet's lock: every stage a plan replaces or unlinks is
+/// still the one it read (same owner, same identity), or the change is
+/// refused as a stage call's is when its stage changed meanwhile
+/// (`OwnerChanged`: nothing changed, retry).
+pub(super) fn check_premises(
+    key: RootletKey,
+    pipeline: &Pipeline,
+    premises: &[Premise],
+) -> Result<()> {
+    for p in premises {
+        let now = pipeline.by_name(&p.stage);
+        if now.map(|s| (s.owner.as_str(), s.linked_generation))
+            != Some((p.owner.as_str(), p.linked_generation))
+        {
+            return Err(AgentError::OwnerChanged {
+                rootlet: key.to_string(),
+                stage: p.stage.clone(),
+                read: Some(p.owner.clone()),
+                now: now.map(|s| s.owner.clone()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The changes that make a rootlet run a bundle, with what they rest on.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Planned {
+    pub(super) changes: Vec<Change>,
+    pub(super) premises: Vec<Premise>,
+    /// The identity (`linked_generation`) of each stage of the bundle that
+    /// runs and that the plan does not link: what the bundle's record keeps
+    /// for it once the apply commits (a stage the apply links has the
+    /// generation the apply produces).
+    pub(super) kept: BTreeMap<String, u64>,
+}
+
+impl Planned {
+    /// The identity of every stage of `names` after the apply produced
+    /// `generation`.
+    pub(super) fn identities<'a>(
+        &self,
+        names: impl Iterator<Item = &'a str>,
+        generation: u64,
+    ) -> BTreeMap<String, u64> {
+        names
+            .filter_map(|name| {
+                let linked = self
+                    .changes
+                    .iter()
+                    .any(|c| matches!(c, Change::Link(s) if s.name == name));
+                let id = if linked {
+                    Some(generation)
+                } else {
+                    self.kept.get(name).copied()
+                };
+                id.map(|g| (name.to_owned(), g))
+            })
+            .collect()
+    }
 }
 
 /// The rootlet target of `bundle` on the interface `target` names.
@@ -311,7 +402,16 @@ impl super::Agent {
                 None => state.insert(self.dp.state(key)?),
             };
             if let Some(target) = self.target_on(&bundle, key) {
-                let managed = status.managed.get(name).cloned().unwrap_or_default();
+                // A stage of a managed name that is not the bundle's is not
+                // the bundle's drift.
+                let mut managed = status.managed.get(name).cloned().unwrap_or_default();
+                managed.retain(|m| {
+                    state
+                        .slots
+                        .iter()
+                        .find(|s| &s.stage == m)
+                        .is_none_or(|s| status.is_bundles(name, m, s.linked_generation))
+                });
                 drift.extend(Self::drift_of(state, &bundle, &target, &managed)?);
             }
         }
@@ -323,7 +423,11 @@ impl super::Agent {
                 Some(s) => s,
                 None => state.insert(self.dp.state(key)?),
             };
-            for slot in state.slots.iter().filter(|s| names.contains(&s.stage)) {
+            for slot in state
+                .slots
+                .iter()
+                .filter(|s| status.is_bundles(bundle, &s.stage, s.linked_generation))
+            {
                 drift.push(StageDrift {
                     bundle: bundle.clone(),
                     stage: slot.stage.clone(),
@@ -389,10 +493,10 @@ impl super::Agent {
             let key = self.key_of(&iface)?;
             let status = self.status(key)?;
             let exists = self.dp.list().contains(&key);
-            let changes = if exists {
-                let changes = self.changes_for(key, &bundle, &status, t)?;
-                authorize(grant, &self.pipeline_of(key)?, &changes)?;
-                changes
+            let planned = if exists {
+                let planned = self.changes_for(key, &bundle, &status, t)?;
+                authorize(grant, &self.pipeline_of(key)?, &planned.changes)?;
+                planned
             } else {
                 grant.admin("load rootlets (the bundle targets an interface without one)")?;
                 let changes = manifest
@@ -400,9 +504,12 @@ impl super::Agent {
                     .map(|s| spec_of(&bundle, s).map(Change::Link))
                     .collect::<Result<Vec<_>>>()?;
                 authorize(grant, &Pipeline::default(), &changes)?;
-                changes
+                Planned {
+                    changes,
+                    ..Planned::default()
+                }
             };
-            targets.push((key, iface, t, status, exists, changes));
+            targets.push((key, iface, t, status, exists, planned));
         }
 
         // A no-op only if the record says so and the kernel agrees.
@@ -412,7 +519,7 @@ impl super::Agent {
                     .is_some_and(|a| a.digest == digest)
                 && s.pending.is_none()
         });
-        if recorded && targets.iter().all(|t| t.5.is_empty()) {
+        if recorded && targets.iter().all(|t| t.5.changes.is_empty()) {
             let rootlets = targets
                 .iter()
                 .map(|(k, ..)| Ok((*k, self.dp.state(*k)?.generation, false)))
@@ -464,11 +571,19 @@ impl super::Agent {
         let mut done: Vec<Undo> = vec![];
         let mut outcome = vec![];
         let mut failure = None;
-        for (key, iface, target, status, exists, changes) in &targets {
+        // The identity of each stage of the bundle, by rootlet, once applied.
+        let mut identities = BTreeMap::new();
+        for (key, iface, target, status, exists, planned) in &targets {
+            let changes = &planned.changes;
             let mut undo = Undo {
                 key: *key,
                 loaded_now: false,
                 applied: vec![],
+                replaced: planned
+                    .premises
+                    .iter()
+                    .map(|p| (p.stage.clone(), p.linked_generation))
+                    .collect(),
                 generation: 0,
                 previous: None,
             };
@@ -489,13 +604,23 @@ impl super::Agent {
                 }
                 let before = self.dp.state(*key)?.generation;
                 let expected_gen = expected.get(&key.to_string()).copied();
+                // Under the lock: each stage replaced or unlinked is still
+                // the one planned for, and the caller may change it.
                 let generation =
                     self.dp
                         .apply_guarded(*key, changes, expected_gen, |pipeline| {
+                            check_premises(*key, pipeline, &planned.premises)?;
                             authorize(grant, pipeline, changes)
                         })?;
                 undo.applied = changes.clone();
                 undo.generation = generation;
+                identities.insert(
+                    *key,
+                    planned.identities(
+                        manifest.stages_for(target).map(|s| s.name.as_str()),
+                        generation,
+                    ),
+                );
                 // The initial policies of the stages it runs now.
                 for stage in manifest.stages_for(target) {
                     self.apply_initial(grant, *key, &stage.name, &bundle.stage_policies(stage))?;
@@ -614,6 +739,11 @@ impl super::Agent {
                     .map(|s| s.name.clone())
                     .collect(),
             );
+            // Written with `managed`: the stages it names are these.
+            status.linked.insert(
+                manifest.name.clone(),
+                identities.remove(key).unwrap_or_default(),
+            );
             if undo.loaded_now {
                 status.loaded_by = Some(manifest.name.clone());
             }
@@ -683,15 +813,16 @@ impl super::Agent {
     /// derived from what the kernel runs: link what is missing (or
     /// emptied), replace what the bundle manages and does not run as the
     /// bundle says, unlink what its earlier versions had. A stage of the
-    /// same name that the bundle does not manage is a conflict: the bundle
-    /// could not put it back if the apply failed.
+    /// same name that is not the bundle's (it does not manage the name, or
+    /// the stage is not the one it left: [`ApplyStatus::is_bundles`]) is a
+    /// conflict: the bundle could not put it back if the apply failed.
     pub(super) fn changes_for(
         &self,
         key: RootletKey,
         bundle: &Bundle,
         status: &ApplyStatus,
         target: &rootlet_bundle::RootletTarget,
-    ) -> Result<Vec<Change>> {
+    ) -> Result<Planned> {
         let manifest = bundle.manifest();
         let slots = self.dp.state(key)?.slots;
         let managed = status
@@ -699,11 +830,15 @@ impl super::Agent {
             .get(&manifest.name)
             .cloned()
             .unwrap_or_default();
+        let theirs = |slot: &SlotState| {
+            status.is_bundles(&manifest.name, &slot.stage, slot.linked_generation)
+        };
         let mut changes = vec![];
+        let mut kept = BTreeMap::new();
         for stage in manifest.stages_for(target) {
             let spec = spec_of(bundle, stage)?;
             match slots.iter().find(|s| s.stage == stage.name) {
-                Some(slot) if !managed.contains(&stage.name) => {
+                Some(slot) if !theirs(slot) => {
                     return Err(AgentError::NotManagedByBundle {
                         rootlet: key.to_string(),
                         stage: stage.name.clone(),
@@ -715,20 +850,30 @@ impl super::Agent {
                 None => changes.push(Change::Link(spec)),
                 Some(slot) if slot.prog.is_none() => changes.push(Change::Link(spec)),
                 Some(slot) => {
+                    kept.insert(stage.name.clone(), slot.linked_generation);
                     if differs(slot, &spec).is_some() {
                         changes.push(Change::Replace(spec));
                     }
                 }
             }
         }
+        // Only the stages the bundle left: a same-name stage of another
+        // owner or life stays.
         for name in &managed {
             if !manifest.stages_for(target).any(|s| &s.name == name)
-                && slots.iter().any(|s| &s.stage == name && s.prog.is_some())
+                && slots
+                    .iter()
+                    .any(|s| &s.stage == name && s.prog.is_some() && theirs(s))
             {
                 changes.push(Change::Unlink { name: name.clone() });
             }
         }
-        Ok(changes)
+        let premises = premises(&slots, &changes);
+        Ok(Planned {
+            changes,
+            premises,
+            kept,
+        })
     }
 
     /// Puts a rootlet back as it was before a failed bundle apply: the
@@ -777,9 +922,12 @@ impl super::Agent {
 
     /// The exact inverse of what `undo`'s apply changed, limited to the
     /// stages that are still as that apply left them in `state`: a stage
-    /// the bundle linked or replaced still runs its object under its owner,
-    /// a stage it unlinked is still absent. A stage the bundle did not
-    /// change, or that another call changed since, is never touched.
+    /// the bundle linked or replaced still runs its object under its owner
+    /// and is still the same stage (the identity the link gave it, or the
+    /// one the replaced stage had: a stage unlinked and linked again since
+    /// is another's), a stage it unlinked is still absent. A stage the
+    /// bundle did not change, or that another call changed since, is never
+    /// touched.
     fn inverse(
         &self,
         undo: &Undo,
@@ -801,17 +949,27 @@ impl super::Agent {
             spec_of(prev, stage)
         };
         let running = |name: &str| state.slots.iter().find(|s| s.stage == name);
-        let as_left = |spec: &StageSpec| {
-            running(&spec.name).is_some_and(|s| s.digest == spec.digest() && s.owner == spec.owner)
+        // The identity the apply left a stage with (None: not known, an
+        // undo retried from the store).
+        let identity = |change: &Change| match change {
+            Change::Link(_) => (undo.generation != 0).then_some(undo.generation),
+            _ => undo.replaced.get(change_name(change)).copied(),
+        };
+        let as_left = |change: &Change, spec: &StageSpec| {
+            running(&spec.name).is_some_and(|s| {
+                s.digest == spec.digest()
+                    && s.owner == spec.owner
+                    && identity(change).is_none_or(|g| g == s.linked_generation)
+            })
         };
         let mut inverse = vec![];
         for change in &undo.applied {
             let name = change_name(change);
             match change {
-                Change::Link(spec) if as_left(spec) => inverse.push(Change::Unlink {
+                Change::Link(spec) if as_left(change, spec) => inverse.push(Change::Unlink {
                     name: name.to_owned(),
                 }),
-                Change::Replace(spec) if as_left(spec) => {
+                Change::Replace(spec) if as_left(change, spec) => {
                     inverse.push(Change::Replace(previous(name)?));
                 }
                 Change::Unlink { .. } if running(name).is_none() => {

@@ -253,6 +253,19 @@ pub struct ApplyStatus {
     /// pending: those of the running and of the new version, so that
     /// whatever a crash left is still the bundle's to replace or unlink.
     pub managed: BTreeMap<String, Vec<String>>,
+    /// By bundle name, then stage: the data plane's `linked_generation` of
+    /// each stage of [`Self::managed`] as that bundle left it (the
+    /// generation that linked it into its slot, kept across replacements).
+    /// It is the stage's identity: a stage unlinked and linked again (by
+    /// hand, by a team) gets a new one, whoever owns it, so a same-name
+    /// stage that is not the one the bundle left is not the bundle's (see
+    /// [`Self::is_bundles`]). Written with `managed`, in the same status
+    /// record. Missing for a store of an earlier agent (filled in from the
+    /// kernel when the agent opens) and for a stage whose link a crash or a
+    /// failed undo left unrecorded: such a stage is the bundle's by name, as
+    /// before.
+    #[serde(default)]
+    pub linked: BTreeMap<String, BTreeMap<String, u64>>,
     /// The bundle whose apply loaded this rootlet (removing it unloads the
     /// rootlet when no other stage is left).
     #[serde(default)]
@@ -335,6 +348,23 @@ impl ApplyStatus {
             },
         );
         true
+    }
+
+    /// Whether the stage named `stage` that runs here with
+    /// `linked_generation` is `bundle`'s: the bundle manages that name and
+    /// either recorded no identity for it or recorded this one. The rule is
+    /// the identity, not the owner: an owner can be the same after a hand
+    /// unlink and a link again (the bundle stage's owner linking it by hand
+    /// is not the bundle linking it), an identity cannot.
+    pub fn is_bundles(&self, bundle: &str, stage: &str, linked_generation: u64) -> bool {
+        self.managed
+            .get(bundle)
+            .is_some_and(|m| m.iter().any(|s| s == stage))
+            && self
+                .linked
+                .get(bundle)
+                .and_then(|l| l.get(stage))
+                .is_none_or(|g| *g == linked_generation)
     }
 
     /// Records `attempt` as the last one (and as keyed, if it has a key).
@@ -970,6 +1000,27 @@ mod tests {
         assert!(!s.migrate(), "once");
         let mut none = ApplyStatus::default();
         assert!(!none.migrate() && none.applied.is_empty());
+    }
+
+    #[test]
+    fn a_managed_stage_is_the_bundles_only_while_it_is_the_one_the_bundle_left() {
+        let mut s = ApplyStatus::default();
+        s.managed
+            .insert("edge".into(), vec!["ddos".into(), "lb".into()]);
+        s.linked
+            .insert("edge".into(), BTreeMap::from([("ddos".to_owned(), 4)]));
+        assert!(s.is_bundles("edge", "ddos", 4), "the stage it linked");
+        assert!(!s.is_bundles("edge", "ddos", 7), "linked again since");
+        assert!(s.is_bundles("edge", "lb", 9), "no identity: by name");
+        assert!(!s.is_bundles("edge", "other", 4), "not managed");
+        assert!(!s.is_bundles("sampling", "ddos", 4), "another bundle's");
+        // A status of an earlier agent has no identities: by name.
+        let old: ApplyStatus = serde_json::from_str(
+            r#"{"bundle":"edge","applied_version":"1.0","applied_digest":"e1",
+            "last_attempt":null,"managed":{"edge":["ddos"]}}"#,
+        )
+        .expect("an earlier agent's status");
+        assert!(old.linked.is_empty() && old.is_bundles("edge", "ddos", 3));
     }
 
     #[test]

@@ -181,26 +181,27 @@ impl Agent {
         if let Some(applied) = status.applied_of(&pending.bundle) {
             let prev = self.stored(&applied.digest)?;
             if let Some(target) = self.target_on(&prev, key) {
-                let changes = self.changes_for(key, &prev, status, &target)?;
+                let changes = self.changes_for(key, &prev, status, &target)?.changes;
                 if !changes.is_empty() {
                     self.dp.apply(key, &changes, None)?;
                 }
                 return Ok(());
             }
         }
-        let managed = status
-            .managed
-            .get(&pending.bundle)
-            .cloned()
-            .unwrap_or_default();
         let state = self.dp.state(key)?;
-        if pending.loads && state.slots.iter().all(|s| managed.contains(&s.stage)) {
+        let theirs = |s: &rootlet_dataplane::state::SlotState| {
+            status.is_bundles(&pending.bundle, &s.stage, s.linked_generation)
+        };
+        if pending.loads && state.slots.iter().all(theirs) {
             return Ok(self.dp.unload_rootlet(key)?);
         }
-        let unlinks: Vec<Change> = managed
+        let unlinks: Vec<Change> = state
+            .slots
             .iter()
-            .filter(|m| state.slots.iter().any(|s| &s.stage == *m))
-            .map(|m| Change::Unlink { name: m.clone() })
+            .filter(|s| theirs(s))
+            .map(|s| Change::Unlink {
+                name: s.stage.clone(),
+            })
             .collect();
         if !unlinks.is_empty() {
             self.dp.apply(key, &unlinks, None)?;
@@ -265,6 +266,7 @@ impl Agent {
             key,
             loaded_now: pending.loads,
             applied,
+            replaced: BTreeMap::new(),
             generation: 0,
             previous,
         })
@@ -302,14 +304,22 @@ impl Agent {
                 pending.at_unix_ms,
             );
             if let Some(t) = &target {
-                status.managed.insert(
-                    pending.bundle.clone(),
-                    bundle
-                        .manifest()
-                        .stages_for(t)
-                        .map(|s| s.name.clone())
-                        .collect(),
-                );
+                let names: Vec<String> = bundle
+                    .manifest()
+                    .stages_for(t)
+                    .map(|s| s.name.clone())
+                    .collect();
+                // The kernel runs exactly this version, which the
+                // interrupted apply left: its stages are the ones running.
+                let linked = names
+                    .iter()
+                    .filter_map(|n| {
+                        let slot = state.slots.iter().find(|s| &s.stage == n)?;
+                        Some((n.clone(), slot.linked_generation))
+                    })
+                    .collect();
+                status.managed.insert(pending.bundle.clone(), names);
+                status.linked.insert(pending.bundle.clone(), linked);
             }
         } else {
             attempt.outcome = "nack".into();
@@ -333,6 +343,11 @@ impl Agent {
                 .into_iter()
                 .filter(|m| previous.contains(m) || state.slots.iter().any(|s| &s.stage == m))
                 .collect();
+            // A kept stage keeps the identity recorded for it (a stage the
+            // interrupted apply linked has none: it is the bundle's by name).
+            if let Some(linked) = status.linked.get_mut(&pending.bundle) {
+                linked.retain(|n, _| kept.contains(n));
+            }
             status.managed.insert(pending.bundle.clone(), kept);
         }
         status.attempted(attempt);

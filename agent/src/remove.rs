@@ -1,14 +1,16 @@
 //! RemoveBundle: returns a host to "no version of this bundle", as one
 //! authorised, idempotent operation. Every stage the bundle manages is
 //! unlinked, and a rootlet the bundle loaded is unloaded when nothing else
-//! runs on it; nothing the bundle did not create is touched. The removal is
+//! runs on it; nothing the bundle did not create is touched (a stage of a
+//! managed name that is not the one the bundle left, see
+//! [`ApplyStatus::is_bundles`], stays). The removal is
 //! recorded in the bundle's history and in each rootlet's status.
 
 use std::time::SystemTime;
 
 use super::{
     AgentError, ApplyStatus, Attempt, Grant, HISTORY, Result, STATUS,
-    bundles::{ApplyOutcome, HistoryEntry, authorize},
+    bundles::{ApplyOutcome, HistoryEntry, Premise, authorize, check_premises, premises},
     crash::Step,
     lock, unix_ms,
 };
@@ -19,6 +21,8 @@ struct Plan {
     key: RootletKey,
     status: ApplyStatus,
     unlinks: Vec<Change>,
+    /// What each unlink rests on (checked under the rootlet's lock).
+    premises: Vec<Premise>,
     /// The bundle loaded the rootlet and nothing else will run on it.
     unload: bool,
 }
@@ -67,17 +71,24 @@ impl super::Agent {
         let mut plans = vec![];
         for key in self.dp.list() {
             let status = self.status(key)?;
-            let Some(managed) = status.managed.get(name) else {
+            if !status.managed.contains_key(name) {
                 continue;
-            };
+            }
             let state = self.dp.state(key)?;
-            let unlinks: Vec<Change> = managed
+            let theirs = |s: &rootlet_dataplane::state::SlotState| {
+                status.is_bundles(name, &s.stage, s.linked_generation)
+            };
+            let unlinks: Vec<Change> = state
+                .slots
                 .iter()
-                .filter(|m| state.slots.iter().any(|s| &s.stage == *m))
-                .map(|m| Change::Unlink { name: m.clone() })
+                .filter(|s| theirs(s))
+                .map(|s| Change::Unlink {
+                    name: s.stage.clone(),
+                })
                 .collect();
-            let unload = status.loaded_by.as_deref() == Some(name)
-                && state.slots.iter().all(|s| managed.contains(&s.stage));
+            let premises = premises(&state.slots, &unlinks);
+            let unload =
+                status.loaded_by.as_deref() == Some(name) && state.slots.iter().all(theirs);
             authorize(grant, &self.pipeline_of(key)?, &unlinks)?;
             if unload {
                 grant.admin("unload a rootlet (the bundle loaded it)")?;
@@ -86,6 +97,7 @@ impl super::Agent {
                 key,
                 status,
                 unlinks,
+                premises,
                 unload,
             });
         }
@@ -101,16 +113,28 @@ impl super::Agent {
                 generation = self
                     .dp
                     .apply_guarded(key, &plan.unlinks, None, |pipeline| {
+                        // Each stage is still the one the plan read.
+                        check_premises(key, pipeline, &plan.premises)?;
                         authorize(grant, pipeline, &plan.unlinks)
                     })?;
                 self.emit(key, "changed");
             }
-            let managed = plan.status.managed.get(name).cloned().unwrap_or_default();
-            lock(&self.leases).retain(|_, l| !(l.key == key && managed.contains(&l.stage)));
+            // The leases of the stages it unlinked, not of another's stage
+            // of a managed name.
+            lock(&self.leases).retain(|_, l| {
+                !(l.key == key
+                    && plan
+                        .unlinks
+                        .iter()
+                        .any(|u| matches!(u, Change::Unlink { name } if *name == l.stage)))
+            });
             let unloaded = plan.unload
                 && self.dp.unload_rootlet_if(key, |pipeline| -> Result<bool> {
                     // Someone linked a stage meanwhile: the rootlet stays.
-                    Ok(pipeline.stages.iter().all(|s| managed.contains(&s.name)))
+                    Ok(pipeline
+                        .stages
+                        .iter()
+                        .all(|s| plan.status.is_bundles(name, &s.name, s.linked_generation)))
                 })?;
             self.crash.point(Step::BundleRootletCommitted);
             if unloaded {
@@ -122,6 +146,7 @@ impl super::Agent {
             }
             let mut status = plan.status;
             status.managed.remove(name);
+            status.linked.remove(name);
             status.pending = None;
             // Nothing of the bundle is left to undo.
             if status.undo.as_ref().is_some_and(|u| u.bundle == name) {

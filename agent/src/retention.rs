@@ -78,9 +78,12 @@ impl Agent {
             self.kv.delete(LEGACY_BUNDLES, &digest)?;
         }
         // Statuses of an agent that kept one applied version per rootlet:
-        // that version, as the one of its bundle.
+        // that version, as the one of its bundle. Statuses that name a
+        // bundle's stages without their identity: the identity they run
+        // with now.
         for (key, mut status) in self.kv.list::<ApplyStatus>(STATUS)? {
-            if status.migrate() {
+            let migrated = status.migrate();
+            if self.identify_managed(&key, &mut status) || migrated {
                 self.kv.put(STATUS, &key, &status)?;
             }
         }
@@ -96,6 +99,44 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Records the identity (`linked_generation`) of each managed stage of
+    /// `status` that has none and runs: a status of an earlier agent named
+    /// the stages only, and that agent took whatever ran under those names
+    /// as the bundle's; that is taken once more, and from now on the stage
+    /// is the bundle's only while it is that one. A status with an apply
+    /// pending is left to `reconcile`. True if it changed.
+    fn identify_managed(&self, key: &str, status: &mut ApplyStatus) -> bool {
+        if status.pending.is_some() {
+            return false;
+        }
+        let Some(live) = self.dp.list().into_iter().find(|k| k.to_string() == key) else {
+            return false;
+        };
+        let Ok(state) = self.dp.state(live) else {
+            return false;
+        };
+        let mut changed = false;
+        for (bundle, names) in &status.managed {
+            let linked = status.linked.entry(bundle.clone()).or_default();
+            for name in names {
+                if linked.contains_key(name) {
+                    continue;
+                }
+                // 0: linked by a data plane that did not record it.
+                if let Some(slot) = state
+                    .slots
+                    .iter()
+                    .find(|s| &s.stage == name && s.linked_generation != 0)
+                {
+                    linked.insert(name.clone(), slot.linked_generation);
+                    changed = true;
+                }
+            }
+        }
+        status.linked.retain(|_, l| !l.is_empty());
+        changed
     }
 
     /// Deletes what the store no longer needs: bundles nothing refers to,

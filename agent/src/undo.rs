@@ -242,6 +242,7 @@ impl super::Agent {
             key,
             loaded_now: rec.loaded_now,
             applied,
+            replaced: BTreeMap::new(),
             generation: 0,
             previous,
         })

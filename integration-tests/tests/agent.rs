@@ -4079,13 +4079,10 @@ async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
 /// team's, not the bundle's: a later apply of the bundle is refused
 /// (STAGE_NOT_MANAGED_BY_BUNDLE, "a bundle stage whose name runs on a
 /// rootlet but is not the bundle's"), and RemoveBundle leaves it ("nothing
-/// the bundle did not create is touched"). Ignored: the agent records the
-/// stages a bundle manages by name only (`ApplyStatus::managed`), so today
-/// the apply replaces team-a's stage and makes it `ops`'s, and the removal
-/// unlinks team-a's stage. Found by the takeover race's analysis (h2); not
-/// fixed there.
+/// the bundle did not create is touched"). The agent records each managed
+/// stage's identity (its `linked_generation`, `ApplyStatus::linked`), which
+/// the link again changes. Found by the takeover race's analysis (h2).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known bug: a bundle's managed stages are recorded by name only"]
 async fn a_stage_of_a_bundles_name_that_its_team_linked_again_is_not_the_bundles() {
     let a = Agent::start().await;
     let mut ops = a.client("ops").await;
