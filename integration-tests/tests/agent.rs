@@ -896,6 +896,29 @@ fn apply(bytes: Vec<u8>) -> pb::ApplyBundleRequest {
     }
 }
 
+/// An apply of `bytes` that fails on rootlet `id` (a generation it cannot
+/// have), after the rootlets before it in the bundle's order went through.
+fn failing_on(id: &str, bytes: Vec<u8>) -> pb::ApplyBundleRequest {
+    pb::ApplyBundleRequest {
+        expected_generations: [(id.to_owned(), 999)].into_iter().collect(),
+        ..apply(bytes)
+    }
+}
+
+/// Sends [`failing_on`] and returns its refusal: GENERATION_MISMATCH.
+async fn refused_on(c: &mut RootletClient<Channel>, id: &str, bytes: Vec<u8>) -> tonic::Status {
+    let err = c
+        .apply_bundle(failing_on(id, bytes))
+        .await
+        .expect_err("the apply fails on that rootlet");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
+        "{err:?}"
+    );
+    err
+}
+
 fn remove(name: &str) -> pb::RemoveBundleRequest {
     pb::RemoveBundleRequest {
         name: name.into(),
@@ -1754,10 +1777,7 @@ async fn a_failed_apply_over_two_rootlets_undoes_exactly_what_it_did() {
         ),
         second.host_ifindex()
     );
-    let failing_on_2 = |bytes: Vec<u8>| pb::ApplyBundleRequest {
-        expected_generations: [(second_id.clone(), 999)].into_iter().collect(),
-        ..apply(bytes)
-    };
+    let failing_on_2 = |bytes: Vec<u8>| failing_on(&second_id, bytes);
 
     // A first install over two rootlets that fails on the second: the first
     // rootlet, which the apply loaded, is unloaded again; nothing is left.
@@ -1879,14 +1899,8 @@ async fn the_undo_of_a_failed_apply_keeps_a_stage_linked_meanwhile() {
         true,
     );
     let mut applier = ops.clone();
-    let apply_v2 = tokio::spawn(async move {
-        applier
-            .apply_bundle(pb::ApplyBundleRequest {
-                expected_generations: [(second_id, 999)].into_iter().collect(),
-                ..apply(v2)
-            })
-            .await
-    });
+    let apply_v2 =
+        tokio::spawn(async move { applier.apply_bundle(failing_on(&second_id, v2)).await });
     // While the agent pauses after the first rootlet, another change links
     // a stage there.
     let end = Instant::now() + Duration::from_secs(20);
@@ -2033,18 +2047,7 @@ async fn two_bundles_on_one_rootlet_each_keep_their_version_undo_drift_and_remov
     // second: the undo puts edge 1.0's ddos back although sampling was
     // applied there last. A clean NACK, no undo outstanding.
     let edge2 = edge_ddos(&a, "2.0", &both, "ddos_v2");
-    let err = ops
-        .apply_bundle(pb::ApplyBundleRequest {
-            expected_generations: [(second_id.clone(), 999)].into_iter().collect(),
-            ..apply(edge2)
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).as_str()),
-        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
-        "{err:?}"
-    );
+    let err = refused_on(&mut ops, &second_id, edge2).await;
     assert!(
         err.message()
             .contains("every rootlet keeps its previous version"),
@@ -3872,18 +3875,7 @@ async fn a_failed_undo_is_its_own_outcome_retried_across_a_restart_until_restore
     // then fails on the second (a wrong expected generation); the undo of
     // the first fails.
     let v2 = edge_v2(&a, &targets);
-    let err = ops
-        .apply_bundle(pb::ApplyBundleRequest {
-            expected_generations: [(second_id.clone(), 999)].into_iter().collect(),
-            ..apply(v2)
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).as_str()),
-        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
-        "{err:?}"
-    );
+    let err = refused_on(&mut ops, &second_id, v2).await;
     assert!(
         !err.message()
             .contains("every rootlet keeps its previous version")
@@ -4036,18 +4028,7 @@ async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
         .into_inner()
         .id;
     let v2 = edge_v2(&a, &targets);
-    let err = ops
-        .apply_bundle(pb::ApplyBundleRequest {
-            expected_generations: [(second_id, 999)].into_iter().collect(),
-            ..apply(v2)
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).as_str()),
-        (Code::FailedPrecondition, "GENERATION_MISMATCH"),
-        "{err:?}"
-    );
+    let err = refused_on(&mut ops, &second_id, v2).await;
     let s1 = apply_status(&mut ops, a.rootlet(), "").await;
     assert!(s1.undo.is_some(), "{err:?} {s1:?}");
     assert_eq!(health_of(&addr, &a, UNDO).await, Some(2), "degraded");
