@@ -3651,13 +3651,20 @@ async fn bundle_race(
     v1: Vec<u8>,
     v2: Vec<u8>,
     rounds: usize,
+    gap: Duration,
 ) -> (Vec<(u64, RaceEffect)>, BTreeMap<String, usize>, Vec<String>) {
     let mut acked = vec![];
     let mut refused: BTreeMap<String, usize> = BTreeMap::new();
     let mut unexpected = vec![];
     for j in 0..rounds {
         let (what, reply) = match j % 5 {
-            0 | 2 => ("remove", c.remove_bundle(remove("edge")).await),
+            0 | 2 => {
+                let reply = c.remove_bundle(remove("edge")).await;
+                // The stage is free now: in a slow tier team-a's call may
+                // need this long to reach it before the next apply does.
+                tokio::time::sleep(gap).await;
+                ("remove", reply)
+            }
             1 => ("apply 1.0", c.apply_bundle(apply(v1.clone())).await),
             3 => ("apply 2.0", c.apply_bundle(apply(v2.clone())).await),
             _ => (
@@ -3749,6 +3756,11 @@ async fn a_bundle_takes_over_and_gives_back_a_stage_while_its_team_changes_it() 
     // rounds there keep it within its time bound.
     let freplace = std::env::var("ROOTLET_TEST_BACKEND").is_ok_and(|b| b == "freplace");
     let rounds: usize = if freplace { 30 } else { 300 };
+    // After each removal the admin waits this long. In a guest every call
+    // takes most of a second and the admin's next apply took the freed
+    // stage before team-a's link reached it: on 6.1, 30 rounds gave team-a
+    // no ACK at all, and the race was not run (the check below failed).
+    let gap = Duration::from_millis(if freplace { 2000 } else { 0 });
     let a = Agent::start().await;
     let mut ops = a.client("ops").await;
     let loaded = a.load(&mut ops).await;
@@ -3772,7 +3784,7 @@ async fn a_bundle_takes_over_and_gives_back_a_stage_while_its_team_changes_it() 
     let team = a.client("team-a").await;
     let team = tokio::spawn(team_race(team, r.clone(), rounds, BUNDLE_OWNER, 3));
     let (admin, team) = tokio::time::timeout(Duration::from_secs(360), async {
-        let admin = bundle_race(admin, v1, v2, rounds).await;
+        let admin = bundle_race(admin, v1, v2, rounds, gap).await;
         (admin, team.await.expect("team task"))
     })
     .await
