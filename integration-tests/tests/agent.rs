@@ -896,6 +896,22 @@ fn apply(bytes: Vec<u8>) -> pb::ApplyBundleRequest {
     }
 }
 
+/// The admin replaces stage `ddos` of a bundle out of band (with
+/// ddos_v2); the rootlet's apply status after it.
+async fn ddos_v2_by_hand(
+    c: &mut RootletClient<Channel>,
+    r: Option<pb::RootletRef>,
+) -> pb::ApplyStatus {
+    c.replace_stage(pb::ReplaceStageRequest {
+        rootlet: r.clone(),
+        stage: Some(stage("ddos", "ddos_v2", 20)),
+        ..Default::default()
+    })
+    .await
+    .expect("out-of-band replace");
+    apply_status(c, r, "").await
+}
+
 /// An apply of `bytes` that fails on rootlet `id` (a generation it cannot
 /// have), after the rootlets before it in the bundle's order went through.
 fn failing_on(id: &str, bytes: Vec<u8>) -> pb::ApplyBundleRequest {
@@ -1371,14 +1387,7 @@ async fn an_apply_converges_on_the_kernel_and_drift_is_reported_per_stage() {
     assert!(s.drift.is_empty(), "{:?}", s.drift);
 
     // The admin replaces a bundle stage out of band: drift, per stage.
-    ops.replace_stage(pb::ReplaceStageRequest {
-        rootlet: r.clone(),
-        stage: Some(stage("ddos", "ddos_v2", 20)),
-        ..Default::default()
-    })
-    .await
-    .expect("out-of-band replace");
-    let s = apply_status(&mut ops, r.clone(), "").await;
+    let s = ddos_v2_by_hand(&mut ops, r.clone()).await;
     assert_eq!(s.applied_version, "1.0");
     assert_eq!(
         s.drift
@@ -2078,14 +2087,7 @@ async fn two_bundles_on_one_rootlet_each_keep_their_version_undo_drift_and_remov
 
     // A stage of edge (not the bundle applied last) replaced out of band:
     // drift, naming edge.
-    ops.replace_stage(pb::ReplaceStageRequest {
-        rootlet: a.rootlet(),
-        stage: Some(stage("ddos", "ddos_v2", 20)),
-        ..Default::default()
-    })
-    .await
-    .expect("out-of-band replace");
-    let s = apply_status(&mut ops, a.rootlet(), "").await;
+    let s = ddos_v2_by_hand(&mut ops, a.rootlet()).await;
     assert_eq!(
         s.drift
             .iter()
