@@ -113,7 +113,7 @@ pub enum AgentError {
     /// under the rootlet's lock, where the change applies: another caller
     /// unlinked it, linked it again or re-assigned it meanwhile. Nothing
     /// changed; a retry is authorised against the new owner.
-    #[error("stage `{stage}` on {rootlet} changed owner during the call (from {} to {}); nothing changed, retry", owner_name(.read), owner_name(.now))]
+    #[error("stage `{stage}` on {rootlet} {} during the call; nothing changed, retry", owner_change(.read, .now))]
     OwnerChanged {
         rootlet: String,
         stage: String,
@@ -172,6 +172,21 @@ fn owner_name(owner: &Option<String>) -> String {
     match owner {
         Some(o) => format!("`{o}`"),
         None => "none".to_owned(),
+    }
+}
+
+/// What happened to a stage between a call's read and its lock: a new
+/// owner, or (the same owner) a new stage of the same name, one that was
+/// unlinked and linked again.
+fn owner_change(read: &Option<String>, now: &Option<String>) -> String {
+    if read == now {
+        format!("was unlinked and linked again (owner {})", owner_name(now))
+    } else {
+        format!(
+            "changed owner (from {} to {})",
+            owner_name(read),
+            owner_name(now)
+        )
     }
 }
 
@@ -949,6 +964,33 @@ mod tests {
             unrestored,
         }
         .to_string()
+    }
+
+    #[test]
+    fn an_owner_change_says_whether_the_owner_or_only_the_stage_changed() {
+        let changed = |read: Option<&str>, now: Option<&str>| {
+            AgentError::OwnerChanged {
+                rootlet: "netns:1/if:2".into(),
+                stage: "lb".into(),
+                read: read.map(str::to_owned),
+                now: now.map(str::to_owned),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            changed(Some("team-a"), Some("ops")),
+            "stage `lb` on netns:1/if:2 changed owner (from `team-a` to `ops`) during the call; nothing changed, retry"
+        );
+        assert_eq!(
+            changed(None, Some("ops")),
+            "stage `lb` on netns:1/if:2 changed owner (from none to `ops`) during the call; nothing changed, retry"
+        );
+        // Same owner, another stage of the name (a bundle's premise on the
+        // stage's identity): not "from `ops` to `ops`".
+        assert_eq!(
+            changed(Some("ops"), Some("ops")),
+            "stage `lb` on netns:1/if:2 was unlinked and linked again (owner `ops`) during the call; nothing changed, retry"
+        );
     }
 
     #[test]
