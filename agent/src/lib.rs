@@ -175,6 +175,12 @@ fn owner_name(owner: &Option<String>) -> String {
     }
 }
 
+/// The identity recorded for a managed stage that did not run when its
+/// identity was taken (see [`ApplyStatus::linked`]): no stage has it, so
+/// any stage of that name linked later is another's, as one linked again
+/// after the bundle's was unlinked is.
+pub const NOT_RUNNING: u64 = u64::MAX;
+
 /// What happened to a stage between a call's read and its lock: a new
 /// owner, or (the same owner) a new stage of the same name, one that was
 /// unlinked and linked again.
@@ -275,10 +281,13 @@ pub struct ApplyStatus {
     /// hand, by a team) gets a new one, whoever owns it, so a same-name
     /// stage that is not the one the bundle left is not the bundle's (see
     /// [`Self::is_bundles`]). Written with `managed`, in the same status
-    /// record. Missing for a store of an earlier agent (filled in from the
-    /// kernel when the agent opens) and for a stage whose link a crash or a
-    /// failed undo left unrecorded: such a stage is the bundle's by name, as
-    /// before.
+    /// record. A store of an earlier agent has none, and an interrupted
+    /// apply leaves the stages it linked without one: the agent fills them
+    /// in from the kernel when it opens (the one running under the name, or
+    /// [`NOT_RUNNING`] when none runs, so that a stage of the name linked
+    /// later is not the bundle's). Still missing only for a stage that runs
+    /// with no identity of its own (linked by a data plane that recorded
+    /// none): that stage is the bundle's by name, as before.
     #[serde(default)]
     pub linked: BTreeMap<String, BTreeMap<String, u64>>,
     /// The bundle whose apply loaded this rootlet (removing it unloads the
@@ -1054,6 +1063,14 @@ mod tests {
         assert!(s.is_bundles("edge", "ddos", 4), "the stage it linked");
         assert!(!s.is_bundles("edge", "ddos", 7), "linked again since");
         assert!(s.is_bundles("edge", "lb", 9), "no identity: by name");
+        s.linked
+            .get_mut("edge")
+            .expect("edge")
+            .insert("lb".into(), NOT_RUNNING);
+        assert!(
+            !s.is_bundles("edge", "lb", 9),
+            "not running when identified: a later stage of the name is another's"
+        );
         assert!(!s.is_bundles("edge", "other", 4), "not managed");
         assert!(!s.is_bundles("sampling", "ddos", 4), "another bundle's");
         // A status of an earlier agent has no identities: by name.

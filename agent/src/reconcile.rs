@@ -15,7 +15,7 @@
 use std::{collections::BTreeMap, time::SystemTime};
 
 use super::{
-    Agent, AgentError, ApplyStatus, Attempt, HISTORY, Pending, Result, STATUS,
+    Agent, AgentError, ApplyStatus, Attempt, HISTORY, NOT_RUNNING, Pending, Result, STATUS,
     bundles::{HistoryEntry, Undo, same_target, spec_of},
     undo::UndoOutstanding,
     unix_ms,
@@ -343,11 +343,28 @@ impl Agent {
                 .into_iter()
                 .filter(|m| previous.contains(m) || state.slots.iter().any(|s| &s.stage == m))
                 .collect();
-            // A kept stage keeps the identity recorded for it (a stage the
-            // interrupted apply linked has none: it is the bundle's by name).
-            if let Some(linked) = status.linked.get_mut(&pending.bundle) {
-                linked.retain(|n, _| kept.contains(n));
+            // A kept stage keeps the identity recorded for it. One the
+            // interrupted apply linked has none: it gets the identity it
+            // runs with (nobody could link between the crash and this
+            // restart), or NOT_RUNNING, so that a stage of its name that a
+            // team links later is not taken for the bundle's.
+            let linked = status.linked.entry(pending.bundle.clone()).or_default();
+            linked.retain(|n, _| kept.contains(n));
+            for name in &kept {
+                if linked.contains_key(name) {
+                    continue;
+                }
+                match state.slots.iter().find(|s| &s.stage == name) {
+                    Some(slot) if slot.linked_generation == 0 => {}
+                    Some(slot) => {
+                        linked.insert(name.clone(), slot.linked_generation);
+                    }
+                    None => {
+                        linked.insert(name.clone(), NOT_RUNNING);
+                    }
+                }
             }
+            status.linked.retain(|_, l| !l.is_empty());
             status.managed.insert(pending.bundle.clone(), kept);
         }
         status.attempted(attempt);

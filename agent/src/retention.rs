@@ -27,8 +27,8 @@ use std::{collections::BTreeSet, time::Duration, time::SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Agent, AgentError, ApplyStatus, BUNDLES, HISTORY, IDEMPOTENCY, LEGACY_BUNDLES, Result, STATUS,
-    bundles::HistoryEntry, lock, unix_ms,
+    Agent, AgentError, ApplyStatus, BUNDLES, HISTORY, IDEMPOTENCY, LEGACY_BUNDLES, NOT_RUNNING,
+    Result, STATUS, bundles::HistoryEntry, lock, unix_ms,
 };
 
 /// The default time to live of an idempotency record.
@@ -102,11 +102,13 @@ impl Agent {
     }
 
     /// Records the identity (`linked_generation`) of each managed stage of
-    /// `status` that has none and runs: a status of an earlier agent named
-    /// the stages only, and that agent took whatever ran under those names
-    /// as the bundle's; that is taken once more, and from now on the stage
-    /// is the bundle's only while it is that one. A status with an apply
-    /// pending is left to `reconcile`. True if it changed.
+    /// `status` that has none: a status of an earlier agent named the
+    /// stages only, and that agent took whatever ran under those names as
+    /// the bundle's; that is taken once more, and from now on the stage is
+    /// the bundle's only while it is that one. A managed stage that does not
+    /// run gets [`NOT_RUNNING`]: a stage of its name linked later is not the
+    /// bundle's. A status with an apply pending is left to `reconcile`.
+    /// True if it changed.
     fn identify_managed(&self, key: &str, status: &mut ApplyStatus) -> bool {
         if status.pending.is_some() {
             return false;
@@ -124,15 +126,14 @@ impl Agent {
                 if linked.contains_key(name) {
                     continue;
                 }
-                // 0: linked by a data plane that did not record it.
-                if let Some(slot) = state
-                    .slots
-                    .iter()
-                    .find(|s| &s.stage == name && s.linked_generation != 0)
-                {
-                    linked.insert(name.clone(), slot.linked_generation);
-                    changed = true;
-                }
+                match state.slots.iter().find(|s| &s.stage == name) {
+                    // 0: linked by a data plane that did not record it; it
+                    // stays the bundle's by name.
+                    Some(slot) if slot.linked_generation == 0 => continue,
+                    Some(slot) => linked.insert(name.clone(), slot.linked_generation),
+                    None => linked.insert(name.clone(), NOT_RUNNING),
+                };
+                changed = true;
             }
         }
         status.linked.retain(|_, l| !l.is_empty());

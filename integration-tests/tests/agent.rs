@@ -4131,3 +4131,91 @@ async fn a_stage_of_a_bundles_name_that_its_team_linked_again_is_not_the_bundles
         "the removal took nothing the bundle did not create"
     );
 }
+
+/// The same, across an upgrade from an agent that recorded no identities:
+/// the bundle's stage was unlinked by hand under the earlier agent, so when
+/// the upgraded agent identifies the bundle's stages from the kernel, none
+/// runs under that name. It records that (`NOT_RUNNING`), and a stage of
+/// the name that the team links afterwards is the team's: the apply is
+/// refused and the removal leaves it. Before, a managed stage without an
+/// identity stayed the bundle's by name, and the apply took team-a's stage
+/// over.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundles_stage_that_did_not_run_when_an_upgrade_identified_it_is_not_the_bundles_later() {
+    let mut a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    a.load(&mut ops).await;
+    let mut admin = unix_admin(&a).await;
+    let r = a.rootlet();
+    admin
+        .apply_bundle(apply(takeover_v1(&a)))
+        .await
+        .expect("apply 1.0: the bundle links a-r, ops's");
+    admin
+        .unlink_stage(pb::UnlinkStageRequest {
+            rootlet: r.clone(),
+            stage: "a-r".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the admin unlinks it by hand");
+    drop((ops, admin));
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    {
+        // The status as an agent before identities wrote it: the managed
+        // names only.
+        let kv = agent_store(&a);
+        let statuses: Vec<(String, serde_json::Value)> = kv.list("status").expect("store");
+        assert_eq!(statuses.len(), 1, "{statuses:?}");
+        for (key, mut status) in statuses {
+            let fields = status.as_object_mut().expect("a status is an object");
+            assert_eq!(
+                fields["managed"]["edge"],
+                serde_json::json!(["a-r"]),
+                "{fields:?}"
+            );
+            assert!(fields.remove("linked").is_some(), "{fields:?}");
+            kv.put("status", &key, &status).expect("store");
+        }
+    }
+    restart(&mut a, |_| {}).await;
+    let mut ops = a.client("ops").await;
+    let mut admin = unix_admin(&a).await;
+    let mut team = a.client("team-a").await;
+    team.link_stage(link(r.clone(), stage("a-r", "test_pass", 10)))
+        .await
+        .expect("team-a links a stage of that name");
+    let before = kernel(&mut ops, r.clone()).await;
+    assert_eq!(
+        before.as_ref().map(|k| &k.1),
+        Some(&vec![(
+            "a-r".to_owned(),
+            "team-a".to_owned(),
+            digest_of("test_pass"),
+        )])
+    );
+    let err = admin
+        .apply_bundle(apply(takeover_v2(&a)))
+        .await
+        .expect_err("the bundle may not take team-a's stage over");
+    assert_eq!(
+        (err.code(), reason(&err).as_str(), meta(&err, "owner")),
+        (
+            Code::FailedPrecondition,
+            "STAGE_NOT_MANAGED_BY_BUNDLE",
+            "team-a".to_owned()
+        )
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before, "nothing changed");
+    admin
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("remove the bundle");
+    assert_eq!(
+        kernel(&mut ops, r.clone()).await,
+        before,
+        "the removal took nothing the bundle did not create"
+    );
+}
