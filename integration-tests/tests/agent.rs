@@ -1492,18 +1492,24 @@ async fn an_apply_converges_on_the_kernel_and_drift_is_reported_per_stage() {
     assert_eq!(running(kernel(&mut ops, r).await), Some(expected));
 }
 
-/// What an apply status says the kernel runs: the applied version's stages
-/// (stage → object digest) with its drift applied.
-fn said(status: &pb::ApplyStatus, versions: &[(&str, &[(&str, &str)])]) -> Vec<(String, String)> {
-    let mut stages: BTreeMap<String, String> = versions
+/// What an apply status says the kernel runs: the stages (stage → object
+/// digest) of each bundle's applied version, `versions` giving them by
+/// (bundle, version), with the drift applied.
+type Versions<'a> = [(&'a str, &'a str, &'a [(&'a str, &'a str)])];
+fn said(status: &pb::ApplyStatus, versions: &Versions<'_>) -> Vec<(String, String)> {
+    let mut stages: BTreeMap<String, String> = status
+        .applied
         .iter()
-        .find(|(v, _)| *v == status.applied_version)
-        .map(|(_, s)| {
+        .filter_map(|b| {
+            versions
+                .iter()
+                .find(|(name, v, _)| *name == b.name && *v == b.version)
+        })
+        .flat_map(|(_, _, s)| {
             s.iter()
                 .map(|(stage, object)| ((*stage).to_owned(), digest_of(object)))
-                .collect()
         })
-        .unwrap_or_default();
+        .collect();
     for d in &status.drift {
         if d.running_digest.is_empty() {
             stages.remove(&d.stage);
@@ -1514,6 +1520,12 @@ fn said(status: &pb::ApplyStatus, versions: &[(&str, &[(&str, &str)])]) -> Vec<(
     stages.into_iter().collect()
 }
 
+/// rootletd killed at each step of an apply of bundle `edge`, on a rootlet
+/// it shares with bundle `sampling`, under traffic: after the restart the
+/// kernel runs edge's old pipeline before the swap point and its new one
+/// from it on, sampling's stage and applied version are untouched, and the
+/// status (each bundle's applied version, with drift) says what the kernel
+/// runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
     use std::sync::{
@@ -1526,7 +1538,14 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
     let v1_stages: &[(&str, &str)] = &[("sampler", "sampler"), ("ddos", "ddos")];
     // v2 replaces sampler's object, unlinks ddos and links lb.
     let v2_stages: &[(&str, &str)] = &[("sampler", "test_pass"), ("lb", "l4lb")];
-    let versions = [("1.0", v1_stages), ("2.0", v2_stages)];
+    // A second bundle shares the rootlet (its stage at priority 40): a
+    // crash in edge's apply leaves it, and its version, as they were.
+    let tap_stages: &[(&str, &str)] = &[("tap", "test_pass")];
+    let versions = [
+        ("edge", "1.0", v1_stages),
+        ("edge", "2.0", v2_stages),
+        ("sampling", "1.0", tap_stages),
+    ];
     let v1 = a.bundle(
         "1.0",
         &[("sampler", "sampler", 10), ("ddos", "ddos", 20)],
@@ -1538,6 +1557,15 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
         true,
     );
     ops.apply_bundle(apply(v1.clone())).await.expect("v1");
+    let tap = a.bundle_of("sampling", "1.0", &[("tap", "test_pass", 40, "ops")], true);
+    ops.apply_bundle(apply(tap.clone()))
+        .await
+        .expect("sampling 1.0 beside edge");
+    let tap_applied = (
+        "sampling".to_owned(),
+        "1.0".to_owned(),
+        digest_of_bundle(&tap),
+    );
     drop(ops);
     if let Some(r) = a.running.take() {
         r.shutdown().await.expect("graceful shutdown");
@@ -1552,9 +1580,11 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
         s.sort();
         s
     };
+    // Edge's stages, with sampling's beside them.
     let as_kernel = |stages: &[(&str, &str)]| -> Vec<(String, String)> {
         let mut s: Vec<_> = stages
             .iter()
+            .chain(tap_stages)
             .map(|(stage, object)| ((*stage).to_owned(), digest_of(object)))
             .collect();
         s.sort();
@@ -1663,10 +1693,17 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
             "{step} (crashed: {crashed}): the status ({} with drift {:?}) disagrees with the kernel",
             s.applied_version, s.drift
         );
+        let applied = applied_of(&s);
+        assert!(
+            applied.contains(&tap_applied),
+            "{step} (crashed: {crashed}): sampling keeps its version: {applied:?}"
+        );
         if running == as_kernel(v2_stages) {
-            assert_eq!(
-                s.applied_version, "2.0",
-                "{step}: the kernel runs 2.0 exactly"
+            assert!(
+                applied
+                    .iter()
+                    .any(|(name, version, _)| name == "edge" && version == "2.0"),
+                "{step}: the kernel runs edge 2.0 exactly: {applied:?}"
             );
             let keyed = s.keyed_attempt.expect("the keyed attempt is known");
             assert_eq!(keyed.outcome, "ack", "{step}");
@@ -1688,6 +1725,7 @@ async fn a_crash_at_any_step_of_an_apply_leaves_status_and_kernel_agreeing() {
             s.applied_version == "2.0" && s.drift.is_empty(),
             "{step}: {s:?}"
         );
+        assert!(applied_of(&s).contains(&tap_applied), "{step}: {s:?}");
         // And back to 1.0 for the next step.
         c.apply_bundle(apply(v1.clone()))
             .await
