@@ -4,7 +4,10 @@
 //! one step, of the agent or of the data plane (`rootlet_dataplane::crash`);
 //! rootletd aborts the process when it gets there. `ROOTLETD_PAUSE_AT`
 //! names an agent step where it waits [`PAUSE`] instead, so that a test can
-//! make a change in the middle of an apply. `ROOTLETD_FAIL_UNDO=N` makes the
+//! make a change in the middle of an apply; with `ROOTLETD_PAUSE_FILE` set
+//! too, the pause is a handshake instead, as slow as the test needs (the VM
+//! tier runs 20-35x slower): rootletd creates that file when it gets there
+//! and goes on when the test removes it (at most [`PAUSE_FILE_LIMIT`]). `ROOTLETD_FAIL_UNDO=N` makes the
 //! first N undo attempts fail ([`FailUndo`]).
 
 use rootlet_dataplane::crash as dp;
@@ -15,6 +18,10 @@ pub const ENV: &str = "ROOTLETD_CRASH_AT";
 pub const PAUSE_ENV: &str = "ROOTLETD_PAUSE_AT";
 /// How long a pause lasts.
 pub const PAUSE: std::time::Duration = std::time::Duration::from_secs(3);
+/// The environment variable naming a pause's handshake file.
+pub const PAUSE_FILE_ENV: &str = "ROOTLETD_PAUSE_FILE";
+/// The longest a handshake pause waits for its file to go.
+pub const PAUSE_FILE_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The agent's steps of a bundle apply or removal, of a policy apply, and
 /// of an unload, in order.
@@ -120,12 +127,28 @@ impl CrashAt {
     pub fn point(&self, step: Step) {
         if self.pause == Some(step) {
             tracing::warn!(step = step.name(), "injected pause");
-            std::thread::sleep(PAUSE);
+            match std::env::var_os(PAUSE_FILE_ENV) {
+                Some(file) => handshake(std::path::Path::new(&file)),
+                None => std::thread::sleep(PAUSE),
+            }
         }
         if self.agent == Some(step) {
             tracing::warn!(step = step.name(), "injected crash");
             std::process::abort();
         }
+    }
+}
+
+/// A handshake pause: creates `file`, then waits until it is gone (or
+/// [`PAUSE_FILE_LIMIT`] has passed, or it cannot be created).
+fn handshake(file: &std::path::Path) {
+    if let Err(e) = std::fs::write(file, b"paused\n") {
+        tracing::warn!(file = %file.display(), error = %e, "cannot create the pause file; no pause");
+        return;
+    }
+    let end = std::time::Instant::now() + PAUSE_FILE_LIMIT;
+    while file.exists() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

@@ -4257,3 +4257,100 @@ async fn a_bundles_stage_that_did_not_run_when_an_upgrade_identified_it_is_not_t
         "the removal took nothing the bundle did not create"
     );
 }
+
+/// The lock-time check of a bundle apply (`check_premises`, h3): between
+/// the apply's plan and its change under the rootlet's lock, the stage it
+/// replaces is unlinked and linked again by its own owner (same name, same
+/// owner, another stage). The apply is refused with ABORTED, OWNER_CHANGED
+/// ("was unlinked and linked again"), nothing changes, the bundle keeps its
+/// version, and the stage linked by hand is not the bundle's: RemoveBundle
+/// leaves it. A handshake pause (`ROOTLETD_PAUSE_FILE`) holds the apply
+/// between its plan and its lock however slow the machine is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_apply_is_refused_when_a_stage_it_replaces_is_linked_again_after_its_plan() {
+    let mut a = Agent::start().await;
+    {
+        let mut ops = a.client("ops").await;
+        a.load(&mut ops).await;
+        unix_admin(&a)
+            .await
+            .apply_bundle(apply(takeover_v1(&a)))
+            .await
+            .expect("apply 1.0: the bundle links a-r, ops's");
+    }
+    if let Some(r) = a.running.take() {
+        r.shutdown().await.expect("graceful shutdown");
+    }
+    let (path, addr) = a.process_config();
+    let pause = a.state_dir.join("pause");
+    let mut child = rootletd_with(
+        &path,
+        &[
+            ("ROOTLETD_PAUSE_AT", "bundle-pending"),
+            ("ROOTLETD_PAUSE_FILE", pause.to_str().expect("a UTF-8 path")),
+        ],
+    );
+    let mut ops = serving(&addr, &a).await;
+    let mut admin = unix_admin(&a).await;
+    let r = a.rootlet();
+    let v1_digest = digest_of_bundle(&takeover_v1(&a));
+    let mut applier = admin.clone();
+    let v2 = takeover_v2(&a);
+    let apply_v2 = tokio::spawn(async move { applier.apply_bundle(apply(v2)).await });
+    let end = Instant::now() + Duration::from_secs(180);
+    while !pause.exists() {
+        assert!(Instant::now() < end, "the apply never reached its pause");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Planned: replace the bundle's a-r. Meanwhile it goes, and its owner
+    // links a stage of that name by hand.
+    admin
+        .unlink_stage(pb::UnlinkStageRequest {
+            rootlet: r.clone(),
+            stage: "a-r".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("unlinked by hand");
+    ops.link_stage(link(r.clone(), stage("a-r", "sampler", 50)))
+        .await
+        .expect("ops links a-r again by hand");
+    let before = kernel(&mut ops, r.clone()).await;
+    std::fs::remove_file(&pause).expect("resume the apply");
+    let err = tokio::time::timeout(Duration::from_secs(300), apply_v2)
+        .await
+        .expect("the apply ends")
+        .expect("task")
+        .expect_err("refused under the lock");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::Aborted, "OWNER_CHANGED"),
+        "{err:?}"
+    );
+    assert!(
+        err.message().contains("`a-r` on ")
+            && err
+                .message()
+                .contains("was unlinked and linked again (owner `ops`)"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(kernel(&mut ops, r.clone()).await, before, "nothing changed");
+    let s = apply_status(&mut ops, r.clone(), "").await;
+    assert_eq!(
+        applied_of(&s),
+        [("edge".to_owned(), "1.0".to_owned(), v1_digest)],
+        "the bundle keeps its version"
+    );
+    admin
+        .remove_bundle(remove("edge"))
+        .await
+        .expect("remove the bundle");
+    assert_eq!(
+        kernel(&mut ops, r.clone()).await,
+        before,
+        "the removal took nothing the bundle did not create"
+    );
+    drop((ops, admin));
+    assert!(exited(&mut child, true).await.success(), "clean exit");
+}
