@@ -4108,35 +4108,32 @@ async fn an_apply_of_the_bundle_supersedes_an_outstanding_undo() {
     assert!(exited(&mut child, true).await.success(), "clean exit");
 }
 
-/// A bundle's stage unlinked by hand and linked again by its team is the
-/// team's, not the bundle's: a later apply of the bundle is refused
-/// (STAGE_NOT_MANAGED_BY_BUNDLE, "a bundle stage whose name runs on a
-/// rootlet but is not the bundle's"), and RemoveBundle leaves it ("nothing
-/// the bundle did not create is touched"). The agent records each managed
-/// stage's identity (its `linked_generation`, `ApplyStatus::linked`), which
-/// the link again changes. Found by the takeover race's analysis (h2).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stage_of_a_bundles_name_that_its_team_linked_again_is_not_the_bundles() {
-    let a = Agent::start().await;
-    let mut ops = a.client("ops").await;
-    a.load(&mut ops).await;
-    let mut admin = unix_admin(&a).await;
-    let r = a.rootlet();
-    let mut team = a.client("team-a").await;
-    let hand_unlink = pb::UnlinkStageRequest {
-        rootlet: r.clone(),
-        stage: "a-r".into(),
-        ..Default::default()
-    };
+/// Applies takeover 1.0 as the admin (the bundle links `a-r`, ops's), and
+/// unlinks `a-r` by hand.
+async fn takeover_applied_then_unlinked(a: &Agent, admin: &mut RootletClient<Channel>) {
     admin
-        .apply_bundle(apply(takeover_v1(&a)))
+        .apply_bundle(apply(takeover_v1(a)))
         .await
         .expect("apply 1.0: the bundle links a-r, ops's");
     admin
-        .unlink_stage(hand_unlink.clone())
+        .unlink_stage(pb::UnlinkStageRequest {
+            rootlet: a.rootlet(),
+            stage: "a-r".into(),
+            ..Default::default()
+        })
         .await
         .expect("the admin unlinks it by hand");
-    team.link_stage(link(r.clone(), stage("a-r", "test_pass", 10)))
+}
+
+/// team-a links `a-r`; the bundle's 2.0 may not take it over
+/// (STAGE_NOT_MANAGED_BY_BUNDLE, nothing changes), and removing the bundle
+/// leaves it.
+async fn team_as_a_r_stays_the_teams(a: &Agent, admin: &mut RootletClient<Channel>) {
+    let mut ops = a.client("ops").await;
+    let r = a.rootlet();
+    a.client("team-a")
+        .await
+        .link_stage(link(r.clone(), stage("a-r", "test_pass", 10)))
         .await
         .expect("team-a links a stage of that name");
     let teams = vec![(
@@ -4147,7 +4144,7 @@ async fn a_stage_of_a_bundles_name_that_its_team_linked_again_is_not_the_bundles
     let before = kernel(&mut ops, r.clone()).await;
     assert_eq!(before.as_ref().map(|k| &k.1), Some(&teams));
     let err = admin
-        .apply_bundle(apply(takeover_v2(&a)))
+        .apply_bundle(apply(takeover_v2(a)))
         .await
         .expect_err("the bundle may not take team-a's stage over");
     assert_eq!(
@@ -4164,10 +4161,26 @@ async fn a_stage_of_a_bundles_name_that_its_team_linked_again_is_not_the_bundles
         .await
         .expect("remove the bundle");
     assert_eq!(
-        kernel(&mut ops, r.clone()).await,
+        kernel(&mut ops, r).await,
         before,
         "the removal took nothing the bundle did not create"
     );
+}
+
+/// A bundle's stage unlinked by hand and linked again by its team is the
+/// team's, not the bundle's: a later apply of the bundle is refused
+/// (STAGE_NOT_MANAGED_BY_BUNDLE, "a bundle stage whose name runs on a
+/// rootlet but is not the bundle's"), and RemoveBundle leaves it ("nothing
+/// the bundle did not create is touched"). The agent records each managed
+/// stage's identity (its `linked_generation`, `ApplyStatus::linked`), which
+/// the link again changes. Found by the takeover race's analysis (h2).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_of_a_bundles_name_that_its_team_linked_again_is_not_the_bundles() {
+    let a = Agent::start().await;
+    a.load(&mut a.client("ops").await).await;
+    let mut admin = unix_admin(&a).await;
+    takeover_applied_then_unlinked(&a, &mut admin).await;
+    team_as_a_r_stays_the_teams(&a, &mut admin).await;
 }
 
 /// The same, across an upgrade from an agent that recorded no identities:
@@ -4181,23 +4194,8 @@ async fn a_stage_of_a_bundles_name_that_its_team_linked_again_is_not_the_bundles
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bundles_stage_that_did_not_run_when_an_upgrade_identified_it_is_not_the_bundles_later() {
     let mut a = Agent::start().await;
-    let mut ops = a.client("ops").await;
-    a.load(&mut ops).await;
-    let mut admin = unix_admin(&a).await;
-    let r = a.rootlet();
-    admin
-        .apply_bundle(apply(takeover_v1(&a)))
-        .await
-        .expect("apply 1.0: the bundle links a-r, ops's");
-    admin
-        .unlink_stage(pb::UnlinkStageRequest {
-            rootlet: r.clone(),
-            stage: "a-r".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("the admin unlinks it by hand");
-    drop((ops, admin));
+    a.load(&mut a.client("ops").await).await;
+    takeover_applied_then_unlinked(&a, &mut unix_admin(&a).await).await;
     if let Some(r) = a.running.take() {
         r.shutdown().await.expect("graceful shutdown");
     }
@@ -4219,43 +4217,7 @@ async fn a_bundles_stage_that_did_not_run_when_an_upgrade_identified_it_is_not_t
         }
     }
     restart(&mut a, |_| {}).await;
-    let mut ops = a.client("ops").await;
-    let mut admin = unix_admin(&a).await;
-    let mut team = a.client("team-a").await;
-    team.link_stage(link(r.clone(), stage("a-r", "test_pass", 10)))
-        .await
-        .expect("team-a links a stage of that name");
-    let before = kernel(&mut ops, r.clone()).await;
-    assert_eq!(
-        before.as_ref().map(|k| &k.1),
-        Some(&vec![(
-            "a-r".to_owned(),
-            "team-a".to_owned(),
-            digest_of("test_pass"),
-        )])
-    );
-    let err = admin
-        .apply_bundle(apply(takeover_v2(&a)))
-        .await
-        .expect_err("the bundle may not take team-a's stage over");
-    assert_eq!(
-        (err.code(), reason(&err).as_str(), meta(&err, "owner")),
-        (
-            Code::FailedPrecondition,
-            "STAGE_NOT_MANAGED_BY_BUNDLE",
-            "team-a".to_owned()
-        )
-    );
-    assert_eq!(kernel(&mut ops, r.clone()).await, before, "nothing changed");
-    admin
-        .remove_bundle(remove("edge"))
-        .await
-        .expect("remove the bundle");
-    assert_eq!(
-        kernel(&mut ops, r.clone()).await,
-        before,
-        "the removal took nothing the bundle did not create"
-    );
+    team_as_a_r_stays_the_teams(&a, &mut unix_admin(&a).await).await;
 }
 
 /// The lock-time check of a bundle apply (`check_premises`, h3): between
