@@ -51,7 +51,8 @@ apt_install() {
 }
 
 # python3-venv: `python3 -m venv` needs ensurepip, which Debian ships apart.
-packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv xdp-tools)
+# groff-base: the test that renders the generated manual pages.
+packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv xdp-tools groff-base)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")

@@ -88,6 +88,12 @@ pub enum Command {
         #[arg(long, short = 'l', default_value = "")]
         selector: String,
     },
+    /// Print a shell's completion script for rootletctl (bash: `rootletctl
+    /// completions bash > /etc/bash_completion.d/rootletctl`).
+    Completions { shell: clap_complete::Shell },
+    /// Write rootletctl's manual pages (section 1: one for the command and
+    /// one per subcommand) into DIR.
+    Man { dir: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -446,6 +452,19 @@ pub async fn run(cli: Cli) -> i32 {
                 EXIT_OK
             }
             Err(e) => fail(EXIT_USAGE, e),
+        },
+        Command::Completions { shell } => {
+            crate::generate::completions(shell, &mut std::io::stdout());
+            EXIT_OK
+        }
+        Command::Man { dir } => match crate::generate::man_pages(&dir) {
+            Ok(pages) => {
+                for p in pages {
+                    println!("{}", p.display());
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(EXIT_FAILED, format!("{}: {e}", dir.display())),
         },
         Command::Inventory {
             inventory,

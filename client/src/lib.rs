@@ -23,6 +23,8 @@
 //! - [`bundle_cmd`]: `bundle build|sign|verify|inspect|keygen` (`bundle
 //!   remove` is a rollout: [`rollout`]).
 //! - [`policy_cmd`]: `policy build|sign|verify|inspect|diff`.
+//! - [`generate`]: shell completions and manual pages, from the clap
+//!   definitions.
 //!
 //! The simulated agent the tests and the fleet benchmark use is the
 //! `rootlet-client-sim` crate (`client/sim/`), outside this library.
@@ -31,6 +33,7 @@
 pub mod bundle_cmd;
 pub mod cli;
 pub mod config;
+pub mod generate;
 pub mod inventory;
 pub mod plan;
 pub mod policy_cmd;

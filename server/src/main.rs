@@ -17,7 +17,7 @@ const DEFAULT_CONFIG: &str = "/etc/rootlet/rootletd.toml";
 /// reflection and Prometheus metrics. The pinned data path keeps running
 /// when rootletd stops; a restart adopts it.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "rootletd", version)]
 struct Args {
     /// The configuration file. Default: /etc/rootlet/rootletd.toml, or the
     /// built-in defaults (a local Unix socket only) if that does not exist.
@@ -27,6 +27,46 @@ struct Args {
     /// roles), print a summary, and exit: 0 if it is valid, 1 if not.
     #[arg(long)]
     check_config: bool,
+    /// Print a shell's completion script for rootletd, and exit.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    completions: Option<clap_complete::Shell>,
+    /// Write rootletd's manual page (rootletd.8) into DIR, and exit.
+    #[arg(long, value_name = "DIR", exclusive = true)]
+    man: Option<PathBuf>,
+}
+
+/// `--completions` and `--man`: generated from the clap definitions above
+/// (clap_complete, clap_mangen), so they never disagree with `--help`.
+fn generate(args: &Args) -> Option<ExitCode> {
+    use clap::CommandFactory;
+    if let Some(shell) = args.completions {
+        clap_complete::generate(
+            shell,
+            &mut Args::command(),
+            "rootletd",
+            &mut std::io::stdout(),
+        );
+        return Some(ExitCode::SUCCESS);
+    }
+    let dir = args.man.as_ref()?;
+    let mut page = vec![];
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| {
+            clap_mangen::Man::new(Args::command())
+                .section("8")
+                .render(&mut page)
+        })
+        .and_then(|()| std::fs::write(dir.join("rootletd.8"), &page));
+    Some(match written {
+        Ok(()) => {
+            println!("{}", dir.join("rootletd.8").display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rootletd: {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    })
 }
 
 /// Async workers: they only accept connections, run h2 and the metrics
@@ -54,6 +94,9 @@ fn main() -> ExitCode {
 
 async fn rootletd() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = generate(&args) {
+        return code;
+    }
     let path = args.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
     let (config, origin) = match Config::load_or_default(&path, args.config.is_none()) {
         Ok(loaded) => loaded,
