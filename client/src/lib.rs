@@ -23,6 +23,9 @@
 //! - [`bundle_cmd`]: `bundle build|sign|verify|inspect|keygen` (`bundle
 //!   remove` is a rollout: [`rollout`]).
 //! - [`policy_cmd`]: `policy build|sign|verify|inspect|diff`.
+//! - [`host`]: `host TARGET caps|list|get|load|unload|link|replace|unlink|
+//!   pin|unpin|stats|watch`: one agent, one call per command (and a held
+//!   lease over KeepAlive).
 //!
 //! The simulated agent the tests and the fleet benchmark use is the
 //! `rootlet-client-sim` crate (`client/sim/`), outside this library.
@@ -31,6 +34,7 @@
 pub mod bundle_cmd;
 pub mod cli;
 pub mod config;
+pub mod host;
 pub mod inventory;
 pub mod plan;
 pub mod policy_cmd;
