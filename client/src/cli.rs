@@ -7,7 +7,9 @@
 //! first install rolled back leaves the hosts without the bundle); 4 a
 //! rollout that finished but skipped hosts (unreachable to the end).
 //! `policy diff` answers like diff(1): 0 the same policy, 1 different, 2
-//! trouble (a file that cannot be read or parsed).
+//! trouble (a file that cannot be read or parsed). `host` commands exit 0,
+//! 1 (the agent refused or could not be reached, a watch that ended early,
+//! a lost lease) or 2 (usage): see [`crate::host`].
 
 use std::{
     path::{Path, PathBuf},
@@ -20,6 +22,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     bundle_cmd,
     config::{Human, parse_duration},
+    host,
     inventory::{Inventory, Selector},
     plan::Plan,
     policy_cmd,
@@ -51,7 +54,7 @@ const MAX_WATCH: Duration = Duration::from_secs(7 * 86_400);
     name = "rootletctl",
     version,
     about = "Builds and signs Rootlet bundles and rolls them out to a fleet of rootletd agents",
-    after_help = "Exit codes: 0 success, 1 failed, 2 usage or configuration error, 3 rolled back, 4 incomplete (hosts skipped)."
+    after_help = "Exit codes: 0 success, 1 failed, 2 usage or configuration error, 3 rolled back, 4 incomplete (hosts skipped); `rootletctl host`: 0, 1 or 2 (see `rootletctl host --help`)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -81,6 +84,9 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         hosts: usize,
     },
+    /// Talk to one agent: capabilities, rootlets, stages, stats, events
+    /// (one rootlet.v1 call per command; see `rootletctl host --help`).
+    Host(HostArgs),
     /// Check an inventory and list the hosts a selector picks, in rollout
     /// order.
     Inventory {
@@ -380,6 +386,217 @@ pub struct StatusArgs {
     pub transport: TransportArgs,
 }
 
+/// `rootletctl host TARGET COMMAND`: one agent, one call per command.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "TARGET is a host name of --inventory FILE, or without --inventory an address: \
+unix:/run/rootletd.sock, or host:port with --ca/--cert/--key (mTLS) or --insecure.\n\
+ROOTLET is a rootlet id (netns:<inode>/if:<ifindex>), an interface name in the agent's own \
+network namespace (rl0), or IFNAME@NETNS_FILE (rl0@/run/netns/edge).\n\
+Exit codes: 0 success; 1 failed (the agent answered with an error, printed as its gRPC code, \
+message and google.rpc ErrorInfo reason; the agent could not be reached; a watch stream that \
+ended early; a held lease that was lost); 2 usage or configuration error (flags, inventory, \
+target, object file)."
+)]
+pub struct HostArgs {
+    /// An inventory host name (with --inventory), or an agent address.
+    pub target: String,
+    #[command(subcommand)]
+    pub command: HostCmd,
+    /// The inventory TARGET is a host of.
+    #[arg(long, short = 'i', global = true)]
+    pub inventory: Option<PathBuf>,
+    /// mTLS to a TCP address: the CA that signed the agent's certificate.
+    #[arg(long, global = true, conflicts_with = "inventory", requires_all = ["cert", "key"])]
+    pub ca: Option<PathBuf>,
+    /// mTLS: the client certificate (PEM).
+    #[arg(long, global = true, conflicts_with = "inventory", requires_all = ["ca", "key"])]
+    pub cert: Option<PathBuf>,
+    /// mTLS: the client key (PEM).
+    #[arg(long, global = true, conflicts_with = "inventory", requires_all = ["ca", "cert"])]
+    pub key: Option<PathBuf>,
+    /// mTLS: the name the agent's certificate must carry (default: the
+    /// address's host part).
+    #[arg(long, global = true, conflicts_with = "inventory", requires = "ca")]
+    pub server_name: Option<String>,
+    /// Plain TCP without TLS (labs only).
+    #[arg(long, global = true, conflicts_with_all = ["inventory", "ca"])]
+    pub insecure: bool,
+    /// Deadline of a read (caps, list, get, stats) and of opening a stream.
+    #[arg(long, global = true, default_value = "10s", value_parser = duration_arg)]
+    pub rpc_timeout: Duration,
+    /// Deadline of a change (load, unload, link, replace, unlink, pin,
+    /// unpin): the agent may load and verify programs.
+    #[arg(long, global = true, default_value = "60s", value_parser = duration_arg)]
+    pub change_timeout: Duration,
+    /// Retries of a call answered UNAVAILABLE (a change is retried with
+    /// the same idempotency key, so it runs at most once).
+    #[arg(long, global = true, default_value_t = 3)]
+    pub retries: u32,
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// What the kernel permits, and the backend new rootlets get
+    /// (GetCapabilities).
+    Caps,
+    /// The rootlets the agent manages (ListRootlets).
+    List,
+    /// One rootlet: its stages, programs, pins, leases, counters
+    /// (GetRootlet).
+    Get { rootlet: String },
+    /// Load a rootlet on an interface (LoadRootlet; the admin role). The
+    /// backend is the agent's (`host TARGET caps`); the pipeline's slots
+    /// are the agent's too.
+    Load {
+        /// IFNAME, or IFNAME@NETNS_FILE.
+        interface: String,
+        /// The network namespace of the interface (a netns file such as
+        /// /run/netns/NAME; default: the agent's own).
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+        mode: XdpModeArg,
+        /// The verdict of a packet every stage proceeded on.
+        #[arg(long, value_enum, default_value_t = VerdictArg::Pass)]
+        final_verdict: VerdictArg,
+        /// The idempotency key (default: a random one per command, reused
+        /// by its retries).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Unload a rootlet and every stage on it (UnloadRootlet; the admin
+    /// role).
+    Unload {
+        rootlet: String,
+        /// The idempotency key (default: a random one per command, reused
+        /// by its retries).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Link a stage from an ELF object file (LinkStage). The caller's
+    /// identity becomes the stage's owner; the agent picks the slot from
+    /// the priority. With --lease D the stage is linked with a lease
+    /// instead of a pin, and with --hold rootletctl keeps the lease alive
+    /// over the KeepAlive stream for as long as it runs (until Ctrl-C or
+    /// SIGTERM; the agent then unlinks the stage when the lease expires);
+    /// if the lease is lost, it exits 1 saying so.
+    Link {
+        rootlet: String,
+        stage: String,
+        object: PathBuf,
+        #[command(flatten)]
+        stage_args: StageArgs,
+        /// Link with a lease of this long (whole seconds, 1s..24h) instead
+        /// of a pin: the agent unlinks the stage when nobody renews it.
+        #[arg(long, value_parser = duration_arg)]
+        lease: Option<Duration>,
+        /// Keep the lease alive while this command runs (needs --lease).
+        #[arg(long, requires = "lease")]
+        hold: bool,
+        /// Do not pin the stage's link: it lives as long as the agent
+        /// process (ignored with --lease).
+        #[arg(long)]
+        no_pin: bool,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Replace a linked stage's object atomically (ReplaceStage).
+    Replace {
+        rootlet: String,
+        stage: String,
+        object: PathBuf,
+        #[command(flatten)]
+        stage_args: StageArgs,
+        /// Keep the replaced stage's maps (their definitions must match).
+        #[arg(long)]
+        keep_maps: bool,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Unlink a stage (UnlinkStage).
+    Unlink {
+        rootlet: String,
+        stage: String,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Pin a stage's link so that it outlives the agent (SetStagePin).
+    Pin {
+        rootlet: String,
+        stage: String,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Unpin a stage's link: it lives as long as the agent process
+    /// (SetStagePin).
+    Unpin {
+        rootlet: String,
+        stage: String,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Per-slot, per-action packet counters (GetStats).
+    Stats { rootlet: String },
+    /// Print state changes as they happen, after a snapshot of every
+    /// rootlet (Watch), until Ctrl-C, --count events or --duration.
+    Watch {
+        /// Only this rootlet (default: every rootlet).
+        rootlet: Option<String>,
+        /// Stop after this many events (the snapshot's included).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long.
+        #[arg(long, value_parser = duration_arg)]
+        duration: Option<Duration>,
+    },
+}
+
+/// What a stage runs and where it goes in the pipeline.
+#[derive(Args, Debug, Clone)]
+pub struct StageArgs {
+    /// The program (function) of the object to run.
+    #[arg(long)]
+    pub program: String,
+    /// Lower runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// A verdict that goes on to the next stage (repeatable; default: pass).
+    #[arg(long = "proceed-on", value_enum)]
+    pub proceed_on: Vec<VerdictArg>,
+}
+
+/// Preconditions and idempotency of a change.
+#[derive(Args, Debug, Clone)]
+pub struct ChangeArgs {
+    /// Change only if the rootlet is at this generation
+    /// (FAILED_PRECONDITION otherwise).
+    #[arg(long)]
+    pub expected_generation: Option<u64>,
+    /// The idempotency key (default: a random one per command, reused by
+    /// its retries).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpModeArg {
+    Auto,
+    Driver,
+    Generic,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerdictArg {
+    Aborted,
+    Drop,
+    Pass,
+    Tx,
+    Redirect,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     Text,
@@ -446,6 +663,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Policy(p) => policy(p),
         Command::Rollout(r) => rollout_cmd(r).await,
         Command::Status(s) => status_cmd(s).await,
+        Command::Host(h) => host::run(h).await,
         Command::Plan { plan, hosts } => match Plan::load(&plan) {
             Ok(p) => {
                 print!("{}", describe_plan(&p, hosts));

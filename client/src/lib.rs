@@ -25,6 +25,9 @@
 //! - [`policy_cmd`]: `policy build|sign|verify|inspect|diff`.
 //! - [`generate`]: shell completions and manual pages, from the clap
 //!   definitions.
+//! - [`host`]: `host TARGET caps|list|get|load|unload|link|replace|unlink|
+//!   pin|unpin|stats|watch`: one agent, one call per command (and a held
+//!   lease over KeepAlive).
 //!
 //! The simulated agent the tests and the fleet benchmark use is the
 //! `rootlet-client-sim` crate (`client/sim/`), outside this library.
@@ -34,6 +37,7 @@ pub mod bundle_cmd;
 pub mod cli;
 pub mod config;
 pub mod generate;
+pub mod host;
 pub mod inventory;
 pub mod plan;
 pub mod policy_cmd;

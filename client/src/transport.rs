@@ -302,6 +302,14 @@ pub fn request<T>(msg: T, timeout: Duration) -> Request<T> {
     r
 }
 
+/// A (lazy) channel to one host with the same TLS, Unix socket and
+/// keep-alive settings as [`Fleet`]'s; for the single-host commands
+/// (`rootletctl host`), which make their own calls so that they can read
+/// an error's google.rpc details.
+pub fn connect(host: &Host, opts: &TransportOptions) -> Result<Channel, String> {
+    channel(host, opts, &mut HashMap::new())
+}
+
 fn read_cached(
     files: &mut HashMap<PathBuf, Result<Vec<u8>, String>>,
     path: &Path,
