@@ -52,7 +52,8 @@ use crate::{
     },
     config::Human,
     inventory::{self, Address, Host, Inventory, Security, TlsSettings},
-    rollout::summary::fmt_time,
+    rollout::{gates::short, summary::fmt_time},
+    status::columns,
     transport::{self, TransportOptions, code_name, request},
 };
 
@@ -961,7 +962,7 @@ impl RootletView {
                     .map_or_else(|| "-".to_string(), |v| format!("v{v}")),
             ]);
         }
-        out.push_str(&table(&rows));
+        out.push_str(&columns(&rows));
         out
     }
 }
@@ -1013,7 +1014,7 @@ fn list_text(rootlets: &[RootletView]) -> String {
             dash(&r.drift),
         ]);
     }
-    table(&rows)
+    columns(&rows)
 }
 
 /// What a change did.
@@ -1116,7 +1117,7 @@ impl StatsView {
                 s.counters.empty.to_string(),
             ]);
         }
-        out.push_str(&table(&rows));
+        out.push_str(&columns(&rows));
         out
     }
 }
@@ -1168,7 +1169,7 @@ impl CapsView {
                 dash(&p.reason),
             ]);
         }
-        out.push_str(&table(&rows));
+        out.push_str(&columns(&rows));
         out
     }
 }
@@ -1463,40 +1464,6 @@ fn dash(s: &str) -> String {
     }
 }
 
-/// A digest's first 12 hex digits.
-fn short(d: &str) -> String {
-    if d.is_empty() {
-        "-".into()
-    } else {
-        d.get(..12).unwrap_or(d).to_string()
-    }
-}
-
-/// Rows as columns two spaces apart (the last column unpadded).
-fn table(rows: &[Vec<String>]) -> String {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let mut widths = vec![0usize; cols];
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in rows {
-        let mut line = String::new();
-        for (k, (cell, w)) in row.iter().zip(&widths).enumerate() {
-            if k + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1567,7 +1534,7 @@ mod tests {
 
     #[test]
     fn tables_align() {
-        let t = table(&[
+        let t = columns(&[
             vec!["A".into(), "BB".into(), "C".into()],
             vec!["long".into(), "x".into(), "y".into()],
         ]);

@@ -534,25 +534,7 @@ pub fn table(hosts: &[HostStatus]) -> String {
             ]);
         }
     }
-    let mut widths = [0usize; 12];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (k, (cell, w)) in row.iter().zip(widths).enumerate() {
-            if k + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let mut out = columns(&rows);
     let down = hosts.iter().filter(|h| h.error.is_some()).count();
     let drift = hosts.iter().filter(|h| h.has_drift()).count();
     let _ = writeln!(
@@ -593,6 +575,33 @@ fn digest_cell(r: &RootletStatus) -> String {
             .join(" ");
     }
     short(&r.applied_digest)
+}
+
+/// Rows as columns two spaces apart, each as wide as its widest cell (the
+/// last column unpadded); rows may differ in length.
+pub fn columns<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let cols = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let mut widths = vec![0usize; cols];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row.as_ref()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let row = row.as_ref();
+        let mut line = String::new();
+        for (k, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if k + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// How often `status --watch` reads again.
