@@ -213,6 +213,24 @@ impl Agent {
             .max_encoding_message_size(64 << 20)
     }
 
+    /// One unary call of `req`: `f` sends the request it is given (a copy
+    /// of `req` per attempt, carrying the deadline) as [`Self::call`] does.
+    async fn unary<Q, T, F, Fut>(
+        &self,
+        rpc: &'static str,
+        timeout: Duration,
+        req: Q,
+        f: F,
+    ) -> Result<T, HostError>
+    where
+        Q: Clone,
+        F: Fn(RootletClient<Channel>, tonic::Request<Q>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.call(rpc, timeout, |c, t| f(c, request(req.clone(), t)))
+            .await
+    }
+
     /// Calls `f` with the deadline `timeout` (sent as `grpc-timeout` and
     /// enforced here), retrying on UNAVAILABLE with backoff.
     async fn call<T, F, Fut>(
@@ -282,13 +300,11 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
     match a.command {
         HostCmd::Caps => {
             let c = agent
-                .call(
+                .unary(
                     "GetCapabilities",
                     agent.rpc_timeout,
-                    |mut c, t| async move {
-                        c.get_capabilities(request(pb::GetCapabilitiesRequest {}, t))
-                            .await
-                    },
+                    pb::GetCapabilitiesRequest {},
+                    |mut c, r| async move { c.get_capabilities(r).await },
                 )
                 .await?;
             let v = CapsView::of(&c);
@@ -296,10 +312,12 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
         }
         HostCmd::List => {
             let r = agent
-                .call("ListRootlets", agent.rpc_timeout, |mut c, t| async move {
-                    c.list_rootlets(request(pb::ListRootletsRequest {}, t))
-                        .await
-                })
+                .unary(
+                    "ListRootlets",
+                    agent.rpc_timeout,
+                    pb::ListRootletsRequest {},
+                    |mut c, r| async move { c.list_rootlets(r).await },
+                )
                 .await?;
             let v: Vec<RootletView> = r.rootlets.iter().map(RootletView::of).collect();
             emit(out, &v, || list_text(&v));
@@ -307,13 +325,12 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
         HostCmd::Get { rootlet } => {
             let r = rootlet_ref(&rootlet)?;
             let s = agent
-                .call("GetRootlet", agent.rpc_timeout, |mut c, t| {
-                    let r = r.clone();
-                    async move {
-                        c.get_rootlet(request(pb::GetRootletRequest { rootlet: Some(r) }, t))
-                            .await
-                    }
-                })
+                .unary(
+                    "GetRootlet",
+                    agent.rpc_timeout,
+                    pb::GetRootletRequest { rootlet: Some(r) },
+                    |mut c, r| async move { c.get_rootlet(r).await },
+                )
                 .await?;
             let v = RootletView::of(&s);
             emit(out, &v, || v.text());
@@ -333,10 +350,12 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
                 idempotency_key: key_or_random(idempotency_key),
             };
             let s = agent
-                .call("LoadRootlet", agent.change_timeout, |mut c, t| {
-                    let req = req.clone();
-                    async move { c.load_rootlet(request(req, t)).await }
-                })
+                .unary(
+                    "LoadRootlet",
+                    agent.change_timeout,
+                    req,
+                    |mut c, r| async move { c.load_rootlet(r).await },
+                )
                 .await?;
             let v = RootletView::of(&s);
             emit(out, &v, || format!("loaded rootlet {}\n{}", v.id, v.text()));
@@ -350,10 +369,12 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
                 idempotency_key: key_or_random(idempotency_key),
             };
             agent
-                .call("UnloadRootlet", agent.change_timeout, |mut c, t| {
-                    let req = req.clone();
-                    async move { c.unload_rootlet(request(req, t)).await }
-                })
+                .unary(
+                    "UnloadRootlet",
+                    agent.change_timeout,
+                    req,
+                    |mut c, r| async move { c.unload_rootlet(r).await },
+                )
                 .await?;
             let v = serde_json::json!({ "unloaded": rootlet });
             emit(out, &v, || format!("unloaded rootlet {rootlet}\n"));
@@ -379,10 +400,12 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
                 idempotency_key: key_or_random(change.idempotency_key),
             };
             let r = agent
-                .call("LinkStage", agent.change_timeout, |mut c, t| {
-                    let req = req.clone();
-                    async move { c.link_stage(request(req, t)).await }
-                })
+                .unary(
+                    "LinkStage",
+                    agent.change_timeout,
+                    req,
+                    |mut c, r| async move { c.link_stage(r).await },
+                )
                 .await?;
             let v = ChangeView::of(&r);
             emit(out, &v, || v.text(&format!("linked stage {stage}")));
@@ -423,10 +446,12 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
                 idempotency_key: key_or_random(change.idempotency_key),
             };
             let r = agent
-                .call("ReplaceStage", agent.change_timeout, |mut c, t| {
-                    let req = req.clone();
-                    async move { c.replace_stage(request(req, t)).await }
-                })
+                .unary(
+                    "ReplaceStage",
+                    agent.change_timeout,
+                    req,
+                    |mut c, r| async move { c.replace_stage(r).await },
+                )
                 .await?;
             let v = ChangeView::of(&r);
             emit(out, &v, || v.text(&format!("replaced stage {stage}")));
@@ -447,10 +472,12 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
                 idempotency_key: key_or_random(idempotency_key),
             };
             let r = agent
-                .call("UnlinkStage", agent.change_timeout, |mut c, t| {
-                    let req = req.clone();
-                    async move { c.unlink_stage(request(req, t)).await }
-                })
+                .unary(
+                    "UnlinkStage",
+                    agent.change_timeout,
+                    req,
+                    |mut c, r| async move { c.unlink_stage(r).await },
+                )
                 .await?;
             let v = ChangeView::of(&r);
             emit(out, &v, || v.text(&format!("unlinked stage {stage}")));
@@ -468,13 +495,12 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
         HostCmd::Stats { rootlet } => {
             let r = rootlet_ref(&rootlet)?;
             let s = agent
-                .call("GetStats", agent.rpc_timeout, |mut c, t| {
-                    let r = r.clone();
-                    async move {
-                        c.get_stats(request(pb::GetStatsRequest { rootlet: Some(r) }, t))
-                            .await
-                    }
-                })
+                .unary(
+                    "GetStats",
+                    agent.rpc_timeout,
+                    pb::GetStatsRequest { rootlet: Some(r) },
+                    |mut c, r| async move { c.get_stats(r).await },
+                )
                 .await?;
             let v = StatsView::of(&s);
             emit(out, &v, || v.text());
@@ -507,10 +533,12 @@ async fn set_pin(
         idempotency_key: key_or_random(change.idempotency_key),
     };
     let r = agent
-        .call("SetStagePin", agent.change_timeout, |mut c, t| {
-            let req = req.clone();
-            async move { c.set_stage_pin(request(req, t)).await }
-        })
+        .unary(
+            "SetStagePin",
+            agent.change_timeout,
+            req,
+            |mut c, r| async move { c.set_stage_pin(r).await },
+        )
         .await?;
     let v = ChangeView::of(&r);
     let what = if pin { "pinned" } else { "unpinned" };
