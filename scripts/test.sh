@@ -59,14 +59,20 @@ echo "ok: exit 255, one boot, the panic shown ($(( $(date +%s) - vm_started )) s
 echo "== VM tier: Debian kernels under qemu (TCG)"
 # The suites that exercise the kernel: the data plane, the agent over it,
 # and policies through the agent.
-vm_tests=$(cargo test -p rootlet-integration-tests --test dataplane --test agent --test policy --test crash --locked --no-run --message-format=json 2>/dev/null |
+# The native tier's own build, not a new one: `cargo test -p` (or `cargo
+# build --bins`) unifies features over fewer packages, so it would compile the
+# server, client and test crates a second time, with their ~12 executables
+# (minutes of linking, GBs of disk). The bins the suites start (rootletd) are
+# the ones `cargo test --workspace` put in target/debug.
+vm_tests=$(cargo test --workspace --locked --no-run --message-format=json 2>/dev/null |
     python3 -c 'import sys, json
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("dataplane", "agent", "policy", "crash"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "rootlet-integration-tests" in m["package_id"] \
+            and m["target"]["kind"] == ["test"] and m["target"]["name"] in ("dataplane", "agent", "policy", "crash"):
         print(m["target"]["name"] + "=" + m["executable"])')
 [ "$(echo "$vm_tests" | wc -l)" = 4 ] || { echo "cannot find the dataplane, agent, policy and crash test binaries" >&2; exit 1; }
-cargo build -p rootlet-integration-tests -p rootlet-server --bins --locked
+[ -x target/debug/rootletd ] || { echo "target/debug/rootletd is missing after the workspace build" >&2; exit 1; }
 # The guest's command for a comma-separated list of suites: every suite runs
 # even when one fails; the guest exits non-zero if any did.
 # The crash sweeps in a guest (the crash suite, and the agent suite's sweep
