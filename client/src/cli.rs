@@ -377,7 +377,9 @@ pub struct StatusArgs {
     pub expect: Option<String>,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
-    /// Read again every 2 s (until --watch-timeout).
+    /// Follow each host's Watch stream and show the fleet again when a
+    /// host changes (until --watch-timeout or Ctrl-C); one JSON array per
+    /// update with --output json. Counters are as of the host's last change.
     #[arg(long)]
     pub watch: bool,
     #[arg(long, default_value = "1h", value_parser = duration_arg)]
@@ -1362,24 +1364,46 @@ async fn status_cmd(a: StatusArgs) -> i32 {
         );
     }
     let fleet = Fleet::new(hosts, a.transport.options());
-    let t0 = Instant::now();
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    // Bounded by `watch_timeout`.
-    loop {
-        let hosts = status::read(&fleet, a.expect.as_deref()).await;
-        let bad = hosts.iter().any(|h| h.error.is_some() || h.has_drift());
-        match a.output {
+    let print =
+        |hosts: &[status::HostStatus], updates: &[status::Update], clear: bool| match a.output {
             Output::Json => println!("{}", serde_json::to_string(&hosts).unwrap_or_default()),
             Output::Text => {
-                if a.watch && tty {
+                if clear {
                     print!("\x1b[2J\x1b[H");
                 }
-                print!("{}", status::table(&hosts));
+                if !updates.is_empty() {
+                    let said: Vec<String> = updates
+                        .iter()
+                        .map(|u| format!("{}: {}", u.host, u.cause))
+                        .collect();
+                    println!("-- {}", said.join(", "));
+                }
+                print!("{}", status::table(hosts));
             }
+        };
+    let bad = |hosts: &[status::HostStatus]| {
+        if hosts.iter().any(|h| h.error.is_some() || h.has_drift()) {
+            EXIT_FAILED
+        } else {
+            EXIT_OK
         }
-        if !a.watch || t0.elapsed() >= a.watch_timeout {
-            return if bad { EXIT_FAILED } else { EXIT_OK };
-        }
-        tokio::time::sleep(status::WATCH_INTERVAL).await;
+    };
+    if !a.watch {
+        let hosts = status::read(&fleet, a.expect.as_deref()).await;
+        print(&hosts, &[], false);
+        return bad(&hosts);
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let until = tokio::time::Instant::now() + a.watch_timeout;
+    let last = std::cell::Cell::new(EXIT_OK);
+    let watched = status::follow(&fleet, a.expect.as_deref(), until, |hosts, updates| {
+        print(hosts, updates, tty);
+        last.set(bad(hosts));
+    });
+    tokio::select! {
+        hosts = watched => bad(&hosts),
+        // Ctrl-C or SIGTERM ends a watch as --watch-timeout does: the exit
+        // code is the last state shown's.
+        () = crate::host::interrupted() => last.get(),
     }
 }

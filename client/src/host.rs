@@ -1268,7 +1268,7 @@ fn now_ms() -> i64 {
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-async fn interrupted() {
+pub(crate) async fn interrupted() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -6,7 +6,9 @@
 //! (parsed, with real values checked: stage names, program ids,
 //! generations) are asserted. A `watch --count` runs while a change is
 //! made; a `link --lease --hold` keeps a lease alive, stops when the lease
-//! is lost (exit 1), and lets it expire when interrupted.
+//! is lost (exit 1), and lets it expire when interrupted. `status --watch`
+//! follows an agent's Watch stream: no reads while nothing changes (counted
+//! by the agent's metrics), one for a change, the host lost and found again.
 //!
 //! Needs root, and `rootletd` and `rootletctl` built with the same profile
 //! as the tests (`cargo build -p rootlet-server -p rootlet-client`); a test
@@ -640,4 +642,152 @@ async fn host_link_hold_keeps_a_lease_alive_until_it_is_lost_or_interrupted() {
         ],
     ));
     assert_eq!(bad.code, 2, "{}", bad.stderr);
+}
+
+/// `rootlet_rpc_requests_total{method=M}` of the agent whose metrics are at
+/// `addr`, every code added up.
+fn rpcs(addr: std::net::SocketAddr, method: &str) -> u64 {
+    let body = rootlet_integration_tests::rootletd::scrape(addr).expect("metrics");
+    let label = format!("rootlet_rpc_requests_total{{method=\"{method}\",");
+    body.lines()
+        .filter(|l| l.starts_with(&label))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()))
+        .sum()
+}
+
+/// The next `status --watch --output json` line: the fleet as an array.
+fn fleet_line(watch: &Background, limit: Duration, what: &str) -> Vec<Value> {
+    let line = watch
+        .line(limit)
+        .unwrap_or_else(|| panic!("{what}: no update within {limit:?}"));
+    match serde_json::from_str(&line) {
+        Ok(Value::Array(hosts)) => hosts,
+        _ => panic!("{what}: not a JSON array: {line}"),
+    }
+}
+
+/// `rootletctl status --watch` follows each agent's Watch stream: it shows
+/// the fleet once, reads a host again only when its stream says something
+/// changed (no ListRootlets while nothing changes, where it used to read
+/// every 2 s), shows the change, shows a host whose agent went away as
+/// unreachable, and picks the host up again when an agent answers there.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_watch_follows_the_watch_stream_and_reads_a_host_only_when_it_changes() {
+    use rootlet_integration_tests::{api, fixture, fixture::Fixture, rootletd::Daemon};
+    let f = Fixture::new();
+    let mut d = Daemon::start(&f, fixture::backend()).expect("start rootletd");
+    let mut c = d.connect().await.expect("connect");
+    let loaded = api::load(&mut c, &f).await;
+    // The inventory names a symlink to the socket, so that another agent
+    // can take the host's place later.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("agent.sock");
+    std::os::unix::fs::symlink(&d.socket, &sock).expect("symlink");
+    let inv = dir.path().join("hosts.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "[[hosts]]\nname = \"h1\"\naddress = \"unix:{}\"\n",
+            sock.display()
+        ),
+    )
+    .expect("inventory");
+    let inv = inv.display().to_string();
+    let watch = Background::start(&[
+        "status",
+        "-i",
+        &inv,
+        "--watch",
+        "--watch-timeout",
+        "300s",
+        "--output",
+        "json",
+    ]);
+    let first = fleet_line(&watch, Duration::from_secs(30), "the first read");
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0]["reachable"], true, "{first:?}");
+    let r = &first[0]["rootlets"][0];
+    assert_eq!(r["generation"].as_u64(), Some(loaded.generation), "{r:#}");
+    assert_eq!(r["stages"], Value::Array(vec![]), "{r:#}");
+
+    // Nothing changes: the stream's snapshot is read once (and shows
+    // nothing new), then no read and no line for three of the old poll
+    // intervals.
+    assert!(
+        watch.line(Duration::from_secs(3)).is_none(),
+        "an update while nothing changed"
+    );
+    let quiet = rpcs(d.metrics, "ListRootlets");
+    assert!(
+        watch.line(Duration::from_secs(6)).is_none(),
+        "an update while nothing changed"
+    );
+    assert_eq!(
+        rpcs(d.metrics, "ListRootlets"),
+        quiet,
+        "the watch read the host while nothing changed: it polls"
+    );
+
+    // A change: a stage linked. The watch shows it, from one read.
+    let (sampler, _, _) = objects(dir.path());
+    let agent = format!("unix:{}", d.socket.display());
+    let linked = ctl(&[
+        "host",
+        &agent,
+        "link",
+        &loaded.id,
+        "sampler",
+        &sampler,
+        "--program",
+        "sampler",
+        "--priority",
+        "10",
+        "--output",
+        "json",
+    ])
+    .ok()
+    .json();
+    let after = fleet_line(&watch, Duration::from_secs(30), "the link");
+    let r = &after[0]["rootlets"][0];
+    assert_eq!(stage_names(r), ["sampler"], "{r:#}");
+    assert_eq!(r["generation"].as_u64(), Some(generation(&linked)), "{r:#}");
+    let reads = rpcs(d.metrics, "ListRootlets") - quiet;
+    assert!(
+        (1..=3).contains(&reads),
+        "{reads} reads of the host for one change"
+    );
+
+    // The agent goes away: the host is shown unreachable, with why.
+    let pid = i32::try_from(d.child.id()).expect("pid");
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill rootletd");
+    let lost = fleet_line(&watch, Duration::from_secs(30), "the agent's end");
+    assert_eq!(lost[0]["reachable"], false, "{lost:?}");
+    let why = lost[0]["error"].as_str().unwrap_or_default();
+    assert!(why.starts_with("watch: "), "{lost:?}");
+    assert_eq!(lost[0]["rootlets"], Value::Array(vec![]), "{lost:?}");
+
+    // Another agent answers at the host's address: the stream is opened
+    // again (with backoff) and the host is read, its empty agent shown.
+    let f2 = Fixture::new();
+    let mut d2 = Daemon::start(&f2, fixture::backend()).expect("start rootletd");
+    d2.connect().await.expect("connect");
+    std::fs::remove_file(&sock).expect("unlink the symlink");
+    std::os::unix::fs::symlink(&d2.socket, &sock).expect("symlink");
+    // Bounded: one update per reconnect attempt (at most a handful of
+    // "lost" lines, whose reason may change), within 60 s.
+    let t0 = Instant::now();
+    let back = loop {
+        let hosts = fleet_line(&watch, Duration::from_secs(30), "the new agent");
+        if hosts[0]["reachable"] == true {
+            break hosts;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{hosts:?}");
+    };
+    assert_eq!(back[0]["error"], Value::Null, "{back:?}");
+    assert_eq!(back[0]["rootlets"], Value::Array(vec![]), "{back:?}");
+
+    // Interrupted, the watch exits with the last state's code: 0.
+    watch.signal(Signal::SIGINT);
+    let (code, err) = watch.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{err}");
 }

@@ -7,9 +7,12 @@
 //! bundle says, from `ApplyStatus.drift`; or the host does not run the
 //! version asked for with `--expect`, where a rootlet with stage drift
 //! does not count as running it), as a table for people or JSON for
-//! programs.
+//! programs. `--watch` follows each host's Watch stream ([`follow`]).
 
-use std::{fmt::Write, time::Duration};
+use std::fmt::Write;
+
+mod follow;
+pub use follow::{Update, follow};
 
 use futures::{StreamExt, stream};
 use rootlet_proto::v1 as pb;
@@ -145,52 +148,55 @@ impl HostStatus {
 }
 
 /// Reads every host of `fleet`; `expect` is a version (or digest) every
-/// rootlet should run.
+/// rootlet should run. Sorted by host name.
 pub async fn read(fleet: &Fleet, expect: Option<&str>) -> Vec<HostStatus> {
     let n = fleet.hosts().len();
-    let deadline = fleet.options().host_deadline;
     let mut out: Vec<HostStatus> = stream::iter(0..n)
-        .map(|i| async move {
-            let _slot = fleet.permit().await;
-            let host = fleet.hosts().get(i).cloned();
-            let r = tokio::time::timeout(deadline, read_host(fleet, i, expect)).await;
-            let (name, address) =
-                host.map_or_else(Default::default, |h| (h.name, h.address.to_string()));
-            match r {
-                Ok(Ok((rootlets, bundles))) => HostStatus {
-                    name,
-                    address,
-                    reachable: true,
-                    error: None,
-                    rootlets,
-                    bundles,
-                },
-                Ok(Err(e)) => HostStatus {
-                    name,
-                    address,
-                    reachable: !e.is_unreachable(),
-                    error: Some(e.to_string()),
-                    rootlets: Vec::new(),
-                    bundles: Vec::new(),
-                },
-                Err(_) => HostStatus {
-                    name,
-                    address,
-                    reachable: false,
-                    error: Some(format!(
-                        "no answer within {}",
-                        crate::config::Human(deadline)
-                    )),
-                    rootlets: Vec::new(),
-                    bundles: Vec::new(),
-                },
-            }
-        })
+        .map(|i| read_one(fleet, i, expect))
         .buffer_unordered(fleet.options().concurrency.max(1))
         .collect()
         .await;
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// Reads host `i` of `fleet`, within one slot of its concurrency and the
+/// host deadline; a host that fails is a row that says why.
+pub async fn read_one(fleet: &Fleet, i: usize, expect: Option<&str>) -> HostStatus {
+    let deadline = fleet.options().host_deadline;
+    let _slot = fleet.permit().await;
+    let host = fleet.hosts().get(i).cloned();
+    let r = tokio::time::timeout(deadline, read_host(fleet, i, expect)).await;
+    let (name, address) = host.map_or_else(Default::default, |h| (h.name, h.address.to_string()));
+    match r {
+        Ok(Ok((rootlets, bundles))) => HostStatus {
+            name,
+            address,
+            reachable: true,
+            error: None,
+            rootlets,
+            bundles,
+        },
+        Ok(Err(e)) => HostStatus {
+            name,
+            address,
+            reachable: !e.is_unreachable(),
+            error: Some(e.to_string()),
+            rootlets: Vec::new(),
+            bundles: Vec::new(),
+        },
+        Err(_) => HostStatus {
+            name,
+            address,
+            reachable: false,
+            error: Some(format!(
+                "no answer within {}",
+                crate::config::Human(deadline)
+            )),
+            rootlets: Vec::new(),
+            bundles: Vec::new(),
+        },
+    }
 }
 
 async fn read_host(
@@ -603,9 +609,6 @@ pub fn columns<R: AsRef<[String]>>(rows: &[R]) -> String {
     }
     out
 }
-
-/// How often `status --watch` reads again.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
