@@ -252,10 +252,15 @@ fn bundle_rollout_status_and_exit_codes() {
     rt.shutdown_background();
 }
 
+/// `status --watch` against a simulated agent: the fleet shown once, again
+/// when the agent's Watch stream says a stage was linked (and only then: no
+/// redraw while nothing changes), and the watch ends by itself at
+/// --watch-timeout with exit 0.
 #[test]
-fn status_watch_reads_again_until_its_timeout() {
+fn status_watch_shows_a_change_from_the_stream_and_stops_at_its_timeout() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let agent = rt.block_on(sim::spawn(SimOptions { pps: 1000 })).unwrap();
+    agent.agent.add_foreign_stage("rl0", "team_fw", "fw", 1);
     let dir = tempfile::tempdir().unwrap();
     let inventory = dir.path().join("hosts.toml");
     std::fs::write(
@@ -267,17 +272,23 @@ fn status_watch_reads_again_until_its_timeout() {
     )
     .unwrap();
     let started = std::time::Instant::now();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rootletctl"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rootletctl"))
         .args([
             "status",
             "-i",
             s(&inventory),
             "--watch",
             "--watch-timeout",
-            "5s",
+            "8s",
         ])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // Quiet for longer than the old 2 s poll, then a change.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    agent.agent.add_foreign_stage("rl0", "team_lb", "lb", 2);
+    let out = child.wait_with_output().unwrap();
     let elapsed = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -285,13 +296,20 @@ fn status_watch_reads_again_until_its_timeout() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reads = stdout.matches("watched").count();
-    assert!(
-        reads >= 2,
-        "read again every 2 s: {reads} reads in {elapsed:?}:\n{stdout}"
+    let shown = stdout.lines().filter(|l| l.starts_with("watched ")).count();
+    assert_eq!(
+        shown, 2,
+        "shown once, then once for the link: {elapsed:?}:\n{stdout}"
     );
+    assert!(stdout.contains("-- watched: changed"), "{stdout}");
+    let (before, after) = stdout.split_once("-- watched: changed").unwrap();
     assert!(
-        elapsed >= std::time::Duration::from_secs(4)
+        before.contains("team_fw") && !before.contains("team_lb"),
+        "{before}"
+    );
+    assert!(after.contains("team_lb"), "{after}");
+    assert!(
+        elapsed >= std::time::Duration::from_secs(7)
             && elapsed < std::time::Duration::from_secs(30),
         "stops by itself at --watch-timeout: {elapsed:?}"
     );

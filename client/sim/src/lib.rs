@@ -45,7 +45,7 @@ use std::{
 
 mod policy;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use rootlet_bundle::SignedBundle;
 use rootlet_proto::v1::{self as pb, rootlet_server::RootletServer};
 use sha2::{Digest, Sha256};
@@ -152,6 +152,9 @@ struct Inner {
     apply_calls: AtomicU64,
     uploads: AtomicU64,
     next_prog: AtomicU32,
+    /// Watch events: a change, a policy, an unload (receivers that lag
+    /// lose the oldest, as the agent's own stream does).
+    events: tokio::sync::broadcast::Sender<pb::WatchEvent>,
 }
 
 /// A simulated agent (cheap to clone: one shared state).
@@ -180,6 +183,7 @@ impl SimAgent {
                 apply_calls: AtomicU64::new(0),
                 uploads: AtomicU64::new(0),
                 next_prog: AtomicU32::new(100),
+                events: tokio::sync::broadcast::channel(256).0,
             }),
         }
     }
@@ -319,6 +323,7 @@ impl SimAgent {
             r.stages
                 .sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
             r.generation += 1;
+            self.notify(r, "changed");
         }
     }
 
@@ -329,6 +334,17 @@ impl SimAgent {
             return Err(Status::unavailable("simulated agent stopped answering"));
         }
         Ok(())
+    }
+
+    /// Tells the watchers that `r` changed (`cause`, as the agent's Watch
+    /// says it).
+    fn notify(&self, r: &SimRootlet, cause: &str) {
+        // No receiver (nobody watches) is not an error.
+        let _ = self.inner.events.send(pb::WatchEvent {
+            rootlet_id: r.id.clone(),
+            cause: cause.into(),
+            rootlet: Some(self.state_of(r)),
+        });
     }
 
     fn prog_id(&self) -> u32 {
@@ -560,6 +576,7 @@ impl SimAgent {
                 r.applied_version = m.version.clone();
                 r.applied_digest = digest.clone();
                 r.last_attempt = Some(attempt("ack", ""));
+                self.notify(r, "changed");
             }
             outcomes.push(pb::RootletOutcome {
                 rootlet_id: r.id.clone(),
@@ -663,6 +680,8 @@ impl SimAgent {
             r.last_attempt = Some(attempt.clone());
             if r.loaded_by == req.name && r.stages.is_empty() {
                 gone.push(k.clone());
+            } else {
+                self.notify(r, "changed");
             }
             outcomes.push(pb::RootletOutcome {
                 rootlet_id: r.id.clone(),
@@ -671,7 +690,13 @@ impl SimAgent {
             });
         }
         for k in gone {
-            st.rootlets.remove(&k);
+            if let Some(r) = st.rootlets.remove(&k) {
+                let _ = self.inner.events.send(pb::WatchEvent {
+                    rootlet_id: r.id,
+                    cause: "unloaded".into(),
+                    rootlet: None,
+                });
+            }
         }
         st.removed.insert(req.name.clone());
         self.inner.applies.fetch_add(1, Ordering::Relaxed);
@@ -824,7 +849,31 @@ impl pb::rootlet_server::Rootlet for SimAgent {
         _: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.enter().await?;
-        Err(Status::unimplemented("not simulated"))
+        // Every rootlet (a filter is not simulated): a snapshot of each,
+        // then each change as it happens.
+        let events = self.inner.events.subscribe();
+        let snapshot: Vec<Result<pb::WatchEvent, Status>> = {
+            let mut st = lock(&self.inner.state);
+            st.rootlets
+                .values_mut()
+                .map(|r| {
+                    self.advance(r);
+                    Ok(pb::WatchEvent {
+                        rootlet_id: r.id.clone(),
+                        cause: "snapshot".into(),
+                        rootlet: Some(self.state_of(r)),
+                    })
+                })
+                .collect()
+        };
+        // A watcher that fell behind lost events: DATA_LOSS ends its stream
+        // (tonic sends an error as the trailers), as the agent's does.
+        let changes = tokio_stream::wrappers::BroadcastStream::new(events).map(|e| {
+            e.map_err(|lag| Status::data_loss(format!("watcher fell behind: {lag}; watch again")))
+        });
+        Ok(Response::new(Box::pin(
+            futures::stream::iter(snapshot).chain(changes),
+        )))
     }
 
     async fn renew_lease(

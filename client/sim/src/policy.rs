@@ -176,6 +176,7 @@ impl SimAgent {
     ) -> Result<pb::ApplyPolicyResponse, Status> {
         self.inner.policy_calls.fetch_add(1, Ordering::Relaxed);
         let (stage, p) = SimPolicy::of(&req.policy)?;
+        let target = req.rootlet.clone();
         let rootlet = format!("{:?}", req.rootlet);
         let expected = format!("{:?}", req.expected_version);
         let req_hash = hash(&[
@@ -207,6 +208,9 @@ impl SimAgent {
         let (resp, changed) = install(id, s, p);
         if changed {
             self.inner.applies.fetch_add(1, Ordering::Relaxed);
+            if let Ok(r) = Self::find(&mut st, target) {
+                self.notify(r, "policy");
+            }
         }
         if !req.idempotency_key.is_empty() {
             st.policy_idempotency
@@ -237,6 +241,7 @@ impl SimAgent {
         if let Ok(r) = Self::find(&mut st, sref.rootlet.clone()) {
             self.advance(r);
         }
+        let rootlet = sref.rootlet.clone();
         let (id, s) = stage_of(&mut st, sref.rootlet, &sref.stage)?;
         let current = s.policy.as_ref().map_or(0, |c| c.version);
         check_expected(&sref.stage, req.expected_version, current)?;
@@ -268,6 +273,9 @@ impl SimAgent {
         );
         if changed {
             self.inner.applies.fetch_add(1, Ordering::Relaxed);
+            if let Ok(r) = Self::find(&mut st, rootlet) {
+                self.notify(r, "policy");
+            }
         }
         if !req.idempotency_key.is_empty() {
             st.policy_idempotency

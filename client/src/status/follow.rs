@@ -7,7 +7,8 @@
 //! again ([`super::read_one`]); events that arrive within [`SETTLE`] of
 //! each other are one read per host and one redraw. A stream that breaks
 //! shows its host unreachable, with why, until it is opened again, with
-//! backoff. The fleet is shown again only when what it shows changed.
+//! backoff. The fleet is shown again only when what it shows changed,
+//! counters aside.
 //!
 //! Counters change with every packet and send no event: a watch shows
 //! them as of the host's last change (`rootletctl host T stats` reads
@@ -65,7 +66,7 @@ pub async fn follow(
     let consumer = async {
         let mut hosts = super::read(fleet, expect).await;
         show(&hosts, &[]);
-        let mut shown = serde_json::to_value(&hosts).ok();
+        let mut shown = shape(&hosts);
         // Fleet host i's row in `hosts` (sorted by name).
         let row = |hosts: &[HostStatus], i: usize| {
             let h = fleet.hosts().get(i)?;
@@ -135,7 +136,7 @@ pub async fn follow(
                 h.rootlets.clear();
                 h.bundles.clear();
             }
-            let now = serde_json::to_value(&hosts).ok();
+            let now = shape(&hosts);
             if now != shown {
                 show(&hosts, &updates);
                 shown = now;
@@ -145,6 +146,26 @@ pub async fn follow(
     };
     let (_, hosts) = tokio::join!(watchers, consumer);
     hosts
+}
+
+/// What a redraw is for: the fleet without its counters, which change with
+/// every packet (a read for an event that changed nothing else, such as a
+/// reopened stream's snapshot, redraws nothing).
+fn shape(hosts: &[HostStatus]) -> Option<serde_json::Value> {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("counters");
+                m.remove("final_verdict_count");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(hosts).ok()?;
+    strip(&mut v);
+    Some(v)
 }
 
 /// Keeps host `i`'s Watch stream open until `until`, sending what it says.
