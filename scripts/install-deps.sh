@@ -52,7 +52,9 @@ apt_install() {
 
 # python3-venv: `python3 -m venv` needs ensurepip, which Debian ships apart.
 # groff-base: the test that renders the generated manual pages.
-packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv xdp-tools groff-base)
+# dpkg-dev (dpkg-shlibdeps, for the package's Depends), binutils (strip)
+# and systemd (systemd-analyze verify): the .deb's build and test.
+packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv xdp-tools groff-base dpkg-dev binutils systemd)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
@@ -117,4 +119,16 @@ if ! mountpoint -q /sys/fs/bpf; then
     echo "install-deps: mounting bpffs at /sys/fs/bpf"
     mkdir -p /sys/fs/bpf
     mount -t bpf bpf /sys/fs/bpf
+fi
+
+# cargo-deb (crates.io), pinned: scripts/build-deb.sh makes the `rootlet`
+# package with it, and the package test installs that package.
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -qx "cargo-deb $CARGO_DEB_VERSION\|$CARGO_DEB_VERSION"; then
+    echo "install-deps: installing cargo-deb $CARGO_DEB_VERSION"
+    if ! cargo install -q --locked cargo-deb --version "$CARGO_DEB_VERSION" >/tmp/rootlet-install-deps.log 2>&1; then
+        tail -n 30 /tmp/rootlet-install-deps.log >&2
+        echo "install-deps: cargo install cargo-deb failed (log: /tmp/rootlet-install-deps.log)" >&2
+        exit 1
+    fi
 fi
