@@ -402,6 +402,98 @@ async fn shutdown_ends_open_streams_at_once() {
     );
 }
 
+/// `[health] listen`: plain TCP (no TLS, no client certificate: what
+/// kubelet's gRPC probes can reach), serving grpc.health.v1 with the API's
+/// statuses and nothing else: the API and reflection are UNIMPLEMENTED
+/// there; a probe watching it hears NOT_SERVING when the daemon shuts down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_listener_serves_probes_in_plain_tcp_and_nothing_else() {
+    let mut setup = Setup::new();
+    setup.config.health.listen = Some("127.0.0.1:0".parse().expect("address"));
+    let running = setup.start().await;
+    let addr = running.health_addr.expect("a health address");
+    assert_ne!(addr.port(), 0, "port 0 was resolved");
+    assert_ne!(Some(addr), running.tcp_addr);
+    let plain = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("plain connect");
+    assert_eq!(health(plain.clone(), "").await, ServingStatus::Serving);
+    assert_eq!(
+        health(plain.clone(), "rootlet.v1.Rootlet").await,
+        ServingStatus::Serving
+    );
+    let api = RootletClient::new(plain.clone())
+        .get_capabilities(pb::GetCapabilitiesRequest {})
+        .await
+        .expect_err("the API is not served on the health listener");
+    assert_eq!(api.code(), Code::Unimplemented, "{api:?}");
+    let reflection = v1::server_reflection_client::ServerReflectionClient::new(plain.clone())
+        .server_reflection_info(tokio_stream::iter([v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        }]))
+        .await
+        .expect_err("reflection is not served on the health listener");
+    assert_eq!(reflection.code(), Code::Unimplemented, "{reflection:?}");
+    // The mTLS listener is unchanged: a plain client gets no answer there.
+    let tcp = running.tcp_addr.expect("a TCP address");
+    let on_tls = match Endpoint::from_shared(format!("http://{tcp}"))
+        .expect("endpoint")
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+    {
+        Ok(c) => HealthClient::new(c)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !on_tls,
+        "the API's listener answered a plaintext health check"
+    );
+
+    // A probe watching the health listener hears the shutdown.
+    let mut watch = HealthClient::new(plain)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    let first = watch
+        .message()
+        .await
+        .expect("a status")
+        .expect("one status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let stopping = tokio::spawn(running.shutdown());
+    let next = tokio::time::timeout(LIMIT, watch.message())
+        .await
+        .expect("in time");
+    match next {
+        Ok(Some(s)) => assert_eq!(s.status, ServingStatus::NotServing as i32),
+        other => panic!("the probe did not hear NOT_SERVING: {other:?}"),
+    }
+    tokio::time::timeout(LIMIT, stopping)
+        .await
+        .expect("shutdown in time")
+        .expect("no panic")
+        .expect("clean shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the health listener is closed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_daemon_per_socket_and_stale_sockets_are_replaced() {
     let setup = Setup::new();

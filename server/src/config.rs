@@ -28,6 +28,7 @@ pub struct Config {
     /// Required when `listen.tcp` is set, unless `listen.insecure_tcp`.
     pub tls: Option<TlsConfig>,
     pub metrics: MetricsConfig,
+    pub health: HealthConfig,
     pub log: LogConfig,
     pub dataplane: DataplaneConfig,
     pub bundles: BundlesConfig,
@@ -86,6 +87,17 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
+    /// Off unless set.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[health]`: a plain-TCP gRPC listener that serves `grpc.health.v1`
+/// alone, with the statuses the API's listeners report: for probes that
+/// cannot present a client certificate (kubelet's gRPC probes have no TLS).
+/// Nothing else is served there: not the API, not reflection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
     /// Off unless set.
     pub listen: Option<SocketAddr>,
 }
@@ -421,6 +433,16 @@ impl Config {
         {
             problem("metrics.listen", format!("{metrics} is also listen.tcp"));
         }
+        if let Some(health) = self.health.listen
+            && health.port() != 0
+        {
+            if self.listen.tcp == Some(health) {
+                problem("health.listen", format!("{health} is also listen.tcp"));
+            }
+            if self.metrics.listen == Some(health) {
+                problem("health.listen", format!("{health} is also metrics.listen"));
+            }
+        }
         match (&self.listen.tcp, self.listen.insecure_tcp, &self.tls) {
             (Some(_), false, None) => problem(
                 "tls",
@@ -659,6 +681,9 @@ impl Config {
         }
         if let Some(metrics) = self.metrics.listen {
             parts.push(format!("metrics {metrics}"));
+        }
+        if let Some(health) = self.health.listen {
+            parts.push(format!("health {health} (plain, health only)"));
         }
         parts.push(format!("backend {}", backend_name(self.dataplane.backend)));
         parts.push(format!("bpffs {}", self.dataplane.bpffs_root.display()));
@@ -1138,6 +1163,33 @@ stages = ["ok", "ok-*", "bad*name", "no spaces"]
         assert!(
             text.starts_with("invalid configuration: log.level: "),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_health_listener_shares_no_address_and_says_what_it_serves() {
+        let c = parse("[listen]\ninsecure_tcp = true\ntcp = \"127.0.0.1:7000\"\n[health]\nlisten = \"127.0.0.1:7000\"\n").unwrap();
+        let text = c.validate().unwrap_err().to_string();
+        assert!(
+            text.contains("health.listen: 127.0.0.1:7000 is also listen.tcp"),
+            "{text}"
+        );
+        let c = parse(
+            "[metrics]\nlisten = \"127.0.0.1:7001\"\n[health]\nlisten = \"127.0.0.1:7001\"\n",
+        )
+        .unwrap();
+        let text = c.validate().unwrap_err().to_string();
+        assert!(
+            text.contains("health.listen: 127.0.0.1:7001 is also metrics.listen"),
+            "{text}"
+        );
+        let c = parse("[health]\nlisten = \"0.0.0.0:9091\"\n").unwrap();
+        c.validate().unwrap();
+        assert!(
+            c.summary()
+                .contains("health 0.0.0.0:9091 (plain, health only)"),
+            "{}",
+            c.summary()
         );
     }
 

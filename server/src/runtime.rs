@@ -1,5 +1,6 @@
-//! Runs `rootletd`: listens (TCP with mutual TLS, a Unix socket, metrics),
-//! adopts the pinned state through the agent, serves the API, and on
+//! Runs `rootletd`: listens (TCP with mutual TLS, a Unix socket, metrics,
+//! and `[health]`: gRPC health alone on plain TCP for probes), adopts the
+//! pinned state through the agent, serves the API, and on
 //! shutdown drains and lets go, never unloading anything: the pinned data
 //! path keeps running without the daemon.
 //!
@@ -144,6 +145,8 @@ pub struct Running {
     pub tcp_addr: Option<SocketAddr>,
     pub unix_path: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The `[health]` listener's address (port 0 resolved).
+    pub health_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     lifecycle: watch::Receiver<Lifecycle>,
@@ -296,6 +299,32 @@ pub async fn start(config: Config) -> Result<Running, RuntimeError> {
         unix_socket = Some(socket);
     }
 
+    let mut health_addr = None;
+    if let Some(addr) = config.health.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RuntimeError::Listen {
+                what: "health",
+                addr: addr.to_string(),
+                source,
+            })?;
+        let bound = local_addr(&listener, "health", addr)?;
+        tracing::info!(addr = %bound, "serving gRPC health alone on plain TCP (for probes)");
+        // The same reporter as the API's listeners: NOT_SERVING while
+        // adopting and once shutting down. No phase gate: a probe during
+        // shutdown must hear NOT_SERVING, not be refused.
+        let router = server_builder().add_service(health_service.clone());
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let signal = stopped();
+        servers.spawn(async move {
+            (
+                "health",
+                router.serve_with_incoming_shutdown(incoming, signal).await,
+            )
+        });
+        health_addr = Some(bound);
+    }
+
     let (metrics_stop, metrics_stopped) = oneshot::channel::<()>();
     let mut metrics_addr = None;
     let mut metrics_task = None;
@@ -333,6 +362,7 @@ pub async fn start(config: Config) -> Result<Running, RuntimeError> {
         tcp_addr,
         unix_path: supervisor.config.listen.unix.clone(),
         metrics_addr,
+        health_addr,
         metrics,
         stop: Some(stop),
         lifecycle,
