@@ -115,6 +115,21 @@ if ! "$GRPCIO_DIR/bin/python3" -c "import grpc, grpc_tools, grpc_status, sys; sy
     fi
 fi
 
+# kubernetes-validate (PyPI; it carries the Kubernetes schemas, so it
+# validates offline) for the DaemonSet's test, in its own venv (pinned).
+K8S_DIR=/opt/rootlet-k8s
+K8S_VALIDATE_VERSION=1.37.0
+if ! "$K8S_DIR/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$K8S_VALIDATE_VERSION"; then
+    echo "install-deps: installing kubernetes-validate $K8S_VALIDATE_VERSION into $K8S_DIR"
+    python3 -m venv "$K8S_DIR"
+    if ! "$K8S_DIR/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$K8S_VALIDATE_VERSION" \
+        >/tmp/rootlet-install-deps.log 2>&1; then
+        tail -n 30 /tmp/rootlet-install-deps.log >&2
+        echo "install-deps: pip install kubernetes-validate failed (log: /tmp/rootlet-install-deps.log)" >&2
+        exit 1
+    fi
+fi
+
 if ! mountpoint -q /sys/fs/bpf; then
     echo "install-deps: mounting bpffs at /sys/fs/bpf"
     mkdir -p /sys/fs/bpf
