@@ -871,11 +871,13 @@ fn rollout_error(e: RolloutError) -> i32 {
 fn report(jf: &JournalFile, outcome: Outcome, output: Output, run: RunStats) -> i32 {
     let code = outcome.exit_code();
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&summary::json(&jf.journal, Some(run), Some(code)))
-                .unwrap_or_default()
-        ),
+        Output::Json => {
+            if let Err(e) = summary::Summary::of(&jf.journal, Some(run), Some(code))
+                .write(std::io::stdout().lock(), true)
+            {
+                eprintln!("rootletctl: cannot write the summary: {e}");
+            }
+        }
         Output::Text => print!("{}", summary::human(&jf.journal, Some(run))),
     }
     code
@@ -1313,10 +1315,14 @@ async fn rollout_status(path: &Path, watch: bool, timeout: Duration, output: Out
         let running = JournalLock::is_held(path);
         match output {
             Output::Json => {
-                let mut v = summary::json(&j, None, Outcome::of(j.state).map(Outcome::exit_code));
-                v["running"] = serde_json::Value::Bool(running);
-                v["control"] = serde_json::to_value(control::read(path)).unwrap_or_default();
-                println!("{}", serde_json::to_string(&v).unwrap_or_default());
+                let control = serde_json::to_value(control::read(path)).unwrap_or_default();
+                if let Err(e) =
+                    summary::Summary::of(&j, None, Outcome::of(j.state).map(Outcome::exit_code))
+                        .with_status(running, control)
+                        .write(std::io::stdout().lock(), false)
+                {
+                    eprintln!("rootletctl: cannot write the status: {e}");
+                }
             }
             Output::Text => {
                 if watch && tty {

@@ -144,24 +144,35 @@ impl Inventory {
             ));
         }
         let mut hosts = Vec::with_capacity(items.len());
-        let mut names: HashMap<String, usize> = HashMap::new();
-        let mut addresses: HashMap<String, usize> = HashMap::new();
+        // Where each name and address was first seen, as a span: its line
+        // is counted only for the error (counting it for every host made
+        // loading O(hosts²): 5000 hosts took seconds).
+        let mut names: HashMap<String, std::ops::Range<usize>> = HashMap::new();
+        let mut addresses: HashMap<String, std::ops::Range<usize>> = HashMap::new();
         for (i, (t, span)) in items.iter().enumerate() {
             let path = format!("hosts[{i}]");
             let (host, name_span, addr_span) =
                 parse_host(&src, t, span, &path, dir, &defaults, default_insecure)?;
-            if let Some(line) = names.insert(host.name.clone(), src.line(&name_span)) {
+            if let Some(first) = names.insert(host.name.clone(), name_span.clone()) {
                 return Err(src.err(
                     &name_span,
                     &format!("{path}.name"),
-                    format!("host {:?} is already defined on line {line}", host.name),
+                    format!(
+                        "host {:?} is already defined on line {}",
+                        host.name,
+                        src.line(&first)
+                    ),
                 ));
             }
-            if let Some(line) = addresses.insert(host.address.to_string(), src.line(&addr_span)) {
+            if let Some(first) = addresses.insert(host.address.to_string(), addr_span.clone()) {
                 return Err(src.err(
                     &addr_span,
                     &format!("{path}.address"),
-                    format!("address {} is already used on line {line}", host.address),
+                    format!(
+                        "address {} is already used on line {}",
+                        host.address,
+                        src.line(&first)
+                    ),
                 ));
             }
             hosts.push(host);

@@ -1,7 +1,11 @@
 //! The one module that owns connections to agents: a tonic [`Channel`] per
 //! host (mTLS with the inventory's CA, client certificate and key and
 //! server name; plain TCP for `insecure = true`; a Unix socket for
-//! `unix:` addresses), opened lazily on first use and kept for the run.
+//! `unix:` addresses), made when a call to that host needs it and kept
+//! only among the most recently used ([`Fleet`]'s `open`, a few times the
+//! concurrency): the client's connections, descriptors and TLS state grow
+//! with the hosts in flight, not with the fleet. The TLS files are read
+//! once per distinct path.
 //!
 //! Every call goes through [`Fleet::call`]: a per-call deadline (sent as
 //! `grpc-timeout` and enforced here too), retries with exponential backoff
@@ -13,7 +17,10 @@ use std::{
     collections::HashMap,
     future::Future,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -141,31 +148,90 @@ pub fn code_name(code: Code) -> &'static str {
 /// Connections to a set of hosts, and the limits every call obeys.
 pub struct Fleet {
     hosts: Vec<Host>,
-    /// `None` where the host's settings are unusable (reported per call).
-    channels: Vec<Result<Channel, String>>,
+    /// The TLS files the hosts name, read once each (an error is reported
+    /// by each call to a host that names the file).
+    files: HashMap<PathBuf, Result<Vec<u8>, String>>,
+    /// The channels of the hosts called most recently.
+    open: Mutex<Open>,
     opts: TransportOptions,
     permits: Semaphore,
     rpcs: AtomicU64,
 }
 
+/// At most `cap` channels, by host, the least recently used dropped first
+/// (a call in flight holds its own clone, so dropping one here closes the
+/// connection only once nothing uses it). Written out rather than taken
+/// from a crate: a map with a use counter, whose O(cap) eviction happens
+/// once per newly connected host and is noise next to a TLS handshake.
+struct Open {
+    cap: usize,
+    tick: u64,
+    channels: HashMap<usize, (Channel, u64)>,
+}
+
+impl Open {
+    fn get_or_insert(
+        &mut self,
+        host: usize,
+        make: impl FnOnce() -> Result<Channel, String>,
+    ) -> Result<Channel, String> {
+        self.tick += 1;
+        if let Some((c, used)) = self.channels.get_mut(&host) {
+            *used = self.tick;
+            return Ok(c.clone());
+        }
+        let c = make()?;
+        if self.channels.len() >= self.cap
+            && let Some(oldest) = self
+                .channels
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(h, _)| *h)
+        {
+            self.channels.remove(&oldest);
+        }
+        self.channels.insert(host, (c.clone(), self.tick));
+        Ok(c)
+    }
+}
+
+/// Channels kept per host allowed in flight: a host's step makes several
+/// calls in a row, and the gates read hosts a step just changed.
+const OPEN_PER_SLOT: usize = 2;
+
 impl Fleet {
-    /// Prepares a (lazy) channel per host. TLS files are read here, once
-    /// per distinct path; a host whose settings cannot be used fails each
-    /// call with that reason.
+    /// Reads each TLS file the hosts name, once per distinct path; no
+    /// connection is made until a call needs it. A host whose settings
+    /// cannot be used fails each call with that reason.
     pub fn new(hosts: Vec<Host>, opts: TransportOptions) -> Fleet {
         let mut files: HashMap<PathBuf, Result<Vec<u8>, String>> = HashMap::new();
-        let channels = hosts
-            .iter()
-            .map(|h| channel(h, &opts, &mut files))
-            .collect();
-        let permits = Semaphore::new(opts.concurrency.clamp(1, Semaphore::MAX_PERMITS));
+        for h in &hosts {
+            if let Security::Tls(tls) = &h.security {
+                for path in [&tls.ca, &tls.cert, &tls.key] {
+                    read_cached(&mut files, path);
+                }
+            }
+        }
+        let slots = opts.concurrency.clamp(1, Semaphore::MAX_PERMITS);
+        let permits = Semaphore::new(slots);
+        let open = Mutex::new(Open {
+            cap: slots.saturating_mul(OPEN_PER_SLOT).max(16),
+            tick: 0,
+            channels: HashMap::new(),
+        });
         Fleet {
             hosts,
-            channels,
+            files,
+            open,
             opts,
             permits,
             rpcs: AtomicU64::new(0),
         }
+    }
+
+    /// Channels open now (at most a few times the concurrency).
+    pub fn open_channels(&self) -> usize {
+        lock(&self.open).channels.len()
     }
 
     pub fn hosts(&self) -> &[Host] {
@@ -194,11 +260,12 @@ impl Fleet {
     }
 
     fn channel(&self, host: usize, what: &'static str) -> Result<Channel, RpcError> {
-        match self.channels.get(host) {
-            Some(Ok(c)) => Ok(c.clone()),
-            Some(Err(e)) => Err(RpcError::local(what, e.clone())),
-            None => Err(RpcError::local(what, format!("no host #{host}"))),
-        }
+        let Some(h) = self.hosts.get(host) else {
+            return Err(RpcError::local(what, format!("no host #{host}")));
+        };
+        lock(&self.open)
+            .get_or_insert(host, || channel(h, &self.opts, &self.files))
+            .map_err(|e| RpcError::local(what, e))
     }
 
     /// Calls `f` on host `host`'s Rootlet client with the RPC deadline (or
@@ -307,25 +374,37 @@ pub fn request<T>(msg: T, timeout: Duration) -> Request<T> {
 /// (`rootletctl host`), which make their own calls so that they can read
 /// an error's google.rpc details.
 pub fn connect(host: &Host, opts: &TransportOptions) -> Result<Channel, String> {
-    channel(host, opts, &mut HashMap::new())
+    let mut files = HashMap::new();
+    if let Security::Tls(tls) = &host.security {
+        for path in [&tls.ca, &tls.cert, &tls.key] {
+            read_cached(&mut files, path);
+        }
+    }
+    channel(host, opts, &files)
 }
 
-fn read_cached(
-    files: &mut HashMap<PathBuf, Result<Vec<u8>, String>>,
-    path: &Path,
-) -> Result<Vec<u8>, String> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read_cached(files: &mut HashMap<PathBuf, Result<Vec<u8>, String>>, path: &Path) {
+    files.entry(path.to_path_buf()).or_insert_with(|| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    });
+}
+
+/// The bytes of a file [`read_cached`] read.
+fn file(files: &HashMap<PathBuf, Result<Vec<u8>, String>>, path: &Path) -> Result<Vec<u8>, String> {
     files
-        .entry(path.to_path_buf())
-        .or_insert_with(|| {
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-        })
-        .clone()
+        .get(path)
+        .cloned()
+        .unwrap_or_else(|| Err(format!("{} was not read", path.display())))
 }
 
 fn channel(
     host: &Host,
     opts: &TransportOptions,
-    files: &mut HashMap<PathBuf, Result<Vec<u8>, String>>,
+    files: &HashMap<PathBuf, Result<Vec<u8>, String>>,
 ) -> Result<Channel, String> {
     let bad = |e: tonic::transport::Error| format!("host {}: {e}", host.name);
     let endpoint = match (&host.address, &host.security) {
@@ -334,10 +413,10 @@ fn channel(
         }
         (Address::Tcp(a), Security::Tls(tls)) => {
             let mut cfg = ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(read_cached(files, &tls.ca)?))
+                .ca_certificate(Certificate::from_pem(file(files, &tls.ca)?))
                 .identity(Identity::from_pem(
-                    read_cached(files, &tls.cert)?,
-                    read_cached(files, &tls.key)?,
+                    file(files, &tls.cert)?,
+                    file(files, &tls.key)?,
                 ));
             if let Some(name) = &tls.server_name {
                 cfg = cfg.domain_name(name.clone());
@@ -392,6 +471,44 @@ mod tests {
         assert_eq!(e.attempts, 3);
         assert!(e.is_unreachable());
         assert_eq!(fleet.rpcs(), 3);
+    }
+
+    #[tokio::test]
+    async fn channels_are_kept_for_the_hosts_in_flight_not_for_the_fleet() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts: Vec<Host> = (0..200)
+            .map(|i| Host {
+                name: format!("h{i}"),
+                address: Address::Unix(dir.path().join(format!("{i}.sock"))),
+                labels: Default::default(),
+                security: Security::Local,
+            })
+            .collect();
+        let opts = TransportOptions {
+            concurrency: 4,
+            retries: 0,
+            ..TransportOptions::default()
+        };
+        let fleet = Fleet::new(hosts, opts);
+        assert_eq!(fleet.open_channels(), 0, "nothing is opened up front");
+        for i in 0..200 {
+            let e = fleet
+                .call(i, "HasBundle", None, |mut c, t| async move {
+                    c.has_bundle(request(
+                        rootlet_proto::v1::HasBundleRequest { digest: "x".into() },
+                        t,
+                    ))
+                    .await
+                })
+                .await
+                .unwrap_err();
+            assert!(e.is_unreachable(), "{e}");
+            assert!(fleet.open_channels() <= 16, "{}", fleet.open_channels());
+        }
+        // The most recent host's channel is the one kept and reused.
+        let before = fleet.open_channels();
+        let _ = fleet.channel(199, "x").unwrap();
+        assert_eq!(fleet.open_channels(), before);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 
 use std::{fmt::Write, time::Duration};
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::{
     gates::short,
@@ -154,44 +155,142 @@ pub fn human(j: &Journal, run: Option<RunStats>) -> String {
     out
 }
 
-/// The summary for programs.
+/// The summary for programs, borrowed from the journal: written out as it
+/// is serialized ([`Summary::write`]) rather than built as a JSON tree
+/// first (that tree, a few KiB per host, was the client's peak memory at
+/// the end of a large rollout).
+#[derive(Serialize)]
+pub struct Summary<'a> {
+    rollout_id: &'a str,
+    action: &'a super::journal::Action,
+    bundle: BundleView<'a>,
+    state: &'static str,
+    exit_code: Option<i32>,
+    stop: &'a Option<super::journal::StopReason>,
+    selector: &'a str,
+    current_step: usize,
+    steps_done: usize,
+    steps: Vec<StepView>,
+    counts: std::collections::BTreeMap<&'static str, usize>,
+    control_plane_ms: u64,
+    wall_ms: Option<u64>,
+    rpcs: Option<u64>,
+    /// `rollout status`: whether a process runs the rollout now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    running: Option<bool>,
+    /// `rollout status`: the operator requests pending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control: Option<Value>,
+    hosts: Vec<HostView<'a>>,
+}
+
+#[derive(Serialize)]
+struct BundleView<'a> {
+    name: &'a str,
+    version: &'a str,
+    digest: &'a str,
+}
+
+#[derive(Serialize)]
+struct StepView {
+    kind: String,
+    hosts: usize,
+    pause: Option<String>,
+}
+
+#[derive(Serialize)]
+struct HostView<'a> {
+    name: &'a str,
+    #[serde(serialize_with = "display")]
+    address: &'a crate::inventory::Address,
+    step: usize,
+    state: &'static str,
+    changed: &'a super::journal::Changed,
+    previous: &'a Option<super::journal::Version>,
+    uploaded: bool,
+    rootlets: &'a [String],
+    detail: &'a str,
+    gates: &'a [super::journal::GateResult],
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl<'a> Summary<'a> {
+    pub fn of(j: &'a Journal, run: Option<RunStats>, exit_code: Option<i32>) -> Summary<'a> {
+        Summary {
+            rollout_id: &j.rollout_id,
+            action: &j.action,
+            bundle: BundleView {
+                name: &j.bundle.name,
+                version: &j.bundle.version,
+                digest: &j.bundle.digest,
+            },
+            state: j.state.name(),
+            exit_code,
+            stop: &j.stop,
+            selector: &j.selector,
+            current_step: j.current_step,
+            steps_done: j.steps_done,
+            steps: j
+                .steps
+                .iter()
+                .map(|s| StepView {
+                    kind: s.kind.to_string(),
+                    hosts: s.count,
+                    pause: s.pause.map(|p| p.to_string()),
+                })
+                .collect(),
+            counts: j.counts(),
+            control_plane_ms: j.control_plane_ms,
+            wall_ms: run.map(|r| r.wall.as_millis() as u64),
+            rpcs: run.map(|r| r.rpcs),
+            running: None,
+            control: None,
+            hosts: j
+                .hosts
+                .iter()
+                .map(|h| HostView {
+                    name: &h.host.name,
+                    address: &h.host.address,
+                    step: h.step,
+                    state: h.state.name(),
+                    changed: &h.changed,
+                    previous: &h.previous,
+                    uploaded: h.uploaded,
+                    rootlets: &h.rootlets,
+                    detail: &h.detail,
+                    gates: &h.gates,
+                })
+                .collect(),
+        }
+    }
+
+    /// With what `rollout status` adds: whether a process runs it, and
+    /// the operator requests pending.
+    pub fn with_status(mut self, running: bool, control: Value) -> Self {
+        self.running = Some(running);
+        self.control = Some(control);
+        self
+    }
+
+    /// Writes it as JSON (one line, or pretty) and a newline to `w`.
+    pub fn write(&self, w: impl std::io::Write, pretty: bool) -> std::io::Result<()> {
+        let mut w = std::io::BufWriter::new(w);
+        if pretty {
+            serde_json::to_writer_pretty(&mut w, self)?;
+        } else {
+            serde_json::to_writer(&mut w, self)?;
+        }
+        std::io::Write::write_all(&mut w, b"\n")?;
+        std::io::Write::flush(&mut w)
+    }
+}
+
+/// [`Summary`] as a JSON value (tests, and callers that add to it).
 pub fn json(j: &Journal, run: Option<RunStats>, exit_code: Option<i32>) -> Value {
-    json!({
-        "rollout_id": j.rollout_id,
-        "action": j.action,
-        "bundle": {
-            "name": j.bundle.name,
-            "version": j.bundle.version,
-            "digest": j.bundle.digest,
-        },
-        "state": j.state.name(),
-        "exit_code": exit_code,
-        "stop": j.stop,
-        "selector": j.selector,
-        "current_step": j.current_step,
-        "steps_done": j.steps_done,
-        "steps": j.steps.iter().map(|s| json!({
-            "kind": s.kind.to_string(),
-            "hosts": s.count,
-            "pause": s.pause.map(|p| p.to_string()),
-        })).collect::<Vec<_>>(),
-        "counts": j.counts(),
-        "control_plane_ms": j.control_plane_ms,
-        "wall_ms": run.map(|r| r.wall.as_millis() as u64),
-        "rpcs": run.map(|r| r.rpcs),
-        "hosts": j.hosts.iter().map(|h| json!({
-            "name": h.host.name,
-            "address": h.host.address.to_string(),
-            "step": h.step,
-            "state": h.state.name(),
-            "changed": h.changed,
-            "previous": h.previous,
-            "uploaded": h.uploaded,
-            "rootlets": h.rootlets,
-            "detail": h.detail,
-            "gates": h.gates,
-        })).collect::<Vec<_>>(),
-    })
+    serde_json::to_value(Summary::of(j, run, exit_code)).unwrap_or_default()
 }
 
 /// `rollout status`: the summary, the steps and every host.

@@ -172,7 +172,14 @@ fn exe() -> Result<PathBuf, String> {
 /// Runs `rootletctl <args>` in a child process of this binary.
 fn client(label: &str, args: &[String], hosts: usize) -> Result<Run, String> {
     let t0 = Instant::now();
-    let mut child = Command::new(exe()?)
+    // ROOTLET_FLEET_BENCH_CLIENT_WRAPPER: a profiler to run the client under
+    // (`heaptrack -o /tmp/client`, `valgrind --tool=massif`), split on
+    // spaces; the figures then include the profiler's own cost.
+    let wrapper = std::env::var("ROOTLET_FLEET_BENCH_CLIENT_WRAPPER").unwrap_or_default();
+    let mut words: Vec<String> = wrapper.split_whitespace().map(str::to_string).collect();
+    words.push(s(&exe()?));
+    let mut child = Command::new(&words[0])
+        .args(&words[1..])
         .arg("client")
         .args(args)
         .stdin(Stdio::null())
