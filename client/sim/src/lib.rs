@@ -792,6 +792,31 @@ impl pb::rootlet_server::Rootlet for SimAgent {
         Err(Status::unimplemented("not simulated"))
     }
 
+    /// Refused as a real agent refuses it here: the simulated stages are
+    /// a bundle's (whose generations a rootlet rollback may not revert)
+    /// or linked beside one with no earlier generation kept.
+    async fn rollback_rootlet(
+        &self,
+        req: Request<pb::RollbackRootletRequest>,
+    ) -> Result<Response<pb::RollbackRootletResponse>, Status> {
+        self.enter().await?;
+        let mut st = lock(&self.inner.state);
+        let r = Self::find(&mut st, req.into_inner().rootlet)?;
+        match r.stages.iter().find(|s| !s.bundle.is_empty()) {
+            Some(s) if r.generation > 1 => Err(Status::failed_precondition(format!(
+                "stage `{}` on {} belongs to bundle `{}`, and the previous generation differs in it; \
+                 roll the bundle back instead (its Rollback RPC, or `rootletctl rollout undo` of the \
+                 rollout that pushed it)",
+                s.name, r.id, s.bundle
+            ))),
+            _ => Err(Status::failed_precondition(format!(
+                "no instant rollback on {}: no previous generation is kept (none yet, or the last \
+                 change failed)",
+                r.id
+            ))),
+        }
+    }
+
     async fn get_stats(
         &self,
         req: Request<pb::GetStatsRequest>,
