@@ -18,6 +18,7 @@ pub mod policy;
 mod reconcile;
 mod remove;
 pub mod retention;
+mod rollback;
 mod undo;
 
 use std::{
@@ -33,6 +34,7 @@ use tokio::sync::broadcast;
 
 pub use authz::{Authz, AuthzConfig, Caller, Denied, Grant, IdentityConfig, Role};
 pub use bundles::{ApplyOutcome, BundleSource, StageDrift, StatusView};
+pub use rollback::{RollbackHow, RollbackOutcome};
 use rootlet_dataplane::{
     self as dataplane, Dataplane, budget,
     kv::{Kv, KvError},
@@ -133,6 +135,16 @@ pub enum AgentError {
         stage: String,
         bundle: String,
         owner: String,
+    },
+    /// A rootlet rollback would change a stage that a bundle put there
+    /// (by identity): the bundle's record would no longer say what runs.
+    #[error(
+        "stage `{stage}` on {rootlet} belongs to bundle `{bundle}`, and the previous generation differs in it; roll the bundle back instead (its Rollback RPC, or `rootletctl rollout undo` of the rollout that pushed it)"
+    )]
+    ManagedByBundle {
+        rootlet: String,
+        stage: String,
+        bundle: String,
     },
     /// The undo of a failed bundle apply lost the race with other changes
     /// to the rootlet every time it tried.

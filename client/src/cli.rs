@@ -428,7 +428,7 @@ pub struct HostArgs {
     #[arg(long, global = true, default_value = "10s", value_parser = duration_arg)]
     pub rpc_timeout: Duration,
     /// Deadline of a change (load, unload, link, replace, unlink, pin,
-    /// unpin): the agent may load and verify programs.
+    /// unpin, rollback): the agent may load and verify programs.
     #[arg(long, global = true, default_value = "60s", value_parser = duration_arg)]
     pub change_timeout: Duration,
     /// Retries of a call answered UNAVAILABLE (a change is retried with
@@ -537,6 +537,16 @@ pub enum HostCmd {
     Unpin {
         rootlet: String,
         stage: String,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Return a rootlet to its previous generation, as a new generation
+    /// (RollbackRootlet): instant with the tail-call backend (one write,
+    /// nothing loaded); the answer says how. Needs the rights to change
+    /// every stage the two generations differ in, none of them a bundle's
+    /// (a bundle goes back with its own rollback). Not a bundle rollback.
+    Rollback {
+        rootlet: String,
         #[command(flatten)]
         change: ChangeArgs,
     },

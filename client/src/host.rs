@@ -1,7 +1,8 @@
 //! `rootletctl host TARGET COMMAND`: one agent, one `rootlet.v1` call per
 //! command, for the work a bundle rollout is too big a tool for: read the
 //! capabilities, the rootlets, one rootlet and its counters; load and
-//! unload a rootlet; link, replace, unlink, pin and unpin a stage; follow
+//! unload a rootlet; link, replace, unlink, pin and unpin a stage; roll
+//! a rootlet back to its previous generation; follow
 //! the agent's events (Watch); hold a stage's lease (KeepAlive).
 //!
 //! TARGET is a host name of `--inventory FILE` (its address and TLS
@@ -14,7 +15,7 @@
 //! Output: a table for people, or with `--output json` one JSON document
 //! (for `watch`, one JSON object per line and event) with the field names
 //! of [`RootletView`], [`StageView`], [`StatsView`], [`CapsView`],
-//! [`ChangeView`], [`EventView`]: snake_case, stable.
+//! [`ChangeView`], [`RollbackView`], [`EventView`]: snake_case, stable.
 //!
 //! Errors: the call's name, gRPC status code and message, and the
 //! google.rpc ErrorInfo reason (with BadRequest and PreconditionFailure
@@ -492,6 +493,23 @@ async fn dispatch(a: HostArgs) -> Result<(), HostError> {
             stage,
             change,
         } => set_pin(&agent, out, &rootlet, &stage, false, change).await?,
+        HostCmd::Rollback { rootlet, change } => {
+            let req = pb::RollbackRootletRequest {
+                rootlet: Some(rootlet_ref(&rootlet)?),
+                expected_generation: change.expected_generation,
+                idempotency_key: key_or_random(change.idempotency_key),
+            };
+            let r = agent
+                .unary(
+                    "RollbackRootlet",
+                    agent.change_timeout,
+                    req,
+                    |mut c, r| async move { c.rollback_rootlet(r).await },
+                )
+                .await?;
+            let v = RollbackView::of(&r);
+            emit(out, &v, || v.text(&rootlet));
+        }
         HostCmd::Stats { rootlet } => {
             let r = rootlet_ref(&rootlet)?;
             let s = agent
@@ -1069,6 +1087,46 @@ impl ChangeView {
             let _ = write!(out, ", lease {}", self.lease_id);
         }
         out.push('\n');
+        if let Some(r) = &self.rootlet {
+            out.push_str(&r.text());
+        }
+        out
+    }
+}
+
+/// What a rootlet rollback did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RollbackView {
+    /// The new generation, which runs the restored pipeline.
+    pub generation: u64,
+    /// The generation whose pipeline it runs again.
+    pub restored_generation: u64,
+    /// `instant` (the previous generation was still built: one write) or
+    /// `rebuilt` (built again as a change).
+    pub how: String,
+    pub rootlet: Option<RootletView>,
+}
+
+impl RollbackView {
+    fn of(r: &pb::RollbackRootletResponse) -> RollbackView {
+        let how = match pb::RollbackHow::try_from(r.how) {
+            Ok(pb::RollbackHow::Instant) => "instant",
+            Ok(pb::RollbackHow::Rebuilt) => "rebuilt",
+            _ => "unspecified",
+        };
+        RollbackView {
+            generation: r.generation,
+            restored_generation: r.restored_generation,
+            how: how.to_owned(),
+            rootlet: r.rootlet.as_ref().map(RootletView::of),
+        }
+    }
+
+    fn text(&self, rootlet: &str) -> String {
+        let mut out = format!(
+            "rolled back rootlet {rootlet}: generation {} runs generation {}'s pipeline ({})\n",
+            self.generation, self.restored_generation, self.how
+        );
         if let Some(r) = &self.rootlet {
             out.push_str(&r.text());
         }

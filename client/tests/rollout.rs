@@ -1132,3 +1132,62 @@ async fn a_policy_push_refuses_to_overwrite_a_change_made_since_prepare() {
     }
     assert_eq!(fleet.agents[0].agent.policy_of("rl0", "sampler"), Some(7));
 }
+
+/// The simulated agent answers RollbackRootlet as a real agent does for a
+/// rootlet whose stages a bundle put there: FAILED_PRECONDITION naming the
+/// bundle, nothing changed; an unknown rootlet is NOT_FOUND.
+#[tokio::test]
+async fn the_sim_refuses_a_rootlet_rollback_of_a_bundles_stages() {
+    use rootlet_proto::v1::{self as pb, rootlet_client::RootletClient};
+    let fleet = Fleet::new(1, 0).await;
+    let bytes = std::fs::read(fleet.bundle("1.0.0", false)).unwrap();
+    let mut c = RootletClient::connect(format!("http://{}", fleet.agents[0].addr))
+        .await
+        .unwrap();
+    c.apply_bundle(pb::ApplyBundleRequest {
+        source: Some(pb::apply_bundle_request::Source::Bundle(bytes)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rl0 = |ifname: &str| {
+        Some(pb::RootletRef {
+            r#ref: Some(pb::rootlet_ref::Ref::Interface(pb::Interface {
+                netns: String::new(),
+                ifname: ifname.into(),
+            })),
+        })
+    };
+    let before = c
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: rl0("rl0"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = c
+        .rollback_rootlet(pb::RollbackRootletRequest {
+            rootlet: rl0("rl0"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("bundle `edge`"), "{err:?}");
+    let after = c
+        .get_rootlet(pb::GetRootletRequest {
+            rootlet: rl0("rl0"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.generation, before.generation, "nothing changed");
+    let err = c
+        .rollback_rootlet(pb::RollbackRootletRequest {
+            rootlet: rl0("nope"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+}

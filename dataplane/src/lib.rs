@@ -155,6 +155,15 @@ impl Rootlet {
     }
 }
 
+/// What a rollback did ([`Dataplane::rollback_guarded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolledBack {
+    /// The new generation, which runs the restored pipeline.
+    pub generation: u64,
+    /// The generation whose pipeline it runs again.
+    pub restored: u64,
+}
+
 /// The data plane of one host. Changes to one rootlet are serialised;
 /// different rootlets change in parallel.
 pub struct Dataplane {
@@ -501,9 +510,29 @@ impl Dataplane {
     /// generation. freplace releases the previous rootlet instance, so there
     /// (and after a failed change) this is `Error::NoRollback`.
     pub fn rollback(&self, key: RootletKey) -> Result<u64> {
+        self.rollback_guarded(key, None, |_, _| Ok::<(), Error>(()))
+            .map(|r| r.generation)
+    }
+
+    /// [`Dataplane::rollback`], under the rootlet's lock: first drift and
+    /// `expected_generation` (which must be the current one), then whether
+    /// a previous generation is kept, then `guard` on the committed and the
+    /// previous pipeline (the agent authorises the stages they differ in
+    /// here). Whatever is refused is refused before anything is written.
+    pub fn rollback_guarded<E: From<Error>>(
+        &self,
+        key: RootletKey,
+        expected_generation: Option<u64>,
+        guard: impl FnOnce(&Pipeline, &Pipeline) -> std::result::Result<(), E>,
+    ) -> std::result::Result<RolledBack, E> {
         let rootlet = self.get(key)?;
         let mut r = lock(&rootlet);
-        txn::rollback(&self.ctx, &self.store, &mut r)
+        let (generation, restored) =
+            txn::rollback(&self.ctx, &self.store, &mut r, expected_generation, guard)?;
+        Ok(RolledBack {
+            generation,
+            restored,
+        })
     }
 
     /// Detaches the rootlet from its interface and removes every pin and

@@ -210,12 +210,32 @@ pub(crate) fn apply(
 }
 
 /// Returns to the previous generation, as a new generation, from what the
-/// backend kept of it (see [`super::Dataplane::rollback`]).
-pub(crate) fn rollback(ctx: &Ctx, store: &Store, r: &mut Rootlet) -> Result<u64> {
+/// backend kept of it (see [`super::Dataplane::rollback_guarded`]): drift,
+/// then `expected_generation`, then what is kept, then `guard` on the
+/// committed and the previous pipeline; nothing is written before all of
+/// them pass. Returns the new generation and the one it restores.
+pub(crate) fn rollback<E: From<Error>>(
+    ctx: &Ctx,
+    store: &Store,
+    r: &mut Rootlet,
+    expected_generation: Option<u64>,
+    guard: impl FnOnce(&Pipeline, &Pipeline) -> std::result::Result<(), E>,
+) -> std::result::Result<(u64, u64), E> {
     let key = r.record.key;
     if let Some(drift) = r.check_drift(&ctx.layout) {
         r.drift = Some(drift.clone());
-        return Err(Error::Drifted { key, reason: drift });
+        return Err(Error::Drifted { key, reason: drift }.into());
+    }
+    let current = r.record.committed.number;
+    if let Some(expected) = expected_generation
+        && expected != current
+    {
+        return Err(Error::VersionMismatch {
+            key,
+            expected,
+            current,
+        }
+        .into());
     }
     let live = r.live.as_deref_mut().ok_or_else(|| Error::Drifted {
         key,
@@ -224,21 +244,22 @@ pub(crate) fn rollback(ctx: &Ctx, store: &Store, r: &mut Rootlet) -> Result<u64>
     if !live.keeps_previous() {
         // The backend says why it has nothing to return to.
         live.restore(key, &r.record.committed)?;
-        return Err(backend::out_of_order("a rollback where nothing is kept"));
+        return Err(backend::out_of_order("a rollback where nothing is kept").into());
     }
     let previous = r.record.previous.clone().ok_or(Error::NoRollback {
         key,
         reason: "no previous generation is kept (none yet, or the last change failed)",
     })?;
+    guard(&r.record.committed.pipeline, &previous.pipeline)?;
     let next = Generation {
-        number: r.record.committed.number + 1,
+        number: current + 1,
         pipeline: previous.pipeline,
     };
     debug_assert_eq!(next.number % 2, previous.number % 2, "same parity");
     live.restore(key, &next)?;
     let number = run(ctx, store, r, next, Build::Restored)?;
-    tracing::info!(%key, generation = number, "rolled back to the previous generation");
-    Ok(number)
+    tracing::info!(%key, generation = number, restored = previous.number, "rolled back to the previous generation");
+    Ok((number, previous.number))
 }
 
 /// Detaches the rootlet and removes every pin and the record of it; works

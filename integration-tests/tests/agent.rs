@@ -4316,3 +4316,245 @@ async fn a_bundle_apply_is_refused_when_a_stage_it_replaces_is_linked_again_afte
     drop((ops, admin));
     assert!(exited(&mut child, true).await.success(), "clean exit");
 }
+
+/// The verdict the live rootlet program gives `packet` (BPF_PROG_TEST_RUN
+/// on the program the agent reports: the kernel's answer, not the
+/// agent's record).
+fn verdict_of(state: &pb::RootletState, packet: &[u8]) -> u32 {
+    use std::os::fd::AsFd;
+    let id = state.rootlet.as_ref().expect("rootlet program").id;
+    let prog = rootlet_dataplane::sys::prog_fd_by_id(id).expect("rootlet program by id");
+    rootlet_dataplane::sys::prog_test_run(prog.as_fd(), packet, 1)
+        .expect("test run")
+        .0
+}
+
+fn rollback_req(r: Option<pb::RootletRef>) -> pb::RollbackRootletRequest {
+    pb::RollbackRootletRequest {
+        rootlet: r,
+        ..Default::default()
+    }
+}
+
+/// RollbackRootlet (issue #19): back to the previous generation, by the
+/// stage's owner only, never behind a bundle's record. Tail-call (the
+/// native tier): one write, INSTANT, the previous program judges packets
+/// again. freplace (the VM tier) keeps nothing to return to: every
+/// rollback is FAILED_PRECONDITION, NO_INSTANT_ROLLBACK, and nothing
+/// changes. Every refusal leaves the generation and the kernel's verdict
+/// as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_rootlet_returns_the_previous_generation_for_its_owners_only() {
+    let a = Agent::start().await;
+    let mut ops = a.client("ops").await;
+    let mut team_a = a.client("team-a").await;
+    let mut team_b = a.client("team-b").await;
+    let mut mon = a.client("mon").await;
+    let loaded = a.load(&mut ops).await;
+    let freplace = loaded.backend == pb::Backend::Freplace as i32;
+    let r = a.rootlet();
+    let packet =
+        a.f.pair
+            .udp_to_host(40000, 40001, seq_payload(1, 64))
+            .to_bytes();
+    let get = |mut c: RootletClient<Channel>, r: Option<pb::RootletRef>| async move {
+        c.get_rootlet(pb::GetRootletRequest { rootlet: r })
+            .await
+            .expect("get")
+            .into_inner()
+    };
+
+    // Nothing kept yet (a rootlet's first generation): refused, nothing
+    // changed.
+    let err = ops
+        .rollback_rootlet(rollback_req(r.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "NO_INSTANT_ROLLBACK"),
+        "{err:?}"
+    );
+    if !freplace {
+        assert!(
+            err.message().contains("no previous generation is kept"),
+            "{err:?}"
+        );
+    }
+    assert_eq!(
+        get(ops.clone(), r.clone()).await.generation,
+        loaded.generation
+    );
+
+    // team-a links a stage that passes, then replaces it with one that
+    // drops.
+    let linked = team_a
+        .link_stage(link(r.clone(), stage("a-s", "test_pass", 10)))
+        .await
+        .expect("link")
+        .into_inner();
+    let replaced = team_a
+        .replace_stage(pb::ReplaceStageRequest {
+            rootlet: r.clone(),
+            stage: Some(stage("a-s", "test_drop", 10)),
+            ..Default::default()
+        })
+        .await
+        .expect("replace")
+        .into_inner();
+    let replaced_state = replaced.rootlet.expect("state");
+    assert_eq!(
+        verdict_of(&replaced_state, &packet),
+        XdpAction::Drop as u32,
+        "the replacement drops"
+    );
+    let unchanged = |s: &pb::RootletState| {
+        assert_eq!(s.generation, replaced.generation, "nothing changed: {s:#?}");
+        assert_eq!(s.slots[0].digest, digest_of("test_drop"), "{s:#?}");
+        assert_eq!(verdict_of(s, &packet), XdpAction::Drop as u32);
+    };
+
+    // A reader may not roll back; nor may a team the stage is not its.
+    let err = mon
+        .rollback_rootlet(rollback_req(r.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "a reader: {err:?}");
+    unchanged(&get(ops.clone(), r.clone()).await);
+    let err = team_b
+        .rollback_rootlet(rollback_req(r.clone()))
+        .await
+        .unwrap_err();
+    if !freplace {
+        assert_eq!(err.code(), Code::PermissionDenied, "another team: {err:?}");
+        assert!(err.message().contains("a-s"), "{err:?}");
+    }
+    unchanged(&get(ops.clone(), r.clone()).await);
+    // A stale expected generation: refused.
+    let err = team_a
+        .rollback_rootlet(pb::RollbackRootletRequest {
+            rootlet: r.clone(),
+            expected_generation: Some(linked.generation),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    unchanged(&get(ops.clone(), r.clone()).await);
+
+    let done = team_a
+        .rollback_rootlet(pb::RollbackRootletRequest {
+            rootlet: r.clone(),
+            expected_generation: Some(replaced.generation),
+            idempotency_key: "rb-1".into(),
+        })
+        .await;
+    if freplace {
+        let err = done.unwrap_err();
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::FailedPrecondition, "NO_INSTANT_ROLLBACK"),
+            "freplace keeps nothing to return to: {err:?}"
+        );
+        unchanged(&get(ops.clone(), r.clone()).await);
+        return;
+    }
+    let done = done.expect("the owner rolls back").into_inner();
+    assert_eq!(done.how, pb::RollbackHow::Instant as i32, "{done:?}");
+    assert_eq!(done.generation, replaced.generation + 1, "a new generation");
+    assert_eq!(done.restored_generation, linked.generation);
+    let state = done.rootlet.expect("state");
+    assert_eq!(state.generation, done.generation);
+    let s = &state.slots[0];
+    assert_eq!(
+        (s.stage.as_str(), s.digest.as_str(), s.loaded_generation),
+        ("a-s", digest_of("test_pass").as_str(), linked.generation),
+        "the previous build runs again: {state:#?}"
+    );
+    assert_eq!(
+        verdict_of(&get(ops.clone(), r.clone()).await, &packet),
+        XdpAction::Pass as u32,
+        "the kernel runs the previous program: the packet passes"
+    );
+    // The same key again: the stored answer, no second rollback.
+    let again = team_a
+        .rollback_rootlet(pb::RollbackRootletRequest {
+            rootlet: r.clone(),
+            expected_generation: Some(replaced.generation),
+            idempotency_key: "rb-1".into(),
+        })
+        .await
+        .expect("replayed")
+        .into_inner();
+    assert_eq!(again.generation, done.generation);
+    assert_eq!(
+        get(ops.clone(), r.clone()).await.generation,
+        done.generation
+    );
+
+    // A bundle's stage: the generation before the apply lacks it, so a
+    // rollback would take it away behind the bundle's record. Refused,
+    // naming the bundle, even for an admin; nothing changed.
+    let applied = ops
+        .apply_bundle(apply(a.bundle("1.0", &[("drop", "test_drop", 20)], true)))
+        .await
+        .expect("bundle")
+        .into_inner();
+    assert!(!applied.noop);
+    let before = get(ops.clone(), r.clone()).await;
+    let err = ops
+        .rollback_rootlet(rollback_req(r.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "STAGE_MANAGED_BY_BUNDLE"),
+        "{err:?}"
+    );
+    assert_eq!(
+        (meta(&err, "bundle"), meta(&err, "stage")),
+        ("edge".to_owned(), "drop".to_owned())
+    );
+    assert!(err.message().contains("rollout undo"), "{err:?}");
+    let after = get(ops.clone(), r.clone()).await;
+    assert_eq!(after.generation, before.generation, "nothing changed");
+    assert_eq!(
+        after.slots.iter().map(|s| &s.stage).collect::<Vec<_>>(),
+        ["a-s", "drop"]
+    );
+
+    // A change beside the bundle's stage rolls back: the two generations
+    // differ only in team-a's stage.
+    let replaced = team_a
+        .replace_stage(pb::ReplaceStageRequest {
+            rootlet: r.clone(),
+            stage: Some(stage("a-s", "test_drop", 10)),
+            ..Default::default()
+        })
+        .await
+        .expect("replace beside the bundle")
+        .into_inner();
+    let done = team_a
+        .rollback_rootlet(rollback_req(r.clone()))
+        .await
+        .expect("only team-a's stage differs")
+        .into_inner();
+    assert_eq!(done.generation, replaced.generation + 1);
+    let state = done.rootlet.expect("state");
+    let digests: Vec<(&str, &str)> = state
+        .slots
+        .iter()
+        .map(|s| (s.stage.as_str(), s.digest.as_str()))
+        .collect();
+    let (pass, drop) = (digest_of("test_pass"), digest_of("test_drop"));
+    assert_eq!(digests, [("a-s", pass.as_str()), ("drop", drop.as_str())]);
+    let status = ops
+        .get_apply_status(pb::GetApplyStatusRequest {
+            rootlet: r.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.applied_version, "1.0", "the bundle's record holds");
+}

@@ -791,3 +791,115 @@ async fn status_watch_follows_the_watch_stream_and_reads_a_host_only_when_it_cha
     let (code, err) = watch.wait(Duration::from_secs(30));
     assert_eq!(code, 0, "{err}");
 }
+
+/// `rootletctl host T rollback` (RollbackRootlet): with nothing kept, exit
+/// 1 with the reason (table and JSON); after a replace, back to the
+/// previous build as a new generation, said to be instant (tail-call);
+/// again, forward to the replacement (the generation before is kept each
+/// time). freplace keeps nothing: every rollback exits 1 with
+/// NO_INSTANT_ROLLBACK.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_rollback_returns_a_rootlet_to_its_previous_generation() {
+    let fleet = RealFleet::start(1, &[]).await.expect("one agent");
+    let sock = format!("unix:{}", fleet.hosts[0].socket.display());
+    let t: &[&str] = &[&sock];
+    let (sampler, sampler_v2, _) = objects(&fleet.dir);
+    let loaded = ctl(&args(
+        t,
+        &["load", "rl0", "--mode", "generic", "--output", "json"],
+    ))
+    .ok()
+    .json();
+    let id = loaded["id"].as_str().expect("id").to_string();
+    let freplace =
+        ctl(&args(t, &["caps", "--output", "json"])).ok().json()["backend"] == "freplace";
+
+    // Nothing kept yet: exit 1, the RPC, code and reason; nothing changed.
+    let none = ctl(&args(t, &["rollback", &id]));
+    assert_eq!(none.code, 1, "{}{}", none.stdout, none.stderr);
+    assert!(
+        none.stderr.contains("RollbackRootlet: FAILED_PRECONDITION")
+            && none.stderr.contains("reason NO_INSTANT_ROLLBACK"),
+        "{}",
+        none.stderr
+    );
+    let none = ctl(&args(t, &["rollback", &id, "--output", "json"]));
+    assert_eq!(none.code, 1, "{}", none.stderr);
+    let e = none.json();
+    assert_eq!(e["error"]["rpc"], "RollbackRootlet", "{e:#}");
+    assert_eq!(e["error"]["reason"], "NO_INSTANT_ROLLBACK", "{e:#}");
+    let got = ctl(&args(t, &["get", &id, "--output", "json"])).ok().json();
+    assert_eq!(generation(&got), generation(&loaded), "nothing changed");
+
+    let link = |object: &str, verb: &str| {
+        ctl(&args(
+            t,
+            &[
+                verb,
+                &id,
+                "sampler",
+                object,
+                "--program",
+                "sampler",
+                "--output",
+                "json",
+            ],
+        ))
+        .ok()
+        .json()
+    };
+    let linked = link(&sampler, "link");
+    let v1 = stage(&linked["rootlet"], "sampler")["digest"].clone();
+    let replaced = link(&sampler_v2, "replace");
+    let v2 = stage(&replaced["rootlet"], "sampler")["digest"].clone();
+    assert_ne!(v1, v2);
+
+    let back = ctl(&args(t, &["rollback", &id, "--output", "json"]));
+    if freplace {
+        assert_eq!(back.code, 1, "{}", back.stderr);
+        assert_eq!(back.json()["error"]["reason"], "NO_INSTANT_ROLLBACK");
+        return;
+    }
+    let back = back.ok().json();
+    assert_eq!(back["how"], "instant", "{back:#}");
+    assert_eq!(generation(&back), generation(&replaced) + 1, "{back:#}");
+    assert_eq!(
+        back["restored_generation"].as_u64(),
+        Some(generation(&linked))
+    );
+    let s = stage(&back["rootlet"], "sampler");
+    assert_eq!(s["digest"], v1, "the first build runs again: {s:#}");
+    assert_eq!(s["loaded_generation"].as_u64(), Some(generation(&linked)));
+    assert!(program_id(s) > 0, "{s:#}");
+    // What the agent reads back from the kernel says the same.
+    let got = ctl(&args(t, &["get", &id, "--output", "json"])).ok().json();
+    assert_eq!(generation(&got), generation(&back));
+    assert_eq!(stage(&got, "sampler")["digest"], v1, "{got:#}");
+
+    // The table, by interface name: forward again to the replacement.
+    let fwd = ctl(&args(t, &["rollback", "rl0"])).ok();
+    let want = format!(
+        "rolled back rootlet rl0: generation {} runs generation {}'s pipeline (instant)\n",
+        generation(&back) + 1,
+        generation(&replaced)
+    );
+    assert!(fwd.stdout.starts_with(&want), "{}", fwd.stdout);
+    assert!(
+        fwd.stdout.contains("STAGE") && fwd.stdout.contains("sampler"),
+        "{}",
+        fwd.stdout
+    );
+    let got = ctl(&args(t, &["get", &id, "--output", "json"])).ok().json();
+    assert_eq!(stage(&got, "sampler")["digest"], v2, "{got:#}");
+
+    // A stale expected generation: exit 1, nothing changed.
+    let stale = ctl(&args(t, &["rollback", &id, "--expected-generation", "1"]));
+    assert_eq!(stale.code, 1, "{}", stale.stderr);
+    assert!(
+        stale.stderr.contains("RollbackRootlet: "),
+        "{}",
+        stale.stderr
+    );
+    let after = ctl(&args(t, &["get", &id, "--output", "json"])).ok().json();
+    assert_eq!(generation(&after), generation(&got));
+}

@@ -21,7 +21,8 @@
 //! `expected_version` and idempotency keys as on a real agent; a stage
 //! whose policy has an entry keyed `"0.0.0.0/0"` (or `"::/0"`) blocks
 //! everything: it drops every packet, and the stages after it see none.
-//! Faults: [`SimAgent::set_silent`]
+//! `RollbackRootlet` is refused as a real agent refuses it for stages a
+//! bundle put there (naming the bundle). Faults: [`SimAgent::set_silent`]
 //! (every call hangs, like a stopped process), [`SimAgent::set_unhealthy`]
 //! (health NOT_SERVING), [`SimAgent::set_nack`] (applies fail),
 //! [`SimAgent::set_policy_nack`] (policy applies fail) and
@@ -815,6 +816,32 @@ impl pb::rootlet_server::Rootlet for SimAgent {
     ) -> Result<Response<pb::ChangeResult>, Status> {
         self.enter().await?;
         Err(Status::unimplemented("not simulated"))
+    }
+
+    /// Refused as a real agent refuses it here: every simulated change is
+    /// a bundle's, so the previous generation differs in a bundle's stage
+    /// (which a rootlet rollback may not revert) wherever one runs; a
+    /// rootlet without one keeps no earlier generation.
+    async fn rollback_rootlet(
+        &self,
+        req: Request<pb::RollbackRootletRequest>,
+    ) -> Result<Response<pb::RollbackRootletResponse>, Status> {
+        self.enter().await?;
+        let mut st = lock(&self.inner.state);
+        let r = Self::find(&mut st, req.into_inner().rootlet)?;
+        match r.stages.iter().find(|s| !s.bundle.is_empty()) {
+            Some(s) => Err(Status::failed_precondition(format!(
+                "stage `{}` on {} belongs to bundle `{}`, and the previous generation differs in it; \
+                 roll the bundle back instead (its Rollback RPC, or `rootletctl rollout undo` of the \
+                 rollout that pushed it)",
+                s.name, r.id, s.bundle
+            ))),
+            _ => Err(Status::failed_precondition(format!(
+                "no instant rollback on {}: no previous generation is kept (none yet, or the last \
+                 change failed)",
+                r.id
+            ))),
+        }
     }
 
     async fn get_stats(

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
-use rootlet_agent::{Agent, AgentError, BundleSource, Caller, Grant, StageOp};
+use rootlet_agent::{Agent, AgentError, BundleSource, Caller, Grant, RollbackHow, StageOp};
 use rootlet_dataplane::budget::{self, Step};
 
 /// The Rootlet service as served: with message size limits, whose
@@ -413,6 +413,35 @@ impl pb::rootlet_server::Rootlet for RootletService {
                     pin: r.pin,
                 };
                 stage_change(agent, grant, r.rootlet, op, r.expected_generation)
+            },
+        )
+        .await
+    }
+
+    async fn rollback_rootlet(
+        &self,
+        req: Request<pb::RollbackRootletRequest>,
+    ) -> Reply<pb::RollbackRootletResponse> {
+        self.idempotent(
+            "RollbackRootlet",
+            req,
+            |r| &r.idempotency_key,
+            |agent, grant, r| {
+                let key = convert::key_from(agent, r.rootlet)?;
+                let done = agent.rollback_rootlet(grant, key, r.expected_generation)?;
+                let rootlet = budget::time(Step::Respond, || {
+                    convert::state_to(agent, &agent.dataplane().state(key)?)
+                })?;
+                let how = match done.how {
+                    RollbackHow::Instant => pb::RollbackHow::Instant,
+                    RollbackHow::Rebuilt => pb::RollbackHow::Rebuilt,
+                };
+                Ok(pb::RollbackRootletResponse {
+                    generation: done.generation,
+                    how: how as i32,
+                    rootlet: Some(rootlet),
+                    restored_generation: done.restored,
+                })
             },
         )
         .await

@@ -172,6 +172,23 @@ pub fn status(e: &AgentError) -> Status {
             );
             Code::FailedPrecondition
         }
+        AgentError::ManagedByBundle {
+            rootlet,
+            stage,
+            bundle,
+        } => {
+            d.add_precondition_failure_violation("STAGE_OWNERSHIP", stage.clone(), msg.clone());
+            info(
+                &mut d,
+                "STAGE_MANAGED_BY_BUNDLE",
+                &[
+                    ("rootlet", rootlet.clone()),
+                    ("stage", stage.clone()),
+                    ("bundle", bundle.clone()),
+                ],
+            );
+            Code::FailedPrecondition
+        }
         AgentError::UndoContended { rootlet, .. } => {
             info(&mut d, "UNDO_CONTENDED", &[("rootlet", rootlet.clone())]);
             Code::Aborted
