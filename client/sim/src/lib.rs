@@ -126,7 +126,9 @@ struct HistoryEntry {
 
 #[derive(Default)]
 struct SimState {
-    bundles: HashMap<String, Vec<u8>>,
+    /// The bundles this agent holds, by digest: shared with every other
+    /// simulated agent of the process ([`intern`]).
+    bundles: HashMap<String, Arc<[u8]>>,
     history: BTreeMap<String, Vec<HistoryEntry>>,
     rootlets: BTreeMap<(String, String), SimRootlet>,
     next_ifindex: u32,
@@ -162,6 +164,21 @@ struct Inner {
 #[derive(Clone)]
 pub struct SimAgent {
     inner: Arc<Inner>,
+}
+
+/// One copy of each bundle for all the simulated agents of a process:
+/// thousands of agents that each kept their own copy of the same 80 KiB
+/// bundle made the simulator, not the client, the benchmark's limit.
+fn intern(digest: &str, bytes: Vec<u8>) -> Arc<[u8]> {
+    static BUNDLES: std::sync::OnceLock<Mutex<HashMap<String, Arc<[u8]>>>> =
+        std::sync::OnceLock::new();
+    let mut all = BUNDLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    all.entry(digest.to_string())
+        .or_insert_with(|| Arc::from(bytes))
+        .clone()
 }
 
 fn lock(m: &Mutex<SimState>) -> MutexGuard<'_, SimState> {
@@ -455,7 +472,7 @@ impl SimAgent {
                 b
             }
             Some(pb::apply_bundle_request::Source::Digest(d)) => {
-                st.bundles.get(&d).cloned().ok_or_else(|| {
+                st.bundles.get(&d).map(|b| b.to_vec()).ok_or_else(|| {
                     Status::not_found(format!("no bundle with digest {d} on this agent"))
                 })?
             }
@@ -470,7 +487,7 @@ impl SimAgent {
         let bundle = signed.bundle;
         let m = bundle.manifest().clone();
         let digest = bundle.digest();
-        st.bundles.insert(digest.clone(), bytes);
+        st.bundles.insert(digest.clone(), intern(&digest, bytes));
         let keys: Vec<(String, String)> = m
             .rootlets
             .iter()
@@ -1152,7 +1169,13 @@ impl Drop for SimHandle {
 
 /// Serves a new simulated agent on `127.0.0.1:0`.
 pub async fn spawn(opts: SimOptions) -> std::io::Result<SimHandle> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    spawn_on(std::net::Ipv4Addr::LOCALHOST, opts).await
+}
+
+/// [`spawn`] on `ip` (any of 127.0.0.0/8: each has its own ports, so a
+/// bench can serve more agents than one address has ephemeral ports).
+pub async fn spawn_on(ip: std::net::Ipv4Addr, opts: SimOptions) -> std::io::Result<SimHandle> {
+    let listener = TcpListener::bind((ip, 0)).await?;
     let addr = listener.local_addr()?;
     let agent = SimAgent::new(opts);
     let (tx, rx) = oneshot::channel::<()>();

@@ -42,7 +42,7 @@ const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
 #[command(about = "The cost of fleet rollouts to many agents (prints figures)")]
 struct Args {
     /// Simulated agents.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=20_000))]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     agents: u32,
     /// Real agents (0: skip).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=32))]
@@ -73,10 +73,33 @@ fn main() -> ExitCode {
     match args.mode {
         Some(Mode::SimAgents { count }) => sim_agents(count),
         Some(Mode::Client { args }) => {
+            // The client runs within the usual default soft limit of open
+            // files (1024), whatever the fleet's size: its descriptors must
+            // grow with the concurrency, not the hosts.
+            if let Err(e) = limit_files(CLIENT_FILES) {
+                eprintln!("cannot limit the client's open files: {e}");
+                return ExitCode::FAILURE;
+            }
+            let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            {
+                let peak = peak.clone();
+                // Samples the open descriptors every 20 ms until exit.
+                std::thread::spawn(move || {
+                    loop {
+                        let n = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+                        peak.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                });
+            }
             let code = rootlet_client::cli::run_from(
                 std::iter::once("rootletctl".to_string()).chain(args),
             );
-            eprintln!("BENCH_CLIENT vmhwm_kb={}", vm_hwm_kb().unwrap_or(0));
+            eprintln!(
+                "BENCH_CLIENT vmhwm_kb={} max_fds={}",
+                vm_hwm_kb().unwrap_or(0),
+                peak.load(std::sync::atomic::Ordering::Relaxed)
+            );
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         None => match orchestrate(&args) {
@@ -87,6 +110,19 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// The client's soft limit of open files: the common default.
+const CLIENT_FILES: u64 = 1024;
+/// Simulated agents per loopback address (each listens on a port of it).
+const AGENTS_PER_IP: u32 = 20_000;
+
+/// Sets this process's soft limit of open files to `n` (the hard limit
+/// stays, or is raised to `n` where it is lower: root may).
+fn limit_files(n: u64) -> Result<(), String> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| e.to_string())?;
+    setrlimit(Resource::RLIMIT_NOFILE, n, hard.max(n)).map_err(|e| e.to_string())
 }
 
 /// This process's peak resident set size, in KiB.
@@ -110,10 +146,24 @@ fn sim_agents(count: u32) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A listening socket per agent, and a connection each while the client
+    // talks to it: this process (not the client) needs more files.
+    if let Err(e) = limit_files(u64::from(count) + 4096) {
+        eprintln!(
+            "cannot raise the simulator's open files to {}: {e}",
+            count + 4096
+        );
+        return ExitCode::FAILURE;
+    }
     rt.block_on(async move {
         let mut handles = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            match rootlet_client_sim::spawn(rootlet_client_sim::SimOptions { pps: 0 }).await {
+        for i in 0..count {
+            // 127.0.0.1, then 127.0.0.2, ...: AGENTS_PER_IP each.
+            let ip = std::net::Ipv4Addr::from(
+                u32::from(std::net::Ipv4Addr::LOCALHOST) + i / AGENTS_PER_IP,
+            );
+            match rootlet_client_sim::spawn_on(ip, rootlet_client_sim::SimOptions { pps: 0 }).await
+            {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     eprintln!("simulated agent: {e}");
@@ -155,6 +205,8 @@ struct Run {
     control_plane_ms: u64,
     rpcs: u64,
     vmhwm_kb: u64,
+    /// The client's most open files at once (sampled every 20 ms).
+    max_fds: u64,
     hosts: usize,
 }
 
@@ -190,11 +242,17 @@ fn client(label: &str, args: &[String], hosts: usize) -> Result<Run, String> {
     let out = wait_output(&mut child, ROLLOUT_TIMEOUT)?;
     let wall = t0.elapsed();
     let stderr = String::from_utf8_lossy(&out.1);
-    let vmhwm_kb = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("BENCH_CLIENT vmhwm_kb="))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let figure = |name: &str| -> u64 {
+        stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("BENCH_CLIENT "))
+            .flat_map(str::split_whitespace)
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let vmhwm_kb = figure("vmhwm_kb");
+    let max_fds = figure("max_fds");
     let v: Value = serde_json::from_slice(&out.0).map_err(|e| {
         format!(
             "{label}: the client printed no JSON summary ({e}); stderr:\n{stderr}\nstdout:\n{}",
@@ -210,6 +268,7 @@ fn client(label: &str, args: &[String], hosts: usize) -> Result<Run, String> {
         control_plane_ms: v["control_plane_ms"].as_u64().unwrap_or(0),
         rpcs: v["rpcs"].as_u64().unwrap_or(0),
         vmhwm_kb,
+        max_fds,
         hosts,
     })
 }
@@ -419,12 +478,12 @@ fn orchestrate(args: &Args) -> Result<(), String> {
     }
 
     println!(
-        "\n{:<44} {:>6} {:>12} {:>10} {:>10} {:>8} {:>9} {:>10}  client peak RSS",
-        "run", "hosts", "state", "wall", "client", "ctl-plane", "RPCs", "RPC/s"
+        "\n{:<44} {:>6} {:>12} {:>10} {:>10} {:>8} {:>9} {:>10} {:>8}  client peak RSS",
+        "run", "hosts", "state", "wall", "client", "ctl-plane", "RPCs", "RPC/s", "max fds"
     );
     for r in &runs {
         println!(
-            "{:<44} {:>6} {:>12} {:>9.2}s {:>9.2}s {:>8.2}s {:>9} {:>10.0}  {:.1} MiB (exit {})",
+            "{:<44} {:>6} {:>12} {:>9.2}s {:>9.2}s {:>8.2}s {:>9} {:>10.0} {:>8}  {:.1} MiB (exit {})",
             r.label,
             r.hosts,
             r.state,
@@ -433,12 +492,13 @@ fn orchestrate(args: &Args) -> Result<(), String> {
             r.control_plane_ms as f64 / 1000.0,
             r.rpcs,
             r.rps(),
+            r.max_fds,
             r.vmhwm_kb as f64 / 1024.0,
             r.exit
         );
     }
     println!(
-        "\nwall: the client process, start to exit; client: the rollout as rootletctl measures it; ctl-plane: time in prepare, push, gate and rollback phases (no soak, no pauses).\ntotal benchmark time {:.1}s",
+        "\nwall: the client process, start to exit; client: the rollout as rootletctl measures it; ctl-plane: time in prepare, push, gate and rollback phases (no soak, no pauses); max fds: the client's most open files at once, under a soft limit of {CLIENT_FILES}.\ntotal benchmark time {:.1}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
