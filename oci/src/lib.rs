@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -399,9 +399,22 @@ impl Registry {
         // cut off, not buffered.
         let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|err| OciError::Unavailable {
-                registry: r.registry().to_string(),
-                detail: format!("reading {}: {err}", layer.digest),
+            let chunk = chunk.map_err(|err| {
+                // oci-client checks the digest as the stream ends, and
+                // reports a mismatch as an io::Error wrapping its
+                // DigestError; every other stream error is the transfer.
+                match err.get_ref().and_then(|e| e.downcast_ref::<DigestError>()) {
+                    Some(d) => OciError::DigestMismatch {
+                        reference: reference.to_string(),
+                        what: "layer",
+                        expected: layer.digest.clone(),
+                        actual: d.to_string(),
+                    },
+                    None => OciError::Unavailable {
+                        registry: r.registry().to_string(),
+                        detail: format!("reading {}: {err}", layer.digest),
+                    },
+                }
             })?;
             if bytes.len() + chunk.len() > size as usize {
                 return Err(OciError::DigestMismatch {
