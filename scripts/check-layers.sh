@@ -34,6 +34,10 @@ forbid rootlet-agent tonic prost hyper rootlet-proto rootlet-server
 forbid rootlet-schema aya tokio tonic prost rootlet-bundle rootlet-dataplane
 # The bundle format knows nothing of the kernel or the API.
 forbid rootlet-bundle aya rootlet-dataplane rootlet-agent rootlet-proto tonic tokio
+# The OCI distribution client moves signed bundles' bytes and checks their
+# digests; it knows nothing of gRPC, the agent or the kernel, so the agent
+# side of a pull (the API layer) and rootletctl can both use it.
+forbid rootlet-oci tonic prost aya rootlet-dataplane rootlet-agent rootlet-server rootlet-proto
 # The fleet client only speaks the API.
 forbid rootlet-client rootlet-dataplane rootlet-agent rootlet-server aya rootlet-client-sim
 

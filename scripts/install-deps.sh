@@ -54,13 +54,20 @@ apt_install() {
 # groff-base: the test that renders the generated manual pages.
 # dpkg-dev (dpkg-shlibdeps, for the package's Depends), binutils (strip)
 # and systemd (systemd-analyze verify): the .deb's build and test.
-packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv xdp-tools groff-base dpkg-dev binutils systemd)
+# docker-registry: the OCI registry the registry tests start themselves on
+# 127.0.0.1 (integration-tests/src/registry.rs); its own service stays off.
+packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv xdp-tools groff-base dpkg-dev binutils systemd docker-registry)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
+fi
+# The package's postinst enables a registry on :5000; the tests run their
+# own, so a system-wide one is neither wanted nor listening.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
 fi
 
 # Guest kernels for the VM tier, one per kernel CI runs (docs/VM-TIER.md):

@@ -25,7 +25,7 @@ use crate::{
     host,
     inventory::{Inventory, Selector},
     plan::Plan,
-    policy_cmd,
+    policy_cmd, registry_cmd,
     rollout::{
         self, BundleFile, Outcome, RolloutError, Start, StartRequest, control,
         journal::{self, JournalFile, JournalLock},
@@ -140,6 +140,27 @@ pub enum BundleCmd {
     /// and gates as a rollout (rolled back, by applying each host's
     /// previous version again, if it stops).
     Remove(RemoveArgs),
+    /// Publish a signed bundle to an OCI registry as a Rootlet artifact;
+    /// prints the reference pinned by digest (registry/repo@sha256:…),
+    /// the one a rollout names.
+    Push {
+        bundle: PathBuf,
+        /// registry[:port]/repo[:tag]
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Fetch a bundle from an OCI registry; its manifest and layer digests
+    /// are checked before anything is written.
+    Pull {
+        /// registry[:port]/repo[:tag|@sha256:…]
+        reference: String,
+        /// Where to write the signed bundle.
+        #[arg(long, short)]
+        out: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// Generate an ed25519 key pair (PEM).
     Keygen {
         #[arg(long)]
@@ -147,6 +168,18 @@ pub enum BundleCmd {
         #[arg(long)]
         public: PathBuf,
     },
+}
+
+/// How to reach an OCI registry.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    /// PEM CA certificate(s) that sign the registry's certificate
+    /// (instead of the system roots).
+    #[arg(long = "registry-ca", env = "ROOTLET_REGISTRY_CA")]
+    pub ca: Option<PathBuf>,
+    /// A file of one line, username:password, for basic auth.
+    #[arg(long = "registry-credentials", env = "ROOTLET_REGISTRY_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -670,6 +703,16 @@ fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Bundle(BundleCmd::Remove(a)) => remove(a).await,
+        Command::Bundle(BundleCmd::Push {
+            bundle,
+            reference,
+            registry,
+        }) => registry_result(registry_cmd::push(&bundle, &reference, &registry).await),
+        Command::Bundle(BundleCmd::Pull {
+            reference,
+            out,
+            registry,
+        }) => registry_result(registry_cmd::pull(&reference, &out, &registry).await),
         Command::Bundle(b) => bundle(b),
         Command::Policy(PolicyCmd::Rollout(a)) => policy_rollout(a).await,
         Command::Policy(p) => policy(p),
@@ -789,8 +832,11 @@ fn bundle(cmd: BundleCmd) -> i32 {
         BundleCmd::Verify { bundle, trusted } => bundle_cmd::verify(&bundle, &trusted),
         BundleCmd::Inspect { bundle } => bundle_cmd::inspect(&bundle),
         BundleCmd::Keygen { private, public } => bundle_cmd::keygen(&private, &public),
-        BundleCmd::Remove(_) => {
-            return fail(EXIT_FAILED, "bundle remove runs as a rollout");
+        BundleCmd::Remove(_) | BundleCmd::Push { .. } | BundleCmd::Pull { .. } => {
+            return fail(
+                EXIT_FAILED,
+                "bundle remove, push and pull run asynchronously",
+            );
         }
     };
     match r {
@@ -823,6 +869,17 @@ fn bundle(cmd: BundleCmd) -> i32 {
             };
             fail(code, e)
         }
+    }
+}
+
+fn registry_result(r: Result<String, registry_cmd::RegistryCmdError>) -> i32 {
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            EXIT_OK
+        }
+        Err(e) if e.is_usage() => fail(EXIT_USAGE, e),
+        Err(e) => fail(EXIT_FAILED, e),
     }
 }
 

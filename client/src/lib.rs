@@ -22,6 +22,8 @@
 //! - [`status`]: hosts × rootlets read back from the agents.
 //! - [`bundle_cmd`]: `bundle build|sign|verify|inspect|keygen` (`bundle
 //!   remove` is a rollout: [`rollout`]).
+//! - [`registry_cmd`]: `bundle push|pull`: bundles as OCI artifacts in a
+//!   registry (`rootlet-oci`).
 //! - [`policy_cmd`]: `policy build|sign|verify|inspect|diff`.
 //! - [`generate`]: shell completions and manual pages, from the clap
 //!   definitions.
@@ -41,6 +43,7 @@ pub mod host;
 pub mod inventory;
 pub mod plan;
 pub mod policy_cmd;
+pub mod registry_cmd;
 pub mod rollout;
 pub mod status;
 pub mod transport;

@@ -45,6 +45,8 @@
 //!   services), filled as the agent does (`build_inner` + `swap`).
 //! - [`pki`]: [`pki::Pki`], a throwaway CA with server and client
 //!   certificates (and an untrusted CA) for tests of the gRPC API.
+//! - [`registry`]: [`registry::TestRegistry`], Debian's `docker-registry`
+//!   on 127.0.0.1 with TLS from the test PKI, for the OCI distribution tests.
 //! - [`rootletd`]: `rootletd` as a process (spawn with a config file,
 //!   wait bounded for its exit), for restart and crash tests.
 //! - [`traffic`]: [`traffic::RawSocket`] (AF_PACKET on one interface),
@@ -67,6 +69,7 @@ pub mod netns;
 pub mod packet;
 pub mod pki;
 pub mod policy;
+pub mod registry;
 pub mod rootletd;
 pub mod traffic;
 pub mod witness;

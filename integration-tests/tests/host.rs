@@ -532,18 +532,24 @@ async fn host_commands_drive_one_agent_over_mtls_and_its_unix_socket() {
     assert!(gone.stderr.contains("NOT_FOUND"), "{}", gone.stderr);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn host_link_hold_keeps_a_lease_alive_until_it_is_lost_or_interrupted() {
+/// One agent, reached by its Unix socket (`unix:PATH`), with a rootlet
+/// loaded on rl0 by `rootletctl host ... load` (its JSON).
+async fn one_agent_with_rl0() -> (RealFleet, String, Value) {
     let fleet = RealFleet::start(1, &[]).await.expect("one agent");
     let sock = format!("unix:{}", fleet.hosts[0].socket.display());
-    let t: &[&str] = &[&sock];
-    let (_, _, pass) = objects(&fleet.dir);
-    let loaded = ctl(&args(
-        t,
-        &["load", "rl0", "--mode", "generic", "--output", "json"],
-    ))
+    let loaded = ctl(&[
+        "host", &sock, "load", "rl0", "--mode", "generic", "--output", "json",
+    ])
     .ok()
     .json();
+    (fleet, sock, loaded)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_link_hold_keeps_a_lease_alive_until_it_is_lost_or_interrupted() {
+    let (fleet, sock, loaded) = one_agent_with_rl0().await;
+    let t: &[&str] = &[&sock];
+    let (_, _, pass) = objects(&fleet.dir);
     let id = loaded["id"].as_str().expect("id").to_string();
     let lease_of = |name: &str| -> Option<String> {
         let got = ctl(&args(t, &["get", &id, "--output", "json"])).ok().json();
@@ -800,16 +806,9 @@ async fn status_watch_follows_the_watch_stream_and_reads_a_host_only_when_it_cha
 /// NO_INSTANT_ROLLBACK.
 #[tokio::test(flavor = "multi_thread")]
 async fn host_rollback_returns_a_rootlet_to_its_previous_generation() {
-    let fleet = RealFleet::start(1, &[]).await.expect("one agent");
-    let sock = format!("unix:{}", fleet.hosts[0].socket.display());
+    let (fleet, sock, loaded) = one_agent_with_rl0().await;
     let t: &[&str] = &[&sock];
     let (sampler, sampler_v2, _) = objects(&fleet.dir);
-    let loaded = ctl(&args(
-        t,
-        &["load", "rl0", "--mode", "generic", "--output", "json"],
-    ))
-    .ok()
-    .json();
     let id = loaded["id"].as_str().expect("id").to_string();
     let freplace =
         ctl(&args(t, &["caps", "--output", "json"])).ok().json()["backend"] == "freplace";
