@@ -873,12 +873,18 @@ fn bundle(cmd: BundleCmd) -> i32 {
 }
 
 fn registry_result(r: Result<String, registry_cmd::RegistryCmdError>) -> i32 {
+    printed(r, registry_cmd::RegistryCmdError::is_usage)
+}
+
+/// Prints a command's text (exit 0), or its error: exit 2 where `usage`
+/// says the invocation was wrong, else 1.
+fn printed<E: std::fmt::Display>(r: Result<String, E>, usage: fn(&E) -> bool) -> i32 {
     match r {
         Ok(text) => {
             print!("{text}");
             EXIT_OK
         }
-        Err(e) if e.is_usage() => fail(EXIT_USAGE, e),
+        Err(e) if usage(&e) => fail(EXIT_USAGE, e),
         Err(e) => fail(EXIT_FAILED, e),
     }
 }
@@ -907,14 +913,7 @@ fn policy(cmd: PolicyCmd) -> i32 {
             };
         }
     };
-    match r {
-        Ok(text) => {
-            print!("{text}");
-            EXIT_OK
-        }
-        Err(e) if e.is_usage() => fail(EXIT_USAGE, e),
-        Err(e) => fail(EXIT_FAILED, e),
-    }
+    printed(r, policy_cmd::PolicyCmdError::is_usage)
 }
 
 fn mode(output: Output) -> Mode {

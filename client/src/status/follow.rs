@@ -113,17 +113,14 @@ pub async fn follow(
                 .filter(|(_, l)| l.is_none())
                 .map(|(i, _)| *i)
                 .collect();
-            let read: Vec<HostStatus> = stream::iter(reread)
-                .map(|i| read_one(fleet, i, expect))
+            let read: Vec<(usize, HostStatus)> = stream::iter(reread)
+                .map(|i| async move { (i, read_one(fleet, i, expect).await) })
                 .buffer_unordered(fleet.options().concurrency.max(1))
                 .collect()
                 .await;
-            for h in read {
-                if let Some(r) = hosts
-                    .iter_mut()
-                    .find(|r| r.name == h.name && r.address == h.address)
-                {
-                    *r = h;
+            for (i, h) in read {
+                if let Some(r) = row(&hosts, i) {
+                    hosts[r] = h;
                 }
             }
             for (i, why) in last {
