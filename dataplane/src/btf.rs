@@ -1,19 +1,21 @@
-//! A stage's BTF: aya-obj parses it and finds functions by name; a small
-//! reader here checks that a function's signature is `int f(struct xdp_md *)`,
-//! which is what a stage must have to replace a rootlet placeholder or to run
-//! as an XDP program.
+//! A stage's BTF: aya-obj validates it; a small reader here finds functions
+//! by name and checks that a function's signature is
+//! `int f(struct xdp_md *)`, which is what a stage must have to replace a
+//! rootlet placeholder or to run as an XDP program.
 //!
-//! Why part of it is still hand-written: aya-obj 0.3 parses and validates BTF
-//! (`aya_obj::btf::Btf::parse`) and finds a type's id by name and kind
-//! (`id_by_type_name_kind`), and that is what [`Btf::parse`] and
-//! [`Btf::func_id`] use. But it gives no way to read a type back: `type_by_id`,
-//! `resolve_type`, `type_name` and `types()` are `pub(crate)`, and so are the
-//! fields of `FuncProto`, `Ptr`, `Struct` and the other `BtfType` variants. A
+//! Why the reading is hand-written: aya-obj 0.3 parses and validates BTF
+//! (`aya_obj::btf::Btf::parse`, called through
+//! `rootlet_schema::untrusted::validate_btf`, which catches its panics). But
+//! it gives no way to read a type back: `type_by_id`, `resolve_type`,
+//! `type_name` and `types()` are `pub(crate)`, and so are the fields of
+//! `FuncProto`, `Ptr`, `Struct` and the other `BtfType` variants. A
 //! signature check must follow FUNC -> FUNC_PROTO -> return and parameter
 //! types -> PTR -> STRUCT and read names, so [`Types`] reads the type section
-//! itself for that one check, after aya-obj has accepted the blob.
-
-use aya_obj::btf::BtfKind;
+//! itself. It finds functions by name too: aya-obj's public
+//! `id_by_type_name_kind` slices its string section at a name offset checked
+//! only against the header's `str_off + str_len`, and panicked on a stage
+//! whose BTF had one bit flipped (found by `tests/object_properties.rs`);
+//! here every string read is bounded by the strings themselves.
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BtfError {
@@ -30,6 +32,9 @@ fn malformed(what: &str) -> BtfError {
 }
 
 const BTF_MAGIC: u16 = 0xeb9f;
+
+/// How many pointers deep an error message follows a type (`int ****`).
+const MAX_POINTERS: u32 = 8;
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
@@ -59,12 +64,10 @@ struct Type {
     params: Vec<u32>,
 }
 
-/// BTF that aya-obj has parsed, and the blob it came from (read again by
-/// [`Types`] for signature checks).
+/// BTF that aya-obj has validated, read by [`Types`].
 #[derive(Debug)]
-pub struct Btf<'a> {
-    parsed: aya_obj::btf::Btf,
-    raw: &'a [u8],
+pub struct Btf {
+    types: Types,
 }
 
 /// The type section, read by hand (see the module comment for why): types
@@ -81,10 +84,10 @@ fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
         .ok_or_else(|| malformed("read past end"))
 }
 
-impl<'a> Btf<'a> {
+impl Btf {
     /// Parses a little-endian BTF blob (an ELF `.BTF` section, or what the
     /// kernel returns for a loaded program).
-    pub fn parse(b: &'a [u8]) -> Result<Self, BtfError> {
+    pub fn parse(b: &[u8]) -> Result<Self, BtfError> {
         let magic = b
             .get(0..2)
             .map(|s| u16::from_le_bytes([s[0], s[1]]))
@@ -92,27 +95,25 @@ impl<'a> Btf<'a> {
         if magic != BTF_MAGIC {
             return Err(malformed("bad magic (not little-endian BTF)"));
         }
-        let parsed = aya_obj::btf::Btf::parse(b, aya::Endianness::Little)
-            .map_err(|e| BtfError::Malformed(e.to_string()))?;
-        Ok(Btf { parsed, raw: b })
+        rootlet_schema::untrusted::validate_btf(b).map_err(|e| match e {
+            rootlet_schema::SchemaError::Malformed(why) => BtfError::Malformed(why),
+            other => BtfError::Malformed(other.to_string()),
+        })?;
+        Ok(Btf {
+            types: Types::parse(b)?,
+        })
     }
 
-    /// The BTF id of function `name` (what BPF_LINK_CREATE wants as
-    /// `target_btf_id` for freplace).
+    /// The BTF id of function `name`, the first FUNC of that name (what
+    /// BPF_LINK_CREATE wants as `target_btf_id` for freplace).
     pub fn func_id(&self, name: &str) -> Result<u32, BtfError> {
-        match self.parsed.id_by_type_name_kind(name, BtfKind::Func) {
-            Ok(id) => Ok(id),
-            Err(aya_obj::btf::BtfError::UnknownBtfTypeName { .. }) => {
-                Err(BtfError::NoSuchFunction(name.to_owned()))
-            }
-            Err(e) => Err(BtfError::Malformed(e.to_string())),
-        }
+        self.types.func_id(name)
     }
 
     /// Checks that function `name` is `int name(struct xdp_md *)`.
     pub fn check_xdp_signature(&self, name: &str) -> Result<(), BtfError> {
         let id = self.func_id(name)?;
-        Types::parse(self.raw)?.check_xdp_signature(id, name)
+        self.types.check_xdp_signature(id, name)
     }
 }
 
@@ -178,6 +179,16 @@ impl Types {
         std::str::from_utf8(&s[..end]).unwrap_or("?")
     }
 
+    fn func_id(&self, name: &str) -> Result<u32, BtfError> {
+        (1..self.types.len())
+            .find(|&id| {
+                let t = &self.types[id];
+                t.kind == KIND_FUNC && self.str_at(t.name_off) == name
+            })
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| BtfError::NoSuchFunction(name.to_owned()))
+    }
+
     fn ty(&self, id: u32) -> Option<&Type> {
         self.types.get(id as usize)
     }
@@ -196,13 +207,22 @@ impl Types {
         None
     }
 
+    /// A type as C would print it, for an error message. Pointers are
+    /// followed at most [`MAX_POINTERS`] deep: a PTR may point at itself in
+    /// uploaded BTF, and following it unbounded overflowed the stack (found
+    /// by `tests/object_properties.rs`; a stack overflow aborts the agent).
     fn describe(&self, id: u32) -> String {
+        self.describe_within(id, MAX_POINTERS)
+    }
+
+    fn describe_within(&self, id: u32, pointers: u32) -> String {
         match self.resolve(id) {
             None => "?".into(),
             Some(t) if id == 0 || t.kind == 0 => "void".into(),
             Some(t) => match t.kind {
                 KIND_INT => self.str_at(t.name_off).into(),
-                KIND_PTR => format!("{} *", self.describe(t.size_or_type)),
+                KIND_PTR if pointers == 0 => "… *".into(),
+                KIND_PTR => format!("{} *", self.describe_within(t.size_or_type, pointers - 1)),
                 KIND_STRUCT | KIND_FWD => format!("struct {}", self.str_at(t.name_off)),
                 KIND_UNION => format!("union {}", self.str_at(t.name_off)),
                 KIND_ENUM | KIND_ENUM64 => format!("enum {}", self.str_at(t.name_off)),
@@ -325,6 +345,57 @@ mod tests {
         let data = elf.section_by_name(".BTF").unwrap().data().unwrap();
         let btf = Btf::parse(data).unwrap();
         assert_eq!(btf.check_xdp_signature("ddos"), Ok(()));
+    }
+
+    /// A name offset past the strings but inside the header's
+    /// `str_off + str_len` (one flipped bit in a real stage's BTF did
+    /// this): aya-obj accepts the blob, and its name lookup panicked. The
+    /// function with that name is simply not found; the others still are.
+    #[test]
+    fn a_name_past_the_strings_is_not_found_not_a_panic() {
+        let strings_len = b"\0int\0xdp_md\0good\0bad\0".len();
+        let mut b = two_functions();
+        // Type 7 (`bad`) is the last: its name_off is 12 bytes from the end
+        // of the type section, which the strings follow.
+        let name_off = 24 + (b.len() - 24 - strings_len) - 12;
+        let past = (strings_len + 8) as u32;
+        assert!(24 + (b.len() - 24 - strings_len) + strings_len > past as usize);
+        b[name_off..name_off + 4].copy_from_slice(&past.to_le_bytes());
+        let btf = Btf::parse(&b).expect("aya-obj accepts it");
+        assert_eq!(
+            btf.func_id("bad"),
+            Err(BtfError::NoSuchFunction("bad".into()))
+        );
+        assert_eq!(btf.func_id("good"), Ok(5));
+        assert_eq!(btf.check_xdp_signature("good"), Ok(()));
+    }
+
+    /// A pointer to itself as the parameter (the stack overflow the
+    /// property found): the signature is refused and described, cut off.
+    #[test]
+    fn a_pointer_to_itself_is_described_not_followed_forever() {
+        let strings = b"\0int\0loop\0";
+        #[rustfmt::skip]
+        let types = [
+            // 1: int
+            1, info(KIND_INT, 0), 4, (1 << 24) | 32,
+            // 2: a pointer to type 2
+            0, info(KIND_PTR, 0), 2,
+            // 3: int (<2>)
+            0, info(KIND_FUNC_PROTO, 1), 1, 0, 2,
+            // 4: int loop(<2>)
+            5, info(KIND_FUNC, 1), 3,
+        ];
+        let b = blob(&types, strings);
+        let btf = Btf::parse(&b).expect("aya-obj accepts it");
+        let found = "int loop(… * * * * * * * * *)".to_owned();
+        assert_eq!(
+            btf.check_xdp_signature("loop"),
+            Err(BtfError::WrongSignature {
+                name: "loop".into(),
+                found
+            })
+        );
     }
 
     #[test]

@@ -210,24 +210,49 @@ pub fn truncate(name: &str) -> &str {
 /// a bundle or a stage request). aya-obj 0.3 assumes a well-formed ELF in
 /// places: a symbol outside its section makes `parse_program` subtract
 /// with overflow or slice out of range, and panic (found by
-/// `tests/object_properties.rs`). Rather than re-validate every field
-/// aya-obj reads, its panic is caught here and becomes the object's
-/// refusal; the parse has no side effect, so nothing is left half done.
-/// Every aya-obj parse of an object goes through this function.
+/// `tests/object_properties.rs`). Its panic is caught
+/// (`rootlet_schema::untrusted`, which says why) and becomes the object's
+/// refusal. Every aya-obj parse of an object goes through this function.
+///
+/// A panic can be caught; a failed allocation cannot: it aborts the
+/// process. aya-obj allocates one thing whose size the object only
+/// declares: a `.bss` section's zeroed contents (`vec![0; sh_size]`), so an
+/// uploaded object declaring a 2^51-byte `.bss` aborted the agent (found by
+/// the same property in CI). [`uninitialised_data_fits`] refuses such an
+/// object before aya-obj sees it.
 pub fn parse(bytes: &[u8]) -> Result<aya_obj::Object, CheckError> {
-    match std::panic::catch_unwind(|| aya_obj::Object::parse(bytes)) {
+    uninitialised_data_fits(bytes)?;
+    match rootlet_schema::untrusted::catching(|| aya_obj::Object::parse(bytes)) {
         Ok(parsed) => parsed.map_err(|e| CheckError::Elf(e.to_string())),
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".to_owned());
-            Err(CheckError::Elf(format!(
-                "malformed object (aya-obj: {why})"
-            )))
+        Err(why) => Err(CheckError::Elf(format!(
+            "malformed object (aya-obj: {why})"
+        ))),
+    }
+}
+
+/// The largest section without file contents (`SHT_NOBITS`, `.bss`) an
+/// object may declare: the largest array-map value the kernel accepts on
+/// x86-64 (`KMALLOC_MAX_SIZE`, 4 MiB with 4 KiB pages and
+/// `MAX_PAGE_ORDER` 10), which a `.bss` becomes. Anything larger the kernel
+/// would refuse anyway, and making it would mean allocating it here first.
+pub const MAX_UNINITIALISED_SECTION: u64 = 4 << 20;
+
+/// Refuses an object with a section that occupies no bytes of the file
+/// but declares more than [`MAX_UNINITIALISED_SECTION`]. A section with
+/// file contents is bounded by the file, which the caller already holds.
+fn uninitialised_data_fits(bytes: &[u8]) -> Result<(), CheckError> {
+    let elf = object::File::parse(bytes).map_err(|e| CheckError::Elf(e.to_string()))?;
+    for section in elf.sections() {
+        if section.file_range().is_none() && section.size() > MAX_UNINITIALISED_SECTION {
+            return Err(CheckError::Elf(format!(
+                "section `{}` declares {} bytes of zeroed data; the limit is {} (the kernel's largest map value)",
+                section.name().unwrap_or("?"),
+                section.size(),
+                MAX_UNINITIALISED_SECTION
+            )));
         }
     }
+    Ok(())
 }
 
 /// The names of the stage's own maps in `bytes` (see [`is_stage_map`]).

@@ -2,7 +2,7 @@
 //! (`object::inspect`, `object::stage_maps`): every real stage object
 //! with a few edits (bit flips, truncation, inserted and repeated bytes)
 //! and arbitrary bytes after an ELF header are accepted or refused with
-//! an error; never a panic. An object the checks accept still has the
+//! an error; never a panic. So is every stage's BTF with a few edits. An object the checks accept still has the
 //! program asked for, and its stack estimate is within the kernel's limit.
 #![allow(
     clippy::unwrap_used,
@@ -86,6 +86,56 @@ fn a_section_address_aya_obj_cannot_parse_is_refused_not_a_panic() {
     );
 }
 
+/// The second case the property found in CI: an edit that makes a
+/// zero-filled section (`SHT_NOBITS`, the `.bss.rootlet` every stage.h
+/// stage has) declare 2^51 bytes. aya-obj allocates a `.bss` section's
+/// contents, the allocation failed, and the process aborted: no panic to
+/// catch. Such an object is refused with the reason, just past the limit
+/// too; at the limit it is not refused for its size.
+#[test]
+fn a_zero_filled_section_larger_than_the_kernel_takes_is_refused_not_an_abort() {
+    let e = rootlet_ebpf::STAGES
+        .iter()
+        .find(|e| e.name == "sampler")
+        .unwrap();
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let le16 = |b: &[u8], at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
+    // ELF64 section header: sh_type at 0x4, sh_size at 0x20. SHT_NOBITS = 8.
+    let (shoff, shentsize, shnum) = (
+        le64(e.object, 0x28) as usize,
+        le16(e.object, 0x3a) as usize,
+        le16(e.object, 0x3c) as usize,
+    );
+    let nobits: Vec<usize> = (1..shnum)
+        .map(|i| shoff + i * shentsize)
+        .filter(|&h| le32(e.object, h + 0x4) == 8)
+        .collect();
+    assert!(!nobits.is_empty(), "the sampler has no SHT_NOBITS section");
+    let too_big = |size: u64| {
+        let mut refused = 0;
+        for &h in &nobits {
+            let mut input = e.object.to_vec();
+            input[h + 0x20..h + 0x28].copy_from_slice(&size.to_le_bytes());
+            let stage_maps = object::stage_maps(&input);
+            let inspected = object::inspect(&input, e.program, 0);
+            for got in [stage_maps.err(), inspected.err()] {
+                refused += usize::from(matches!(
+                    got,
+                    Some(object::CheckError::Elf(why)) if why.contains("bytes of zeroed data")
+                ));
+            }
+        }
+        refused
+    };
+    assert_eq!(too_big(1 << 51), 2 * nobits.len());
+    assert_eq!(
+        too_big(object::MAX_UNINITIALISED_SECTION + 1),
+        2 * nobits.len()
+    );
+    assert_eq!(too_big(object::MAX_UNINITIALISED_SECTION), 0);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(384))]
 
@@ -101,6 +151,27 @@ proptest! {
             Err(err) => prop_assert!(!err.to_string().is_empty()),
         }
         let _ = object::stage_maps(&input);
+    }
+
+    /// Edits confined to a stage's `.BTF` (where random edits of the whole
+    /// object rarely land, and where the name lookup's panic was): the
+    /// data plane's BTF reader, the one freplace's attach also uses,
+    /// answers or refuses. A function it finds is a FUNC of that name.
+    #[test]
+    fn mutated_btf_never_panics_the_lookup_or_the_signature_check(
+        which in 0..rootlet_ebpf::STAGES.len(),
+        edits in mutate::edits(4),
+    ) {
+        use ::object::{Object as _, ObjectSection as _};
+        let e = &rootlet_ebpf::STAGES[which];
+        let elf = ::object::File::parse(e.object).unwrap();
+        let btf = elf.section_by_name(".BTF").unwrap().data().unwrap();
+        let input = mutate::apply(btf, &edits);
+        if let Ok(parsed) = rootlet_dataplane::btf::Btf::parse(&input) {
+            let _ = parsed.func_id(e.program);
+            let _ = parsed.check_xdp_signature(e.program);
+            let _ = parsed.func_id("rootlet_slot_0");
+        }
     }
 
     #[test]

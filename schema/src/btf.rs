@@ -1,7 +1,8 @@
 //! A BTF blob read back type by type, after aya-obj has accepted it.
 //!
 //! Why this is hand-written: aya-obj 0.3 parses and validates BTF
-//! (`aya_obj::btf::Btf::parse`, which [`Types::parse`] calls first), but it
+//! (`aya_obj::btf::Btf::parse`, which [`Types::parse`] calls first, through
+//! `untrusted::validate_btf`), but it
 //! gives no way to read a type back: `type_by_id`, `types()`, `string_at`
 //! and `type_name` are `pub(crate)`, and so are the fields of `Struct`,
 //! `Array`, `Int`, `Enum`, `Var`, `DataSec` and the other `BtfType`
@@ -97,8 +98,7 @@ impl Types {
         if magic != BTF_MAGIC {
             return Err(malformed("bad magic (not little-endian BTF)"));
         }
-        aya_obj::btf::Btf::parse(b, object::Endianness::Little)
-            .map_err(|e| SchemaError::Malformed(e.to_string()))?;
+        crate::untrusted::validate_btf(b)?;
 
         let hdr_len = u32_at(b, 4)? as usize;
         let type_off = u32_at(b, 8)? as usize;

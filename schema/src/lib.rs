@@ -10,6 +10,8 @@
 //!   `.maps` section, and [`MapSchema::compatible_with`].
 //! - [`codec`]: JSON to bytes and back ([`MapSchema::decode_key`] …), with
 //!   [`CodecError`] naming the field path.
+//! - [`untrusted`]: every aya-obj call on outside input, with its panics
+//!   caught (the data plane's object and BTF checks use it too).
 //!
 //! This crate touches no kernel: the data plane and the agent give it the
 //! BTF they read (a program's `btf_id`), and `rootletctl` an object file.
@@ -19,6 +21,7 @@ mod btf;
 pub mod codec;
 pub mod maps;
 pub mod types;
+pub mod untrusted;
 
 pub use codec::CodecError;
 pub use maps::{Incompatible, MapSchema, MapType, Schema};
