@@ -208,20 +208,25 @@ pub fn truncate(name: &str) -> &str {
 
 /// aya-obj's parse of an object, which is outside input here (uploaded in
 /// a bundle or a stage request). aya-obj 0.3 assumes a well-formed ELF in
-/// places: a symbol outside its section makes `parse_program` subtract
-/// with overflow or slice out of range, and panic (found by
-/// `tests/object_properties.rs`). Its panic is caught
-/// (`rootlet_schema::untrusted`, which says why) and becomes the object's
-/// refusal. Every aya-obj parse of an object goes through this function.
+/// places, and panics where it is not; its panic is caught
+/// (`rootlet_schema::untrusted`, which lists the cases found) and becomes
+/// the object's refusal. Every aya-obj parse of an object goes through this
+/// function.
 ///
-/// A panic can be caught; a failed allocation cannot: it aborts the
-/// process. aya-obj allocates one thing whose size the object only
-/// declares: a `.bss` section's zeroed contents (`vec![0; sh_size]`), so an
-/// uploaded object declaring a 2^51-byte `.bss` aborted the agent (found by
-/// the same property in CI). [`uninitialised_data_fits`] refuses such an
-/// object before aya-obj sees it.
+/// Two kinds of bad input are refused before aya-obj sees them
+/// ([`sections_aya_obj_can_take`]), because catching does not cover them:
+/// - a failed allocation aborts the process. aya-obj allocates one thing
+///   whose size the object only declares: a `.bss` section's zeroed
+///   contents (`vec![0; sh_size]`), so an uploaded object declaring a
+///   2^51-byte `.bss` aborted the agent (found by the property in CI);
+/// - a section with a non-zero address makes aya-obj compute a program's
+///   offset as `symbol.address - section.address`. With overflow checks
+///   (debug builds) that panics; in a release build, the agent's, it
+///   wraps, and what follows depends on the wrapped value. A relocatable
+///   object's sections have address 0, so any other is refused outright,
+///   the same way in every build.
 pub fn parse(bytes: &[u8]) -> Result<aya_obj::Object, CheckError> {
-    uninitialised_data_fits(bytes)?;
+    sections_aya_obj_can_take(bytes)?;
     match rootlet_schema::untrusted::catching(|| aya_obj::Object::parse(bytes)) {
         Ok(parsed) => parsed.map_err(|e| CheckError::Elf(e.to_string())),
         Err(why) => Err(CheckError::Elf(format!(
@@ -237,16 +242,24 @@ pub fn parse(bytes: &[u8]) -> Result<aya_obj::Object, CheckError> {
 /// would refuse anyway, and making it would mean allocating it here first.
 pub const MAX_UNINITIALISED_SECTION: u64 = 4 << 20;
 
-/// Refuses an object with a section that occupies no bytes of the file
-/// but declares more than [`MAX_UNINITIALISED_SECTION`]. A section with
-/// file contents is bounded by the file, which the caller already holds.
-fn uninitialised_data_fits(bytes: &[u8]) -> Result<(), CheckError> {
+/// Refuses an object with a section aya-obj would mishandle (see
+/// [`parse`]): one with a non-zero address, or one that occupies no bytes
+/// of the file but declares more than [`MAX_UNINITIALISED_SECTION`]. A
+/// section with file contents is bounded by the file, which the caller
+/// already holds.
+fn sections_aya_obj_can_take(bytes: &[u8]) -> Result<(), CheckError> {
     let elf = object::File::parse(bytes).map_err(|e| CheckError::Elf(e.to_string()))?;
     for section in elf.sections() {
+        let name = section.name().unwrap_or("?");
+        if section.address() != 0 {
+            return Err(CheckError::Elf(format!(
+                "section `{name}` has address {:#x}; a relocatable BPF object's sections have address 0",
+                section.address()
+            )));
+        }
         if section.file_range().is_none() && section.size() > MAX_UNINITIALISED_SECTION {
             return Err(CheckError::Elf(format!(
-                "section `{}` declares {} bytes of zeroed data; the limit is {} (the kernel's largest map value)",
-                section.name().unwrap_or("?"),
+                "section `{name}` declares {} bytes of zeroed data; the limit is {} (the kernel's largest map value)",
                 section.size(),
                 MAX_UNINITIALISED_SECTION
             )));
