@@ -48,92 +48,93 @@ fn every_real_stage_object_passes_the_checks_or_fails_the_one_it_is_built_for() 
     }
 }
 
-/// The case the property below found in CI: an edit that gives a
-/// section a non-zero address (`sh_addr`), so that a program symbol's
-/// offset in its section, which aya-obj 0.3's `Object::parse` computes as
-/// `symbol.address - section.address`, subtracts with overflow: it
-/// panicked inside `inspect` (and in a release build wraps instead). Each
-/// section of a real stage object gets address 1 in turn: every such
-/// object is refused by both checks, with the reason, before aya-obj
-/// sees it, so the outcome is the same with overflow checks or without.
-#[test]
-fn a_section_with_an_address_is_refused_before_aya_obj_sees_it() {
+/// The sampler stage's object, and the file offset of each of its section
+/// headers but the null one (ELF64: `e_shoff` at 0x28, `e_shentsize` at
+/// 0x3a, `e_shnum` at 0x3c).
+fn sampler_section_headers() -> (&'static rootlet_ebpf::Entry, Vec<usize>) {
     let e = rootlet_ebpf::STAGES
         .iter()
         .find(|e| e.name == "sampler")
         .unwrap();
-    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
-    let le16 = |b: &[u8], at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
-    // ELF64: e_shoff at 0x28, e_shentsize at 0x3a, e_shnum at 0x3c; sh_addr
-    // at 0x10 in a section header.
-    let (shoff, shentsize, shnum) = (
-        le64(e.object, 0x28) as usize,
-        le16(e.object, 0x3a) as usize,
-        le16(e.object, 0x3c) as usize,
-    );
-    let refused = |got: Option<object::CheckError>| matches!(got, Some(object::CheckError::Elf(why)) if why.contains("has address 0x1;"));
-    for i in 1..shnum {
-        let mut input = e.object.to_vec();
-        let at = shoff + i * shentsize + 0x10;
-        input[at..at + 8].copy_from_slice(&1u64.to_le_bytes());
-        for got in [
+    let le16 = |at: usize| usize::from(u16::from_le_bytes([e.object[at], e.object[at + 1]]));
+    let shoff = u64::from_le_bytes(e.object[0x28..0x30].try_into().unwrap()) as usize;
+    let (shentsize, shnum) = (le16(0x3a), le16(0x3c));
+    (e, (1..shnum).map(|i| shoff + i * shentsize).collect())
+}
+
+/// `object` with the 8 bytes at `at` set to `value`, little-endian.
+fn with_u64(object: &[u8], at: usize, value: u64) -> Vec<u8> {
+    let mut input = object.to_vec();
+    input[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    input
+}
+
+/// How many of the two checks (`inspect`, `stage_maps`) refuse `input`
+/// with an ELF error containing `why`.
+fn refusals(input: &[u8], program: &str, why: &str) -> usize {
+    [
+        object::inspect(input, program, 0).err(),
+        object::stage_maps(input).err(),
+    ]
+    .into_iter()
+    .filter(|got| matches!(got, Some(object::CheckError::Elf(said)) if said.contains(why)))
+    .count()
+}
+
+/// The case the property below found in CI: an edit that gives a
+/// section a non-zero address (`sh_addr`, at 0x10 in its header), so that
+/// a program symbol's offset in its section, which aya-obj 0.3's
+/// `Object::parse` computes as `symbol.address - section.address`,
+/// subtracts with overflow: it panicked inside `inspect` (and in a release
+/// build wraps instead). Each section of a real stage object gets address
+/// 1 in turn: every such object is refused by both checks, with the
+/// reason, before aya-obj sees it, so the outcome is the same with
+/// overflow checks or without.
+#[test]
+fn a_section_with_an_address_is_refused_before_aya_obj_sees_it() {
+    let (e, headers) = sampler_section_headers();
+    for (i, h) in headers.into_iter().enumerate() {
+        let input = with_u64(e.object, h + 0x10, 1);
+        assert!(
+            refusals(&input, e.program, "has address 0x1;") == 2,
+            "section {}: {:?} / {:?}",
+            i + 1,
             object::inspect(&input, e.program, 0).err(),
-            object::stage_maps(&input).err(),
-        ] {
-            let shown = format!("{got:?}");
-            assert!(refused(got), "section {i}: {shown}");
-        }
+            object::stage_maps(&input).err()
+        );
     }
 }
 
 /// The second case the property found in CI: an edit that makes a
-/// zero-filled section (`SHT_NOBITS`, the `.bss.rootlet` every stage.h
-/// stage has) declare 2^51 bytes. aya-obj allocates a `.bss` section's
-/// contents, the allocation failed, and the process aborted: no panic to
-/// catch. Such an object is refused with the reason, just past the limit
-/// too; at the limit it is not refused for its size.
+/// zero-filled section (`SHT_NOBITS` = 8 in `sh_type`, at 0x4; the
+/// `.bss.rootlet` every stage.h stage has) declare 2^51 bytes in
+/// `sh_size` (at 0x20). aya-obj allocates a `.bss` section's contents, the
+/// allocation failed, and the process aborted: no panic to catch. Such an
+/// object is refused with the reason, just past the limit too; at the
+/// limit it is not refused for its size.
 #[test]
 fn a_zero_filled_section_larger_than_the_kernel_takes_is_refused_not_an_abort() {
-    let e = rootlet_ebpf::STAGES
-        .iter()
-        .find(|e| e.name == "sampler")
-        .unwrap();
-    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
-    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
-    let le16 = |b: &[u8], at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
-    // ELF64 section header: sh_type at 0x4, sh_size at 0x20. SHT_NOBITS = 8.
-    let (shoff, shentsize, shnum) = (
-        le64(e.object, 0x28) as usize,
-        le16(e.object, 0x3a) as usize,
-        le16(e.object, 0x3c) as usize,
-    );
-    let nobits: Vec<usize> = (1..shnum)
-        .map(|i| shoff + i * shentsize)
-        .filter(|&h| le32(e.object, h + 0x4) == 8)
+    let (e, headers) = sampler_section_headers();
+    let nobits: Vec<usize> = headers
+        .into_iter()
+        .filter(|&h| e.object[h + 0x4..h + 0x8] == 8u32.to_le_bytes())
         .collect();
     assert!(!nobits.is_empty(), "the sampler has no SHT_NOBITS section");
-    let too_big = |size: u64| {
-        let mut refused = 0;
-        for &h in &nobits {
-            let mut input = e.object.to_vec();
-            input[h + 0x20..h + 0x28].copy_from_slice(&size.to_le_bytes());
-            let stage_maps = object::stage_maps(&input);
-            let inspected = object::inspect(&input, e.program, 0);
-            for got in [stage_maps.err(), inspected.err()] {
-                refused += usize::from(matches!(
-                    got,
-                    Some(object::CheckError::Elf(why)) if why.contains("bytes of zeroed data")
-                ));
-            }
-        }
-        refused
+    let refused = |size: u64| {
+        nobits
+            .iter()
+            .map(|&h| {
+                let input = with_u64(e.object, h + 0x20, size);
+                refusals(&input, e.program, "bytes of zeroed data")
+            })
+            .sum::<usize>()
     };
-    assert_eq!(too_big(1 << 51), 2 * nobits.len());
+    assert_eq!(refused(1 << 51), 2 * nobits.len());
     assert_eq!(
-        too_big(object::MAX_UNINITIALISED_SECTION + 1),
+        refused(object::MAX_UNINITIALISED_SECTION + 1),
         2 * nobits.len()
     );
-    assert_eq!(too_big(object::MAX_UNINITIALISED_SECTION), 0);
+    assert_eq!(refused(object::MAX_UNINITIALISED_SECTION), 0);
 }
 
 proptest! {
