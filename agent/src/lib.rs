@@ -176,6 +176,37 @@ pub enum AgentError {
         #[source]
         source: BundleError,
     },
+    /// A bundle named by an OCI reference could not be fetched. The API
+    /// layer pulls it (this crate has no registry client); nothing changed.
+    #[error("bundle {reference}: {detail}")]
+    Fetch {
+        reference: String,
+        failure: FetchFailure,
+        detail: String,
+    },
+}
+
+/// Why a bundle named by reference could not be fetched: the one
+/// vocabulary for the API layer's status mapping, whatever client pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchFailure {
+    /// Not `registry/repo@sha256:<hex>`.
+    Reference,
+    /// The agent's configuration does not allow-list the registry.
+    NotAllowed,
+    NotFound,
+    Unavailable,
+    /// The registry's certificate was refused.
+    Tls,
+    /// The registry refused the agent's credentials.
+    Denied,
+    /// The manifest or the layer is not what its digest says.
+    DigestMismatch,
+    /// The artifact is not a Rootlet bundle.
+    NotABundle,
+    TooLarge,
+    /// Anything else the registry answered.
+    Registry,
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;

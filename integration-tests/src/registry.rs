@@ -118,6 +118,16 @@ impl TestRegistry {
             .join("data")
     }
 
+    /// How many times the registry answered a GET of blob `digest` with
+    /// 200, from its access log (Apache combined format, on its stdout).
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        let log = fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
+            .filter(|l| l.contains("\" 200 "))
+            .count()
+    }
+
     /// Kills the registry and waits for it (then connections are refused).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -34,6 +34,36 @@ pub struct Config {
     pub bundles: BundlesConfig,
     pub limits: LimitsConfig,
     pub authz: AuthzConfig,
+    /// `[[registry]]`: the OCI registries this agent may pull bundles
+    /// from (ApplyBundle by reference). None by default: a reference is
+    /// refused (FAILED_PRECONDITION, REGISTRY_NOT_ALLOWED).
+    pub registry: Vec<RegistryConfig>,
+}
+
+/// `[[registry]]`: one OCI registry the agent may pull bundles from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// `host[:port]`, exactly as references name it
+    /// (`host[:port]/repo@sha256:…`).
+    pub host: String,
+    /// PEM CA certificate(s) to trust for this registry instead of the
+    /// system roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// A file of one line `username:password` (mode 0600): basic auth.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// Bound on connecting and on each read from the registry.
+    #[serde(default = "default_registry_timeout")]
+    pub timeout_seconds: u64,
+}
+
+/// Seconds a registry has to connect or to send the next bytes.
+pub const DEFAULT_REGISTRY_TIMEOUT_SECONDS: u64 = 30;
+
+fn default_registry_timeout() -> u64 {
+    DEFAULT_REGISTRY_TIMEOUT_SECONDS
 }
 
 /// `[listen]`: where the gRPC API is served.
@@ -544,6 +574,48 @@ impl Config {
             );
         }
 
+        // Registries.
+        let mut hosts = BTreeSet::new();
+        for (i, r) in self.registry.iter().enumerate() {
+            let field = format!("registry[{i}]");
+            if let Err(why) = check_registry_host(&r.host) {
+                problem(&format!("{field}.host"), why);
+            } else if !hosts.insert(r.host.as_str()) {
+                problem(
+                    &format!("{field}.host"),
+                    format!("`{}` is listed twice", r.host),
+                );
+            }
+            if let Some(ca) = &r.ca {
+                let mut found = vec![];
+                read_certs(&format!("{field}.ca"), ca, &mut found);
+                for p in found {
+                    problem(&p.field, p.message);
+                }
+            }
+            if let Some(credentials) = &r.credentials {
+                let field = format!("{field}.credentials");
+                if let Some(mode) = shared_key_mode(credentials) {
+                    problem(
+                        &field,
+                        format!(
+                            "{} is accessible to group or others (mode {mode:o}); chmod 600 it",
+                            credentials.display()
+                        ),
+                    );
+                }
+                if let Err(e) = rootlet_oci::read_credentials(credentials) {
+                    problem(&field, e.to_string());
+                }
+            }
+            if !(1..=600).contains(&r.timeout_seconds) {
+                problem(
+                    &format!("{field}.timeout_seconds"),
+                    format!("{} is not between 1 and 600", r.timeout_seconds),
+                );
+            }
+        }
+
         // Authorization.
         let mut names = BTreeSet::new();
         for (i, id) in self.authz.identity.iter().enumerate() {
@@ -711,7 +783,32 @@ impl Config {
                 ""
             }
         ));
+        if !self.registry.is_empty() {
+            let hosts: Vec<&str> = self.registry.iter().map(|r| r.host.as_str()).collect();
+            parts.push(format!("pulls from {}", hosts.join(" ")));
+        }
         parts.join(", ")
+    }
+}
+
+/// A registry as references name it: `host[:port]`, no scheme, no path.
+fn check_registry_host(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("is empty".into());
+    }
+    if host.contains("://") || host.contains('/') || host.contains('@') {
+        return Err(format!(
+            "`{host}` is not host[:port] (no scheme, path or digest): references name it as host[:port]/repo@sha256:…"
+        ));
+    }
+    let probe = format!("{host}/probe@sha256:{}", "0".repeat(64));
+    match rootlet_oci::BundleRef::parse_pinned(&probe) {
+        Ok(r) if r.registry() == host => Ok(()),
+        Ok(r) => Err(format!(
+            "`{host}` is read as registry `{}`: name it that way",
+            r.registry()
+        )),
+        Err(e) => Err(format!("`{host}` is not a registry host: {e}")),
     }
 }
 
@@ -1223,5 +1320,80 @@ stages = ["ok", "ok-*", "bad*name", "no spaces"]
             .unwrap();
             assert_eq!(c.authz.identity[0].role, role);
         }
+    }
+
+    #[test]
+    fn registries_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("registry.credentials");
+        fs::write(&creds, "fleet:secret\n").unwrap();
+        fs::set_permissions(&creds, fs::Permissions::from_mode(0o600)).unwrap();
+        let shared = dir.path().join("shared.credentials");
+        fs::write(&shared, "nocolon\n").unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o644)).unwrap();
+        let good = format!(
+            "[[registry]]\nhost = \"registry.example.com:5000\"\ncredentials = {:?}\n",
+            creds.display().to_string()
+        );
+        let c = parse(&good).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.registry[0].timeout_seconds,
+            DEFAULT_REGISTRY_TIMEOUT_SECONDS
+        );
+        assert!(
+            c.summary().contains("pulls from registry.example.com:5000"),
+            "{}",
+            c.summary()
+        );
+
+        let c = parse(&format!(
+            r#"
+[[registry]]
+host = "https://registry.example.com"
+[[registry]]
+host = "127.0.0.1:5000"
+ca = "/nonexistent/ca.pem"
+timeout_seconds = 0
+[[registry]]
+host = "127.0.0.1:5000"
+credentials = {:?}
+[[registry]]
+host = ""
+"#,
+            shared.display().to_string()
+        ))
+        .unwrap();
+        let p = problems(&c);
+        let said = |field: &str| -> Vec<String> {
+            p.iter()
+                .filter(|p| p.field == field)
+                .map(|p| p.message.clone())
+                .collect()
+        };
+        assert!(
+            said("registry[0].host")[0].contains("not host[:port]"),
+            "{p:?}"
+        );
+        assert!(
+            said("registry[1].ca")[0].contains("/nonexistent/ca.pem"),
+            "{p:?}"
+        );
+        assert!(
+            said("registry[1].timeout_seconds")[0].contains("between 1 and 600"),
+            "{p:?}"
+        );
+        assert!(
+            said("registry[2].host")[0].contains("listed twice"),
+            "{p:?}"
+        );
+        let creds = said("registry[2].credentials");
+        assert!(creds.iter().any(|m| m.contains("mode 644")), "{creds:?}");
+        assert!(
+            creds.iter().any(|m| m.contains("username:password")),
+            "{creds:?}"
+        );
+        assert_eq!(said("registry[3].host"), ["is empty"]);
+        assert_eq!(p.len(), 7, "{p:?}");
     }
 }

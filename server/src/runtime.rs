@@ -610,6 +610,7 @@ impl Supervisor {
                 Some(crate::api::service(
                     agent.clone(),
                     self.metrics.clone(),
+                    Arc::new(crate::registry::Pulls::new(&self.config.registry)),
                     max,
                 )),
             );

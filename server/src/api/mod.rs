@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
+use crate::registry::Pulls;
 use rootlet_agent::{Agent, AgentError, BundleSource, Caller, Grant, RollbackHow, StageOp};
 use rootlet_dataplane::budget::{self, Step};
 
@@ -36,11 +37,17 @@ use rootlet_dataplane::budget::{self, Step};
 pub type Served = oversize::Mapped<RootletServer<RootletService>>;
 
 /// Builds the service with message size limits.
-pub fn service(agent: Arc<Agent>, metrics: Arc<Metrics>, max_message_bytes: usize) -> Served {
+pub fn service(
+    agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
+    pulls: Arc<Pulls>,
+    max_message_bytes: usize,
+) -> Served {
     oversize::Mapped::new(
         RootletServer::new(RootletService {
             agent,
             metrics,
+            pulls,
             verifier_logs: Arc::default(),
             flights: Arc::default(),
         })
@@ -53,6 +60,8 @@ pub fn service(agent: Arc<Agent>, metrics: Arc<Metrics>, max_message_bytes: usiz
 pub struct RootletService {
     agent: Arc<Agent>,
     metrics: Arc<Metrics>,
+    /// ApplyBundle by reference: the registries this agent may pull from.
+    pulls: Arc<Pulls>,
     verifier_logs: Arc<verifier_logs::VerifierLogs>,
     /// Keyed calls under way (see [`single_flight`]).
     flights: Arc<single_flight::Flights>,
@@ -621,6 +630,7 @@ impl pb::rootlet_server::Rootlet for RootletService {
         req: Request<pb::ApplyBundleRequest>,
     ) -> Reply<pb::ApplyBundleResponse> {
         let metrics = self.metrics.clone();
+        let pulls = self.pulls.clone();
         self.idempotent(
             "ApplyBundle",
             req,
@@ -630,6 +640,18 @@ impl pb::rootlet_server::Rootlet for RootletService {
                     Some(pb::apply_bundle_request::Source::Bundle(b)) => BundleSource::Bytes(b),
                     Some(pb::apply_bundle_request::Source::Digest(d)) => {
                         BundleSource::Digest(convert::digest_from("digest", &d)?)
+                    }
+                    // Inside the idempotent call: a retry with the key gets
+                    // the first call's answer and pulls nothing. A reader
+                    // is refused before anything is fetched.
+                    Some(pb::apply_bundle_request::Source::Reference(reference)) => {
+                        grant.mutate("apply bundles")?;
+                        let pulled = pulls.fetch_blocking(&reference);
+                        match &pulled {
+                            Ok(bytes) => metrics.observe_pull("ok", bytes.len()),
+                            Err(e) => metrics.observe_pull(status::reason_of(e), 0),
+                        }
+                        BundleSource::Bytes(pulled?)
                     }
                     None => {
                         return Err(AgentError::InvalidArgument {

@@ -42,6 +42,32 @@ fn info(details: &mut ErrorDetails, reason: &str, meta: &[(&str, String)]) {
     details.set_error_info(reason, DOMAIN, metadata);
 }
 
+/// The code and reason of a failed pull from a registry.
+fn fetch_code(failure: rootlet_agent::FetchFailure) -> (Code, &'static str) {
+    use rootlet_agent::FetchFailure as F;
+    match failure {
+        F::Reference => (Code::InvalidArgument, "REGISTRY_REFERENCE"),
+        F::NotAllowed => (Code::FailedPrecondition, "REGISTRY_NOT_ALLOWED"),
+        F::NotFound => (Code::NotFound, "REGISTRY_NOT_FOUND"),
+        F::Unavailable => (Code::Unavailable, "REGISTRY_UNAVAILABLE"),
+        F::Tls => (Code::Unavailable, "REGISTRY_TLS"),
+        // The agent's own credentials or files, not the caller's identity.
+        F::Denied => (Code::FailedPrecondition, "REGISTRY_DENIED"),
+        F::DigestMismatch => (Code::DataLoss, "REGISTRY_DIGEST_MISMATCH"),
+        F::NotABundle => (Code::InvalidArgument, "REGISTRY_NOT_A_BUNDLE"),
+        F::TooLarge => (Code::ResourceExhausted, "REGISTRY_TOO_LARGE"),
+        F::Registry => (Code::Unavailable, "REGISTRY_ERROR"),
+    }
+}
+
+/// The `ErrorInfo` reason [`status`] gives `e` (for metrics labels).
+pub fn reason_of(e: &AgentError) -> &'static str {
+    match e {
+        AgentError::Fetch { failure, .. } => fetch_code(*failure).1,
+        _ => "OTHER",
+    }
+}
+
 /// The status for an agent error.
 pub fn status(e: &AgentError) -> Status {
     let mut d = ErrorDetails::new();
@@ -192,6 +218,22 @@ pub fn status(e: &AgentError) -> Status {
         AgentError::UndoContended { rootlet, .. } => {
             info(&mut d, "UNDO_CONTENDED", &[("rootlet", rootlet.clone())]);
             Code::Aborted
+        }
+        AgentError::Fetch {
+            reference,
+            failure,
+            detail,
+        } => {
+            let (code, reason) = fetch_code(*failure);
+            match code {
+                Code::InvalidArgument => d.add_bad_request_violation("reference", detail.clone()),
+                Code::FailedPrecondition => {
+                    d.add_precondition_failure_violation(reason, reference.clone(), detail.clone())
+                }
+                _ => &mut d,
+            };
+            info(&mut d, reason, &[("reference", reference.clone())]);
+            code
         }
         AgentError::InjectedFault(_) => {
             info(&mut d, "INJECTED_FAULT", &[]);
