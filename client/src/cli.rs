@@ -334,9 +334,12 @@ pub struct StartArgs {
     pub inventory: PathBuf,
     #[arg(long, short = 'p')]
     pub plan: PathBuf,
-    /// The signed bundle (`rootletctl bundle build --key ...`).
+    /// The signed bundle: a file (`rootletctl bundle build --key ...`), or
+    /// an OCI reference pinned by digest (`registry/repo@sha256:…`, as
+    /// `bundle push` prints it). A reference is pulled here once, to plan
+    /// and check; hosts are sent the reference and pull it themselves.
     #[arg(long, short = 'b')]
-    pub bundle: PathBuf,
+    pub bundle: String,
     /// Label selector: `role=edge,zone!=c,canary` (all terms must hold).
     #[arg(long, short = 'l', default_value = "")]
     pub selector: String,
@@ -344,6 +347,9 @@ pub struct StartArgs {
     pub journal: JournalArg,
     #[command(flatten)]
     pub transport: TransportArgs,
+    /// How to reach the registry of a bundle named by reference.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -1146,14 +1152,29 @@ async fn start(a: StartArgs) -> i32 {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let bundle = match BundleFile::read(&a.bundle) {
+    let bundle = if rootlet_oci::BundleRef::looks_like_reference(&a.bundle) {
+        match registry_cmd::fetch(&a.bundle, &a.registry).await {
+            Ok(bytes) => BundleFile::pulled(a.bundle.clone(), bytes),
+            Err(e) => {
+                let code = if e.is_usage() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILED
+                };
+                return fail(code, e);
+            }
+        }
+    } else {
+        BundleFile::read(std::path::Path::new(&a.bundle))
+    };
+    let bundle = match bundle {
         Ok(b) => b,
         Err(e) => return rollout_error(e),
     };
     if bundle.signed.signatures.is_empty() {
         eprintln!(
             "rootletctl: warning: {} is unsigned; agents refuse it unless they allow unsigned bundles",
-            a.bundle.display()
+            a.bundle
         );
     }
     let path = a.journal.journal.clone();
@@ -1202,7 +1223,13 @@ async fn start(a: StartArgs) -> i32 {
             );
         }
     }
-    let engine = match rollout::engine_for(&path, j, Some(req.bundle.bytes.clone()), m) {
+    // A bundle named by reference is never uploaded: hosts pull it.
+    let bytes = req
+        .bundle
+        .reference
+        .is_none()
+        .then(|| req.bundle.bytes.clone());
+    let engine = match rollout::engine_for(&path, j, bytes, m) {
         Ok(e) => e,
         Err(e) => return rollout_error(e),
     };

@@ -93,3 +93,14 @@ pub async fn pull(
         out.display()
     ))
 }
+
+/// The bytes of the bundle `reference` names, for `rollout start --bundle
+/// REF`: the reference must be pinned by digest (agents pull only pinned
+/// references, so the rollout names exactly what they will run), and the
+/// bytes must decode as a signed bundle.
+pub async fn fetch(reference: &str, a: &RegistryArgs) -> Result<Vec<u8>, RegistryCmdError> {
+    let r = BundleRef::parse_pinned(reference)?;
+    let bytes = Registry::new(&options(a))?.pull(&r).await?;
+    SignedBundle::from_bytes(&bytes)?;
+    Ok(bytes)
+}

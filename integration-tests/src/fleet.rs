@@ -131,6 +131,68 @@ impl Forwarder {
     }
 }
 
+impl Forwarder {
+    /// The other way: listens on `target` (a loopback address) inside the
+    /// namespace whose file is `netns`, and forwards every connection to
+    /// `target` in the caller's namespace. An agent in its host namespace
+    /// then reaches a server on this namespace's loopback (the test
+    /// registry) at the same address, so a certificate for it still holds.
+    pub fn start_into(netns: &Path, target: SocketAddr) -> io::Result<Forwarder> {
+        let home = fs::File::open("/proc/thread-self/ns/net")?;
+        let ns = fs::File::open(netns)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (ready, listening) = std::sync::mpsc::channel::<io::Result<()>>();
+        let thread = thread::Builder::new()
+            .name("forwarder-in".into())
+            .spawn(move || {
+                let listener = setns(&ns, CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::other)
+                    .and_then(|()| TcpListener::bind(target))
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l));
+                let listener = match listener {
+                    Ok(l) => {
+                        let _ = ready.send(Ok(()));
+                        l
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                // Bounded by the stop flag, checked every 20 ms.
+                while !flag.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((down, _)) => {
+                            let Ok(home) = home.try_clone() else { continue };
+                            let _ = thread::Builder::new().name("forward-conn".into()).spawn(
+                                move || {
+                                    // This thread was made in the host
+                                    // namespace: back home to connect.
+                                    let _ = setns(&home, CloneFlags::CLONE_NEWNET)
+                                        .map_err(io::Error::other)
+                                        .and_then(|()| pump(down, target));
+                                },
+                            );
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })?;
+        listening
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(io::Error::other)??;
+        Ok(Forwarder {
+            addr: target,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
 impl Drop for Forwarder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -144,9 +206,15 @@ impl Drop for Forwarder {
 /// connect (the socket stays there), then bytes flow both ways until
 /// either side closes.
 fn forward(down: TcpStream, netns: &Path, target: SocketAddr) -> io::Result<()> {
-    down.set_nonblocking(false)?;
     let ns = fs::File::open(netns)?;
     setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::other)?;
+    pump(down, target)
+}
+
+/// Connects to `target` from this thread's namespace and copies bytes both
+/// ways until either side closes.
+fn pump(down: TcpStream, target: SocketAddr) -> io::Result<()> {
+    down.set_nonblocking(false)?;
     let up = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
     up.set_nodelay(true)?;
     down.set_nodelay(true)?;
@@ -233,6 +301,10 @@ pub struct RealFleet {
     pub signing_key: PathBuf,
     pub public_key: PathBuf,
     bpffs: PathBuf,
+    /// Appended to every agent's configuration.
+    extra: String,
+    /// See [`RealFleet::reach`].
+    reached: Vec<Forwarder>,
     _tmp: tempfile::TempDir,
 }
 
@@ -253,6 +325,12 @@ impl RealFleet {
     /// `mtls` also on TCP with mutual TLS. Returns when every agent
     /// reports SERVING (or fails after [`READY_TIMEOUT`]).
     pub async fn start(n: usize, mtls: &[usize]) -> io::Result<RealFleet> {
+        Self::start_with(n, mtls, "").await
+    }
+
+    /// [`RealFleet::start`], with `extra` (TOML tables, e.g. `[[registry]]`)
+    /// appended to every agent's configuration.
+    pub async fn start_with(n: usize, mtls: &[usize], extra: &str) -> io::Result<RealFleet> {
         let rootletd = sibling_binary("rootletd");
         if !rootletd.exists() {
             return Err(io::Error::new(
@@ -283,6 +361,8 @@ impl RealFleet {
             signing_key,
             public_key,
             bpffs,
+            extra: extra.to_owned(),
+            reached: Vec::new(),
             _tmp: tmp,
         };
         for i in 0..n {
@@ -318,6 +398,7 @@ impl RealFleet {
             backend_name(),
             toml_str(&self.public_key)
         ));
+        cfg.push_str(&self.extra);
         let config = state_dir.join("rootletd.toml");
         fs::write(&config, cfg)?;
         let child = spawn_agent(&pair, &state_dir, rootletd, None)?;
@@ -343,6 +424,17 @@ impl RealFleet {
             blaster: None,
             stopped: false,
         })
+    }
+
+    /// Makes `addr` (a server on this namespace's loopback) reachable at
+    /// the same address from every agent's namespace; the forwarders live
+    /// as long as the fleet.
+    pub fn reach(&mut self, addr: SocketAddr) -> io::Result<()> {
+        for h in &self.hosts {
+            let f = Forwarder::start_into(h.pair.host().path(), addr)?;
+            self.reached.push(f);
+        }
+        Ok(())
     }
 
     /// The inventory hosts: Unix sockets, or TCP with mTLS through the

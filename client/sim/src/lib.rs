@@ -154,6 +154,7 @@ struct Inner {
     applies: AtomicU64,
     apply_calls: AtomicU64,
     uploads: AtomicU64,
+    pulls: AtomicU64,
     next_prog: AtomicU32,
     /// Watch events: a change, a policy, an unload (receivers that lag
     /// lose the oldest, as the agent's own stream does).
@@ -181,6 +182,25 @@ fn intern(digest: &str, bytes: Vec<u8>) -> Arc<[u8]> {
         .clone()
 }
 
+/// The simulator's stand-in for an OCI registry: bundles by pinned
+/// reference, shared by every simulated agent of the process
+/// ([`publish`]). The real pull (digests, allow-list, TLS) is rootletd's
+/// and is tested against a real registry; the simulator serves the
+/// fleet client's tests and benchmark, which measure what the client sends.
+fn published() -> &'static Mutex<HashMap<String, Arc<[u8]>>> {
+    static REGISTRY: std::sync::OnceLock<Mutex<HashMap<String, Arc<[u8]>>>> =
+        std::sync::OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// Makes `bytes` pullable by every simulated agent as `reference`.
+pub fn publish(reference: &str, bytes: &[u8]) {
+    published()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(reference.to_string(), Arc::from(bytes));
+}
+
 fn lock(m: &Mutex<SimState>) -> MutexGuard<'_, SimState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -200,6 +220,7 @@ impl SimAgent {
                 applies: AtomicU64::new(0),
                 apply_calls: AtomicU64::new(0),
                 uploads: AtomicU64::new(0),
+                pulls: AtomicU64::new(0),
                 next_prog: AtomicU32::new(100),
                 events: tokio::sync::broadcast::channel(256).0,
             }),
@@ -239,6 +260,12 @@ impl SimAgent {
     /// Applies that carried the bundle's bytes.
     pub fn uploads(&self) -> u64 {
         self.inner.uploads.load(Ordering::Relaxed)
+    }
+
+    /// Applies that named the bundle by reference (pulled from
+    /// [`publish`]ed bundles).
+    pub fn pulls(&self) -> u64 {
+        self.inner.pulls.load(Ordering::Relaxed)
     }
 
     /// The applied version of every rootlet (by interface name).
@@ -452,6 +479,7 @@ impl SimAgent {
             match &req.source {
                 Some(pb::apply_bundle_request::Source::Bundle(b)) => h.update(b),
                 Some(pb::apply_bundle_request::Source::Digest(d)) => h.update(d.as_bytes()),
+                Some(pb::apply_bundle_request::Source::Reference(r)) => h.update(r.as_bytes()),
                 None => {}
             }
             hex::encode(h.finalize())
@@ -475,6 +503,18 @@ impl SimAgent {
                 st.bundles.get(&d).map(|b| b.to_vec()).ok_or_else(|| {
                     Status::not_found(format!("no bundle with digest {d} on this agent"))
                 })?
+            }
+            Some(pb::apply_bundle_request::Source::Reference(r)) => {
+                let pulled = published()
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&r)
+                    .cloned();
+                let bytes = pulled.ok_or_else(|| {
+                    Status::not_found(format!("{r}: not found in the (simulated) registry"))
+                })?;
+                self.inner.pulls.fetch_add(1, Ordering::Relaxed);
+                bytes.to_vec()
             }
             None => {
                 return Err(Status::invalid_argument(

@@ -990,7 +990,8 @@ impl Engine {
         let action = self.jf.journal.action;
         let removing = action == Action::Remove;
         let bundle = self.bundle.clone();
-        if bundle.is_none() && !removing {
+        let reference = self.jf.journal.bundle.reference.clone();
+        if bundle.is_none() && !(reference.is_some() && action == Action::Apply) && !removing {
             let msg = format!(
                 "{label}: the {} file is not available, so nothing can be pushed",
                 if action == Action::Policy {
@@ -1036,6 +1037,7 @@ impl Engine {
                 let name = &name;
                 let fleet = &fleet;
                 let bundle = &bundle;
+                let reference = &reference;
                 let digest = &digest;
                 let rollout = &rollout;
                 let step_name = &step_name;
@@ -1068,11 +1070,31 @@ impl Engine {
                                 )
                                 .await
                             }
-                            Some(bundle) if !removing => {
-                                push_host(
-                                    fleet, i, bundle, digest, rollout, step_name, was_new, targets,
-                                )
-                                .await
+                            _ if !removing => {
+                                let payload = match (reference, bundle) {
+                                    (Some(r), _) => Some(Payload::Reference(r)),
+                                    (None, Some(b)) => Some(Payload::Bytes(b)),
+                                    // Stopped before the step: nothing to push.
+                                    (None, None) => None,
+                                };
+                                match payload {
+                                    Some(payload) => {
+                                        push_host(
+                                            fleet, i, payload, digest, rollout, step_name, was_new,
+                                            targets,
+                                        )
+                                        .await
+                                    }
+                                    None => Pushed::Nack(
+                                        RpcError {
+                                            what: "push",
+                                            code: tonic::Code::FailedPrecondition,
+                                            message: "no bundle bytes or reference to push".into(),
+                                            attempts: 0,
+                                        },
+                                        Changed::No,
+                                    ),
+                                }
                             }
                             _ => {
                                 remove_host(fleet, i, name, previous.as_ref(), rollout, step_name)
@@ -1653,7 +1675,17 @@ async fn ask_keyed(
     Keyed::NoAnswer(last)
 }
 
-/// HasBundle, ApplyBundle (bytes only if absent), then the counters. An
+/// What a host that does not hold the bundle is sent.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    /// The signed bundle's bytes.
+    Bytes(&'a Arc<Vec<u8>>),
+    /// Its OCI reference, pinned by digest: the agent pulls it.
+    Reference(&'a str),
+}
+
+/// HasBundle, ApplyBundle (bytes or reference only if absent), then the
+/// counters. An
 /// ApplyBundle whose outcome is unknown (the connection dropped, no
 /// answer) is followed by asking the agent, once it answers again, what
 /// the call did ([`ask_keyed`]); it is sent again only if it did nothing.
@@ -1661,7 +1693,7 @@ async fn ask_keyed(
 async fn push_host(
     fleet: &Fleet,
     i: usize,
-    bundle: &Arc<Vec<u8>>,
+    payload: Payload<'_>,
     digest: &str,
     rollout: &str,
     step: &str,
@@ -1685,7 +1717,11 @@ async fn push_host(
         Err(e) => return Pushed::Nack(e, Changed::No),
     };
     let key = idempotency_key(
-        if has { "apply-digest" } else { "apply-bytes" },
+        match (has, payload) {
+            (true, _) => "apply-digest",
+            (false, Payload::Bytes(_)) => "apply-bytes",
+            (false, Payload::Reference(_)) => "apply-reference",
+        },
         digest,
         rollout,
         step,
@@ -1700,10 +1736,10 @@ async fn push_host(
                 "ApplyBundle",
                 Some(fleet.options().apply_timeout),
                 |mut c, t| {
-                    let source = if has {
-                        Source::Digest(digest.to_string())
-                    } else {
-                        Source::Bundle(bundle.as_ref().clone())
+                    let source = match (has, payload) {
+                        (true, _) => Source::Digest(digest.to_string()),
+                        (false, Payload::Bytes(b)) => Source::Bundle(b.as_ref().clone()),
+                        (false, Payload::Reference(r)) => Source::Reference(r.to_string()),
                     };
                     let req = pb::ApplyBundleRequest {
                         source: Some(source),

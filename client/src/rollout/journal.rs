@@ -355,9 +355,15 @@ pub struct BundleRef {
     pub name: String,
     pub version: String,
     pub digest: String,
-    /// The signed bundle file.
+    /// The signed bundle file (empty for a bundle named by reference).
     pub path: PathBuf,
     pub size: u64,
+    /// The OCI reference, pinned by digest, the bundle was pulled from
+    /// (`rollout start --bundle registry/repo@sha256:…`): a host that does
+    /// not hold the bundle is sent this reference and pulls it itself;
+    /// the rollout never uploads the bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     /// Interfaces (and netns) the bundle targets: `netns|ifname`.
     pub targets: Vec<(String, String)>,
 }
@@ -657,6 +663,7 @@ mod tests {
                 digest: "d".into(),
                 path: "b.rlb".into(),
                 size: 10,
+                reference: None,
                 targets: vec![(String::new(), "rl0".into())],
             },
             policy: None,

@@ -59,11 +59,14 @@ pub enum RolloutError {
     },
 }
 
-/// A signed bundle read from disk.
+/// A signed bundle read from disk, or pulled from a registry.
 pub struct BundleFile {
     pub path: PathBuf,
     pub bytes: Arc<Vec<u8>>,
     pub signed: SignedBundle,
+    /// Pulled from this reference (pinned by digest): hosts are sent the
+    /// reference, not the bytes.
+    pub reference: Option<String>,
 }
 
 impl BundleFile {
@@ -83,6 +86,22 @@ impl BundleFile {
             path: path.to_path_buf(),
             bytes: Arc::new(bytes),
             signed,
+            reference: None,
+        })
+    }
+
+    /// A bundle pulled from `reference` (pinned by digest), whose bytes
+    /// `rootlet-oci` has checked against the manifest's digests.
+    pub fn pulled(reference: String, bytes: Vec<u8>) -> Result<BundleFile, RolloutError> {
+        let signed = SignedBundle::from_bytes(&bytes).map_err(|source| RolloutError::Bundle {
+            path: PathBuf::from(&reference),
+            source,
+        })?;
+        Ok(BundleFile {
+            path: PathBuf::new(),
+            bytes: Arc::new(bytes),
+            signed,
+            reference: Some(reference),
         })
     }
 
@@ -93,8 +112,13 @@ impl BundleFile {
             name: m.name.clone(),
             version: m.version.clone(),
             digest: b.digest(),
-            path: std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone()),
+            path: if self.reference.is_some() {
+                PathBuf::new()
+            } else {
+                std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone())
+            },
             size: self.bytes.len() as u64,
+            reference: self.reference.clone(),
             targets: m
                 .rootlets
                 .iter()
@@ -156,6 +180,7 @@ pub fn plan_remove(req: &RemoveRequest) -> Result<Start, RolloutError> {
         digest: String::new(),
         path: PathBuf::new(),
         size: 0,
+        reference: None,
         targets: Vec::new(),
     };
     Ok(Start::New(fresh_journal(
@@ -349,6 +374,7 @@ pub fn plan_policy(req: &PolicyRequest) -> Result<Start, RolloutError> {
         digest: p.digest.clone(),
         path,
         size: p.bytes.len() as u64,
+        reference: None,
         targets: req.interface.iter().cloned().collect(),
     };
     Ok(Start::New(fresh_journal(
@@ -384,10 +410,12 @@ pub fn engine_for(
 }
 
 /// The bundle bytes of journal `j`, read again from its file and checked
-/// against its digest; None for a removal, which pushes no bytes.
+/// against its digest; None for a removal, which pushes no bytes, and for a
+/// bundle named by reference, which pushes the reference.
 pub fn bundle_of(j: &Journal) -> Result<Option<Arc<Vec<u8>>>, String> {
     match j.action {
         Action::Remove => Ok(None),
+        Action::Apply if j.bundle.reference.is_some() => Ok(None),
         Action::Apply => bundle_bytes(j).map(Some),
         Action::Policy => {
             PolicyFile::reread(&j.bundle.path, &j.bundle.digest).map(|f| Some(f.bytes))
