@@ -56,7 +56,9 @@ apt_install() {
 # and systemd (systemd-analyze verify): the .deb's build and test.
 # docker-registry: the OCI registry the registry tests start themselves on
 # 127.0.0.1 (integration-tests/src/registry.rs); its own service stays off.
-packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv xdp-tools groff-base dpkg-dev binutils systemd docker-registry)
+# apache2-utils: htpasswd, the bcrypt password file of that registry's
+# basic auth (the registry accepts bcrypt only).
+packages=(clang-19 llvm-19 libbpf-dev iproute2 bpftool qemu-system-x86 busybox-static python3 python3-venv xdp-tools groff-base dpkg-dev binutils systemd docker-registry apache2-utils)
 missing=()
 for p in "${packages[@]}"; do
     installed "$p" || missing+=("$p")

@@ -50,6 +50,21 @@ impl TestRegistry {
     /// The binary is missing, or it did not listen within the bound (its
     /// log is in the error).
     pub fn start(pki: &Pki) -> io::Result<TestRegistry> {
+        Self::start_with(pki, None)
+    }
+
+    /// [`TestRegistry::start`] with basic auth: only `user` with `password`
+    /// may push or pull (an htpasswd file made by `htpasswd -B`, bcrypt
+    /// being the only hash the registry accepts; Debian's apache2-utils).
+    ///
+    /// # Errors
+    ///
+    /// As [`TestRegistry::start`], or `htpasswd` failed.
+    pub fn start_with_auth(pki: &Pki, user: &str, password: &str) -> io::Result<TestRegistry> {
+        Self::start_with(pki, Some((user, password)))
+    }
+
+    fn start_with(pki: &Pki, auth: Option<(&str, &str)>) -> io::Result<TestRegistry> {
         let bin = binary();
         if !bin.exists() {
             return Err(io::Error::new(
@@ -62,12 +77,39 @@ impl TestRegistry {
         }
         let dir = tempfile::tempdir()?;
         let (cert, key) = pki.server();
+        let htpasswd = match auth {
+            None => None,
+            Some((user, password)) => {
+                let out = Command::new("htpasswd")
+                    .args(["-B", "-b", "-n", user, password])
+                    .stdin(Stdio::null())
+                    .output()
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("htpasswd: {e} (run scripts/install-deps.sh: apache2-utils)"),
+                        )
+                    })?;
+                if !out.status.success() {
+                    return Err(io::Error::other(format!(
+                        "htpasswd failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )));
+                }
+                let path = dir.path().join("htpasswd");
+                fs::write(&path, &out.stdout)?;
+                Some(path)
+            }
+        };
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let config = dir.path().join("config.yml");
-            fs::write(&config, config_yaml(dir.path(), addr, &cert, &key))?;
+            fs::write(
+                &config,
+                config_yaml(dir.path(), addr, &cert, &key, htpasswd.as_deref()),
+            )?;
             let log = dir.path().join("registry.log");
             let mut child = Command::new(&bin)
                 .arg("serve")
@@ -143,8 +185,20 @@ impl Drop for TestRegistry {
     }
 }
 
-fn config_yaml(dir: &Path, addr: SocketAddr, cert: &Path, key: &Path) -> String {
-    format!(
+fn config_yaml(
+    dir: &Path,
+    addr: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    htpasswd: Option<&Path>,
+) -> String {
+    let auth = htpasswd.map_or_else(String::new, |p| {
+        format!(
+            "auth:\n  htpasswd:\n    realm: rootlet-test\n    path: {}\n",
+            p.display()
+        )
+    });
+    auth + &format!(
         "version: 0.1\n\
          log:\n  level: warn\n\
          storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\

@@ -12,6 +12,8 @@
 //! registry down, a reader's call) has its own code and reason and changes
 //! nothing. A rollout by reference against real agents sends each host the
 //! reference, and the registry's own access log shows each host pulled.
+//! Against a registry with basic auth, `rootletctl` and the agent use their
+//! credentials files, and wrong or missing ones are the registry's refusal.
 //!
 //! Needs `docker-registry` (scripts/install-deps.sh); a test fails, saying
 //! so, if it is missing.
@@ -537,6 +539,118 @@ async fn every_failed_pull_is_named_and_changes_nothing() {
     )
     .await;
     assert_eq!(pulls(&a, "ok").0, 0, "no pull succeeded after the restart");
+}
+
+/// A credentials file (`user:password`, mode 0600) in `dir`.
+fn credentials(dir: &Path, name: &str, line: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    fs::write(&path, format!("{line}\n")).expect("credentials");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_with_basic_auth_takes_the_credentials_files_and_names_a_refusal() {
+    let reg_pki = Pki::new();
+    // A password with a colon: the file's line splits at the first one.
+    let reg = TestRegistry::start_with_auth(&reg_pki, "fleet", "s3cret:x").expect("registry");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = credentials(dir.path(), "good", "fleet:s3cret:x");
+    let wrong = credentials(dir.path(), "wrong", "fleet:guess");
+    let with = |c: Option<&Path>| RegistryArgs {
+        ca: Some(reg_pki.ca_path().to_path_buf()),
+        credentials: c.map(Path::to_path_buf),
+    };
+    let file = fleet::sample_bundle(dir.path(), "1.0.0", false, None).expect("sample bundle");
+    let reference = format!("{}/fleet/edge:1.0", reg.host());
+
+    // rootletctl: no credentials, or wrong ones, are the registry's refusal.
+    for c in [None, Some(wrong.as_path())] {
+        let e = registry_cmd::push(&file, &reference, &with(c))
+            .await
+            .expect_err("refused without the right credentials");
+        assert!(
+            matches!(
+                e,
+                registry_cmd::RegistryCmdError::Oci(OciError::Denied { .. })
+            ),
+            "{c:?}: {e}"
+        );
+        assert!(e.to_string().contains("refused access"), "{e}");
+    }
+    let out = registry_cmd::push(&file, &reference, &with(Some(&good)))
+        .await
+        .expect("push with credentials");
+    let pinned = out
+        .lines()
+        .find(|l| l.contains("@sha256:"))
+        .expect("pinned")
+        .to_string();
+    let pulled = dir.path().join("pulled.rlb");
+    registry_cmd::pull(&pinned, &pulled, &with(Some(&good)))
+        .await
+        .expect("pull with credentials");
+    assert_eq!(
+        fs::read(&pulled).expect("pulled"),
+        fs::read(&file).expect("file")
+    );
+    fs::remove_file(&pulled).expect("remove");
+    let e = registry_cmd::pull(&pinned, &pulled, &with(Some(&wrong)))
+        .await
+        .expect_err("wrong credentials");
+    assert!(
+        matches!(
+            e,
+            registry_cmd::RegistryCmdError::Oci(OciError::Denied { .. })
+        ),
+        "{e}"
+    );
+    assert!(!pulled.exists());
+
+    // An agent with its credentials file pulls; with wrong ones it is
+    // refused as REGISTRY_DENIED and nothing changes.
+    let allowed = RegistryConfig {
+        credentials: Some(good.clone()),
+        ..allow(&reg, reg_pki.ca_path())
+    };
+    let mut a = {
+        let allowed = allowed.clone();
+        Agent::start_edited(80 << 20, move |c| c.registry = vec![allowed.clone()]).await
+    };
+    let mut ops = a.client("ops").await;
+    let push_signed = |version: &str| {
+        let bytes = a.bundle(version, &[("sampler", "sampler", 10)], true);
+        let r = BundleRef::parse(&format!("{}/fleet/edge:{version}", reg.host())).expect("ref");
+        let client = Registry::new(&registry_cmd::options(&with(Some(&good)))).expect("client");
+        async move { client.push(&r, &bytes).await.expect("push").to_string() }
+    };
+    let v1 = push_signed("1.0").await;
+    let r = ops
+        .apply_bundle(by_reference(&v1, ""))
+        .await
+        .expect("pulled with the agent's credentials")
+        .into_inner();
+    assert_eq!(r.version, "1.0");
+    let pinned2 = push_signed("2.0").await;
+    let wrong_config = RegistryConfig {
+        credentials: Some(wrong),
+        ..allowed
+    };
+    restart(&mut a, move |c| c.registry = vec![wrong_config.clone()]).await;
+    let mut ops = a.client("ops").await;
+    let before = held(&a, &mut ops).await;
+    let e = ops
+        .apply_bundle(by_reference(&pinned2, ""))
+        .await
+        .expect_err("wrong credentials");
+    assert_eq!(
+        (e.code(), api::reason(&e).as_str()),
+        (Code::FailedPrecondition, "REGISTRY_DENIED"),
+        "{e:?}"
+    );
+    assert!(e.message().contains("refused access"), "{}", e.message());
+    assert_eq!(held(&a, &mut ops).await, before);
 }
 
 /// The plan of the rollout by reference: a canary, then the rest.
