@@ -155,6 +155,8 @@ struct Inner {
     apply_calls: AtomicU64,
     uploads: AtomicU64,
     pulls: AtomicU64,
+    /// The encoded size of every ApplyBundle request received.
+    apply_bytes: AtomicU64,
     next_prog: AtomicU32,
     /// Watch events: a change, a policy, an unload (receivers that lag
     /// lose the oldest, as the agent's own stream does).
@@ -221,6 +223,7 @@ impl SimAgent {
                 apply_calls: AtomicU64::new(0),
                 uploads: AtomicU64::new(0),
                 pulls: AtomicU64::new(0),
+                apply_bytes: AtomicU64::new(0),
                 next_prog: AtomicU32::new(100),
                 events: tokio::sync::broadcast::channel(256).0,
             }),
@@ -266,6 +269,12 @@ impl SimAgent {
     /// [`publish`]ed bundles).
     pub fn pulls(&self) -> u64 {
         self.inner.pulls.load(Ordering::Relaxed)
+    }
+
+    /// The bytes of every ApplyBundle request received (encoded): what a
+    /// pusher sent this agent to change its bundle.
+    pub fn apply_bytes(&self) -> u64 {
+        self.inner.apply_bytes.load(Ordering::Relaxed)
     }
 
     /// The applied version of every rootlet (by interface name).
@@ -473,6 +482,9 @@ impl SimAgent {
 
     fn apply(&self, req: pb::ApplyBundleRequest) -> Result<pb::ApplyBundleResponse, Status> {
         self.inner.apply_calls.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .apply_bytes
+            .fetch_add(prost::Message::encoded_len(&req) as u64, Ordering::Relaxed);
         let mut st = lock(&self.inner.state);
         let req_hash = {
             let mut h = Sha256::new();

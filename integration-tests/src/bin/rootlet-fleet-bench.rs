@@ -60,6 +60,10 @@ enum Mode {
     SimAgents {
         #[arg(long)]
         count: u32,
+        /// `REFERENCE=FILE`: make FILE's bundle pullable by every simulated
+        /// agent as REFERENCE (repeatable).
+        #[arg(long)]
+        publish: Vec<String>,
     },
     /// (internal) Run rootletctl with these arguments; report peak memory.
     Client {
@@ -71,7 +75,7 @@ enum Mode {
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.mode {
-        Some(Mode::SimAgents { count }) => sim_agents(count),
+        Some(Mode::SimAgents { count, publish }) => sim_agents(count, &publish),
         Some(Mode::Client { args }) => {
             // The client runs within the usual default soft limit of open
             // files (1024), whatever the fleet's size: its descriptors must
@@ -134,8 +138,22 @@ fn vm_hwm_kb() -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Serves `count` simulated agents until stdin closes (or ten minutes).
-fn sim_agents(count: u32) -> ExitCode {
+/// Serves `count` simulated agents until stdin closes (or ten minutes); a
+/// line `REPORT` on stdin prints their counts so far on stdout.
+fn sim_agents(count: u32, publish: &[String]) -> ExitCode {
+    for p in publish {
+        let Some((reference, file)) = p.split_once('=') else {
+            eprintln!("--publish {p}: expected REFERENCE=FILE");
+            return ExitCode::FAILURE;
+        };
+        match std::fs::read(file) {
+            Ok(bytes) => rootlet_client_sim::publish(reference, &bytes),
+            Err(e) => {
+                eprintln!("--publish {p}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -179,10 +197,26 @@ fn sim_agents(count: u32) -> ExitCode {
         let _ = out.flush();
         drop(out);
         // Until the parent closes our stdin (bounded: ten minutes).
-        let stdin_closed = tokio::task::spawn_blocking(|| {
-            let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin();
-            while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let agents: Vec<rootlet_client_sim::SimAgent> =
+            handles.iter().map(|h| h.agent.clone()).collect();
+        let stdin_closed = tokio::task::spawn_blocking(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                if line.trim() == "REPORT" {
+                    let sum = |f: fn(&rootlet_client_sim::SimAgent) -> u64| -> u64 {
+                        agents.iter().map(f).sum()
+                    };
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(
+                        out,
+                        "REPORT apply_bytes={} uploads={} pulls={}",
+                        sum(rootlet_client_sim::SimAgent::apply_bytes),
+                        sum(rootlet_client_sim::SimAgent::uploads),
+                        sum(rootlet_client_sim::SimAgent::pulls),
+                    );
+                    let _ = out.flush();
+                }
+            }
         });
         let _ = tokio::time::timeout(OVERALL, stdin_closed).await;
         let served: u64 = handles.iter().map(|h| h.agent.rpcs()).sum();
@@ -208,6 +242,68 @@ struct Run {
     /// The client's most open files at once (sampled every 20 ms).
     max_fds: u64,
     hosts: usize,
+    /// What the simulated agents received in ApplyBundle requests during
+    /// this run (encoded bytes), and how many carried the bundle's bytes
+    /// or named it by reference; None where not counted (real agents).
+    sent: Option<Sent>,
+}
+
+/// ApplyBundle traffic from the pusher to the simulated agents.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sent {
+    apply_bytes: u64,
+    uploads: u64,
+    pulls: u64,
+}
+
+impl Sent {
+    fn since(self, before: Sent) -> Sent {
+        Sent {
+            apply_bytes: self.apply_bytes.saturating_sub(before.apply_bytes),
+            uploads: self.uploads.saturating_sub(before.uploads),
+            pulls: self.pulls.saturating_sub(before.pulls),
+        }
+    }
+}
+
+/// The simulated agents' process: its stdin (for `REPORT`) and stdout.
+struct Sims {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Sims {
+    /// The agents' counts so far.
+    fn report(&mut self) -> Result<Sent, String> {
+        writeln!(self.stdin, "REPORT").map_err(|e| format!("simulated agents: {e}"))?;
+        self.stdin
+            .flush()
+            .map_err(|e| format!("simulated agents: {e}"))?;
+        let line = match self.lines.next() {
+            Some(Ok(l)) => l,
+            _ => return Err("the simulated agents did not report".into()),
+        };
+        let field = |name: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(Sent {
+            apply_bytes: field("apply_bytes"),
+            uploads: field("uploads"),
+            pulls: field("pulls"),
+        })
+    }
+
+    /// `client(…)` with the agents' counts taken around it.
+    fn run(&mut self, label: &str, args: &[String], hosts: usize) -> Result<Run, String> {
+        let before = self.report()?;
+        let mut run = client(label, args, hosts)?;
+        run.sent = Some(self.report()?.since(before));
+        Ok(run)
+    }
 }
 
 impl Run {
@@ -270,6 +366,7 @@ fn client(label: &str, args: &[String], hosts: usize) -> Result<Run, String> {
         vmhwm_kb,
         max_fds,
         hosts,
+        sent: None,
     })
 }
 
@@ -311,10 +408,16 @@ fn wait_output(child: &mut Child, limit: Duration) -> Result<(Vec<u8>, Vec<u8>, 
 
 /// `rollout undo` of journal `j`, pushed to `runs` with its own part of
 /// the control-plane time (the journal's figure is cumulative).
-fn undo(runs: &mut Vec<Run>, fleet: &str, j: &Path, hosts: usize) -> Result<(), String> {
+fn undo(
+    runs: &mut Vec<Run>,
+    fleet: &str,
+    j: &Path,
+    hosts: usize,
+    run_client: &mut dyn FnMut(&str, &[String], usize) -> Result<Run, String>,
+) -> Result<(), String> {
     let before = runs.last().map_or(0, |r| r.control_plane_ms);
     let args = ["rollout", "undo", "--journal", &s(j), "--output", "json"].map(String::from);
-    let mut run = client(
+    let mut run = run_client(
         &format!("{fleet}: rollout undo (back to 1.0.0)"),
         &args,
         hosts,
@@ -335,6 +438,17 @@ fn rollout_args(
     journal: &Path,
     concurrency: u32,
 ) -> Vec<String> {
+    rollout_of(inv, plan, &s(bundle), journal, concurrency)
+}
+
+/// `rollout start` of `bundle`: a file, or a reference pinned by digest.
+fn rollout_of(
+    inv: &Path,
+    plan: &Path,
+    bundle: &str,
+    journal: &Path,
+    concurrency: u32,
+) -> Vec<String> {
     vec![
         "rollout".into(),
         "start".into(),
@@ -343,7 +457,7 @@ fn rollout_args(
         "--plan".into(),
         s(plan),
         "--bundle".into(),
-        s(bundle),
+        bundle.to_string(),
         "--journal".into(),
         s(journal),
         "--concurrency".into(),
@@ -394,6 +508,26 @@ fn orchestrate(args: &Args) -> Result<(), String> {
         Some(&key),
     )
     .map_err(|e| e.to_string())?;
+    // 1.2.0 (the v2 objects again, a new version): the upgrade by
+    // reference, from a real registry on loopback (the client pulls it
+    // once; the simulated agents resolve it from their process's copy).
+    let v3 = rootlet_integration_tests::fleet::sample_bundle_objects(
+        d,
+        "1.2.0",
+        false,
+        true,
+        Some(&key),
+    )
+    .map_err(|e| e.to_string())?;
+    let pki = rootlet_integration_tests::pki::Pki::new();
+    let registry = rootlet_integration_tests::registry::TestRegistry::start(&pki);
+    let pushed = match &registry {
+        Ok(reg) => Some(push_reference(reg, &pki, &v3)?),
+        Err(e) => {
+            println!("SKIPPED the rollout by reference: no registry ({e})");
+            None
+        }
+    };
     let size = std::fs::metadata(&v1).map(|m| m.len()).unwrap_or(0);
     println!(
         "rootlet-fleet-bench: bundle edge ({size} bytes: sampler, ddos, l4lb; 1.1.0 has new sampler and ddos programs), plan: canary 1 + waves 33%/33%/34%, soak 0, concurrency {}",
@@ -409,17 +543,21 @@ fn orchestrate(args: &Args) -> Result<(), String> {
     println!(
         "\n== {n} agents with a SIMULATED data plane (in-memory rootlet.v1 API; no kernel, no eBPF), on 127.0.0.1"
     );
-    let mut sim = Command::new(exe()?)
-        .args(["sim-agents", "--count", &n.to_string()])
+    let mut sim_cmd = Command::new(exe()?);
+    sim_cmd.args(["sim-agents", "--count", &n.to_string()]);
+    if let Some(r) = &pushed {
+        sim_cmd.arg("--publish").arg(format!("{r}={}", s(&v3)));
+    }
+    let mut sim = sim_cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("spawn simulated agents: {e}"))?;
     let mut addrs = Vec::with_capacity(n);
+    let out = sim.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(out).lines();
     {
-        let out = sim.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(out).lines();
         let t0 = Instant::now();
         // Bounded by the count of agents (+1 for READY).
         for _ in 0..=n {
@@ -446,19 +584,46 @@ fn orchestrate(args: &Args) -> Result<(), String> {
     std::fs::write(&inventory, inv).map_err(|e| e.to_string())?;
     let j = d.join("sim-journal.json");
     let mut runs = Vec::new();
-    runs.push(client(
+    let stdin = sim.stdin.take().ok_or("no stdin")?;
+    let mut sims = Sims {
+        child: sim,
+        stdin,
+        lines,
+    };
+    runs.push(sims.run(
         &format!("sim {n}: rollout 1.0.0 (first install)"),
         &rollout_args(&inventory, &plan, &v1, &j, args.concurrency),
         n,
     )?);
-    runs.push(client(
-        &format!("sim {n}: rollout 1.1.0 (upgrade)"),
+    runs.push(sims.run(
+        &format!("sim {n}: rollout 1.1.0 (upgrade, bytes)"),
         &rollout_args(&inventory, &plan, &v2, &j, args.concurrency),
         n,
     )?);
-    undo(&mut runs, &format!("sim {n}"), &j, n)?;
+    undo(&mut runs, &format!("sim {n}"), &j, n, &mut |l, a, h| {
+        sims.run(l, a, h)
+    })?;
+    // (`registry` serves until the end of this function.)
+    if let Some(r) = &pushed {
+        runs.push(
+            sims.run(
+                &format!("sim {n}: rollout 1.2.0 (upgrade, by reference)"),
+                &[
+                    rollout_of(&inventory, &plan, r, &j, args.concurrency),
+                    vec!["--registry-ca".into(), s(pki.ca_path())],
+                ]
+                .concat(),
+                n,
+            )?,
+        );
+    }
     // The agents' own figures, then stop them.
-    drop(sim.stdin.take());
+    let Sims {
+        child: mut sim,
+        stdin,
+        ..
+    } = sims;
+    drop(stdin);
     let sim_out = wait_output(&mut sim, Duration::from_secs(30)).unwrap_or_default();
     let sim_err = String::from_utf8_lossy(&sim_out.1);
     if let Some(line) = sim_err.lines().find(|l| l.starts_with("BENCH_SIM")) {
@@ -478,12 +643,32 @@ fn orchestrate(args: &Args) -> Result<(), String> {
     }
 
     println!(
-        "\n{:<44} {:>6} {:>12} {:>10} {:>10} {:>8} {:>9} {:>10} {:>8}  client peak RSS",
-        "run", "hosts", "state", "wall", "client", "ctl-plane", "RPCs", "RPC/s", "max fds"
+        "\n{:<48} {:>6} {:>12} {:>10} {:>10} {:>8} {:>9} {:>10} {:>8} {:>26}  client peak RSS",
+        "run",
+        "hosts",
+        "state",
+        "wall",
+        "client",
+        "ctl-plane",
+        "RPCs",
+        "RPC/s",
+        "max fds",
+        "ApplyBundle bytes sent"
     );
     for r in &runs {
+        let sent = r.sent.map_or_else(
+            || "-".to_string(),
+            |x| {
+                format!(
+                    "{:.1} MiB ({}u/{}r)",
+                    x.apply_bytes as f64 / (1024.0 * 1024.0),
+                    x.uploads,
+                    x.pulls
+                )
+            },
+        );
         println!(
-            "{:<44} {:>6} {:>12} {:>9.2}s {:>9.2}s {:>8.2}s {:>9} {:>10.0} {:>8}  {:.1} MiB (exit {})",
+            "{:<48} {:>6} {:>12} {:>9.2}s {:>9.2}s {:>8.2}s {:>9} {:>10.0} {:>8} {:>26}  {:.1} MiB (exit {})",
             r.label,
             r.hosts,
             r.state,
@@ -493,12 +678,13 @@ fn orchestrate(args: &Args) -> Result<(), String> {
             r.rpcs,
             r.rps(),
             r.max_fds,
+            sent,
             r.vmhwm_kb as f64 / 1024.0,
             r.exit
         );
     }
     println!(
-        "\nwall: the client process, start to exit; client: the rollout as rootletctl measures it; ctl-plane: time in prepare, push, gate and rollback phases (no soak, no pauses); max fds: the client's most open files at once, under a soft limit of {CLIENT_FILES}.\ntotal benchmark time {:.1}s",
+        "\nwall: the client process, start to exit; client: the rollout as rootletctl measures it; ctl-plane: time in prepare, push, gate and rollback phases (no soak, no pauses); ApplyBundle bytes sent: the encoded requests the simulated agents received during the run, with how many carried the bundle (u) or its reference (r); the by-reference run also pulls the bundle once into the client; max fds: the client's most open files at once, under a soft limit of {CLIENT_FILES}.\ntotal benchmark time {:.1}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -543,7 +729,34 @@ fn real(
         &rollout_args(&inventory, plan, &b2, &j, concurrency),
         m,
     )?);
-    undo(&mut runs, &format!("real {m}"), &j, m)?;
+    undo(&mut runs, &format!("real {m}"), &j, m, &mut client)?;
     drop(fleet);
     Ok(runs)
+}
+
+/// Pushes `bundle` to `reg`; the reference pinned by digest.
+fn push_reference(
+    reg: &rootlet_integration_tests::registry::TestRegistry,
+    pki: &rootlet_integration_tests::pki::Pki,
+    bundle: &Path,
+) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let args = rootlet_client::cli::RegistryArgs {
+        ca: Some(pki.ca_path().to_path_buf()),
+        credentials: None,
+    };
+    let out = rt
+        .block_on(rootlet_client::registry_cmd::push(
+            bundle,
+            &format!("{}/bench/edge:1.2.0", reg.host()),
+            &args,
+        ))
+        .map_err(|e| format!("push to the registry: {e}"))?;
+    out.lines()
+        .find(|l| l.contains("@sha256:"))
+        .map(str::to_string)
+        .ok_or_else(|| format!("push printed no pinned reference: {out}"))
 }
