@@ -33,10 +33,17 @@ use std::{
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
-/// The longest the benchmark may run.
-const OVERALL: Duration = Duration::from_secs(600);
-/// The longest one rollout may take.
+/// The longest simulated agents wait for the benchmark to finish with
+/// them (they stop as soon as its end closes their stdin).
+const OVERALL: Duration = Duration::from_secs(3600);
+/// The longest one rollout may take: 180 s, plus 3 ms per host past the
+/// first thousand (see `rollout_timeout`).
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// [`ROLLOUT_TIMEOUT`] for a fleet of `hosts`.
+fn rollout_timeout(hosts: usize) -> Duration {
+    ROLLOUT_TIMEOUT + Duration::from_millis(3 * hosts.saturating_sub(1000) as u64)
+}
 
 #[derive(Parser)]
 #[command(about = "The cost of fleet rollouts to many agents (prints figures)")]
@@ -60,6 +67,10 @@ enum Mode {
     SimAgents {
         #[arg(long)]
         count: u32,
+        /// The fleet index of this process's first agent (its address:
+        /// 127.0.0.1 + index / AGENTS_PER_IP).
+        #[arg(long, default_value_t = 0)]
+        first: u32,
         /// `REFERENCE=FILE`: make FILE's bundle pullable by every simulated
         /// agent as REFERENCE (repeatable).
         #[arg(long)]
@@ -75,7 +86,11 @@ enum Mode {
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.mode {
-        Some(Mode::SimAgents { count, publish }) => sim_agents(count, &publish),
+        Some(Mode::SimAgents {
+            count,
+            first,
+            publish,
+        }) => sim_agents(count, first, &publish),
         Some(Mode::Client { args }) => {
             // The client runs within the usual default soft limit of open
             // files (1024), whatever the fleet's size: its descriptors must
@@ -120,6 +135,10 @@ fn main() -> ExitCode {
 const CLIENT_FILES: u64 = 1024;
 /// Simulated agents per loopback address (each listens on a port of it).
 const AGENTS_PER_IP: u32 = 20_000;
+/// Simulated agents per process: each needs a descriptor per agent, and a
+/// hard limit of 20 000 open files (this machine's) cannot be raised
+/// without CAP_SYS_RESOURCE.
+const AGENTS_PER_PROCESS: u32 = 15_000;
 
 /// Sets this process's soft limit of open files to `n` (the hard limit
 /// stays, or is raised to `n` where it is lower: root may).
@@ -140,7 +159,7 @@ fn vm_hwm_kb() -> Option<u64> {
 
 /// Serves `count` simulated agents until stdin closes (or ten minutes); a
 /// line `REPORT` on stdin prints their counts so far on stdout.
-fn sim_agents(count: u32, publish: &[String]) -> ExitCode {
+fn sim_agents(count: u32, first: u32, publish: &[String]) -> ExitCode {
     for p in publish {
         let Some((reference, file)) = p.split_once('=') else {
             eprintln!("--publish {p}: expected REFERENCE=FILE");
@@ -178,7 +197,7 @@ fn sim_agents(count: u32, publish: &[String]) -> ExitCode {
         for i in 0..count {
             // 127.0.0.1, then 127.0.0.2, ...: AGENTS_PER_IP each.
             let ip = std::net::Ipv4Addr::from(
-                u32::from(std::net::Ipv4Addr::LOCALHOST) + i / AGENTS_PER_IP,
+                u32::from(std::net::Ipv4Addr::LOCALHOST) + (first + i) / AGENTS_PER_IP,
             );
             match rootlet_client_sim::spawn_on(ip, rootlet_client_sim::SimOptions { pps: 0 }).await
             {
@@ -266,15 +285,19 @@ impl Sent {
     }
 }
 
-/// The simulated agents' process: its stdin (for `REPORT`) and stdout.
-struct Sims {
+/// One process of simulated agents: its stdin (for `REPORT`) and stdout.
+struct SimProc {
     child: Child,
     stdin: std::process::ChildStdin,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
 }
 
-impl Sims {
-    /// The agents' counts so far.
+/// The processes serving the simulated agents.
+struct Sims {
+    procs: Vec<SimProc>,
+}
+
+impl SimProc {
     fn report(&mut self) -> Result<Sent, String> {
         writeln!(self.stdin, "REPORT").map_err(|e| format!("simulated agents: {e}"))?;
         self.stdin
@@ -295,6 +318,20 @@ impl Sims {
             uploads: field("uploads"),
             pulls: field("pulls"),
         })
+    }
+}
+
+impl Sims {
+    /// The agents' counts so far, over every process.
+    fn report(&mut self) -> Result<Sent, String> {
+        let mut all = Sent::default();
+        for p in &mut self.procs {
+            let x = p.report()?;
+            all.apply_bytes += x.apply_bytes;
+            all.uploads += x.uploads;
+            all.pulls += x.pulls;
+        }
+        Ok(all)
     }
 
     /// `client(…)` with the agents' counts taken around it.
@@ -335,7 +372,7 @@ fn client(label: &str, args: &[String], hosts: usize) -> Result<Run, String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("spawn client: {e}"))?;
-    let out = wait_output(&mut child, ROLLOUT_TIMEOUT)?;
+    let out = wait_output(&mut child, rollout_timeout(hosts))?;
     let wall = t0.elapsed();
     let stderr = String::from_utf8_lossy(&out.1);
     let figure = |name: &str| -> u64 {
@@ -543,36 +580,58 @@ fn orchestrate(args: &Args) -> Result<(), String> {
     println!(
         "\n== {n} agents with a SIMULATED data plane (in-memory rootlet.v1 API; no kernel, no eBPF), on 127.0.0.1"
     );
-    let mut sim_cmd = Command::new(exe()?);
-    sim_cmd.args(["sim-agents", "--count", &n.to_string()]);
-    if let Some(r) = &pushed {
-        sim_cmd.arg("--publish").arg(format!("{r}={}", s(&v3)));
-    }
-    let mut sim = sim_cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawn simulated agents: {e}"))?;
     let mut addrs = Vec::with_capacity(n);
-    let out = sim.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(out).lines();
-    {
-        let t0 = Instant::now();
+    let mut procs = Vec::new();
+    let t0 = Instant::now();
+    let mut first = 0u32;
+    while (first as usize) < n {
+        let count = (n as u32 - first).min(AGENTS_PER_PROCESS);
+        let mut sim_cmd = Command::new(exe()?);
+        sim_cmd.args([
+            "sim-agents",
+            "--count",
+            &count.to_string(),
+            "--first",
+            &first.to_string(),
+        ]);
+        if let Some(r) = &pushed {
+            sim_cmd.arg("--publish").arg(format!("{r}={}", s(&v3)));
+        }
+        let mut child = sim_cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn simulated agents: {e}"))?;
+        let out = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(out).lines();
         // Bounded by the count of agents (+1 for READY).
-        for _ in 0..=n {
+        for _ in 0..=count {
             match lines.next() {
                 Some(Ok(l)) if l == "READY" => break,
                 Some(Ok(l)) => addrs.push(l),
-                _ => return Err("the simulated agents did not start".into()),
+                _ => {
+                    let err = wait_output(&mut child, Duration::from_secs(5))
+                        .map(|o| String::from_utf8_lossy(&o.1).into_owned())
+                        .unwrap_or_default();
+                    return Err(format!("the simulated agents did not start: {err}"));
+                }
             }
         }
-        println!(
-            "started {} simulated agents in {:.1}s",
-            addrs.len(),
-            t0.elapsed().as_secs_f64()
-        );
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        procs.push(SimProc {
+            child,
+            stdin,
+            lines,
+        });
+        first += count;
     }
+    println!(
+        "started {} simulated agents in {} process(es) in {:.1}s",
+        addrs.len(),
+        procs.len(),
+        t0.elapsed().as_secs_f64()
+    );
     let mut inv = String::new();
     for (i, a) in addrs.iter().enumerate() {
         inv.push_str(&format!(
@@ -584,12 +643,7 @@ fn orchestrate(args: &Args) -> Result<(), String> {
     std::fs::write(&inventory, inv).map_err(|e| e.to_string())?;
     let j = d.join("sim-journal.json");
     let mut runs = Vec::new();
-    let stdin = sim.stdin.take().ok_or("no stdin")?;
-    let mut sims = Sims {
-        child: sim,
-        stdin,
-        lines,
-    };
+    let mut sims = Sims { procs };
     runs.push(sims.run(
         &format!("sim {n}: rollout 1.0.0 (first install)"),
         &rollout_args(&inventory, &plan, &v1, &j, args.concurrency),
@@ -618,16 +672,16 @@ fn orchestrate(args: &Args) -> Result<(), String> {
         );
     }
     // The agents' own figures, then stop them.
-    let Sims {
-        child: mut sim,
-        stdin,
-        ..
-    } = sims;
-    drop(stdin);
-    let sim_out = wait_output(&mut sim, Duration::from_secs(30)).unwrap_or_default();
-    let sim_err = String::from_utf8_lossy(&sim_out.1);
-    if let Some(line) = sim_err.lines().find(|l| l.starts_with("BENCH_SIM")) {
-        println!("simulated agents (one process, not the client): {line}");
+    for (i, p) in sims.procs.into_iter().enumerate() {
+        let SimProc {
+            mut child, stdin, ..
+        } = p;
+        drop(stdin);
+        let out = wait_output(&mut child, Duration::from_secs(30)).unwrap_or_default();
+        let err = String::from_utf8_lossy(&out.1);
+        if let Some(line) = err.lines().find(|l| l.starts_with("BENCH_SIM")) {
+            println!("simulated agents, process {i} (not the client): {line}");
+        }
     }
 
     // 2. Real agents.
