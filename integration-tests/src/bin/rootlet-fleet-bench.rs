@@ -443,6 +443,9 @@ fn wait_output(child: &mut Child, limit: Duration) -> Result<(Vec<u8>, Vec<u8>, 
     Ok((out, err, status.code().unwrap_or(-1)))
 }
 
+/// Runs the client once: (label, arguments, hosts).
+type RunClient<'a> = dyn FnMut(&str, &[String], usize) -> Result<Run, String> + 'a;
+
 /// `rollout undo` of journal `j`, pushed to `runs` with its own part of
 /// the control-plane time (the journal's figure is cumulative).
 fn undo(
@@ -450,7 +453,7 @@ fn undo(
     fleet: &str,
     j: &Path,
     hosts: usize,
-    run_client: &mut dyn FnMut(&str, &[String], usize) -> Result<Run, String>,
+    run_client: &mut RunClient<'_>,
 ) -> Result<(), String> {
     let before = runs.last().map_or(0, |r| r.control_plane_ms);
     let args = ["rollout", "undo", "--journal", &s(j), "--output", "json"].map(String::from);
