@@ -96,11 +96,9 @@ pub async fn pull(
 
 /// The bytes of the bundle `reference` names, for `rollout start --bundle
 /// REF`: the reference must be pinned by digest (agents pull only pinned
-/// references, so the rollout names exactly what they will run), and the
-/// bytes must decode as a signed bundle.
+/// references, so the rollout names exactly what they will run). The
+/// caller decodes them (`BundleFile::pulled`).
 pub async fn fetch(reference: &str, a: &RegistryArgs) -> Result<Vec<u8>, RegistryCmdError> {
     let r = BundleRef::parse_pinned(reference)?;
-    let bytes = Registry::new(&options(a))?.pull(&r).await?;
-    SignedBundle::from_bytes(&bytes)?;
-    Ok(bytes)
+    Ok(Registry::new(&options(a))?.pull(&r).await?)
 }

@@ -991,7 +991,14 @@ impl Engine {
         let removing = action == Action::Remove;
         let bundle = self.bundle.clone();
         let reference = self.jf.journal.bundle.reference.clone();
-        if bundle.is_none() && !(reference.is_some() && action == Action::Apply) && !removing {
+        // What a host without the bundle is sent: a bundle named by
+        // reference is never uploaded.
+        let payload = match (&reference, &bundle) {
+            (Some(r), _) if action == Action::Apply => Some(Payload::Reference(r.as_str())),
+            (_, Some(b)) => Some(Payload::Bytes(b)),
+            _ => None,
+        };
+        if payload.is_none() && !removing {
             let msg = format!(
                 "{label}: the {} file is not available, so nothing can be pushed",
                 if action == Action::Policy {
@@ -1037,7 +1044,6 @@ impl Engine {
                 let name = &name;
                 let fleet = &fleet;
                 let bundle = &bundle;
-                let reference = &reference;
                 let digest = &digest;
                 let rollout = &rollout;
                 let step_name = &step_name;
@@ -1056,8 +1062,8 @@ impl Engine {
                         _ => previous.as_ref().is_none_or(|p| p.digest != *digest),
                     };
                     let work = async {
-                        match bundle {
-                            Some(bundle) if action == Action::Policy => {
+                        match (bundle, payload) {
+                            (Some(bundle), _) if action == Action::Policy => {
                                 push_policy(
                                     fleet,
                                     i,
@@ -1070,31 +1076,11 @@ impl Engine {
                                 )
                                 .await
                             }
-                            _ if !removing => {
-                                let payload = match (reference, bundle) {
-                                    (Some(r), _) => Some(Payload::Reference(r)),
-                                    (None, Some(b)) => Some(Payload::Bytes(b)),
-                                    // Stopped before the step: nothing to push.
-                                    (None, None) => None,
-                                };
-                                match payload {
-                                    Some(payload) => {
-                                        push_host(
-                                            fleet, i, payload, digest, rollout, step_name, was_new,
-                                            targets,
-                                        )
-                                        .await
-                                    }
-                                    None => Pushed::Nack(
-                                        RpcError {
-                                            what: "push",
-                                            code: tonic::Code::FailedPrecondition,
-                                            message: "no bundle bytes or reference to push".into(),
-                                            attempts: 0,
-                                        },
-                                        Changed::No,
-                                    ),
-                                }
+                            (_, Some(payload)) if !removing => {
+                                push_host(
+                                    fleet, i, payload, digest, rollout, step_name, was_new, targets,
+                                )
+                                .await
                             }
                             _ => {
                                 remove_host(fleet, i, name, previous.as_ref(), rollout, step_name)
